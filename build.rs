@@ -1,0 +1,18 @@
+//! Compiles `proto/mosix/v1/*.proto` into Rust (tonic + prost) and a file
+//! descriptor set for gRPC server reflection.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("mosix_v1_descriptor.bin"))
+        .compile_protos(
+            &[
+                "proto/mosix/v1/agent.proto",
+                "proto/mosix/v1/balancer.proto",
+            ],
+            &["proto"],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

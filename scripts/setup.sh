@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# make setup: install what mosix needs on a Debian 12 machine, idempotently.
+#
+# - Debian packages: protoc (tonic build), iproute2 (local cluster), CRIU build deps.
+# - CRIU >= 4.2: use the system criu if it is new enough and `criu check` passes,
+#   otherwise build 4.2.1 from Debian's source archive into .cache/criu (project-local,
+#   never installed over system files). The sha256 of the upstream tarball is verified.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="$ROOT/.cache/criu"
+CRIU_VERSION=4.2.1
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+LOCAL_CRIU="$CACHE/criu-$CRIU_VERSION/criu/criu"
+
+say() { echo "[setup] $*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "[setup] must run as root (it installs packages and CRIU needs root)" >&2
+  exit 1
+fi
+
+PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc
+      libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
+      libnl-3-dev libnet1-dev libcap-dev libaio-dev libgnutls28-dev libbsd-dev
+      uuid-dev libnftables-dev util-linux procps xz-utils dpkg-dev)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  say "packages already installed"
+fi
+
+criu_ok() {
+  local bin="$1"
+  [ -x "$bin" ] || return 1
+  local v
+  v="$("$bin" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -1)"
+  [ -n "$v" ] || return 1
+  local major minor
+  major="${v%%.*}"; minor="$(echo "$v" | cut -d. -f2)"
+  if [ "$major" -lt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -lt 2 ]; }; then return 1; fi
+  "$bin" check >/dev/null 2>&1
+}
+
+# Which criu the project uses is recorded in .cache/criu/path so the Makefile,
+# tests and local cluster agree.
+mkdir -p "$CACHE"
+if criu_ok "$LOCAL_CRIU"; then
+  say "using cached CRIU $CRIU_VERSION at $LOCAL_CRIU"
+  echo "$LOCAL_CRIU" > "$CACHE/path"
+  exit 0
+fi
+SYS_CRIU="$(command -v criu || true)"
+if [ -n "$SYS_CRIU" ] && criu_ok "$SYS_CRIU"; then
+  say "using system CRIU at $SYS_CRIU"
+  echo "$SYS_CRIU" > "$CACHE/path"
+  exit 0
+fi
+
+say "building CRIU $CRIU_VERSION from Debian's source archive (about 20 s)"
+TARBALL="$CACHE/criu_$CRIU_VERSION.orig.tar.xz"
+if [ ! -f "$TARBALL" ] || ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --quiet - 2>/dev/null; then
+  # Add a deb-src entry for sid using the machine's own Debian mirror (read from its
+  # sources, so no registry host is written into this repository).
+  SRC_LIST=/etc/apt/sources.list.d/mosix-criu-src.sources
+  if [ ! -f "$SRC_LIST" ]; then
+    URI=""
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+      URI="$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
+    fi
+    if [ -z "$URI" ] && [ -f /etc/apt/sources.list ]; then
+      URI="$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)"
+    fi
+    [ -n "$URI" ] || { echo "[setup] cannot find the machine's Debian mirror" >&2; exit 1; }
+    printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$URI" > "$SRC_LIST"
+  fi
+  apt-get update -qq
+  dl="$(mktemp -d)"
+  ( cd "$dl" && apt-get source --download-only "criu=$CRIU_VERSION-1" >/dev/null 2>&1 || true )
+  [ -f "$dl/criu_$CRIU_VERSION.orig.tar.xz" ] || { echo "[setup] could not download criu_$CRIU_VERSION.orig.tar.xz" >&2; exit 1; }
+  mv "$dl/criu_$CRIU_VERSION.orig.tar.xz" "$TARBALL"
+  rm -rf "$dl"
+fi
+echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --quiet - || { echo "[setup] sha256 mismatch for $TARBALL" >&2; rm -f "$TARBALL"; exit 1; }
+rm -rf "$CACHE/criu-$CRIU_VERSION"
+tar -C "$CACHE" -xf "$TARBALL"
+make -C "$CACHE/criu-$CRIU_VERSION" -j"$(nproc)" criu >"$CACHE/build.log" 2>&1 || { tail -30 "$CACHE/build.log"; exit 1; }
+criu_ok "$LOCAL_CRIU" || { echo "[setup] built CRIU fails 'criu check'" >&2; "$LOCAL_CRIU" check || true; exit 1; }
+echo "$LOCAL_CRIU" > "$CACHE/path"
+say "CRIU $CRIU_VERSION ready at $LOCAL_CRIU"

@@ -1,0 +1,632 @@
+//! The migration protocol, run by the source agent:
+//!
+//! 1. **Check**: the job runs here, the target is known and answers, no other
+//!    operation is under way on the job. Nothing is frozen before this.
+//! 2. **Dump**: the registry records phase `dumping`; CRIU checkpoints the job
+//!    into `<shared>/images/<job>/<migration>/` and kills it. If the dump
+//!    fails, CRIU has resumed the job, which keeps running here.
+//! 3. **Seal**: every image file is fsynced and a manifest with an HMAC under
+//!    the cluster key is written (phase `dumped`). Only now is the source copy
+//!    gone for good.
+//! 4. **Restore** on the target, which verifies the manifest, claims the
+//!    images (an exclusive `CLAIM` file, so two nodes can never both restore
+//!    them), restores, and writes the record with the job on the target.
+//! 5. **Confirm** that the registry shows the job running on the target, then
+//!    **clean up** the images.
+//!
+//! If the restore fails, the source restores the job from the same images
+//! (rollback). If that fails too, the job is marked failed and its images and
+//! CRIU logs are kept for a person. A job is never lost, and the claim file
+//! makes sure it never runs twice.
+
+use super::{io_error, Agent, AgentError, AgentResult};
+use crate::core::job::{MigrationPhase, PendingMigration};
+use crate::core::{
+    now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
+};
+use crate::criu::{DumpSpec, PageServer, RestoreSpec, DUMP_LOG, LAZY_LOG, RESTORE_LOG};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Files in an image directory that are not covered by the manifest, because
+/// they are written after it (logs, the claim).
+pub const UNSEALED: &[&str] = &[DUMP_LOG, RESTORE_LOG, LAZY_LOG, CLAIM_FILE, "stats-restore"];
+pub const CLAIM_FILE: &str = "CLAIM";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Auto,
+    FullCopy,
+    PostCopy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreCall {
+    pub job: JobId,
+    pub migration: MigrationId,
+    pub page_server: Option<PageServer>,
+    pub from: Option<NodeName>,
+    pub frozen_before_ms: u64,
+    pub image_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DumpResult {
+    pub image_dir: String,
+    pub image_bytes: u64,
+    pub frozen_ms: u64,
+}
+
+/// Counters the balancer reads through GetLoad.
+#[derive(Default)]
+pub struct MigrationStats {
+    in_flight: AtomicU32,
+    /// Bytes per second of recent migrations (EWMA), 0 = unknown.
+    bandwidth: Mutex<f64>,
+}
+
+impl MigrationStats {
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    pub fn bandwidth(&self) -> f64 {
+        self.bandwidth.lock().map(|b| *b).unwrap_or(0.0)
+    }
+    fn observe(&self, bytes: u64, secs: f64) {
+        if secs <= 0.0 || bytes == 0 {
+            return;
+        }
+        if let Ok(mut b) = self.bandwidth.lock() {
+            let sample = bytes as f64 / secs;
+            *b = if *b == 0.0 {
+                sample
+            } else {
+                0.7 * *b + 0.3 * sample
+            };
+        }
+    }
+}
+
+struct InFlight<'a>(&'a MigrationStats);
+impl<'a> InFlight<'a> {
+    fn new(s: &'a MigrationStats) -> Self {
+        s.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(s)
+    }
+}
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where a job's images for one migration live, relative to the shared root.
+pub fn image_rel(job: &JobId, mig: &MigrationId) -> String {
+    format!("images/{job}/{mig}")
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// How the restored job came to be on this node; decides its history entry.
+#[derive(Debug, Clone)]
+enum Arrival {
+    Migrated {
+        from: NodeName,
+        frozen_before_ms: u64,
+        image_bytes: u64,
+        post_copy: bool,
+    },
+    RolledBack {
+        to: NodeName,
+        error: String,
+        frozen_before_ms: u64,
+    },
+    Thawed,
+}
+
+impl Agent {
+    fn image_dir(&self, rel: &str) -> PathBuf {
+        self.cfg.shared_root.join(rel)
+    }
+
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> AgentResult<T> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| AgentError::Internal(format!("worker thread failed: {e}")))
+    }
+
+    fn set_dumping(&self, job: &JobId, on: bool) -> Option<super::reaper::ExitStatus> {
+        let mut l = self.local.lock().ok()?;
+        let j = l.get_mut(job)?;
+        j.dumping = on;
+        if on {
+            None
+        } else {
+            j.exited_during_dump.take()
+        }
+    }
+
+    /// Checkpoint a running job. With `leave_running` it is a snapshot and the
+    /// job keeps running; otherwise it is the first half of a move/freeze and
+    /// the caller owns the record's next state.
+    async fn checkpoint(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        pid: i32,
+        mig: &MigrationId,
+        to: Option<NodeName>,
+        leave_running: bool,
+        lazy: Option<PageServer>,
+    ) -> AgentResult<DumpResult> {
+        self.engine.available()?;
+        let rel = image_rel(&rec.id, mig);
+        let dir = self.image_dir(&rel);
+        std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
+        let started = now_unix_ms();
+        if !leave_running {
+            rec.state = JobState::Migrating;
+            rec.pending = Some(PendingMigration {
+                id: mig.clone(),
+                from: self.cfg.node.clone(),
+                to,
+                phase: MigrationPhase::Dumping,
+                image_dir: rel.clone(),
+                started_unix_ms: started,
+                post_copy: lazy.is_some(),
+            });
+            self.registry.put(rec)?;
+            self.set_dumping(&rec.id, true);
+        }
+        let t0 = Instant::now();
+        let engine = self.engine.clone();
+        let spec = DumpSpec {
+            pid,
+            image_dir: dir.clone(),
+            leave_running,
+            lazy,
+        };
+        let result = Self::blocking(move || engine.dump(&spec)).await?;
+        let frozen_ms = t0.elapsed().as_millis() as u64;
+        if let Err(e) = result {
+            if !leave_running {
+                // CRIU resumed the job (or it ended by itself meanwhile).
+                let exited = self.set_dumping(&rec.id, false);
+                rec.state = JobState::Running;
+                rec.pending = None;
+                self.registry.put(rec)?;
+                if let Some(st) = exited {
+                    if let Ok(mut l) = self.local.lock() {
+                        l.remove(&rec.id);
+                    }
+                    self.record_exit(&rec.id, pid, Some(st));
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(AgentError::from(e).context(&format!(
+                "dump of job {} failed; it keeps running on {}",
+                rec.id, self.cfg.node
+            )));
+        }
+        if !leave_running {
+            // The process is gone; it is no longer ours to reap.
+            if let Ok(mut l) = self.local.lock() {
+                l.remove(&rec.id);
+            }
+        }
+        self.seal(&dir, &rec.id, mig).await?;
+        Ok(DumpResult {
+            image_dir: rel,
+            image_bytes: dir_bytes(&dir),
+            frozen_ms,
+        })
+    }
+
+    /// Make the images durable and unforgeable: fsync + HMAC manifest.
+    async fn seal(&self, dir: &Path, job: &JobId, mig: &MigrationId) -> AgentResult<()> {
+        let Some(key) = self.cfg.image_key.clone() else {
+            return Ok(());
+        };
+        let (dir, job, mig) = (dir.to_path_buf(), job.to_string(), mig.to_string());
+        Self::blocking(move || {
+            crate::security::manifest::write_manifest(&dir, &key, &job, &mig, UNSEALED)
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("No space left") {
+                AgentError::ResourceExhausted(format!("sealing images: {msg}"))
+            } else {
+                AgentError::Internal(format!("sealing images: {msg}"))
+            }
+        })
+    }
+
+    async fn verify(&self, dir: &Path, job: &JobId) -> AgentResult<()> {
+        let Some(key) = self.cfg.image_key.clone() else {
+            return Ok(());
+        };
+        let (dir, job) = (dir.to_path_buf(), job.to_string());
+        Self::blocking(move || {
+            crate::security::manifest::verify_manifest(&dir, &key, &job, UNSEALED)
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))
+    }
+
+    /// Dump RPC.
+    pub async fn dump(
+        self: &Arc<Self>,
+        job: &JobId,
+        mig: Option<MigrationId>,
+        leave_running: bool,
+    ) -> AgentResult<DumpResult> {
+        if !leave_running {
+            // A dump that stops the job is a freeze; one code path for both.
+            let rec = self.freeze(job).await?;
+            let rel = rec
+                .pending
+                .as_ref()
+                .map(|p| p.image_dir.clone())
+                .unwrap_or_default();
+            let dir = self.image_dir(&rel);
+            return Ok(DumpResult {
+                image_bytes: dir_bytes(&dir),
+                image_dir: rel,
+                frozen_ms: 0,
+            });
+        }
+        let _busy = self.claim(job)?;
+        let (mut rec, pid) = self.local_running(job)?;
+        let mig = mig.unwrap_or_else(MigrationId::generate);
+        if self
+            .image_dir(&image_rel(job, &mig))
+            .join("MANIFEST.json")
+            .exists()
+        {
+            // Idempotent retry of the same snapshot.
+            let dir = self.image_dir(&image_rel(job, &mig));
+            return Ok(DumpResult {
+                image_dir: image_rel(job, &mig),
+                image_bytes: dir_bytes(&dir),
+                frozen_ms: 0,
+            });
+        }
+        self.checkpoint(&mut rec, pid, &mig, None, true, None).await
+    }
+
+    /// Freeze: checkpoint to disk and stop. The job uses nothing until thawed.
+    pub async fn freeze(self: &Arc<Self>, job: &JobId) -> AgentResult<JobRecord> {
+        let _busy = self.claim(job)?;
+        let (mut rec, pid) = self.local_running(job)?;
+        if rec.non_migratable {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} is marked non-migratable"
+            )));
+        }
+        let mig = MigrationId::generate();
+        let _f = InFlight::new(&self.stats);
+        self.checkpoint(&mut rec, pid, &mig, None, false, None)
+            .await?;
+        rec.state = JobState::Frozen;
+        rec.pid = 0;
+        if let Some(p) = rec.pending.as_mut() {
+            p.phase = MigrationPhase::Frozen;
+        }
+        self.registry.put(&mut rec)?;
+        tracing::info!(job = %job, "frozen");
+        Ok(rec)
+    }
+
+    /// Thaw a frozen job on this node.
+    pub async fn thaw(self: &Arc<Self>, job: &JobId) -> AgentResult<JobRecord> {
+        let _busy = self.claim(job)?;
+        let rec = self.registry.get(job)?;
+        let pending = match (&rec.state, &rec.pending) {
+            (JobState::Frozen, Some(p)) => p.clone(),
+            _ => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "job {job} is {}, not frozen",
+                    rec.state.as_str()
+                )))
+            }
+        };
+        self.restore_here(job, &pending.id, None, Arrival::Thawed)
+            .await
+    }
+
+    /// Restore RPC (the target's half of a migration).
+    pub async fn restore(self: &Arc<Self>, call: RestoreCall) -> AgentResult<JobRecord> {
+        let _busy = self.claim(&call.job)?;
+        let rec = self.registry.get(&call.job)?;
+        // Idempotency: a retried Restore of a migration that already landed
+        // here returns the job instead of restoring it twice.
+        if rec.node == self.cfg.node
+            && rec.state == JobState::Running
+            && rec.history.last().is_some_and(|m| m.id == call.migration)
+        {
+            return Ok(rec);
+        }
+        match &rec.pending {
+            Some(p) if p.id == call.migration => {}
+            _ => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "job {} has no migration {} waiting to be restored",
+                    call.job, call.migration
+                )))
+            }
+        }
+        let from = call.from.clone().unwrap_or_else(|| rec.node.clone());
+        let arrival = Arrival::Migrated {
+            from,
+            frozen_before_ms: call.frozen_before_ms,
+            image_bytes: call.image_bytes,
+            post_copy: call.page_server.is_some(),
+        };
+        self.restore_here(&call.job, &call.migration, call.page_server, arrival)
+            .await
+    }
+
+    /// Claim the images, restore them on this node, record the job here.
+    async fn restore_here(
+        self: &Arc<Self>,
+        job: &JobId,
+        mig: &MigrationId,
+        lazy_from: Option<PageServer>,
+        arrival: Arrival,
+    ) -> AgentResult<JobRecord> {
+        self.engine.available()?;
+        let rel = image_rel(job, mig);
+        let dir = self.image_dir(&rel);
+        if !dir.is_dir() {
+            return Err(AgentError::NotFound(format!(
+                "no images for job {job} at {}",
+                dir.display()
+            )));
+        }
+        self.verify(&dir, job).await?;
+        self.claim_images(&dir, mig)?;
+        let t0 = Instant::now();
+        let engine = self.engine.clone();
+        let spec = RestoreSpec {
+            image_dir: dir.clone(),
+            lazy_from,
+        };
+        let result = Self::blocking(move || engine.restore(&spec)).await?;
+        let restore_ms = t0.elapsed().as_millis() as u64;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                // Release the claim so the source can roll back.
+                let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
+                return Err(AgentError::from(e)
+                    .context(&format!("restore of job {job} on {} failed", self.cfg.node)));
+            }
+        };
+        self.adopt_child(job, outcome.pid);
+        let mut rec = self.registry.get(job)?;
+        let now = now_unix_ms();
+        let started = rec
+            .pending
+            .as_ref()
+            .map(|p| p.started_unix_ms)
+            .unwrap_or(now);
+        match arrival {
+            Arrival::Migrated {
+                from,
+                frozen_before_ms,
+                image_bytes,
+                post_copy,
+            } => rec.history.push(MigrationRecord {
+                id: mig.clone(),
+                from,
+                to: self.cfg.node.clone(),
+                started_unix_ms: started,
+                frozen_ms: frozen_before_ms + restore_ms,
+                total_ms: frozen_before_ms + restore_ms,
+                ok: true,
+                error: String::new(),
+                image_bytes,
+                post_copy,
+            }),
+            Arrival::RolledBack {
+                to,
+                error,
+                frozen_before_ms,
+            } => rec.history.push(MigrationRecord {
+                id: mig.clone(),
+                from: self.cfg.node.clone(),
+                to,
+                started_unix_ms: started,
+                frozen_ms: frozen_before_ms + restore_ms,
+                total_ms: now.saturating_sub(started),
+                ok: false,
+                error,
+                image_bytes: dir_bytes(&dir),
+                post_copy: false,
+            }),
+            Arrival::Thawed => {}
+        }
+        rec.node = self.cfg.node.clone();
+        rec.state = JobState::Running;
+        rec.pid = outcome.pid;
+        rec.pending = None;
+        rec.arrived_unix_ms = now;
+        rec.error.clear();
+        self.registry.put(&mut rec)?;
+        tracing::info!(job = %job, pid = outcome.pid, restore_ms, "restored");
+        Ok(rec)
+    }
+
+    /// Take the images for this node. `O_EXCL` create is atomic on local file
+    /// systems and on NFSv3+, so exactly one node can restore a set of images.
+    fn claim_images(&self, dir: &Path, mig: &MigrationId) -> AgentResult<()> {
+        use std::io::Write;
+        let path = dir.join(CLAIM_FILE);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                let _ = writeln!(f, "{} {}", self.cfg.node, mig);
+                let _ = f.sync_all();
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                Err(AgentError::FailedPrecondition(format!(
+                    "images of migration {mig} are already claimed by {}; refusing to restore them twice",
+                    owner.split_whitespace().next().unwrap_or("another node")
+                )))
+            }
+            Err(e) => Err(io_error("claim images", e)),
+        }
+    }
+
+    /// Migrate RPC (run on the source node).
+    pub async fn migrate(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: Option<MigrationId>,
+        mode: Mode,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        if !self.peers.knows(target) {
+            return Err(AgentError::NotFound(format!(
+                "unknown node {target}; the cluster has: {}",
+                self.peers.names().join(", ")
+            )));
+        }
+        let _busy = self.claim(job)?;
+        let (mut rec, pid) = self.local_running(job)?;
+        if target == &self.cfg.node {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} is already on {target}"
+            )));
+        }
+        if rec.non_migratable {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} is marked non-migratable"
+            )));
+        }
+        let mig = mig.unwrap_or_else(MigrationId::generate);
+        // Nothing is frozen until the target has answered.
+        self.peers
+            .ping(target)
+            .await
+            .map_err(|e| e.context(&format!("job {job} was not touched")))?;
+        let _f = InFlight::new(&self.stats);
+        let started = Instant::now();
+        let lazy = match mode {
+            Mode::PostCopy => {
+                return Err(AgentError::FailedPrecondition(
+                    "post-copy migration is not available yet; use full copy".into(),
+                ))
+            }
+            Mode::Auto | Mode::FullCopy => None,
+        };
+        let dumped = self
+            .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, lazy)
+            .await?;
+        if let Some(p) = rec.pending.as_mut() {
+            p.phase = MigrationPhase::Dumped;
+        }
+        self.registry.put(&mut rec)?;
+
+        let call = RestoreCall {
+            job: job.clone(),
+            migration: mig.clone(),
+            page_server: None,
+            from: Some(self.cfg.node.clone()),
+            frozen_before_ms: started.elapsed().as_millis() as u64,
+            image_bytes: dumped.image_bytes,
+        };
+        let dir = self.image_dir(&dumped.image_dir);
+        match self.peers.restore(target, call).await {
+            Ok(_) => {
+                let frozen_ms = started.elapsed().as_millis() as u64;
+                // Confirm through the registry, the cluster's source of truth.
+                let landed = self.registry.get(job)?;
+                if landed.node != *target || landed.state != JobState::Running {
+                    return Err(AgentError::Internal(format!(
+                        "target {target} reported success but the registry shows job {job} {} on {}",
+                        landed.state.as_str(),
+                        landed.node
+                    )));
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                let total_ms = started.elapsed().as_millis() as u64;
+                self.stats
+                    .observe(dumped.image_bytes, frozen_ms as f64 / 1000.0);
+                let mut m = landed.history.last().cloned().ok_or_else(|| {
+                    AgentError::Internal("restored job has no migration record".into())
+                })?;
+                m.frozen_ms = frozen_ms;
+                m.total_ms = total_ms;
+                tracing::info!(job = %job, to = %target, frozen_ms, total_ms, "migrated");
+                Ok((landed, m))
+            }
+            Err(e) => self.roll_back(job, target, &mig, started, e).await,
+        }
+    }
+
+    /// The target failed: bring the job back here from the same images.
+    async fn roll_back(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: &MigrationId,
+        started: Instant,
+        cause: AgentError,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        tracing::warn!(job = %job, to = %target, "restore on target failed, rolling back: {cause}");
+        let arrival = Arrival::RolledBack {
+            to: target.clone(),
+            error: cause.to_string(),
+            frozen_before_ms: started.elapsed().as_millis() as u64,
+        };
+        match self.restore_here(job, mig, None, arrival).await {
+            Ok(_) => {
+                let _ = std::fs::remove_dir_all(self.image_dir(&image_rel(job, mig)));
+                Err(AgentError::Aborted(format!(
+                    "migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",
+                    self.cfg.node
+                )))
+            }
+            Err(back) => {
+                let dir = self.image_dir(&image_rel(job, mig));
+                let msg = format!(
+                    "migration of job {job} to {target} failed ({cause}) and restoring it on {} failed too ({back}); images and CRIU logs are kept in {}",
+                    self.cfg.node,
+                    dir.display()
+                );
+                if let Ok(mut rec) = self.registry.get(job) {
+                    // Only mark failed if no node holds the claim: a target
+                    // that did restore (e.g. its reply was lost) owns the job.
+                    if !dir.join(CLAIM_FILE).exists() {
+                        rec.state = JobState::Failed;
+                        rec.pid = 0;
+                        rec.error = msg.clone();
+                        let _ = self.registry.put(&mut rec);
+                    }
+                }
+                Err(AgentError::Aborted(msg))
+            }
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! `mosixd`'s core: what one node's agent does.
+//!
+//! The agent owns the jobs whose processes run on its node: it launches them
+//! ([`launcher`]), reaps them ([`reaper`]), samples their load ([`load`]), and
+//! moves them with the dump → restore → confirm → clean-up protocol
+//! ([`migration`]). Its operations are the plain enum [`AgentAction`]; the
+//! gRPC layer ([`service`]) only converts to and from it.
+
+pub mod error;
+pub mod launcher;
+pub mod load;
+pub mod metrics;
+pub mod migration;
+pub mod peers;
+pub mod reaper;
+pub mod service;
+
+pub use error::{AgentError, AgentResult};
+
+use crate::core::registry::Registry;
+use crate::core::{now_unix_ms, JobId, JobRecord, JobState, MigrationId, NodeName};
+use crate::criu::CheckpointEngine;
+use peers::Peers;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Static configuration of one agent (from flags or a config file).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: NodeName,
+    pub shared_root: PathBuf,
+    /// cgroup (v1) path relative to each controller root, e.g. `mosix/local/node1`.
+    /// When set, load is measured from this cgroup rather than the machine.
+    pub cgroup_scope: Option<String>,
+    /// Relative CPU speed of this node (MOSIX's speed factor).
+    pub speed: f64,
+    /// HMAC key for image manifests; None disables sealing (tests only).
+    pub image_key: Option<crate::security::manifest::ClusterKey>,
+}
+
+/// One operation of the agent; transport-free.
+#[derive(Debug, Clone)]
+pub enum AgentAction {
+    GetLoad,
+    Launch(LaunchRequest),
+    ListJobs {
+        node: Option<NodeName>,
+        include_finished: bool,
+    },
+    GetJob(JobSelector),
+    Dump {
+        job: JobId,
+        migration: Option<MigrationId>,
+        leave_running: bool,
+    },
+    Restore(migration::RestoreCall),
+    Migrate {
+        job: JobId,
+        target: NodeName,
+        migration: Option<MigrationId>,
+        mode: migration::Mode,
+    },
+    Signal {
+        job: JobId,
+        signal: i32,
+    },
+    Freeze(JobId),
+    Thaw(JobId),
+}
+
+#[derive(Debug, Clone)]
+pub enum AgentReply {
+    Load(load::NodeLoad),
+    Job(Box<JobRecord>),
+    Jobs(Vec<JobRecord>),
+    Dumped(migration::DumpResult),
+    Migrated(Box<JobRecord>, crate::core::MigrationRecord),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobSelector {
+    Id(JobId),
+    Pid(i32),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LaunchRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub pinned: bool,
+    pub non_migratable: bool,
+    pub name: String,
+}
+
+/// A job process on this node that the agent watches.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalJob {
+    pub pid: i32,
+    /// A dump is under way: its exit is expected and is not the job's end.
+    pub dumping: bool,
+    /// The process ended while a dump was under way (status kept for later).
+    pub exited_during_dump: Option<reaper::ExitStatus>,
+}
+
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub registry: Registry,
+    pub engine: Arc<dyn CheckpointEngine>,
+    pub peers: Arc<dyn Peers>,
+    pub(crate) local: Mutex<BTreeMap<JobId, LocalJob>>,
+    /// Jobs with a dump/migrate/freeze/thaw under way (one at a time per job).
+    busy: Mutex<BTreeSet<JobId>>,
+    pub load: load::LoadSampler,
+    pub stats: migration::MigrationStats,
+    pub metrics: metrics::AgentMetrics,
+}
+
+/// Holds a job's operation slot; releases it on drop, also on panic.
+pub(crate) struct BusyGuard<'a> {
+    agent: &'a Agent,
+    job: JobId,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.agent.busy.lock() {
+            b.remove(&self.job);
+        }
+    }
+}
+
+const MAX_ARGV_BYTES: usize = 1 << 20;
+
+impl Agent {
+    pub fn new(
+        cfg: AgentConfig,
+        engine: Arc<dyn CheckpointEngine>,
+        peers: Arc<dyn Peers>,
+    ) -> AgentResult<Arc<Self>> {
+        let registry = Registry::open(&cfg.shared_root)?;
+        let load = load::LoadSampler::new(cfg.cgroup_scope.clone(), cfg.speed);
+        let metrics = metrics::AgentMetrics::new(cfg.node.as_str())
+            .map_err(|e| AgentError::Internal(format!("metrics: {e}")))?;
+        Ok(Arc::new(Self {
+            cfg,
+            registry,
+            engine,
+            peers,
+            local: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(BTreeSet::new()),
+            load,
+            stats: migration::MigrationStats::default(),
+            metrics,
+        }))
+    }
+
+    /// Carry out one action.
+    pub async fn handle(self: &Arc<Self>, action: AgentAction) -> AgentResult<AgentReply> {
+        match action {
+            AgentAction::GetLoad => Ok(AgentReply::Load(self.node_load())),
+            AgentAction::Launch(req) => {
+                self.launch(req).await.map(|r| AgentReply::Job(Box::new(r)))
+            }
+            AgentAction::ListJobs {
+                node,
+                include_finished,
+            } => self.list_jobs(node, include_finished).map(AgentReply::Jobs),
+            AgentAction::GetJob(sel) => self.get_job(&sel).map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Dump {
+                job,
+                migration,
+                leave_running,
+            } => self
+                .dump(&job, migration, leave_running)
+                .await
+                .map(AgentReply::Dumped),
+            AgentAction::Restore(call) => self
+                .restore(call)
+                .await
+                .map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Migrate {
+                job,
+                target,
+                migration,
+                mode,
+            } => self
+                .migrate(&job, &target, migration, mode)
+                .await
+                .map(|(r, m)| AgentReply::Migrated(Box::new(r), m)),
+            AgentAction::Signal { job, signal } => self
+                .signal(&job, signal)
+                .map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Freeze(job) => self
+                .freeze(&job)
+                .await
+                .map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Thaw(job) => self.thaw(&job).await.map(|r| AgentReply::Job(Box::new(r))),
+        }
+    }
+
+    pub(crate) fn claim(&self, job: &JobId) -> AgentResult<BusyGuard<'_>> {
+        let mut b = self
+            .busy
+            .lock()
+            .map_err(|_| AgentError::Internal("busy lock poisoned".into()))?;
+        if !b.insert(job.clone()) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} has another operation under way; try again when it finishes"
+            )));
+        }
+        Ok(BusyGuard {
+            agent: self,
+            job: job.clone(),
+        })
+    }
+
+    pub(crate) fn local_pid(&self, job: &JobId) -> Option<i32> {
+        self.local.lock().ok()?.get(job).map(|j| j.pid)
+    }
+
+    /// Take one load sample of this node's jobs (blocking: reads /proc).
+    pub fn sample_load(&self) {
+        let jobs: Vec<(JobId, i32)> = self
+            .local
+            .lock()
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
+            .unwrap_or_default();
+        self.load.sample(&jobs);
+    }
+
+    /// After an agent restart: take back the jobs the registry says run here.
+    /// They are no longer our children (they were re-parented when the old
+    /// agent died), so they are watched through a pidfd and their exit status
+    /// is recorded as unknown.
+    pub fn recover(self: &Arc<Self>) {
+        let Ok((all, _)) = self.registry.list() else {
+            return;
+        };
+        for rec in all.into_iter().filter(|r| r.node == self.cfg.node) {
+            if rec.state != JobState::Running || rec.pid <= 0 {
+                continue;
+            }
+            if reaper::is_pidns_init(rec.pid) {
+                if let Ok(mut l) = self.local.lock() {
+                    l.insert(
+                        rec.id.clone(),
+                        LocalJob {
+                            pid: rec.pid,
+                            dumping: false,
+                            exited_during_dump: None,
+                        },
+                    );
+                }
+                reaper::watch_adopted(self.clone(), rec.id.clone(), rec.pid);
+                tracing::info!(job = %rec.id, pid = rec.pid, "re-adopted job after restart");
+            } else {
+                self.record_exit(&rec.id, rec.pid, None);
+            }
+        }
+    }
+
+    pub fn node_load(&self) -> load::NodeLoad {
+        let jobs: Vec<(JobId, i32)> = self
+            .local
+            .lock()
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
+            .unwrap_or_default();
+        let mut nl = self.load.snapshot(&self.cfg.node, &jobs);
+        nl.migrations_in_flight = self.stats.in_flight();
+        nl.migration_bandwidth_bps = self.stats.bandwidth();
+        let f = self.engine.features();
+        nl.supports_post_copy = f.lazy_pages;
+        nl.supports_pre_copy = f.mem_dirty_track;
+        nl
+    }
+
+    /// Start a migratable job on this node.
+    pub async fn launch(self: &Arc<Self>, req: LaunchRequest) -> AgentResult<JobRecord> {
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(AgentError::InvalidArgument("argv must not be empty".into()));
+        }
+        let total: usize = req.argv.iter().map(|a| a.len()).sum::<usize>()
+            + req
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if total > MAX_ARGV_BYTES {
+            return Err(AgentError::InvalidArgument(
+                "argv and environment exceed 1 MiB".into(),
+            ));
+        }
+        if req.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
+            return Err(AgentError::InvalidArgument(
+                "environment names must be non-empty and contain no '='".into(),
+            ));
+        }
+        if req.name.len() > 256 {
+            return Err(AgentError::InvalidArgument(
+                "name longer than 256 bytes".into(),
+            ));
+        }
+        let cwd = if req.cwd.is_empty() {
+            "/".to_string()
+        } else {
+            req.cwd.clone()
+        };
+        if !cwd.starts_with('/') {
+            return Err(AgentError::InvalidArgument(format!(
+                "cwd {cwd:?} must be an absolute path"
+            )));
+        }
+        let id = JobId::generate();
+        let out_dir = self.cfg.shared_root.join("jobs").join(id.as_str());
+        std::fs::create_dir_all(&out_dir).map_err(|e| io_error("create job output dir", e))?;
+        let spec = launcher::LaunchSpec {
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            cwd: cwd.clone().into(),
+            uid: req.uid,
+            gid: req.gid,
+            stdout: out_dir.join("stdout"),
+            stderr: out_dir.join("stderr"),
+        };
+        let pid = launcher::launch(&spec).map_err(|e| match e {
+            launcher::LaunchError::Output(_, ref io) if io.raw_os_error() == Some(libc::ENOSPC) => {
+                AgentError::ResourceExhausted(e.to_string())
+            }
+            launcher::LaunchError::Clone(_) | launcher::LaunchError::Pipe(_) => {
+                AgentError::Internal(e.to_string())
+            }
+            _ => AgentError::InvalidArgument(e.to_string()),
+        })?;
+        let now = now_unix_ms();
+        let mut rec = JobRecord {
+            id: id.clone(),
+            name: req.name,
+            node: self.cfg.node.clone(),
+            state: JobState::Running,
+            pid,
+            argv: req.argv,
+            cwd,
+            uid: req.uid,
+            gid: req.gid,
+            stdout_path: spec.stdout.to_string_lossy().into_owned(),
+            stderr_path: spec.stderr.to_string_lossy().into_owned(),
+            created_unix_ms: now,
+            arrived_unix_ms: now,
+            exit_code: None,
+            exit_signal: None,
+            history: vec![],
+            pending: None,
+            pinned: req.pinned,
+            non_migratable: req.non_migratable,
+            error: String::new(),
+            generation: 0,
+        };
+        self.adopt_child(&id, pid);
+        if let Err(e) = self.registry.put(&mut rec) {
+            // Without a record nobody could find or move the job: undo.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(AgentError::from(e).context("recording the new job"));
+        }
+        tracing::info!(job = %id, pid, "launched");
+        Ok(rec)
+    }
+
+    /// Start watching a child process as job `id`.
+    pub(crate) fn adopt_child(self: &Arc<Self>, id: &JobId, pid: i32) {
+        if let Ok(mut l) = self.local.lock() {
+            l.insert(
+                id.clone(),
+                LocalJob {
+                    pid,
+                    dumping: false,
+                    exited_during_dump: None,
+                },
+            );
+        }
+        reaper::watch_child(self.clone(), id.clone(), pid);
+    }
+
+    pub fn list_jobs(
+        &self,
+        node: Option<NodeName>,
+        include_finished: bool,
+    ) -> AgentResult<Vec<JobRecord>> {
+        let (all, bad) = self.registry.list()?;
+        for e in bad {
+            tracing::warn!("skipping registry record: {e}");
+        }
+        Ok(all
+            .into_iter()
+            .filter(|r| node.as_ref().is_none_or(|n| &r.node == n))
+            .filter(|r| include_finished || !r.state.is_finished())
+            .collect())
+    }
+
+    pub fn get_job(&self, sel: &JobSelector) -> AgentResult<JobRecord> {
+        match sel {
+            JobSelector::Id(id) => Ok(self.registry.get(id)?),
+            JobSelector::Pid(pid) => {
+                let found = self.local.lock().ok().and_then(|l| {
+                    l.iter()
+                        .find(|(_, j)| j.pid == *pid)
+                        .map(|(k, _)| k.clone())
+                });
+                match found {
+                    Some(id) => Ok(self.registry.get(&id)?),
+                    None => Err(AgentError::PermissionDenied(format!(
+                        "pid {pid} is not a job managed by mosix on {}; only jobs started with mosrun (or restored by mosix) can be inspected, dumped, signalled or migrated",
+                        self.cfg.node
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The record of a job that must be running on this node.
+    pub(crate) fn local_running(&self, id: &JobId) -> AgentResult<(JobRecord, i32)> {
+        let rec = self.registry.get(id)?;
+        if rec.node != self.cfg.node {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {id} is on {}, not on {}",
+                rec.node, self.cfg.node
+            )));
+        }
+        if rec.state != JobState::Running {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {id} is {}, not running",
+                rec.state.as_str()
+            )));
+        }
+        let pid = self.local_pid(id).ok_or_else(|| {
+            AgentError::FailedPrecondition(format!(
+                "job {id} is recorded on {} but this agent does not manage its process",
+                self.cfg.node
+            ))
+        })?;
+        Ok((rec, pid))
+    }
+
+    pub fn signal(&self, id: &JobId, signal: i32) -> AgentResult<JobRecord> {
+        if !(1..=64).contains(&signal) {
+            return Err(AgentError::InvalidArgument(format!(
+                "signal {signal} out of range 1..=64"
+            )));
+        }
+        let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| {
+            AgentError::InvalidArgument(format!("signal {signal} is not supported"))
+        })?;
+        let _busy = self.claim(id)?;
+        let (rec, pid) = self.local_running(id)?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+            .map_err(|e| AgentError::Internal(format!("kill({pid}, {signal}): {e}")))?;
+        Ok(rec)
+    }
+}
+
+pub(crate) fn io_error(what: &str, e: std::io::Error) -> AgentError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        AgentError::ResourceExhausted(format!("{what}: shared disk is full: {e}"))
+    } else {
+        AgentError::Internal(format!("{what}: {e}"))
+    }
+}

@@ -1,0 +1,139 @@
+//! Reaping: every job the agent runs, launched or restored, is its child, and
+//! one thread per job blocks in `waitpid` on it. When the process ends, its
+//! exit status goes into the registry — unless the end was a dump, which the
+//! migration code accounts for itself.
+
+use super::Agent;
+use crate::core::{JobId, JobState};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+pub(crate) fn watch_child(agent: Arc<Agent>, id: JobId, pid: i32) {
+    let job = id.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let status = loop {
+                match waitpid(Pid::from_raw(pid), None) {
+                    Ok(WaitStatus::Exited(_, code)) => break Some(ExitStatus::Code(code)),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => {
+                        break Some(ExitStatus::Signal(sig as i32))
+                    }
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // Not our child (e.g. already reaped): nothing to report.
+                    Err(_) => break None,
+                }
+            };
+            agent.on_exit(&job, pid, status);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(job = %id, pid, "cannot start reaper thread: {e}");
+    }
+}
+
+impl Agent {
+    pub(crate) fn on_exit(&self, id: &JobId, pid: i32, status: Option<ExitStatus>) {
+        {
+            let Ok(mut local) = self.local.lock() else {
+                return;
+            };
+            match local.get_mut(id) {
+                Some(j) if j.pid == pid => {
+                    if j.dumping {
+                        // Either CRIU killed it after a dump (expected), or it
+                        // ended on its own during the dump; keep the status
+                        // for the migration code to decide.
+                        j.exited_during_dump = status;
+                        return;
+                    }
+                    local.remove(id);
+                }
+                // A stale process (already handed over): not the job any more.
+                _ => return,
+            }
+        }
+        self.record_exit(id, pid, status);
+    }
+
+    pub(crate) fn record_exit(&self, id: &JobId, pid: i32, status: Option<ExitStatus>) {
+        let Ok(mut rec) = self.registry.get(id) else {
+            return;
+        };
+        if rec.node != self.cfg.node || rec.pid != pid {
+            return;
+        }
+        rec.state = JobState::Exited;
+        rec.pid = 0;
+        match status {
+            Some(ExitStatus::Code(c)) => rec.exit_code = Some(c),
+            Some(ExitStatus::Signal(s)) => rec.exit_signal = Some(s),
+            None => rec.error = "exit status unknown (process was not our child)".into(),
+        }
+        if let Err(e) = self.registry.put(&mut rec) {
+            tracing::error!(job = %id, "cannot record exit: {e}");
+        }
+        tracing::info!(job = %id, pid, ?status, "job ended");
+    }
+}
+
+/// Whether `pid` is the init of a PID namespace other than ours, i.e. looks
+/// like a mosix job (guards against a recycled pid after an agent restart).
+pub(crate) fn is_pidns_init(pid: i32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid"));
+    let ours = std::fs::read_link("/proc/self/ns/pid");
+    let nspid_is_1 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().last() == Some("1"))
+        })
+        .unwrap_or(false);
+    matches!((theirs, ours), (Ok(a), Ok(b)) if a != b) && nspid_is_1
+}
+
+/// Watch a process that is not our child: poll a pidfd until it exits.
+pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
+    let job = id.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("adopt-{pid}"))
+        .spawn(move || {
+            // SAFETY: pidfd_open has no memory-safety preconditions.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+            if fd >= 0 {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                loop {
+                    // SAFETY: pfd is a valid pollfd for the duration of the call.
+                    let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+                    if r > 0
+                        || (r < 0
+                            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
+                    {
+                        break;
+                    }
+                }
+                // SAFETY: fd came from pidfd_open above.
+                unsafe { libc::close(fd) };
+            } else {
+                while nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+            agent.on_exit(&job, pid, None);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(job = %id, pid, "cannot start watcher thread: {e}");
+    }
+}

@@ -1,0 +1,117 @@
+//! The agent's gRPC service: converts requests into [`AgentAction`]s (via
+//! `api::convert`) and replies back. No logic lives here.
+
+use super::{Agent, AgentAction, AgentReply};
+use crate::api::convert::{agent_error_to_status, InvalidRequest};
+use crate::api::pb;
+use crate::api::pb::agent_server::Agent as AgentApi;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AgentService {
+    pub agent: Arc<Agent>,
+}
+
+impl AgentService {
+    async fn run(&self, action: AgentAction) -> Result<AgentReply, Status> {
+        self.agent
+            .handle(action)
+            .await
+            .map_err(agent_error_to_status)
+    }
+
+    async fn job(&self, action: AgentAction) -> Result<Response<pb::Job>, Status> {
+        match self.run(action).await? {
+            AgentReply::Job(r) => Ok(Response::new(pb::Job::from(r.as_ref()))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(r: &AgentReply) -> Status {
+    Status::internal(format!("unexpected reply {r:?}"))
+}
+
+fn job_id(s: &str) -> Result<crate::core::JobId, Status> {
+    crate::core::JobId::parse(s).map_err(|e| {
+        Status::from(InvalidRequest {
+            field: "job_id",
+            why: e.to_string(),
+        })
+    })
+}
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn get_load(
+        &self,
+        _r: Request<pb::GetLoadRequest>,
+    ) -> Result<Response<pb::NodeLoad>, Status> {
+        match self.run(AgentAction::GetLoad).await? {
+            AgentReply::Load(l) => Ok(Response::new(pb::NodeLoad::from(&l))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn launch(&self, r: Request<pb::LaunchRequest>) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::try_from(r.into_inner())?).await
+    }
+
+    async fn list_jobs(
+        &self,
+        r: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Jobs(js) => Ok(Response::new(pb::ListJobsResponse {
+                jobs: js.iter().map(pb::Job::from).collect(),
+            })),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn get_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::try_from(r.into_inner())?).await
+    }
+
+    async fn dump(
+        &self,
+        r: Request<pb::DumpRequest>,
+    ) -> Result<Response<pb::DumpResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Dumped(d) => Ok(Response::new(pb::DumpResponse::from(&d))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn restore(&self, r: Request<pb::RestoreRequest>) -> Result<Response<pb::Job>, Status> {
+        let call = super::migration::RestoreCall::try_from(r.into_inner())?;
+        self.job(AgentAction::Restore(call)).await
+    }
+
+    async fn migrate(
+        &self,
+        r: Request<pb::MigrateRequest>,
+    ) -> Result<Response<pb::MigrateResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Migrated(job, m) => Ok(Response::new(pb::MigrateResponse {
+                job: Some(pb::Job::from(job.as_ref())),
+                migration: Some(pb::Migration::from(&m)),
+            })),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn signal(&self, r: Request<pb::SignalRequest>) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::try_from(r.into_inner())?).await
+    }
+
+    async fn freeze(&self, r: Request<pb::FreezeRequest>) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::Freeze(job_id(&r.into_inner().job_id)?))
+            .await
+    }
+
+    async fn thaw(&self, r: Request<pb::ThawRequest>) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::Thaw(job_id(&r.into_inner().job_id)?))
+            .await
+    }
+}

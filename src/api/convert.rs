@@ -1,0 +1,474 @@
+//! proto ↔ core conversion, in one module of `TryFrom`/`From` impls.
+//! Anything that arrives over the wire is validated here; a bad field becomes
+//! [`InvalidRequest`], which maps to `INVALID_ARGUMENT` naming the field.
+
+use super::pb;
+use crate::agent::load::{JobUsage, NodeLoad};
+use crate::agent::migration::{DumpResult, Mode, RestoreCall};
+use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest};
+use crate::core::job::PendingMigration;
+use crate::core::{JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName};
+use crate::criu::PageServer;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid request: {field}: {why}")]
+pub struct InvalidRequest {
+    pub field: &'static str,
+    pub why: String,
+}
+
+impl InvalidRequest {
+    fn new(field: &'static str, why: impl ToString) -> Self {
+        Self {
+            field,
+            why: why.to_string(),
+        }
+    }
+}
+
+impl From<InvalidRequest> for Status {
+    fn from(e: InvalidRequest) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+fn job_id(field: &'static str, s: &str) -> Result<JobId, InvalidRequest> {
+    JobId::parse(s).map_err(|e| InvalidRequest::new(field, e))
+}
+fn node(field: &'static str, s: &str) -> Result<NodeName, InvalidRequest> {
+    NodeName::parse(s).map_err(|e| InvalidRequest::new(field, e))
+}
+fn mig_opt(field: &'static str, s: &str) -> Result<Option<MigrationId>, InvalidRequest> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        MigrationId::parse(s)
+            .map(Some)
+            .map_err(|e| InvalidRequest::new(field, e))
+    }
+}
+
+pub fn agent_error_to_status(e: AgentError) -> Status {
+    match e {
+        AgentError::InvalidArgument(m) => Status::invalid_argument(m),
+        AgentError::NotFound(m) => Status::not_found(m),
+        AgentError::FailedPrecondition(m) => Status::failed_precondition(m),
+        AgentError::PermissionDenied(m) => Status::permission_denied(m),
+        AgentError::Unavailable(m) => Status::unavailable(m),
+        AgentError::Aborted(m) => Status::aborted(m),
+        AgentError::DataLoss(m) => Status::data_loss(m),
+        AgentError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        AgentError::Internal(m) => Status::internal(m),
+    }
+}
+
+pub fn status_to_agent_error(s: Status) -> AgentError {
+    let m = s.message().to_string();
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => AgentError::InvalidArgument(m),
+        Code::NotFound => AgentError::NotFound(m),
+        Code::FailedPrecondition | Code::AlreadyExists => AgentError::FailedPrecondition(m),
+        Code::PermissionDenied | Code::Unauthenticated => AgentError::PermissionDenied(m),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+            AgentError::Unavailable(format!("{:?}: {m}", s.code()))
+        }
+        Code::Aborted => AgentError::Aborted(m),
+        Code::DataLoss => AgentError::DataLoss(m),
+        Code::ResourceExhausted => AgentError::ResourceExhausted(m),
+        _ => AgentError::Internal(m),
+    }
+}
+
+impl TryFrom<pb::LaunchRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::LaunchRequest) -> Result<Self, InvalidRequest> {
+        if r.argv.is_empty() || r.argv[0].is_empty() {
+            return Err(InvalidRequest::new("argv", "must name a command"));
+        }
+        let mut env: Vec<(String, String)> = r.env.into_iter().collect();
+        env.sort();
+        Ok(AgentAction::Launch(LaunchRequest {
+            argv: r.argv,
+            env,
+            cwd: r.cwd,
+            uid: r.uid,
+            gid: r.gid,
+            pinned: r.pinned,
+            non_migratable: r.non_migratable,
+            name: r.name,
+        }))
+    }
+}
+
+impl TryFrom<pb::ListJobsRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::ListJobsRequest) -> Result<Self, InvalidRequest> {
+        Ok(AgentAction::ListJobs {
+            node: if r.node.is_empty() {
+                None
+            } else {
+                Some(node("node", &r.node)?)
+            },
+            include_finished: r.include_finished,
+        })
+    }
+}
+
+impl TryFrom<pb::GetJobRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::GetJobRequest) -> Result<Self, InvalidRequest> {
+        use pb::get_job_request::Selector;
+        match r.selector {
+            Some(Selector::JobId(id)) => {
+                Ok(AgentAction::GetJob(JobSelector::Id(job_id("job_id", &id)?)))
+            }
+            Some(Selector::Pid(pid)) if pid > 0 => Ok(AgentAction::GetJob(JobSelector::Pid(pid))),
+            Some(Selector::Pid(pid)) => Err(InvalidRequest::new(
+                "pid",
+                format!("{pid} is not a valid pid"),
+            )),
+            None => Err(InvalidRequest::new("selector", "give job_id or pid")),
+        }
+    }
+}
+
+impl TryFrom<pb::DumpRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::DumpRequest) -> Result<Self, InvalidRequest> {
+        Ok(AgentAction::Dump {
+            job: job_id("job_id", &r.job_id)?,
+            migration: mig_opt("migration_id", &r.migration_id)?,
+            leave_running: r.leave_running,
+        })
+    }
+}
+
+fn parse_page_server(s: &str) -> Result<Option<PageServer>, InvalidRequest> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let sa: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| InvalidRequest::new("page_server", format!("{s:?} is not ip:port")))?;
+    Ok(Some(PageServer {
+        address: sa.ip().to_string(),
+        port: sa.port(),
+    }))
+}
+
+impl TryFrom<pb::RestoreRequest> for RestoreCall {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::RestoreRequest) -> Result<Self, InvalidRequest> {
+        let job = job_id("job_id", &r.job_id)?;
+        let migration = mig_opt("migration_id", &r.migration_id)?
+            .ok_or_else(|| InvalidRequest::new("migration_id", "must not be empty"))?;
+        // The image directory is derived, never trusted: a caller-chosen path
+        // could point a root CRIU at anything.
+        let expected = crate::agent::migration::image_rel(&job, &migration);
+        if !r.image_dir.is_empty() && r.image_dir != expected {
+            return Err(InvalidRequest::new(
+                "image_dir",
+                format!("must be {expected:?} for this job and migration"),
+            ));
+        }
+        Ok(RestoreCall {
+            job,
+            migration,
+            page_server: parse_page_server(&r.page_server)?,
+            from: if r.from_node.is_empty() {
+                None
+            } else {
+                Some(node("from_node", &r.from_node)?)
+            },
+            frozen_before_ms: r.frozen_before_ms,
+            image_bytes: r.image_bytes,
+        })
+    }
+}
+
+impl From<&RestoreCall> for pb::RestoreRequest {
+    fn from(c: &RestoreCall) -> Self {
+        pb::RestoreRequest {
+            job_id: c.job.to_string(),
+            migration_id: c.migration.to_string(),
+            image_dir: crate::agent::migration::image_rel(&c.job, &c.migration),
+            page_server: c
+                .page_server
+                .as_ref()
+                .map(|p| format!("{}:{}", p.address, p.port))
+                .unwrap_or_default(),
+            from_node: c.from.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+            frozen_before_ms: c.frozen_before_ms,
+            image_bytes: c.image_bytes,
+        }
+    }
+}
+
+impl TryFrom<pb::MigrateRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::MigrateRequest) -> Result<Self, InvalidRequest> {
+        let mode = match pb::MigrationMode::try_from(r.mode) {
+            Ok(pb::MigrationMode::Auto) => Mode::Auto,
+            Ok(pb::MigrationMode::FullCopy) => Mode::FullCopy,
+            Ok(pb::MigrationMode::PostCopy) => Mode::PostCopy,
+            Err(_) => {
+                return Err(InvalidRequest::new(
+                    "mode",
+                    format!("unknown mode {}", r.mode),
+                ))
+            }
+        };
+        Ok(AgentAction::Migrate {
+            job: job_id("job_id", &r.job_id)?,
+            target: node("target_node", &r.target_node)?,
+            migration: mig_opt("migration_id", &r.migration_id)?,
+            mode,
+        })
+    }
+}
+
+impl TryFrom<pb::SignalRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::SignalRequest) -> Result<Self, InvalidRequest> {
+        if !(1..=64).contains(&r.signal) {
+            return Err(InvalidRequest::new(
+                "signal",
+                format!("{} is out of range 1..=64", r.signal),
+            ));
+        }
+        Ok(AgentAction::Signal {
+            job: job_id("job_id", &r.job_id)?,
+            signal: r.signal,
+        })
+    }
+}
+
+impl From<JobState> for pb::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Running => pb::JobState::Running,
+            JobState::Migrating => pb::JobState::Migrating,
+            JobState::Frozen => pb::JobState::Frozen,
+            JobState::Exited => pb::JobState::Exited,
+            JobState::Failed => pb::JobState::Failed,
+        }
+    }
+}
+
+impl From<&MigrationRecord> for pb::Migration {
+    fn from(m: &MigrationRecord) -> Self {
+        pb::Migration {
+            id: m.id.to_string(),
+            from_node: m.from.to_string(),
+            to_node: m.to.to_string(),
+            started_unix_ms: m.started_unix_ms,
+            frozen_ms: m.frozen_ms,
+            total_ms: m.total_ms,
+            ok: m.ok,
+            error: m.error.clone(),
+            image_bytes: m.image_bytes,
+            post_copy: m.post_copy,
+        }
+    }
+}
+
+impl TryFrom<pb::Migration> for MigrationRecord {
+    type Error = InvalidRequest;
+    fn try_from(m: pb::Migration) -> Result<Self, InvalidRequest> {
+        Ok(MigrationRecord {
+            id: MigrationId::parse(&m.id).map_err(|e| InvalidRequest::new("migration.id", e))?,
+            from: node("migration.from_node", &m.from_node)?,
+            to: node("migration.to_node", &m.to_node)?,
+            started_unix_ms: m.started_unix_ms,
+            frozen_ms: m.frozen_ms,
+            total_ms: m.total_ms,
+            ok: m.ok,
+            error: m.error,
+            image_bytes: m.image_bytes,
+            post_copy: m.post_copy,
+        })
+    }
+}
+
+impl From<&JobRecord> for pb::Job {
+    fn from(r: &JobRecord) -> Self {
+        pb::Job {
+            id: r.id.to_string(),
+            node: r.node.to_string(),
+            state: pb::JobState::from(r.state) as i32,
+            pid: r.pid,
+            argv: r.argv.clone(),
+            cwd: r.cwd.clone(),
+            uid: r.uid,
+            gid: r.gid,
+            stdout_path: r.stdout_path.clone(),
+            stderr_path: r.stderr_path.clone(),
+            created_unix_ms: r.created_unix_ms,
+            exit_code: r.exit_code,
+            exit_signal: r.exit_signal,
+            history: r.history.iter().map(pb::Migration::from).collect(),
+            pinned: r.pinned,
+            non_migratable: r.non_migratable,
+            name: r.name.clone(),
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// A job as a client sees it. Fields the wire does not carry (pending
+/// migration, generation) are left empty.
+impl TryFrom<pb::Job> for JobRecord {
+    type Error = InvalidRequest;
+    fn try_from(j: pb::Job) -> Result<Self, InvalidRequest> {
+        let state = match pb::JobState::try_from(j.state) {
+            Ok(pb::JobState::Running) => JobState::Running,
+            Ok(pb::JobState::Migrating) => JobState::Migrating,
+            Ok(pb::JobState::Frozen) => JobState::Frozen,
+            Ok(pb::JobState::Exited) => JobState::Exited,
+            Ok(pb::JobState::Failed) => JobState::Failed,
+            _ => {
+                return Err(InvalidRequest::new(
+                    "state",
+                    format!("unknown state {}", j.state),
+                ))
+            }
+        };
+        Ok(JobRecord {
+            id: job_id("id", &j.id)?,
+            name: j.name,
+            node: node("node", &j.node)?,
+            state,
+            pid: j.pid,
+            argv: j.argv,
+            cwd: j.cwd,
+            uid: j.uid,
+            gid: j.gid,
+            stdout_path: j.stdout_path,
+            stderr_path: j.stderr_path,
+            created_unix_ms: j.created_unix_ms,
+            arrived_unix_ms: j.created_unix_ms,
+            exit_code: j.exit_code,
+            exit_signal: j.exit_signal,
+            history: j
+                .history
+                .into_iter()
+                .map(MigrationRecord::try_from)
+                .collect::<Result<_, _>>()?,
+            pending: None::<PendingMigration>,
+            pinned: j.pinned,
+            non_migratable: j.non_migratable,
+            error: j.error,
+            generation: 0,
+        })
+    }
+}
+
+impl From<&NodeLoad> for pb::NodeLoad {
+    fn from(l: &NodeLoad) -> Self {
+        pb::NodeLoad {
+            node: l.node.clone(),
+            load: l.load,
+            capacity: l.capacity,
+            cpu_usage: l.cpu_usage,
+            mem_total_bytes: l.mem_total_bytes,
+            mem_available_bytes: l.mem_available_bytes,
+            jobs_running: l.jobs_running,
+            migrations_in_flight: l.migrations_in_flight,
+            migration_bandwidth_bps: l.migration_bandwidth_bps,
+            jobs: l
+                .jobs
+                .iter()
+                .map(|u: &JobUsage| pb::JobUsage {
+                    job_id: u.job_id.clone(),
+                    rss_bytes: u.rss_bytes,
+                    cpu_cores: u.cpu_cores,
+                    runnable: u.runnable,
+                    demand: u.demand,
+                    residence_secs: 0.0,
+                })
+                .collect(),
+            timestamp_unix_ms: l.timestamp_unix_ms,
+            supports_post_copy: l.supports_post_copy,
+            supports_pre_copy: l.supports_pre_copy,
+        }
+    }
+}
+
+impl From<&DumpResult> for pb::DumpResponse {
+    fn from(d: &DumpResult) -> Self {
+        pb::DumpResponse {
+            image_dir: d.image_dir.clone(),
+            image_bytes: d.image_bytes,
+            frozen_ms: d.frozen_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_fields_are_invalid_argument_naming_the_field() {
+        let e = AgentAction::try_from(pb::MigrateRequest {
+            job_id: "../etc".into(),
+            target_node: "node2".into(),
+            migration_id: String::new(),
+            mode: 0,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "job_id");
+        assert_eq!(Status::from(e).code(), Code::InvalidArgument);
+        let e = AgentAction::try_from(pb::MigrateRequest {
+            job_id: "j1".into(),
+            target_node: "node2".into(),
+            migration_id: String::new(),
+            mode: 99,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "mode");
+        let e = AgentAction::try_from(pb::SignalRequest {
+            job_id: "j1".into(),
+            signal: 0,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "signal");
+        let e = AgentAction::try_from(pb::GetJobRequest { selector: None }).unwrap_err();
+        assert_eq!(e.field, "selector");
+    }
+
+    #[test]
+    fn restore_image_dir_is_derived_not_trusted() {
+        let e = RestoreCall::try_from(pb::RestoreRequest {
+            job_id: "j1".into(),
+            migration_id: "m1".into(),
+            image_dir: "../../etc".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "image_dir");
+        let ok = RestoreCall::try_from(pb::RestoreRequest {
+            job_id: "j1".into(),
+            migration_id: "m1".into(),
+            image_dir: "images/j1/m1".into(),
+            page_server: "10.0.0.1:7100".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.page_server.unwrap().port, 7100);
+    }
+
+    #[test]
+    fn errors_round_trip_through_status() {
+        for e in [
+            AgentError::NotFound("x".into()),
+            AgentError::PermissionDenied("x".into()),
+            AgentError::Aborted("x".into()),
+            AgentError::DataLoss("x".into()),
+            AgentError::ResourceExhausted("x".into()),
+        ] {
+            assert_eq!(status_to_agent_error(agent_error_to_status(e.clone())), e);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The `mosix.v1` gRPC API: generated types ([`pb`]), the one place where
+//! proto and core types meet ([`convert`]), and client helpers ([`client`]).
+
+pub mod client;
+pub mod convert;
+
+/// Generated from `proto/mosix/v1/*.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("mosix.v1");
+}
+
+/// Serialized descriptors, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mosix_v1_descriptor");

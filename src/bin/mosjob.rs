@@ -1,0 +1,189 @@
+//! `mosjob`: workloads for tests, the demo and benchmarks. Each keeps state
+//! that shows whether it survived a migration intact.
+//!
+//! - `counter`: a counter in memory, a file it appends to every tick, a
+//!   listening TCP socket that answers `counter=N mem=ok|BAD` per connection,
+//!   and optionally N MiB of memory whose checksum is verified on each query.
+//! - `burn`: CPU-bound work, printing `progress N` lines (N only grows).
+//! - `tree`: a parent with children and a pipe between them; exits with a code.
+//! - `mem`: allocates and dirties N MiB, then idles (for migration benchmarks).
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = ((i as u64).wrapping_mul(31).wrapping_add(seed) >> 3) as u8;
+    }
+}
+
+fn checksum(buf: &[u8]) -> u64 {
+    buf.chunks(8).fold(0xcbf29ce484222325u64, |h, c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        (h ^ u64::from_le_bytes(w)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn counter(args: &[String]) -> i32 {
+    let port: u16 = arg(args, "--port", 8080);
+    let file: String = arg(args, "--file", String::new());
+    let tick_ms: u64 = arg(args, "--tick-ms", 100);
+    let mib: usize = arg(args, "--mem-mib", 0);
+    let mut mem = vec![0u8; mib << 20];
+    fill(&mut mem, 7);
+    let expected = checksum(&mem);
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bind :{port}: {e}");
+            return 2;
+        }
+    };
+    let _ = listener.set_nonblocking(true);
+    let mut out = if file.is_empty() {
+        None
+    } else {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("open {file}: {e}");
+                return 2;
+            }
+        }
+    };
+    let mut n: u64 = 0;
+    println!("counter listening on :{port}");
+    loop {
+        n += 1;
+        if let Some(f) = out.as_mut() {
+            let _ = writeln!(f, "tick {n}");
+        }
+        while let Ok((mut s, _)) = listener.accept() {
+            let ok = checksum(&mem) == expected;
+            let _ = s.set_nonblocking(false);
+            let _ = writeln!(s, "counter={n} mem={}", if ok { "ok" } else { "BAD" });
+        }
+        std::thread::sleep(Duration::from_millis(tick_ms));
+    }
+}
+
+/// One unit of CPU work (about 10 ms of a core on this class of machine).
+fn work_unit(state: &mut u64) {
+    for _ in 0..2_000_000 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+    }
+}
+
+fn burn(args: &[String]) -> i32 {
+    let work: u64 = arg(args, "--work", 0);
+    let mut state = 1u64;
+    let mut done = 0u64;
+    let mut last = Instant::now();
+    loop {
+        work_unit(&mut state);
+        done += 1;
+        if last.elapsed() >= Duration::from_millis(250) || (work > 0 && done >= work) {
+            println!("progress {done}");
+            let _ = std::io::stdout().flush();
+            last = Instant::now();
+        }
+        if work > 0 && done >= work {
+            println!("done {done} {}", state & 1);
+            return 0;
+        }
+    }
+}
+
+fn tree(args: &[String]) -> i32 {
+    let children: usize = arg(args, "--children", 2);
+    let seconds: u64 = arg(args, "--seconds", 3);
+    let code: i32 = arg(args, "--exit-code", 7);
+    let mut fds = [0i32; 2];
+    // SAFETY: plain pipe/fork in a single-threaded program.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return 2;
+    }
+    let mut kids = vec![];
+    for c in 0..children {
+        match unsafe { libc::fork() } {
+            0 => {
+                unsafe { libc::close(fds[0]) };
+                let deadline = Instant::now() + Duration::from_secs(seconds);
+                while Instant::now() < deadline {
+                    let msg = [c as u8];
+                    unsafe { libc::write(fds[1], msg.as_ptr().cast(), 1) };
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                unsafe { libc::_exit(0) };
+            }
+            pid if pid > 0 => kids.push(pid),
+            _ => return 2,
+        }
+    }
+    unsafe { libc::close(fds[1]) };
+    let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    let mut got = 0usize;
+    let mut buf = [0u8; 64];
+    while let Ok(k) = pipe.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        got += k;
+    }
+    let mut all_ok = true;
+    for k in kids {
+        let mut st = 0;
+        unsafe { libc::waitpid(k, &mut st, 0) };
+        all_ok &= libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0;
+    }
+    println!("tree done: {got} messages, children ok={all_ok}");
+    if all_ok && got > 0 {
+        code
+    } else {
+        3
+    }
+}
+
+fn mem(args: &[String]) -> i32 {
+    let mib: usize = arg(args, "--mib", 64);
+    let mut m = vec![0u8; mib << 20];
+    fill(&mut m, 3);
+    println!("ready {mib} MiB checksum {:x}", checksum(&m));
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+        std::hint::black_box(&m);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match args.get(1).map(String::as_str) {
+        Some("counter") => counter(&args),
+        Some("burn") => burn(&args),
+        Some("tree") => tree(&args),
+        Some("mem") => mem(&args),
+        _ => {
+            eprintln!(
+                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]"
+            );
+            2
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,252 @@
+//! `mosixd`: the agent on every node.
+
+use crate::agent::peers::GrpcPeers;
+use crate::agent::service::AgentService;
+use crate::agent::{Agent, AgentConfig};
+use crate::api::client::ClientTls;
+use crate::api::pb::agent_server::AgentServer;
+use crate::core::cluster_file::ClusterFile;
+use crate::core::NodeName;
+use crate::criu::{CheckpointEngine, RealCriu};
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// mosixd: the mosix agent. One runs on every node. It launches migratable
+/// jobs, reports load, and dumps/restores/migrates jobs with CRIU.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// JSON config file; flags given on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This node's name (must match the cluster file).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// gRPC listen address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Shared image root (NFS on a real cluster): registry, images, job output.
+    #[arg(long)]
+    pub shared: Option<PathBuf>,
+    /// CRIU binary [default: the project's local build from `make setup`].
+    #[arg(long)]
+    pub criu: Option<PathBuf>,
+    /// cgroup v1 path of this node (e.g. mosix/local/node1); load and capacity
+    /// are then measured from it. Needed when several nodes share one host.
+    #[arg(long)]
+    pub cgroup: Option<String>,
+    /// Relative CPU speed of this node.
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// Cluster file listing the peer nodes [default: $MOSIX_CLUSTER or /run/mosix/local/cluster.json].
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    /// Cluster CA certificate (PEM) for mTLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without TLS.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Cluster key for image manifests (64 hex chars, mode 0600).
+    #[arg(long)]
+    pub image_key: Option<PathBuf>,
+    /// Prometheus metrics listen address (e.g. 0.0.0.0:9100).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub shared: Option<PathBuf>,
+    pub criu: Option<PathBuf>,
+    pub cgroup: Option<String>,
+    pub speed: Option<f64>,
+    pub cluster: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure: bool,
+    pub image_key: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl FileConfig {
+    /// Parse a config file; exposed for property tests.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
+        serde_json::from_slice(bytes)
+            .context("agent config is not valid JSON of the expected shape")
+    }
+}
+
+fn merge(a: Args) -> anyhow::Result<Args> {
+    let Some(path) = a.config.clone() else {
+        return Ok(a);
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let f = FileConfig::parse(&bytes).with_context(|| format!("in {}", path.display()))?;
+    Ok(Args {
+        config: a.config,
+        node: a.node.or(f.node),
+        listen: a.listen.or(f.listen),
+        shared: a.shared.or(f.shared),
+        criu: a.criu.or(f.criu),
+        cgroup: a.cgroup.or(f.cgroup),
+        speed: a.speed.or(f.speed),
+        cluster: a.cluster.or(f.cluster),
+        tls_ca: a.tls_ca.or(f.tls_ca),
+        tls_cert: a.tls_cert.or(f.tls_cert),
+        tls_key: a.tls_key.or(f.tls_key),
+        insecure: a.insecure || f.insecure,
+        image_key: a.image_key.or(f.image_key),
+        metrics: a.metrics.or(f.metrics),
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let a = merge(args)?;
+    let node = NodeName::parse(a.node.as_deref().context("--node is required")?)?;
+    let listen = a
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7000)));
+    let shared = a
+        .shared
+        .clone()
+        .context("--shared is required (the shared image root)")?;
+    std::fs::create_dir_all(&shared)
+        .with_context(|| format!("creating shared root {}", shared.display()))?;
+    let tls_files = match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
+        (None, None, None) => None,
+        _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
+    };
+    if tls_files.is_none() && !listen.ip().is_loopback() && !a.insecure {
+        bail!(
+            "refusing to listen on {listen} without TLS: give --tls-ca/--tls-cert/--tls-key, or --insecure to accept unauthenticated control of this node"
+        );
+    }
+    let criu_path = a
+        .criu
+        .clone()
+        .unwrap_or_else(crate::criu::default_criu_path);
+    let engine = RealCriu::new(criu_path.clone());
+    if let Err(e) = engine.available() {
+        // Still start: load, listing and launch work without CRIU; dumps
+        // will fail with this same clear message.
+        tracing::warn!("{e}");
+    }
+    let image_key = match &a.image_key {
+        Some(p) => Some(
+            crate::security::manifest::ClusterKey::load(p)
+                .with_context(|| format!("loading image key {}", p.display()))?,
+        ),
+        None => {
+            tracing::warn!("no --image-key: image manifests are not sealed or verified");
+            None
+        }
+    };
+    let client_tls = match &tls_files {
+        Some((ca, cert, key)) => Some(ClientTls::load(&crate::core::cluster_file::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })?),
+        None => None,
+    };
+    let cluster_path = ClusterFile::locate(a.cluster.as_deref());
+    let endpoints: BTreeMap<NodeName, String> = match ClusterFile::load(&cluster_path) {
+        Ok(cf) => cf.nodes.into_iter().map(|n| (n.name, n.endpoint)).collect(),
+        Err(e) => {
+            tracing::warn!("no peers: {e}");
+            BTreeMap::new()
+        }
+    };
+    let peers = Arc::new(GrpcPeers::new(endpoints, client_tls));
+    let cfg = AgentConfig {
+        node: node.clone(),
+        shared_root: shared,
+        cgroup_scope: a.cgroup.clone(),
+        speed: a.speed.unwrap_or(1.0),
+        image_key,
+    };
+    let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
+    agent.recover();
+
+    // Sample load once a second, off the async threads (it reads /proc).
+    let sampler = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let a = sampler.clone();
+            let _ = tokio::task::spawn_blocking(move || a.sample_load()).await;
+        }
+    });
+    if let Some(m) = a.metrics {
+        crate::agent::metrics::serve(agent.clone(), m).await?;
+    }
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServer<AgentService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+    let mut builder = Server::builder()
+        .timeout(Duration::from_secs(600))
+        .concurrency_limit_per_connection(64);
+    if let Some((ca, cert, key)) = &tls_files {
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+            ))
+            .client_ca_root(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        builder = builder.tls_config(tls).context("TLS config")?;
+    }
+    let svc = AgentServer::new(AgentService { agent })
+        .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
+    tracing::info!(%node, %listen, criu = %criu_path.display(), tls = tls_files.is_some(), "mosixd serving");
+    builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_shutdown(listen, shutdown_signal())
+        .await
+        .with_context(|| format!("serving on {listen}"))?;
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down; jobs keep running");
+}

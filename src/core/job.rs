@@ -1,0 +1,124 @@
+//! The job record: everything the cluster knows about one migratable job.
+//! Stored as JSON in the registry (see [`super::registry`]).
+
+use super::ids::{JobId, MigrationId, NodeName};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    /// A migration (or freeze) is under way; `JobRecord::pending` says which.
+    Migrating,
+    /// Checkpointed to disk and stopped (MOSIX "freeze").
+    Frozen,
+    Exited,
+    /// The job could not be brought back; images and logs are kept.
+    Failed,
+}
+
+impl JobState {
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Exited | JobState::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Migrating => "migrating",
+            JobState::Frozen => "frozen",
+            JobState::Exited => "exited",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// Phase of a migration in progress; written to the registry before each step
+/// so a restarted agent knows how far it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The source is checkpointing. The job may still be running on the source.
+    Dumping,
+    /// Images are complete and sealed; the source copy is gone.
+    Dumped,
+    /// The target is restoring.
+    Restoring,
+    /// The images are sealed and the job is frozen on disk.
+    Frozen,
+}
+
+/// A migration that has started but not finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingMigration {
+    pub id: MigrationId,
+    pub from: NodeName,
+    /// None for a freeze.
+    pub to: Option<NodeName>,
+    pub phase: MigrationPhase,
+    /// Relative to the shared root, e.g. `images/j123/2`.
+    pub image_dir: String,
+    pub started_unix_ms: u64,
+    #[serde(default)]
+    pub post_copy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: MigrationId,
+    pub from: NodeName,
+    pub to: NodeName,
+    pub started_unix_ms: u64,
+    pub frozen_ms: u64,
+    pub total_ms: u64,
+    pub ok: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub image_bytes: u64,
+    #[serde(default)]
+    pub post_copy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    #[serde(default)]
+    pub name: String,
+    pub node: NodeName,
+    pub state: JobState,
+    /// Host pid of the job's init on `node`; 0 when not running.
+    pub pid: i32,
+    pub argv: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdout_path: String,
+    pub stderr_path: String,
+    pub created_unix_ms: u64,
+    /// When the job arrived on its current node (start or last migration).
+    pub arrived_unix_ms: u64,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub exit_signal: Option<i32>,
+    #[serde(default)]
+    pub history: Vec<MigrationRecord>,
+    #[serde(default)]
+    pub pending: Option<PendingMigration>,
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub non_migratable: bool,
+    #[serde(default)]
+    pub error: String,
+    /// Bumped on every write; lets readers notice concurrent updates.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl JobRecord {
+    /// Next image generation number for this job (`images/<job>/<n>`).
+    pub fn next_image_generation(&self) -> usize {
+        self.history.len() + 1
+    }
+}

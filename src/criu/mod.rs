@@ -1,0 +1,174 @@
+//! The CRIU driver.
+//!
+//! Everything mosix asks of CRIU goes through [`CheckpointEngine`], so the
+//! agent's protocol logic can be tested with [`fake::FakeEngine`] without root.
+//! [`RealCriu`] talks to CRIU through `rust-criu` (CRIU's RPC over `criu swrk`).
+//!
+//! Options chosen, and why:
+//! - `manage_cgroups_mode = IGNORE` on dump and restore: a restored job must
+//!   land in the *restoring* agent's cgroup, so the target node's CPU cap
+//!   governs it (with the default mode it returns to the source's cgroup).
+//! - `rst_sibling` on restore: the restored init becomes a child of the agent,
+//!   so the agent can `waitpid` it and report its exit status. Its host pid is
+//!   learned from CRIU's `post-restore` notification.
+//! - `shell_job = false`: jobs are session leaders inside their own PID
+//!   namespace, which is what CRIU needs to dump and re-create them anywhere.
+//! - Logs go into the image directory (`dump.log`, `restore.log`) so a failed
+//!   migration leaves its evidence beside its images; the error returned to the
+//!   user quotes CRIU's own `Error` lines from that log.
+
+pub mod fake;
+pub mod real;
+
+pub use real::RealCriu;
+
+use std::path::{Path, PathBuf};
+
+/// CRIU log file names, relative to the image directory.
+pub const DUMP_LOG: &str = "dump.log";
+pub const RESTORE_LOG: &str = "restore.log";
+pub const LAZY_LOG: &str = "lazy-pages.log";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageServer {
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct DumpSpec {
+    /// Host pid of the job's init.
+    pub pid: i32,
+    pub image_dir: PathBuf,
+    /// Keep the process running after the dump (snapshot, not move).
+    pub leave_running: bool,
+    /// Post-copy: serve memory from this page server instead of writing it.
+    pub lazy: Option<PageServer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    pub image_dir: PathBuf,
+    /// Post-copy: fetch pages from this source page server.
+    pub lazy_from: Option<PageServer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// Host pid of the restored init (a child of the calling process).
+    pub pid: i32,
+}
+
+/// Kernel features relevant to migration modes, from `criu check --feature`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// userfaultfd: post-copy (lazy pages) works.
+    pub lazy_pages: bool,
+    /// soft-dirty memory tracking: iterative pre-copy works.
+    pub mem_dirty_track: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("CRIU not found or not executable at {0} (run `make setup`, or pass --criu)")]
+    Missing(PathBuf),
+    #[error("CRIU {op} failed: {detail}")]
+    Failed { op: &'static str, detail: String },
+    #[error("CRIU {op}: no space left on the image disk: {detail}")]
+    DiskFull { op: &'static str, detail: String },
+    #[error("CRIU {op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What the agent needs from a checkpoint/restore implementation.
+pub trait CheckpointEngine: Send + Sync + 'static {
+    /// Checkpoint the process tree rooted at `spec.pid` into `spec.image_dir`.
+    /// Unless `leave_running`, the tree is gone when this returns Ok. On Err
+    /// the tree is still running (CRIU resumes it).
+    fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError>;
+    /// Restore from `spec.image_dir`; the restored init is our child.
+    fn restore(&self, spec: &RestoreSpec) -> Result<RestoreOutcome, CriuError>;
+    fn features(&self) -> Features;
+    /// Whether the engine is usable at all (binary present).
+    fn available(&self) -> Result<(), CriuError>;
+}
+
+/// CRIU's own error lines from a log, so users see *why* (e.g. "Can't fork
+/// for 6975: File exists"), not just an errno.
+pub fn log_excerpt(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return format!("(no CRIU log at {})", log.display());
+    };
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error (") || l.starts_with("Error"))
+        .collect();
+    let pick: Vec<&str> = if errors.is_empty() {
+        text.lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    } else {
+        errors.iter().rev().take(4).rev().copied().collect()
+    };
+    let mut s = pick.join(" | ");
+    if s.len() > 1500 {
+        s.truncate(1500);
+    }
+    format!("{s} (log: {})", log.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_prefers_error_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(
+            &log,
+            "(00.1) info\n(00.2) Error (criu/cr-restore.c:1): Can't fork for 6975: File exists\n(00.3) bye\n",
+        )
+        .unwrap();
+        let e = log_excerpt(&log);
+        assert!(e.contains("Can't fork for 6975"), "{e}");
+        assert!(!e.contains("bye"), "{e}");
+        assert!(log_excerpt(&dir.path().join("nope")).contains("no CRIU log"));
+    }
+}
+
+/// Where to find CRIU when no flag or config names it: `$MOSIX_CRIU`, else
+/// the project-local build recorded by `make setup` (`.cache/criu/path`),
+/// else `criu` on PATH.
+pub fn default_criu_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOSIX_CRIU") {
+        return PathBuf::from(p);
+    }
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/criu/path");
+    if let Ok(s) = std::fs::read_to_string(&recorded) {
+        let p = PathBuf::from(s.trim());
+        if p.is_file() {
+            return p;
+        }
+    }
+    for dir in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+    ] {
+        let p = Path::new(dir).join("criu");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("criu")
+}

@@ -1,0 +1,144 @@
+//! [`RealCriu`]: the CRIU driver over `rust-criu` (RPC to `criu swrk`).
+
+use super::{
+    log_excerpt, CheckpointEngine, CriuError, DumpSpec, Features, RestoreOutcome, RestoreSpec,
+    DUMP_LOG, RESTORE_LOG,
+};
+use rust_criu::rust_criu_protobuf::rpc::Criu_notify;
+use rust_criu::{CgMode, Criu};
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Clone)]
+pub struct RealCriu {
+    path: PathBuf,
+    features: Features,
+}
+
+thread_local! {
+    // rust-criu's notify callback is a plain fn pointer, so the restored pid
+    // is handed back through a thread-local. Each restore runs on its own
+    // blocking thread and resets it first.
+    static RESTORED_PID: Cell<i32> = const { Cell::new(0) };
+}
+
+fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<i32>) -> i32 {
+    if script == "post-restore" && notify.has_pid() {
+        RESTORED_PID.with(|p| p.set(notify.pid()));
+    }
+    0
+}
+
+impl RealCriu {
+    /// Probe the binary's kernel features once; a missing binary yields an
+    /// engine whose every call fails with [`CriuError::Missing`].
+    pub fn new(path: PathBuf) -> Self {
+        let features = Features {
+            lazy_pages: check_feature(&path, "uffd-noncoop"),
+            mem_dirty_track: check_feature(&path, "mem_dirty_track"),
+        };
+        Self { path, features }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn client(&self) -> Result<Criu, CriuError> {
+        self.available()?;
+        Criu::new_with_criu_path(self.path.to_string_lossy().into_owned()).map_err(|e| {
+            CriuError::Failed {
+                op: "start",
+                detail: e.to_string(),
+            }
+        })
+    }
+}
+
+fn check_feature(path: &Path, feature: &str) -> bool {
+    Command::new(path)
+        .args(["check", "--feature", feature])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn failure(op: &'static str, err: rust_criu::CriuError, log: &Path) -> CriuError {
+    let detail = format!("{err}: {}", log_excerpt(log));
+    if detail.contains("No space left on device") || detail.contains("errno 28") {
+        CriuError::DiskFull { op, detail }
+    } else {
+        CriuError::Failed { op, detail }
+    }
+}
+
+impl CheckpointEngine for RealCriu {
+    fn available(&self) -> Result<(), CriuError> {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+            _ => Err(CriuError::Missing(self.path.clone())),
+        }
+    }
+
+    fn features(&self) -> Features {
+        self.features
+    }
+
+    fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError> {
+        let mut criu = self.client()?;
+        let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
+            op: "dump",
+            source: e,
+        })?;
+        criu.set_pid(spec.pid);
+        criu.set_images_dir_fd(dir.as_raw_fd());
+        criu.set_log_level(4);
+        criu.set_log_file(DUMP_LOG.to_string());
+        criu.set_shell_job(false);
+        criu.set_leave_running(spec.leave_running);
+        criu.set_file_locks(true);
+        criu.set_link_remap(true);
+        criu.cgroups_mode(CgMode::IGNORE);
+        if let Some(ps) = &spec.lazy {
+            criu.set_lazy_pages(true);
+            criu.set_page_server(ps.address.clone(), i32::from(ps.port));
+        }
+        criu.dump()
+            .map_err(|e| failure("dump", e, &spec.image_dir.join(DUMP_LOG)))
+    }
+
+    fn restore(&self, spec: &RestoreSpec) -> Result<RestoreOutcome, CriuError> {
+        let mut criu = self.client()?;
+        let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
+            op: "restore",
+            source: e,
+        })?;
+        RESTORED_PID.with(|p| p.set(0));
+        criu.set_images_dir_fd(dir.as_raw_fd());
+        criu.set_log_level(4);
+        criu.set_log_file(RESTORE_LOG.to_string());
+        criu.set_shell_job(false);
+        criu.set_rst_sibling(true);
+        criu.set_file_locks(true);
+        criu.set_link_remap(true);
+        criu.cgroups_mode(CgMode::IGNORE);
+        criu.set_notify_scripts(true);
+        criu.set_notify_cb(on_notify);
+        if spec.lazy_from.is_some() {
+            criu.set_lazy_pages(true);
+        }
+        criu.restore()
+            .map_err(|e| failure("restore", e, &spec.image_dir.join(RESTORE_LOG)))?;
+        let pid = RESTORED_PID.with(|p| p.get());
+        if pid <= 0 {
+            return Err(CriuError::Failed {
+                op: "restore",
+                detail: "CRIU reported success but sent no post-restore pid".into(),
+            });
+        }
+        Ok(RestoreOutcome { pid })
+    }
+}
