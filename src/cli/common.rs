@@ -1,1 +1,141 @@
+//! What every CLI shares: the cluster file, connections, finding a job, and
+//! turning gRPC statuses into sentences.
 
+use crate::api::client::{self, ClientTls};
+use crate::api::pb;
+use crate::api::pb::agent_client::AgentClient;
+use crate::core::cluster_file::ClusterFile;
+use anyhow::{anyhow, Context};
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Ctx {
+    pub cf: ClusterFile,
+    pub tls: Option<ClientTls>,
+}
+
+/// A gRPC failure as a user-facing error: the agent's message, which already
+/// says what happened and where the job is, plus the code for scripts.
+pub fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow!("{what}: {} ({:?})", s.message(), s.code())
+}
+
+impl Ctx {
+    pub fn load(flag: Option<&Path>) -> anyhow::Result<Self> {
+        let path = ClusterFile::locate(flag);
+        let cf = ClusterFile::load(&path)?;
+        let tls = ClientTls::from_cluster(&cf).context("loading client TLS files")?;
+        Ok(Self { cf, tls })
+    }
+
+    pub async fn agent(&self, node: &str) -> anyhow::Result<AgentClient<Channel>> {
+        let n = self.cf.node(node)?;
+        client::agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("node {node} ({}) is unreachable", n.endpoint))
+    }
+
+    /// The first agent that answers; any of them can read the registry.
+    pub async fn any_agent(&self) -> anyhow::Result<AgentClient<Channel>> {
+        let mut last = None;
+        for n in &self.cf.nodes {
+            match self.agent(n.name.as_str()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("the cluster has no nodes")))
+    }
+
+    /// Find a job by id, or by host pid (asking every node). A pid that no
+    /// agent manages is refused with the agent's explanation.
+    pub async fn find_job(&self, spec: &str) -> anyhow::Result<pb::Job> {
+        use pb::get_job_request::Selector;
+        if let Ok(pid) = spec.parse::<i32>() {
+            let mut refusal = None;
+            for n in &self.cf.nodes {
+                let Ok(mut c) = self.agent(n.name.as_str()).await else {
+                    continue;
+                };
+                match c
+                    .get_job(pb::GetJobRequest {
+                        selector: Some(Selector::Pid(pid)),
+                    })
+                    .await
+                {
+                    Ok(j) => return Ok(j.into_inner()),
+                    Err(s) => refusal = Some(s),
+                }
+            }
+            return Err(match refusal {
+                Some(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::InvalidArgument => {
+                    anyhow!("refused: pid {pid} is not a job managed by mosix on any node; only jobs started with mosrun can be migrated, frozen or signalled")
+                }
+                Some(s) => status_err(&format!("looking up pid {pid}"), s),
+                None => anyhow!("no node is reachable"),
+            });
+        }
+        let mut c = self.any_agent().await?;
+        c.get_job(pb::GetJobRequest {
+            selector: Some(Selector::JobId(spec.to_string())),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| status_err(&format!("job {spec}"), s))
+    }
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Migrating) => "migrating",
+        Ok(pb::JobState::Frozen) => "frozen",
+        Ok(pb::JobState::Exited) => "exited",
+        Ok(pb::JobState::Failed) => "failed",
+        _ => "?",
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// Poll every node's load concurrently with a deadline; unreachable nodes
+/// come back as Err so callers can show them as down.
+pub async fn poll_loads(
+    ctx: &Ctx,
+    deadline: Duration,
+) -> Vec<(String, Result<pb::NodeLoad, String>)> {
+    let futs = ctx.cf.nodes.iter().map(|n| {
+        let name = n.name.to_string();
+        let ep = n.endpoint.clone();
+        let tls = ctx.tls.clone();
+        async move {
+            let r = tokio::time::timeout(deadline, async {
+                let mut c = client::agent(&ep, tls.as_ref(), deadline).await.map_err(|e| format!("{e:#}"))?;
+                c.get_load(pb::GetLoadRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()));
+            (name, r)
+        }
+    });
+    futures::future::join_all(futs).await
+}

@@ -1,12 +1,24 @@
 //! User commands. Each binary in `src/bin` is a thin `main` over a module here.
 
 pub mod common;
+pub mod mosctl;
 pub mod mosixd;
+pub mod mosrun;
 
 /// Log to stderr, filtered by `RUST_LOG` (default: info).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// For user commands: only warnings and errors, unless `RUST_LOG` says more.
+pub fn init_tracing_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

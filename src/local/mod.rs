@@ -1,1 +1,443 @@
-//! The local cluster: several nodes on one machine.
+//! The local cluster: several nodes on one machine, the embedded default.
+//!
+//! Each node is a network namespace `mos-<cluster>-node<i>` with a veth into
+//! the bridge `mb-<cluster>` (address `10.77.<k>.<i+1>/24`, the host is `.1`),
+//! its own cgroup `mosix/<cluster>/node<i>` in the cpu and cpuacct
+//! hierarchies (a CPU cap is a CFS quota there), and a real `mosixd` that was
+//! moved into both before it started. The agent enters the namespace with
+//! `setns(CLONE_NEWNET)` only: a new mount namespace would make its jobs
+//! undumpable. Everything is named after the cluster, so `down` can find and
+//! remove it all even when the state file is gone after a crash.
+
+pub mod net;
+
+use crate::core::cluster_file::{ClusterFile, NodeEntry, TlsFiles};
+use crate::core::NodeName;
+use anyhow::{bail, Context};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AGENT_PORT: u16 = 7000;
+pub const METRICS_PORT: u16 = 9100;
+pub const BALANCER_PORT: u16 = 7070;
+const CGROUP_CONTROLLERS: &[&str] = &["cpu", "cpuacct"];
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub name: String,
+    pub nodes: usize,
+    /// CPU cap per node in cores (0 or missing = uncapped). Shorter lists repeat their last value.
+    pub caps: Vec<f64>,
+    /// Speed factor per node (missing = 1.0).
+    pub speeds: Vec<f64>,
+    pub shared_root: PathBuf,
+    /// mTLS between every component (on by default).
+    pub tls: bool,
+    /// Directory holding `mosixd` (and the other binaries).
+    pub bin_dir: PathBuf,
+    pub criu: PathBuf,
+}
+
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 8 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        bail!("cluster name {name:?} must be 1-8 lowercase letters or digits (it becomes part of interface names)");
+    }
+    Ok(())
+}
+
+pub fn state_dir(name: &str) -> PathBuf {
+    Path::new("/run/mosix").join(name)
+}
+
+pub fn cluster_file_path(name: &str) -> PathBuf {
+    state_dir(name).join("cluster.json")
+}
+
+/// The default shared root of the local cluster: `criu-images/<name>` in the
+/// project directory.
+pub fn default_shared_root(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("criu-images").join(name)
+}
+
+pub fn netns_name(cluster: &str, i: usize) -> String {
+    format!("mos-{cluster}-node{i}")
+}
+
+fn cgroup_rel(cluster: &str, node: &str) -> String {
+    format!("mosix/{cluster}/{node}")
+}
+
+fn cap_for(opts: &UpOptions, i: usize) -> f64 {
+    opts.caps.get(i).or(opts.caps.last()).copied().unwrap_or(0.0)
+}
+
+fn open_cgroup_procs(rel: &str) -> anyhow::Result<Vec<OwnedFd>> {
+    CGROUP_CONTROLLERS
+        .iter()
+        .map(|c| {
+            let p = format!("/sys/fs/cgroup/{c}/{rel}/cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map(OwnedFd::from)
+                .with_context(|| format!("opening {p}"))
+        })
+        .collect()
+}
+
+fn make_cgroup(rel: &str, cap_cores: f64) -> anyhow::Result<()> {
+    for c in CGROUP_CONTROLLERS {
+        let dir = format!("/sys/fs/cgroup/{c}/{rel}");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {dir}"))?;
+    }
+    if cap_cores > 0.0 {
+        let period = 100_000u64;
+        let quota = (cap_cores * period as f64).round().max(1000.0) as u64;
+        let base = format!("/sys/fs/cgroup/cpu/{rel}");
+        std::fs::write(format!("{base}/cpu.cfs_period_us"), period.to_string())
+            .context("setting cfs period")?;
+        std::fs::write(format!("{base}/cpu.cfs_quota_us"), quota.to_string())
+            .context("setting cfs quota")?;
+    }
+    Ok(())
+}
+
+/// Bring up a local cluster; `progress` is told each step.
+pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> anyhow::Result<ClusterFile> {
+    validate_name(&opts.name)?;
+    if opts.nodes == 0 || opts.nodes > 200 {
+        bail!("--nodes must be between 1 and 200");
+    }
+    if net::exists_any(&opts.name)? || state_dir(&opts.name).exists() {
+        bail!(
+            "a local cluster named {:?} already exists (or left debris after a crash); run `mosctl local down --name {}` first",
+            opts.name,
+            opts.name
+        );
+    }
+    let mosixd = opts.bin_dir.join("mosixd");
+    if !mosixd.is_file() {
+        bail!("mosixd not found at {} (build with `cargo build`)", mosixd.display());
+    }
+    let result = up_inner(opts, &mosixd, progress).await;
+    if result.is_err() {
+        progress("bring-up failed; removing what was created");
+        let _ = down(&opts.name, false, &|_| {});
+    }
+    result
+}
+
+async fn up_inner(
+    opts: &UpOptions,
+    mosixd: &Path,
+    progress: &dyn Fn(&str),
+) -> anyhow::Result<ClusterFile> {
+    let sd = state_dir(&opts.name);
+    std::fs::create_dir_all(&sd).with_context(|| format!("creating {}", sd.display()))?;
+    std::fs::create_dir_all(&opts.shared_root)
+        .with_context(|| format!("creating shared root {}", opts.shared_root.display()))?;
+    // Remember what we own, so `down` only deletes a shared root it created.
+    std::fs::write(sd.join("shared_root"), opts.shared_root.to_string_lossy().as_bytes())?;
+
+    let k = net::pick_subnet(&opts.name)?;
+    progress(&format!("bridge mb-{} on 10.77.{k}.0/24", opts.name));
+    net::make_bridge(&opts.name, k)?;
+
+    let mut nodes = Vec::new();
+    for i in 1..=opts.nodes {
+        let node = NodeName::parse(&format!("node{i}"))?;
+        let ip = format!("10.77.{k}.{}", i + 1);
+        net::make_node(&opts.name, i, &ip, k)?;
+        make_cgroup(&cgroup_rel(&opts.name, node.as_str()), cap_for(opts, i - 1))?;
+        let scheme = if opts.tls { "https" } else { "http" };
+        nodes.push(NodeEntry {
+            name: node,
+            endpoint: format!("{scheme}://{ip}:{AGENT_PORT}"),
+            address: ip.clone(),
+            metrics: Some(format!("http://{ip}:{METRICS_PORT}/metrics")),
+        });
+    }
+
+    let pki_dir = sd.join("pki");
+    let tls = if opts.tls {
+        progress("cluster CA and node certificates (mTLS)");
+        let specs: Vec<(String, Vec<String>)> = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.to_string(),
+                    vec![n.address.clone(), crate::api::client::CLUSTER_TLS_NAME.to_string()],
+                )
+            })
+            .chain(std::iter::once((
+                "balancer".to_string(),
+                vec![format!("10.77.{k}.1"), crate::api::client::CLUSTER_TLS_NAME.to_string()],
+            )))
+            .collect();
+        crate::security::pki::write_cluster_pki(&pki_dir, &opts.name, &specs)
+            .context("writing the cluster PKI")?;
+        Some(TlsFiles {
+            ca: pki_dir.join("ca.pem"),
+            cert: pki_dir.join("client.pem"),
+            key: pki_dir.join("client.key"),
+        })
+    } else {
+        None
+    };
+    let key_path = sd.join("image.key");
+    crate::security::manifest::ClusterKey::generate()
+        .save(&key_path)
+        .context("writing the image key")?;
+
+    let cf = ClusterFile {
+        name: opts.name.clone(),
+        shared_root: Some(opts.shared_root.clone()),
+        balancer: Some(format!(
+            "{}://10.77.{k}.1:{BALANCER_PORT}",
+            if opts.tls { "https" } else { "http" }
+        )),
+        tls,
+        nodes: nodes.clone(),
+    };
+    let cf_path = cluster_file_path(&opts.name);
+    cf.save(&cf_path).context("writing the cluster file")?;
+
+    let mut pids = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        progress(&format!("starting mosixd on {} ({})", n.name, n.address));
+        let mut cmd = Command::new(mosixd);
+        cmd.arg("--node")
+            .arg(n.name.as_str())
+            .arg("--listen")
+            .arg(format!("{}:{AGENT_PORT}", n.address))
+            .arg("--shared")
+            .arg(&opts.shared_root)
+            .arg("--criu")
+            .arg(&opts.criu)
+            .arg("--cgroup")
+            .arg(cgroup_rel(&opts.name, n.name.as_str()))
+            .arg("--cluster")
+            .arg(&cf_path)
+            .arg("--image-key")
+            .arg(&key_path)
+            .arg("--metrics")
+            .arg(format!("{}:{METRICS_PORT}", n.address));
+        if let Some(s) = opts.speeds.get(i) {
+            cmd.arg("--speed").arg(s.to_string());
+        }
+        if opts.tls {
+            cmd.arg("--tls-ca")
+                .arg(pki_dir.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(pki_dir.join(format!("{}.pem", n.name)))
+                .arg("--tls-key")
+                .arg(pki_dir.join(format!("{}.key", n.name)));
+        } else {
+            cmd.arg("--insecure");
+        }
+        let pid = spawn_in_node(&mut cmd, &opts.name, i + 1, n.name.as_str(), &sd)?;
+        pids.push(pid);
+    }
+    std::fs::write(
+        sd.join("agents.pids"),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )?;
+
+    progress("waiting for agents to answer");
+    let tls = crate::api::client::ClientTls::from_cluster(&cf)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        loop {
+            let ok = async {
+                let mut c = crate::api::client::agent(&n.endpoint, tls.as_ref(), Duration::from_secs(1)).await?;
+                c.get_load(crate::api::pb::GetLoadRequest {}).await?;
+                anyhow::Ok(())
+            }
+            .await;
+            match ok {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => {
+                    let log = sd.join(format!("{}.log", n.name));
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                    bail!(
+                        "mosixd on {} did not answer: {e:#}; its log ({}) ends with: {}",
+                        n.name,
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    );
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    Ok(cf)
+}
+
+/// Start a process inside node `i`: its network namespace (setns only), its
+/// cgroups, a session of its own, output to `<state>/<node>.log`.
+pub fn spawn_in_node(
+    cmd: &mut Command,
+    cluster: &str,
+    i: usize,
+    node: &str,
+    state_dir: &Path,
+) -> anyhow::Result<i32> {
+    let ns_path = format!("/run/netns/{}", netns_name(cluster, i));
+    let ns = std::fs::File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+    let procs = open_cgroup_procs(&cgroup_rel(cluster, node))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join(format!("{node}.log")))?;
+    let ns_fd = ns.as_raw_fd();
+    let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: the closure only makes async-signal-safe syscalls on fds that
+    // stay open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in &proc_fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {:?} in {node}", cmd.get_program()))?;
+    let pid = child.id() as i32;
+    // Detached: the process outlives us; `down` kills it by netns and cgroup.
+    drop(child);
+    drop(ns);
+    drop(procs);
+    Ok(pid)
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub processes: usize,
+    pub namespaces: usize,
+    pub links: usize,
+    pub cgroups: usize,
+}
+
+/// Remove every namespace, link, cgroup and process of the cluster. Works
+/// from names alone, so it also cleans up after a crash.
+pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Result<DownReport> {
+    validate_name(name)?;
+    let mut rep = DownReport::default();
+    let sd = state_dir(name);
+    let namespaces = net::list_netns(name)?;
+
+    // Every process we started lives in one of the nodes' namespaces or
+    // cgroups (jobs inherit both from their agent). Kill until none is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids: Vec<i32> = Vec::new();
+        if let Ok(s) = std::fs::read_to_string(sd.join("agents.pids")) {
+            pids.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| alive(*p)));
+        }
+        for ns in &namespaces {
+            pids.extend(net::netns_pids(ns));
+        }
+        pids.extend(cgroup_pids(name));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|p| *p > 1 && *p != std::process::id() as i32);
+        if pids.is_empty() {
+            break;
+        }
+        for p in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+        }
+        rep.processes = rep.processes.max(pids.len());
+        if Instant::now() > deadline {
+            bail!("processes {pids:?} survive SIGKILL; cannot finish `down`");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if rep.processes > 0 {
+        progress(&format!("killed {} processes", rep.processes));
+    }
+    for ns in &namespaces {
+        net::delete_netns(ns)?;
+        rep.namespaces += 1;
+    }
+    rep.links += net::delete_links(name)?;
+    rep.cgroups += remove_cgroups(name)?;
+    if !keep_data {
+        if let Ok(root) = std::fs::read_to_string(sd.join("shared_root")) {
+            let root = PathBuf::from(root.trim());
+            // Only the directory `up` created, and only if it looks like ours.
+            if root.join("registry").is_dir() || root.join("images").is_dir() {
+                let _ = std::fs::remove_dir_all(&root);
+            }
+        }
+    }
+    if sd.exists() {
+        std::fs::remove_dir_all(&sd).with_context(|| format!("removing {}", sd.display()))?;
+    }
+    progress(&format!(
+        "removed {} namespaces, {} links, {} cgroups",
+        rep.namespaces, rep.links, rep.cgroups
+    ));
+    Ok(rep)
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes: it holds no resources we remove.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+fn cgroup_pids(cluster: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for c in CGROUP_CONTROLLERS {
+        let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/mosix/{cluster}"));
+        let Ok(rd) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        let mut dirs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        dirs.push(base);
+        for d in dirs {
+            if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| alive(*p)));
+            }
+        }
+    }
+    out
+}
+
+fn remove_cgroups(cluster: &str) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for c in CGROUP_CONTROLLERS {
+        let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/mosix/{cluster}"));
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for e in rd.flatten() {
+                if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        if base.is_dir() {
+            std::fs::remove_dir(&base).with_context(|| format!("removing cgroup {}", base.display()))?;
+            n += 1;
+        }
+        // The shared parent goes when the last cluster is gone.
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/mosix"));
+    }
+    Ok(n)
+}

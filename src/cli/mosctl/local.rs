@@ -1,0 +1,91 @@
+//! `mosctl local up|down|status`: the local cluster.
+
+use crate::local;
+use anyhow::Context;
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create N nodes on this machine (network namespaces on a bridge, a real
+    /// mosixd in each, mTLS, a shared image root under criu-images/).
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Cluster name (1-8 lowercase letters/digits).
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// CPU cap per node in cores, comma-separated (e.g. 1,0.5,0.5,0.25);
+        /// the last value repeats; 0 = uncapped.
+        #[arg(long, value_delimiter = ',')]
+        cpu_caps: Vec<f64>,
+        /// Relative speed per node, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        speeds: Vec<f64>,
+        /// Shared image root [default: criu-images/<name> in the project].
+        #[arg(long)]
+        shared: Option<PathBuf>,
+        /// Plain-text gRPC instead of mTLS (not recommended).
+        #[arg(long)]
+        insecure: bool,
+        /// CRIU binary [default: the project's local build].
+        #[arg(long)]
+        criu: Option<PathBuf>,
+    },
+    /// Remove every namespace, link, cgroup and process of a local cluster.
+    /// Works after a crash too.
+    Down {
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// Keep the shared root (registry, images, job output).
+        #[arg(long)]
+        keep_data: bool,
+    },
+}
+
+pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Up {
+            nodes,
+            name,
+            cpu_caps,
+            speeds,
+            shared,
+            insecure,
+            criu,
+        } => {
+            let bin_dir = std::env::current_exe()
+                .context("locating mosctl")?
+                .parent()
+                .map(PathBuf::from)
+                .context("locating the binaries' directory")?;
+            let opts = local::UpOptions {
+                shared_root: shared.unwrap_or_else(|| local::default_shared_root(&name)),
+                name: name.clone(),
+                nodes,
+                caps: cpu_caps,
+                speeds,
+                tls: !insecure,
+                bin_dir,
+                criu: criu.unwrap_or_else(crate::criu::default_criu_path),
+            };
+            let cf = local::up(&opts, &|s| eprintln!("  {s}")).await?;
+            let path = local::cluster_file_path(&name);
+            println!("cluster {name} is up: {} nodes", cf.nodes.len());
+            for n in &cf.nodes {
+                println!("  {:<8} {}", n.name, n.endpoint);
+            }
+            println!("cluster file: {}", path.display());
+            if name != "local" {
+                println!("use it with: export MOSIX_CLUSTER={}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::Down { name, keep_data } => {
+            local::down(&name, keep_data, &|s| eprintln!("  {s}"))?;
+            println!("cluster {name} is down");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! `mosctl migrate JOB NODE`
+
+use crate::api::pb;
+use crate::cli::common::{human_bytes, status_err, Ctx};
+use std::path::Path;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Job id (or the host pid of a job's init).
+    pub job: String,
+    /// Target node.
+    pub node: String,
+    /// Post-copy: restore at once and fetch memory on demand.
+    #[arg(long, conflicts_with = "full_copy")]
+    pub post_copy: bool,
+    /// Full copy: move all memory before restoring.
+    #[arg(long)]
+    pub full_copy: bool,
+}
+
+pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    let ctx = Ctx::load(cluster)?;
+    // Validate the target before touching anything.
+    ctx.cf.node(&a.node)?;
+    let job = ctx.find_job(&a.job).await?;
+    if job.node == a.node {
+        anyhow::bail!("job {} is already on {}", job.id, a.node);
+    }
+    eprintln!("migrating {} from {} to {} ...", job.id, job.node, a.node);
+    let mut c = ctx.agent(&job.node).await?;
+    let mode = if a.post_copy {
+        pb::MigrationMode::PostCopy
+    } else if a.full_copy {
+        pb::MigrationMode::FullCopy
+    } else {
+        pb::MigrationMode::Auto
+    };
+    let r = c
+        .migrate(pb::MigrateRequest {
+            job_id: job.id.clone(),
+            target_node: a.node.clone(),
+            migration_id: String::new(),
+            mode: mode as i32,
+        })
+        .await
+        .map_err(|s| status_err(&format!("migrating {}", job.id), s))?
+        .into_inner();
+    let m = r.migration.unwrap_or_default();
+    println!(
+        "migrated {} {} -> {}: frozen {} ms, total {} ms, images {}{}",
+        job.id,
+        m.from_node,
+        m.to_node,
+        m.frozen_ms,
+        m.total_ms,
+        human_bytes(m.image_bytes),
+        if m.post_copy { " (post-copy)" } else { "" }
+    );
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `mosctl`: manage jobs and the local cluster. One file per subcommand.
+
+pub mod freeze;
+pub mod jobs;
+pub mod kill;
+pub mod load;
+pub mod local;
+pub mod migrate;
+pub mod show;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// mosctl: list, migrate, freeze and signal mosix jobs; bring a local
+/// cluster up and down.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// Cluster file [default: $MOSIX_CLUSTER or /run/mosix/local/cluster.json].
+    #[arg(long, global = true)]
+    pub cluster: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// List jobs with their node and state.
+    Jobs(jobs::Args),
+    /// Show one job in detail, with its migration history.
+    Show(show::Args),
+    /// Move a job to another node now; reports how long it was frozen.
+    Migrate(migrate::Args),
+    /// Freeze a job to disk (it stops and uses no CPU or memory).
+    Freeze(freeze::FreezeArgs),
+    /// Bring a frozen job back, on its old node or another.
+    Thaw(freeze::ThawArgs),
+    /// Send a signal to a job (default SIGKILL: a job is its PID namespace's
+    /// init and ignores signals it has no handler for).
+    Kill(kill::Args),
+    /// Show every node's load once.
+    Load(load::Args),
+    /// A local cluster of several nodes on this machine.
+    #[command(subcommand)]
+    Local(local::Cmd),
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let cluster = a.cluster.as_deref();
+    match a.cmd {
+        Cmd::Jobs(x) => jobs::run(cluster, x).await,
+        Cmd::Show(x) => show::run(cluster, x).await,
+        Cmd::Migrate(x) => migrate::run(cluster, x).await,
+        Cmd::Freeze(x) => freeze::freeze(cluster, x).await,
+        Cmd::Thaw(x) => freeze::thaw(cluster, x).await,
+        Cmd::Kill(x) => kill::run(cluster, x).await,
+        Cmd::Load(x) => load::run(cluster, x).await,
+        Cmd::Local(x) => local::run(x).await,
+    }
+}

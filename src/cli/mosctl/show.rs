@@ -1,0 +1,51 @@
+//! `mosctl show JOB`
+
+use crate::cli::common::{human_bytes, state_name, Ctx};
+use std::path::Path;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Job id (or the host pid of a job's init).
+    pub job: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    let ctx = Ctx::load(cluster)?;
+    let j = ctx.find_job(&a.job).await?;
+    if a.json {
+        let rec = crate::core::JobRecord::try_from(j)?;
+        println!("{}", serde_json::to_string_pretty(&rec)?);
+        return Ok(());
+    }
+    println!("job      {}", j.id);
+    println!("node     {}", j.node);
+    println!("state    {}", state_name(j.state));
+    println!("pid      {}", j.pid);
+    println!("command  {}", j.argv.join(" "));
+    println!("stdout   {}", j.stdout_path);
+    if let Some(c) = j.exit_code {
+        println!("exit     code {c}");
+    }
+    if let Some(s) = j.exit_signal {
+        println!("exit     signal {s}");
+    }
+    if !j.error.is_empty() {
+        println!("error    {}", j.error);
+    }
+    for m in &j.history {
+        println!(
+            "migrated {} -> {}  frozen {} ms  total {} ms  {}  {}{}",
+            m.from_node,
+            m.to_node,
+            m.frozen_ms,
+            m.total_ms,
+            human_bytes(m.image_bytes),
+            if m.ok { "ok" } else { "FAILED: " },
+            m.error
+        );
+    }
+    Ok(())
+}
