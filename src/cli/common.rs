@@ -71,7 +71,10 @@ impl Ctx {
                 }
             }
             return Err(match refusal {
-                Some(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::InvalidArgument => {
+                Some(s)
+                    if s.code() == tonic::Code::PermissionDenied
+                        || s.code() == tonic::Code::InvalidArgument =>
+                {
                     anyhow!("refused: pid {pid} is not a job managed by mosix on any node; only jobs started with mosrun can be migrated, frozen or signalled")
                 }
                 Some(s) => status_err(&format!("looking up pid {pid}"), s),
@@ -126,7 +129,9 @@ pub async fn poll_loads(
         let tls = ctx.tls.clone();
         async move {
             let r = tokio::time::timeout(deadline, async {
-                let mut c = client::agent(&ep, tls.as_ref(), deadline).await.map_err(|e| format!("{e:#}"))?;
+                let mut c = client::agent(&ep, tls.as_ref(), deadline)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
                 c.get_load(pb::GetLoadRequest {})
                     .await
                     .map(|r| r.into_inner())

@@ -107,7 +107,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?
         .into_inner();
-    eprintln!("started {} on {} (pid {}); output: {}", job.id, job.node, job.pid, job.stdout_path);
+    eprintln!(
+        "started {} on {} (pid {}); output: {}",
+        job.id, job.node, job.pid, job.stdout_path
+    );
     println!("{}", job.id);
     Ok(())
 }

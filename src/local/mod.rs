@@ -42,7 +42,12 @@ pub struct UpOptions {
 }
 
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || name.len() > 8 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
         bail!("cluster name {name:?} must be 1-8 lowercase letters or digits (it becomes part of interface names)");
     }
     Ok(())
@@ -59,7 +64,9 @@ pub fn cluster_file_path(name: &str) -> PathBuf {
 /// The default shared root of the local cluster: `criu-images/<name>` in the
 /// project directory.
 pub fn default_shared_root(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("criu-images").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("criu-images")
+        .join(name)
 }
 
 pub fn netns_name(cluster: &str, i: usize) -> String {
@@ -71,7 +78,11 @@ fn cgroup_rel(cluster: &str, node: &str) -> String {
 }
 
 fn cap_for(opts: &UpOptions, i: usize) -> f64 {
-    opts.caps.get(i).or(opts.caps.last()).copied().unwrap_or(0.0)
+    opts.caps
+        .get(i)
+        .or(opts.caps.last())
+        .copied()
+        .unwrap_or(0.0)
 }
 
 fn open_cgroup_procs(rel: &str) -> anyhow::Result<Vec<OwnedFd>> {
@@ -120,7 +131,10 @@ pub async fn up(opts: &UpOptions, progress: &dyn Fn(&str)) -> anyhow::Result<Clu
     }
     let mosixd = opts.bin_dir.join("mosixd");
     if !mosixd.is_file() {
-        bail!("mosixd not found at {} (build with `cargo build`)", mosixd.display());
+        bail!(
+            "mosixd not found at {} (build with `cargo build`)",
+            mosixd.display()
+        );
     }
     let result = up_inner(opts, &mosixd, progress).await;
     if result.is_err() {
@@ -140,7 +154,10 @@ async fn up_inner(
     std::fs::create_dir_all(&opts.shared_root)
         .with_context(|| format!("creating shared root {}", opts.shared_root.display()))?;
     // Remember what we own, so `down` only deletes a shared root it created.
-    std::fs::write(sd.join("shared_root"), opts.shared_root.to_string_lossy().as_bytes())?;
+    std::fs::write(
+        sd.join("shared_root"),
+        opts.shared_root.to_string_lossy().as_bytes(),
+    )?;
 
     let k = net::pick_subnet(&opts.name)?;
     progress(&format!("bridge mb-{} on 10.77.{k}.0/24", opts.name));
@@ -169,12 +186,18 @@ async fn up_inner(
             .map(|n| {
                 (
                     n.name.to_string(),
-                    vec![n.address.clone(), crate::api::client::CLUSTER_TLS_NAME.to_string()],
+                    vec![
+                        n.address.clone(),
+                        crate::api::client::CLUSTER_TLS_NAME.to_string(),
+                    ],
                 )
             })
             .chain(std::iter::once((
                 "balancer".to_string(),
-                vec![format!("10.77.{k}.1"), crate::api::client::CLUSTER_TLS_NAME.to_string()],
+                vec![
+                    format!("10.77.{k}.1"),
+                    crate::api::client::CLUSTER_TLS_NAME.to_string(),
+                ],
             )))
             .collect();
         crate::security::pki::write_cluster_pki(&pki_dir, &opts.name, &specs)
@@ -252,7 +275,9 @@ async fn up_inner(
     for n in &nodes {
         loop {
             let ok = async {
-                let mut c = crate::api::client::agent(&n.endpoint, tls.as_ref(), Duration::from_secs(1)).await?;
+                let mut c =
+                    crate::api::client::agent(&n.endpoint, tls.as_ref(), Duration::from_secs(1))
+                        .await?;
                 c.get_load(crate::api::pb::GetLoadRequest {}).await?;
                 anyhow::Ok(())
             }
@@ -314,7 +339,9 @@ pub fn spawn_in_node(
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {:?} in {node}", cmd.get_program()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?} in {node}", cmd.get_program()))?;
     let pid = child.id() as i32;
     // Detached: the process outlives us; `down` kills it by netns and cgroup.
     drop(child);
@@ -346,7 +373,11 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
     loop {
         let mut pids: Vec<i32> = Vec::new();
         if let Ok(s) = std::fs::read_to_string(sd.join("agents.pids")) {
-            pids.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| alive(*p)));
+            pids.extend(
+                s.lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok())
+                    .filter(|p| alive(*p)),
+            );
         }
         for ns in &namespaces {
             pids.extend(net::netns_pids(ns));
@@ -359,7 +390,10 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
             break;
         }
         for p in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         rep.processes = rep.processes.max(pids.len());
         if Instant::now() > deadline {
@@ -410,11 +444,19 @@ fn cgroup_pids(cluster: &str) -> Vec<i32> {
         let Ok(rd) = std::fs::read_dir(&base) else {
             continue;
         };
-        let mut dirs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut dirs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
         dirs.push(base);
         for d in dirs {
             if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| alive(*p)));
+                out.extend(
+                    s.lines()
+                        .filter_map(|l| l.trim().parse::<i32>().ok())
+                        .filter(|p| alive(*p)),
+                );
             }
         }
     }
@@ -433,7 +475,8 @@ fn remove_cgroups(cluster: &str) -> anyhow::Result<usize> {
             }
         }
         if base.is_dir() {
-            std::fs::remove_dir(&base).with_context(|| format!("removing cgroup {}", base.display()))?;
+            std::fs::remove_dir(&base)
+                .with_context(|| format!("removing cgroup {}", base.display()))?;
             n += 1;
         }
         // The shared parent goes when the last cluster is gone.

@@ -43,7 +43,10 @@ pub fn pick_subnet(cluster: &str) -> anyhow::Result<u8> {
     let start: u32 = if cluster == "local" {
         1
     } else {
-        2 + cluster.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 240
+        2 + cluster
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+            % 240
     };
     for off in 0..250u32 {
         let k = ((start - 1 + off) % 250 + 1) as u8;
@@ -66,13 +69,31 @@ pub fn make_node(cluster: &str, i: usize, addr: &str, k: u8) -> anyhow::Result<(
     let ns = netns_name(cluster, i);
     let veth = host_veth(cluster, i);
     ip(&["netns", "add", &ns])?;
-    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+    ip(&[
+        "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ])?;
     ip(&["link", "set", &veth, "master", &bridge(cluster)])?;
     ip(&["link", "set", &veth, "up"])?;
-    ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.77.{k}.1")])?;
+    ip(&[
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.77.{k}.1"),
+    ])?;
     Ok(())
 }
 

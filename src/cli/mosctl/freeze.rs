@@ -23,10 +23,15 @@ pub async fn freeze(cluster: Option<&Path>, a: FreezeArgs) -> anyhow::Result<()>
     let ctx = Ctx::load(cluster)?;
     let job = ctx.find_job(&a.job).await?;
     let mut c = ctx.agent(&job.node).await?;
-    c.freeze(pb::FreezeRequest { job_id: job.id.clone() })
-        .await
-        .map_err(|s| status_err(&format!("freezing {}", job.id), s))?;
-    println!("frozen {} (was on {}); `mosctl thaw {}` brings it back", job.id, job.node, job.id);
+    c.freeze(pb::FreezeRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .map_err(|s| status_err(&format!("freezing {}", job.id), s))?;
+    println!(
+        "frozen {} (was on {}); `mosctl thaw {}` brings it back",
+        job.id, job.node, job.id
+    );
     Ok(())
 }
 
@@ -36,7 +41,9 @@ pub async fn thaw(cluster: Option<&Path>, a: ThawArgs) -> anyhow::Result<()> {
     let node = a.node.unwrap_or_else(|| job.node.clone());
     let mut c = ctx.agent(&node).await?;
     let j = c
-        .thaw(pb::ThawRequest { job_id: job.id.clone() })
+        .thaw(pb::ThawRequest {
+            job_id: job.id.clone(),
+        })
         .await
         .map_err(|s| status_err(&format!("thawing {}", job.id), s))?
         .into_inner();

@@ -44,10 +44,20 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if jobs.is_empty() {
-        println!("no jobs{}", if a.all { "" } else { " running (use --all for finished ones)" });
+        println!(
+            "no jobs{}",
+            if a.all {
+                ""
+            } else {
+                " running (use --all for finished ones)"
+            }
+        );
         return Ok(());
     }
-    println!("{:<13} {:<8} {:<10} {:>7} {:>5}  COMMAND", "JOB", "NODE", "STATE", "PID", "MIGR");
+    println!(
+        "{:<13} {:<8} {:<10} {:>7} {:>5}  COMMAND",
+        "JOB", "NODE", "STATE", "PID", "MIGR"
+    );
     for j in &jobs {
         let state = match (state_name(j.state), j.exit_code, j.exit_signal) {
             ("exited", Some(c), _) => format!("exit {c}"),

@@ -9,7 +9,10 @@ pub struct Args {}
 
 pub async fn run(cluster: Option<&Path>, _a: Args) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
-    println!("{:<8} {:>6} {:>6} {:>6} {:>5} {:>11}", "NODE", "LOAD", "CAP", "NORM", "JOBS", "MEM FREE");
+    println!(
+        "{:<8} {:>6} {:>6} {:>6} {:>5} {:>11}",
+        "NODE", "LOAD", "CAP", "NORM", "JOBS", "MEM FREE"
+    );
     for (name, r) in poll_loads(&ctx, Duration::from_secs(2)).await {
         match r {
             Ok(l) => println!(
@@ -17,7 +20,11 @@ pub async fn run(cluster: Option<&Path>, _a: Args) -> anyhow::Result<()> {
                 name,
                 l.load,
                 l.capacity,
-                if l.capacity > 0.0 { l.load / l.capacity } else { 0.0 },
+                if l.capacity > 0.0 {
+                    l.load / l.capacity
+                } else {
+                    0.0
+                },
                 l.jobs_running,
                 human_bytes(l.mem_available_bytes)
             ),

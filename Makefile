@@ -1,0 +1,53 @@
+# mosix — the README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+export MOSIX_REQUIRE_PRIVILEGED ?= 1
+
+.PHONY: setup build test unit integration demo bench soak up down fmt clippy clean
+
+## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --bins
+
+## Unit tests and integration tests on real local clusters (needs root; CRIU from `make setup`).
+test: setup
+	$(CARGO) build --bins
+	$(CARGO) test --lib --bins
+	$(CARGO) test --test integration -- --test-threads=2
+
+unit:
+	$(CARGO) test --lib --bins
+
+## The article's experiment: many CPU-bound jobs on one node of a capped 4-node cluster, balanced live.
+demo: build
+	@bash scripts/demo.sh
+
+## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale.
+bench: setup
+	$(CARGO) build --release --bins --benches
+	@bash scripts/bench.sh
+
+## Long soak: hundreds of round-trip migrations of a stateful job.
+soak: build
+	$(CARGO) test --test integration -- --ignored soak --nocapture
+
+## A 2-node local cluster for trying things by hand (`make down` removes it).
+up: build
+	./target/debug/mosctl local up --nodes $${NODES:-2}
+
+down:
+	./target/debug/mosctl local down
+
+fmt:
+	$(CARGO) fmt
+
+clippy:
+	$(CARGO) clippy --all-targets
+
+clean:
+	-./target/debug/mosctl local down 2>/dev/null
+	$(CARGO) clean
+	rm -rf .cache

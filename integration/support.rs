@@ -1,0 +1,208 @@
+//! Test harness: a local cluster per test, torn down by a guard that also
+//! runs on panic, and helpers that drive the real binaries.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const MOSCTL: &str = env!("CARGO_BIN_EXE_mosctl");
+pub const MOSRUN: &str = env!("CARGO_BIN_EXE_mosrun");
+pub const MOSJOB: &str = env!("CARGO_BIN_EXE_mosjob");
+pub const MOSBALANCE: &str = env!("CARGO_BIN_EXE_mos-balance");
+pub const MOSMON: &str = env!("CARGO_BIN_EXE_mosmon");
+
+/// Whether this machine can run privileged tests; if not, either skip with a
+/// loud message or (when required) fail.
+pub fn privileged() -> bool {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("not root".to_string())
+    } else {
+        let criu = mosix::criu::default_criu_path();
+        match Command::new(&criu).arg("check").output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "`{} check` fails: {}",
+                criu.display(),
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            )),
+            Err(e) => Some(format!(
+                "no CRIU at {} ({e}); run `make setup`",
+                criu.display()
+            )),
+        }
+    };
+    match why {
+        None => true,
+        Some(why) => {
+            if std::env::var("MOSIX_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!("privileged test cannot run: {why} (MOSIX_REQUIRE_PRIVILEGED=1)");
+            }
+            eprintln!("\n!!!!!!!! SKIPPING privileged test: {why} !!!!!!!!\n");
+            false
+        }
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub file: PathBuf,
+    pub shared: PathBuf,
+}
+
+fn unique_name() -> String {
+    let n = uuid::Uuid::new_v4().as_u128();
+    format!("t{:07x}", (n & 0xfff_ffff) as u32)
+}
+
+pub fn run(cmd: &str, args: &[&str], cluster: Option<&Cluster>) -> Output {
+    let mut c = Command::new(cmd);
+    c.args(args);
+    if let Some(cl) = cluster {
+        c.env("MOSIX_CLUSTER", &cl.file);
+    }
+    let out = c.output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    eprintln!(
+        "$ {} {}\n{}{}",
+        Path::new(cmd).file_name().unwrap().to_string_lossy(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+impl Cluster {
+    pub fn up(nodes: usize, extra: &[&str]) -> Cluster {
+        let name = unique_name();
+        let shared = std::env::temp_dir().join(format!("mosix-it-{name}"));
+        let n = nodes.to_string();
+        let shared_s = shared.to_string_lossy().into_owned();
+        let mut args = vec![
+            "local", "up", "--name", &name, "--nodes", &n, "--shared", &shared_s,
+        ];
+        args.extend_from_slice(extra);
+        let cl = Cluster {
+            file: PathBuf::from(format!("/run/mosix/{name}/cluster.json")),
+            name: name.clone(),
+            shared,
+        };
+        let o = run(MOSCTL, &args, None);
+        assert!(o.status.success(), "local up failed: {}", stderr(&o));
+        cl
+    }
+
+    pub fn mosctl(&self, args: &[&str]) -> Output {
+        run(MOSCTL, args, Some(self))
+    }
+
+    /// Start a job; returns its id.
+    pub fn mosrun(&self, args: &[&str]) -> String {
+        let o = run(MOSRUN, args, Some(self));
+        assert!(o.status.success(), "mosrun failed: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    }
+
+    pub fn node_ip(&self, node: &str) -> String {
+        let cf = mosix::core::cluster_file::ClusterFile::load(&self.file).unwrap();
+        cf.node(node).unwrap().address.clone()
+    }
+
+    /// The registry record of a job, read straight from the shared path.
+    pub fn record(&self, job: &str) -> mosix::core::JobRecord {
+        let reg = mosix::core::registry::Registry::open(&self.shared).unwrap();
+        reg.get(&mosix::core::JobId::parse(job).unwrap()).unwrap()
+    }
+
+    pub fn jobs_json(&self) -> Vec<serde_json::Value> {
+        let o = self.mosctl(&["jobs", "--all", "--json"]);
+        assert!(o.status.success());
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    pub fn job_json(&self, job: &str) -> serde_json::Value {
+        self.jobs_json()
+            .into_iter()
+            .find(|j| j["id"] == job)
+            .unwrap_or_else(|| panic!("job {job} not listed"))
+    }
+
+    /// Wait until `f` is true or panic after `secs`.
+    pub fn wait_for(&self, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("timed out after {secs}s waiting for {what}");
+    }
+
+    pub fn netns(&self, node: &str) -> String {
+        format!("mos-{}-{}", self.name, node)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let o = Command::new(MOSCTL)
+            .args(["local", "down", "--name", &self.name])
+            .output();
+        if let Ok(o) = o {
+            if !o.status.success() {
+                eprintln!("local down failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.shared);
+    }
+}
+
+/// Ask a counter job over TCP: returns (counter, mem_ok).
+pub fn query_counter(ip: &str, port: u16) -> Option<(u64, bool)> {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let n = buf
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("counter="))?
+        .parse()
+        .ok()?;
+    Some((n, buf.contains("mem=ok")))
+}
+
+/// The tick numbers a counter job wrote to its file.
+pub fn ticks(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect()
+}
+
+/// Ticks must be 1, 2, 3, ... with no gap and no restart.
+pub fn assert_contiguous(t: &[u64]) {
+    assert!(!t.is_empty(), "no ticks written");
+    for (i, v) in t.iter().enumerate() {
+        assert_eq!(
+            *v,
+            i as u64 + 1,
+            "tick sequence broken at line {i}: {:?}",
+            &t[i.saturating_sub(3)..(i + 3).min(t.len())]
+        );
+    }
+}
