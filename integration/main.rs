@@ -5,4 +5,6 @@
 
 mod support;
 
+mod balancer;
 mod migration;
+mod security;

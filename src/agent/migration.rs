@@ -76,7 +76,10 @@ impl MigrationStats {
         self.bandwidth.lock().map(|b| *b).unwrap_or(0.0)
     }
     fn observe(&self, bytes: u64, secs: f64) {
-        if secs <= 0.0 || bytes == 0 {
+        // Small images say nothing about bandwidth: their time is CRIU's
+        // fixed cost (freezing, parsing /proc), already in the policy's
+        // fixed_cost_secs.
+        if secs <= 0.0 || bytes < (32 << 20) {
             return;
         }
         if let Ok(mut b) = self.bandwidth.lock() {
@@ -118,6 +121,19 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// After a failed dump: drop the partial images, keep CRIU's log (the error
+/// message points at it).
+fn remove_images_keep_logs(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !UNSEALED.iter().any(|u| name == *u) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// How the restored job came to be on this node; decides its history entry.
@@ -198,7 +214,10 @@ impl Agent {
             leave_running,
             lazy,
         };
-        let result = Self::blocking(move || engine.dump(&spec)).await?;
+        let result = {
+            let _one = self.criu_lock.lock().await;
+            Self::blocking(move || engine.dump(&spec)).await?
+        };
         let frozen_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = result {
             if !leave_running {
@@ -214,7 +233,7 @@ impl Agent {
                     self.record_exit(&rec.id, pid, Some(st));
                 }
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            remove_images_keep_logs(&dir);
             return Err(AgentError::from(e).context(&format!(
                 "dump of job {} failed; it keeps running on {}",
                 rec.id, self.cfg.node
@@ -406,7 +425,10 @@ impl Agent {
             image_dir: dir.clone(),
             lazy_from,
         };
-        let result = Self::blocking(move || engine.restore(&spec)).await?;
+        let result = {
+            let _one = self.criu_lock.lock().await;
+            Self::blocking(move || engine.restore(&spec)).await?
+        };
         let restore_ms = t0.elapsed().as_millis() as u64;
         let outcome = match result {
             Ok(o) => o,

@@ -117,6 +117,10 @@ pub struct Agent {
     pub load: load::LoadSampler,
     pub stats: migration::MigrationStats,
     pub metrics: metrics::AgentMetrics,
+    /// One CRIU operation at a time on this node: concurrent dumps from one
+    /// network namespace were seen to fail in CRIU's parasite ("Can't
+    /// retrieve FD from socket"), and they would only compete for the CPU.
+    pub(crate) criu_lock: tokio::sync::Mutex<()>,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -155,6 +159,7 @@ impl Agent {
             load,
             stats: migration::MigrationStats::default(),
             metrics,
+            criu_lock: tokio::sync::Mutex::new(()),
         }))
     }
 

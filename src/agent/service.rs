@@ -14,9 +14,14 @@ pub struct AgentService {
 
 impl AgentService {
     async fn run(&self, action: AgentAction) -> Result<AgentReply, Status> {
-        self.agent
-            .handle(action)
+        // On a task of its own: tonic drops this future when the caller's
+        // deadline passes or it hangs up, and a freeze or migration dropped
+        // between dump and seal would leave the job stuck "migrating" with its
+        // process gone. The operation finishes; only the reply is lost.
+        let agent = self.agent.clone();
+        tokio::spawn(async move { agent.handle(action).await })
             .await
+            .map_err(|e| Status::internal(format!("agent operation failed: {e}")))?
             .map_err(agent_error_to_status)
     }
 

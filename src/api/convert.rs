@@ -312,6 +312,7 @@ impl From<&JobRecord> for pb::Job {
             non_migratable: r.non_migratable,
             name: r.name.clone(),
             error: r.error.clone(),
+            arrived_unix_ms: r.arrived_unix_ms,
         }
     }
 }
@@ -347,7 +348,7 @@ impl TryFrom<pb::Job> for JobRecord {
             stdout_path: j.stdout_path,
             stderr_path: j.stderr_path,
             created_unix_ms: j.created_unix_ms,
-            arrived_unix_ms: j.created_unix_ms,
+            arrived_unix_ms: j.arrived_unix_ms,
             exit_code: j.exit_code,
             exit_signal: j.exit_signal,
             history: j

@@ -1,4 +1,9 @@
-//! The balancer: a pure policy ([`policy`]), an orchestrator that carries out
-//! its plans through the agents, and a gRPC service for outside schedulers.
+//! The balancer: a pure policy ([`policy`]) decides which job should move
+//! where from one snapshot of the cluster ([`view`]); the [`orchestrator`]
+//! carries the plan out through the agents' migrate protocol; [`service`]
+//! serves it all over gRPC for outside schedulers (`mos-balance serve`).
 
+pub mod orchestrator;
 pub mod policy;
+pub mod service;
+pub mod view;

@@ -141,7 +141,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             hysteresis: 0.25,
-            min_residence_secs: 10.0,
+            min_residence_secs: 5.0,
             max_concurrent_per_node: 2,
             benefit_horizon_secs: 60.0,
             fixed_cost_secs: 0.3,
@@ -1147,12 +1147,12 @@ mod tests {
         let cfg = PolicyConfig::default();
         let mut jobs = jobs_on("j", "a", 4);
         for j in &mut jobs {
-            j.residence_secs = 5.0;
+            j.residence_secs = cfg.min_residence_secs - 1.0;
         }
         let mut s = snap(vec![node("a", 1.0, 4.0), node("b", 1.0, 0.0)], jobs);
         assert!(plan(&s, &cfg).moves.is_empty());
         // One job old enough: only it may move.
-        s.jobs[2].residence_secs = 10.0;
+        s.jobs[2].residence_secs = cfg.min_residence_secs;
         let p = plan(&s, &cfg);
         assert_eq!(p.moves.len(), 1);
         assert_eq!(p.moves[0].job_id, "j02");

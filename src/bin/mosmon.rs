@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    mosix::cli::init_tracing_quiet();
+    match mosix::cli::mosmon::run(mosix::cli::mosmon::Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mosmon: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

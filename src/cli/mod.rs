@@ -1,8 +1,10 @@
 //! User commands. Each binary in `src/bin` is a thin `main` over a module here.
 
 pub mod common;
+pub mod mos_balance;
 pub mod mosctl;
 pub mod mosixd;
+pub mod mosmon;
 pub mod mosrun;
 
 /// Log to stderr, filtered by `RUST_LOG` (default: info).

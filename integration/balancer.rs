@@ -1,0 +1,179 @@
+//! Issue: the balancer spreads load by itself.
+
+use crate::support::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+fn nodes_of_jobs(cl: &Cluster) -> BTreeMap<String, String> {
+    cl.jobs_json()
+        .into_iter()
+        .filter(|j| j["state"] == "running")
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap().to_string(),
+                j["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn per_node(m: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for n in m.values() {
+        *c.entry(n.clone()).or_insert(0) += 1;
+    }
+    c
+}
+
+/// The `progress N` numbers a burn job printed, in order.
+fn progress(cl: &Cluster, job: &str) -> Vec<u64> {
+    std::fs::read_to_string(cl.record(job).stdout_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress ")?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn eight_jobs_on_one_node_spread_over_four_and_stay_put() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(4, &[]);
+    let jobs: Vec<String> = (0..8)
+        .map(|_| cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let o = run(MOSBALANCE, &["--min-residence", "2"], Some(&cl));
+        assert!(o.status.success(), "a round failed: {}", stderr(&o));
+        let counts = per_node(&nodes_of_jobs(&cl));
+        let spread = counts.len() == 4 && counts.values().all(|&c| (1..=3).contains(&c));
+        if spread && stdout(&o).contains("nothing to do") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not balanced in time: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let placed = nodes_of_jobs(&cl);
+    assert_eq!(placed.len(), 8, "no job lost: {placed:?}");
+    // Once balanced, nothing moves again for 5 more rounds (no ping-pong),
+    // even with jobs old enough to move.
+    std::thread::sleep(Duration::from_secs(3));
+    for round in 0..5 {
+        let o = run(MOSBALANCE, &["--min-residence", "2"], Some(&cl));
+        assert!(o.status.success());
+        assert!(
+            stdout(&o).contains("nothing to do"),
+            "round {round} planned moves: {}",
+            stdout(&o)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(nodes_of_jobs(&cl), placed, "a job moved after balance");
+    // No job was lost or restarted: each progress counter only grew.
+    for j in &jobs {
+        let p = progress(&cl, j);
+        assert!(p.len() > 3, "{j} made progress: {p:?}");
+        assert!(
+            p.windows(2).all(|w| w[1] > w[0]),
+            "{j} restarted or went back: {p:?}"
+        );
+        assert_eq!(cl.job_json(j)["state"], "running");
+    }
+}
+
+#[test]
+fn dry_run_moves_nothing_then_a_real_pass_does_and_best_placement_avoids_the_busy_node() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let jobs: Vec<String> = (0..4)
+        .map(|_| cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let before = nodes_of_jobs(&cl);
+    let o = run(
+        MOSBALANCE,
+        &["--dry-run", "--min-residence", "0"],
+        Some(&cl),
+    );
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("dry run"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("node1") && stdout(&o).contains("node2"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(nodes_of_jobs(&cl), before, "dry run changed placement");
+    for j in &jobs {
+        assert!(cl.record(j).history.is_empty(), "dry run migrated {j}");
+    }
+    // JSON dry run is machine-readable.
+    let o = run(
+        MOSBALANCE,
+        &["--dry-run", "--json", "--min-residence", "0"],
+        Some(&cl),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(!v["plan"]["moves"].as_array().unwrap().is_empty());
+
+    let o = run(MOSBALANCE, &["--min-residence", "0"], Some(&cl));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[1/"), "progress shown: {}", stderr(&o));
+    let counts = per_node(&nodes_of_jobs(&cl));
+    assert!(counts.get("node2").copied().unwrap_or(0) >= 1, "{counts:?}");
+
+    // mosrun without --node picks the lighter node.
+    let extra = cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]);
+    let _ = extra;
+    std::thread::sleep(Duration::from_secs(4));
+    let counts = per_node(&nodes_of_jobs(&cl));
+    let lighter = if counts.get("node1") > counts.get("node2") {
+        "node2"
+    } else {
+        "node1"
+    };
+    if counts.get("node1") != counts.get("node2") {
+        let best = cl.mosrun(&["--", MOSJOB, "burn"]);
+        assert_eq!(
+            cl.record(&best).node.as_str(),
+            lighter,
+            "placement {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn a_node_that_is_down_does_not_stop_the_rest() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(3, &[]);
+    for _ in 0..4 {
+        cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]);
+    }
+    // Kill node3's agent (it has no jobs, so its netns holds only the agent).
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", &cl.netns("node3")])
+        .output()
+        .unwrap();
+    for p in String::from_utf8_lossy(&pids.stdout).lines() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", p.trim()])
+            .status();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let o = run(MOSBALANCE, &["--min-residence", "0"], Some(&cl));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("node3    DOWN"), "{}", stdout(&o));
+    let counts = per_node(&nodes_of_jobs(&cl));
+    assert!(
+        counts.get("node2").copied().unwrap_or(0) >= 1,
+        "moved to the live node: {counts:?}"
+    );
+    assert_eq!(counts.get("node3"), None, "nothing sent to the dead node");
+    assert_eq!(counts.values().sum::<usize>(), 4);
+}

@@ -1,0 +1,332 @@
+//! The balancer service: polls the agents, plans with the policy, carries the
+//! plan out, and serves the cluster view, the plan, the history, placement
+//! and "rebalance now" over gRPC (`mos-balance serve`).
+
+use super::orchestrator::{self, GrpcMigrator, Outcome};
+use super::policy::{self, Plan, PolicyConfig};
+use super::view::{self, ClusterView};
+use crate::api::client::ClientTls;
+use crate::api::pb;
+use crate::api::pb::balancer_server::Balancer as BalancerApi;
+use crate::core::cluster_file::ClusterFile;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+const HISTORY_LEN: usize = 1000;
+
+pub struct BalancerMetrics {
+    pub registry: Registry,
+    pub rounds: IntCounter,
+    pub migrations: IntCounterVec,
+    pub migration_seconds: Histogram,
+}
+
+impl BalancerMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("mosix_balancer".into()), None)?;
+        let rounds = IntCounter::new("rounds_total", "Balancing rounds")?;
+        let migrations = IntCounterVec::new(
+            Opts::new("migrations_total", "Migrations ordered, by outcome"),
+            &["outcome"],
+        )?;
+        let migration_seconds = Histogram::with_opts(
+            HistogramOpts::new("migration_seconds", "Total time of migrations ordered")
+                .buckets(vec![0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )?;
+        registry.register(Box::new(rounds.clone()))?;
+        registry.register(Box::new(migrations.clone()))?;
+        registry.register(Box::new(migration_seconds.clone()))?;
+        Ok(Self {
+            registry,
+            rounds,
+            migrations,
+            migration_seconds,
+        })
+    }
+}
+
+pub struct Balancer {
+    pub cf: ClusterFile,
+    pub tls: Option<ClientTls>,
+    pub config: PolicyConfig,
+    pub poll_deadline: Duration,
+    pub migrate_timeout: Duration,
+    pub max_parallel: usize,
+    pub metrics: BalancerMetrics,
+    state: Mutex<State>,
+    /// One round at a time, whoever asks (timer or RPC).
+    round_lock: Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    view: ClusterView,
+    plan: Option<Plan>,
+    history: VecDeque<pb::Migration>,
+}
+
+/// What one round did.
+#[derive(Debug, Clone)]
+pub struct RoundReport {
+    pub view: ClusterView,
+    pub plan: Plan,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl RoundReport {
+    pub fn failures(&self) -> Vec<String> {
+        self.outcomes
+            .iter()
+            .filter_map(|o| {
+                o.result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{} {} -> {}: {e}", o.mv.job_id, o.mv.from, o.mv.to))
+            })
+            .collect()
+    }
+}
+
+pub fn plan_to_pb(p: &Plan) -> pb::Plan {
+    pb::Plan {
+        moves: p
+            .moves
+            .iter()
+            .map(|m| pb::PlannedMove {
+                job_id: m.job_id.clone(),
+                from_node: m.from.clone(),
+                to_node: m.to.clone(),
+                reason: format!("{:?}", m.reason),
+                expected_gain: m.expected_gain,
+                estimated_cost_secs: m.estimated_cost_secs,
+                post_copy: m.post_copy,
+            })
+            .collect(),
+        imbalance_before: p.imbalance_before,
+        imbalance_after: p.imbalance_after,
+    }
+}
+
+impl Balancer {
+    pub fn new(
+        cf: ClusterFile,
+        tls: Option<ClientTls>,
+        config: PolicyConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            cf,
+            tls,
+            config,
+            poll_deadline: Duration::from_secs(2),
+            migrate_timeout: Duration::from_secs(300),
+            max_parallel: 4,
+            metrics: BalancerMetrics::new()?,
+            state: Mutex::new(State::default()),
+            round_lock: Mutex::new(()),
+        })
+    }
+
+    pub async fn poll(&self) -> ClusterView {
+        let v = view::poll(&self.cf, self.tls.as_ref(), self.poll_deadline).await;
+        self.state.lock().await.view = v.clone();
+        v
+    }
+
+    pub fn plan_for(&self, v: &ClusterView) -> Plan {
+        policy::plan(&v.snapshot(0.0), &self.config)
+    }
+
+    /// Poll, plan, and (unless `dry_run`) carry the plan out.
+    pub async fn round(
+        &self,
+        dry_run: bool,
+        progress: &(dyn Fn(&Outcome, usize, usize) + Sync),
+    ) -> RoundReport {
+        let _one = self.round_lock.lock().await;
+        self.metrics.rounds.inc();
+        let view = self.poll().await;
+        let plan = self.plan_for(&view);
+        self.state.lock().await.plan = Some(plan.clone());
+        let outcomes = if dry_run || plan.moves.is_empty() {
+            vec![]
+        } else {
+            let migrator = GrpcMigrator {
+                endpoints: self
+                    .cf
+                    .nodes
+                    .iter()
+                    .map(|n| (n.name.to_string(), n.endpoint.clone()))
+                    .collect(),
+                tls: self.tls.clone(),
+                timeout: self.migrate_timeout,
+            };
+            orchestrator::execute(&plan, &migrator, self.max_parallel, progress).await
+        };
+        let mut st = self.state.lock().await;
+        for o in &outcomes {
+            let m = match &o.result {
+                Ok(m) => {
+                    self.metrics.migrations.with_label_values(&["ok"]).inc();
+                    self.metrics
+                        .migration_seconds
+                        .observe(m.total_ms as f64 / 1000.0);
+                    m.clone()
+                }
+                Err(e) => {
+                    self.metrics.migrations.with_label_values(&["failed"]).inc();
+                    pb::Migration {
+                        from_node: o.mv.from.clone(),
+                        to_node: o.mv.to.clone(),
+                        ok: false,
+                        error: format!("{}: {e}", o.mv.job_id),
+                        started_unix_ms: crate::core::now_unix_ms(),
+                        ..Default::default()
+                    }
+                }
+            };
+            st.history.push_front(m);
+            st.history.truncate(HISTORY_LEN);
+        }
+        RoundReport {
+            view,
+            plan,
+            outcomes,
+        }
+    }
+
+    /// Rebalance every `interval` until the process ends.
+    pub async fn run_forever(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = self
+                .round(false, &|o, i, n| match &o.result {
+                    Ok(m) => tracing::info!(
+                        "[{i}/{n}] {} {} -> {}: frozen {} ms",
+                        o.mv.job_id,
+                        o.mv.from,
+                        o.mv.to,
+                        m.frozen_ms
+                    ),
+                    Err(e) => tracing::warn!(
+                        "[{i}/{n}] {} {} -> {} failed: {e}",
+                        o.mv.job_id,
+                        o.mv.from,
+                        o.mv.to
+                    ),
+                })
+                .await;
+            let down: Vec<&str> = r
+                .view
+                .nodes
+                .iter()
+                .filter(|n| n.load.is_err())
+                .map(|n| n.name.as_str())
+                .collect();
+            if !down.is_empty() {
+                tracing::warn!("nodes down: {}", down.join(", "));
+            }
+        }
+    }
+}
+
+pub struct BalancerService {
+    pub balancer: Arc<Balancer>,
+}
+
+fn view_to_pb(v: &ClusterView) -> pb::ClusterView {
+    pb::ClusterView {
+        nodes: v
+            .nodes
+            .iter()
+            .map(|n| pb::NodeView {
+                name: n.name.clone(),
+                endpoint: n.endpoint.clone(),
+                up: n.load.is_ok(),
+                error: n.load.as_ref().err().cloned().unwrap_or_default(),
+                load: n.load.as_ref().ok().cloned(),
+            })
+            .collect(),
+        jobs: v.jobs.clone(),
+        timestamp_unix_ms: v.timestamp_unix_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl BalancerApi for BalancerService {
+    async fn get_cluster_view(
+        &self,
+        _r: Request<pb::GetClusterViewRequest>,
+    ) -> Result<Response<pb::ClusterView>, Status> {
+        let v = self.balancer.poll().await;
+        Ok(Response::new(view_to_pb(&v)))
+    }
+
+    async fn get_plan(
+        &self,
+        _r: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let v = self.balancer.poll().await;
+        Ok(Response::new(plan_to_pb(&self.balancer.plan_for(&v))))
+    }
+
+    async fn get_history(
+        &self,
+        r: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::History>, Status> {
+        let limit = match r.into_inner().limit {
+            0 => 100,
+            n => n.min(HISTORY_LEN as u32),
+        } as usize;
+        let st = self.balancer.state.lock().await;
+        Ok(Response::new(pb::History {
+            migrations: st.history.iter().take(limit).cloned().collect(),
+        }))
+    }
+
+    async fn place(
+        &self,
+        r: Request<pb::PlaceRequest>,
+    ) -> Result<Response<pb::PlaceResponse>, Status> {
+        let r = r.into_inner();
+        if !r.cpu_cores.is_finite() || r.cpu_cores < 0.0 || r.cpu_cores > 1e6 {
+            return Err(Status::invalid_argument(format!(
+                "cpu_cores {} out of range",
+                r.cpu_cores
+            )));
+        }
+        let v = self.balancer.poll().await;
+        let cores = if r.cpu_cores == 0.0 { 1.0 } else { r.cpu_cores };
+        let node = policy::place(&v.snapshot(0.0), &self.balancer.config, r.rss_bytes, cores)
+            .ok_or_else(|| Status::resource_exhausted("no node is up with memory for this job"))?;
+        let endpoint = v.endpoint(&node).unwrap_or_default().to_string();
+        Ok(Response::new(pb::PlaceResponse { node, endpoint }))
+    }
+
+    async fn rebalance(
+        &self,
+        r: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let dry = r.into_inner().dry_run;
+        let b = self.balancer.clone();
+        // Detached, like the agents' migrations: a caller that goes away must
+        // not cancel a round half way.
+        let rep = tokio::spawn(async move { b.round(dry, &|_, _, _| {}).await })
+            .await
+            .map_err(|e| Status::internal(format!("round failed: {e}")))?;
+        Ok(Response::new(pb::RebalanceResponse {
+            plan: Some(plan_to_pb(&rep.plan)),
+            done: rep
+                .outcomes
+                .iter()
+                .filter_map(|o| o.result.as_ref().ok().cloned())
+                .collect(),
+            failures: rep.failures(),
+        }))
+    }
+}

@@ -1,0 +1,168 @@
+//! Polling the cluster: every agent is asked for its load concurrently, each
+//! with a deadline. An agent that does not answer is marked down and the rest
+//! carry on. The jobs come from the registry (through any agent that answers)
+//! and are joined with the per-job usage their node reported.
+
+use super::policy::{ClusterSnapshot, JobSnapshot, NodeSnapshot};
+use crate::api::client::{self, ClientTls};
+use crate::api::pb;
+use crate::core::cluster_file::ClusterFile;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub name: String,
+    pub endpoint: String,
+    pub load: Result<pb::NodeLoad, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeState>,
+    /// Jobs not finished, as the registry has them.
+    pub jobs: Vec<pb::Job>,
+    pub timestamp_unix_ms: u64,
+}
+
+pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration) -> ClusterView {
+    let futs = cf.nodes.iter().map(|n| {
+        let (name, ep) = (n.name.to_string(), n.endpoint.clone());
+        let tls = tls.cloned();
+        async move {
+            let load = tokio::time::timeout(deadline, async {
+                let mut c = client::agent(&ep, tls.as_ref(), deadline)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let mut req = tonic::Request::new(pb::GetLoadRequest {});
+                req.set_timeout(deadline);
+                c.get_load(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
+            NodeState {
+                name,
+                endpoint: ep,
+                load,
+            }
+        }
+    });
+    let nodes = futures::future::join_all(futs).await;
+    let mut jobs = Vec::new();
+    for n in nodes.iter().filter(|n| n.load.is_ok()) {
+        let got = tokio::time::timeout(deadline, async {
+            let mut c = client::agent(&n.endpoint, tls, deadline).await.ok()?;
+            let mut req = tonic::Request::new(pb::ListJobsRequest {
+                node: String::new(),
+                include_finished: false,
+            });
+            req.set_timeout(deadline);
+            c.list_jobs(req).await.ok().map(|r| r.into_inner().jobs)
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(j) = got {
+            jobs = j;
+            break;
+        }
+    }
+    ClusterView {
+        nodes,
+        jobs,
+        timestamp_unix_ms: crate::core::now_unix_ms(),
+    }
+}
+
+impl ClusterView {
+    /// The policy's input. Node load is the larger of what the agent measured
+    /// and the sum of its jobs' demand, where a job that arrived too recently
+    /// to have been sampled counts as one busy core: right after a migration
+    /// the target must not look emptier than it is.
+    pub fn snapshot(&self, bandwidth_hint: f64) -> ClusterSnapshot {
+        let now = self.timestamp_unix_ms;
+        let mut usage: BTreeMap<String, pb::JobUsage> = BTreeMap::new();
+        let mut bandwidth: Vec<f64> = Vec::new();
+        let mut nodes: Vec<NodeSnapshot> = Vec::new();
+        for n in &self.nodes {
+            match &n.load {
+                Ok(l) => {
+                    for u in &l.jobs {
+                        usage.insert(u.job_id.clone(), u.clone());
+                    }
+                    if l.migration_bandwidth_bps > 0.0 {
+                        bandwidth.push(l.migration_bandwidth_bps);
+                    }
+                    nodes.push(NodeSnapshot {
+                        name: n.name.clone(),
+                        up: true,
+                        capacity: l.capacity,
+                        load: l.load,
+                        mem_total_bytes: l.mem_total_bytes,
+                        mem_available_bytes: l.mem_available_bytes,
+                        migrations_in_flight: l.migrations_in_flight,
+                    })
+                }
+                Err(_) => nodes.push(NodeSnapshot {
+                    name: n.name.clone(),
+                    up: false,
+                    capacity: 1.0,
+                    load: 0.0,
+                    mem_total_bytes: 0,
+                    mem_available_bytes: 0,
+                    migrations_in_flight: 0,
+                }),
+            }
+        }
+        let mut jobs = Vec::new();
+        let mut job_load: BTreeMap<String, f64> = BTreeMap::new();
+        for j in &self.jobs {
+            let running = j.state == pb::JobState::Running as i32;
+            let u = usage.get(&j.id);
+            let demand = u
+                .map(|u| u.demand)
+                .unwrap_or(if running { 1.0 } else { 0.0 });
+            *job_load.entry(j.node.clone()).or_default() += demand;
+            if j.state == pb::JobState::Migrating as i32 {
+                if let Some(n) = nodes.iter_mut().find(|n| n.name == j.node) {
+                    n.migrations_in_flight = n.migrations_in_flight.max(1);
+                }
+            }
+            if !running {
+                continue;
+            }
+            jobs.push(JobSnapshot {
+                id: j.id.clone(),
+                node: j.node.clone(),
+                rss_bytes: u.map(|u| u.rss_bytes).unwrap_or(0),
+                cpu_demand: demand,
+                residence_secs: now.saturating_sub(j.arrived_unix_ms) as f64 / 1000.0,
+                pinned: j.pinned,
+                migratable: !j.non_migratable,
+            });
+        }
+        for n in nodes.iter_mut().filter(|n| n.up) {
+            n.load = n.load.max(job_load.get(&n.name).copied().unwrap_or(0.0));
+        }
+        let bw = if bandwidth.is_empty() {
+            bandwidth_hint
+        } else {
+            bandwidth.iter().sum::<f64>() / bandwidth.len() as f64
+        };
+        ClusterSnapshot {
+            nodes,
+            jobs,
+            bandwidth_bytes_per_sec: bw,
+        }
+    }
+
+    pub fn endpoint(&self, node: &str) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.endpoint.as_str())
+    }
+}
