@@ -42,7 +42,7 @@ start=$(date +%s.%N)
 
 imbalance() {
   $M/mos-balance --dry-run --json --min-residence 1000000 2>/dev/null \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["plan"]["imbalance_before"])'
+    | python3 -c 'import json,sys; v=json.load(sys.stdin)["plan"]["imbalance_before"]; print("inf" if v is None else v)'
 }
 
 fig=4

@@ -138,7 +138,7 @@ fn remove_images_keep_logs(dir: &Path) {
 
 /// How the restored job came to be on this node; decides its history entry.
 #[derive(Debug, Clone)]
-enum Arrival {
+pub(crate) enum Arrival {
     Migrated {
         from: NodeName,
         frozen_before_ms: u64,
@@ -154,7 +154,7 @@ enum Arrival {
 }
 
 impl Agent {
-    fn image_dir(&self, rel: &str) -> PathBuf {
+    pub(crate) fn image_dir(&self, rel: &str) -> PathBuf {
         self.cfg.shared_root.join(rel)
     }
 
@@ -220,6 +220,9 @@ impl Agent {
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = result {
+            // Free the space first: a full disk is a common cause, and the
+            // registry write below needs room.
+            remove_images_keep_logs(&dir);
             if !leave_running {
                 // CRIU resumed the job (or it ended by itself meanwhile).
                 let exited = self.set_dumping(&rec.id, false);
@@ -233,7 +236,6 @@ impl Agent {
                     self.record_exit(&rec.id, pid, Some(st));
                 }
             }
-            remove_images_keep_logs(&dir);
             return Err(AgentError::from(e).context(&format!(
                 "dump of job {} failed; it keeps running on {}",
                 rec.id, self.cfg.node
@@ -254,7 +256,7 @@ impl Agent {
     }
 
     /// Make the images durable and unforgeable: fsync + HMAC manifest.
-    async fn seal(&self, dir: &Path, job: &JobId, mig: &MigrationId) -> AgentResult<()> {
+    pub(crate) async fn seal(&self, dir: &Path, job: &JobId, mig: &MigrationId) -> AgentResult<()> {
         let Some(key) = self.cfg.image_key.clone() else {
             return Ok(());
         };
@@ -401,7 +403,7 @@ impl Agent {
     }
 
     /// Claim the images, restore them on this node, record the job here.
-    async fn restore_here(
+    pub(crate) async fn restore_here(
         self: &Arc<Self>,
         job: &JobId,
         mig: &MigrationId,

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod migration;
 pub mod peers;
 pub mod reaper;
+pub mod recovery;
 pub mod service;
 
 pub use error::{AgentError, AgentResult};
@@ -235,37 +236,6 @@ impl Agent {
             .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
             .unwrap_or_default();
         self.load.sample(&jobs);
-    }
-
-    /// After an agent restart: take back the jobs the registry says run here.
-    /// They are no longer our children (they were re-parented when the old
-    /// agent died), so they are watched through a pidfd and their exit status
-    /// is recorded as unknown.
-    pub fn recover(self: &Arc<Self>) {
-        let Ok((all, _)) = self.registry.list() else {
-            return;
-        };
-        for rec in all.into_iter().filter(|r| r.node == self.cfg.node) {
-            if rec.state != JobState::Running || rec.pid <= 0 {
-                continue;
-            }
-            if reaper::is_pidns_init(rec.pid) {
-                if let Ok(mut l) = self.local.lock() {
-                    l.insert(
-                        rec.id.clone(),
-                        LocalJob {
-                            pid: rec.pid,
-                            dumping: false,
-                            exited_during_dump: None,
-                        },
-                    );
-                }
-                reaper::watch_adopted(self.clone(), rec.id.clone(), rec.pid);
-                tracing::info!(job = %rec.id, pid = rec.pid, "re-adopted job after restart");
-            } else {
-                self.record_exit(&rec.id, rec.pid, None);
-            }
-        }
     }
 
     pub fn node_load(&self) -> load::NodeLoad {

@@ -186,7 +186,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_key,
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
-    agent.recover();
+    agent.recover().await;
 
     // Sample load once a second, off the async threads (it reads /proc).
     let sampler = agent.clone();

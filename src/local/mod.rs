@@ -261,6 +261,14 @@ async fn up_inner(
         } else {
             cmd.arg("--insecure");
         }
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        std::fs::write(
+            sd.join(format!("{}.args.json", n.name)),
+            serde_json::to_vec(&args)?,
+        )?;
         let pid = spawn_in_node(&mut cmd, &opts.name, i + 1, n.name.as_str(), &sd)?;
         pids.push(pid);
     }
@@ -348,6 +356,70 @@ pub fn spawn_in_node(
     drop(ns);
     drop(procs);
     Ok(pid)
+}
+
+/// The agent process of a node (a `mosixd` in the node's namespace).
+pub fn agent_pid(cluster: &str, node: &str) -> Option<i32> {
+    let i: usize = node.strip_prefix("node")?.parse().ok()?;
+    net::netns_pids(&netns_name(cluster, i))
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == "mosixd")
+                .unwrap_or(false)
+        })
+}
+
+/// Restart one node's agent with the arguments it was started with (a new
+/// CRIU path may be given, e.g. to test a failing CRIU). Jobs keep running;
+/// the new agent re-adopts them and finishes any half-done migration.
+pub fn restart_agent(
+    cluster: &str,
+    node: &str,
+    criu: Option<&Path>,
+    kill_only: bool,
+) -> anyhow::Result<Option<i32>> {
+    validate_name(cluster)?;
+    let n = NodeName::parse(node)?;
+    let i: usize = n
+        .as_str()
+        .strip_prefix("node")
+        .and_then(|x| x.parse().ok())
+        .with_context(|| format!("{node} is not a local-cluster node name"))?;
+    let sd = state_dir(cluster);
+    let args_path = sd.join(format!("{node}.args.json"));
+    let mut args: Vec<String> = serde_json::from_slice(
+        &std::fs::read(&args_path)
+            .with_context(|| format!("no such node {node} in cluster {cluster}"))?,
+    )?;
+    if let Some(old) = agent_pid(cluster, node) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(old) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if kill_only {
+        return Ok(None);
+    }
+    if let Some(c) = criu {
+        if let Some(pos) = args.iter().position(|a| a == "--criu") {
+            if let Some(v) = args.get_mut(pos + 1) {
+                *v = c.to_string_lossy().into_owned();
+            }
+        }
+    }
+    let mosixd = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("mosixd"))
+        .context("locating mosixd")?;
+    let mut cmd = Command::new(mosixd);
+    cmd.args(&args);
+    let pid = spawn_in_node(&mut cmd, cluster, i, node, &sd)?;
+    Ok(Some(pid))
 }
 
 /// What `down` removed.

@@ -33,6 +33,20 @@ pub enum Cmd {
         #[arg(long)]
         criu: Option<PathBuf>,
     },
+    /// Restart one node's agent (kill -9, then start it again with the same
+    /// arguments); its jobs keep running and are re-adopted.
+    RestartAgent {
+        /// The node, e.g. node2.
+        node: String,
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// Start it with this CRIU binary instead.
+        #[arg(long)]
+        criu: Option<PathBuf>,
+        /// Only kill it (simulates a crashed agent).
+        #[arg(long)]
+        kill_only: bool,
+    },
     /// Remove every namespace, link, cgroup and process of a local cluster.
     /// Works after a crash too.
     Down {
@@ -79,6 +93,18 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("cluster file: {}", path.display());
             if name != "local" {
                 println!("use it with: export MOSIX_CLUSTER={}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::RestartAgent {
+            node,
+            name,
+            criu,
+            kill_only,
+        } => {
+            match local::restart_agent(&name, &node, criu.as_deref(), kill_only)? {
+                Some(pid) => println!("agent on {node} restarted (pid {pid})"),
+                None => println!("agent on {node} killed"),
             }
             Ok(())
         }
