@@ -6,5 +6,6 @@
 mod support;
 
 mod balancer;
+mod faults;
 mod migration;
 mod security;

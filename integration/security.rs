@@ -1025,6 +1025,66 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
     });
     expect_status(&c, "ListJobs node 100 KB", call, INVALID).await;
 
+    // Deadlines that are over before the agent gets to the request. A big
+    // request cannot even be read in time: always refused with the deadline.
+    const DEADLINE: &[Code] = &[Code::Cancelled, Code::DeadlineExceeded];
+    for i in 0..5 {
+        let mut k = c.clone();
+        let call: Call = Box::pin(async move {
+            let mut r = tonic::Request::new(pb::LaunchRequest {
+                argv: vec!["/bin/true".into(), "x".repeat(2 << 20)],
+                ..Default::default()
+            });
+            r.set_timeout(Duration::from_nanos(1));
+            ok(k.launch(r).await)
+        });
+        expect_status(
+            &c,
+            &format!("expired deadline, 2 MiB Launch #{i}"),
+            call,
+            DEADLINE,
+        )
+        .await;
+    }
+    // A small one may be answered before the timer fires (gRPC allows it);
+    // it must still come back at once with the deadline or its own refusal.
+    for i in 0..5 {
+        let mut k = c.clone();
+        let call: Call = Box::pin(async move {
+            let mut r = tonic::Request::new(pb::ThawRequest {
+                job_id: "../x".into(),
+            });
+            r.set_timeout(Duration::from_nanos(1));
+            ok(k.thaw(r).await)
+        });
+        expect_status(
+            &c,
+            &format!("expired deadline, Thaw ../x #{i}"),
+            call,
+            &[
+                Code::Cancelled,
+                Code::DeadlineExceeded,
+                Code::InvalidArgument,
+            ],
+        )
+        .await;
+        let mut k = c.clone();
+        let call: Call = Box::pin(async move {
+            let mut r = tonic::Request::new(pb::GetJobRequest {
+                selector: Some(Selector::JobId("jnosuchjob".into())),
+            });
+            r.set_timeout(Duration::from_nanos(1));
+            ok(k.get_job(r).await)
+        });
+        expect_status(
+            &c,
+            &format!("expired deadline, GetJob unknown #{i}"),
+            call,
+            &[Code::Cancelled, Code::DeadlineExceeded, Code::NotFound],
+        )
+        .await;
+    }
+
     // Nothing was launched or recorded by any of the above.
     let mut k = c.clone();
     let jobs = k
@@ -1055,74 +1115,154 @@ fn bad_input_on_every_rpc_gets_a_fitting_status_and_the_agent_survives() {
     assert!(!log.contains("panicked"), "mosixd panicked: {log}");
 }
 
-#[test]
-fn zz_scratch_deadline() {
-    let a = Agentd::start();
-    let tls = a.tls();
-    runtime().block_on(async {
-        let c = mosix::api::client::agent(&a.endpoint, Some(&tls), Duration::from_secs(3))
-            .await
-            .unwrap();
-        let mut tally = std::collections::BTreeMap::new();
-        for _ in 0..30 {
-            let mut k = c.clone();
-            let mut r = tonic::Request::new(pb::GetLoadRequest {});
-            r.set_timeout(Duration::from_nanos(1));
-            let x = k.get_load(r).await;
-            *tally.entry(("getload", format!("{:?}", x.map(|_| ()).map_err(|s| s.code())))).or_insert(0) += 1;
-            let mut r = tonic::Request::new(pb::LaunchRequest { argv: vec!["/bin/true".into(), "x".repeat(2 << 20)], ..Default::default() });
-            r.set_timeout(Duration::from_nanos(1));
-            let x = k.launch(r).await;
-            *tally.entry(("launch2m", format!("{:?}", x.map(|_| ()).map_err(|s| s.code())))).or_insert(0) += 1;
-            let mut r = tonic::Request::new(pb::ThawRequest { job_id: "j".repeat(100*1024) });
-            r.set_timeout(Duration::from_nanos(1));
-            let x = k.thaw(r).await;
-            *tally.entry(("thaw100k", format!("{:?}", x.map(|_| ()).map_err(|s| s.code())))).or_insert(0) += 1;
-        }
-        eprintln!("XX {tally:?}");
-    });
-}
+// ---------------------------------------------------------------------------
+// 6. A caller that gives up (deadline, hang-up) does not strand its job
 
 #[test]
-fn zz_scratch_freeze_deadline() {
+fn a_freeze_or_migration_whose_caller_gives_up_still_completes() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(1, &[]);
-    let ip1 = cl.node_ip("node1");
+    use mosix::core::JobState;
+    let cl = Cluster::up(2, &[]);
+    let job = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", "8084"]);
+    let ip = |n: &str| cl.node_ip(n);
+    cl.wait_for("counter to answer on node1", 10, || {
+        query_counter(&ip("node1"), 8084).is_some()
+    });
     let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
     let tls = ClientTls::from_cluster(&cf).unwrap();
-    let ep = cf.node("node1").unwrap().endpoint.clone();
-    for (i, ms) in [5u64, 15, 30, 60, 100, 200].into_iter().enumerate() {
-        let port = (8100 + i).to_string();
-        let job = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", &port]);
-        cl.wait_for("counter", 10, || {
-            query_counter(&ip1, 8100 + i as u16).is_some()
-        });
-        let t0 = Instant::now();
-        runtime().block_on(async {
+    let rt = runtime();
+    // Send one RPC with a deadline that ends during the operation; return
+    // how it came back.
+    let call = |node: &str, deadline: Duration, migrate_to: Option<&str>| -> Result<(), Code> {
+        let ep = cf.node(node).unwrap().endpoint.clone();
+        let job = job.clone();
+        let to = migrate_to.map(str::to_string);
+        rt.block_on(async {
             let mut c = mosix::api::client::agent(&ep, tls.as_ref(), Duration::from_secs(3))
                 .await
                 .unwrap();
-            let mut r = tonic::Request::new(pb::FreezeRequest {
-                job_id: job.clone(),
-            });
-            r.set_timeout(Duration::from_millis(ms));
-            let x = c.freeze(r).await;
-            eprintln!(
-                "XX {ms}ms Freeze: {:?} after {:?}",
-                x.map(|_| ()).map_err(|s| s.code()),
-                t0.elapsed()
-            );
-        });
-        std::thread::sleep(Duration::from_millis(2000));
+            let r = match to {
+                None => {
+                    let mut r = tonic::Request::new(pb::FreezeRequest { job_id: job });
+                    r.set_timeout(deadline);
+                    ok(c.freeze(r).await)
+                }
+                Some(to) => {
+                    let mut r = tonic::Request::new(pb::MigrateRequest {
+                        job_id: job,
+                        target_node: to,
+                        ..Default::default()
+                    });
+                    r.set_timeout(deadline);
+                    ok(c.migrate(r).await)
+                }
+            };
+            r.map_err(|s| s.code())
+        })
+    };
+    // Migrations and freezes under way on either node.
+    let in_flight = || -> u32 {
+        rt.block_on(async {
+            let mut n = 0;
+            for node in ["node1", "node2"] {
+                let ep = cf.node(node).unwrap().endpoint.clone();
+                let mut c = mosix::api::client::agent(&ep, tls.as_ref(), Duration::from_secs(3))
+                    .await
+                    .unwrap();
+                n += c
+                    .get_load(pb::GetLoadRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .migrations_in_flight;
+            }
+            n
+        })
+    };
+    // The operation goes on after its caller gave up. Once it is over, the
+    // job must be in a state it can be used from: never stuck "migrating"
+    // with its process gone.
+    let settle = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut quiet = 0;
+        while quiet < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let busy = cl.record(&job).state == JobState::Migrating || in_flight() > 0;
+            quiet = if busy { 0 } else { quiet + 1 };
+        }
         let rec = cl.record(&job);
-        eprintln!(
-            "XX {ms}ms state {:?} pid {} pending {:?} counter {:?}",
+        eprintln!("{what}: job is {:?} on {}", rec.state, rec.node);
+        assert!(
+            matches!(rec.state, JobState::Running | JobState::Frozen),
+            "{what}: job left {:?} (pending {:?})",
             rec.state,
-            rec.pid,
-            rec.pending.map(|p| p.phase),
-            query_counter(&ip1, 8100 + i as u16)
+            rec.pending
         );
+        rec
+    };
+    let mut last = 0;
+    let mut answers = |node: &str, what: &str| {
+        cl.wait_for(
+            &format!("counter to answer on {node} after {what}"),
+            10,
+            || query_counter(&ip(node), 8084).is_some(),
+        );
+        let (n, ok) = query_counter(&ip(node), 8084).unwrap();
+        assert!(
+            ok && n >= last,
+            "{what}: counter {last} -> {n}, mem ok {ok}"
+        );
+        last = n;
+    };
+    answers("node1", "start");
+
+    let mut cut_short = 0;
+    for ms in [1u64, 10, 30, 80] {
+        let what = format!("freeze with a {ms} ms deadline");
+        let r = call("node1", Duration::from_millis(ms), None);
+        eprintln!("{what}: {r:?}");
+        if let Err(code) = r {
+            assert!(
+                [Code::Cancelled, Code::DeadlineExceeded].contains(&code),
+                "{what}: {code:?}"
+            );
+            cut_short += 1;
+        }
+        if settle(&what).state == JobState::Frozen {
+            let o = cl.mosctl(&["thaw", &job]);
+            assert!(o.status.success(), "{what}: thaw: {}", stderr(&o));
+        }
+        answers("node1", &what);
     }
+    assert!(cut_short > 0, "no freeze was cut short by its deadline");
+
+    let mut on = "node1";
+    for ms in [10u64, 40, 100, 250] {
+        let to = if on == "node1" { "node2" } else { "node1" };
+        let what = format!("migrate {on} -> {to} with a {ms} ms deadline");
+        let r = call(on, Duration::from_millis(ms), Some(to));
+        eprintln!("{what}: {r:?}");
+        if let Err(code) = r {
+            assert!(
+                [Code::Cancelled, Code::DeadlineExceeded].contains(&code),
+                "{what}: {code:?}"
+            );
+        }
+        let rec = settle(&what);
+        assert_eq!(rec.state, JobState::Running, "{what}");
+        on = if rec.node.as_str() == "node1" {
+            "node1"
+        } else {
+            "node2"
+        };
+        answers(on, &what);
+    }
+    let rec = cl.record(&job);
+    assert!(
+        rec.history.iter().all(|m| m.ok),
+        "no migration failed: {:?}",
+        rec.history
+    );
 }

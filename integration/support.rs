@@ -89,10 +89,19 @@ impl Cluster {
         let shared = std::env::temp_dir().join(format!("mosix-it-{name}"));
         let n = nodes.to_string();
         let shared_s = shared.to_string_lossy().into_owned();
-        let mut args = vec![
-            "local", "up", "--name", &name, "--nodes", &n, "--shared", &shared_s,
-        ];
+        let own_shared = !extra.contains(&"--shared");
+        let mut args = vec!["local", "up", "--name", &name, "--nodes", &n];
+        if own_shared {
+            args.extend_from_slice(&["--shared", &shared_s]);
+        }
         args.extend_from_slice(extra);
+        // A `--shared` in `extra` wins (clap takes the last one).
+        let shared = extra
+            .iter()
+            .position(|a| *a == "--shared")
+            .and_then(|i| extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or(shared);
         let cl = Cluster {
             file: PathBuf::from(format!("/run/mosix/{name}/cluster.json")),
             name: name.clone(),
