@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""mosix benchmark driver (run by scripts/bench.sh, i.e. `make bench`).
+
+Phases (all by default; pick some with --phases a,b,...):
+  plan       policy::plan on 10,000 nodes / 100,000 jobs       (mosbench plan)
+  round      one balancer round against 1,000 simulated agents (mosbench sim-agents + round)
+  migration  idle mosixd CPU/RSS, then migration vs bare CRIU at 64 MiB / 256 MiB / 1 GiB,
+             then the post-copy check, on a 2-node local cluster
+  balance    makespan of K CPU-bound jobs on a capped 4-node cluster, with and without
+             the balancer, against the ideal
+
+Results go to bench-results/results.json; scripts/bench.sh then runs bench/report.py.
+Everything started here is recorded in bench-results/run/pids so that the shell's
+EXIT trap can kill it even if this driver dies.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REL = ROOT / "target" / "release"
+MOSCTL = str(REL / "mosctl")
+MOSRUN = str(REL / "mosrun")
+MOSJOB = str(REL / "mosjob")
+MOSBAL = str(REL / "mos-balance")
+MOSBENCH = str(REL / "mosbench")
+CLUSTER = "bench"
+CLUSTER_FILE = f"/run/mosix/{CLUSTER}/cluster.json"
+OUT = ROOT / "bench-results"
+RUN = OUT / "run"
+PIDS = RUN / "pids"
+BARE_DIR = ROOT / "criu-images" / "bench-bare"
+
+ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
+T0 = time.monotonic()
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
+
+
+def criu_path():
+    p = ROOT / ".cache" / "criu" / "path"
+    if p.is_file():
+        return p.read_text().strip()
+    return shutil.which("criu") or "criu"
+
+
+CRIU = criu_path()
+
+# Bare CRIU gets the same options our agent passes over RPC (src/criu/real.rs):
+# log level 4 into a log file, file locks, link remap, cgroups ignored.
+CRIU_COMMON = ["-v4", "--file-locks", "--link-remap", "--manage-cgroups=ignore"]
+
+
+# ---------------------------------------------------------------------------
+# process bookkeeping
+# ---------------------------------------------------------------------------
+
+def become_subreaper():
+    """CRIU's restore -d leaves the restored tree orphaned; as a subreaper we
+    inherit it and can reap it, instead of leaving zombies on a pid 1 that
+    does not reap."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: cannot become a child subreaper: {e}")
+
+
+def reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def track(pid):
+    RUN.mkdir(parents=True, exist_ok=True)
+    with open(PIDS, "a") as f:
+        f.write(f"{pid}\n")
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+        return s[s.rfind(")") + 2] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def kill_wait(pid, sig=signal.SIGTERM, timeout=10.0):
+    if not pid:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < end:
+        reap()
+        time.sleep(0.05)
+    if alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while alive(pid):
+            reap()
+            time.sleep(0.05)
+    reap()
+
+
+def run(cmd, check=True, timeout=600, env=None, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return r
+
+
+def loadavg():
+    return open("/proc/loadavg").read().split()[:3]
+
+
+def others_running():
+    """Other local mosix clusters on this machine (e.g. integration tests of
+    other sessions) compete for the same 2 cores; record them."""
+    try:
+        return sorted(n for n in os.listdir("/run/mosix") if n != CLUSTER)
+    except FileNotFoundError:
+        return []
+
+
+def stats(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
+
+
+# ---------------------------------------------------------------------------
+# cluster helpers
+# ---------------------------------------------------------------------------
+
+def cluster_down():
+    run([MOSCTL, "local", "down", "--name", CLUSTER], check=False, timeout=60)
+
+
+def cluster_up(nodes, caps=None):
+    cluster_down()
+    cmd = [MOSCTL, "local", "up", "--name", CLUSTER, "--nodes", str(nodes)]
+    if caps:
+        cmd += ["--cpu-caps", ",".join(str(c) for c in caps)]
+    run(cmd, timeout=120)
+    cf = json.load(open(CLUSTER_FILE))
+    pids = [int(x) for x in open(f"/run/mosix/{CLUSTER}/agents.pids").read().split()]
+    return cf, pids
+
+
+def mosrun(node, argv):
+    r = run([MOSRUN, "--node", node, "--"] + argv)
+    return r.stdout.strip().split()[0]
+
+
+def show(job):
+    return json.loads(run([MOSCTL, "show", job, "--json"]).stdout)
+
+
+def jobs_all():
+    return json.loads(run([MOSCTL, "jobs", "--all", "--json"]).stdout)
+
+
+def wait_file_contains(path, needle, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if needle in Path(path).read_text():
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} did not show {needle!r} within {timeout}s")
+
+
+MIGRATED_RE = re.compile(r"frozen (\d+) ms, total (\d+) ms, images ([0-9.]+ \S+)")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_restore_ms(node, job):
+    """restore_ms the target agent logged for its last restore of `job` (CRIU restore only)."""
+    try:
+        text = ANSI_RE.sub("", Path(f"/run/mosix/{CLUSTER}/{node}.log").read_text())
+    except FileNotFoundError:
+        return None
+    m = re.findall(rf"restored job={job} pid=\d+ restore_ms=(\d+)", text)
+    return int(m[-1]) if m else None
+
+
+def migrate(job, to, extra=()):
+    t = time.monotonic()
+    r = run([MOSCTL, "migrate", *extra, job, to], check=False, timeout=600)
+    wall = (time.monotonic() - t) * 1000
+    if r.returncode != 0:
+        raise RuntimeError(f"mosctl migrate {job} {to} failed: {r.stderr.strip()}")
+    m = MIGRATED_RE.search(r.stdout)
+    if not m:
+        raise RuntimeError(f"cannot parse mosctl migrate output: {r.stdout!r}")
+    return {"wall_ms": wall, "frozen_ms": int(m.group(1)), "total_ms": int(m.group(2)),
+            "images": m.group(3), "restore_ms": last_restore_ms(to, job)}
+
+
+# ---------------------------------------------------------------------------
+# bare CRIU
+# ---------------------------------------------------------------------------
+
+class BareJob:
+    """`mosjob mem` as the init of its own pid namespace and session, in a
+    node's network namespace, moved between nodes with plain `criu`."""
+
+    def __init__(self, mib, node="node1"):
+        self.mib = mib
+        self.dir = BARE_DIR / f"{mib}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.out = self.dir / "stdout"
+        inner = f"exec {MOSJOB} mem --mib {mib} </dev/null >{self.out} 2>{self.dir / 'stderr'}"
+        self.unshare = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{node}", "unshare", "--pid", "--fork",
+             "setsid", "bash", "-c", inner],
+            stdin=subprocess.DEVNULL, stdout=open(self.dir / "unshare.log", "w"), stderr=subprocess.STDOUT)
+        track(self.unshare.pid)
+        self.pid = None
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not self.pid:
+            try:
+                kids = open(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children").read().split()
+                self.pid = int(kids[0]) if kids else None
+            except FileNotFoundError:
+                break
+            time.sleep(0.02)
+        if not self.pid:
+            raise RuntimeError("bare job: no pid-namespace init under unshare")
+        track(self.pid)
+        self.node = node
+        wait_file_contains(self.out, "ready", 120)
+
+    def move(self, to):
+        img = self.dir / "img"
+        shutil.rmtree(img, ignore_errors=True)
+        img.mkdir()
+        t = time.monotonic()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{self.node}", CRIU, "dump",
+                            "-t", str(self.pid), "-D", str(img), "-o", "dump.log", *CRIU_COMMON],
+                           capture_output=True, text=True)
+        dump = (time.monotonic() - t) * 1000
+        if r.returncode != 0:
+            raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
+                               f"{(img / 'dump.log').read_text()[-1500:] if (img / 'dump.log').exists() else ''}")
+        image_bytes = sum(f.stat().st_size for f in img.iterdir() if f.is_file())
+        # The dump killed the tree; collect the unshare parent of the first run.
+        if self.unshare and self.unshare.poll() is None:
+            try:
+                self.unshare.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        reap()
+        pidfile = self.dir / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+        t = time.monotonic()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
+                            "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d",
+                            "--pidfile", str(pidfile)],
+                           capture_output=True, text=True)
+        restore = (time.monotonic() - t) * 1000
+        if r.returncode != 0:
+            raise RuntimeError(f"bare criu restore failed: {r.stderr.strip()[-1500:]}\n"
+                               f"{(img / 'restore.log').read_text()[-1500:] if (img / 'restore.log').exists() else ''}")
+        self.pid = int(pidfile.read_text().strip())
+        track(self.pid)
+        self.node = to
+        shutil.rmtree(img, ignore_errors=True)
+        return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
+                "image_bytes": image_bytes}
+
+    def kill(self):
+        if self.pid:
+            kill_wait(self.pid, signal.SIGKILL)
+        if self.unshare and self.unshare.poll() is None:
+            kill_wait(self.unshare.pid, signal.SIGKILL)
+        reap()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# phases
+# ---------------------------------------------------------------------------
+
+def phase_plan(res, args):
+    log("plan: policy::plan on 10,000 nodes / 100,000 jobs")
+    r = run([MOSBENCH, "plan", "--nodes", "10000", "--jobs", "100000", "--runs", str(args.plan_runs)])
+    sys.stderr.write(r.stderr)
+    res["plan"] = json.loads(r.stdout)
+
+
+def start_sim(count, base_port, cluster_out, tls_dir=None):
+    for attempt in range(5):
+        port = base_port + attempt * 2500
+        cmd = [MOSBENCH, "sim-agents", "--count", str(count), "--base-port", str(port),
+               "--jobs-per-node", "10", "--cluster-out", str(cluster_out)]
+        if tls_dir:
+            cmd += ["--tls-dir", str(tls_dir)]
+        errf = open(RUN / "sim-agents.err", "w")
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True)
+        track(p.pid)
+        line = p.stdout.readline()
+        if line.strip().startswith("{") and '"ready"' in line:
+            return p, json.loads(line)
+        kill_wait(p.pid)
+        log(f"round: sim agents could not start on ports {port}+: "
+            f"{(RUN / 'sim-agents.err').read_text().strip()[-300:]}")
+    raise RuntimeError("cannot start simulated agents")
+
+
+def phase_round(res, args):
+    out = {}
+    for variant, tls in (("plain", False), ("mtls", True)):
+        log(f"round: {args.agents} simulated agents ({variant}), {args.rounds} rounds")
+        cf = RUN / f"sim-cluster-{variant}.json"
+        sim, info = start_sim(args.agents, 20000, cf, RUN / "sim-pki" if tls else None)
+        try:
+            r = run([MOSBENCH, "round", "--cluster", str(cf), "--rounds", str(args.rounds)], timeout=300)
+            sys.stderr.write(r.stderr)
+            d = json.loads(r.stdout)
+            d["sim_jobs"] = info["jobs"]
+            # The balancer's default interval is 3 s (mos-balance serve --interval).
+            d["cpu_fraction_of_interval"] = d["cpu_median_s"] / 3.0
+            out[variant] = d
+        finally:
+            kill_wait(sim.pid)
+    res["round"] = out
+
+
+def phase_migration(res, args):
+    log("migration: 2-node local cluster")
+    cf, agent_pids = cluster_up(2)
+    mig = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
+    res["migration"] = mig
+
+    # -- idle mosixd first, while the cluster is brand new and empty ---------
+    time.sleep(3)
+    log(f"idle: sampling mosixd {agent_pids} for {args.idle_secs} s")
+    r = run([MOSBENCH, "proc-sample", "--pids", ",".join(map(str, agent_pids)),
+             "--secs", str(args.idle_secs)], timeout=args.idle_secs + 60)
+    res["idle"] = json.loads(r.stdout)
+    res["idle"]["loadavg"] = loadavg()
+
+    # -- ours vs bare ---------------------------------------------------------
+    for mib, runs in args.sizes:
+        log(f"migration: {mib} MiB x {runs} runs (ours and bare CRIU, interleaved)")
+        job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
+        rec = show(job)
+        wait_file_contains(rec["stdout_path"], "ready", 120)
+        bare = BareJob(mib)
+        ours, ours_back, bares, bares_back = [], [], [], []
+        try:
+            for i in range(runs):
+                def do_ours():
+                    ours.append(migrate(job, "node2"))
+                    ours_back.append(migrate(job, "node1"))
+
+                def do_bare():
+                    bares.append(bare.move("node2"))
+                    bares_back.append(bare.move("node1"))
+
+                # Alternate who goes first, so neither always gets the warmer cache.
+                for f in ((do_ours, do_bare) if i % 2 == 0 else (do_bare, do_ours)):
+                    f()
+                o, b = ours[-1], bares[-1]
+                log(f"  run {i + 1}/{runs}: ours frozen {o['frozen_ms']} ms total {o['total_ms']} ms "
+                    f"(wall {o['wall_ms']:.0f}); bare dump {b['dump_ms']:.0f} + restore {b['restore_ms']:.0f} "
+                    f"= {b['total_ms']:.0f} ms")
+            # The job must still be intact after all this: its checksum line is in stdout.
+            ok = show(job)["state"] == "running"
+        finally:
+            run([MOSCTL, "kill", job], check=False)
+            bare.kill()
+        s = {
+            "mib": mib, "runs": runs, "job_ok_after": ok,
+            "ours_frozen_ms": stats([o["frozen_ms"] for o in ours]),
+            "ours_total_ms": stats([o["total_ms"] for o in ours]),
+            "ours_wall_ms": stats([o["wall_ms"] for o in ours]),
+            "ours_criu_restore_ms": stats([o["restore_ms"] for o in ours]),
+            "ours_back_wall_ms": stats([o["wall_ms"] for o in ours_back]),
+            "bare_dump_ms": stats([b["dump_ms"] for b in bares]),
+            "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
+            "bare_total_ms": stats([b["total_ms"] for b in bares]),
+            "bare_back_total_ms": stats([b["total_ms"] for b in bares_back]),
+            "ours_images": ours[0]["images"] if ours else None,
+            "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
+        }
+        s["ratio_total"] = s["ours_wall_ms"]["median"] / s["bare_total_ms"]["median"]
+        s["ratio_frozen"] = s["ours_frozen_ms"]["median"] / s["bare_total_ms"]["median"]
+        mig["sizes"].append(s)
+        log(f"  {mib} MiB: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare {s['bare_total_ms']['median']:.0f} ms "
+            f"-> ratio {s['ratio_total']:.2f}")
+
+    # -- post-copy -------------------------------------------------------------
+    log("post-copy: probing `mosctl migrate --post-copy`")
+    pc = {"available": False}
+    res["post_copy"] = pc
+    job = mosrun("node1", [MOSJOB, "mem", "--mib", "64"])
+    try:
+        wait_file_contains(show(job)["stdout_path"], "ready", 60)
+        r = run([MOSCTL, "migrate", "--post-copy", job, "node2"], check=False)
+        if r.returncode != 0:
+            pc["error"] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            log(f"post-copy: not available: {pc['error']}")
+        else:
+            pc["available"] = True
+            run([MOSCTL, "migrate", "--full-copy", job, "node1"], check=False)
+    finally:
+        run([MOSCTL, "kill", job], check=False)
+    if pc["available"]:
+        for mib, runs in ((64, 3), (1024, 3)):
+            job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
+            try:
+                wait_file_contains(show(job)["stdout_path"], "ready", 120)
+                vals = []
+                for i in range(runs):
+                    vals.append(migrate(job, "node2", ["--post-copy"]))
+                    time.sleep(1)  # let the lazy pages drain before moving it back
+                    migrate(job, "node1", ["--full-copy"])
+                pc[f"{mib}"] = {"frozen_ms": stats([v["frozen_ms"] for v in vals]),
+                                "total_ms": stats([v["total_ms"] for v in vals]),
+                                "wall_ms": stats([v["wall_ms"] for v in vals])}
+                log(f"post-copy {mib} MiB: frozen median {pc[f'{mib}']['frozen_ms']['median']} ms")
+            except Exception as e:  # noqa: BLE001
+                pc[f"{mib}"] = {"error": str(e)}
+                log(f"post-copy {mib} MiB failed: {e}")
+            finally:
+                run([MOSCTL, "kill", job], check=False)
+    mig["loadavg_end"] = loadavg()
+    cluster_down()
+
+
+def run_burn(units):
+    t = time.monotonic()
+    subprocess.run([MOSJOB, "burn", "--work", str(units)], stdout=subprocess.DEVNULL, check=True)
+    return time.monotonic() - t
+
+
+def makespan_case(name, k, units, balanced, timeout, res_case):
+    bal = None
+    if balanced:
+        blog = open(RUN / "balancer.log", "w")
+        bal = subprocess.Popen([MOSBAL, "serve", "--interval", "1", "--min-residence", "1"],
+                               stdout=blog, stderr=subprocess.STDOUT, env=ENV)
+        track(bal.pid)
+        time.sleep(1.5)
+        if bal.poll() is not None:
+            raise RuntimeError(f"mos-balance serve exited: {(RUN / 'balancer.log').read_text()[-500:]}")
+    try:
+        t_start_wall = time.time()
+        t_start = time.monotonic()
+        jobs = [mosrun("node1", [MOSJOB, "burn", "--work", str(units)]) for _ in range(k)]
+        stdout_paths = {j: show(j)["stdout_path"] for j in jobs}
+        timeline = []
+        while True:
+            js = {j["id"]: j for j in jobs_all() if j["id"] in stdout_paths}
+            t = time.monotonic() - t_start
+            per_node = {}
+            for j in js.values():
+                if j["state"] not in ("exited", "failed"):
+                    per_node[j["node"]] = per_node.get(j["node"], 0) + 1
+            timeline.append({"t": round(t, 2), "running_per_node": per_node})
+            states = [j["state"] for j in js.values()]
+            if len(js) == k and all(s in ("exited", "failed") for s in states):
+                break
+            if t > timeout:
+                raise RuntimeError(f"{name}: jobs not done after {timeout:.0f} s: {states}")
+            time.sleep(1.0)
+        # Each job's last write ("done N") is its end; its stdout mtime is exact.
+        ends = [os.stat(p).st_mtime for p in stdout_paths.values()]
+        makespan = max(ends) - t_start_wall
+        final = {j["id"]: j for j in jobs_all() if j["id"] in stdout_paths}
+        res_case.update({
+            "makespan_s": makespan,
+            "job_end_s": sorted(e - t_start_wall for e in ends),
+            "migrations": sum(j["migrations"] for j in final.values()),
+            "failed": sum(1 for j in final.values() if j["state"] == "failed" or j.get("exit_code") not in (0, None)),
+            "timeline": timeline,
+        })
+        log(f"balance: {name}: makespan {makespan:.1f} s, {res_case['migrations']} migrations")
+    finally:
+        if bal:
+            kill_wait(bal.pid)
+            res_case["balancer_log_moves"] = (RUN / "balancer.log").read_text().count("frozen")
+
+
+def phase_balance(res, args):
+    k, n, cap = args.jobs, 4, 0.5
+    b = {"k": k, "nodes": n, "caps": [cap] * n, "others_running": others_running(), "loadavg_start": loadavg()}
+    res["balance"] = b
+    log("balance: calibrating `mosjob burn` on an uncapped core")
+    probe_units = 300
+    t_probe = run_burn(probe_units)
+    units = max(100, round(args.single_secs * probe_units / t_probe))
+    t_single = run_burn(units)
+    b.update({"units": units, "probe_units": probe_units, "probe_s": t_probe, "t_single_s": t_single})
+    total_cores = cap * n
+    ideal = k * t_single / total_cores
+    b["ideal_s"] = ideal
+    log(f"balance: {units} units = {t_single:.1f} s on one core; ideal makespan {ideal:.1f} s")
+    cluster_up(n, [cap] * n)
+    try:
+        b["balanced"] = {}
+        makespan_case("with balancer", k, units, True, ideal * 5 + 60, b["balanced"])
+        b["no_balance"] = {}
+        no_bal_expect = k * t_single / cap
+        makespan_case("no balancing", k, units, False, no_bal_expect * 2 + 60, b["no_balance"])
+    finally:
+        b["loadavg_end"] = loadavg()
+        cluster_down()
+    b["ratio_to_ideal"] = b["balanced"]["makespan_s"] / ideal
+    b["speedup"] = b["no_balance"]["makespan_s"] / b["balanced"]["makespan_s"]
+
+
+def parse_sizes(s):
+    out = []
+    for part in s.split(","):
+        mib, _, runs = part.partition("x")
+        out.append((int(mib), int(runs or 3)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phases", default="plan,round,migration,balance")
+    ap.add_argument("--out", default=str(OUT / "results.json"))
+    ap.add_argument("--sizes", default="64x5,256x5,1024x3", type=parse_sizes,
+                    help="MiBxRUNS,... for the migration phase")
+    ap.add_argument("--idle-secs", type=float, default=30)
+    ap.add_argument("--plan-runs", type=int, default=11)
+    ap.add_argument("--agents", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--single-secs", type=float, default=10.0)
+    args = ap.parse_args()
+
+    if os.geteuid() != 0:
+        sys.exit("bench: must run as root (local clusters need network namespaces, cgroups and CRIU)")
+    become_subreaper()
+    RUN.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    # Merge into an existing results file so a partial re-run keeps the rest.
+    res = json.loads(out.read_text()) if out.exists() and args.phases != "plan,round,migration,balance" else {}
+    res.setdefault("meta", {})
+    res["meta"].update({
+        "started_unix": time.time(),
+        "host": os.uname().nodename, "kernel": os.uname().release, "cpus": os.cpu_count(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "criu": CRIU, "criu_version": run([CRIU, "--version"], check=False).stdout.strip().replace("\n", " "),
+        "bare_criu_options": CRIU_COMMON,
+        "others_running_at_start": others_running(), "loadavg_start": loadavg(),
+    })
+    durations = res.setdefault("durations_s", {})
+    phases = {"plan": phase_plan, "round": phase_round, "migration": phase_migration, "balance": phase_balance}
+    errors = res.setdefault("errors", {})
+    try:
+        for name in args.phases.split(","):
+            t = time.monotonic()
+            errors.pop(name, None)
+            try:
+                phases[name](res, args)
+            except Exception as e:  # noqa: BLE001
+                errors[name] = f"{type(e).__name__}: {e}"
+                log(f"PHASE {name} FAILED: {e}")
+            durations[name] = round(time.monotonic() - t, 1)
+            OUT.mkdir(exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+    finally:
+        cluster_down()
+        shutil.rmtree(BARE_DIR, ignore_errors=True)
+        reap()
+    res["meta"]["finished_unix"] = time.time()
+    out.write_text(json.dumps(res, indent=2))
+    log(f"results written to {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
