@@ -20,7 +20,10 @@ fn instances(cl: &Cluster, job: &str) -> Vec<i32> {
         };
         let fd1 = std::fs::read_link(format!("/proc/{pid}/fd/1"));
         let nspid1 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map(|s| s.lines().any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("1")))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("1"))
+            })
             .unwrap_or(false);
         if fd1.map(|p| p == Path::new(&want)).unwrap_or(false) && nspid1 {
             out.push(pid);
@@ -33,8 +36,13 @@ fn instances(cl: &Cluster, job: &str) -> Vec<i32> {
 fn node_of_pid(cl: &Cluster, pid: i32, nodes: usize) -> Option<String> {
     let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
     (1..=nodes).map(|i| format!("node{i}")).find(|n| {
-        let o = Command::new("ip").args(["netns", "pids", &cl.netns(n)]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == pid.to_string())
+        let o = Command::new("ip")
+            .args(["netns", "pids", &cl.netns(n)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.trim() == pid.to_string())
             && std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == Some(ns.clone())
     })
 }
@@ -50,7 +58,11 @@ fn assert_exactly_once(cl: &Cluster, job: &str, file: &Path, nodes: usize) -> St
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(last.len(), 1, "job {job} must run exactly once, found {last:?}");
+    assert_eq!(
+        last.len(),
+        1,
+        "job {job} must run exactly once, found {last:?}"
+    );
     let rec = cl.record(job);
     assert_eq!(rec.state, mosix::core::JobState::Running, "{rec:?}");
     let node = node_of_pid(cl, last[0], nodes).expect("process is on a node");
@@ -64,7 +76,17 @@ fn assert_exactly_once(cl: &Cluster, job: &str, file: &Path, nodes: usize) -> St
 fn counter_job(cl: &Cluster, mem_mib: &str, port: &str) -> (String, std::path::PathBuf) {
     let file = cl.shared.join(format!("counter-{port}.txt"));
     let job = cl.mosrun(&[
-        "--node", "node1", "--", MOSJOB, "counter", "--port", port, "--file", file.to_str().unwrap(), "--mem-mib", mem_mib,
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        port,
+        "--file",
+        file.to_str().unwrap(),
+        "--mem-mib",
+        mem_mib,
     ]);
     cl.wait_for("counter to tick", 20, || ticks(&file).len() > 3);
     (job, file)
@@ -103,7 +125,10 @@ fn kill9_of_target_agent_during_restore() {
     let mut m = spawn_migrate(&cl, &job, "node2");
     // Wait until the dump is done and the target is restoring (or has).
     cl.wait_for("dump to finish", 30, || {
-        cl.record(&job).pending.map(|p| p.phase != mosix::core::job::MigrationPhase::Dumping).unwrap_or(true)
+        cl.record(&job)
+            .pending
+            .map(|p| p.phase != mosix::core::job::MigrationPhase::Dumping)
+            .unwrap_or(true)
     });
     std::thread::sleep(Duration::from_millis(100));
     let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
@@ -144,13 +169,24 @@ fn target_restore_failure_rolls_back_to_source() {
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8093");
     // node2's agent gets a CRIU that fails every call.
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name, "--criu", "/bin/false"]);
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node2",
+        "--name",
+        &cl.name,
+        "--criu",
+        "/bin/false",
+    ]);
     assert!(o.status.success());
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("restored on node1"), "says where the job is: {err}");
+    assert!(
+        err.contains("restored on node1"),
+        "says where the job is: {err}"
+    );
     let node = assert_exactly_once(&cl, &job, &file, 2);
     assert_eq!(node, "node1");
     let rec = cl.record(&job);
@@ -165,10 +201,18 @@ fn target_network_cut_leaves_job_untouched() {
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8094");
     let ns = cl.netns("node2");
-    assert!(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "down"]).status().unwrap().success());
+    assert!(Command::new("ip")
+        .args(["-n", &ns, "link", "set", "eth0", "down"])
+        .status()
+        .unwrap()
+        .success());
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("unreachable") && stderr(&o).contains("not touched"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unreachable") && stderr(&o).contains("not touched"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(assert_exactly_once(&cl, &job, &file, 2), "node1");
     assert!(cl.record(&job).history.is_empty());
 }
@@ -181,7 +225,15 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8095");
     // CRIU missing on the source.
-    let o = cl.mosctl(&["local", "restart-agent", "node1", "--name", &cl.name, "--criu", "/nonexistent/criu"]);
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node1",
+        "--name",
+        &cl.name,
+        "--criu",
+        "/nonexistent/criu",
+    ]);
     assert!(o.status.success());
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
@@ -201,7 +253,10 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     let o = cl.mosctl(&["migrate", &py, "node2"]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("Error (") && err.contains("keeps running on node1"), "CRIU's own error: {err}");
+    assert!(
+        err.contains("Error (") && err.contains("keeps running on node1"),
+        "CRIU's own error: {err}"
+    );
     assert_eq!(cl.record(&py).state, mosix::core::JobState::Running);
     assert_eq!(cl.record(&py).node.as_str(), "node1");
     assert_exactly_once(&cl, &job, &file, 2);
@@ -215,7 +270,14 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
     let mnt = std::env::temp_dir().join(format!("mosix-tmpfs-{}", std::process::id()));
     std::fs::create_dir_all(&mnt).unwrap();
     assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=24m",
+            "tmpfs",
+            mnt.to_str().unwrap()
+        ])
         .status()
         .unwrap()
         .success());
@@ -231,13 +293,26 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
     let cl = Cluster::up(2, &["--shared", shared.to_str().unwrap()]);
     let file = std::env::temp_dir().join(format!("counter-{}.txt", cl.name));
     let job = cl.mosrun(&[
-        "--node", "node1", "--", MOSJOB, "counter", "--port", "8096", "--file", file.to_str().unwrap(), "--mem-mib", "64",
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8096",
+        "--file",
+        file.to_str().unwrap(),
+        "--mem-mib",
+        "64",
     ]);
     cl.wait_for("counter to tick", 20, || ticks(&file).len() > 3);
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("ResourceExhausted") || err.contains("No space left") || err.contains("full"), "{err}");
+    assert!(
+        err.contains("ResourceExhausted") || err.contains("No space left") || err.contains("full"),
+        "{err}"
+    );
     assert_eq!(assert_exactly_once(&cl, &job, &file, 2), "node1");
     let _ = std::fs::remove_file(&file);
 }
@@ -251,7 +326,10 @@ fn soak_200_round_trips() {
     if !privileged() {
         return;
     }
-    let rounds: usize = std::env::var("MOSIX_SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let rounds: usize = std::env::var("MOSIX_SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "32", "8110");
     let ips = [cl.node_ip("node1"), cl.node_ip("node2")];
@@ -259,18 +337,33 @@ fn soak_200_round_trips() {
     let started = std::time::Instant::now();
     for r in 0..rounds {
         let to = if r % 2 == 0 { "node2" } else { "node1" };
-        let o = Command::new(MOSCTL).args(["migrate", &job, to]).env("MOSIX_CLUSTER", &cl.file).output().unwrap();
-        assert!(o.status.success(), "round {r}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new(MOSCTL)
+            .args(["migrate", &job, to])
+            .env("MOSIX_CLUSTER", &cl.file)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "round {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let ip = &ips[if to == "node2" { 1 } else { 0 }];
-        let (n, mem_ok) = query_counter(ip, 8110).unwrap_or_else(|| panic!("round {r}: no answer on {to}"));
+        let (n, mem_ok) =
+            query_counter(ip, 8110).unwrap_or_else(|| panic!("round {r}: no answer on {to}"));
         assert!(mem_ok, "round {r}: memory checksum mismatch");
         assert!(n >= last, "round {r}: counter went back {last} -> {n}");
         last = n;
         if r % 20 == 0 {
-            eprintln!("soak: {r}/{rounds} round trips, {:.0}s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "soak: {r}/{rounds} round trips, {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     assert_eq!(cl.record(&job).history.len(), rounds);
     assert_exactly_once(&cl, &job, &file, 2);
-    eprintln!("soak: {rounds} migrations, 0 failures, {:.0}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "soak: {rounds} migrations, 0 failures, {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
 }

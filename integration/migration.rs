@@ -150,3 +150,106 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         "job still running on node1"
     );
 }
+
+#[test]
+fn restored_job_keeps_its_uid_and_agents_serve_metrics() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    // Launch as nobody through the API, as an outside scheduler would.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
+    let tls = mosix::api::client::ClientTls::from_cluster(&cf).unwrap();
+    let job = rt.block_on(async {
+        let mut c = mosix::api::client::agent(
+            &cf.node("node1").unwrap().endpoint,
+            tls.as_ref(),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        c.launch(mosix::api::pb::LaunchRequest {
+            argv: vec![
+                MOSJOB.into(),
+                "counter".into(),
+                "--port".into(),
+                "8085".into(),
+            ],
+            cwd: "/".into(),
+            uid: 65534,
+            gid: 65534,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // The job's init is mosix-init (root, it only waits); the command is its child.
+    let uid_of = |init: i32| -> String {
+        let kids = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+        let pid = kids
+            .split_whitespace()
+            .next()
+            .expect("the command runs under mosix-init");
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap()
+            .to_string()
+    };
+    assert!(uid_of(cl.record(&job).pid).contains("65534"));
+    // CRIU reads a task's rlimits with prlimit(), which for another uid
+    // needs CAP_SYS_RESOURCE. Root on some machines (this project's CI
+    // among them) lacks it; there the dump must fail cleanly instead.
+    let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    let has_sys_resource = u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0;
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    let rec = cl.record(&job);
+    let uid = uid_of(rec.pid);
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        vec!["65534"; 4],
+        "never more privilege: {uid}"
+    );
+    if has_sys_resource {
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(rec.node.as_str(), "node2");
+    } else {
+        eprintln!("\n!!!! root lacks CAP_SYS_RESOURCE here: a job of another uid cannot be dumped; checking it fails cleanly !!!!\n");
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("keeps running on node1"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(rec.node.as_str(), "node1");
+        // Show the metrics of a successful migration with a root job instead.
+        let j2 = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", "8086"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let o = cl.mosctl(&["migrate", &j2, "node2"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Prometheus metrics of the source agent record the migration.
+    let ip = cl.node_ip("node1");
+    let out = std::process::Command::new("python3")
+        .args(["-c", &format!("import urllib.request;print(urllib.request.urlopen('http://{ip}:9100/metrics',timeout=3).read().decode())")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mosix_migration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains(
+            r#"mosix_migration_seconds_count{kind="frozen",outcome="ok",node="node1"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("mosix_node_capacity"), "{text}");
+}

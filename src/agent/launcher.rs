@@ -27,6 +27,16 @@ pub struct LaunchSpec {
     pub gid: u32,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// The job's init (`mosix-init`) and the private directory it runs in.
+    /// None runs the command itself as the namespace's init (tests only:
+    /// CRIU cannot dump such a job if it is unprivileged).
+    pub init: Option<(PathBuf, PathBuf)>,
+}
+
+/// `mosix-init`, next to the running binary.
+pub fn default_init() -> Option<PathBuf> {
+    let p = std::env::current_exe().ok()?.parent()?.join("mosix-init");
+    p.is_file().then_some(p)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,9 +105,25 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         ));
     }
 
+    // With an init, the namespace's pid 1 is `mosix-init UID GID CWD -- CMD`,
+    // running as root in the job's private directory; it switches user.
+    let (exe, argv, cwd, uid, gid) = match &spec.init {
+        Some((init, dir)) => {
+            let mut a = vec![
+                init.to_string_lossy().into_owned(),
+                spec.uid.to_string(),
+                spec.gid.to_string(),
+                spec.cwd.to_string_lossy().into_owned(),
+                "--".to_string(),
+                exe.to_string_lossy().into_owned(),
+            ];
+            a.extend(spec.argv.iter().skip(1).cloned());
+            (init.clone(), a, dir.clone(), 0, 0)
+        }
+        None => (exe, spec.argv.clone(), spec.cwd.clone(), spec.uid, spec.gid),
+    };
     let c_exe = CString::new(exe.as_os_str().as_bytes()).map_err(|_| LaunchError::Nul)?;
-    let c_argv: Vec<CString> = spec
-        .argv
+    let c_argv: Vec<CString> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()
@@ -108,7 +134,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         .map(|(k, v)| CString::new(format!("{k}={v}")))
         .collect::<Result<_, _>>()
         .map_err(|_| LaunchError::Nul)?;
-    let c_cwd = CString::new(spec.cwd.as_os_str().as_bytes()).map_err(|_| LaunchError::Nul)?;
+    let c_cwd = CString::new(cwd.as_os_str().as_bytes()).map_err(|_| LaunchError::Nul)?;
     let mut argv_ptrs: Vec<*const libc::c_char> = c_argv.iter().map(|c| c.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
@@ -126,7 +152,6 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         err.as_raw_fd(),
         wr.as_raw_fd(),
     );
-    let (uid, gid) = (spec.uid, spec.gid);
     let switch_user = unsafe { libc::geteuid() } == 0 && (uid != 0 || gid != 0);
 
     let child = Box::new(move || -> isize {
@@ -221,6 +246,7 @@ mod tests {
             gid: 0,
             stdout: "/dev/null".into(),
             stderr: "/dev/null".into(),
+            init: None,
         };
         assert!(matches!(launch(&spec), Err(LaunchError::EmptyCommand)));
     }

@@ -566,7 +566,13 @@ impl Agent {
         };
         let dumped = self
             .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, lazy)
-            .await?;
+            .await
+            .inspect_err(|_| {
+                self.metrics
+                    .migration_failures
+                    .with_label_values(&["dump"])
+                    .inc()
+            })?;
         if let Some(p) = rec.pending.as_mut() {
             p.phase = MigrationPhase::Dumped;
         }
@@ -602,10 +608,31 @@ impl Agent {
                 })?;
                 m.frozen_ms = frozen_ms;
                 m.total_ms = total_ms;
+                let hist = &self.metrics.migration_seconds;
+                hist.with_label_values(&["frozen", "ok"])
+                    .observe(frozen_ms as f64 / 1000.0);
+                hist.with_label_values(&["total", "ok"])
+                    .observe(total_ms as f64 / 1000.0);
                 tracing::info!(job = %job, to = %target, frozen_ms, total_ms, "migrated");
                 Ok((landed, m))
             }
-            Err(e) => self.roll_back(job, target, &mig, started, e).await,
+            Err(e) => {
+                self.metrics
+                    .migration_failures
+                    .with_label_values(&["restore"])
+                    .inc();
+                let r = self.roll_back(job, target, &mig, started, e).await;
+                let outcome = if self.local_pid(job).is_some() {
+                    "rolled_back"
+                } else {
+                    "failed"
+                };
+                self.metrics
+                    .migration_seconds
+                    .with_label_values(&["total", outcome])
+                    .observe(started.elapsed().as_secs_f64());
+                r
+            }
         }
     }
 

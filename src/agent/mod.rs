@@ -300,6 +300,7 @@ impl Agent {
             gid: req.gid,
             stdout: out_dir.join("stdout"),
             stderr: out_dir.join("stderr"),
+            init: launcher::default_init().map(|i| (i, out_dir.clone())),
         };
         let pid = launcher::launch(&spec).map_err(|e| match e {
             launcher::LaunchError::Output(_, ref io) if io.raw_os_error() == Some(libc::ENOSPC) => {

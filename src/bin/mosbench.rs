@@ -91,6 +91,17 @@ fn raise_nofile() {
 }
 
 /// user + system CPU seconds of this process (all threads).
+/// CPU seconds used by the calling thread.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 fn cpu_secs() -> f64 {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct we own.
@@ -170,24 +181,29 @@ fn cmd_plan(args: &[String]) -> anyhow::Result<serde_json::Value> {
             ),
         ] {
             let mut ms = Vec::with_capacity(runs);
+            let mut cpu_ms = Vec::with_capacity(runs);
             let mut moves = 0;
             let mut imb = (0.0, 0.0);
             for _ in 0..runs {
+                let c = thread_cpu_secs();
                 let t = Instant::now();
                 let p = policy::plan(&snap, &cfg);
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
+                cpu_ms.push((thread_cpu_secs() - c) * 1e3);
                 moves = p.moves.len();
                 imb = (p.imbalance_before, p.imbalance_after);
                 std::hint::black_box(&p);
             }
             let (lo, hi) = min_max(&ms);
             eprintln!(
-                "plan {shape:<9} {label:<15} {n_nodes} nodes {n_jobs} jobs: median {:.1} ms (min {lo:.1}, max {hi:.1}), {moves} moves",
-                median(&ms)
+                "plan {shape:<9} {label:<15} {n_nodes} nodes {n_jobs} jobs: median {:.1} ms (min {lo:.1}, max {hi:.1}; thread CPU {:.1} ms), {moves} moves",
+                median(&ms),
+                median(&cpu_ms)
             );
             cases.push(json!({
                 "shape": shape, "config": label, "nodes": n_nodes, "jobs": snap.jobs.len(),
                 "runs_ms": ms, "median_ms": median(&ms), "min_ms": lo, "max_ms": hi,
+                "cpu_median_ms": median(&cpu_ms),
                 "moves": moves, "imbalance_before": imb.0, "imbalance_after": imb.1,
             }));
         }
@@ -211,7 +227,10 @@ struct SimAgent {
 
 #[tonic::async_trait]
 impl Agent for SimAgent {
-    async fn get_load(&self, _r: Request<pb::GetLoadRequest>) -> Result<Response<pb::NodeLoad>, Status> {
+    async fn get_load(
+        &self,
+        _r: Request<pb::GetLoadRequest>,
+    ) -> Result<Response<pb::NodeLoad>, Status> {
         let mut l = self.load.clone();
         l.timestamp_unix_ms = mosix::core::now_unix_ms();
         Ok(Response::new(l))
@@ -219,7 +238,10 @@ impl Agent for SimAgent {
     async fn launch(&self, _r: Request<pb::LaunchRequest>) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
-    async fn list_jobs(&self, r: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        r: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let node = r.into_inner().node;
         if node.is_empty() {
             return Ok(Response::new(self.shared.all_jobs.clone()));
@@ -238,13 +260,19 @@ impl Agent for SimAgent {
     async fn get_job(&self, _r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
-    async fn dump(&self, _r: Request<pb::DumpRequest>) -> Result<Response<pb::DumpResponse>, Status> {
+    async fn dump(
+        &self,
+        _r: Request<pb::DumpRequest>,
+    ) -> Result<Response<pb::DumpResponse>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
     async fn restore(&self, _r: Request<pb::RestoreRequest>) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
-    async fn migrate(&self, _r: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+    async fn migrate(
+        &self,
+        _r: Request<pb::MigrateRequest>,
+    ) -> Result<Response<pb::MigrateResponse>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
     async fn signal(&self, _r: Request<pb::SignalRequest>) -> Result<Response<pb::Job>, Status> {
@@ -260,7 +288,9 @@ impl Agent for SimAgent {
 
 /// Writes a CA, one server certificate (for every simulated agent) and a
 /// client certificate into `dir`; returns the server identity and the files.
-fn write_sim_pki(dir: &std::path::Path) -> anyhow::Result<(tonic::transport::ServerTlsConfig, TlsFiles)> {
+fn write_sim_pki(
+    dir: &std::path::Path,
+) -> anyhow::Result<(tonic::transport::ServerTlsConfig, TlsFiles)> {
     use mosix::security::pki;
     std::fs::create_dir_all(dir)?;
     let ca = pki::generate_ca("bench")?;
@@ -357,7 +387,11 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
         }
         None => (None, None),
     };
-    let scheme = if server_tls.is_some() { "https" } else { "http" };
+    let scheme = if server_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
 
     let mut listeners = Vec::with_capacity(count);
     let mut nodes = Vec::with_capacity(count);
@@ -520,7 +554,10 @@ fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(!pids.is_empty(), "--pids P1,P2,... is required");
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before: Vec<u64> = pids.iter().map(|p| proc_cpu_ticks(*p)).collect::<Result<_, _>>()?;
+    let before: Vec<u64> = pids
+        .iter()
+        .map(|p| proc_cpu_ticks(*p))
+        .collect::<Result<_, _>>()?;
     let t0 = Instant::now();
     let mut rss_max = vec![0u64; pids.len()];
     while t0.elapsed().as_secs_f64() < secs {
@@ -543,6 +580,30 @@ fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
     Ok(json!({ "hz": hz, "procs": out }))
 }
 
+// ---------------------------------------------------------------------------
+// seal
+// ---------------------------------------------------------------------------
+
+/// Time the agent's image sealing (SHA-256 + fsync + HMAC manifest, as on the
+/// source after a dump) and verification (as on the target before a restore)
+/// on an image directory; the manifest is removed again afterwards.
+fn cmd_seal(args: &[String]) -> anyhow::Result<serde_json::Value> {
+    use mosix::security::manifest::{self, ClusterKey};
+    let dir: PathBuf = arg_opt(args, "--dir")
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("--dir DIR is required"))?;
+    let exclude = ["dump.log", "restore.log", "stats-dump", "stats-restore"];
+    let key = ClusterKey::generate();
+    let t = Instant::now();
+    manifest::write_manifest(&dir, &key, "jbench", "mbench", &exclude)?;
+    let seal = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    manifest::verify_manifest(&dir, &key, "jbench", &exclude)?;
+    let verify = t.elapsed().as_secs_f64() * 1e3;
+    std::fs::remove_file(dir.join(manifest::MANIFEST_FILE_NAME))?;
+    Ok(json!({ "seal_ms": seal, "verify_ms": verify }))
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -551,9 +612,10 @@ async fn main() -> std::process::ExitCode {
         Some("sim-agents") => cmd_sim_agents(&args).await,
         Some("round") => cmd_round(&args).await,
         Some("proc-sample") => cmd_proc_sample(&args),
+        Some("seal") => cmd_seal(&args),
         _ => {
             eprintln!(
-                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS]\n       mosbench proc-sample --pids P1,P2 [--secs S]"
+                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS]\n       mosbench proc-sample --pids P1,P2 [--secs S]\n       mosbench seal --dir IMAGE_DIR"
             );
             return std::process::ExitCode::from(2);
         }

@@ -250,3 +250,40 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down; jobs keep running");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FileConfig;
+
+    #[test]
+    fn config_parses_and_refuses_unknown_fields() {
+        let c = FileConfig::parse(
+            br#"{"node":"node1","listen":"127.0.0.1:7000","shared":"/srv/mosix","speed":1.5}"#,
+        )
+        .unwrap();
+        assert_eq!(c.node.as_deref(), Some("node1"));
+        assert!(
+            FileConfig::parse(br#"{"nodee":"x"}"#).is_err(),
+            "typos are errors"
+        );
+        assert!(FileConfig::parse(br#"{"listen":"not an address"}"#).is_err());
+        assert!(FileConfig::parse(b"").is_err());
+    }
+
+    #[test]
+    fn config_mutations_never_panic() {
+        let base = br#"{"node":"node1","listen":"127.0.0.1:7000","shared":"/srv","cgroup":"a/b","speed":2.0,"insecure":true}"#.to_vec();
+        let mut seed: u64 = 0x2545F4914F6CDD1D;
+        for _ in 0..3000 {
+            let mut b = base.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let i = (seed as usize) % b.len();
+                b[i] = (seed >> 40) as u8;
+            }
+            let _ = FileConfig::parse(&b);
+        }
+    }
+}
