@@ -145,6 +145,47 @@ def others_running():
         return []
 
 
+def cpu_ticks():
+    """(busy, total) CPU seconds of the whole machine so far (from /proc/stat)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(f[:8]) - f[3] - f[4]) / hz
+
+
+def cluster_cpu_s(nodes):
+    """CPU seconds used so far inside the bench cluster's node cgroups."""
+    tot = 0
+    for i in range(1, nodes + 1):
+        try:
+            tot += int(open(f"/sys/fs/cgroup/cpuacct/mosix/{CLUSTER}/node{i}/cpuacct.usage").read())
+        except (FileNotFoundError, ValueError):
+            pass
+    return tot / 1e9
+
+
+def busy_cores(secs=2.0):
+    """CPU cores busy on the whole machine over `secs` (from /proc/stat)."""
+    def snap():
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        idle = f[3] + f[4]
+        return sum(f[:8]), idle
+    a, ai = snap()
+    time.sleep(secs)
+    b, bi = snap()
+    hz = os.sysconf("SC_CLK_TCK")
+    return round(((b - a) - (bi - ai)) / hz / secs, 2)
+
+
+def top_cpu(n=5):
+    r = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True)
+    return [l.strip()[:160] for l in r.stdout.splitlines()[1:n + 1]]
+
+
+def background():
+    return {"busy_cores": busy_cores(), "loadavg": loadavg(), "top": top_cpu(),
+            "other_clusters": others_running()}
+
+
 def stats(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -271,6 +312,20 @@ class BareJob:
             raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
                                f"{(img / 'dump.log').read_text()[-1500:] if (img / 'dump.log').exists() else ''}")
         image_bytes = sum(f.stat().st_size for f in img.iterdir() if f.is_file())
+        # Diagnostic only (not part of bare total): what making the images
+        # durable costs, as our agent does before it hands them over.
+        t = time.monotonic()
+        for f in img.iterdir():
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync = (time.monotonic() - t) * 1000
+        # Diagnostic only: the agent's seal (hash + fsync + HMAC manifest) and
+        # verify (hash again) on these very images.
+        sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
         # The dump killed the tree; collect the unshare parent of the first run.
         if self.unshare and self.unshare.poll() is None:
             try:
@@ -294,7 +349,8 @@ class BareJob:
         self.node = to
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
-                "image_bytes": image_bytes}
+                "image_bytes": image_bytes, "fsync_ms": fsync,
+                "seal_after_fsync_ms": sv["seal_ms"], "verify_ms": sv["verify_ms"]}
 
     def kill(self):
         if self.pid:
@@ -351,6 +407,7 @@ def phase_round(res, args):
             out[variant] = d
         finally:
             kill_wait(sim.pid)
+            shutil.rmtree(RUN / "sim-pki", ignore_errors=True)
     res["round"] = out
 
 
@@ -393,7 +450,7 @@ def phase_migration(res, args):
                 log(f"  run {i + 1}/{runs}: ours frozen {o['frozen_ms']} ms total {o['total_ms']} ms "
                     f"(wall {o['wall_ms']:.0f}); bare dump {b['dump_ms']:.0f} + restore {b['restore_ms']:.0f} "
                     f"= {b['total_ms']:.0f} ms")
-            # The job must still be intact after all this: its checksum line is in stdout.
+            # The job must still be running after all the round trips.
             ok = show(job)["state"] == "running"
         finally:
             run([MOSCTL, "kill", job], check=False)
@@ -409,6 +466,9 @@ def phase_migration(res, args):
             "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
             "bare_total_ms": stats([b["total_ms"] for b in bares]),
             "bare_back_total_ms": stats([b["total_ms"] for b in bares_back]),
+            "bare_fsync_images_ms": stats([b["fsync_ms"] for b in bares]),
+            "seal_after_fsync_ms": stats([b["seal_after_fsync_ms"] for b in bares]),
+            "verify_ms": stats([b["verify_ms"] for b in bares]),
             "ours_images": ours[0]["images"] if ours else None,
             "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
         }
@@ -458,9 +518,16 @@ def phase_migration(res, args):
 
 
 def run_burn(units):
+    """(wall s, CPU s) of one `mosjob burn` run on the host (no cap). The CPU
+    time is the work on one full core even when other processes compete."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     subprocess.run([MOSJOB, "burn", "--work", str(units)], stdout=subprocess.DEVNULL, check=True)
-    return time.monotonic() - t
+    wall = time.monotonic() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
 def makespan_case(name, k, units, balanced, timeout, res_case):
@@ -474,6 +541,7 @@ def makespan_case(name, k, units, balanced, timeout, res_case):
         if bal.poll() is not None:
             raise RuntimeError(f"mos-balance serve exited: {(RUN / 'balancer.log').read_text()[-500:]}")
     try:
+        busy0, cl0 = cpu_ticks(), cluster_cpu_s(4)
         t_start_wall = time.time()
         t_start = time.monotonic()
         jobs = [mosrun("node1", [MOSJOB, "burn", "--work", str(units)]) for _ in range(k)]
@@ -496,15 +564,30 @@ def makespan_case(name, k, units, balanced, timeout, res_case):
         # Each job's last write ("done N") is its end; its stdout mtime is exact.
         ends = [os.stat(p).st_mtime for p in stdout_paths.values()]
         makespan = max(ends) - t_start_wall
+        elapsed = time.monotonic() - t_start
+        busy, cl = cpu_ticks() - busy0, cluster_cpu_s(4) - cl0
+        res_case["cpu"] = {
+            "window_s": elapsed,
+            "cluster_cores": cl / elapsed,         # jobs + agents in the node cgroups
+            "machine_busy_cores": busy / elapsed,
+            "outside_cluster_cores": max(0.0, busy - cl) / elapsed,  # balancer, CLI polling, other sessions
+        }
         final = {j["id"]: j for j in jobs_all() if j["id"] in stdout_paths}
+        spread_at = next((p["t"] for p in timeline
+                          if sum(p["running_per_node"].values()) == k
+                          and len(p["running_per_node"]) == 4
+                          and max(p["running_per_node"].values()) - min(p["running_per_node"].values()) <= 1), None)
         res_case.update({
             "makespan_s": makespan,
+            "spread_evenly_after_s": spread_at,
             "job_end_s": sorted(e - t_start_wall for e in ends),
             "migrations": sum(j["migrations"] for j in final.values()),
             "failed": sum(1 for j in final.values() if j["state"] == "failed" or j.get("exit_code") not in (0, None)),
             "timeline": timeline,
         })
-        log(f"balance: {name}: makespan {makespan:.1f} s, {res_case['migrations']} migrations")
+        log(f"balance: {name}: makespan {makespan:.1f} s, {res_case['migrations']} migrations; "
+            f"cluster got {res_case['cpu']['cluster_cores']:.2f} cores on average, "
+            f"{res_case['cpu']['outside_cluster_cores']:.2f} cores busy outside it")
     finally:
         if bal:
             kill_wait(bal.pid)
@@ -516,15 +599,20 @@ def phase_balance(res, args):
     b = {"k": k, "nodes": n, "caps": [cap] * n, "others_running": others_running(), "loadavg_start": loadavg()}
     res["balance"] = b
     log("balance: calibrating `mosjob burn` on an uncapped core")
-    probe_units = 300
-    t_probe = run_burn(probe_units)
+    probe_units = 1000
+    _, t_probe = run_burn(probe_units)
+    while t_probe < 1.0:
+        probe_units *= 4 if t_probe < 0.25 else 2
+        _, t_probe = run_burn(probe_units)
     units = max(100, round(args.single_secs * probe_units / t_probe))
-    t_single = run_burn(units)
-    b.update({"units": units, "probe_units": probe_units, "probe_s": t_probe, "t_single_s": t_single})
+    wall_single, t_single = run_burn(units)
+    b.update({"units": units, "probe_units": probe_units, "probe_cpu_s": t_probe,
+              "t_single_s": t_single, "t_single_wall_s": wall_single})
     total_cores = cap * n
     ideal = k * t_single / total_cores
     b["ideal_s"] = ideal
-    log(f"balance: {units} units = {t_single:.1f} s on one core; ideal makespan {ideal:.1f} s")
+    log(f"balance: {units} units = {t_single:.1f} CPU-s on one core (wall {wall_single:.1f} s); "
+        f"ideal makespan {ideal:.1f} s")
     cluster_up(n, [cap] * n)
     try:
         b["balanced"] = {}
@@ -584,6 +672,8 @@ def main():
         for name in args.phases.split(","):
             t = time.monotonic()
             errors.pop(name, None)
+            res.setdefault("background", {})[name] = background()
+            log(f"{name}: machine busy before start: {res['background'][name]['busy_cores']} cores")
             try:
                 phases[name](res, args)
             except Exception as e:  # noqa: BLE001

@@ -26,3 +26,19 @@ pub fn init_tracing_quiet() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks every command's definition (conflicting flags, bad
+    /// defaults) here instead of panicking at a user's first call.
+    #[test]
+    fn every_cli_definition_is_consistent() {
+        super::mosctl::Args::command().debug_assert();
+        super::mosrun::Args::command().debug_assert();
+        super::mosixd::Args::command().debug_assert();
+        super::mos_balance::Args::command().debug_assert();
+        super::mosmon::Args::command().debug_assert();
+    }
+}

@@ -1,5 +1,6 @@
 //! `mosctl`: manage jobs and the local cluster. One file per subcommand.
 
+pub mod certs;
 pub mod freeze;
 pub mod jobs;
 pub mod kill;
@@ -40,6 +41,8 @@ pub enum Cmd {
     Kill(kill::Args),
     /// Show every node's load once.
     Load(load::Args),
+    /// Generate a cluster CA, node and client certificates and the image key.
+    Certs(certs::Args),
     /// A local cluster of several nodes on this machine.
     #[command(subcommand)]
     Local(local::Cmd),
@@ -56,5 +59,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Kill(x) => kill::run(cluster, x).await,
         Cmd::Load(x) => load::run(cluster, x).await,
         Cmd::Local(x) => local::run(x).await,
+        Cmd::Certs(x) => certs::run(x),
     }
 }
