@@ -591,7 +591,10 @@ def makespan_case(name, k, units, balanced, timeout, res_case):
     finally:
         if bal:
             kill_wait(bal.pid)
-            res_case["balancer_log_moves"] = (RUN / "balancer.log").read_text().count("frozen")
+            text = ANSI_RE.sub("", (RUN / "balancer.log").read_text())
+            res_case["balancer_log_moves"] = text.count("frozen")
+            # Frozen time of each move the balancer made (burn jobs have a tiny RSS).
+            res_case["balancer_frozen_ms"] = [int(x) for x in re.findall(r": frozen (\d+) ms", text)]
 
 
 def phase_balance(res, args):

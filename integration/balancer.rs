@@ -189,8 +189,18 @@ fn balancer_service_answers_schedulers_and_serves_metrics() {
         cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]);
     }
     let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
-    let bal_ep = cf.balancer.clone().expect("local cluster names a balancer address");
-    let host = bal_ep.split("://").nth(1).unwrap().split(':').next().unwrap().to_string();
+    let bal_ep = cf
+        .balancer
+        .clone()
+        .expect("local cluster names a balancer address");
+    let host = bal_ep
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
     let metrics = format!("{host}:9200");
     let mut serve = std::process::Command::new(MOSBALANCE)
         .args(["serve", "--no-auto", "--metrics", &metrics])
@@ -204,25 +214,59 @@ fn balancer_service_answers_schedulers_and_serves_metrics() {
             let _ = self.0.wait();
         }
     }
-    let _guard = Kill(std::mem::replace(&mut serve, std::process::Command::new("true").spawn().unwrap()));
+    let _guard = Kill(std::mem::replace(
+        &mut serve,
+        std::process::Command::new("true").spawn().unwrap(),
+    ));
     std::thread::sleep(Duration::from_secs(4));
     let tls = mosix::api::client::ClientTls::from_cluster(&cf).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut b = mosix::api::client::balancer(&bal_ep, tls.as_ref(), Duration::from_secs(3)).await.expect("balancer answers over mTLS");
-        let view = b.get_cluster_view(pb::GetClusterViewRequest {}).await.unwrap().into_inner();
+        let mut b = mosix::api::client::balancer(&bal_ep, tls.as_ref(), Duration::from_secs(3))
+            .await
+            .expect("balancer answers over mTLS");
+        let view = b
+            .get_cluster_view(pb::GetClusterViewRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(view.nodes.len(), 2);
         assert!(view.nodes.iter().all(|n| n.up));
         assert_eq!(view.jobs.len(), 2);
-        let place = b.place(pb::PlaceRequest { rss_bytes: 1 << 20, cpu_cores: 1.0 }).await.unwrap().into_inner();
+        let place = b
+            .place(pb::PlaceRequest {
+                rss_bytes: 1 << 20,
+                cpu_cores: 1.0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(place.node, "node2", "a new job goes to the idle node");
-        let bad = b.place(pb::PlaceRequest { rss_bytes: 0, cpu_cores: f64::NAN }).await.unwrap_err();
+        let bad = b
+            .place(pb::PlaceRequest {
+                rss_bytes: 0,
+                cpu_cores: f64::NAN,
+            })
+            .await
+            .unwrap_err();
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-        let plan = b.get_plan(pb::GetPlanRequest {}).await.unwrap().into_inner();
+        let plan = b
+            .get_plan(pb::GetPlanRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert!(plan.imbalance_before > 1.5, "{plan:?}");
-        let r = b.rebalance(pb::RebalanceRequest { dry_run: true }).await.unwrap().into_inner();
+        let r = b
+            .rebalance(pb::RebalanceRequest { dry_run: true })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.done.is_empty() && r.failures.is_empty());
-        let h = b.get_history(pb::GetHistoryRequest { limit: 10 }).await.unwrap().into_inner();
+        let h = b
+            .get_history(pb::GetHistoryRequest { limit: 10 })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(h.migrations.is_empty(), "dry run recorded nothing");
     });
     let out = std::process::Command::new("python3")
@@ -234,5 +278,11 @@ fn balancer_service_answers_schedulers_and_serves_metrics() {
     // mosmon sees the same cluster.
     let o = run(MOSMON, &["--once"], Some(&cl));
     assert!(o.status.success());
-    assert!(stdout(&o).contains("node1") && stdout(&o).contains("node2") && stdout(&o).contains("total jobs 2"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("node1")
+            && stdout(&o).contains("node2")
+            && stdout(&o).contains("total jobs 2"),
+        "{}",
+        stdout(&o)
+    );
 }

@@ -253,3 +253,35 @@ fn restored_job_keeps_its_uid_and_agents_serve_metrics() {
     );
     assert!(text.contains("mosix_node_capacity"), "{text}");
 }
+
+#[test]
+fn post_copy_request_is_safe_where_it_is_not_enabled() {
+    if !privileged() {
+        return;
+    }
+    // Post-copy is off unless agents run with --enable-post-copy (CRIU's lazy
+    // transfer fails on this kernel); a request for it must still move the
+    // job intact, as a full copy.
+    let cl = Cluster::up(2, &[]);
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8087",
+        "--mem-mib",
+        "64",
+    ]);
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter", 20, || query_counter(&ip1, 8087).is_some());
+    let (before, _) = query_counter(&ip1, 8087).unwrap();
+    let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (after, mem_ok) = query_counter(&ip2, 8087).expect("answers on node2");
+    assert!(mem_ok && after >= before);
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node2");
+    assert!(!rec.history.last().unwrap().post_copy, "ran as full copy");
+}

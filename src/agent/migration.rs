@@ -19,7 +19,7 @@
 //! CRIU logs are kept for a person. A job is never lost, and the claim file
 //! makes sure it never runs twice.
 
-use super::{io_error, Agent, AgentError, AgentResult};
+use super::{io_error, reaper, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
@@ -32,7 +32,17 @@ use std::time::Instant;
 
 /// Files in an image directory that are not covered by the manifest, because
 /// they are written after it (logs, the claim).
-pub const UNSEALED: &[&str] = &[DUMP_LOG, RESTORE_LOG, LAZY_LOG, CLAIM_FILE, "stats-restore"];
+pub const UNSEALED: &[&str] = &[
+    DUMP_LOG,
+    RESTORE_LOG,
+    LAZY_LOG,
+    CLAIM_FILE,
+    "stats-restore",
+    // Post-copy: CRIU writes these after the manifest (the dump's statistics
+    // once all pages are served; the lazy-pages daemon's socket).
+    "stats-dump",
+    "lazy-pages.socket",
+];
 pub const CLAIM_FILE: &str = "CLAIM";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -136,6 +146,12 @@ fn remove_images_keep_logs(dir: &Path) {
     }
 }
 
+/// A post-copy dump still serving pages.
+pub(crate) struct LazyDump {
+    handle: tokio::task::JoinHandle<Result<(), crate::criu::CriuError>>,
+    pid: i32,
+}
+
 /// How the restored job came to be on this node; decides its history entry.
 #[derive(Debug, Clone)]
 pub(crate) enum Arrival {
@@ -213,6 +229,7 @@ impl Agent {
             image_dir: dir.clone(),
             leave_running,
             lazy,
+            status_fd: None,
         };
         let result = {
             let _one = self.criu_lock.lock().await;
@@ -419,15 +436,41 @@ impl Agent {
                 dir.display()
             )));
         }
+        if lazy_from.is_some() {
+            // A daemon socket left by an earlier attempt is not an image file.
+            let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
+        }
         self.verify(&dir, job).await?;
         self.claim_images(&dir, mig)?;
+        let release = |dir: &Path| {
+            let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
+            let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
+        };
         let t0 = Instant::now();
+        let mut daemon = None;
+        if let Some(ps) = lazy_from.clone() {
+            let (engine, d) = (self.engine.clone(), dir.clone());
+            match Self::blocking(move || engine.start_lazy_daemon(&d, &ps)).await? {
+                Ok(child) => daemon = Some(child),
+                Err(e) => {
+                    release(&dir);
+                    return Err(AgentError::from(e).context(&format!(
+                        "post-copy restore of job {job} on {} failed",
+                        self.cfg.node
+                    )));
+                }
+            }
+        }
         let engine = self.engine.clone();
         let spec = RestoreSpec {
             image_dir: dir.clone(),
-            lazy_from,
+            lazy_from: lazy_from.clone(),
         };
-        let result = {
+        let result = if lazy_from.is_some() {
+            // Not under the CRIU lock: on a rollback, this node's own
+            // post-copy dump holds it while it serves our pages.
+            Self::blocking(move || engine.restore(&spec)).await?
+        } else {
             let _one = self.criu_lock.lock().await;
             Self::blocking(move || engine.restore(&spec)).await?
         };
@@ -435,13 +478,20 @@ impl Agent {
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
+                if let Some(mut d) = daemon {
+                    let _ = d.kill();
+                    let _ = d.wait();
+                }
                 // Release the claim so the source can roll back.
-                let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
+                release(&dir);
                 return Err(AgentError::from(e)
                     .context(&format!("restore of job {job} on {} failed", self.cfg.node)));
             }
         };
         self.adopt_child(job, outcome.pid);
+        if let Some(d) = daemon {
+            self.watch_lazy_daemon(job.clone(), outcome.pid, d, dir.clone());
+        }
         let mut rec = self.registry.get(job)?;
         let now = now_unix_ms();
         let started = rec
@@ -494,6 +544,178 @@ impl Agent {
         self.registry.put(&mut rec)?;
         tracing::info!(job = %job, pid = outcome.pid, restore_ms, "restored");
         Ok(rec)
+    }
+
+    /// Post-copy, target side: the restored job runs while its memory
+    /// arrives. If the lazy-pages daemon fails (the source died, the network
+    /// broke), pages are missing: the job is stopped and reported failed
+    /// rather than left to run on zero-filled memory.
+    fn watch_lazy_daemon(
+        self: &Arc<Self>,
+        job: JobId,
+        pid: i32,
+        mut daemon: std::process::Child,
+        dir: PathBuf,
+    ) {
+        let agent = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("lazy-{pid}"))
+            .spawn(move || {
+                let ok = daemon.wait().map(|s| s.success()).unwrap_or(false);
+                let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
+                if ok {
+                    return;
+                }
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                if let Ok(mut rec) = agent.registry.get(&job) {
+                    // Only if the job is still recorded here: a source that
+                    // resumed its copy has taken the job back already.
+                    if rec.node == agent.cfg.node && rec.pid == pid {
+                        rec.state = JobState::Failed;
+                        rec.pid = 0;
+                        rec.error = format!(
+                            "post-copy: not every memory page arrived; the job was stopped on {} rather than run with missing memory (log: {})",
+                            agent.cfg.node,
+                            dir.join(LAZY_LOG).display()
+                        );
+                        let _ = agent.registry.put(&mut rec);
+                    }
+                }
+                tracing::error!(job = %job, "post-copy page transfer failed; job stopped");
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot watch lazy-pages daemon: {e}");
+        }
+    }
+
+    /// Post-copy, source side: dump everything but memory, then serve the
+    /// memory from a CRIU page server. Returns once the page server listens;
+    /// the handle ends when every page has been served (or the transfer
+    /// failed, in which case CRIU resumes the job here).
+    async fn checkpoint_lazy(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        pid: i32,
+        mig: &MigrationId,
+        to: &NodeName,
+    ) -> AgentResult<(DumpResult, PageServer, LazyDump)> {
+        self.engine.available()?;
+        let ip = self
+            .cfg
+            .page_server_ip
+            .ok_or_else(|| AgentError::FailedPrecondition("no page-server address".into()))?;
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| io_error("choosing a page-server port", e))?
+            .port();
+        let ps = PageServer {
+            address: ip.to_string(),
+            port,
+        };
+        let rel = image_rel(&rec.id, mig);
+        let dir = self.image_dir(&rel);
+        std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
+        rec.state = JobState::Migrating;
+        rec.pending = Some(PendingMigration {
+            id: mig.clone(),
+            from: self.cfg.node.clone(),
+            to: Some(to.clone()),
+            phase: MigrationPhase::Dumping,
+            image_dir: rel.clone(),
+            started_unix_ms: now_unix_ms(),
+            post_copy: true,
+        });
+        self.registry.put(rec)?;
+        self.set_dumping(&rec.id, true);
+        let (rd, wr) = nix::unistd::pipe().map_err(|e| io_error("status pipe", e.into()))?;
+        let guard = self.criu_lock.clone().lock_owned().await;
+        let engine = self.engine.clone();
+        let spec = DumpSpec {
+            pid,
+            image_dir: dir.clone(),
+            leave_running: false,
+            lazy: Some(ps.clone()),
+            status_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
+        };
+        let t0 = Instant::now();
+        let handle = tokio::task::spawn_blocking(move || {
+            let r = engine.dump(&spec);
+            drop(wr);
+            drop(guard);
+            r
+        });
+        let ready = Self::blocking(move || {
+            let mut b = [0u8; 1];
+            matches!(nix::unistd::read(&rd, &mut b), Ok(1))
+        })
+        .await?;
+        if !ready {
+            let err = match handle.await {
+                Ok(Err(e)) => AgentError::from(e),
+                Ok(Ok(())) => AgentError::Aborted("CRIU ended without serving pages".into()),
+                Err(e) => AgentError::Internal(format!("dump task: {e}")),
+            };
+            remove_images_keep_logs(&dir);
+            let exited = self.set_dumping(&rec.id, false);
+            rec.state = JobState::Running;
+            rec.pending = None;
+            self.registry.put(rec)?;
+            if let Some(st) = exited {
+                if let Ok(mut l) = self.local.lock() {
+                    l.remove(&rec.id);
+                }
+                self.record_exit(&rec.id, pid, Some(st));
+            }
+            return Err(err.context(&format!(
+                "post-copy dump of job {} failed; it keeps running on {}",
+                rec.id, self.cfg.node
+            )));
+        }
+        let frozen_ms = t0.elapsed().as_millis() as u64;
+        self.seal(&dir, &rec.id, mig).await?;
+        Ok((
+            DumpResult {
+                image_dir: rel,
+                image_bytes: dir_bytes(&dir),
+                frozen_ms,
+            },
+            ps,
+            LazyDump { handle, pid },
+        ))
+    }
+
+    /// After a post-copy restore elsewhere: wait until every page was served.
+    /// If the transfer failed, CRIU resumed the job here, so take it back.
+    async fn finish_lazy(self: &Arc<Self>, job: &JobId, lazy: LazyDump) -> AgentResult<()> {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(600), lazy.handle).await;
+        let ok = matches!(r, Ok(Ok(Ok(()))));
+        let exited = self.set_dumping(job, false);
+        if ok {
+            if let Ok(mut l) = self.local.lock() {
+                l.remove(job);
+            }
+            return Ok(());
+        }
+        if exited.is_none() && reaper::is_pidns_init(lazy.pid) {
+            // The source copy is alive again: it is the job.
+            let mut rec = self.registry.get(job)?;
+            rec.node = self.cfg.node.clone();
+            rec.state = JobState::Running;
+            rec.pid = lazy.pid;
+            rec.pending = None;
+            rec.error = "post-copy page transfer failed; the job resumed on its source".into();
+            self.registry.put(&mut rec)?;
+            return Err(AgentError::Aborted(format!(
+                "post-copy page transfer of job {job} failed; the job resumed on {}",
+                self.cfg.node
+            )));
+        }
+        Err(AgentError::Aborted(format!(
+            "post-copy page transfer of job {job} failed"
+        )))
     }
 
     /// Take the images for this node. `O_EXCL` create is atomic on local file
@@ -550,22 +772,29 @@ impl Agent {
         }
         let mig = mig.unwrap_or_else(MigrationId::generate);
         // Nothing is frozen until the target has answered.
-        self.peers
+        let target_post_copy = self
+            .peers
             .ping(target)
             .await
             .map_err(|e| e.context(&format!("job {job} was not touched")))?;
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();
-        let lazy = match mode {
-            Mode::PostCopy => {
-                return Err(AgentError::FailedPrecondition(
-                    "post-copy migration is not available yet; use full copy".into(),
-                ))
-            }
-            Mode::Auto | Mode::FullCopy => None,
-        };
+        let post_copy = mode == Mode::PostCopy
+            && {
+                let ok = self.cfg.post_copy
+                    && target_post_copy
+                    && self.engine.features().lazy_pages
+                    && self.cfg.page_server_ip.is_some();
+                if !ok {
+                    tracing::warn!(job = %job, "post-copy unavailable (not enabled with --enable-post-copy, or userfaultfd or a page-server address missing); full copy instead");
+                }
+                ok
+            };
+        if post_copy {
+            return self.migrate_post_copy(rec, pid, target, mig, started).await;
+        }
         let dumped = self
-            .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, lazy)
+            .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, None)
             .await
             .inspect_err(|_| {
                 self.metrics
@@ -632,6 +861,97 @@ impl Agent {
                     .with_label_values(&["total", outcome])
                     .observe(started.elapsed().as_secs_f64());
                 r
+            }
+        }
+    }
+
+    async fn migrate_post_copy(
+        self: &Arc<Self>,
+        mut rec: JobRecord,
+        pid: i32,
+        target: &NodeName,
+        mig: MigrationId,
+        started: Instant,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        let job = rec.id.clone();
+        let (dumped, ps, lazy) = self
+            .checkpoint_lazy(&mut rec, pid, &mig, target)
+            .await
+            .inspect_err(|_| {
+                self.metrics
+                    .migration_failures
+                    .with_label_values(&["dump"])
+                    .inc()
+            })?;
+        if let Some(p) = rec.pending.as_mut() {
+            p.phase = MigrationPhase::Dumped;
+        }
+        self.registry.put(&mut rec)?;
+        let call = RestoreCall {
+            job: job.clone(),
+            migration: mig.clone(),
+            page_server: Some(ps.clone()),
+            from: Some(self.cfg.node.clone()),
+            frozen_before_ms: started.elapsed().as_millis() as u64,
+            image_bytes: dumped.image_bytes,
+        };
+        let dir = self.image_dir(&dumped.image_dir);
+        match self.peers.restore(target, call).await {
+            Ok(_) => {
+                let frozen_ms = started.elapsed().as_millis() as u64;
+                self.finish_lazy(&job, lazy).await?;
+                let landed = self.registry.get(&job)?;
+                if landed.node != *target || landed.state != JobState::Running {
+                    return Err(AgentError::Aborted(format!(
+                        "post-copy migration of job {job} to {target} did not complete: the registry shows it {} on {}{}",
+                        landed.state.as_str(),
+                        landed.node,
+                        if landed.error.is_empty() { String::new() } else { format!(" ({})", landed.error) }
+                    )));
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                let total_ms = started.elapsed().as_millis() as u64;
+                let mut m = landed.history.last().cloned().ok_or_else(|| {
+                    AgentError::Internal("restored job has no migration record".into())
+                })?;
+                m.frozen_ms = frozen_ms;
+                m.total_ms = total_ms;
+                m.post_copy = true;
+                let hist = &self.metrics.migration_seconds;
+                hist.with_label_values(&["frozen", "ok"])
+                    .observe(frozen_ms as f64 / 1000.0);
+                hist.with_label_values(&["total", "ok"])
+                    .observe(total_ms as f64 / 1000.0);
+                tracing::info!(job = %job, to = %target, frozen_ms, total_ms, "migrated (post-copy)");
+                Ok((landed, m))
+            }
+            Err(cause) => {
+                self.metrics
+                    .migration_failures
+                    .with_label_values(&["restore"])
+                    .inc();
+                // Roll back from our own page server: the job's memory lives
+                // only there now.
+                let arrival = Arrival::RolledBack {
+                    to: target.clone(),
+                    error: cause.to_string(),
+                    frozen_before_ms: started.elapsed().as_millis() as u64,
+                };
+                let back = self.restore_here(&job, &mig, Some(ps), arrival).await;
+                let _ = self.finish_lazy(&job, lazy).await;
+                match back {
+                    Ok(_) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        Err(AgentError::Aborted(format!(
+                            "post-copy migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",
+                            self.cfg.node
+                        )))
+                    }
+                    Err(e) => Err(AgentError::Aborted(format!(
+                        "post-copy migration of job {job} to {target} failed ({cause}) and the rollback failed too ({e}); images and logs kept in {}",
+                        dir.display()
+                    ))),
+                }
             }
         }
     }

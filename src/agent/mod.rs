@@ -38,6 +38,14 @@ pub struct AgentConfig {
     pub speed: f64,
     /// HMAC key for image manifests; None disables sealing (tests only).
     pub image_key: Option<crate::security::manifest::ClusterKey>,
+    /// Address this node's CRIU page server listens on for post-copy
+    /// migrations (the agent's own address); None disables post-copy.
+    pub page_server_ip: Option<std::net::IpAddr>,
+    /// Allow post-copy migrations. Off by default: on the kernels this was
+    /// built on, CRIU 4.2.1's lazy page transfer fails ("page-pipe: splice:
+    /// Bad file descriptor"), and a failed transfer can only fall back to the
+    /// source. Requests for post-copy then run as full copy.
+    pub post_copy: bool,
 }
 
 /// One operation of the agent; transport-free.
@@ -121,7 +129,7 @@ pub struct Agent {
     /// One CRIU operation at a time on this node: concurrent dumps from one
     /// network namespace were seen to fail in CRIU's parasite ("Can't
     /// retrieve FD from socket"), and they would only compete for the CPU.
-    pub(crate) criu_lock: tokio::sync::Mutex<()>,
+    pub(crate) criu_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -160,7 +168,7 @@ impl Agent {
             load,
             stats: migration::MigrationStats::default(),
             metrics,
-            criu_lock: tokio::sync::Mutex::new(()),
+            criu_lock: Arc::new(tokio::sync::Mutex::new(())),
         }))
     }
 

@@ -15,8 +15,9 @@ pub trait Peers: Send + Sync + 'static {
     fn knows(&self, node: &NodeName) -> bool;
     /// Names of every node, for error messages.
     fn names(&self) -> Vec<String>;
-    /// Cheap liveness check before the job is frozen.
-    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<()>>;
+    /// Cheap liveness check before the job is frozen; answers whether the
+    /// node can take a post-copy migration (userfaultfd).
+    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>>;
     /// Ask `node` to restore from images.
     fn restore<'a>(
         &'a self,
@@ -60,7 +61,7 @@ impl Peers for GrpcPeers {
         self.endpoints.keys().map(|n| n.to_string()).collect()
     }
 
-    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<()>> {
+    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
         Box::pin(async move {
             let ep = self.endpoint(node)?;
             let mut c = client::agent(ep, self.tls.as_ref(), self.ping_timeout)
@@ -68,10 +69,10 @@ impl Peers for GrpcPeers {
                 .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
             let mut req = tonic::Request::new(crate::api::pb::GetLoadRequest {});
             req.set_timeout(self.ping_timeout);
-            c.get_load(req).await.map_err(|s| {
+            let load = c.get_load(req).await.map_err(|s| {
                 AgentError::Unavailable(format!("{node} unreachable: {}", s.message()))
             })?;
-            Ok(())
+            Ok(load.into_inner().supports_post_copy)
         })
     }
 

@@ -67,7 +67,9 @@ impl Agent {
         let Ok(mut rec) = self.registry.get(id) else {
             return;
         };
-        if rec.node != self.cfg.node || rec.pid != pid {
+        // A job already marked failed (e.g. post-copy pages lost) keeps
+        // that verdict; its forced end is not an ordinary exit.
+        if rec.node != self.cfg.node || rec.pid != pid || rec.state == JobState::Failed {
             return;
         }
         rec.state = JobState::Exited;

@@ -50,6 +50,11 @@ fn main() {
     let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
 
+    // The agent is multi-threaded: an fd of another operation may have
+    // leaked in between clone and exec. A job must hold nothing but its
+    // stdio, or CRIU would find pipes and sockets it cannot move.
+    // SAFETY: close_range has no memory-safety preconditions.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // SAFETY: plain fork/exec in a single-threaded process.
     let child = unsafe { libc::fork() };
     if child < 0 {

@@ -92,6 +92,17 @@ impl CheckpointEngine for FakeEngine {
         Features::default()
     }
 
+    fn start_lazy_daemon(
+        &self,
+        _image_dir: &std::path::Path,
+        _from: &super::PageServer,
+    ) -> Result<std::process::Child, CriuError> {
+        Err(CriuError::Failed {
+            op: "lazy-pages",
+            detail: "the fake engine has no post-copy".into(),
+        })
+    }
+
     fn available(&self) -> Result<(), CriuError> {
         Ok(())
     }

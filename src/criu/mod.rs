@@ -44,6 +44,9 @@ pub struct DumpSpec {
     pub leave_running: bool,
     /// Post-copy: serve memory from this page server instead of writing it.
     pub lazy: Option<PageServer>,
+    /// CRIU writes a byte here once everything but memory is dumped and the
+    /// page server listens (post-copy). Must be inheritable (no CLOEXEC).
+    pub status_fd: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +95,14 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     /// Restore from `spec.image_dir`; the restored init is our child.
     fn restore(&self, spec: &RestoreSpec) -> Result<RestoreOutcome, CriuError>;
     fn features(&self) -> Features;
+    /// Post-copy, target side: start CRIU's lazy-pages daemon for
+    /// `image_dir`, fetching memory from the source's page server; returns
+    /// once it listens for the restore.
+    fn start_lazy_daemon(
+        &self,
+        image_dir: &Path,
+        from: &PageServer,
+    ) -> Result<std::process::Child, CriuError>;
     /// Whether the engine is usable at all (binary present).
     fn available(&self) -> Result<(), CriuError>;
 }

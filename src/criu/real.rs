@@ -87,6 +87,56 @@ impl CheckpointEngine for RealCriu {
         self.features
     }
 
+    fn start_lazy_daemon(
+        &self,
+        image_dir: &Path,
+        from: &super::PageServer,
+    ) -> Result<std::process::Child, CriuError> {
+        self.available()?;
+        let socket = image_dir.join("lazy-pages.socket");
+        let _ = std::fs::remove_file(&socket);
+        let mut child = Command::new(&self.path)
+            .args(["lazy-pages", "--page-server", "--address"])
+            .arg(&from.address)
+            .arg("--port")
+            .arg(from.port.to_string())
+            .arg("-D")
+            .arg(image_dir)
+            .arg("-o")
+            .arg(super::LAZY_LOG)
+            .arg("-v4")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| CriuError::Io {
+                op: "lazy-pages",
+                source: e,
+            })?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(CriuError::Failed {
+                    op: "lazy-pages",
+                    detail: format!(
+                        "daemon exited ({st}): {}",
+                        log_excerpt(&image_dir.join(super::LAZY_LOG))
+                    ),
+                });
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CriuError::Failed {
+                    op: "lazy-pages",
+                    detail: "daemon did not start listening within 15 s".into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(child)
+    }
+
     fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError> {
         let mut criu = self.client()?;
         let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
@@ -105,6 +155,9 @@ impl CheckpointEngine for RealCriu {
         if let Some(ps) = &spec.lazy {
             criu.set_lazy_pages(true);
             criu.set_page_server(ps.address.clone(), i32::from(ps.port));
+        }
+        if let Some(fd) = spec.status_fd {
+            criu.set_status_fd(fd);
         }
         criu.dump()
             .map_err(|e| failure("dump", e, &spec.image_dir.join(DUMP_LOG)))
