@@ -27,7 +27,7 @@ demo: build
 
 ## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale.
 bench: setup
-	$(CARGO) build --release --bins --benches
+	$(CARGO) build --release --bins
 	@bash scripts/bench.sh
 
 ## Long soak: hundreds of round-trip migrations of a stateful job.
