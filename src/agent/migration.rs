@@ -237,21 +237,10 @@ impl Agent {
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = result {
-            // Free the space first: a full disk is a common cause, and the
-            // registry write below needs room.
-            remove_images_keep_logs(&dir);
-            if !leave_running {
-                // CRIU resumed the job (or it ended by itself meanwhile).
-                let exited = self.set_dumping(&rec.id, false);
-                rec.state = JobState::Running;
-                rec.pending = None;
-                self.registry.put(rec)?;
-                if let Some(st) = exited {
-                    if let Ok(mut l) = self.local.lock() {
-                        l.remove(&rec.id);
-                    }
-                    self.record_exit(&rec.id, pid, Some(st));
-                }
+            if leave_running {
+                remove_images_keep_logs(&dir);
+            } else {
+                self.dump_failed(rec, pid, &dir)?;
             }
             return Err(AgentError::from(e).context(&format!(
                 "dump of job {} failed; it keeps running on {}",
@@ -270,6 +259,25 @@ impl Agent {
             image_bytes: dir_bytes(&dir),
             frozen_ms,
         })
+    }
+
+    /// A dump that stops the job failed: CRIU has resumed the job (or it
+    /// ended by itself meanwhile). Drop the partial images first — a full
+    /// disk is a common cause and the registry write needs room — then
+    /// record the job as running here again (or its exit).
+    fn dump_failed(&self, rec: &mut JobRecord, pid: i32, dir: &Path) -> AgentResult<()> {
+        remove_images_keep_logs(dir);
+        let exited = self.set_dumping(&rec.id, false);
+        rec.state = JobState::Running;
+        rec.pending = None;
+        self.registry.put(rec)?;
+        if let Some(st) = exited {
+            if let Ok(mut l) = self.local.lock() {
+                l.remove(&rec.id);
+            }
+            self.record_exit(&rec.id, pid, Some(st));
+        }
+        Ok(())
     }
 
     /// Make the images durable and unforgeable: fsync + HMAC manifest.
@@ -658,17 +666,7 @@ impl Agent {
                 Ok(Ok(())) => AgentError::Aborted("CRIU ended without serving pages".into()),
                 Err(e) => AgentError::Internal(format!("dump task: {e}")),
             };
-            remove_images_keep_logs(&dir);
-            let exited = self.set_dumping(&rec.id, false);
-            rec.state = JobState::Running;
-            rec.pending = None;
-            self.registry.put(rec)?;
-            if let Some(st) = exited {
-                if let Ok(mut l) = self.local.lock() {
-                    l.remove(&rec.id);
-                }
-                self.record_exit(&rec.id, pid, Some(st));
-            }
+            self.dump_failed(rec, pid, &dir)?;
             return Err(err.context(&format!(
                 "post-copy dump of job {} failed; it keeps running on {}",
                 rec.id, self.cfg.node
@@ -819,31 +817,9 @@ impl Agent {
         match self.peers.restore(target, call).await {
             Ok(_) => {
                 let frozen_ms = started.elapsed().as_millis() as u64;
-                // Confirm through the registry, the cluster's source of truth.
-                let landed = self.registry.get(job)?;
-                if landed.node != *target || landed.state != JobState::Running {
-                    return Err(AgentError::Internal(format!(
-                        "target {target} reported success but the registry shows job {job} {} on {}",
-                        landed.state.as_str(),
-                        landed.node
-                    )));
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-                let total_ms = started.elapsed().as_millis() as u64;
                 self.stats
                     .observe(dumped.image_bytes, frozen_ms as f64 / 1000.0);
-                let mut m = landed.history.last().cloned().ok_or_else(|| {
-                    AgentError::Internal("restored job has no migration record".into())
-                })?;
-                m.frozen_ms = frozen_ms;
-                m.total_ms = total_ms;
-                let hist = &self.metrics.migration_seconds;
-                hist.with_label_values(&["frozen", "ok"])
-                    .observe(frozen_ms as f64 / 1000.0);
-                hist.with_label_values(&["total", "ok"])
-                    .observe(total_ms as f64 / 1000.0);
-                tracing::info!(job = %job, to = %target, frozen_ms, total_ms, "migrated");
-                Ok((landed, m))
+                self.confirm_and_clean(job, target, &dir, started, frozen_ms, false)
             }
             Err(e) => {
                 self.metrics
@@ -900,30 +876,7 @@ impl Agent {
             Ok(_) => {
                 let frozen_ms = started.elapsed().as_millis() as u64;
                 self.finish_lazy(&job, lazy).await?;
-                let landed = self.registry.get(&job)?;
-                if landed.node != *target || landed.state != JobState::Running {
-                    return Err(AgentError::Aborted(format!(
-                        "post-copy migration of job {job} to {target} did not complete: the registry shows it {} on {}{}",
-                        landed.state.as_str(),
-                        landed.node,
-                        if landed.error.is_empty() { String::new() } else { format!(" ({})", landed.error) }
-                    )));
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-                let total_ms = started.elapsed().as_millis() as u64;
-                let mut m = landed.history.last().cloned().ok_or_else(|| {
-                    AgentError::Internal("restored job has no migration record".into())
-                })?;
-                m.frozen_ms = frozen_ms;
-                m.total_ms = total_ms;
-                m.post_copy = true;
-                let hist = &self.metrics.migration_seconds;
-                hist.with_label_values(&["frozen", "ok"])
-                    .observe(frozen_ms as f64 / 1000.0);
-                hist.with_label_values(&["total", "ok"])
-                    .observe(total_ms as f64 / 1000.0);
-                tracing::info!(job = %job, to = %target, frozen_ms, total_ms, "migrated (post-copy)");
-                Ok((landed, m))
+                self.confirm_and_clean(&job, target, &dir, started, frozen_ms, true)
             }
             Err(cause) => {
                 self.metrics
@@ -954,6 +907,48 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Confirm through the registry, the cluster's source of truth, that the
+    /// job runs on the target; then remove the images and report.
+    fn confirm_and_clean(
+        &self,
+        job: &JobId,
+        target: &NodeName,
+        dir: &Path,
+        started: Instant,
+        frozen_ms: u64,
+        post_copy: bool,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        let landed = self.registry.get(job)?;
+        if landed.node != *target || landed.state != JobState::Running {
+            return Err(AgentError::Aborted(format!(
+                "migration of job {job} to {target} did not complete: the registry shows it {} on {}{}",
+                landed.state.as_str(),
+                landed.node,
+                if landed.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", landed.error)
+                }
+            )));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        let total_ms = started.elapsed().as_millis() as u64;
+        let mut m =
+            landed.history.last().cloned().ok_or_else(|| {
+                AgentError::Internal("restored job has no migration record".into())
+            })?;
+        m.frozen_ms = frozen_ms;
+        m.total_ms = total_ms;
+        m.post_copy = post_copy;
+        let hist = &self.metrics.migration_seconds;
+        hist.with_label_values(&["frozen", "ok"])
+            .observe(frozen_ms as f64 / 1000.0);
+        hist.with_label_values(&["total", "ok"])
+            .observe(total_ms as f64 / 1000.0);
+        tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated");
+        Ok((landed, m))
     }
 
     /// The target failed: bring the job back here from the same images.
