@@ -298,6 +298,11 @@ def markdown(r, tg, pngs):
         w(f"`mosctl migrate --post-copy` refuses: `{pc.get('error', '')}`. Post-copy is **not implemented**; "
           "both post-copy targets are recorded as MISS.\n")
     else:
+        w("The local cluster's agents run without `--enable-post-copy`: on this kernel CRIU 4.2.1's lazy "
+          "page transfer fails (`page-pipe: splice: -1: Bad file descriptor`, also with the plain `criu dump "
+          "--lazy-pages` CLI), so mosix runs `--post-copy` requests as a **full copy**. The times below are "
+          "therefore full-copy times of post-copy requests, and both post-copy targets are missed for a "
+          "reason in CRIU/the kernel, not measured post-copy performance.\n")
         w("| Size | frozen | total (agent) | wall |")
         w("|---|---|---|---|")
         for k in ("64", "1024"):
