@@ -62,13 +62,12 @@ fn main() {
     }
     if child == 0 {
         unsafe {
-            if uid != 0 || gid != 0 {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if (uid != 0 || gid != 0)
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    die("cannot switch user");
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                die("cannot switch user");
             }
             if libc::chdir(cwd.as_ptr()) != 0 {
                 die(&format!("cannot chdir to {}", args[3]));

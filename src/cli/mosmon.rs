@@ -449,6 +449,11 @@ struct TerminalGuard {
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if terminal_gone() {
+            // Nothing to restore, and the reader may be stuck in crossterm's
+            // poll on the dead pty: joining it would hang; exiting ends it.
+            return;
+        }
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
@@ -467,7 +472,21 @@ fn spawn_input_reader(
         .name("mosmon-input".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                // A hung-up terminal (e.g. its tmux session killed without
+                // a SIGHUP reaching us) makes crossterm's poll spin inside
+                // itself; ask the kernel directly and stop instead.
+                let mut pfd = libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+                let hup = (r > 0
+                    && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+                    || terminal_gone();
                 let ev = match event::poll(Duration::from_millis(100)) {
+                    _ if hup => Err(std::io::Error::other("the terminal is gone")),
                     Ok(false) => continue,
                     Ok(true) => event::read(),
                     Err(e) => Err(e),
@@ -478,6 +497,13 @@ fn spawn_input_reader(
                 }
             }
         })
+}
+
+/// The pty behind stdin was removed (seen when tmux kills a pane).
+fn terminal_gone() -> bool {
+    std::fs::read_link("/proc/self/fd/0")
+        .map(|p| p.to_string_lossy().ends_with(" (deleted)"))
+        .unwrap_or(false)
 }
 
 struct App {
@@ -548,6 +574,9 @@ async fn tui_loop(
     // still sends signals; end cleanly on them so the terminal is restored.
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    // crossterm's poll can spin forever on a pty that was removed (a killed
+    // tmux pane) without a SIGHUP reaching us: check once a second.
+    let mut watchdog = tokio::time::interval(Duration::from_secs(1));
     loop {
         terminal
             .draw(|f| draw(f, &app))
@@ -578,6 +607,11 @@ async fn tui_loop(
             },
             _ = term.recv() => return Ok(()),
             _ = hup.recv() => return Ok(()),
+            _ = watchdog.tick() => {
+                if terminal_gone() {
+                    bail!("the terminal is gone");
+                }
+            }
         }
     }
 }

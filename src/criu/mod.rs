@@ -135,26 +135,6 @@ pub fn log_excerpt(log: &Path) -> String {
     format!("{s} (log: {})", log.display())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn excerpt_prefers_error_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("dump.log");
-        std::fs::write(
-            &log,
-            "(00.1) info\n(00.2) Error (criu/cr-restore.c:1): Can't fork for 6975: File exists\n(00.3) bye\n",
-        )
-        .unwrap();
-        let e = log_excerpt(&log);
-        assert!(e.contains("Can't fork for 6975"), "{e}");
-        assert!(!e.contains("bye"), "{e}");
-        assert!(log_excerpt(&dir.path().join("nope")).contains("no CRIU log"));
-    }
-}
-
 /// Where to find CRIU when no flag or config names it: `$MOSIX_CRIU`, else
 /// the project-local build recorded by `make setup` (`.cache/criu/path`),
 /// else `criu` on PATH.
@@ -182,4 +162,24 @@ pub fn default_criu_path() -> PathBuf {
         }
     }
     PathBuf::from("criu")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_prefers_error_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(
+            &log,
+            "(00.1) info\n(00.2) Error (criu/cr-restore.c:1): Can't fork for 6975: File exists\n(00.3) bye\n",
+        )
+        .unwrap();
+        let e = log_excerpt(&log);
+        assert!(e.contains("Can't fork for 6975"), "{e}");
+        assert!(!e.contains("bye"), "{e}");
+        assert!(log_excerpt(&dir.path().join("nope")).contains("no CRIU log"));
+    }
 }
