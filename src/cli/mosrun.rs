@@ -2,7 +2,7 @@
 
 use crate::api::pb;
 use crate::balancer::policy;
-use crate::cli::common::{poll_loads, status_err, Ctx};
+use crate::cli::common::{status_err, Ctx};
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::path::PathBuf;
@@ -41,38 +41,17 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
-/// The node the policy would place a new job on, from live loads.
+/// The node the policy would place a new job on, from the same cluster view
+/// the balancer polls.
 pub async fn best_node(ctx: &Ctx, rss: u64) -> anyhow::Result<String> {
-    let loads = poll_loads(ctx, Duration::from_secs(2)).await;
-    let snap = policy::ClusterSnapshot {
-        nodes: loads
-            .iter()
-            .map(|(name, r)| match r {
-                Ok(l) => policy::NodeSnapshot {
-                    name: name.clone(),
-                    up: true,
-                    capacity: l.capacity,
-                    load: l.load,
-                    mem_total_bytes: l.mem_total_bytes,
-                    mem_available_bytes: l.mem_available_bytes,
-                    migrations_in_flight: l.migrations_in_flight,
-                },
-                Err(_) => policy::NodeSnapshot {
-                    name: name.clone(),
-                    up: false,
-                    capacity: 1.0,
-                    load: 0.0,
-                    mem_total_bytes: 0,
-                    mem_available_bytes: 0,
-                    migrations_in_flight: 0,
-                },
-            })
-            .collect(),
-        jobs: vec![],
-        bandwidth_bytes_per_sec: 0.0,
-    };
-    policy::place(&snap, &policy::PolicyConfig::default(), rss, 1.0)
-        .context("no node is up with memory for this job")
+    let view = crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
+    policy::place(
+        &view.snapshot(0.0),
+        &policy::PolicyConfig::default(),
+        rss,
+        1.0,
+    )
+    .context("no node is up with memory for this job")
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
