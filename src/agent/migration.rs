@@ -800,19 +800,7 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        if let Some(p) = rec.pending.as_mut() {
-            p.phase = MigrationPhase::Dumped;
-        }
-        self.registry.put(&mut rec)?;
-
-        let call = RestoreCall {
-            job: job.clone(),
-            migration: mig.clone(),
-            page_server: None,
-            from: Some(self.cfg.node.clone()),
-            frozen_before_ms: started.elapsed().as_millis() as u64,
-            image_bytes: dumped.image_bytes,
-        };
+        let call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, None)?;
         let dir = self.image_dir(&dumped.image_dir);
         match self.peers.restore(target, call).await {
             Ok(_) => {
@@ -859,18 +847,13 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        if let Some(p) = rec.pending.as_mut() {
-            p.phase = MigrationPhase::Dumped;
-        }
-        self.registry.put(&mut rec)?;
-        let call = RestoreCall {
-            job: job.clone(),
-            migration: mig.clone(),
-            page_server: Some(ps.clone()),
-            from: Some(self.cfg.node.clone()),
-            frozen_before_ms: started.elapsed().as_millis() as u64,
-            image_bytes: dumped.image_bytes,
-        };
+        let call = self.hand_over(
+            &mut rec,
+            &mig,
+            started,
+            dumped.image_bytes,
+            Some(ps.clone()),
+        )?;
         let dir = self.image_dir(&dumped.image_dir);
         match self.peers.restore(target, call).await {
             Ok(_) => {
@@ -907,6 +890,30 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The images are sealed: record phase `dumped` and build the target's
+    /// Restore call.
+    fn hand_over(
+        &self,
+        rec: &mut JobRecord,
+        mig: &MigrationId,
+        started: Instant,
+        image_bytes: u64,
+        page_server: Option<PageServer>,
+    ) -> AgentResult<RestoreCall> {
+        if let Some(p) = rec.pending.as_mut() {
+            p.phase = MigrationPhase::Dumped;
+        }
+        self.registry.put(rec)?;
+        Ok(RestoreCall {
+            job: rec.id.clone(),
+            migration: mig.clone(),
+            page_server,
+            from: Some(self.cfg.node.clone()),
+            frozen_before_ms: started.elapsed().as_millis() as u64,
+            image_bytes,
+        })
     }
 
     /// Confirm through the registry, the cluster's source of truth, that the
