@@ -255,14 +255,15 @@ fn restored_job_keeps_its_uid_and_agents_serve_metrics() {
 }
 
 #[test]
-fn post_copy_request_is_safe_where_it_is_not_enabled() {
+fn post_copy_moves_the_job_with_all_its_memory() {
     if !privileged() {
         return;
     }
-    // Post-copy is off unless agents run with --enable-post-copy (CRIU's lazy
-    // transfer fails on this kernel); a request for it must still move the
-    // job intact, as a full copy.
+    if !post_copy_capable() {
+        return;
+    }
     let cl = Cluster::up(2, &[]);
+    let file = cl.shared.join("pc.txt");
     let job = cl.mosrun(&[
         "--node",
         "node1",
@@ -271,17 +272,95 @@ fn post_copy_request_is_safe_where_it_is_not_enabled() {
         "counter",
         "--port",
         "8087",
+        "--file",
+        file.to_str().unwrap(),
         "--mem-mib",
-        "64",
+        "256",
     ]);
     let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
     cl.wait_for("counter", 20, || query_counter(&ip1, 8087).is_some());
     let (before, _) = query_counter(&ip1, 8087).unwrap();
     let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("post-copy"), "{}", stdout(&o));
+    // Every query checks a checksum over all 256 MiB, so each page must have
+    // come over from node1's page server intact.
     let (after, mem_ok) = query_counter(&ip2, 8087).expect("answers on node2");
-    assert!(mem_ok && after >= before);
+    assert!(mem_ok, "memory intact after post-copy");
+    assert!(after >= before);
     let rec = cl.record(&job);
     assert_eq!(rec.node.as_str(), "node2");
-    assert!(!rec.history.last().unwrap().post_copy, "ran as full copy");
+    let m = rec.history.last().unwrap();
+    assert!(m.post_copy, "ran as post-copy: {m:?}");
+    assert!(m.frozen_ms > 0 && m.frozen_ms <= m.total_ms, "{m:?}");
+    // The images held no memory: pages went over the network.
+    assert!(m.image_bytes < 64 << 20, "{m:?}");
+    // And back, full copy this time, from the memory post-copy brought over.
+    let o = cl.mosctl(&["migrate", &job, "node1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, mem_ok) = query_counter(&ip1, 8087).expect("answers on node1");
+    assert!(mem_ok);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_contiguous(&ticks(&file));
+}
+
+#[test]
+fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
+    if !privileged() {
+        return;
+    }
+    if !post_copy_capable() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8088",
+        "--mem-mib",
+        "256",
+    ]);
+    let ip1 = cl.node_ip("node1");
+    cl.wait_for("counter", 30, || query_counter(&ip1, 8088).is_some());
+    // Slow node1's link to 100 Mbit/s, so the 256 MiB cannot all have
+    // arrived (about 20 s) when node1 dies right after the restore.
+    let o = std::process::Command::new("ip")
+        .args(["netns", "exec", &cl.netns("node1"), "tc", "qdisc", "add", "dev", "eth0"])
+        .args(["root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tc: {}", stderr(&o));
+    let mut m = std::process::Command::new(MOSCTL)
+        .args(["migrate", "--post-copy", &job, "node2"])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The job runs on node2 as soon as it is restored; most of its memory
+    // is still on node1. Now node1 dies: agent, CRIU page server, everything.
+    cl.wait_for("restore on node2", 60, || {
+        let r = cl.record(&job);
+        r.node.as_str() == "node2" && r.state == mosix::core::JobState::Running
+    });
+    let killed = cl.kill_node_processes("node1");
+    assert!(killed > 0);
+    let _ = m.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut rec = cl.record(&job);
+    while rec.state != mosix::core::JobState::Failed && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        rec = cl.record(&job);
+    }
+    assert_eq!(rec.state, mosix::core::JobState::Failed, "{rec:?}");
+    assert!(rec.error.contains("post-copy"), "{}", rec.error);
+    // Not left running on missing memory anywhere.
+    let ip2 = cl.node_ip("node2");
+    assert!(query_counter(&ip2, 8088).is_none(), "no half-copied job answers");
+    let o = cl.mosctl(&["show", &job]);
+    assert!(stdout(&o).contains("failed"), "{}", stdout(&o));
 }

@@ -162,6 +162,23 @@ impl Cluster {
     pub fn netns(&self, node: &str) -> String {
         format!("mos-{}-{}", self.name, node)
     }
+
+    /// SIGKILL every process in a node's network namespace (agent, CRIU,
+    /// jobs): the node dies. Returns how many were killed.
+    pub fn kill_node_processes(&self, node: &str) -> usize {
+        let o = Command::new("ip")
+            .args(["netns", "pids", &self.netns(node)])
+            .output()
+            .unwrap();
+        let pids: Vec<i32> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        for &p in &pids {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        pids.len()
+    }
 }
 
 impl Drop for Cluster {
@@ -176,6 +193,23 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.shared);
     }
+}
+
+/// Post-copy needs userfaultfd; CI has it, so only a machine without it skips.
+pub fn post_copy_capable() -> bool {
+    let criu = mosix::criu::default_criu_path();
+    let ok = Command::new(&criu)
+        .args(["check", "--feature", "uffd-noncoop"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok && std::env::var("MOSIX_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("MOSIX_REQUIRE_PRIVILEGED is set but {} reports no uffd-noncoop", criu.display());
+    }
+    if !ok {
+        eprintln!("SKIPPED: {} reports no userfaultfd (uffd-noncoop); post-copy cannot run here", criu.display());
+    }
+    ok
 }
 
 /// Ask a counter job over TCP: returns (counter, mem_ok).

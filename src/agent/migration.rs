@@ -574,14 +574,19 @@ impl Agent {
                 if ok {
                     return;
                 }
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                // Record the verdict before the kill, so the reaper, seeing a
+                // job already failed, does not call it an ordinary exit.
                 if let Ok(mut rec) = agent.registry.get(&job) {
                     // Only if the job is still recorded here: a source that
-                    // resumed its copy has taken the job back already.
-                    if rec.node == agent.cfg.node && rec.pid == pid {
+                    // resumed its copy has taken the job back already. A job
+                    // that died on a missing page before this thread woke
+                    // (recorded as killed by a signal) failed the same way.
+                    let ours = rec.node == agent.cfg.node
+                        && (rec.pid == pid
+                            || (rec.state == JobState::Exited
+                                && rec.exit_signal.is_some()
+                                && rec.history.last().is_some_and(|m| m.post_copy)));
+                    if ours {
                         rec.state = JobState::Failed;
                         rec.pid = 0;
                         rec.error = format!(
@@ -592,6 +597,10 @@ impl Agent {
                         let _ = agent.registry.put(&mut rec);
                     }
                 }
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 tracing::error!(job = %job, "post-copy page transfer failed; job stopped");
             });
         if let Err(e) = spawned {
@@ -685,9 +694,19 @@ impl Agent {
         ))
     }
 
-    /// After a post-copy restore elsewhere: wait until every page was served.
-    /// If the transfer failed, CRIU resumed the job here, so take it back.
-    async fn finish_lazy(self: &Arc<Self>, job: &JobId, lazy: LazyDump) -> AgentResult<()> {
+    /// Wait until every page was served (post-copy, source side).
+    ///
+    /// If the transfer failed, CRIU resumed the frozen copy here. Before the
+    /// target restored (`restored_elsewhere == false`) that copy is the job,
+    /// so it is taken back. After, the job has already run on the target, so
+    /// resuming the old copy would repeat its work: it is killed, and the
+    /// target, whose lazy-pages daemon failed too, reports the job failed.
+    async fn finish_lazy(
+        self: &Arc<Self>,
+        job: &JobId,
+        lazy: LazyDump,
+        restored_elsewhere: bool,
+    ) -> AgentResult<()> {
         let r = tokio::time::timeout(std::time::Duration::from_secs(600), lazy.handle).await;
         let ok = matches!(r, Ok(Ok(Ok(()))));
         let exited = self.set_dumping(job, false);
@@ -697,8 +716,22 @@ impl Agent {
             }
             return Ok(());
         }
-        if exited.is_none() && reaper::is_pidns_init(lazy.pid) {
-            // The source copy is alive again: it is the job.
+        let alive = exited.is_none() && reaper::is_pidns_init(lazy.pid);
+        if restored_elsewhere {
+            if alive {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(lazy.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Ok(mut l) = self.local.lock() {
+                l.remove(job);
+            }
+            return Err(AgentError::Aborted(format!(
+                "post-copy page transfer of job {job} failed after it had started on the target; the job is stopped and reported failed rather than run with missing memory or resumed twice"
+            )));
+        }
+        if alive {
             let mut rec = self.registry.get(job)?;
             rec.node = self.cfg.node.clone();
             rec.state = JobState::Running;
@@ -784,7 +817,7 @@ impl Agent {
                     && self.engine.features().lazy_pages
                     && self.cfg.page_server_ip.is_some();
                 if !ok {
-                    tracing::warn!(job = %job, "post-copy unavailable (not enabled with --enable-post-copy, or userfaultfd or a page-server address missing); full copy instead");
+                    tracing::warn!(job = %job, "post-copy unavailable (turned off with --no-post-copy, no userfaultfd or big pipes on one end, or no page-server address); full copy instead");
                 }
                 ok
             };
@@ -858,7 +891,7 @@ impl Agent {
         match self.peers.restore(target, call).await {
             Ok(_) => {
                 let frozen_ms = started.elapsed().as_millis() as u64;
-                self.finish_lazy(&job, lazy).await?;
+                self.finish_lazy(&job, lazy, true).await?;
                 self.confirm_and_clean(&job, target, &dir, started, frozen_ms, true)
             }
             Err(cause) => {
@@ -874,7 +907,7 @@ impl Agent {
                     frozen_before_ms: started.elapsed().as_millis() as u64,
                 };
                 let back = self.restore_here(&job, &mig, Some(ps), arrival).await;
-                let _ = self.finish_lazy(&job, lazy).await;
+                let _ = self.finish_lazy(&job, lazy, false).await;
                 match back {
                     Ok(_) => {
                         let _ = std::fs::remove_dir_all(&dir);

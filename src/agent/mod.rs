@@ -41,10 +41,9 @@ pub struct AgentConfig {
     /// Address this node's CRIU page server listens on for post-copy
     /// migrations (the agent's own address); None disables post-copy.
     pub page_server_ip: Option<std::net::IpAddr>,
-    /// Allow post-copy migrations. Off by default: on the kernels this was
-    /// built on, CRIU 4.2.1's lazy page transfer fails ("page-pipe: splice:
-    /// Bad file descriptor"), and a failed transfer can only fall back to the
-    /// source. Requests for post-copy then run as full copy.
+    /// Allow post-copy migrations (`mosixd --no-post-copy` turns them off).
+    /// Even when allowed, they need userfaultfd and big pipes on both ends
+    /// (see `criu::host`); otherwise requests for post-copy run as full copy.
     pub post_copy: bool,
 }
 

@@ -66,11 +66,11 @@ pub struct Args {
     /// Prometheus metrics listen address (e.g. 0.0.0.0:9100).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Allow post-copy (lazy pages) migrations. Experimental: CRIU 4.2.1's
-    /// lazy transfer fails on some kernels; without this flag post-copy
-    /// requests run as full copy.
+    /// Refuse post-copy (lazy pages) migrations: requests for post-copy then
+    /// run as full copy. Post-copy is on by default where the kernel has
+    /// userfaultfd (the agent raises fs.pipe-max-size to 4 MiB for CRIU).
     #[arg(long)]
-    pub enable_post_copy: bool,
+    pub no_post_copy: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,8 +90,8 @@ pub struct FileConfig {
     pub insecure: bool,
     pub image_key: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
-    #[serde(default)]
-    pub enable_post_copy: bool,
+    /// `false` is the file form of `--no-post-copy`.
+    pub post_copy: Option<bool>,
 }
 
 impl FileConfig {
@@ -123,7 +123,7 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         insecure: a.insecure || f.insecure,
         image_key: a.image_key.or(f.image_key),
         metrics: a.metrics.or(f.metrics),
-        enable_post_copy: a.enable_post_copy || f.enable_post_copy,
+        no_post_copy: a.no_post_copy || f.post_copy == Some(false),
     })
 }
 
@@ -193,7 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         speed: a.speed.unwrap_or(1.0),
         image_key,
         page_server_ip: (!listen.ip().is_unspecified()).then(|| listen.ip()),
-        post_copy: a.enable_post_copy,
+        post_copy: !a.no_post_copy,
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     agent.recover().await;

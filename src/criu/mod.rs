@@ -18,6 +18,7 @@
 //!   user quotes CRIU's own `Error` lines from that log.
 
 pub mod fake;
+pub mod host;
 pub mod real;
 
 pub use real::RealCriu;
@@ -65,7 +66,7 @@ pub struct RestoreOutcome {
 /// Kernel features relevant to migration modes, from `criu check --feature`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Features {
-    /// userfaultfd: post-copy (lazy pages) works.
+    /// userfaultfd and big enough pipes: post-copy (lazy pages) works.
     pub lazy_pages: bool,
     /// soft-dirty memory tracking: iterative pre-copy works.
     pub mem_dirty_track: bool,

@@ -35,8 +35,17 @@ impl RealCriu {
     /// Probe the binary's kernel features once; a missing binary yields an
     /// engine whose every call fails with [`CriuError::Missing`].
     pub fn new(path: PathBuf) -> Self {
+        let uffd = check_feature(&path, "uffd-noncoop");
+        // userfaultfd alone is not enough: see `host` for the pipe size.
+        let pipes = if uffd {
+            super::host::ensure_pipe_max_size()
+                .inspect_err(|why| tracing::warn!("post-copy disabled: {why}"))
+                .is_ok()
+        } else {
+            false
+        };
         let features = Features {
-            lazy_pages: check_feature(&path, "uffd-noncoop"),
+            lazy_pages: uffd && pipes,
             mem_dirty_track: check_feature(&path, "mem_dirty_track"),
         };
         Self { path, features }
