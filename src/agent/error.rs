@@ -50,6 +50,7 @@ impl From<crate::criu::CriuError> for AgentError {
         match e {
             C::Missing(_) => AgentError::Unavailable(e.to_string()),
             C::DiskFull { .. } => AgentError::ResourceExhausted(e.to_string()),
+            C::Refused(why) => AgentError::DataLoss(format!("images refused: {why}")),
             C::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 AgentError::ResourceExhausted(e.to_string())
             }

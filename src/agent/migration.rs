@@ -24,7 +24,9 @@ use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
-use crate::criu::{DumpSpec, PageServer, RestoreSpec, DUMP_LOG, LAZY_LOG, RESTORE_LOG};
+use crate::criu::{
+    DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,11 +233,19 @@ impl Agent {
             lazy,
             status_fd: None,
         };
+        // Hash (and start flushing) the page images while CRIU writes them,
+        // so sealing after the dump only has the tail left to do.
+        let follower = (self.cfg.image_key.is_some() && spec.lazy.is_none())
+            .then(|| crate::security::follow::FollowHasher::start(&dir));
         let result = {
             let _one = self.criu_lock.lock().await;
             Self::blocking(move || engine.dump(&spec)).await?
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
+        let precomputed = match (&result, follower) {
+            (Ok(()), Some(f)) => Self::blocking(move || f.finish()).await?,
+            _ => Default::default(),
+        };
         if let Err(e) = result {
             if leave_running {
                 remove_images_keep_logs(&dir);
@@ -253,7 +263,7 @@ impl Agent {
                 l.remove(&rec.id);
             }
         }
-        self.seal(&dir, &rec.id, mig).await?;
+        self.seal(&dir, &rec.id, mig, precomputed).await?;
         Ok(DumpResult {
             image_dir: rel,
             image_bytes: dir_bytes(&dir),
@@ -281,13 +291,28 @@ impl Agent {
     }
 
     /// Make the images durable and unforgeable: fsync + HMAC manifest.
-    pub(crate) async fn seal(&self, dir: &Path, job: &JobId, mig: &MigrationId) -> AgentResult<()> {
+    /// `precomputed` holds digests hashed while CRIU wrote (see
+    /// `security::follow`); other files are hashed now.
+    pub(crate) async fn seal(
+        &self,
+        dir: &Path,
+        job: &JobId,
+        mig: &MigrationId,
+        precomputed: std::collections::BTreeMap<String, crate::security::manifest::Precomputed>,
+    ) -> AgentResult<()> {
         let Some(key) = self.cfg.image_key.clone() else {
             return Ok(());
         };
         let (dir, job, mig) = (dir.to_path_buf(), job.to_string(), mig.to_string());
         Self::blocking(move || {
-            crate::security::manifest::write_manifest(&dir, &key, &job, &mig, UNSEALED)
+            crate::security::manifest::write_manifest_with(
+                &dir,
+                &key,
+                &job,
+                &mig,
+                UNSEALED,
+                &precomputed,
+            )
         })
         .await?
         .map(|_| ())
@@ -301,17 +326,42 @@ impl Agent {
         })
     }
 
-    async fn verify(&self, dir: &Path, job: &JobId) -> AgentResult<()> {
+    /// Verify the manifest and every image CRIU parses now; the memory
+    /// pages are hashed on a separate thread while CRIU restores, and the
+    /// returned gate holds the restored job at CRIU's pre-resume step until
+    /// that check passed (or kills it if it failed). Tampered pages are thus
+    /// never run, and verification costs no time when it is faster than the
+    /// restore.
+    async fn verify(&self, dir: &Path, job: &JobId) -> AgentResult<Option<ResumeGate>> {
         let Some(key) = self.cfg.image_key.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let (dir, job) = (dir.to_path_buf(), job.to_string());
-        Self::blocking(move || {
-            crate::security::manifest::verify_manifest(&dir, &key, &job, UNSEALED)
+        let deferred = Self::blocking(move || {
+            crate::security::manifest::verify_manifest_deferring(
+                &dir,
+                &key,
+                &job,
+                UNSEALED,
+                crate::security::follow::is_page_image,
+            )
         })
         .await?
-        .map(|_| ())
-        .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))
+        .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))?
+        .1;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+        std::thread::Builder::new()
+            .name("verify-pages".into())
+            .spawn(move || {
+                let _ = tx.send(deferred.check().map_err(|e| e.to_string()));
+            })
+            .map_err(|e| io_error("starting page verification", e))?;
+        let rx = std::sync::Mutex::new(rx);
+        Ok(Some(ResumeGate::new(move || {
+            let rx = rx.lock().map_err(|_| "verification state poisoned".to_string())?;
+            rx.recv()
+                .unwrap_or_else(|_| Err("page verification thread died".into()))
+        })))
     }
 
     /// Dump RPC.
@@ -448,7 +498,7 @@ impl Agent {
             // A daemon socket left by an earlier attempt is not an image file.
             let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
         }
-        self.verify(&dir, job).await?;
+        let resume_gate = self.verify(&dir, job).await?;
         self.claim_images(&dir, mig)?;
         let release = |dir: &Path| {
             let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
@@ -473,6 +523,7 @@ impl Agent {
         let spec = RestoreSpec {
             image_dir: dir.clone(),
             lazy_from: lazy_from.clone(),
+            resume_gate,
         };
         let result = if lazy_from.is_some() {
             // Not under the CRIU lock: on a rollback, this node's own
@@ -682,7 +733,7 @@ impl Agent {
             )));
         }
         let frozen_ms = t0.elapsed().as_millis() as u64;
-        self.seal(&dir, &rec.id, mig).await?;
+        self.seal(&dir, &rec.id, mig, Default::default()).await?;
         Ok((
             DumpResult {
                 image_dir: rel,

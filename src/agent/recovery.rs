@@ -199,7 +199,7 @@ impl Agent {
         }
         let sealed = dir.join("MANIFEST.json").exists();
         if !sealed && dump_succeeded(&dir) {
-            if let Err(e) = self.seal(&dir, &rec.id, &p.id).await {
+            if let Err(e) = self.seal(&dir, &rec.id, &p.id, Default::default()).await {
                 tracing::warn!(job = %rec.id, "cannot seal images on recovery: {e}");
             }
         }

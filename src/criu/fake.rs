@@ -73,6 +73,9 @@ impl CheckpointEngine for FakeEngine {
                 detail: "no images".into(),
             });
         }
+        if let Some(gate) = &spec.resume_gate {
+            gate.check().map_err(CriuError::Refused)?;
+        }
         self.restores.fetch_add(1, Ordering::SeqCst);
         let child = std::process::Command::new("sleep")
             .arg("600")

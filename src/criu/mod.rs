@@ -55,6 +55,30 @@ pub struct RestoreSpec {
     pub image_dir: PathBuf,
     /// Post-copy: fetch pages from this source page server.
     pub lazy_from: Option<PageServer>,
+    /// Called at CRIU's `pre-resume` step, after the process tree is rebuilt
+    /// and before any of it runs; an `Err` aborts the restore (CRIU kills
+    /// the tree). The agent uses it to finish verifying memory images in
+    /// parallel with the restore.
+    pub resume_gate: Option<ResumeGate>,
+}
+
+/// See [`RestoreSpec::resume_gate`].
+#[derive(Clone)]
+pub struct ResumeGate(pub std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl ResumeGate {
+    pub fn new(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+    pub fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ResumeGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResumeGate")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +102,9 @@ pub enum CriuError {
     Missing(PathBuf),
     #[error("CRIU {op} failed: {detail}")]
     Failed { op: &'static str, detail: String },
+    /// The resume gate refused: the restored tree was killed before it ran.
+    #[error("restore stopped before the job resumed: {0}")]
+    Refused(String),
     #[error("CRIU {op}: no space left on the image disk: {detail}")]
     DiskFull { op: &'static str, detail: String },
     #[error("CRIU {op}: {source}")]

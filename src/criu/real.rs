@@ -2,11 +2,11 @@
 
 use super::{
     log_excerpt, CheckpointEngine, CriuError, DumpSpec, Features, RestoreOutcome, RestoreSpec,
-    DUMP_LOG, RESTORE_LOG,
+    ResumeGate, DUMP_LOG, RESTORE_LOG,
 };
 use rust_criu::rust_criu_protobuf::rpc::Criu_notify;
 use rust_criu::{CgMode, Criu};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,13 +22,73 @@ thread_local! {
     // is handed back through a thread-local. Each restore runs on its own
     // blocking thread and resets it first.
     static RESTORED_PID: Cell<i32> = const { Cell::new(0) };
+    // Same reason: the pre-resume gate of the restore on this thread, and
+    // why it refused.
+    static RESUME_GATE: RefCell<Option<ResumeGate>> = const { RefCell::new(None) };
+    static GATE_REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
+    static KILLED_CRIU: Cell<i32> = const { Cell::new(0) };
 }
 
 fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<i32>) -> i32 {
     if script == "post-restore" && notify.has_pid() {
         RESTORED_PID.with(|p| p.set(notify.pid()));
     }
+    if script == "pre-resume" {
+        if let Some(gate) = RESUME_GATE.with(|g| g.borrow_mut().take()) {
+            if let Err(why) = gate.check() {
+                // The restored tree is still stopped under CRIU's ptrace
+                // here, so SIGKILL makes it die without running a single
+                // instruction. Failing the notify alone does not stop it:
+                // CRIU 4.2.1 only logs a failed pre-resume script and
+                // resumes the tasks anyway. And CRIU's own clean-up after a
+                // dead tree deadlocks (it waits for the init, which waits
+                // for children that are zombies traced by CRIU), so CRIU,
+                // the tracer, is killed too; its death releases the tree.
+                let pid = RESTORED_PID.with(|p| p.get());
+                if pid > 0 {
+                    let tracer = tracer_of(pid);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    if let Some(t) = tracer {
+                        KILLED_CRIU.with(|k| k.set(t));
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(t),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                GATE_REFUSAL.with(|r| *r.borrow_mut() = Some(why));
+                return 1;
+            }
+        }
+    }
     0
+}
+
+/// The pid tracing `pid` (CRIU, during a restore), from /proc.
+fn tracer_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|t: &i32| *t > 0 && *t != std::process::id() as i32)
+}
+
+/// Reap a killed restored init (our child thanks to `rst_sibling`); give up
+/// after a while rather than hang the agent (the reaper gets it later).
+fn reap_killed(pid: i32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..500 {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            _ => return,
+        }
+    }
 }
 
 impl RealCriu {
@@ -179,6 +239,9 @@ impl CheckpointEngine for RealCriu {
             source: e,
         })?;
         RESTORED_PID.with(|p| p.set(0));
+        RESUME_GATE.with(|g| *g.borrow_mut() = spec.resume_gate.clone());
+        GATE_REFUSAL.with(|r| *r.borrow_mut() = None);
+        KILLED_CRIU.with(|k| k.set(0));
         criu.set_images_dir_fd(dir.as_raw_fd());
         criu.set_log_level(4);
         criu.set_log_file(RESTORE_LOG.to_string());
@@ -192,8 +255,22 @@ impl CheckpointEngine for RealCriu {
         if spec.lazy_from.is_some() {
             criu.set_lazy_pages(true);
         }
-        criu.restore()
-            .map_err(|e| failure("restore", e, &spec.image_dir.join(RESTORE_LOG)))?;
+        let result = criu.restore();
+        RESUME_GATE.with(|g| *g.borrow_mut() = None);
+        if let Some(why) = GATE_REFUSAL.with(|r| r.borrow_mut().take()) {
+            // The gate killed the tree before it ran; reap it.
+            let pid = RESTORED_PID.with(|p| p.get());
+            if pid > 0 {
+                reap_killed(pid);
+            }
+            // rust-criu does not wait for a CRIU that died mid-request.
+            let criu_pid = KILLED_CRIU.with(|k| k.replace(0));
+            if criu_pid > 0 {
+                reap_killed(criu_pid);
+            }
+            return Err(CriuError::Refused(why));
+        }
+        result.map_err(|e| failure("restore", e, &spec.image_dir.join(RESTORE_LOG)))?;
         let pid = RESTORED_PID.with(|p| p.get());
         if pid <= 0 {
             return Err(CriuError::Failed {

@@ -288,6 +288,29 @@ pub fn write_manifest(
     migration_id: &str,
     exclude: &[&str],
 ) -> Result<Manifest, ManifestError> {
+    write_manifest_with(dir, key, job_id, migration_id, exclude, &BTreeMap::new())
+}
+
+/// A digest computed while the file was being written (see
+/// [`super::follow`]). It is used only if the file is still the same inode
+/// with the same size; otherwise the file is hashed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Precomputed {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+/// [`write_manifest`], reusing digests already computed for some files.
+pub fn write_manifest_with(
+    dir: &Path,
+    key: &ClusterKey,
+    job_id: &str,
+    migration_id: &str,
+    exclude: &[&str],
+    precomputed: &BTreeMap<String, Precomputed>,
+) -> Result<Manifest, ManifestError> {
     let manifest_path = dir.join(MANIFEST_FILE_NAME);
     // A temp file left by a crashed earlier attempt would otherwise be hashed
     // as an image file (and later flagged by verify as an unexpected file).
@@ -306,7 +329,16 @@ pub fn write_manifest(
         if exclude.contains(&name.as_str()) {
             continue;
         }
-        let (size, digest, file) = hash_file(dir, name, meta)?;
+        let reuse = precomputed
+            .get(name)
+            .filter(|p| p.dev == meta.dev() && p.ino == meta.ino() && p.size == meta.len());
+        let (size, digest, file) = match reuse {
+            Some(p) => {
+                let file = open_same(dir, name, meta)?;
+                (p.size, p.sha256, file)
+            }
+            None => hash_file(dir, name, meta)?,
+        };
         // The source copy of the process may be gone soon after the manifest
         // exists; the images must survive a crash of this node from then on.
         file.sync_all().map_err(io_err(dir.join(name)))?;
@@ -357,6 +389,50 @@ pub fn verify_manifest(
     expected_job_id: &str,
     exclude: &[&str],
 ) -> Result<Manifest, ManifestError> {
+    let (manifest, rest) = verify_manifest_deferring(dir, key, expected_job_id, exclude, |_| false)?;
+    rest.check()?;
+    Ok(manifest)
+}
+
+/// Content checks left for later by [`verify_manifest_deferring`].
+#[derive(Debug)]
+pub struct DeferredCheck {
+    dir: PathBuf,
+    files: Vec<(ManifestFile, Metadata)>,
+}
+
+impl DeferredCheck {
+    /// Bytes still to hash.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|(f, _)| f.size).sum()
+    }
+
+    /// Hash the deferred files and compare them with the manifest.
+    pub fn check(self) -> Result<(), ManifestError> {
+        for (f, meta) in &self.files {
+            check_file(&self.dir, f, meta)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything [`verify_manifest`] does, except hashing the files for which
+/// `defer(name)` is true: those are returned as a [`DeferredCheck`]. The
+/// manifest's authenticity, the file set, every size and every other file's
+/// content are checked before this returns.
+///
+/// Why: a restore can read memory pages while they are being verified, as
+/// long as the restored process does not run before the check passed (the
+/// agent gates CRIU's pre-resume step on it). Only files that CRIU merely
+/// copies into the process (memory pages) may be deferred; files CRIU parses
+/// must be checked first.
+pub fn verify_manifest_deferring(
+    dir: &Path,
+    key: &ClusterKey,
+    expected_job_id: &str,
+    exclude: &[&str],
+    defer: impl Fn(&str) -> bool,
+) -> Result<(Manifest, DeferredCheck), ManifestError> {
     let manifest_path = dir.join(MANIFEST_FILE_NAME);
     let manifest = read_manifest(dir, &manifest_path)?;
     validate_structure(&manifest, &manifest_path)?;
@@ -399,6 +475,10 @@ pub fn verify_manifest(
             return Err(ManifestError::FileAdded { name: name.clone() });
         }
     }
+    let mut deferred = DeferredCheck {
+        dir: dir.to_path_buf(),
+        files: Vec::new(),
+    };
     for f in &manifest.files {
         let Some(meta) = entries.get(&f.name) else {
             return Err(ManifestError::FileMissing {
@@ -412,24 +492,34 @@ pub fn verify_manifest(
                 actual: meta.len(),
             });
         }
-        let (size, digest, _file) = hash_file(dir, &f.name, meta)?;
-        // The file may have changed size between stat and read.
-        if size != f.size {
-            return Err(ManifestError::SizeMismatch {
-                name: f.name.clone(),
-                expected: f.size,
-                actual: size,
-            });
-        }
-        // Comparing public digests: constant time is unnecessary here (the
-        // attacker already knows both values), so plain hex comparison is ok.
-        if hex::encode(digest) != f.sha256 {
-            return Err(ManifestError::HashMismatch {
-                name: f.name.clone(),
-            });
+        if defer(&f.name) {
+            deferred.files.push((f.clone(), meta.clone()));
+        } else {
+            check_file(dir, f, meta)?;
         }
     }
-    Ok(manifest)
+    Ok((manifest, deferred))
+}
+
+/// Hash one listed file and compare size and digest with the manifest.
+fn check_file(dir: &Path, f: &ManifestFile, meta: &Metadata) -> Result<(), ManifestError> {
+    let (size, digest, _file) = hash_file(dir, &f.name, meta)?;
+    // The file may have changed size between stat and read.
+    if size != f.size {
+        return Err(ManifestError::SizeMismatch {
+            name: f.name.clone(),
+            expected: f.size,
+            actual: size,
+        });
+    }
+    // Comparing public digests: constant time is unnecessary here (the
+    // attacker already knows both values), so plain hex comparison is ok.
+    if hex::encode(digest) != f.sha256 {
+        return Err(ManifestError::HashMismatch {
+            name: f.name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Reads and parses `MANIFEST.json` with a size cap, refusing non-regular
@@ -605,13 +695,7 @@ fn hash_file(
     lmeta: &Metadata,
 ) -> Result<(u64, [u8; 32], File), ManifestError> {
     let path = dir.join(name);
-    let mut file = File::open(&path).map_err(io_err(&path))?;
-    let fmeta = file.metadata().map_err(io_err(&path))?;
-    if !fmeta.is_file() || !same_inode(lmeta, &fmeta) {
-        return Err(ManifestError::NotRegularFile {
-            name: name.to_string(),
-        });
-    }
+    let mut file = open_same(dir, name, lmeta)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_BUF_BYTES];
     let mut total: u64 = 0;
@@ -626,6 +710,19 @@ fn hash_file(
         total += n as u64;
     }
     Ok((total, hasher.finalize().into(), file))
+}
+
+/// Open `dir/name`, insisting it is the regular file `lmeta` described.
+fn open_same(dir: &Path, name: &str, lmeta: &Metadata) -> Result<File, ManifestError> {
+    let path = dir.join(name);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let fmeta = file.metadata().map_err(io_err(&path))?;
+    if !fmeta.is_file() || !same_inode(lmeta, &fmeta) {
+        return Err(ManifestError::NotRegularFile {
+            name: name.to_string(),
+        });
+    }
+    Ok(file)
 }
 
 fn same_inode(a: &Metadata, b: &Metadata) -> bool {
