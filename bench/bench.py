@@ -352,6 +352,66 @@ class BareJob:
                 "image_bytes": image_bytes, "fsync_ms": fsync,
                 "seal_after_fsync_ms": sv["seal_ms"], "verify_ms": sv["verify_ms"]}
 
+    def move_lazy(self, to, port):
+        """Bare CRIU post-copy: `criu dump --lazy-pages` serving pages from the
+        source node, `criu lazy-pages` + `criu restore --lazy-pages` on the
+        target. frozen = dump start until the restore returned (the job runs
+        again); total = until the source's page server has sent every page."""
+        img = self.dir / "img"
+        shutil.rmtree(img, ignore_errors=True)
+        img.mkdir()
+        cf = json.loads(Path(CLUSTER_FILE).read_text())
+        src_ip = next(n["address"] for n in cf["nodes"] if n["name"] == self.node)
+        rd, wr = os.pipe()
+        t = time.monotonic()
+        dump = subprocess.Popen(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{self.node}", CRIU, "dump",
+                                 "-t", str(self.pid), "-D", str(img), "-o", "dump.log", *CRIU_COMMON,
+                                 "--lazy-pages", "--address", src_ip, "--port", str(port),
+                                 "--status-fd", str(wr)],
+                                pass_fds=(wr,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        track(dump.pid)
+        os.close(wr)
+        ready = os.read(rd, 1)
+        os.close(rd)
+        if not ready:
+            dump.wait()
+            raise RuntimeError(f"bare lazy dump failed: {(img / 'dump.log').read_text()[-1500:]}")
+        dumped = (time.monotonic() - t) * 1000
+        if self.unshare and self.unshare.poll() is None:
+            pass  # the tree is frozen under CRIU until every page is served
+        daemon = subprocess.Popen(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "lazy-pages",
+                                   "--page-server", "--address", src_ip, "--port", str(port),
+                                   "-D", str(img), "-o", "lazy.log", "-v4"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        track(daemon.pid)
+        end = time.monotonic() + 15
+        while not (img / "lazy-pages.socket").exists() and time.monotonic() < end:
+            time.sleep(0.002)
+        pidfile = self.dir / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
+                            "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d", "--lazy-pages",
+                            "--pidfile", str(pidfile)], capture_output=True, text=True)
+        frozen = (time.monotonic() - t) * 1000
+        if r.returncode != 0:
+            dump.kill()
+            daemon.kill()
+            raise RuntimeError(f"bare lazy restore failed: {(img / 'restore.log').read_text()[-1500:]}")
+        dump.wait(timeout=600)
+        total = (time.monotonic() - t) * 1000
+        daemon.wait(timeout=60)
+        if self.unshare and self.unshare.poll() is None:
+            try:
+                self.unshare.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        reap()
+        self.pid = int(pidfile.read_text().strip())
+        track(self.pid)
+        self.node = to
+        shutil.rmtree(img, ignore_errors=True)
+        return {"dump_ready_ms": dumped, "frozen_ms": frozen, "total_ms": total}
+
     def kill(self):
         if self.pid:
             kill_wait(self.pid, signal.SIGKILL)
@@ -495,24 +555,35 @@ def phase_migration(res, args):
     finally:
         run([MOSCTL, "kill", job], check=False)
     if pc["available"]:
-        for mib, runs in ((64, 3), (1024, 3)):
+        for mib, runs in args.sizes:
+            runs = min(runs, 3)
             job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
+            bare = None
             try:
                 wait_file_contains(show(job)["stdout_path"], "ready", 120)
-                vals = []
+                bare = BareJob(mib)
+                vals, bares = [], []
                 for i in range(runs):
                     vals.append(migrate(job, "node2", ["--post-copy"]))
-                    time.sleep(1)  # let the lazy pages drain before moving it back
                     migrate(job, "node1", ["--full-copy"])
+                    bares.append(bare.move_lazy("node2", 27100 + i))
+                    bare.move("node1")
+                    log(f"  post-copy {mib} MiB run {i + 1}: ours frozen {vals[-1]['frozen_ms']} ms "
+                        f"total {vals[-1]['total_ms']} ms; bare frozen {bares[-1]['frozen_ms']:.0f} ms "
+                        f"total {bares[-1]['total_ms']:.0f} ms")
                 pc[f"{mib}"] = {"frozen_ms": stats([v["frozen_ms"] for v in vals]),
                                 "total_ms": stats([v["total_ms"] for v in vals]),
-                                "wall_ms": stats([v["wall_ms"] for v in vals])}
+                                "wall_ms": stats([v["wall_ms"] for v in vals]),
+                                "bare_frozen_ms": stats([b["frozen_ms"] for b in bares]),
+                                "bare_total_ms": stats([b["total_ms"] for b in bares])}
                 log(f"post-copy {mib} MiB: frozen median {pc[f'{mib}']['frozen_ms']['median']} ms")
             except Exception as e:  # noqa: BLE001
                 pc[f"{mib}"] = {"error": str(e)}
                 log(f"post-copy {mib} MiB failed: {e}")
             finally:
                 run([MOSCTL, "kill", job], check=False)
+                if bare:
+                    bare.kill()
     mig["loadavg_end"] = loadavg()
     cluster_down()
 

@@ -492,7 +492,7 @@ fn tampered_or_extended_images_are_refused_and_the_job_stays_frozen() {
     eprintln!("tampering with {name} ({len} bytes)");
     let at = len / 2;
     let orig = flip_byte(&victim, at);
-    refused(&cl, &dir, &mig, &[&name, "SHA-256"]);
+    refused(&cl, &dir, &mig, &[&name, "BLAKE3"]);
     assert_eq!(flip_byte(&victim, at), orig ^ 0x5a);
     thaw_ok(&cl);
 
@@ -507,7 +507,7 @@ fn tampered_or_extended_images_are_refused_and_the_job_stays_frozen() {
     let manifest = dir.join("MANIFEST.json");
     let good = std::fs::read(&manifest).unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&good).unwrap();
-    m["files"][0]["sha256"] = serde_json::Value::String("00".repeat(32));
+    m["files"][0]["blake3"] = serde_json::Value::String("00".repeat(32));
     std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     refused(&cl, &dir, &mig, &["HMAC"]);
     std::fs::write(&manifest, &good).unwrap();

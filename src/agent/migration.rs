@@ -235,17 +235,20 @@ impl Agent {
         };
         // Hash (and start flushing) the page images while CRIU writes them,
         // so sealing after the dump only has the tail left to do.
+        let fsync = self.cfg.image_sync == super::ImageSync::Fsync;
         let follower = (self.cfg.image_key.is_some() && spec.lazy.is_none())
-            .then(|| crate::security::follow::FollowHasher::start(&dir));
+            .then(|| crate::security::follow::FollowHasher::start(&dir, fsync));
         let result = {
             let _one = self.criu_lock.lock().await;
             Self::blocking(move || engine.dump(&spec)).await?
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
+        let t_follow = Instant::now();
         let precomputed = match (&result, follower) {
             (Ok(()), Some(f)) => Self::blocking(move || f.finish()).await?,
             _ => Default::default(),
         };
+        let follow_tail_ms = t_follow.elapsed().as_millis() as u64;
         if let Err(e) = result {
             if leave_running {
                 remove_images_keep_logs(&dir);
@@ -263,7 +266,15 @@ impl Agent {
                 l.remove(&rec.id);
             }
         }
+        let t_seal = Instant::now();
         self.seal(&dir, &rec.id, mig, precomputed).await?;
+        tracing::info!(
+            job = %rec.id,
+            dump_ms = frozen_ms,
+            follow_tail_ms,
+            seal_ms = t_seal.elapsed().as_millis() as u64,
+            "dumped and sealed"
+        );
         Ok(DumpResult {
             image_dir: rel,
             image_bytes: dir_bytes(&dir),
@@ -304,6 +315,7 @@ impl Agent {
             return Ok(());
         };
         let (dir, job, mig) = (dir.to_path_buf(), job.to_string(), mig.to_string());
+        let fsync = self.cfg.image_sync == super::ImageSync::Fsync;
         Self::blocking(move || {
             crate::security::manifest::write_manifest_with(
                 &dir,
@@ -312,6 +324,7 @@ impl Agent {
                 &mig,
                 UNSEALED,
                 &precomputed,
+                fsync,
             )
         })
         .await?
@@ -498,7 +511,9 @@ impl Agent {
             // A daemon socket left by an earlier attempt is not an image file.
             let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
         }
+        let t_verify = Instant::now();
         let resume_gate = self.verify(&dir, job).await?;
+        let verify_ms = t_verify.elapsed().as_millis() as u64;
         self.claim_images(&dir, mig)?;
         let release = |dir: &Path| {
             let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
@@ -601,7 +616,7 @@ impl Agent {
         rec.arrived_unix_ms = now;
         rec.error.clear();
         self.registry.put(&mut rec)?;
-        tracing::info!(job = %job, pid = outcome.pid, restore_ms, "restored");
+        tracing::info!(job = %job, pid = outcome.pid, verify_ms, restore_ms, "restored");
         Ok(rec)
     }
 
@@ -1024,7 +1039,13 @@ impl Agent {
                 }
             )));
         }
-        let _ = std::fs::remove_dir_all(dir);
+        // Deleting a GiB of images takes a while and nothing waits for it.
+        let doomed = dir.to_path_buf();
+        let _ = std::thread::Builder::new()
+            .name("rm-images".into())
+            .spawn(move || {
+                let _ = std::fs::remove_dir_all(doomed);
+            });
         let total_ms = started.elapsed().as_millis() as u64;
         let mut m =
             landed.history.last().cloned().ok_or_else(|| {

@@ -45,6 +45,22 @@ pub struct AgentConfig {
     /// Even when allowed, they need userfaultfd and big pipes on both ends
     /// (see `criu::host`); otherwise requests for post-copy run as full copy.
     pub post_copy: bool,
+    /// How sealed images are made durable before the hand-over.
+    pub image_sync: ImageSync,
+}
+
+/// How the images of a dump are made durable before the target restores
+/// them (the source copy of the job is gone by then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageSync {
+    /// fsync every image file and the directory.
+    #[default]
+    Fsync,
+    /// Rely on the file system making files durable when CRIU closes them.
+    /// Right for NFS (close-to-open: the client flushes and commits on
+    /// close), where an extra fsync costs a second round trip, and for a
+    /// local cluster, whose nodes all share one machine's fate anyway.
+    OnClose,
 }
 
 /// One operation of the agent; transport-free.

@@ -2,7 +2,7 @@
 
 use crate::agent::peers::GrpcPeers;
 use crate::agent::service::AgentService;
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, ImageSync};
 use crate::api::client::ClientTls;
 use crate::api::pb::agent_server::AgentServer;
 use crate::core::cluster_file::ClusterFile;
@@ -71,6 +71,12 @@ pub struct Args {
     /// userfaultfd (the agent raises fs.pipe-max-size to 4 MiB for CRIU).
     #[arg(long)]
     pub no_post_copy: bool,
+    /// How dumped images are made durable before the target restores them:
+    /// `fsync` every file; `close` relies on the file system committing
+    /// files when CRIU closes them (NFS does: close-to-open); `auto` picks
+    /// `close` when the shared path is on NFS, else `fsync`.
+    #[arg(long, value_enum)]
+    pub image_sync: Option<ImageSyncArg>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +98,7 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     /// `false` is the file form of `--no-post-copy`.
     pub post_copy: Option<bool>,
+    pub image_sync: Option<ImageSyncArg>,
 }
 
 impl FileConfig {
@@ -124,6 +131,7 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         image_key: a.image_key.or(f.image_key),
         metrics: a.metrics.or(f.metrics),
         no_post_copy: a.no_post_copy || f.post_copy == Some(false),
+        image_sync: a.image_sync.or(f.image_sync),
     })
 }
 
@@ -186,6 +194,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let peers = Arc::new(GrpcPeers::new(endpoints, client_tls));
+    let image_sync = match a.image_sync.unwrap_or(ImageSyncArg::Auto) {
+        ImageSyncArg::Fsync => ImageSync::Fsync,
+        ImageSyncArg::Close => ImageSync::OnClose,
+        ImageSyncArg::Auto if on_nfs(&shared) => ImageSync::OnClose,
+        ImageSyncArg::Auto => ImageSync::Fsync,
+    };
+    tracing::info!(?image_sync, "image durability");
     let cfg = AgentConfig {
         node: node.clone(),
         shared_root: shared,
@@ -194,6 +209,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_key,
         page_server_ip: (!listen.ip().is_unspecified()).then(|| listen.ip()),
         post_copy: !a.no_post_copy,
+        image_sync,
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     agent.recover().await;
@@ -296,4 +312,21 @@ mod tests {
             let _ = FileConfig::parse(&b);
         }
     }
+}
+
+/// `--image-sync` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageSyncArg {
+    Auto,
+    Fsync,
+    Close,
+}
+
+/// Whether `path` is on NFS (statfs magic), where close() commits data.
+fn on_nfs(path: &std::path::Path) -> bool {
+    const NFS_SUPER_MAGIC: i64 = 0x6969;
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == NFS_SUPER_MAGIC)
+        .unwrap_or(false)
 }

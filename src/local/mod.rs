@@ -247,7 +247,12 @@ async fn up_inner(
             .arg("--image-key")
             .arg(&key_path)
             .arg("--metrics")
-            .arg(format!("{}:{METRICS_PORT}", n.address));
+            .arg(format!("{}:{METRICS_PORT}", n.address))
+            // All nodes of a local cluster live and die with this one
+            // machine, so an fsync before the hand-over protects nothing
+            // that a crash would not take anyway (see ImageSync).
+            .arg("--image-sync")
+            .arg("close");
         if let Some(s) = opts.speeds.get(i) {
             cmd.arg("--speed").arg(s.to_string());
         }

@@ -15,7 +15,6 @@
 //! restore.
 
 use super::manifest::Precomputed;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
@@ -39,9 +38,10 @@ struct Followed {
     file: File,
     dev: u64,
     ino: u64,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     offset: u64,
     flushed: u64,
+    writeback: bool,
 }
 
 impl Followed {
@@ -58,7 +58,7 @@ impl Followed {
             self.hasher.update(&buf[..n]);
             self.offset += n as u64;
             progressed = true;
-            if self.offset - self.flushed >= WRITEBACK_EVERY {
+            if self.writeback && self.offset - self.flushed >= WRITEBACK_EVERY {
                 // Only starts write-back; the final fsync in the manifest
                 // writer waits for it. Failure just means less head start.
                 // SAFETY: plain syscall on an fd we own.
@@ -84,14 +84,16 @@ pub struct FollowHasher {
 }
 
 impl FollowHasher {
-    /// Start following `dir`. If the thread cannot be started, the result
-    /// is simply empty and the manifest writer hashes everything itself.
-    pub fn start(dir: &Path) -> Self {
+    /// Start following `dir`; with `writeback`, also start flushing what
+    /// was hashed (for a manifest written with fsync). If the thread cannot
+    /// be started, the result is simply empty and the manifest writer
+    /// hashes everything itself.
+    pub fn start(dir: &Path, writeback: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (dir.to_path_buf(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("seal-follow".into())
-            .spawn(move || follow(d, s))
+            .spawn(move || follow(d, s, writeback))
             .ok();
         Self { stop, thread }
     }
@@ -113,7 +115,7 @@ impl Drop for FollowHasher {
     }
 }
 
-fn follow(dir: PathBuf, stop: Arc<AtomicBool>) -> BTreeMap<String, Precomputed> {
+fn follow(dir: PathBuf, stop: Arc<AtomicBool>, writeback: bool) -> BTreeMap<String, Precomputed> {
     let mut files: BTreeMap<String, Followed> = BTreeMap::new();
     let mut broken: Vec<String> = Vec::new();
     let mut buf = vec![0u8; CHUNK];
@@ -141,9 +143,10 @@ fn follow(dir: PathBuf, stop: Arc<AtomicBool>) -> BTreeMap<String, Precomputed> 
                                 file,
                                 dev: m.dev(),
                                 ino: m.ino(),
-                                hasher: Sha256::new(),
+                                hasher: blake3::Hasher::new(),
                                 offset: 0,
                                 flushed: 0,
+                                writeback,
                             },
                         );
                     }
@@ -182,7 +185,7 @@ fn follow(dir: PathBuf, stop: Arc<AtomicBool>) -> BTreeMap<String, Precomputed> 
                     dev: f.dev,
                     ino: f.ino,
                     size: f.offset,
-                    sha256: f.hasher.finalize().into(),
+                    blake3: f.hasher.finalize().into(),
                 },
             )
         })
@@ -197,9 +200,9 @@ mod tests {
     #[test]
     fn digest_of_a_growing_file_matches_a_hash_of_the_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let f = FollowHasher::start(dir.path());
+        let f = FollowHasher::start(dir.path(), true);
         let mut w = File::create(dir.path().join("pages-1.img")).unwrap();
-        let mut expected = Sha256::new();
+        let mut expected = blake3::Hasher::new();
         for i in 0..40u8 {
             let chunk = vec![i; 300_000];
             w.write_all(&chunk).unwrap();
@@ -214,7 +217,7 @@ mod tests {
         assert_eq!(got.len(), 1, "only page images: {:?}", got.keys());
         let p = &got["pages-1.img"];
         assert_eq!(p.size, 40 * 300_000);
-        assert_eq!(p.sha256, <[u8; 32]>::from(expected.finalize()));
+        assert_eq!(p.blake3, <[u8; 32]>::from(expected.finalize()));
     }
 
     #[test]
@@ -223,7 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pages-1.img");
         std::fs::write(&path, vec![1u8; 100_000]).unwrap();
-        let f = FollowHasher::start(dir.path());
+        let f = FollowHasher::start(dir.path(), false);
         std::thread::sleep(Duration::from_millis(50));
         // Same size and inode, different content: the follower's digest is
         // stale, so the manifest is wrong and verification must refuse it.
@@ -232,7 +235,7 @@ mod tests {
         drop(w);
         let pre = f.finish();
         let key = ClusterKey::generate();
-        write_manifest_with(dir.path(), &key, "j1", "m1", &[], &pre).unwrap();
+        write_manifest_with(dir.path(), &key, "j1", "m1", &[], &pre, false).unwrap();
         assert!(verify_manifest(dir.path(), &key, "j1", &[]).is_err());
     }
 }
