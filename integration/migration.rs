@@ -364,3 +364,36 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
     let o = cl.mosctl(&["show", &job]);
     assert!(stdout(&o).contains("failed"), "{}", stdout(&o));
 }
+
+#[test]
+fn post_copy_request_falls_back_to_full_copy_where_unavailable() {
+    if !privileged() {
+        return;
+    }
+    // Agents without post-copy (as on a kernel without userfaultfd): a
+    // request for it must still move the job intact, as a full copy.
+    let cl = Cluster::up(2, &["--no-post-copy"]);
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8089",
+        "--mem-mib",
+        "64",
+    ]);
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter", 20, || query_counter(&ip1, 8089).is_some());
+    let (before, _) = query_counter(&ip1, 8089).unwrap();
+    let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (after, mem_ok) = query_counter(&ip2, 8089).expect("answers on node2");
+    assert!(mem_ok && after >= before);
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node2");
+    let m = rec.history.last().unwrap();
+    assert!(!m.post_copy, "ran as full copy: {m:?}");
+    assert!(m.image_bytes >= 64 << 20, "memory went through the images: {m:?}");
+}

@@ -645,18 +645,28 @@ impl Agent {
                 if let Ok(mut rec) = agent.registry.get(&job) {
                     // Only if the job is still recorded here: a source that
                     // resumed its copy has taken the job back already. A job
-                    // that died on a missing page before this thread woke
-                    // (recorded as killed by a signal) failed the same way.
-                    let ours = rec.node == agent.cfg.node
-                        && (rec.pid == pid
-                            || (rec.state == JobState::Exited
-                                && rec.exit_signal.is_some()
-                                && rec.history.last().is_some_and(|m| m.post_copy)));
+                    // that already died (typically on a missing page: a
+                    // crash) before this thread woke failed the same way;
+                    // its recorded end is kept in the message.
+                    let ended_here = rec.state == JobState::Exited
+                        && rec
+                            .history
+                            .last()
+                            .is_some_and(|m| m.post_copy && m.to == agent.cfg.node);
+                    let ours = rec.node == agent.cfg.node && (rec.pid == pid || ended_here);
                     if ours {
+                        let ended = if ended_here {
+                            format!(
+                                " (it had already ended: exit code {:?}, signal {:?})",
+                                rec.exit_code, rec.exit_signal
+                            )
+                        } else {
+                            String::new()
+                        };
                         rec.state = JobState::Failed;
                         rec.pid = 0;
                         rec.error = format!(
-                            "post-copy: not every memory page arrived; the job was stopped on {} rather than run with missing memory (log: {})",
+                            "post-copy: not every memory page arrived; the job was stopped on {} rather than run with missing memory{ended} (log: {})",
                             agent.cfg.node,
                             dir.join(LAZY_LOG).display()
                         );

@@ -39,6 +39,8 @@ pub struct UpOptions {
     /// Directory holding `mosixd` (and the other binaries).
     pub bin_dir: PathBuf,
     pub criu: PathBuf,
+    /// Allow post-copy migrations (agents get `--no-post-copy` if false).
+    pub post_copy: bool,
 }
 
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
@@ -253,6 +255,9 @@ async fn up_inner(
             // that a crash would not take anyway (see ImageSync).
             .arg("--image-sync")
             .arg("close");
+        if !opts.post_copy {
+            cmd.arg("--no-post-copy");
+        }
         if let Some(s) = opts.speeds.get(i) {
             cmd.arg("--speed").arg(s.to_string());
         }

@@ -32,6 +32,10 @@ pub enum Cmd {
         /// CRIU binary [default: the project's local build].
         #[arg(long)]
         criu: Option<PathBuf>,
+        /// Start the agents with --no-post-copy (post-copy requests then run
+        /// as full copy, as on nodes without userfaultfd).
+        #[arg(long)]
+        no_post_copy: bool,
     },
     /// Restart one node's agent (kill -9, then start it again with the same
     /// arguments); its jobs keep running and are re-adopted.
@@ -68,6 +72,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             shared,
             insecure,
             criu,
+            no_post_copy,
         } => {
             let bin_dir = std::env::current_exe()
                 .context("locating mosctl")?
@@ -83,6 +88,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 tls: !insecure,
                 bin_dir,
                 criu: criu.unwrap_or_else(crate::criu::default_criu_path),
+                post_copy: !no_post_copy,
             };
             let cf = local::up(&opts, &|s| eprintln!("  {s}")).await?;
             let path = local::cluster_file_path(&name);
