@@ -42,9 +42,12 @@ impl ClientTls {
 ///
 /// Why: a balancer polls every agent every few seconds; a new mTLS
 /// connection per agent per round costs a TLS handshake each (about 20% of
-/// a core for 1,000 agents). A tonic `Channel` is cheap to clone, multiplexes
-/// calls over one HTTP/2 connection and reconnects by itself when the
-/// connection breaks, so one per peer is enough.
+/// a core for 1,000 agents). A tonic `Channel` is cheap to clone and
+/// multiplexes calls over one HTTP/2 connection, so one per peer is enough.
+/// A channel whose peer went away fails its next call ("Service was not
+/// ready"), so callers [`forget`] an endpoint after a failed call and the
+/// next call connects afresh. One-off callers (CLIs, agent-to-agent
+/// migration calls) use [`agent`], which always connects.
 fn pool() -> &'static std::sync::Mutex<std::collections::HashMap<(String, u64), Channel>> {
     static POOL: std::sync::OnceLock<
         std::sync::Mutex<std::collections::HashMap<(String, u64), Channel>>,
@@ -63,25 +66,37 @@ fn identity_key(tls: Option<&ClientTls>) -> u64 {
     h.finish()
 }
 
-/// A channel to `endpoint`, reusing this process's open one if there is.
-pub async fn channel(
+/// An agent client over this process's open channel to `endpoint`, or a new
+/// one (kept for next time).
+pub async fn pooled_agent(
     endpoint: &str,
     tls: Option<&ClientTls>,
     connect_timeout: Duration,
-) -> anyhow::Result<Channel> {
+) -> anyhow::Result<AgentClient<Channel>> {
     let key = (endpoint.to_string(), identity_key(tls));
-    if let Some(ch) = pool().lock().ok().and_then(|p| p.get(&key).cloned()) {
-        return Ok(ch);
-    }
-    let ch = connect(endpoint, tls, connect_timeout).await?;
-    if let Ok(mut p) = pool().lock() {
-        p.insert(key, ch.clone());
-    }
-    Ok(ch)
+    let cached = pool().lock().ok().and_then(|p| p.get(&key).cloned());
+    let ch = match cached {
+        Some(ch) => ch,
+        None => {
+            let ch = channel(endpoint, tls, connect_timeout).await?;
+            if let Ok(mut p) = pool().lock() {
+                p.insert(key, ch.clone());
+            }
+            ch
+        }
+    };
+    Ok(AgentClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Open a new channel (no reuse).
-pub async fn connect(
+/// Drop the pooled channel to `endpoint` (after a failed call).
+pub fn forget(endpoint: &str) {
+    if let Ok(mut p) = pool().lock() {
+        p.retain(|(ep, _), _| ep != endpoint);
+    }
+}
+
+/// Open a new channel.
+pub async fn channel(
     endpoint: &str,
     tls: Option<&ClientTls>,
     connect_timeout: Duration,

@@ -25,21 +25,38 @@ pub struct ClusterView {
     pub timestamp_unix_ms: u64,
 }
 
+/// One GetLoad over the pooled channel to `ep` (see `client::pooled_agent`).
+async fn get_load(
+    ep: &str,
+    tls: Option<&ClientTls>,
+    deadline: Duration,
+) -> Result<pb::NodeLoad, String> {
+    let mut c = client::pooled_agent(ep, tls, deadline)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let mut req = tonic::Request::new(pb::GetLoadRequest {});
+    req.set_timeout(deadline);
+    c.get_load(req)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
+}
+
 pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration) -> ClusterView {
     let futs = cf.nodes.iter().map(|n| {
         let (name, ep) = (n.name.to_string(), n.endpoint.clone());
         let tls = tls.cloned();
         async move {
             let load = tokio::time::timeout(deadline, async {
-                let mut c = client::agent(&ep, tls.as_ref(), deadline)
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
-                let mut req = tonic::Request::new(pb::GetLoadRequest {});
-                req.set_timeout(deadline);
-                c.get_load(req)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.message().to_string())
+                match get_load(&ep, tls.as_ref(), deadline).await {
+                    Ok(l) => Ok(l),
+                    // Maybe a pooled channel to an agent that restarted:
+                    // connect afresh once.
+                    Err(_) => {
+                        client::forget(&ep);
+                        get_load(&ep, tls.as_ref(), deadline).await
+                    }
+                }
             })
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
@@ -54,13 +71,17 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
     let mut jobs = Vec::new();
     for n in nodes.iter().filter(|n| n.load.is_ok()) {
         let got = tokio::time::timeout(deadline, async {
-            let mut c = client::agent(&n.endpoint, tls, deadline).await.ok()?;
+            let mut c = client::pooled_agent(&n.endpoint, tls, deadline).await.ok()?;
             let mut req = tonic::Request::new(pb::ListJobsRequest {
                 node: String::new(),
                 include_finished: false,
             });
             req.set_timeout(deadline);
-            c.list_jobs(req).await.ok().map(|r| r.into_inner().jobs)
+            let got = c.list_jobs(req).await.ok().map(|r| r.into_inner().jobs);
+            if got.is_none() {
+                client::forget(&n.endpoint);
+            }
+            got
         })
         .await
         .ok()
