@@ -327,6 +327,6 @@ pub enum ImageSyncArg {
 fn on_nfs(path: &std::path::Path) -> bool {
     const NFS_SUPER_MAGIC: i64 = 0x6969;
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == NFS_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == NFS_SUPER_MAGIC)
         .unwrap_or(false)
 }
