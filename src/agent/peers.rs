@@ -44,6 +44,18 @@ impl GrpcPeers {
         }
     }
 
+    async fn get_load(&self, node: &NodeName, ep: &str) -> AgentResult<bool> {
+        let mut c = client::pooled_agent(ep, self.tls.as_ref(), self.ping_timeout)
+            .await
+            .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
+        let mut req = tonic::Request::new(crate::api::pb::GetLoadRequest {});
+        req.set_timeout(self.ping_timeout);
+        let load = c.get_load(req).await.map_err(|s| {
+            AgentError::Unavailable(format!("{node} unreachable: {}", s.message()))
+        })?;
+        Ok(load.into_inner().supports_post_copy)
+    }
+
     fn endpoint(&self, node: &NodeName) -> AgentResult<&str> {
         self.endpoints
             .get(node)
@@ -64,15 +76,16 @@ impl Peers for GrpcPeers {
     fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
         Box::pin(async move {
             let ep = self.endpoint(node)?;
-            let mut c = client::agent(ep, self.tls.as_ref(), self.ping_timeout)
-                .await
-                .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
-            let mut req = tonic::Request::new(crate::api::pb::GetLoadRequest {});
-            req.set_timeout(self.ping_timeout);
-            let load = c.get_load(req).await.map_err(|s| {
-                AgentError::Unavailable(format!("{node} unreachable: {}", s.message()))
-            })?;
-            Ok(load.into_inner().supports_post_copy)
+            // Over the pooled channel (a TLS handshake saved on every
+            // migration); a stale one (the peer restarted) fails once, so
+            // connect afresh and ask again: GetLoad has no side effects.
+            match self.get_load(node, ep).await {
+                Ok(l) => Ok(l),
+                Err(_) => {
+                    client::forget(ep);
+                    self.get_load(node, ep).await
+                }
+            }
         })
     }
 
@@ -83,7 +96,9 @@ impl Peers for GrpcPeers {
     ) -> BoxFuture<'a, AgentResult<JobRecord>> {
         Box::pin(async move {
             let ep = self.endpoint(node)?;
-            let mut c = client::agent(ep, self.tls.as_ref(), self.ping_timeout)
+            // The channel the ping just used. Should it fail anyway, the
+            // migration rolls back (Restore is idempotent on the target).
+            let mut c = client::pooled_agent(ep, self.tls.as_ref(), self.ping_timeout)
                 .await
                 .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
             let mut req = tonic::Request::new(crate::api::pb::RestoreRequest::from(&call));
