@@ -8,4 +8,5 @@ mod support;
 mod balancer;
 mod faults;
 mod migration;
+mod precopy;
 mod security;

@@ -4,7 +4,9 @@
 //!    operation is under way on the job. Nothing is frozen before this.
 //! 2. **Dump**: the registry records phase `dumping`; CRIU checkpoints the job
 //!    into `<shared>/images/<job>/<migration>/` and kills it. If the dump
-//!    fails, CRIU has resumed the job, which keeps running here.
+//!    fails, CRIU has resumed the job, which keeps running here. With
+//!    [`Mode::PreCopy`], pre-dump rounds copy most memory first while the job
+//!    runs, and this dump only adds the rest (see [`super::precopy`]).
 //! 3. **Seal**: every image file is fsynced and a manifest with an HMAC under
 //!    the cluster key is written (phase `dumped`). Only now is the source copy
 //!    gone for good.
@@ -53,6 +55,9 @@ pub enum Mode {
     Auto,
     FullCopy,
     PostCopy,
+    /// Iterative pre-copy where the source kernel tracks dirty memory, else
+    /// full copy (see `super::precopy`).
+    PreCopy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,6 +210,22 @@ impl Agent {
         leave_running: bool,
         lazy: Option<PageServer>,
     ) -> AgentResult<DumpResult> {
+        self.checkpoint_onto(rec, pid, mig, to, leave_running, lazy, None)
+            .await
+    }
+
+    /// [`Self::checkpoint`], on top of pre-copy rounds if `pre` has some.
+    #[allow(clippy::too_many_arguments)]
+    async fn checkpoint_onto(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        pid: i32,
+        mig: &MigrationId,
+        to: Option<NodeName>,
+        leave_running: bool,
+        lazy: Option<PageServer>,
+        pre: Option<&super::precopy::Chain>,
+    ) -> AgentResult<DumpResult> {
         self.engine.available()?;
         let rel = image_rel(&rec.id, mig);
         let dir = self.image_dir(&rel);
@@ -232,6 +253,7 @@ impl Agent {
             leave_running,
             lazy,
             status_fd: None,
+            prev_images_dir: pre.map(|c| c.parent_rel()),
         };
         // Hash (and start flushing) the page images while CRIU writes them,
         // so sealing after the dump only has the tail left to do.
@@ -244,12 +266,19 @@ impl Agent {
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
         let t_follow = Instant::now();
-        let precomputed = match (&result, follower) {
+        let mut precomputed = match (&result, follower) {
             (Ok(()), Some(f)) => Self::blocking(move || f.finish()).await?,
             _ => Default::default(),
         };
         let follow_tail_ms = t_follow.elapsed().as_millis() as u64;
+        if let Some(c) = pre {
+            // The rounds were hashed while the job still ran.
+            precomputed.extend(c.precomputed.clone());
+        }
         if let Err(e) = result {
+            if pre.is_some() {
+                super::precopy::discard_rounds(&dir);
+            }
             if leave_running {
                 remove_images_keep_logs(&dir);
             } else {
@@ -590,6 +619,9 @@ impl Agent {
                 error: String::new(),
                 image_bytes,
                 post_copy,
+                pre_copy_rounds: 0,
+                pre_copy_bytes: 0,
+                fallback: String::new(),
             }),
             Arrival::RolledBack {
                 to,
@@ -606,6 +638,9 @@ impl Agent {
                 error,
                 image_bytes: dir_bytes(&dir),
                 post_copy: false,
+                pre_copy_rounds: 0,
+                pre_copy_bytes: 0,
+                fallback: String::new(),
             }),
             Arrival::Thawed => {}
         }
@@ -732,6 +767,7 @@ impl Agent {
             leave_running: false,
             lazy: Some(ps.clone()),
             status_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
+            prev_images_dir: None,
         };
         let t0 = Instant::now();
         let handle = tokio::task::spawn_blocking(move || {
@@ -900,8 +936,22 @@ impl Agent {
         if post_copy {
             return self.migrate_post_copy(rec, pid, target, mig, started).await;
         }
+        // Pre-copy rounds while the job runs, or why not (then full copy).
+        let mut pid = pid;
+        let pre = self
+            .pre_copy_if_asked(mode, &mut rec, &mut pid, &mig)
+            .await?;
+        let frozen_since = pre.frozen_since(started);
         let dumped = self
-            .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, None)
+            .checkpoint_onto(
+                &mut rec,
+                pid,
+                &mig,
+                Some(target.clone()),
+                false,
+                None,
+                pre.chain(),
+            )
             .await
             .inspect_err(|_| {
                 self.metrics
@@ -909,14 +959,15 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        let call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, None)?;
+        let call = self.hand_over(&mut rec, &mig, frozen_since, dumped.image_bytes, None)?;
         let dir = self.image_dir(&dumped.image_dir);
         match self.peers.restore(target, call).await {
             Ok(_) => {
-                let frozen_ms = started.elapsed().as_millis() as u64;
+                let frozen_ms = frozen_since.elapsed().as_millis() as u64;
                 self.stats
                     .observe(dumped.image_bytes, frozen_ms as f64 / 1000.0);
                 self.confirm_and_clean(job, target, &dir, started, frozen_ms, false)
+                    .map(|(r, m)| (r, pre.annotate(m)))
             }
             Err(e) => {
                 self.metrics

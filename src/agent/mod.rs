@@ -12,6 +12,7 @@ pub mod load;
 pub mod metrics;
 pub mod migration;
 pub mod peers;
+pub mod precopy;
 pub mod reaper;
 pub mod recovery;
 pub mod service;

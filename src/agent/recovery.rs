@@ -158,6 +158,9 @@ impl Agent {
                     error: "completed by recovery after an agent restart".into(),
                     image_bytes: 0,
                     post_copy: p.post_copy,
+                    pre_copy_rounds: 0,
+                    pre_copy_bytes: 0,
+                    fallback: String::new(),
                 });
             }
             rec.node = me;

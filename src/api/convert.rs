@@ -212,6 +212,7 @@ impl TryFrom<pb::MigrateRequest> for AgentAction {
             Ok(pb::MigrationMode::Auto) => Mode::Auto,
             Ok(pb::MigrationMode::FullCopy) => Mode::FullCopy,
             Ok(pb::MigrationMode::PostCopy) => Mode::PostCopy,
+            Ok(pb::MigrationMode::PreCopy) => Mode::PreCopy,
             Err(_) => {
                 return Err(InvalidRequest::new(
                     "mode",
@@ -269,6 +270,9 @@ impl From<&MigrationRecord> for pb::Migration {
             error: m.error.clone(),
             image_bytes: m.image_bytes,
             post_copy: m.post_copy,
+            pre_copy_rounds: m.pre_copy_rounds,
+            pre_copy_bytes: m.pre_copy_bytes,
+            fallback: m.fallback.clone(),
         }
     }
 }
@@ -287,6 +291,9 @@ impl TryFrom<pb::Migration> for MigrationRecord {
             error: m.error,
             image_bytes: m.image_bytes,
             post_copy: m.post_copy,
+            pre_copy_rounds: m.pre_copy_rounds,
+            pre_copy_bytes: m.pre_copy_bytes,
+            fallback: m.fallback,
         })
     }
 }
@@ -437,6 +444,41 @@ mod tests {
         assert_eq!(e.field, "signal");
         let e = AgentAction::try_from(pb::GetJobRequest { selector: None }).unwrap_err();
         assert_eq!(e.field, "selector");
+    }
+
+    #[test]
+    fn pre_copy_mode_and_its_outcome_cross_the_wire() {
+        let a = AgentAction::try_from(pb::MigrateRequest {
+            job_id: "j1".into(),
+            target_node: "node2".into(),
+            migration_id: String::new(),
+            mode: pb::MigrationMode::PreCopy as i32,
+        })
+        .unwrap();
+        assert!(matches!(
+            a,
+            AgentAction::Migrate {
+                mode: Mode::PreCopy,
+                ..
+            }
+        ));
+        let m = MigrationRecord {
+            id: MigrationId::parse("m1").unwrap(),
+            from: NodeName::parse("node1").unwrap(),
+            to: NodeName::parse("node2").unwrap(),
+            started_unix_ms: 1,
+            frozen_ms: 2,
+            total_ms: 3,
+            ok: true,
+            error: String::new(),
+            image_bytes: 4,
+            post_copy: false,
+            pre_copy_rounds: 3,
+            pre_copy_bytes: 5,
+            fallback: "why not".into(),
+        };
+        let back = MigrationRecord::try_from(pb::Migration::from(&m)).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -77,6 +77,16 @@ pub struct MigrationRecord {
     pub image_bytes: u64,
     #[serde(default)]
     pub post_copy: bool,
+    /// Pre-copy rounds run before the final dump (0: none).
+    #[serde(default)]
+    pub pre_copy_rounds: u32,
+    /// Bytes of memory those rounds copied while the job ran.
+    #[serde(default)]
+    pub pre_copy_bytes: u64,
+    /// Why the requested mode did not run and the job moved as a full copy
+    /// ("" if it ran as requested).
+    #[serde(default)]
+    pub fallback: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,8 @@
 //! - Logs go into the image directory (`dump.log`, `restore.log`) so a failed
 //!   migration leaves its evidence beside its images; the error returned to the
 //!   user quotes CRIU's own `Error` lines from that log.
+//! - Pre-copy (`pre_dump`, and a dump with `prev_images_dir`) runs the CRIU
+//!   command line, not RPC: see [`real`] for why.
 
 pub mod fake;
 pub mod host;
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 pub const LAZY_LOG: &str = "lazy-pages.log";
+pub const PRE_DUMP_LOG: &str = "pre-dump.log";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageServer {
@@ -48,6 +51,23 @@ pub struct DumpSpec {
     /// CRIU writes a byte here once everything but memory is dumped and the
     /// page server listens (post-copy). Must be inheritable (no CLOEXEC).
     pub status_fd: Option<i32>,
+    /// Pre-copy: the last pre-dump round's directory, relative to
+    /// `image_dir` (CRIU's `--prev-images-dir`). The dump then writes only
+    /// the pages dirtied since that round (memory tracking) and links
+    /// `image_dir/parent` to it. Not combinable with `lazy`.
+    pub prev_images_dir: Option<String>,
+}
+
+/// One round of iterative pre-copy: CRIU's `pre-dump`.
+#[derive(Debug, Clone)]
+pub struct PreDumpSpec {
+    /// Host pid of the job's init.
+    pub pid: i32,
+    /// This round's (new, empty) directory.
+    pub image_dir: PathBuf,
+    /// The previous round's directory relative to `image_dir`; None for the
+    /// first round, which writes all memory.
+    pub prev_images_dir: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +153,39 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     ) -> Result<std::process::Child, CriuError>;
     /// Whether the engine is usable at all (binary present).
     fn available(&self) -> Result<(), CriuError>;
+    /// One pre-copy round: write the job's memory (all of it in the first
+    /// round, then what was dirtied since the previous one) while the job
+    /// keeps running; it is frozen only while CRIU collects the pages. Turns
+    /// on the kernel's dirty-memory tracking for the next round. Returns
+    /// the bytes of page images written. On Err the job is still running.
+    /// Only meaningful where [`Features::mem_dirty_track`]; the default is
+    /// for engines without pre-copy.
+    fn pre_dump(&self, spec: &PreDumpSpec) -> Result<u64, CriuError> {
+        let _ = spec;
+        Err(CriuError::Failed {
+            op: "pre-dump",
+            detail: "this checkpoint engine has no pre-dump".into(),
+        })
+    }
+}
+
+/// Total size of the page images (`pages-*.img`) in one directory: what a
+/// pre-dump round wrote.
+pub fn page_image_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(crate::security::follow::is_page_image)
+                })
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// CRIU's own error lines from a log, so users see *why* (e.g. "Can't fork

@@ -1,8 +1,18 @@
 //! [`RealCriu`]: the CRIU driver over `rust-criu` (RPC to `criu swrk`).
+//!
+//! **Pre-copy goes through the command line.** `rust-criu` 0.6.1 cannot
+//! send CRIU's `PRE_DUMP` request and has no setter for `track_mem` (only
+//! `set_parent_img`), and a dump on top of pre-dumped parents without
+//! `track_mem` would not consult the soft-dirty bits, i.e. copy everything
+//! again. So pre-dump rounds run `criu pre-dump --track-mem`, and the final
+//! dump of a pre-copied job runs `criu dump --track-mem --prev-images-dir`
+//! with the same options the RPC dump sets (file locks, link remap, cgroups
+//! ignored, not a shell job: the CLI's default). Every other dump stays on
+//! RPC, whose status fd and notifications the other paths rely on.
 
 use super::{
-    log_excerpt, CheckpointEngine, CriuError, DumpSpec, Features, RestoreOutcome, RestoreSpec,
-    ResumeGate, DUMP_LOG, RESTORE_LOG,
+    log_excerpt, page_image_bytes, CheckpointEngine, CriuError, DumpSpec, Features, PreDumpSpec,
+    RestoreOutcome, RestoreSpec, ResumeGate, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG,
 };
 use rust_criu::rust_criu_protobuf::rpc::Criu_notify;
 use rust_criu::{CgMode, Criu};
@@ -135,7 +145,10 @@ fn check_feature(path: &Path, feature: &str) -> bool {
 }
 
 fn failure(op: &'static str, err: rust_criu::CriuError, log: &Path) -> CriuError {
-    let detail = format!("{err}: {}", log_excerpt(log));
+    classify(op, format!("{err}: {}", log_excerpt(log)))
+}
+
+fn classify(op: &'static str, detail: String) -> CriuError {
     if detail.contains("No space left on device") || detail.contains("errno 28") {
         CriuError::DiskFull { op, detail }
     } else {
@@ -143,7 +156,105 @@ fn failure(op: &'static str, err: rust_criu::CriuError, log: &Path) -> CriuError
     }
 }
 
+/// A relative path inside the image tree for `--prev-images-dir`: CRIU
+/// resolves it against `-D` and stores it verbatim as the `parent` link,
+/// which the manifest then checks; an absolute path would also break a
+/// restore on another node.
+fn check_prev(op: &'static str, prev: &str) -> Result<(), CriuError> {
+    if prev.is_empty() || prev.starts_with('/') || prev.contains('\0') {
+        return Err(CriuError::Failed {
+            op,
+            detail: format!("previous images dir {prev:?} must be a relative path"),
+        });
+    }
+    Ok(())
+}
+
+impl RealCriu {
+    /// Run the CRIU command line `args` against `image_dir`, logging to
+    /// `log` there; on failure quote the log's error lines.
+    fn run_cli(
+        &self,
+        op: &'static str,
+        args: &[String],
+        image_dir: &Path,
+        log: &str,
+    ) -> Result<(), CriuError> {
+        self.available()?;
+        let out = Command::new(&self.path)
+            .args(args)
+            .arg("-D")
+            .arg(image_dir)
+            .args(["-o", log, "-v4"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| CriuError::Io { op, source: e })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        Err(classify(
+            op,
+            format!(
+                "criu {} exited with {}{}: {}",
+                args.first().map(String::as_str).unwrap_or(""),
+                out.status,
+                if stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", stderr.lines().last().unwrap_or(""))
+                },
+                log_excerpt(&image_dir.join(log))
+            ),
+        ))
+    }
+
+    /// The final dump of a pre-copied job (see the module docs for why it
+    /// is not RPC).
+    fn dump_onto_parent(&self, spec: &DumpSpec, prev: &str) -> Result<(), CriuError> {
+        check_prev("dump", prev)?;
+        if spec.lazy.is_some() || spec.status_fd.is_some() {
+            return Err(CriuError::Failed {
+                op: "dump",
+                detail: "a dump on top of pre-copy rounds cannot be lazy (post-copy)".into(),
+            });
+        }
+        let mut args: Vec<String> = vec![
+            "dump".into(),
+            "-t".into(),
+            spec.pid.to_string(),
+            "--track-mem".into(),
+            "--prev-images-dir".into(),
+            prev.into(),
+            "--file-locks".into(),
+            "--link-remap".into(),
+            "--manage-cgroups=ignore".into(),
+        ];
+        if spec.leave_running {
+            args.push("--leave-running".into());
+        }
+        self.run_cli("dump", &args, &spec.image_dir, DUMP_LOG)
+    }
+}
+
 impl CheckpointEngine for RealCriu {
+    fn pre_dump(&self, spec: &PreDumpSpec) -> Result<u64, CriuError> {
+        let mut args: Vec<String> = vec![
+            "pre-dump".into(),
+            "-t".into(),
+            spec.pid.to_string(),
+            "--track-mem".into(),
+        ];
+        if let Some(prev) = &spec.prev_images_dir {
+            check_prev("pre-dump", prev)?;
+            args.push("--prev-images-dir".into());
+            args.push(prev.clone());
+        }
+        self.run_cli("pre-dump", &args, &spec.image_dir, PRE_DUMP_LOG)?;
+        Ok(page_image_bytes(&spec.image_dir))
+    }
+
     fn available(&self) -> Result<(), CriuError> {
         use std::os::unix::fs::PermissionsExt;
         match std::fs::metadata(&self.path) {
@@ -207,6 +318,9 @@ impl CheckpointEngine for RealCriu {
     }
 
     fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError> {
+        if let Some(prev) = &spec.prev_images_dir {
+            return self.dump_onto_parent(spec, prev);
+        }
         let mut criu = self.client()?;
         let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
             op: "dump",

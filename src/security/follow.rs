@@ -25,9 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// CRIU names memory images `pages-<n>.img`; those are the big ones.
+/// CRIU names memory images `pages-<n>.img`; those are the big ones. Takes
+/// a plain name or a manifest's relative name (`pre-1/pages-1.img`, a
+/// pre-copy round's pages), judged by its last component.
 pub fn is_page_image(name: &str) -> bool {
-    name.starts_with("pages-") && name.ends_with(".img")
+    let base = name.rsplit('/').next().unwrap_or(name);
+    base.starts_with("pages-") && base.ends_with(".img")
 }
 
 const CHUNK: usize = 1 << 20;

@@ -77,6 +77,50 @@
 //! being confused with a MAC the cluster key might produce for some other
 //! message type in the future.
 //!
+//! # Pre-copy chains (format version 3)
+//!
+//! An iteratively pre-copied dump (see `agent::precopy`) is a chain of image
+//! directories: each pre-dump round wrote the pages dirtied since the round
+//! before, and the final dump holds only the rest; CRIU finds the older pages
+//! through a symlink named `parent` in each directory. A flat manifest cannot
+//! describe that, and following arbitrary symlinks or subdirectories is what
+//! the flat rules forbid (a link could point a restore anywhere). So a chain
+//! has one fixed layout, checked structurally, never by following a link:
+//!
+//! ```text
+//! <image dir>/            final dump, MANIFEST.json
+//!     parent -> pre-N     symlink, target exactly "pre-N"
+//!     pre-N/              round N (a real directory, not a link)
+//!         parent -> ../pre-(N-1)
+//!     ...
+//!     pre-2/parent -> ../pre-1
+//!     pre-1/              round 1: no parent link
+//! ```
+//!
+//! * Rounds are `pre-1` .. `pre-N` (decimal, no leading zeros, every number
+//!   present, `N <= MAX_CHAIN_ROUNDS`), directly inside the image directory;
+//!   a round directory holds only regular files and (from round 2 on) its
+//!   `parent` link. Nothing else may be a directory or a symlink.
+//! * Every `parent` link must have exactly the target above (read with
+//!   `readlink`, never followed by this code), so each resolves to a sibling
+//!   round inside the same image directory.
+//! * Files in rounds are listed as `pre-<k>/<name>` (one `/`, the name under
+//!   the flat rules, and not `parent`); they are all covered by the HMAC like
+//!   top-level files. The `exclude` list matches whole relative names, so it
+//!   only ever exempts top-level files (the logs CRIU writes later there):
+//!   nothing inside a round escapes the seal.
+//! * The manifest gains a `links` list, `[{"name": "parent", "target":
+//!   "pre-2"}, {"name": "pre-2/parent", "target": "../pre-1"}]`, sorted by
+//!   name, which must be exactly the expected set for the chain's length.
+//!   Its canonical MAC input is the version 2 input with the tag
+//!   `"mosix-image-manifest-v3" 0x00`, followed by `u64be(number of links)`
+//!   and `lp(name) lp(target)` for each link.
+//!
+//! Version 2 is unchanged and still written for every flat directory: a
+//! `links` field in a version 2 manifest, or a directory or symlink in a
+//! version 2 image directory, is refused as before. A chain is refused by
+//! code that only knows version 2 (unsupported version), never misread.
+//!
 //! # Limits
 //!
 //! Verification proves the directory content *at the time it was checked*.
@@ -102,8 +146,19 @@ use thiserror::Error;
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_FILE_NAME: &str = "MANIFEST.json";
 
-/// The only manifest format version this code reads or writes.
+/// The manifest format version of a flat image directory.
 pub const MANIFEST_VERSION: u32 = 2;
+
+/// The format version of a pre-copy chain (see the module docs); written
+/// only when the directory holds a chain, so flat directories keep version 2.
+pub const MANIFEST_VERSION_CHAIN: u32 = 3;
+
+/// Most pre-dump rounds a chain may have. Far above any sane stop rule; it
+/// only bounds what a hostile manifest can make a verifier look at.
+pub const MAX_CHAIN_ROUNDS: u32 = 64;
+
+/// The name CRIU gives the link from an image directory to its parent.
+pub const PARENT_LINK: &str = "parent";
 
 /// Manifests larger than this are refused without being parsed, so a hostile
 /// file on shared storage cannot make a node allocate unbounded memory.
@@ -118,6 +173,8 @@ const HASH_BUF_BYTES: usize = 1024 * 1024;
 
 /// Domain-separation tag at the start of the canonical MAC input.
 const MAC_DOMAIN_TAG: &[u8] = b"mosix-image-manifest-v2\0";
+/// The same for a chain manifest (version 3), whose input also has links.
+const MAC_DOMAIN_TAG_CHAIN: &[u8] = b"mosix-image-manifest-v3\0";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -175,6 +232,10 @@ pub enum ManifestError {
     NotRegularFile { name: String },
     #[error("invalid file name {name:?}: must be a plain file name")]
     InvalidFileName { name: String },
+    /// A pre-copy chain that does not have the one allowed layout, or whose
+    /// links differ from the manifest's.
+    #[error("pre-copy image chain refused: {reason}")]
+    BadChain { reason: String },
 }
 
 fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ManifestError {
@@ -269,6 +330,16 @@ pub struct ManifestFile {
     pub blake3: String,
 }
 
+/// One `parent` symlink of a pre-copy chain (version 3 only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLink {
+    /// `parent` or `pre-<k>/parent`.
+    pub name: String,
+    /// Exactly `pre-<N>` (top level) or `../pre-<k-1>`.
+    pub target: String,
+}
+
 /// The parsed content of `MANIFEST.json` (see module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -278,17 +349,62 @@ pub struct Manifest {
     pub migration_id: String,
     pub created_unix_ms: u64,
     pub files: Vec<ManifestFile>,
+    /// The chain's `parent` links (version 3); absent in version 2, whose
+    /// JSON is thus byte-for-byte what it always was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<ManifestLink>,
     /// Lowercase hex HMAC-SHA256 over the canonical encoding.
     pub hmac: String,
+}
+
+/// Name of pre-dump round `k`'s directory inside an image directory.
+pub fn round_dir_name(k: u32) -> String {
+    format!("pre-{k}")
+}
+
+/// The `parent` links a chain of `rounds` rounds must have, sorted by name.
+pub fn chain_links(rounds: u32) -> Vec<ManifestLink> {
+    let mut links = Vec::new();
+    if rounds == 0 {
+        return links;
+    }
+    links.push(ManifestLink {
+        name: PARENT_LINK.to_string(),
+        target: round_dir_name(rounds),
+    });
+    for k in 2..=rounds {
+        links.push(ManifestLink {
+            name: format!("{}/{PARENT_LINK}", round_dir_name(k)),
+            target: format!("../{}", round_dir_name(k - 1)),
+        });
+    }
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    links
+}
+
+/// `pre-<k>` in canonical form (no sign, no leading zero, within bounds).
+fn parse_round_dir(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("pre-")?;
+    if digits.is_empty()
+        || digits.starts_with('0')
+        || digits.len() > 10
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let k: u32 = digits.parse().ok()?;
+    (1..=MAX_CHAIN_ROUNDS).contains(&k).then_some(k)
 }
 
 /// Hashes every regular file in `dir`, makes them durable, and writes an
 /// authenticated `MANIFEST.json` atomically.
 ///
 /// Files named in `exclude` (e.g. `"dump.log"`) are not listed; they must
-/// still be regular files if present. Not recursive: a subdirectory or
-/// symlink in `dir` is an error, because CRIU image directories are flat and
-/// a symlink could make a later restore read or write outside the directory.
+/// still be regular files if present. A subdirectory or symlink in `dir` is
+/// an error, because CRIU image directories are flat and a symlink could make
+/// a later restore read or write outside the directory; the one exception is
+/// a pre-copy chain in exactly the layout of the module docs, which gets a
+/// version 3 manifest covering every file of every round.
 pub fn write_manifest(
     dir: &Path,
     key: &ClusterKey,
@@ -308,6 +424,57 @@ pub struct Precomputed {
     pub ino: u64,
     pub size: u64,
     pub blake3: [u8; 32],
+}
+
+/// Hash (and with `fsync`, flush) the regular files of `dir` ahead of
+/// sealing, as [`Precomputed`] digests keyed `prefix + name`; `known` holds
+/// digests already taken (by [`super::follow`]), reused when still valid.
+/// Symlinks and subdirectories are skipped: the manifest writer judges them.
+///
+/// Why: a pre-copy round is written while the job still runs, and nothing
+/// changes it afterwards, so hashing it then keeps that work out of the
+/// frozen window in which the final dump is sealed.
+pub fn hash_ahead(
+    dir: &Path,
+    prefix: &str,
+    known: &BTreeMap<String, Precomputed>,
+    fsync: bool,
+) -> Result<BTreeMap<String, Precomputed>, ManifestError> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let meta = entry.metadata().map_err(io_err(entry.path()))?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let reuse = known
+            .get(&name)
+            .filter(|p| p.dev == meta.dev() && p.ino == meta.ino() && p.size == meta.len());
+        let (pre, file) = match reuse {
+            Some(p) => (p.clone(), open_same(dir, &name, &meta)?),
+            None => {
+                let (size, blake3, file) = hash_file(dir, &name, &meta)?;
+                let pre = Precomputed {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    size,
+                    blake3,
+                };
+                (pre, file)
+            }
+        };
+        if fsync {
+            file.sync_all().map_err(io_err(dir.join(&name)))?;
+        }
+        out.insert(format!("{prefix}{name}"), pre);
+    }
+    if fsync {
+        sync_dir(dir).map_err(io_err(dir))?;
+    }
+    Ok(out)
 }
 
 /// [`write_manifest`], reusing digests already computed for some files.
@@ -333,7 +500,9 @@ pub fn write_manifest_with(
         Err(e) => return Err(io_err(&stale_tmp)(e)),
     }
 
-    let entries = scan_dir(dir)?;
+    let scan = scan_tree(dir, true)?;
+    let rounds = check_chain_shape(&scan)?;
+    let entries = scan.files;
     let mut files = Vec::new();
     // BTreeMap iteration is in byte order of the names, which is exactly the
     // order the format requires.
@@ -364,6 +533,10 @@ pub fn write_manifest_with(
     }
     // Make the directory entries of the image files durable as well.
     if fsync {
+        for k in 1..=rounds {
+            let sub = dir.join(round_dir_name(k));
+            sync_dir(&sub).map_err(io_err(&sub))?;
+        }
         sync_dir(dir).map_err(io_err(dir))?;
     }
 
@@ -375,11 +548,16 @@ pub fn write_manifest_with(
         .unwrap_or(0);
 
     let mut manifest = Manifest {
-        version: MANIFEST_VERSION,
+        version: if rounds == 0 {
+            MANIFEST_VERSION
+        } else {
+            MANIFEST_VERSION_CHAIN
+        },
         job_id: job_id.to_string(),
         migration_id: migration_id.to_string(),
         created_unix_ms,
         files,
+        links: chain_links(rounds),
         hmac: String::new(),
     };
     let mac = compute_mac(key, &manifest, &manifest_path)?;
@@ -474,7 +652,20 @@ pub fn verify_manifest_deferring(
 
     // Cheap set comparisons first, so a missing or extra file is reported
     // without hashing gigabytes first.
-    let entries = scan_dir(dir)?;
+    let scan = scan_tree(dir, manifest.version == MANIFEST_VERSION_CHAIN)?;
+    let rounds = check_chain_shape(&scan)?;
+    if chain_links(rounds) != manifest.links {
+        // The links were checked against the expected chain of the
+        // manifest's own length in validate_structure, so any difference
+        // is a round too many or too few on disk.
+        return Err(ManifestError::BadChain {
+            reason: format!(
+                "the directory holds {rounds} pre-dump round(s), the manifest {}",
+                manifest.links.len()
+            ),
+        });
+    }
+    let entries = scan.files;
     for f in &manifest.files {
         if !entries.contains_key(&f.name) {
             return Err(ManifestError::FileMissing {
@@ -587,18 +778,48 @@ fn validate_structure(m: &Manifest, path: &Path) -> Result<(), ManifestError> {
         path: path.to_path_buf(),
         reason,
     };
-    if m.version != MANIFEST_VERSION {
+    if m.version != MANIFEST_VERSION && m.version != MANIFEST_VERSION_CHAIN {
         return Err(malformed(format!(
-            "unsupported version {} (expected {MANIFEST_VERSION})",
+            "unsupported version {} (expected {MANIFEST_VERSION}, or {MANIFEST_VERSION_CHAIN} for a pre-copy chain)",
             m.version
         )));
     }
+    // The chain's length follows from its top link; every link must then be
+    // exactly the expected one, so no link can point anywhere else.
+    let rounds = if m.version == MANIFEST_VERSION {
+        if !m.links.is_empty() {
+            return Err(malformed(format!(
+                "version {MANIFEST_VERSION} manifests have no links"
+            )));
+        }
+        0
+    } else {
+        let top = m
+            .links
+            .iter()
+            .find(|l| l.name == PARENT_LINK)
+            .and_then(|l| parse_round_dir(&l.target))
+            .ok_or_else(|| ManifestError::BadChain {
+                reason: format!(
+                    "no top-level {PARENT_LINK:?} link to a round pre-1..pre-{MAX_CHAIN_ROUNDS}"
+                ),
+            })?;
+        if m.links != chain_links(top) {
+            return Err(ManifestError::BadChain {
+                reason: format!(
+                    "links are not exactly the {top}-round chain {:?}",
+                    chain_links(top)
+                ),
+            });
+        }
+        top
+    };
     if !is_lower_hex(&m.hmac, 64) {
         return Err(malformed("hmac is not 64 lowercase hex characters".into()));
     }
     let mut prev: Option<&str> = None;
     for f in &m.files {
-        validate_file_name(&f.name)?;
+        validate_listed_name(&f.name, rounds)?;
         if !is_lower_hex(&f.blake3, 64) {
             return Err(malformed(format!(
                 "blake3 of {:?} is not 64 lowercase hex characters",
@@ -633,6 +854,31 @@ fn validate_file_name(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// A listed file name: plain at the top level, or `pre-<k>/<plain>` inside
+/// round `k <= rounds`. In a chain, no file may take the place of a link or
+/// of a round directory.
+fn validate_listed_name(name: &str, rounds: u32) -> Result<(), ManifestError> {
+    let invalid = || ManifestError::InvalidFileName {
+        name: name.to_string(),
+    };
+    let plain = match name.split_once('/') {
+        None => name,
+        Some((round, rest)) if rounds > 0 => {
+            match parse_round_dir(round) {
+                Some(k) if k <= rounds => {}
+                _ => return Err(invalid()),
+            }
+            rest
+        }
+        Some(_) => return Err(invalid()),
+    };
+    validate_file_name(plain).map_err(|_| invalid())?;
+    if rounds > 0 && (plain == PARENT_LINK || parse_round_dir(plain).is_some()) {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
 fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
@@ -652,7 +898,12 @@ fn compute_mac(key: &ClusterKey, m: &Manifest, path: &Path) -> Result<HmacSha256
         mac.update(&(s.len() as u64).to_be_bytes());
         mac.update(s.as_bytes());
     };
-    mac.update(MAC_DOMAIN_TAG);
+    let chain = m.version == MANIFEST_VERSION_CHAIN;
+    mac.update(if chain {
+        MAC_DOMAIN_TAG_CHAIN
+    } else {
+        MAC_DOMAIN_TAG
+    });
     mac.update(&u64::from(m.version).to_be_bytes());
     lp(&mut mac, &m.job_id);
     lp(&mut mac, &m.migration_id);
@@ -670,13 +921,40 @@ fn compute_mac(key: &ClusterKey, m: &Manifest, path: &Path) -> Result<HmacSha256
         })?;
         mac.update(&digest);
     }
+    if chain {
+        mac.update(&(m.links.len() as u64).to_be_bytes());
+        for l in &m.links {
+            lp(&mut mac, &l.name);
+            lp(&mut mac, &l.target);
+        }
+    }
     Ok(mac)
+}
+
+/// What [`scan_tree`] found: regular files by relative name, `parent`
+/// links with their (unfollowed) targets, and round directories.
+struct Scan {
+    files: BTreeMap<String, Metadata>,
+    links: BTreeMap<String, String>,
+    rounds: std::collections::BTreeSet<u32>,
 }
 
 /// Lists the directory (not following symlinks) and returns every entry
 /// except the manifest itself, refusing anything that is not a regular file.
-fn scan_dir(dir: &Path) -> Result<BTreeMap<String, Metadata>, ManifestError> {
-    let mut out = BTreeMap::new();
+/// With `chain`, `parent` symlinks and `pre-<k>` round directories (one
+/// level, holding regular files and their own `parent` link) are collected
+/// too, for [`check_chain_shape`]; links are read, never followed.
+fn scan_tree(dir: &Path, chain: bool) -> Result<Scan, ManifestError> {
+    let mut scan = Scan {
+        files: BTreeMap::new(),
+        links: BTreeMap::new(),
+        rounds: Default::default(),
+    };
+    scan_level(dir, "", chain, &mut scan)?;
+    Ok(scan)
+}
+
+fn scan_level(dir: &Path, prefix: &str, chain: bool, scan: &mut Scan) -> Result<(), ManifestError> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let name =
@@ -684,21 +962,85 @@ fn scan_dir(dir: &Path) -> Result<BTreeMap<String, Metadata>, ManifestError> {
                 .file_name()
                 .into_string()
                 .map_err(|os| ManifestError::InvalidFileName {
-                    name: os.to_string_lossy().into_owned(),
+                    name: format!("{prefix}{}", os.to_string_lossy()),
                 })?;
-        if name == MANIFEST_FILE_NAME {
+        if prefix.is_empty() && name == MANIFEST_FILE_NAME {
             continue;
         }
+        let rel = format!("{prefix}{name}");
         // DirEntry::metadata does not follow symlinks (lstat semantics).
         let meta = entry.metadata().map_err(io_err(entry.path()))?;
+        let ft = meta.file_type();
         // Excluded names are checked too: CRIU later *writes* its log there,
         // and a planted symlink would redirect that write anywhere.
-        if !meta.file_type().is_file() {
-            return Err(ManifestError::NotRegularFile { name });
+        if ft.is_file() {
+            scan.files.insert(rel, meta);
+        } else if chain && ft.is_symlink() && name == PARENT_LINK {
+            let target = fs::read_link(entry.path()).map_err(io_err(entry.path()))?;
+            let target = target.into_os_string().into_string().map_err(|t| {
+                ManifestError::BadChain {
+                    reason: format!("link {rel:?} has a non-UTF-8 target {t:?}"),
+                }
+            })?;
+            scan.links.insert(rel, target);
+        } else if chain && ft.is_dir() && prefix.is_empty() && parse_round_dir(&name).is_some() {
+            if let Some(k) = parse_round_dir(&name) {
+                scan.rounds.insert(k);
+            }
+            scan_level(&entry.path(), &format!("{name}/"), chain, scan)?;
+        } else {
+            return Err(ManifestError::NotRegularFile { name: rel });
         }
-        out.insert(name, meta);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The number of rounds of the chain `scan` found (0 for a flat directory),
+/// after checking it has exactly the layout of the module docs: rounds
+/// `pre-1..pre-N` all present and every link exactly as expected. Done on
+/// the write side too, so a malformed chain is never signed.
+fn check_chain_shape(scan: &Scan) -> Result<u32, ManifestError> {
+    let n = scan.rounds.len() as u32;
+    if n == 0 && scan.links.is_empty() {
+        return Ok(0);
+    }
+    if scan.rounds.iter().copied().ne(1..=n) {
+        return Err(ManifestError::BadChain {
+            reason: format!(
+                "round directories {:?} are not pre-1..pre-{n}",
+                scan.rounds
+                    .iter()
+                    .map(|k| round_dir_name(*k))
+                    .collect::<Vec<_>>()
+            ),
+        });
+    }
+    let found: Vec<ManifestLink> = scan
+        .links
+        .iter()
+        .map(|(name, target)| ManifestLink {
+            name: name.clone(),
+            target: target.clone(),
+        })
+        .collect();
+    let expected = chain_links(n);
+    if found != expected {
+        let differs = expected
+            .iter()
+            .find(|l| !found.contains(l))
+            .map(|l| format!("expected link {:?} -> {:?}", l.name, l.target))
+            .or_else(|| {
+                found
+                    .iter()
+                    .find(|l| !expected.contains(l))
+                    .map(|l| format!("unexpected link {:?} -> {:?}", l.name, l.target))
+            })
+            .unwrap_or_default();
+        return Err(ManifestError::BadChain {
+            reason: format!("a {n}-round chain must link parent -> pre-{n} -> ... -> pre-1: {differs}"),
+        });
+    }
+    Ok(n)
 }
 
 /// Streams `dir/name` through BLAKE3. `lmeta` is the lstat result from the
@@ -1149,6 +1491,7 @@ mod tests {
             migration_id: "c".into(),
             created_unix_ms: 5,
             files: vec![],
+            links: vec![],
             hmac: String::new(),
         };
         let shifted = Manifest {
@@ -1295,5 +1638,363 @@ mod tests {
         fs::write(&path, &pristine).unwrap();
         verify(&d).unwrap();
         assert!(accepted < 300, "accepted {accepted} of 600 mutations");
+    }
+
+    // ---- pre-copy chains (version 3) ----
+
+    /// An image directory with a `rounds`-round pre-copy chain, laid out as
+    /// CRIU leaves it after `pre-dump --prev-images-dir` rounds and a final
+    /// dump on top.
+    fn chain_dir(rounds: u32) -> TempDir {
+        let d = image_dir();
+        for k in 1..=rounds {
+            let r = d.path().join(round_dir_name(k));
+            fs::create_dir(&r).unwrap();
+            fs::write(r.join("pages-1.img"), vec![k as u8; 10_000]).unwrap();
+            fs::write(r.join("pagemap-1.img"), b"pagemap").unwrap();
+            fs::write(r.join("pre-dump.log"), b"pre-dump log\n").unwrap();
+            if k > 1 {
+                std::os::unix::fs::symlink(format!("../pre-{}", k - 1), r.join("parent")).unwrap();
+            }
+        }
+        std::os::unix::fs::symlink(format!("pre-{rounds}"), d.path().join("parent")).unwrap();
+        d
+    }
+
+    fn signed_chain(rounds: u32) -> (TempDir, Manifest) {
+        let d = chain_dir(rounds);
+        let m = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap();
+        (d, m)
+    }
+
+    fn relink(path: &Path, target: &str) {
+        fs::remove_file(path).unwrap();
+        std::os::unix::fs::symlink(target, path).unwrap();
+    }
+
+    #[test]
+    fn chain_round_trip_covers_every_round() {
+        let (d, m) = signed_chain(3);
+        assert_eq!(m.version, MANIFEST_VERSION_CHAIN);
+        assert_eq!(m.links, chain_links(3));
+        let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        for k in 1..=3 {
+            for f in ["pages-1.img", "pagemap-1.img", "pre-dump.log"] {
+                let n = format!("pre-{k}/{f}");
+                assert!(names.contains(&n.as_str()), "{n} sealed: {names:?}");
+            }
+        }
+        assert!(!names.iter().any(|n| n.ends_with("parent")), "{names:?}");
+        assert_eq!(verify(&d).unwrap(), m);
+        // The JSON names the links; the link list is part of the MAC input.
+        let v = read_json(&d);
+        assert_eq!(v["links"][0]["name"], "parent");
+        assert_eq!(v["links"][0]["target"], "pre-3");
+        // Round pages are deferred like top-level ones.
+        let (_, rest) = verify_manifest_deferring(
+            d.path(),
+            &key(),
+            "job-1",
+            EXCLUDE,
+            crate::security::follow::is_page_image,
+        )
+        .unwrap();
+        assert_eq!(rest.bytes(), 3 * 10_000 + 3 * 1024 * 1024 + 17);
+        rest.check().unwrap();
+    }
+
+    #[test]
+    fn chain_links_are_exact() {
+        assert!(chain_links(0).is_empty());
+        let l = chain_links(2);
+        assert_eq!(
+            l,
+            vec![
+                ManifestLink { name: "parent".into(), target: "pre-2".into() },
+                ManifestLink { name: "pre-2/parent".into(), target: "../pre-1".into() },
+            ]
+        );
+        // Sorted by name even past 9 rounds ("pre-10" < "pre-2").
+        let l = chain_links(12);
+        assert!(l.windows(2).all(|w| w[0].name < w[1].name));
+        assert_eq!(l.len(), 12);
+        for bad in ["pre-0", "pre-01", "pre-", "pre-x", "pre--1", "pre-+1", "pre-65", "pre-99999999999"] {
+            assert_eq!(parse_round_dir(bad), None, "{bad}");
+        }
+        assert_eq!(parse_round_dir("pre-64"), Some(64));
+    }
+
+    #[test]
+    fn flat_directories_keep_version_2_without_links() {
+        let (d, m) = signed_dir();
+        assert_eq!(m.version, MANIFEST_VERSION);
+        assert!(m.links.is_empty());
+        assert!(read_json(&d).get("links").is_none(), "v2 JSON unchanged");
+        verify(&d).unwrap();
+    }
+
+    #[test]
+    fn tampered_round_file_refused_naming_it() {
+        let (d, _) = signed_chain(2);
+        let p = d.path().join("pre-1/pages-1.img");
+        let mut data = fs::read(&p).unwrap();
+        data[77] ^= 1;
+        fs::write(&p, data).unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::HashMismatch { name } if name == "pre-1/pages-1.img"),
+            "{err:?}"
+        );
+
+        let (d, _) = signed_chain(2);
+        fs::write(d.path().join("pre-2/pagemap-1.img"), b"pagemaP").unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::HashMismatch { name } if name == "pre-2/pagemap-1.img"),
+            "{err:?}"
+        );
+        // Even the round's log is sealed: only top-level names are exempt.
+        let (d, _) = signed_chain(2);
+        fs::write(d.path().join("pre-1/pre-dump.log"), b"rewritten\n").unwrap();
+        assert!(verify(&d).is_err());
+    }
+
+    #[test]
+    fn added_or_removed_round_file_refused() {
+        let (d, _) = signed_chain(2);
+        fs::write(d.path().join("pre-2/pages-9.img"), b"evil").unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::FileAdded { name } if name == "pre-2/pages-9.img"),
+            "{err:?}"
+        );
+        // An excluded (log) name is exempt only at the top level.
+        let (d, _) = signed_chain(2);
+        fs::write(d.path().join("pre-1/dump.log"), b"x").unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::FileAdded { name } if name == "pre-1/dump.log"),
+            "{err:?}"
+        );
+        let (d, _) = signed_chain(2);
+        fs::remove_file(d.path().join("pre-1/pagemap-1.img")).unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::FileMissing { name } if name == "pre-1/pagemap-1.img"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn retargeted_links_refused() {
+        for (link, target) in [
+            ("parent", "pre-1"),
+            ("parent", "/etc"),
+            ("parent", "../other-migration"),
+            ("parent", "./pre-3"),
+            ("pre-3/parent", "../pre-1"),
+            ("pre-3/parent", "pre-2"),
+            ("pre-2/parent", "../../../../etc"),
+            ("pre-2/parent", "/tmp"),
+        ] {
+            let (d, _) = signed_chain(3);
+            relink(&d.path().join(link), target);
+            let err = verify(&d).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::BadChain { .. }),
+                "{link} -> {target}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn chain_shape_changes_refused() {
+        // A link where round 1 has none.
+        let (d, _) = signed_chain(2);
+        std::os::unix::fs::symlink("../pre-2", d.path().join("pre-1/parent")).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+
+        // A symlink with another name, in a round or at the top.
+        let (d, _) = signed_chain(2);
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("pre-1/pages-2.img")).unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::NotRegularFile { name } if name == "pre-1/pages-2.img"),
+            "{err:?}"
+        );
+
+        // A round directory swapped for a link to a copy elsewhere.
+        let (d, _) = signed_chain(2);
+        let elsewhere = tempfile::tempdir().unwrap();
+        let copy = elsewhere.path().join("pre-1");
+        fs::rename(d.path().join("pre-1"), &copy).unwrap();
+        std::os::unix::fs::symlink(&copy, d.path().join("pre-1")).unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::NotRegularFile { name } if name == "pre-1"),
+            "{err:?}"
+        );
+
+        // A nested directory inside a round.
+        let (d, _) = signed_chain(2);
+        fs::create_dir(d.path().join("pre-2/sub")).unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::NotRegularFile { name } if name == "pre-2/sub"),
+            "{err:?}"
+        );
+
+        // An extra round, even a linked one, is not the signed chain.
+        let (d, _) = signed_chain(2);
+        let r3 = d.path().join("pre-3");
+        fs::create_dir(&r3).unwrap();
+        std::os::unix::fs::symlink("../pre-2", r3.join("parent")).unwrap();
+        relink(&d.path().join("parent"), "pre-3");
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+
+        // A round removed, links repaired: still not the signed chain.
+        let (d, _) = signed_chain(3);
+        fs::remove_dir_all(d.path().join("pre-3")).unwrap();
+        relink(&d.path().join("parent"), "pre-2");
+        assert!(verify(&d).is_err());
+
+        // The whole chain removed: a flat directory under a chain manifest.
+        let (d, _) = signed_chain(1);
+        fs::remove_dir_all(d.path().join("pre-1")).unwrap();
+        fs::remove_file(d.path().join("parent")).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+
+        // A chain planted next to a flat (v2) manifest is refused as before.
+        let (d, _) = signed_dir();
+        fs::create_dir(d.path().join("pre-1")).unwrap();
+        std::os::unix::fs::symlink("pre-1", d.path().join("parent")).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::NotRegularFile { .. }));
+    }
+
+    #[test]
+    fn malformed_chain_is_never_signed() {
+        let d = chain_dir(2);
+        relink(&d.path().join("pre-2/parent"), "/etc");
+        let err = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap_err();
+        assert!(matches!(err, ManifestError::BadChain { .. }), "{err:?}");
+
+        let d = chain_dir(2);
+        fs::remove_dir_all(d.path().join("pre-1")).unwrap();
+        let err = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap_err();
+        assert!(matches!(err, ManifestError::BadChain { .. }), "{err:?}");
+
+        // A parent link without rounds, or rounds without the top link.
+        let d = image_dir();
+        std::os::unix::fs::symlink("pre-1", d.path().join("parent")).unwrap();
+        assert!(write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).is_err());
+        let d = chain_dir(1);
+        fs::remove_file(d.path().join("parent")).unwrap();
+        let err = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap_err();
+        assert!(matches!(err, ManifestError::BadChain { .. }), "{err:?}");
+
+        // A round named off-pattern is just a subdirectory.
+        let d = chain_dir(1);
+        fs::create_dir(d.path().join("pre-01")).unwrap();
+        let err = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::NotRegularFile { name } if name == "pre-01"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn edited_chain_manifest_refused_without_the_key() {
+        // Drop a round's file from the manifest and the directory: the MAC
+        // breaks.
+        let (d, _) = signed_chain(2);
+        fs::remove_file(d.path().join("pre-1/pages-1.img")).unwrap();
+        let mut v = read_json(&d);
+        let files = v["files"].as_array_mut().unwrap();
+        files.retain(|f| f["name"] != "pre-1/pages-1.img");
+        write_json(&d, &v);
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadHmac { .. }));
+
+        // Downgrade to version 2 (dropping the links) breaks it too.
+        let (d, _) = signed_chain(1);
+        let mut v = read_json(&d);
+        v["version"] = 2.into();
+        v.as_object_mut().unwrap().remove("links");
+        write_json(&d, &v);
+        assert!(verify(&d).is_err());
+
+        // Editing a link target in the manifest to match an edited link.
+        let (d, _) = signed_chain(2);
+        relink(&d.path().join("parent"), "pre-1");
+        let mut v = read_json(&d);
+        v["links"][0]["target"] = "pre-1".into();
+        write_json(&d, &v);
+        assert!(verify(&d).is_err());
+    }
+
+    #[test]
+    fn hostile_signed_chain_manifests_refused() {
+        // Signed by a buggy or compromised writer: still refused on shape.
+        let (d, mut m) = signed_chain(2);
+        m.links[0].target = "/etc".into();
+        resign(&mut m);
+        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+
+        let (d, mut m) = signed_chain(2);
+        m.links.push(ManifestLink { name: "pre-9/parent".into(), target: "../pre-8".into() });
+        resign(&mut m);
+        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+
+        for bad in ["pre-3/x.img", "pre-1/parent", "pre-1/a/b", "parent", "pre-2", "sub/x.img", "pre-1/../x"] {
+            let (d, mut m) = signed_chain(2);
+            m.files[0].name = bad.to_string();
+            m.files.sort_by(|a, b| a.name.cmp(&b.name));
+            resign(&mut m);
+            fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
+            let err = verify(&d).unwrap_err();
+            assert!(
+                matches!(&err, ManifestError::InvalidFileName { name } if name == bad),
+                "{bad:?}: {err:?}"
+            );
+        }
+
+        // Links in a version 2 manifest are malformed, signed or not.
+        let (d, mut m) = signed_dir();
+        m.links = chain_links(1);
+        resign(&mut m);
+        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(matches!(verify(&d).unwrap_err(), ManifestError::ManifestMalformed { .. }));
+    }
+
+    #[test]
+    fn chain_mac_covers_links_and_differs_from_v2() {
+        let base = Manifest {
+            version: MANIFEST_VERSION_CHAIN,
+            job_id: "j".into(),
+            migration_id: "m".into(),
+            created_unix_ms: 5,
+            files: vec![],
+            links: chain_links(2),
+            hmac: String::new(),
+        };
+        let mac = |m: &Manifest| {
+            compute_mac(&key(), m, Path::new("x"))
+                .unwrap()
+                .finalize()
+                .into_bytes()
+        };
+        let mut other = base.clone();
+        other.links[1].target = "../pre-0".into();
+        assert_ne!(mac(&base), mac(&other));
+        let mut shorter = base.clone();
+        shorter.links = chain_links(1);
+        assert_ne!(mac(&base), mac(&shorter));
+        let mut flat = base.clone();
+        flat.version = MANIFEST_VERSION;
+        flat.links.clear();
+        let mut chain_no_links = base.clone();
+        chain_no_links.links.clear();
+        assert_ne!(mac(&flat), mac(&chain_no_links), "domain tags differ");
     }
 }

@@ -11,11 +11,17 @@ pub struct Args {
     /// Target node.
     pub node: String,
     /// Post-copy: restore at once and fetch memory on demand.
-    #[arg(long, conflicts_with = "full_copy")]
+    #[arg(long, conflicts_with_all = ["full_copy", "pre_copy"])]
     pub post_copy: bool,
     /// Full copy: move all memory before restoring.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pre_copy")]
     pub full_copy: bool,
+    /// Pre-copy: copy memory in rounds while the job runs, then freeze it
+    /// only for what changed since. Needs memory tracking (soft-dirty) on
+    /// the source kernel; without it the job moves as a full copy and this
+    /// command says why.
+    #[arg(long)]
+    pub pre_copy: bool,
 }
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
@@ -32,6 +38,8 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
         pb::MigrationMode::PostCopy
     } else if a.full_copy {
         pb::MigrationMode::FullCopy
+    } else if a.pre_copy {
+        pb::MigrationMode::PreCopy
     } else {
         pb::MigrationMode::Auto
     };
@@ -54,7 +62,21 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
         m.frozen_ms,
         m.total_ms,
         human_bytes(m.image_bytes),
-        if m.post_copy { " (post-copy)" } else { "" }
+        if m.post_copy {
+            " (post-copy)".to_string()
+        } else if m.pre_copy_rounds > 0 {
+            format!(
+                " (pre-copy: {} round{}, {} copied while running)",
+                m.pre_copy_rounds,
+                if m.pre_copy_rounds == 1 { "" } else { "s" },
+                human_bytes(m.pre_copy_bytes)
+            )
+        } else {
+            String::new()
+        }
     );
+    if !m.fallback.is_empty() {
+        println!("note: {}", m.fallback);
+    }
     Ok(())
 }
