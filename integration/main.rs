@@ -8,5 +8,6 @@ mod support;
 mod balancer;
 mod faults;
 mod migration;
+mod noshared;
 mod precopy;
 mod security;

@@ -51,7 +51,11 @@ pub fn privileged() -> bool {
 pub struct Cluster {
     pub name: String,
     pub file: PathBuf,
+    /// The shared root; for a cluster without one (`--no-shared`), a scratch
+    /// dir of the test's own that the cluster never uses.
     pub shared: PathBuf,
+    /// Configured without a shared path: every node has its own state dir.
+    pub no_shared: bool,
 }
 
 fn unique_name() -> String {
@@ -89,7 +93,8 @@ impl Cluster {
         let shared = std::env::temp_dir().join(format!("mosix-it-{name}"));
         let n = nodes.to_string();
         let shared_s = shared.to_string_lossy().into_owned();
-        let own_shared = !extra.contains(&"--shared");
+        let no_shared = extra.contains(&"--no-shared");
+        let own_shared = !extra.contains(&"--shared") && !no_shared;
         let mut args = vec!["local", "up", "--name", &name, "--nodes", &n];
         if own_shared {
             args.extend_from_slice(&["--shared", &shared_s]);
@@ -106,7 +111,11 @@ impl Cluster {
             file: PathBuf::from(format!("/run/mosix/{name}/cluster.json")),
             name: name.clone(),
             shared,
+            no_shared,
         };
+        if no_shared {
+            std::fs::create_dir_all(&cl.shared).unwrap();
+        }
         let o = run(MOSCTL, &args, None);
         assert!(o.status.success(), "local up failed: {}", stderr(&o));
         cl
@@ -128,10 +137,50 @@ impl Cluster {
         cf.node(node).unwrap().address.clone()
     }
 
-    /// The registry record of a job, read straight from the shared path.
+    /// The registry record of a job, read straight from the shared path, or
+    /// without one from the nodes' own registries (the newest copy, as
+    /// ListJobs picks it).
     pub fn record(&self, job: &str) -> mosix::core::JobRecord {
-        let reg = mosix::core::registry::Registry::open(&self.shared).unwrap();
-        reg.get(&mosix::core::JobId::parse(job).unwrap()).unwrap()
+        let id = mosix::core::JobId::parse(job).unwrap();
+        if !self.no_shared {
+            let reg = mosix::core::registry::Registry::open(&self.shared).unwrap();
+            return reg.get(&id).unwrap();
+        }
+        let lists = self
+            .node_names()
+            .into_iter()
+            .map(|n| {
+                let recs = self
+                    .node_registry(&n)
+                    .get(&id)
+                    .map(|r| vec![r])
+                    .unwrap_or_default();
+                (mosix::core::NodeName::parse(&n).unwrap(), recs)
+            })
+            .collect();
+        mosix::agent::direct::merge_records(lists)
+            .pop()
+            .unwrap_or_else(|| panic!("no node has a record of job {job}"))
+    }
+
+    /// Names of the cluster's nodes.
+    pub fn node_names(&self) -> Vec<String> {
+        let cf = mosix::core::cluster_file::ClusterFile::load(&self.file).unwrap();
+        cf.nodes.iter().map(|n| n.name.to_string()).collect()
+    }
+
+    /// A node's own state dir (cluster without a shared path).
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        mosix::local::node_state_dir(&self.name, node)
+    }
+
+    /// A node's own registry (cluster without a shared path).
+    pub fn node_registry(&self, node: &str) -> mosix::core::registry::Registry {
+        assert!(
+            self.no_shared,
+            "only nodes without a shared path have their own registry"
+        );
+        mosix::core::registry::Registry::open(&self.node_dir(node)).unwrap()
     }
 
     pub fn jobs_json(&self) -> Vec<serde_json::Value> {

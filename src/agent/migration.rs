@@ -20,6 +20,13 @@
 //! (rollback). If that fails too, the job is marked failed and its images and
 //! CRIU logs are kept for a person. A job is never lost, and the claim file
 //! makes sure it never runs twice.
+//!
+//! Without a shared path the same steps run, with the images streamed to the
+//! target in between: see [`direct`].
+
+// A child module, so it can call this protocol's steps as they are.
+#[path = "direct.rs"]
+pub mod direct;
 
 use super::{io_error, reaper, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
@@ -933,6 +940,11 @@ impl Agent {
                 }
                 ok
             };
+        if !self.cfg.shared {
+            return self
+                .migrate_direct(rec, pid, target, mig, started, post_copy, mode)
+                .await;
+        }
         if post_copy {
             return self.migrate_post_copy(rec, pid, target, mig, started).await;
         }

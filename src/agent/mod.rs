@@ -18,6 +18,9 @@ pub mod recovery;
 pub mod service;
 
 pub use error::{AgentError, AgentResult};
+/// Migration without a shared path (a child of [`migration`], whose steps it
+/// reuses); re-exported here because the transport layers use its types.
+pub use migration::direct;
 
 use crate::core::registry::Registry;
 use crate::core::{now_unix_ms, JobId, JobRecord, JobState, MigrationId, NodeName};
@@ -31,7 +34,20 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: NodeName,
+    /// The agent's root: registry (`registry/jobs`) and images (`images/`).
+    /// With `shared`, a path every node shares (`mosixd --shared`); without,
+    /// this node's own state dir (`mosixd --state-dir`).
     pub shared_root: PathBuf,
+    /// Whether `shared_root` is shared by every node. When it is not, this
+    /// node's registry holds the jobs that run here (a job's record travels
+    /// with it), ListJobs/GetJob ask every node, and a migration streams the
+    /// images to the target's own disk (see [`direct`]).
+    pub shared: bool,
+    /// Where a job's stdout/stderr live, and its init's working directory
+    /// (`<root>/jobs` by default). CRIU reopens these by path on restore, so
+    /// without a shared path every node needs the same `--jobs-dir` (on its
+    /// own disk); the migration carries the files along.
+    pub jobs_dir: PathBuf,
     /// cgroup (v1) path relative to each controller root, e.g. `mosix/local/node1`.
     /// When set, load is measured from this cgroup rather than the machine.
     pub cgroup_scope: Option<String>,
@@ -72,6 +88,8 @@ pub enum AgentAction {
     ListJobs {
         node: Option<NodeName>,
         include_finished: bool,
+        /// Only this node's own records (ListLocalJobs), never asking peers.
+        local_only: bool,
     },
     GetJob(JobSelector),
     Dump {
@@ -92,6 +110,11 @@ pub enum AgentAction {
     },
     Freeze(JobId),
     Thaw(JobId),
+    /// Did a pushed migration land here? If not, drop it (see [`direct`]).
+    ResolveMigration {
+        job: JobId,
+        migration: MigrationId,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +124,7 @@ pub enum AgentReply {
     Jobs(Vec<JobRecord>),
     Dumped(migration::DumpResult),
     Migrated(Box<JobRecord>, crate::core::MigrationRecord),
+    Resolved(direct::Resolution),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -198,7 +222,20 @@ impl Agent {
             AgentAction::ListJobs {
                 node,
                 include_finished,
-            } => self.list_jobs(node, include_finished).map(AgentReply::Jobs),
+                local_only,
+            } => if local_only {
+                self.list_local(node, include_finished)
+            } else if self.cfg.shared {
+                self.list_jobs(node, include_finished)
+            } else {
+                // No shared registry: every node answers for its own jobs.
+                self.list_cluster(node, include_finished).await
+            }
+            .map(AgentReply::Jobs),
+            AgentAction::GetJob(JobSelector::Id(id)) if !self.cfg.shared => self
+                .get_job_cluster(&id)
+                .await
+                .map(|r| AgentReply::Job(Box::new(r))),
             AgentAction::GetJob(sel) => self.get_job(&sel).map(|r| AgentReply::Job(Box::new(r))),
             AgentAction::Dump {
                 job,
@@ -208,6 +245,10 @@ impl Agent {
                 .dump(&job, migration, leave_running)
                 .await
                 .map(AgentReply::Dumped),
+            AgentAction::Restore(call) if !self.cfg.shared => self
+                .restore_pushed(call)
+                .await
+                .map(|r| AgentReply::Job(Box::new(r))),
             AgentAction::Restore(call) => self
                 .restore(call)
                 .await
@@ -228,7 +269,16 @@ impl Agent {
                 .freeze(&job)
                 .await
                 .map(|r| AgentReply::Job(Box::new(r))),
-            AgentAction::Thaw(job) => self.thaw(&job).await.map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Thaw(job) => {
+                if !self.cfg.shared {
+                    self.check_thaw_here(&job)?;
+                }
+                self.thaw(&job).await.map(|r| AgentReply::Job(Box::new(r)))
+            }
+            AgentAction::ResolveMigration { job, migration } => self
+                .resolve_migration(&job, &migration)
+                .await
+                .map(AgentReply::Resolved),
         }
     }
 
@@ -314,7 +364,7 @@ impl Agent {
             )));
         }
         let id = JobId::generate();
-        let out_dir = self.cfg.shared_root.join("jobs").join(id.as_str());
+        let out_dir = self.cfg.jobs_dir.join(id.as_str());
         std::fs::create_dir_all(&out_dir).map_err(|e| io_error("create job output dir", e))?;
         let spec = launcher::LaunchSpec {
             argv: req.argv.clone(),

@@ -2,10 +2,11 @@
 //! protocol can be unit-tested with in-process fakes; [`GrpcPeers`] is the
 //! real one over tonic.
 
+use super::direct::{PushPlan, PushSummary, Resolution};
 use super::migration::RestoreCall;
 use super::{AgentError, AgentResult};
 use crate::api::client::{self, ClientTls};
-use crate::core::{JobRecord, NodeName};
+use crate::core::{JobId, JobRecord, MigrationId, NodeName};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +25,40 @@ pub trait Peers: Send + Sync + 'static {
         node: &'a NodeName,
         call: RestoreCall,
     ) -> BoxFuture<'a, AgentResult<JobRecord>>;
+
+    // Without a shared path (see `agent::direct`). A transport that cannot
+    // do these (a test fake) keeps the defaults: the peer is unavailable.
+
+    /// `node`'s own jobs (ListLocalJobs).
+    fn list_local_jobs<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _include_finished: bool,
+    ) -> BoxFuture<'a, AgentResult<Vec<JobRecord>>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
+    /// Stream a migration's images and record to `node`.
+    fn push_images<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _plan: PushPlan,
+    ) -> BoxFuture<'a, AgentResult<PushSummary>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
+    /// Ask `node` whether a pushed migration landed there (if not, it drops
+    /// its copy).
+    fn resolve_migration<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _job: &'a JobId,
+        _mig: &'a MigrationId,
+    ) -> BoxFuture<'a, AgentResult<Resolution>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
+}
+
+fn unsupported(node: &NodeName) -> AgentError {
+    AgentError::Unavailable(format!("{node} cannot be reached for this call"))
 }
 
 /// Peers over gRPC, from the cluster file's node list.
@@ -32,6 +67,8 @@ pub struct GrpcPeers {
     tls: Option<ClientTls>,
     pub ping_timeout: Duration,
     pub restore_timeout: Duration,
+    /// Deadline of a whole image push (the server's own limit is 600 s).
+    pub push_timeout: Duration,
 }
 
 impl GrpcPeers {
@@ -41,7 +78,22 @@ impl GrpcPeers {
             tls,
             ping_timeout: Duration::from_secs(3),
             restore_timeout: Duration::from_secs(300),
+            push_timeout: Duration::from_secs(590),
         }
+    }
+
+    async fn client(
+        &self,
+        node: &NodeName,
+    ) -> AgentResult<(
+        &str,
+        crate::api::pb::agent_client::AgentClient<tonic::transport::Channel>,
+    )> {
+        let ep = self.endpoint(node)?;
+        let c = client::pooled_agent(ep, self.tls.as_ref(), self.ping_timeout)
+            .await
+            .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
+        Ok((ep, c))
     }
 
     async fn get_load(&self, node: &NodeName, ep: &str) -> AgentResult<bool> {
@@ -109,6 +161,105 @@ impl Peers for GrpcPeers {
                 .map_err(crate::api::convert::status_to_agent_error)?
                 .into_inner();
             JobRecord::try_from(job).map_err(|e| AgentError::Internal(e.to_string()))
+        })
+    }
+
+    fn list_local_jobs<'a>(
+        &'a self,
+        node: &'a NodeName,
+        include_finished: bool,
+    ) -> BoxFuture<'a, AgentResult<Vec<JobRecord>>> {
+        Box::pin(async move {
+            let (ep, mut c) = self.client(node).await?;
+            let mut req = tonic::Request::new(crate::api::pb::ListJobsRequest {
+                node: String::new(),
+                include_finished,
+            });
+            req.set_timeout(self.ping_timeout);
+            let jobs = match c.list_local_jobs(req).await {
+                Ok(r) => r.into_inner().jobs,
+                Err(s) => {
+                    client::forget(ep);
+                    return Err(crate::api::convert::status_to_agent_error(s));
+                }
+            };
+            jobs.into_iter()
+                .map(|j| JobRecord::try_from(j).map_err(|e| AgentError::Internal(e.to_string())))
+                .collect()
+        })
+    }
+
+    fn push_images<'a>(
+        &'a self,
+        node: &'a NodeName,
+        plan: PushPlan,
+    ) -> BoxFuture<'a, AgentResult<PushSummary>> {
+        Box::pin(async move {
+            let (ep, mut c) = self.client(node).await?;
+            // Files are read on a blocking thread, a few chunks ahead of the
+            // network. If reading fails, the stream ends without its end
+            // marker and the target keeps nothing.
+            let (tx, rx) = tokio::sync::mpsc::channel::<crate::api::pb::ImageChunk>(4);
+            let reader = tokio::task::spawn_blocking(move || -> AgentResult<()> {
+                for part in plan.into_parts(super::direct::SEND_CHUNK_BYTES) {
+                    if tx.blocking_send(part?.into()).is_err() {
+                        // The call ended (the target refused): it says why.
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.set_timeout(self.push_timeout);
+            let sent = c.push_images(req).await;
+            let read = reader
+                .await
+                .map_err(|e| AgentError::Internal(format!("image reader failed: {e}")))?;
+            read?;
+            match sent {
+                Ok(r) => Ok(r.into_inner().into()),
+                Err(s) => {
+                    client::forget(ep);
+                    use tonic::Code;
+                    Err(match s.code() {
+                        // Not an answer of the target's: the stream broke.
+                        Code::Unknown
+                        | Code::Unavailable
+                        | Code::Cancelled
+                        | Code::DeadlineExceeded => AgentError::Unavailable(format!(
+                            "the connection to {node} broke during the transfer ({:?}: {})",
+                            s.code(),
+                            s.message()
+                        )),
+                        _ => crate::api::convert::status_to_agent_error(s),
+                    })
+                }
+            }
+        })
+    }
+
+    fn resolve_migration<'a>(
+        &'a self,
+        node: &'a NodeName,
+        job: &'a JobId,
+        mig: &'a MigrationId,
+    ) -> BoxFuture<'a, AgentResult<Resolution>> {
+        Box::pin(async move {
+            let (ep, mut c) = self.client(node).await?;
+            let mut req = tonic::Request::new(crate::api::pb::ResolveMigrationRequest {
+                job_id: job.to_string(),
+                migration_id: mig.to_string(),
+            });
+            req.set_timeout(self.ping_timeout * 3);
+            match c.resolve_migration(req).await {
+                Ok(r) => Resolution::try_from(r.into_inner())
+                    .map_err(|e| AgentError::Internal(e.to_string())),
+                Err(s) => {
+                    // A restarted peer: connect afresh next time.
+                    client::forget(ep);
+                    Err(crate::api::convert::status_to_agent_error(s))
+                }
+            }
         })
     }
 }

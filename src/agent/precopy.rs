@@ -639,6 +639,8 @@ mod agent_tests {
         let cfg = |n: &str| AgentConfig {
             node: node(n),
             shared_root: shared.path().to_path_buf(),
+            shared: true,
+            jobs_dir: shared.path().join("jobs"),
             cgroup_scope: None,
             speed: 1.0,
             image_key: Some(key.clone()),

@@ -18,6 +18,10 @@
 //!
 //! A CRIU left running by the dead agent is waited for first, so recovery
 //! never races a dump or restore that is still finishing.
+//!
+//! Without a shared path (`agent::direct`), a migration whose images were
+//! sealed is settled by asking the target, never rolled back blindly, and an
+//! unrestored copy pushed to this node is dropped.
 
 use super::migration::{image_rel, Arrival, CLAIM_FILE};
 use super::{reaper, Agent, LocalJob};
@@ -82,6 +86,7 @@ impl Agent {
     /// Reconcile the registry with this node's processes (see module doc).
     pub async fn recover(self: &Arc<Self>) {
         let me = self.cfg.node.clone();
+        self.drop_incoming();
         let Ok((all, _)) = self.registry.list() else {
             return;
         };
@@ -172,6 +177,10 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&dir);
             }
             self.adopt_orphan(&rec, pid);
+            return;
+        }
+        // Without a shared path the other node holds a copy of its own.
+        if self.recover_direct(&rec, &p) {
             return;
         }
         let claim = std::fs::read_to_string(dir.join(CLAIM_FILE)).ok();

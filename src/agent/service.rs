@@ -5,8 +5,9 @@ use super::{Agent, AgentAction, AgentReply};
 use crate::api::convert::{agent_error_to_status, InvalidRequest};
 use crate::api::pb;
 use crate::api::pb::agent_server::Agent as AgentApi;
+use futures::StreamExt;
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 pub struct AgentService {
     pub agent: Arc<Agent>,
@@ -23,6 +24,15 @@ impl AgentService {
             .await
             .map_err(|e| Status::internal(format!("agent operation failed: {e}")))?
             .map_err(agent_error_to_status)
+    }
+
+    async fn jobs(&self, action: AgentAction) -> Result<Response<pb::ListJobsResponse>, Status> {
+        match self.run(action).await? {
+            AgentReply::Jobs(js) => Ok(Response::new(pb::ListJobsResponse {
+                jobs: js.iter().map(pb::Job::from).collect(),
+            })),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn job(&self, action: AgentAction) -> Result<Response<pb::Job>, Status> {
@@ -66,12 +76,7 @@ impl AgentApi for AgentService {
         &self,
         r: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        match self.run(AgentAction::try_from(r.into_inner())?).await? {
-            AgentReply::Jobs(js) => Ok(Response::new(pb::ListJobsResponse {
-                jobs: js.iter().map(pb::Job::from).collect(),
-            })),
-            other => Err(unexpected(&other)),
-        }
+        self.jobs(AgentAction::try_from(r.into_inner())?).await
     }
 
     async fn get_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -118,5 +123,58 @@ impl AgentApi for AgentService {
     async fn thaw(&self, r: Request<pb::ThawRequest>) -> Result<Response<pb::Job>, Status> {
         self.job(AgentAction::Thaw(job_id(&r.into_inner().job_id)?))
             .await
+    }
+
+    async fn list_local_jobs(
+        &self,
+        r: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let action = match AgentAction::try_from(r.into_inner())? {
+            AgentAction::ListJobs {
+                node,
+                include_finished,
+                ..
+            } => AgentAction::ListJobs {
+                node,
+                include_finished,
+                local_only: true,
+            },
+            other => other,
+        };
+        self.jobs(action).await
+    }
+
+    async fn push_images(
+        &self,
+        r: Request<Streaming<pb::ImageChunk>>,
+    ) -> Result<Response<pb::PushImagesResponse>, Status> {
+        let parts = r.into_inner().map(|m| match m {
+            Ok(c) => crate::agent::direct::PushPart::try_from(c)
+                .map_err(|e| super::AgentError::InvalidArgument(e.to_string())),
+            Err(s) => Err(super::AgentError::Unavailable(format!(
+                "the sender's stream broke: {}",
+                s.message()
+            ))),
+        });
+        // On a task of its own, like every action: a receiver dropped half
+        // way would still clean up, but the commit must not be cut short.
+        let agent = self.agent.clone();
+        let summary = tokio::spawn(async move { agent.receive_push(Box::pin(parts)).await })
+            .await
+            .map_err(|e| Status::internal(format!("receiving images failed: {e}")))?
+            .map_err(agent_error_to_status)?;
+        Ok(Response::new(pb::PushImagesResponse::from(&summary)))
+    }
+
+    async fn resolve_migration(
+        &self,
+        r: Request<pb::ResolveMigrationRequest>,
+    ) -> Result<Response<pb::ResolveMigrationResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Resolved(res) => {
+                Ok(Response::new(pb::ResolveMigrationResponse::from(&res)))
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 }

@@ -3,9 +3,14 @@
 //! [`InvalidRequest`], which maps to `INVALID_ARGUMENT` naming the field.
 
 use super::pb;
+use crate::agent::direct::{
+    FileArea, FileChunk, PushBegin, PushEnd, PushPart, PushSummary, Resolution, MAX_CHUNK_BYTES,
+    MAX_RECORD_JSON_BYTES,
+};
 use crate::agent::load::{JobUsage, NodeLoad};
 use crate::agent::migration::{DumpResult, Mode, RestoreCall};
 use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest};
+use crate::core::ids::PlainFileName;
 use crate::core::job::PendingMigration;
 use crate::core::{JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName};
 use crate::criu::PageServer;
@@ -111,6 +116,7 @@ impl TryFrom<pb::ListJobsRequest> for AgentAction {
                 Some(node("node", &r.node)?)
             },
             include_finished: r.include_finished,
+            local_only: false,
         })
     }
 }
@@ -320,12 +326,13 @@ impl From<&JobRecord> for pb::Job {
             name: r.name.clone(),
             error: r.error.clone(),
             arrived_unix_ms: r.arrived_unix_ms,
+            generation: r.generation,
         }
     }
 }
 
-/// A job as a client sees it. Fields the wire does not carry (pending
-/// migration, generation) are left empty.
+/// A job as a client sees it. The pending migration, which the wire does not
+/// carry, is left empty.
 impl TryFrom<pb::Job> for JobRecord {
     type Error = InvalidRequest;
     fn try_from(j: pb::Job) -> Result<Self, InvalidRequest> {
@@ -367,7 +374,7 @@ impl TryFrom<pb::Job> for JobRecord {
             pinned: j.pinned,
             non_migratable: j.non_migratable,
             error: j.error,
-            generation: 0,
+            generation: j.generation,
         })
     }
 }
@@ -410,6 +417,165 @@ impl From<&DumpResult> for pb::DumpResponse {
             image_bytes: d.image_bytes,
             frozen_ms: d.frozen_ms,
         }
+    }
+}
+
+// --- Migration without a shared path (PushImages, ResolveMigration) ---
+
+impl TryFrom<pb::ImageChunk> for PushPart {
+    type Error = InvalidRequest;
+    fn try_from(c: pb::ImageChunk) -> Result<Self, InvalidRequest> {
+        use pb::image_chunk::Part;
+        match c.part {
+            Some(Part::Begin(b)) => {
+                if b.record_json.len() > MAX_RECORD_JSON_BYTES {
+                    return Err(InvalidRequest::new(
+                        "begin.record_json",
+                        format!("larger than {MAX_RECORD_JSON_BYTES} bytes"),
+                    ));
+                }
+                Ok(PushPart::Begin(PushBegin {
+                    job: job_id("begin.job_id", &b.job_id)?,
+                    migration: mig_opt("begin.migration_id", &b.migration_id)?.ok_or_else(
+                        || InvalidRequest::new("begin.migration_id", "must not be empty"),
+                    )?,
+                    from: node("begin.from_node", &b.from_node)?,
+                    total_bytes: b.total_bytes,
+                    record_json: b.record_json,
+                }))
+            }
+            Some(Part::File(f)) => {
+                // A plain name, never a path: no '/', no "..", nothing hidden.
+                let name = PlainFileName::parse(&f.name)
+                    .map_err(|e| InvalidRequest::new("file.name", e))?;
+                let area = match pb::FileArea::try_from(f.area) {
+                    Ok(pb::FileArea::Image) => FileArea::Image,
+                    Ok(pb::FileArea::JobOutput) => FileArea::JobOutput,
+                    _ => {
+                        return Err(InvalidRequest::new(
+                            "file.area",
+                            format!("unknown area {}", f.area),
+                        ))
+                    }
+                };
+                if f.data.len() > MAX_CHUNK_BYTES {
+                    return Err(InvalidRequest::new(
+                        "file.data",
+                        format!("{} bytes, more than {MAX_CHUNK_BYTES}", f.data.len()),
+                    ));
+                }
+                let end = f.offset.checked_add(f.data.len() as u64);
+                if end.is_none_or(|e| e > f.size) {
+                    return Err(InvalidRequest::new(
+                        "file.offset",
+                        format!(
+                            "{} bytes at offset {} do not fit in {name}'s {} bytes",
+                            f.data.len(),
+                            f.offset,
+                            f.size
+                        ),
+                    ));
+                }
+                Ok(PushPart::File(FileChunk {
+                    name,
+                    area,
+                    offset: f.offset,
+                    size: f.size,
+                    data: f.data,
+                }))
+            }
+            Some(Part::End(e)) => Ok(PushPart::End(PushEnd {
+                files: e.files,
+                total_bytes: e.total_bytes,
+            })),
+            None => Err(InvalidRequest::new("part", "empty message")),
+        }
+    }
+}
+
+impl From<PushPart> for pb::ImageChunk {
+    fn from(p: PushPart) -> Self {
+        use pb::image_chunk::Part;
+        let part = match p {
+            PushPart::Begin(b) => Part::Begin(pb::PushBegin {
+                job_id: b.job.to_string(),
+                migration_id: b.migration.to_string(),
+                from_node: b.from.to_string(),
+                total_bytes: b.total_bytes,
+                record_json: b.record_json,
+            }),
+            PushPart::File(f) => Part::File(pb::FileData {
+                name: f.name.to_string(),
+                area: match f.area {
+                    FileArea::Image => pb::FileArea::Image,
+                    FileArea::JobOutput => pb::FileArea::JobOutput,
+                } as i32,
+                offset: f.offset,
+                data: f.data,
+                size: f.size,
+            }),
+            PushPart::End(e) => Part::End(pb::PushEnd {
+                files: e.files,
+                total_bytes: e.total_bytes,
+            }),
+        };
+        pb::ImageChunk { part: Some(part) }
+    }
+}
+
+impl From<&PushSummary> for pb::PushImagesResponse {
+    fn from(s: &PushSummary) -> Self {
+        pb::PushImagesResponse {
+            files: s.files,
+            bytes: s.bytes,
+        }
+    }
+}
+
+impl From<pb::PushImagesResponse> for PushSummary {
+    fn from(r: pb::PushImagesResponse) -> Self {
+        PushSummary {
+            files: r.files,
+            bytes: r.bytes,
+        }
+    }
+}
+
+impl TryFrom<pb::ResolveMigrationRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::ResolveMigrationRequest) -> Result<Self, InvalidRequest> {
+        Ok(AgentAction::ResolveMigration {
+            job: job_id("job_id", &r.job_id)?,
+            migration: mig_opt("migration_id", &r.migration_id)?
+                .ok_or_else(|| InvalidRequest::new("migration_id", "must not be empty"))?,
+        })
+    }
+}
+
+impl From<&Resolution> for pb::ResolveMigrationResponse {
+    fn from(r: &Resolution) -> Self {
+        match r {
+            Resolution::Landed(job) => pb::ResolveMigrationResponse {
+                landed: true,
+                job: job.as_deref().map(pb::Job::from),
+            },
+            Resolution::Abandoned => pb::ResolveMigrationResponse {
+                landed: false,
+                job: None,
+            },
+        }
+    }
+}
+
+impl TryFrom<pb::ResolveMigrationResponse> for Resolution {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::ResolveMigrationResponse) -> Result<Self, InvalidRequest> {
+        if !r.landed {
+            return Ok(Resolution::Abandoned);
+        }
+        Ok(Resolution::Landed(
+            r.job.map(JobRecord::try_from).transpose()?.map(Box::new),
+        ))
     }
 }
 
@@ -500,6 +666,65 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ok.page_server.unwrap().port, 7100);
+    }
+
+    #[test]
+    fn pushed_chunks_are_validated() {
+        use pb::image_chunk::Part;
+        let file = |name: &str, offset: u64, size: u64, data: Vec<u8>| pb::ImageChunk {
+            part: Some(Part::File(pb::FileData {
+                name: name.into(),
+                area: pb::FileArea::Image as i32,
+                offset,
+                data,
+                size,
+            })),
+        };
+        for bad in ["../x", "a/b", "..", ".hidden", "", "x\0y", "/etc/passwd"] {
+            let e = PushPart::try_from(file(bad, 0, 1, vec![1])).unwrap_err();
+            assert_eq!(e.field, "file.name", "{bad:?}");
+        }
+        let e = PushPart::try_from(file("a.img", 2, 3, vec![1, 2])).unwrap_err();
+        assert_eq!(e.field, "file.offset");
+        let e = PushPart::try_from(file("a.img", u64::MAX, u64::MAX, vec![1])).unwrap_err();
+        assert_eq!(e.field, "file.offset");
+        let e = PushPart::try_from(file("a.img", 0, 10 << 20, vec![0; MAX_CHUNK_BYTES + 1]))
+            .unwrap_err();
+        assert_eq!(e.field, "file.data");
+        let mut c = file("a.img", 0, 1, vec![1]);
+        if let Some(Part::File(f)) = c.part.as_mut() {
+            f.area = 0;
+        }
+        assert_eq!(PushPart::try_from(c).unwrap_err().field, "file.area");
+        assert_eq!(
+            PushPart::try_from(pb::ImageChunk { part: None })
+                .unwrap_err()
+                .field,
+            "part"
+        );
+        let begin = |job: &str, mig: &str| pb::ImageChunk {
+            part: Some(Part::Begin(pb::PushBegin {
+                job_id: job.into(),
+                migration_id: mig.into(),
+                from_node: "node1".into(),
+                total_bytes: 1,
+                record_json: vec![],
+            })),
+        };
+        assert_eq!(
+            PushPart::try_from(begin("../j", "m1")).unwrap_err().field,
+            "begin.job_id"
+        );
+        assert_eq!(
+            PushPart::try_from(begin("j1", "")).unwrap_err().field,
+            "begin.migration_id"
+        );
+        // A good chunk survives the round trip.
+        let ok = PushPart::try_from(file("pages-1.img", 1, 3, vec![7, 8])).unwrap();
+        assert_eq!(
+            PushPart::try_from(pb::ImageChunk::from(ok.clone())).unwrap(),
+            ok
+        );
     }
 
     #[test]

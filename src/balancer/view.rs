@@ -1,7 +1,9 @@
 //! Polling the cluster: every agent is asked for its load concurrently, each
 //! with a deadline. An agent that does not answer is marked down and the rest
 //! carry on. The jobs come from the registry (through any agent that answers)
-//! and are joined with the per-job usage their node reported.
+//! and are joined with the per-job usage their node reported. Without a
+//! shared path the agent asked gathers every node's own jobs (ListJobs is
+//! cluster-wide either way), so one call still suffices.
 
 use super::policy::{ClusterSnapshot, JobSnapshot, NodeSnapshot};
 use crate::api::client::{self, ClientTls};

@@ -284,6 +284,24 @@ impl Agent for SimAgent {
     async fn thaw(&self, _r: Request<pb::ThawRequest>) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
+    async fn list_local_jobs(
+        &self,
+        r: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.list_jobs(r).await
+    }
+    async fn push_images(
+        &self,
+        _r: Request<tonic::Streaming<pb::ImageChunk>>,
+    ) -> Result<Response<pb::PushImagesResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn resolve_migration(
+        &self,
+        _r: Request<pb::ResolveMigrationRequest>,
+    ) -> Result<Response<pb::ResolveMigrationResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
 }
 
 /// Writes a CA, one server certificate (for every simulated agent) and a

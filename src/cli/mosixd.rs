@@ -33,8 +33,18 @@ pub struct Args {
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Shared image root (NFS on a real cluster): registry, images, job output.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "state_dir")]
     pub shared: Option<PathBuf>,
+    /// No shared path: this node's own state dir (registry of the jobs on
+    /// this node, images). Migrations then stream images straight to the
+    /// target agent. Every node of the cluster must be configured this way.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Where jobs' stdout/stderr live [default: <root>/jobs]. CRIU reopens
+    /// them by path after a migration, so without a shared path give every
+    /// node the same path (on its own disk); migrations carry the files.
+    #[arg(long)]
+    pub jobs_dir: Option<PathBuf>,
     /// CRIU binary [default: the project's local build from `make setup`].
     #[arg(long)]
     pub criu: Option<PathBuf>,
@@ -85,6 +95,9 @@ pub struct FileConfig {
     pub node: Option<String>,
     pub listen: Option<SocketAddr>,
     pub shared: Option<PathBuf>,
+    /// The file form of `--state-dir` (no shared path).
+    pub state_dir: Option<PathBuf>,
+    pub jobs_dir: Option<PathBuf>,
     pub criu: Option<PathBuf>,
     pub cgroup: Option<String>,
     pub speed: Option<f64>,
@@ -115,11 +128,15 @@ fn merge(a: Args) -> anyhow::Result<Args> {
     };
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let f = FileConfig::parse(&bytes).with_context(|| format!("in {}", path.display()))?;
+    // A root given on the command line replaces the file's, whichever kind.
+    let cli_root = a.shared.is_some() || a.state_dir.is_some();
     Ok(Args {
         config: a.config,
         node: a.node.or(f.node),
         listen: a.listen.or(f.listen),
-        shared: a.shared.or(f.shared),
+        shared: if cli_root { a.shared } else { f.shared },
+        state_dir: if cli_root { a.state_dir } else { f.state_dir },
+        jobs_dir: a.jobs_dir.or(f.jobs_dir),
         criu: a.criu.or(f.criu),
         cgroup: a.cgroup.or(f.cgroup),
         speed: a.speed.or(f.speed),
@@ -141,12 +158,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listen = a
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7000)));
-    let shared = a
-        .shared
-        .clone()
-        .context("--shared is required (the shared image root)")?;
-    std::fs::create_dir_all(&shared)
-        .with_context(|| format!("creating shared root {}", shared.display()))?;
+    let (shared, is_shared) = match (&a.shared, &a.state_dir) {
+        (Some(s), None) => (s.clone(), true),
+        (None, Some(d)) => (d.clone(), false),
+        (Some(_), Some(_)) => bail!("give --shared or --state-dir, not both"),
+        (None, None) => bail!(
+            "give --shared DIR (a path every node shares: registry, images) or --state-dir DIR (this node's own disk; images then go straight from agent to agent)"
+        ),
+    };
+    std::fs::create_dir_all(&shared).with_context(|| {
+        format!(
+            "creating {} {}",
+            if is_shared {
+                "shared root"
+            } else {
+                "state dir"
+            },
+            shared.display()
+        )
+    })?;
+    let jobs_dir = a.jobs_dir.clone().unwrap_or_else(|| shared.join("jobs"));
     let tls_files = match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
         (None, None, None) => None,
@@ -204,6 +235,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = AgentConfig {
         node: node.clone(),
         shared_root: shared,
+        shared: is_shared,
+        jobs_dir,
         cgroup_scope: a.cgroup.clone(),
         speed: a.speed.unwrap_or(1.0),
         image_key,
@@ -253,7 +286,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let svc = AgentServer::new(AgentService { agent })
         .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
-    tracing::info!(%node, %listen, criu = %criu_path.display(), tls = tls_files.is_some(), "mosixd serving");
+    tracing::info!(%node, %listen, criu = %criu_path.display(), tls = tls_files.is_some(), shared_path = is_shared, "mosixd serving");
     builder
         .add_service(health)
         .add_service(reflection)
@@ -294,6 +327,15 @@ mod tests {
         );
         assert!(FileConfig::parse(br#"{"listen":"not an address"}"#).is_err());
         assert!(FileConfig::parse(b"").is_err());
+        let c = FileConfig::parse(
+            br#"{"node":"node1","state_dir":"/var/lib/mosix","jobs_dir":"/var/lib/mosix-jobs"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.state_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/mosix"))
+        );
+        assert!(c.shared.is_none());
     }
 
     #[test]

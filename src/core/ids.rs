@@ -90,6 +90,9 @@ macro_rules! id_type {
 id_type!(JobId, "job id", 64);
 id_type!(NodeName, "node name", 63);
 id_type!(MigrationId, "migration id", 64);
+// A file name that travels over the wire (image files pushed from agent to
+// agent when nothing is shared): a plain name, never a path.
+id_type!(PlainFileName, "file name", 255);
 
 impl JobId {
     /// A fresh job id: `j` and 10 hex digits of a v4 uuid.
@@ -124,6 +127,15 @@ mod tests {
         ] {
             assert!(JobId::parse(bad).is_err(), "{bad:?} accepted");
             assert!(NodeName::parse(bad).is_err(), "{bad:?} accepted");
+            assert!(PlainFileName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "pages-1.img",
+            "MANIFEST.json",
+            "tmpfs-dev-70.tar.gz.img",
+            "stdout",
+        ] {
+            assert!(PlainFileName::parse(good).is_ok(), "{good:?} refused");
         }
         assert!(JobId::parse(&"a".repeat(65)).is_err());
     }

@@ -1,4 +1,5 @@
-//! The job registry on the shared path.
+//! The job registry on the shared path (or, without one, each node's own
+//! registry of the jobs that run on it; see `agent::direct`).
 //!
 //! Layout: `<shared>/registry/jobs/<job-id>.json`, one file per job, each a
 //! serde_json [`JobRecord`]. One file per job means agents on different nodes
@@ -88,6 +89,20 @@ impl Registry {
             source: e,
         })?;
         write_atomic(&path, &bytes).map_err(|e| RegistryError::io(&path, e))
+    }
+
+    /// Delete a job's record (a job that moved to a node with a registry of
+    /// its own takes its record along; see `agent::direct`). Absent is ok.
+    pub fn remove(&self, id: &JobId) -> Result<(), RegistryError> {
+        let path = self.path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(RegistryError::io(&path, e)),
+        }
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| RegistryError::io(&self.dir, e))
     }
 
     /// Every parseable record. Corrupt files are skipped and reported in the
@@ -215,6 +230,9 @@ mod tests {
             reg.get(&JobId::parse("j2").unwrap()),
             Err(RegistryError::NotFound(_))
         ));
+        reg.remove(&r.id).unwrap();
+        assert!(!reg.exists(&r.id));
+        reg.remove(&r.id).unwrap();
     }
 
     #[test]

@@ -8,6 +8,15 @@
 //! `setns(CLONE_NEWNET)` only: a new mount namespace would make its jobs
 //! undumpable. Everything is named after the cluster, so `down` can find and
 //! remove it all even when the state file is gone after a crash.
+//!
+//! Storage: by default all nodes share one root (registry, images, job
+//! output). With `shared_root: None` nothing is shared: each node gets its own
+//! state dir `<run dir>/nodes/<node>` (its registry and images), and
+//! migrations stream images from agent to agent. Job output goes to
+//! `<run dir>/jobs`, given to every agent as `--jobs-dir`: CRIU reopens a
+//! job's output by path, so it must be the same path on every node, and on one
+//! machine the same path is the same directory (on a real cluster it is each
+//! machine's own disk, and the migration carries the files along).
 
 pub mod net;
 
@@ -33,7 +42,8 @@ pub struct UpOptions {
     pub caps: Vec<f64>,
     /// Speed factor per node (missing = 1.0).
     pub speeds: Vec<f64>,
-    pub shared_root: PathBuf,
+    /// The shared root every node uses; None: no shared path (see the module doc).
+    pub shared_root: Option<PathBuf>,
     /// mTLS between every component (on by default).
     pub tls: bool,
     /// Directory holding `mosixd` (and the other binaries).
@@ -69,6 +79,16 @@ pub fn default_shared_root(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("criu-images")
         .join(name)
+}
+
+/// A node's own state dir when nothing is shared.
+pub fn node_state_dir(cluster: &str, node: &str) -> PathBuf {
+    state_dir(cluster).join("nodes").join(node)
+}
+
+/// Job output of a cluster without a shared path (see the module doc).
+pub fn jobs_dir(cluster: &str) -> PathBuf {
+    state_dir(cluster).join("jobs")
 }
 
 pub fn netns_name(cluster: &str, i: usize) -> String {
@@ -153,13 +173,14 @@ async fn up_inner(
 ) -> anyhow::Result<ClusterFile> {
     let sd = state_dir(&opts.name);
     std::fs::create_dir_all(&sd).with_context(|| format!("creating {}", sd.display()))?;
-    std::fs::create_dir_all(&opts.shared_root)
-        .with_context(|| format!("creating shared root {}", opts.shared_root.display()))?;
-    // Remember what we own, so `down` only deletes a shared root it created.
-    std::fs::write(
-        sd.join("shared_root"),
-        opts.shared_root.to_string_lossy().as_bytes(),
-    )?;
+    if let Some(root) = &opts.shared_root {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating shared root {}", root.display()))?;
+        // Remember what we own, so `down` only deletes a shared root it created.
+        std::fs::write(sd.join("shared_root"), root.to_string_lossy().as_bytes())?;
+    } else {
+        progress("no shared path: each node keeps its registry and images in its own state dir");
+    }
 
     let k = net::pick_subnet(&opts.name)?;
     progress(&format!("bridge mb-{} on 10.77.{k}.0/24", opts.name));
@@ -219,7 +240,7 @@ async fn up_inner(
 
     let cf = ClusterFile {
         name: opts.name.clone(),
-        shared_root: Some(opts.shared_root.clone()),
+        shared_root: opts.shared_root.clone(),
         balancer: Some(format!(
             "{}://10.77.{k}.1:{BALANCER_PORT}",
             if opts.tls { "https" } else { "http" }
@@ -237,10 +258,19 @@ async fn up_inner(
         cmd.arg("--node")
             .arg(n.name.as_str())
             .arg("--listen")
-            .arg(format!("{}:{AGENT_PORT}", n.address))
-            .arg("--shared")
-            .arg(&opts.shared_root)
-            .arg("--criu")
+            .arg(format!("{}:{AGENT_PORT}", n.address));
+        match &opts.shared_root {
+            Some(root) => {
+                cmd.arg("--shared").arg(root);
+            }
+            None => {
+                cmd.arg("--state-dir")
+                    .arg(node_state_dir(&opts.name, n.name.as_str()))
+                    .arg("--jobs-dir")
+                    .arg(jobs_dir(&opts.name));
+            }
+        }
+        cmd.arg("--criu")
             .arg(&opts.criu)
             .arg("--cgroup")
             .arg(cgroup_rel(&opts.name, n.name.as_str()))
@@ -501,7 +531,25 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
             }
         }
     }
-    if sd.exists() {
+    let own_data = keep_data && (sd.join("nodes").is_dir() || sd.join("jobs").is_dir());
+    if own_data {
+        // No shared path: the nodes' data lives in the run dir; keep only it.
+        for e in std::fs::read_dir(&sd)?.flatten() {
+            let n = e.file_name();
+            if n != "nodes" && n != "jobs" {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        progress(&format!(
+            "kept the nodes' state dirs and job output in {} (remove it before the next `local up --name {name}`)",
+            sd.display()
+        ));
+    } else if sd.exists() {
         std::fs::remove_dir_all(&sd).with_context(|| format!("removing {}", sd.display()))?;
     }
     progress(&format!(

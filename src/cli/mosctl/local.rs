@@ -8,7 +8,8 @@ use std::path::PathBuf;
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Create N nodes on this machine (network namespaces on a bridge, a real
-    /// mosixd in each, mTLS, a shared image root under criu-images/).
+    /// mosixd in each, mTLS, a shared image root under criu-images/, or with
+    /// --no-shared a state dir of its own per node).
     Up {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
@@ -24,8 +25,13 @@ pub enum Cmd {
         #[arg(long, value_delimiter = ',')]
         speeds: Vec<f64>,
         /// Shared image root [default: criu-images/<name> in the project].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_shared")]
         shared: Option<PathBuf>,
+        /// No shared path: each node keeps its registry and images in its own
+        /// state dir (/run/mosix/<name>/nodes/<node>), and migrations stream
+        /// the images from agent to agent.
+        #[arg(long)]
+        no_shared: bool,
         /// Plain-text gRPC instead of mTLS (not recommended).
         #[arg(long)]
         insecure: bool,
@@ -56,7 +62,8 @@ pub enum Cmd {
     Down {
         #[arg(long, default_value = "local")]
         name: String,
-        /// Keep the shared root (registry, images, job output).
+        /// Keep the shared root (registry, images, job output), or without a
+        /// shared path the nodes' state dirs.
         #[arg(long)]
         keep_data: bool,
     },
@@ -70,6 +77,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             cpu_caps,
             speeds,
             shared,
+            no_shared,
             insecure,
             criu,
             no_post_copy,
@@ -80,7 +88,8 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .map(PathBuf::from)
                 .context("locating the binaries' directory")?;
             let opts = local::UpOptions {
-                shared_root: shared.unwrap_or_else(|| local::default_shared_root(&name)),
+                shared_root: (!no_shared)
+                    .then(|| shared.unwrap_or_else(|| local::default_shared_root(&name))),
                 name: name.clone(),
                 nodes,
                 caps: cpu_caps,

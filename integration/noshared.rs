@@ -1,0 +1,616 @@
+//! Issue: no shared disk required. On a local cluster configured without a
+//! shared path (`mosctl local up --no-shared`: each node its own state dir),
+//! jobs migrate with their images streamed from agent to agent, and a failed
+//! or interrupted hand-over leaves the job running on its source.
+
+use crate::support::*;
+use mosix::core::{JobId, JobState};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn is_image_file(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".img") || name == "MANIFEST.json" || name == "CLAIM"
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => walk(&p, out),
+            Ok(t) if t.is_file() && is_image_file(&p) => out.push(p),
+            _ => {}
+        }
+    }
+}
+
+/// Records every image file that appears anywhere the cluster or the test
+/// could write (the cluster's run dir, the test's scratch dir, the default
+/// shared root), polling while migrations run.
+struct ImageWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<std::collections::BTreeSet<PathBuf>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ImageWatch {
+    fn start(cl: &Cluster) -> Self {
+        let roots = vec![
+            PathBuf::from(format!("/run/mosix/{}", cl.name)),
+            cl.shared.clone(),
+            mosix::local::default_shared_root(&cl.name),
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let (s2, seen2) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                let mut found = vec![];
+                for r in &roots {
+                    walk(r, &mut found);
+                }
+                seen2.lock().unwrap().extend(found);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Vec<PathBuf> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let v = self.seen.lock().unwrap().iter().cloned().collect();
+        v
+    }
+}
+
+/// The cluster has no shared path: no shared root in the cluster file or
+/// the agents' arguments, each node its own state dir, the dirs disjoint;
+/// and every image file ever seen was inside one node's own dir.
+fn assert_no_shared_storage(cl: &Cluster, seen: &[PathBuf]) {
+    let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
+    assert!(cf.shared_root.is_none(), "cluster file names a shared root");
+    let nodes = cl.node_names();
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| cl.node_dir(n)).collect();
+    for (n, d) in nodes.iter().zip(&dirs) {
+        let args: Vec<String> = serde_json::from_slice(
+            &std::fs::read(format!("/run/mosix/{}/{n}.args.json", cl.name)).unwrap(),
+        )
+        .unwrap();
+        assert!(!args.iter().any(|a| a == "--shared"), "{n}: {args:?}");
+        let i = args
+            .iter()
+            .position(|a| a == "--state-dir")
+            .expect("--state-dir");
+        assert_eq!(Path::new(&args[i + 1]), d, "{n} uses its own state dir");
+    }
+    for (i, a) in dirs.iter().enumerate() {
+        for b in dirs.iter().skip(i + 1) {
+            assert!(
+                !a.starts_with(b) && !b.starts_with(a),
+                "node dirs overlap: {a:?} {b:?}"
+            );
+        }
+    }
+    assert!(
+        !mosix::local::default_shared_root(&cl.name).exists(),
+        "no shared root was created"
+    );
+    let mut now = vec![];
+    walk(&cl.shared, &mut now);
+    walk(&mosix::local::jobs_dir(&cl.name), &mut now);
+    assert!(
+        now.is_empty(),
+        "image files outside the nodes' dirs: {now:?}"
+    );
+    for p in seen {
+        assert!(
+            dirs.iter().any(|d| p.starts_with(d)),
+            "image file {p:?} was written outside the nodes' own dirs {dirs:?}"
+        );
+    }
+}
+
+/// Image files of a job still in a node's dir (staging included).
+fn job_images(cl: &Cluster, node: &str, job: &str) -> Vec<PathBuf> {
+    let mut v = vec![];
+    let d = cl.node_dir(node);
+    walk(&d.join("images").join(job), &mut v);
+    walk(&d.join("incoming").join(job), &mut v);
+    v
+}
+
+/// Processes (host pids) that are the job: a PID-namespace init whose
+/// stdout is the job's output file.
+fn instances(stdout: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let fd1 = std::fs::read_link(format!("/proc/{pid}/fd/1"));
+        let init = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("1"))
+            })
+            .unwrap_or(false);
+        if init && fd1.map(|p| p == Path::new(stdout)).unwrap_or(false) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn counter(cl: &Cluster, port: &str, mem_mib: &str) -> (String, PathBuf) {
+    // The job's own file: in /tmp, not on any shared path.
+    let file = cl.shared.join(format!("counter-{port}.txt"));
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        port,
+        "--file",
+        file.to_str().unwrap(),
+        "--mem-mib",
+        mem_mib,
+    ]);
+    cl.wait_for("counter to tick", 30, || ticks(&file).len() > 2);
+    (job, file)
+}
+
+#[test]
+fn no_shared_path_counter_migrates_a_b_a_with_memory_and_socket() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let watch = ImageWatch::start(&cl);
+    let (job, file) = counter(&cl, "8181", "64");
+    let id = JobId::parse(&job).unwrap();
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter to answer on node1", 10, || {
+        query_counter(&ip1, 8181).is_some()
+    });
+    let (before, ok) = query_counter(&ip1, 8181).unwrap();
+    assert!(ok);
+    // The job is recorded on node1 only.
+    assert!(cl.node_registry("node1").exists(&id));
+    assert!(!cl.node_registry("node2").exists(&id));
+
+    let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("frozen"), "{}", stdout(&o));
+    let (after, ok) = query_counter(&ip2, 8181).expect("counter answers on node2");
+    assert!(ok, "memory checksum intact");
+    assert!(after >= before, "counter continued ({before} -> {after})");
+    assert!(
+        query_counter(&ip1, 8181).is_none(),
+        "nothing answers on node1"
+    );
+
+    // The record travelled with the job: node2 has it, node1 not any more.
+    let r2 = cl.node_registry("node2").get(&id).unwrap();
+    assert_eq!(r2.node.as_str(), "node2");
+    assert_eq!(r2.state, JobState::Running);
+    assert!(r2.pending.is_none());
+    let m = r2.history.last().unwrap();
+    assert!(m.ok && !m.post_copy, "{m:?}");
+    assert!(
+        m.image_bytes >= 64 << 20,
+        "memory went through the images: {m:?}"
+    );
+    assert!(
+        !cl.node_registry("node1").exists(&id),
+        "node1 dropped its record"
+    );
+    // The images landed in node2's own dir (which remembers it), and both
+    // copies are cleaned up.
+    assert!(cl
+        .node_dir("node2")
+        .join("landed")
+        .join(&job)
+        .join(m.id.as_str())
+        .exists());
+    cl.wait_for("images cleaned up on both nodes", 20, || {
+        job_images(&cl, "node1", &job).is_empty() && job_images(&cl, "node2", &job).is_empty()
+    });
+    // Listing and lookup ask every node.
+    assert_eq!(cl.job_json(&job)["node"], "node2");
+    let o = cl.mosctl(&["jobs"]);
+    assert!(stdout(&o)
+        .lines()
+        .any(|l| l.starts_with(&job) && l.contains("node2") && l.contains("running")));
+    let o = cl.mosctl(&["show", &job]);
+    assert!(
+        o.status.success() && stdout(&o).contains("node2"),
+        "{}",
+        stdout(&o)
+    );
+
+    std::thread::sleep(Duration::from_millis(500));
+    let o = cl.mosctl(&["migrate", &job, "node1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (back, ok) = query_counter(&ip1, 8181).expect("counter answers on node1 again");
+    assert!(ok && back > before, "{before} -> {after} -> {back}");
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node1");
+    assert_eq!(rec.history.len(), 2);
+    assert!(rec.history.iter().all(|m| m.ok));
+    assert!(!cl.node_registry("node2").exists(&id));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+    let seen = watch.stop();
+    assert!(!seen.is_empty(), "the watcher saw the images");
+    assert_no_shared_storage(&cl, &seen);
+}
+
+#[test]
+fn no_shared_path_post_copy_moves_all_memory() {
+    if !privileged() || !post_copy_capable() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let watch = ImageWatch::start(&cl);
+    let (job, file) = counter(&cl, "8182", "256");
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter", 20, || query_counter(&ip1, 8182).is_some());
+    let (before, _) = query_counter(&ip1, 8182).unwrap();
+    let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("post-copy"), "{}", stdout(&o));
+    // Each query checksums all 256 MiB: every page came from node1's page
+    // server, the rest of the images through the push.
+    let (after, mem_ok) = query_counter(&ip2, 8182).expect("answers on node2");
+    assert!(mem_ok, "memory intact after post-copy");
+    assert!(after >= before);
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node2");
+    let m = rec.history.last().unwrap();
+    assert!(m.post_copy, "{m:?}");
+    assert!(
+        m.image_bytes < 64 << 20,
+        "no memory in the pushed images: {m:?}"
+    );
+    let id = JobId::parse(&job).unwrap();
+    assert!(!cl.node_registry("node1").exists(&id));
+    cl.wait_for("images cleaned up once every page was served", 30, || {
+        job_images(&cl, "node1", &job).is_empty() && job_images(&cl, "node2", &job).is_empty()
+    });
+    // And back as a full copy, from the memory post-copy brought over.
+    let o = cl.mosctl(&["migrate", &job, "node1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, mem_ok) = query_counter(&ip1, 8182).expect("answers on node1");
+    assert!(mem_ok);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_contiguous(&ticks(&file));
+    let seen = watch.stop();
+    assert_no_shared_storage(&cl, &seen);
+}
+
+#[test]
+fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let watch = ImageWatch::start(&cl);
+    let (job, file) = counter(&cl, "8183", "16");
+    let id = JobId::parse(&job).unwrap();
+    let ip1 = cl.node_ip("node1");
+    // node2's agent gets a CRIU that fails every call: it receives the
+    // images, and its restore fails.
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node2",
+        "--name",
+        &cl.name,
+        "--criu",
+        "/bin/false",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, _) = query_counter(&ip1, 8183).unwrap();
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("restored on node1"),
+        "says where the job is: {err}"
+    );
+    let (now, mem_ok) = query_counter(&ip1, 8183).expect("the job answers on node1");
+    assert!(mem_ok && now >= before, "{before} -> {now}");
+    let rec = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(rec.node.as_str(), "node1");
+    assert_eq!(rec.state, JobState::Running);
+    assert!(!rec.history.last().unwrap().ok, "failed attempt recorded");
+    // node2 dropped its copy and keeps no record: it can never run the job.
+    assert!(!cl.node_registry("node2").exists(&id));
+    assert!(job_images(&cl, "node2", &job).is_empty());
+    assert_eq!(
+        instances(&rec.stdout_path).len(),
+        1,
+        "the job runs exactly once"
+    );
+    assert_eq!(cl.job_json(&job)["node"], "node1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+
+    // With a working CRIU again, the same job moves.
+    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::thread::sleep(Duration::from_secs(1));
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, mem_ok) = query_counter(&cl.node_ip("node2"), 8183).expect("answers on node2");
+    assert!(mem_ok);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_contiguous(&ticks(&file));
+    let seen = watch.stop();
+    assert_no_shared_storage(&cl, &seen);
+}
+
+#[test]
+fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter(&cl, "8184", "256");
+    let id = JobId::parse(&job).unwrap();
+    let ip1 = cl.node_ip("node1");
+    // 100 Mbit/s out of node1: the 256 MiB push takes about 20 s.
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cl.netns("node1"),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+        ])
+        .args([
+            "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tc: {}", stderr(&o));
+    let m = std::process::Command::new(MOSCTL)
+        .args(["migrate", "--full-copy", &job, "node2"])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let incoming = cl.node_dir("node2").join("incoming").join(&job);
+    cl.wait_for("the push to start", 60, || incoming.is_dir());
+    std::thread::sleep(Duration::from_secs(1));
+    // node2's agent dies in the middle of the stream.
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node2",
+        "--name",
+        &cl.name,
+        "--kill-only",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("$ mosctl migrate --full-copy {job} node2\n{err}");
+    assert!(err.contains("sending the images to node2"), "{err}");
+    assert!(err.contains("restored on node1"), "{err}");
+    let (_, mem_ok) = query_counter(&ip1, 8184).expect("the job answers on node1");
+    assert!(mem_ok);
+    let rec = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(rec.state, JobState::Running);
+    assert_eq!(
+        instances(&rec.stdout_path).len(),
+        1,
+        "the job runs exactly once"
+    );
+    // node2 comes back and keeps nothing of the broken push.
+    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    cl.wait_for("node2 to drop the partial push", 20, || {
+        job_images(&cl, "node2", &job).is_empty()
+    });
+    assert!(!cl.node_registry("node2").exists(&id));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+}
+
+#[test]
+fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    use mosix::api::pb;
+    use pb::image_chunk::Part;
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, _file) = counter(&cl, "8185", "8");
+    let id = JobId::parse(&job).unwrap();
+    let before = cl.node_registry("node1").get(&id).unwrap();
+    // A record as the source would send it, migrating to `to`.
+    let forged = |to: &str| {
+        let mut r = before.clone();
+        r.state = JobState::Migrating;
+        r.generation += 1;
+        r.pending = Some(mosix::core::job::PendingMigration {
+            id: mosix::core::MigrationId::parse("mfake").unwrap(),
+            from: mosix::core::NodeName::parse("node1").unwrap(),
+            to: Some(mosix::core::NodeName::parse(to).unwrap()),
+            phase: mosix::core::job::MigrationPhase::Dumped,
+            image_dir: format!("images/{job}/mfake"),
+            started_unix_ms: 0,
+            post_copy: false,
+        });
+        serde_json::to_vec(&r).unwrap()
+    };
+    let begin = |record: Vec<u8>, total: u64| pb::ImageChunk {
+        part: Some(Part::Begin(pb::PushBegin {
+            job_id: job.clone(),
+            migration_id: "mfake".into(),
+            from_node: "node1".into(),
+            total_bytes: total,
+            record_json: record,
+        })),
+    };
+    let file = |name: &str, size: u64, data: &[u8]| pb::ImageChunk {
+        part: Some(Part::File(pb::FileData {
+            name: name.into(),
+            area: pb::FileArea::Image as i32,
+            offset: 0,
+            data: data.to_vec(),
+            size,
+        })),
+    };
+    let end = |files: u32, total: u64| pb::ImageChunk {
+        part: Some(Part::End(pb::PushEnd {
+            files,
+            total_bytes: total,
+        })),
+    };
+    let cases: Vec<(&str, Vec<pb::ImageChunk>, tonic::Code, &str)> = vec![
+        (
+            "not migrating here",
+            vec![begin(forged("node1"), 1)],
+            tonic::Code::FailedPrecondition,
+            "not migrating to this node",
+        ),
+        (
+            "the job's real record",
+            vec![begin(serde_json::to_vec(&before).unwrap(), 1)],
+            tonic::Code::FailedPrecondition,
+            "no migration under way",
+        ),
+        (
+            "a path for a name",
+            vec![begin(forged("node2"), 2), file("../../etc/x", 2, b"xx")],
+            tonic::Code::InvalidArgument,
+            "file.name",
+        ),
+        (
+            "a file cut short",
+            vec![
+                begin(forged("node2"), 10),
+                file("core-1.img", 10, b"xx"),
+                end(1, 2),
+            ],
+            tonic::Code::InvalidArgument,
+            "ended after 2 of its 10 bytes",
+        ),
+        (
+            "the sender vanishing before the end",
+            vec![begin(forged("node2"), 2), file("core-1.img", 2, b"xx")],
+            tonic::Code::Aborted,
+            "ended before their end marker",
+        ),
+        (
+            "more than fits",
+            vec![begin(forged("node2"), 1 << 50)],
+            tonic::Code::ResourceExhausted,
+            "more than the",
+        ),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
+    let tls = mosix::api::client::ClientTls::from_cluster(&cf).unwrap();
+    rt.block_on(async {
+        let mut c = mosix::api::client::agent(
+            &cf.node("node2").unwrap().endpoint,
+            tls.as_ref(),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        for (what, msgs, code, want) in cases {
+            let s = c
+                .push_images(futures::stream::iter(msgs))
+                .await
+                .expect_err(what);
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(s.message().contains(want), "{what}: {:?}", s.message());
+        }
+        // Nothing to resolve: the target says so and keeps nothing.
+        let r = c
+            .resolve_migration(pb::ResolveMigrationRequest {
+                job_id: job.clone(),
+                migration_id: "mfake".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.landed);
+    });
+    assert!(!cl.node_registry("node2").exists(&id));
+    assert!(job_images(&cl, "node2", &job).is_empty());
+    let after = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(after, before, "the job's record is untouched");
+    let (_, ok) = query_counter(&cl.node_ip("node1"), 8185).expect("still running on node1");
+    assert!(ok);
+}
+
+/// The balancer takes its job list from one agent; without a shared path
+/// that agent gathers every node's jobs, so jobs that moved stay listed
+/// (once each) and the balancer keeps seeing the whole cluster.
+#[test]
+fn no_shared_path_balancer_spreads_jobs_and_lists_each_once() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let jobs: Vec<String> = (0..4)
+        .map(|_| cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let on = |node: &str| {
+        cl.jobs_json()
+            .iter()
+            .filter(|j| j["state"] == "running" && j["node"] == node)
+            .count()
+    };
+    loop {
+        let o = run(MOSBALANCE, &["--min-residence", "2"], Some(&cl));
+        assert!(o.status.success(), "a round failed: {}", stderr(&o));
+        if on("node1") == 2 && on("node2") == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not balanced in time: {} on node1, {} on node2",
+            on("node1"),
+            on("node2")
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let listed = cl.jobs_json();
+    assert_eq!(listed.len(), 4, "every job listed exactly once: {listed:?}");
+    for j in &jobs {
+        let rec = cl.record(j);
+        assert_eq!(rec.state, JobState::Running);
+        assert_eq!(instances(&rec.stdout_path).len(), 1, "{j} runs once");
+        // Its record lives on its node only.
+        let other = if rec.node.as_str() == "node1" { "node2" } else { "node1" };
+        assert!(!cl.node_registry(other).exists(&JobId::parse(j).unwrap()));
+    }
+}

@@ -1,0 +1,2403 @@
+//! Migration without a shared path: images go straight from agent to agent.
+//!
+//! A node started with `mosixd --state-dir DIR` (instead of `--shared`) keeps
+//! its registry and its images on its own disk. Its registry holds the jobs
+//! that run on it; a job's record travels with the job.
+//!
+//! **Full copy.** The source runs the usual steps of [`super`] (check, dump
+//! into its own `images/<job>/<migration>/`, seal with the HMAC manifest,
+//! record phase `dumped`), then streams the image files, pages included, the
+//! job's stdout/stderr and its record to the target (`PushImages`, chunked).
+//! The target writes them into a staging directory of its own state dir and,
+//! only when the stream ended with an end marker matching what arrived, moves
+//! them into `images/<job>/<migration>/` and the record into its registry.
+//! Then the source asks for the `Restore` as usual; the target verifies the
+//! manifest and restores from its own disk.
+//!
+//! **Why pages go through the agent, not CRIU's page server.** A page server
+//! would send memory straight into the *target's* image directory while the
+//! source's CRIU dumps, so the only complete copy of the job's memory would
+//! sit on a node that has not restored it yet, and a failed restore there
+//! could not be rolled back on the source. Streamed from the source's own
+//! sealed images instead, the source keeps every byte until the target says
+//! the job runs: nothing is ever lost.
+//!
+//! **Post-copy.** Memory already travels over CRIU's page server (lazy pages,
+//! `checkpoint_lazy` / `start_lazy_daemon`), from the source's frozen copy;
+//! only the small non-page image files are pushed before the lazy restore.
+//!
+//! **Safety without a shared `CLAIM`.** With a shared path, the claim file
+//! makes sure only one node ever restores a set of images. Here each node has
+//! its own copy, so the rule is: *the target restores only when the source
+//! asks (`Restore`), and the source restores its own copy only when the
+//! target has said it did not and never will.*
+//! - The push failed: no `Restore` was ever sent, so the target cannot run
+//!   the job. The source rolls back from its own images (and asks the target,
+//!   best effort, to drop whatever it kept).
+//! - `Restore` answered with the job: the source deletes its record and
+//!   images. The target's record is now the job's.
+//! - `Restore` failed or went unanswered: the source asks `ResolveMigration`,
+//!   which the target answers under the job's lock: *landed* (restored here,
+//!   remembered in `landed/<job>/<migration>` even after the job moves on), or
+//!   *abandoned*, after it has deleted its copy and the record so nothing can
+//!   restore it any more. Only then does the source roll back.
+//! - The target does not answer: the job stays frozen on the source with its
+//!   images (not running anywhere, not lost), and a background task keeps
+//!   asking; a restarted source agent does the same (see `recover_direct`).
+//!
+//! Job listings: `ListJobs`/`GetJob` gather `ListLocalJobs` of every node;
+//! a job seen twice during a hand-over is taken from the newer record.
+
+use super::{image_rel, Arrival, LazyDump, RestoreCall, CLAIM_FILE, UNSEALED};
+use crate::agent::{io_error, Agent, AgentConfig, AgentError, AgentResult};
+use crate::core::ids::PlainFileName;
+use crate::core::job::{MigrationPhase, PendingMigration};
+use crate::core::registry::{Registry, RegistryError};
+use crate::core::{
+    now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
+};
+use crate::criu::PageServer;
+use futures::{Stream, StreamExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest `data` of one chunk the receiver accepts.
+pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+/// Chunk size the sender uses.
+pub const SEND_CHUNK_BYTES: usize = 1 << 20;
+/// Upper bound of one push, whatever the free space says.
+pub const MAX_PUSH_BYTES: u64 = 1 << 40;
+/// Most files in one push (a CRIU image directory has tens).
+pub const MAX_PUSH_FILES: usize = 100_000;
+/// Largest job record accepted (the registry's own limit).
+pub const MAX_RECORD_JSON_BYTES: usize = 4 << 20;
+/// Free space a push must leave on the target (registry writes, logs).
+const FREE_SPACE_MARGIN: u64 = 64 << 20;
+/// Job output files that travel with the job.
+const OUTPUT_NAMES: &[&str] = &["stdout", "stderr"];
+/// Names that are never image files: a pushed `CLAIM` would block the
+/// target's own restore; CRIU creates the socket itself.
+const NOT_PUSHABLE: &[&str] = &[CLAIM_FILE, "lazy-pages.socket"];
+/// Staging area of pushes being received, under the state dir.
+const INCOMING: &str = "incoming";
+/// `landed/<job>/<migration>`: migrations restored here (see module doc).
+const LANDED: &str = "landed";
+/// How long `migrate` waits for a target to say whether a failed Restore
+/// landed, before leaving that to a background task.
+const RESOLVE_PATIENCE: Duration = Duration::from_secs(30);
+const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+/// How long the background task keeps asking before it freezes the job on
+/// the source for a person to decide.
+const BACKGROUND_PATIENCE: Duration = Duration::from_secs(24 * 3600);
+/// Deadline of one node's ListLocalJobs when listing the cluster.
+const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which part of a job a pushed file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FileArea {
+    /// A file of the sealed image directory.
+    Image,
+    /// The job's `stdout` or `stderr` (see [`AgentConfig::jobs_dir`]).
+    JobOutput,
+}
+
+/// First message of a push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushBegin {
+    pub job: JobId,
+    pub migration: MigrationId,
+    pub from: NodeName,
+    /// Bytes of all files to follow.
+    pub total_bytes: u64,
+    /// The job's record, in the registry's JSON format.
+    pub record_json: Vec<u8>,
+}
+
+/// A piece of one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileChunk {
+    pub name: PlainFileName,
+    pub area: FileArea,
+    pub offset: u64,
+    /// Size of the whole file.
+    pub size: u64,
+    pub data: Vec<u8>,
+}
+
+/// Last message of a push: what the sender sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushEnd {
+    pub files: u32,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushPart {
+    Begin(PushBegin),
+    File(FileChunk),
+    End(PushEnd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PushSummary {
+    pub files: u32,
+    pub bytes: u64,
+}
+
+/// The target's answer to ResolveMigration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Restored there; the job's record there, unless it has moved on.
+    Landed(Option<Box<JobRecord>>),
+    /// Not restored, and the target's copy is gone: it never will be.
+    Abandoned,
+}
+
+/// One file the source will send.
+#[derive(Debug, Clone)]
+pub struct PlannedFile {
+    pub area: FileArea,
+    pub name: PlainFileName,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Everything one push sends.
+#[derive(Debug, Clone)]
+pub struct PushPlan {
+    pub begin: PushBegin,
+    pub files: Vec<PlannedFile>,
+}
+
+impl PushPlan {
+    /// The stream's messages, reading each file in `chunk`-byte pieces as
+    /// it goes (blocking I/O: run it on a blocking thread).
+    pub fn into_parts(self, chunk: usize) -> PlanReader {
+        PlanReader {
+            begin: Some(self.begin),
+            files: self.files.into_iter(),
+            current: None,
+            chunk: chunk.clamp(1, MAX_CHUNK_BYTES),
+            sent_files: 0,
+            sent_bytes: 0,
+            finished: false,
+        }
+    }
+}
+
+struct Sending {
+    plan: PlannedFile,
+    file: File,
+    offset: u64,
+    first: bool,
+}
+
+/// Iterator over the messages of a [`PushPlan`].
+pub struct PlanReader {
+    begin: Option<PushBegin>,
+    files: std::vec::IntoIter<PlannedFile>,
+    current: Option<Sending>,
+    chunk: usize,
+    sent_files: u32,
+    sent_bytes: u64,
+    finished: bool,
+}
+
+impl Iterator for PlanReader {
+    type Item = AgentResult<PushPart>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        if let Some(b) = self.begin.take() {
+            return Some(Ok(PushPart::Begin(b)));
+        }
+        loop {
+            if let Some(cur) = self.current.as_mut() {
+                // An empty file is sent as one chunk without data.
+                if cur.first || cur.offset < cur.plan.size {
+                    cur.first = false;
+                    let want = (cur.plan.size - cur.offset).min(self.chunk as u64) as usize;
+                    let mut data = vec![0u8; want];
+                    if let Err(e) = cur.file.read_exact(&mut data) {
+                        self.finished = true;
+                        return Some(Err(io_error(
+                            &format!(
+                                "reading {} to send (did it shrink after sealing?)",
+                                cur.plan.path.display()
+                            ),
+                            e,
+                        )));
+                    }
+                    let chunk = FileChunk {
+                        name: cur.plan.name.clone(),
+                        area: cur.plan.area,
+                        offset: cur.offset,
+                        size: cur.plan.size,
+                        data,
+                    };
+                    cur.offset += want as u64;
+                    self.sent_bytes += want as u64;
+                    return Some(Ok(PushPart::File(chunk)));
+                }
+                self.current = None;
+            }
+            match self.files.next() {
+                Some(plan) => match File::open(&plan.path) {
+                    Ok(file) => {
+                        self.sent_files += 1;
+                        self.current = Some(Sending {
+                            plan,
+                            file,
+                            offset: 0,
+                            first: true,
+                        });
+                    }
+                    Err(e) => {
+                        self.finished = true;
+                        return Some(Err(io_error(
+                            &format!("opening {} to send", plan.path.display()),
+                            e,
+                        )));
+                    }
+                },
+                None => {
+                    self.finished = true;
+                    return Some(Ok(PushPart::End(PushEnd {
+                        files: self.sent_files,
+                        total_bytes: self.sent_bytes,
+                    })));
+                }
+            }
+        }
+    }
+}
+
+/// How much a node accepts in one push.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveLimits {
+    pub max_bytes: u64,
+    /// Free bytes on the state dir's file system (None: unknown).
+    pub free_bytes: Option<u64>,
+}
+
+struct Receiving {
+    area: FileArea,
+    name: String,
+    size: u64,
+    written: u64,
+    file: File,
+}
+
+fn area_dir(a: FileArea) -> &'static str {
+    match a {
+        FileArea::Image => "images",
+        FileArea::JobOutput => "output",
+    }
+}
+
+/// The target's side of one push: validates every message and writes the
+/// files into a staging directory; [`PushReceiver::complete`] moves them into
+/// place. Dropped before that (bad input, a broken stream), it removes
+/// everything it wrote.
+pub struct PushReceiver {
+    node: NodeName,
+    begin: PushBegin,
+    record: JobRecord,
+    require_manifest: bool,
+    /// `<root>/incoming/<job>/<migration>`
+    staging: PathBuf,
+    /// `<root>/images/<job>/<migration>`
+    images: PathBuf,
+    /// `<jobs_dir>/<job>`
+    output_dir: PathBuf,
+    current: Option<Receiving>,
+    done: BTreeSet<(FileArea, String)>,
+    received: u64,
+}
+
+impl PushReceiver {
+    /// Check the push's first message against this node and what it already
+    /// knows of the job (`existing`: its record here, if any).
+    pub fn start(
+        cfg: &AgentConfig,
+        begin: PushBegin,
+        existing: Option<&JobRecord>,
+        limits: ReceiveLimits,
+    ) -> AgentResult<Self> {
+        let me = &cfg.node;
+        if cfg.shared {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{me} uses a shared path; images are not pushed to it"
+            )));
+        }
+        let refuse = |why: String| {
+            AgentError::FailedPrecondition(format!(
+                "refusing the images of job {} (migration {}) from {}: {why}",
+                begin.job, begin.migration, begin.from
+            ))
+        };
+        if begin.record_json.len() > MAX_RECORD_JSON_BYTES {
+            return Err(AgentError::InvalidArgument(format!(
+                "the pushed job record is larger than {MAX_RECORD_JSON_BYTES} bytes"
+            )));
+        }
+        let record =
+            crate::core::registry::parse_record(Path::new("pushed record"), &begin.record_json)
+                .map_err(|e| {
+                    AgentError::InvalidArgument(format!("the pushed job record is not valid: {e}"))
+                })?;
+        if record.id != begin.job {
+            return Err(AgentError::InvalidArgument(format!(
+                "the pushed record is of job {}, the push of job {}",
+                record.id, begin.job
+            )));
+        }
+        let Some(p) = record.pending.as_ref() else {
+            return Err(refuse("the job has no migration under way".into()));
+        };
+        if p.id != begin.migration {
+            return Err(refuse(format!("the job's migration under way is {}", p.id)));
+        }
+        if p.to.as_ref() != Some(me) {
+            return Err(refuse(format!(
+                "the job is not migrating to this node ({me}) but to {}",
+                p.to.as_ref()
+                    .map(|n| n.as_str())
+                    .unwrap_or("no node (a freeze)")
+            )));
+        }
+        if p.from != begin.from || record.node != begin.from || p.from == *me {
+            return Err(refuse(format!(
+                "the job is on {} and leaving {}, not coming from {}",
+                record.node, p.from, begin.from
+            )));
+        }
+        if record.state != JobState::Migrating || p.phase != MigrationPhase::Dumped {
+            return Err(refuse(format!(
+                "the job is {} (phase {:?}), not migrating with its images sealed",
+                record.state.as_str(),
+                p.phase
+            )));
+        }
+        // CRIU reopens the job's output by path: it must be where this node
+        // keeps job output, never a path chosen by the sender.
+        let output_dir = cfg.jobs_dir.join(begin.job.as_str());
+        for (name, path) in [
+            ("stdout", &record.stdout_path),
+            ("stderr", &record.stderr_path),
+        ] {
+            if Path::new(path) != output_dir.join(name) {
+                return Err(refuse(format!(
+                    "its {name} is {path}, but {me} keeps job output in {}; without a shared path every node needs the same --jobs-dir",
+                    cfg.jobs_dir.display()
+                )));
+            }
+        }
+        if let Some(old) = existing {
+            if old.node == *me && !old.state.is_finished() {
+                return Err(refuse(format!(
+                    "the job is already recorded on this node, {}",
+                    old.state.as_str()
+                )));
+            }
+            if old.generation >= record.generation {
+                return Err(refuse(format!(
+                    "this node has a record of the job as new or newer (generation {} >= {}): a stale or replayed push",
+                    old.generation, record.generation
+                )));
+            }
+        }
+        if begin.total_bytes > limits.max_bytes {
+            return Err(AgentError::ResourceExhausted(format!(
+                "images of job {} are {} bytes, more than the {} a push may carry",
+                begin.job, begin.total_bytes, limits.max_bytes
+            )));
+        }
+        if let Some(free) = limits.free_bytes {
+            if begin.total_bytes.saturating_add(FREE_SPACE_MARGIN) > free {
+                return Err(AgentError::ResourceExhausted(format!(
+                    "{me} has {free} bytes free in {}, not enough for the {} bytes of images of job {}",
+                    cfg.shared_root.display(),
+                    begin.total_bytes,
+                    begin.job
+                )));
+            }
+        }
+        let staging = cfg
+            .shared_root
+            .join(INCOMING)
+            .join(begin.job.as_str())
+            .join(begin.migration.as_str());
+        // Left over from an interrupted earlier attempt.
+        remove_dir_if_any(&staging).map_err(|e| io_error("clearing the push staging dir", e))?;
+        for a in [FileArea::Image, FileArea::JobOutput] {
+            fs::create_dir_all(staging.join(area_dir(a)))
+                .map_err(|e| io_error("creating the push staging dir", e))?;
+        }
+        let images = cfg
+            .shared_root
+            .join(image_rel(&begin.job, &begin.migration));
+        Ok(Self {
+            node: me.clone(),
+            require_manifest: cfg.image_key.is_some(),
+            begin,
+            record,
+            staging,
+            images,
+            output_dir,
+            current: None,
+            done: BTreeSet::new(),
+            received: 0,
+        })
+    }
+
+    fn bad(&self, why: String) -> AgentError {
+        AgentError::InvalidArgument(format!(
+            "push of job {} (migration {}) from {}: {why}; nothing was kept",
+            self.begin.job, self.begin.migration, self.begin.from
+        ))
+    }
+
+    /// Write one chunk.
+    pub fn accept(&mut self, c: FileChunk) -> AgentResult<()> {
+        let name = c.name.as_str().to_string();
+        match c.area {
+            FileArea::Image if NOT_PUSHABLE.contains(&name.as_str()) => {
+                return Err(self.bad(format!("{name:?} is not an image file")));
+            }
+            FileArea::JobOutput if !OUTPUT_NAMES.contains(&name.as_str()) => {
+                return Err(self.bad(format!(
+                    "job output may only be stdout or stderr, not {name:?}"
+                )));
+            }
+            _ => {}
+        }
+        if c.data.len() > MAX_CHUNK_BYTES {
+            return Err(self.bad(format!(
+                "a chunk of {name} has {} bytes, more than {MAX_CHUNK_BYTES}",
+                c.data.len()
+            )));
+        }
+        let same_file = self
+            .current
+            .as_ref()
+            .is_some_and(|f| f.area == c.area && f.name == name);
+        if !same_file {
+            self.close_current()?;
+            if self.done.contains(&(c.area, name.clone())) {
+                return Err(self.bad(format!("{name} was sent twice")));
+            }
+            if self.done.len() >= MAX_PUSH_FILES {
+                return Err(self.bad(format!("more than {MAX_PUSH_FILES} files")));
+            }
+            if c.offset != 0 {
+                return Err(self.bad(format!("{name} starts at offset {}, not 0", c.offset)));
+            }
+            let path = self.staging.join(area_dir(c.area)).join(&name);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_error(&format!("creating {}", path.display()), e))?;
+            self.current = Some(Receiving {
+                area: c.area,
+                name: name.clone(),
+                size: c.size,
+                written: 0,
+                file,
+            });
+        }
+        let announced = self.begin.total_bytes;
+        let received = self.received;
+        let Some(cur) = self.current.as_mut() else {
+            return Err(AgentError::Internal("push receiver lost its file".into()));
+        };
+        let len = c.data.len() as u64;
+        let why = if c.size != cur.size {
+            Some(format!(
+                "the size of {name} changed from {} to {} mid-file",
+                cur.size, c.size
+            ))
+        } else if c.offset != cur.written {
+            Some(format!(
+                "a chunk of {name} is at offset {}, expected {} (chunks come in order, without gaps)",
+                c.offset, cur.written
+            ))
+        } else if cur.written.saturating_add(len) > cur.size {
+            Some(format!(
+                "{name} is longer than its size of {} bytes",
+                cur.size
+            ))
+        } else if received.saturating_add(len) > announced {
+            Some(format!("more bytes than the {announced} announced"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(self.bad(why));
+        }
+        cur.file
+            .write_all(&c.data)
+            .map_err(|e| io_error(&format!("writing pushed image {name}"), e))?;
+        cur.written += len;
+        self.received += len;
+        Ok(())
+    }
+
+    fn close_current(&mut self) -> AgentResult<()> {
+        if let Some(cur) = self.current.take() {
+            if cur.written != cur.size {
+                return Err(self.bad(format!(
+                    "{} ended after {} of its {} bytes",
+                    cur.name, cur.written, cur.size
+                )));
+            }
+            self.done.insert((cur.area, cur.name));
+        }
+        Ok(())
+    }
+
+    /// The end marker arrived: check it against what arrived, then move the
+    /// images into `images/<job>/<migration>`, the job's output into its
+    /// output directory, and the record into `registry`.
+    ///
+    /// Nothing here is fsynced: the source keeps its own copy until the job
+    /// runs here, so a crash of this node loses nothing.
+    pub fn complete(mut self, end: PushEnd, registry: &Registry) -> AgentResult<PushSummary> {
+        self.close_current()?;
+        let files = self.done.len();
+        if end.files as usize != files || end.total_bytes != self.received {
+            return Err(self.bad(format!(
+                "the sender sent {} files and {} bytes, {files} files and {} bytes arrived",
+                end.files, end.total_bytes, self.received
+            )));
+        }
+        if self.received != self.begin.total_bytes {
+            return Err(self.bad(format!(
+                "{} bytes were announced, {} arrived",
+                self.begin.total_bytes, self.received
+            )));
+        }
+        let manifest = crate::security::manifest::MANIFEST_FILE_NAME.to_string();
+        if self.require_manifest && !self.done.contains(&(FileArea::Image, manifest)) {
+            return Err(AgentError::DataLoss(format!(
+                "images of job {} from {} have no manifest; refused",
+                self.begin.job, self.begin.from
+            )));
+        }
+        if self.images.join(CLAIM_FILE).exists() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "images of migration {} are already claimed on {}: a restore of them is under way or done",
+                self.begin.migration, self.node
+            )));
+        }
+        // A complete copy from an earlier attempt of the same migration.
+        remove_dir_if_any(&self.images).map_err(|e| io_error("replacing old images", e))?;
+        if let Some(parent) = self.images.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error("creating the image dir", e))?;
+        }
+        let staged = self.staging.join(area_dir(FileArea::Image));
+        fs::rename(&staged, &self.images)
+            .map_err(|e| io_error("moving pushed images into place", e))?;
+        let placed = self.place_outputs().and_then(|()| {
+            let mut rec = self.record.clone();
+            registry.put(&mut rec).map_err(AgentError::from)
+        });
+        if let Err(e) = placed {
+            // Images without a record could never be restored; keep nothing.
+            let _ = fs::remove_dir_all(&self.images);
+            return Err(e.context(&format!("storing the images of job {}", self.begin.job)));
+        }
+        Ok(PushSummary {
+            files: files as u32,
+            bytes: self.received,
+        })
+    }
+
+    /// The job's output dir (its init's cwd) must exist; its files replace
+    /// ours unless they are the same bytes already (on a one-machine test
+    /// cluster they are the very same file).
+    fn place_outputs(&self) -> AgentResult<()> {
+        fs::create_dir_all(&self.output_dir)
+            .map_err(|e| io_error("creating the job's output dir", e))?;
+        for (area, name) in &self.done {
+            if *area != FileArea::JobOutput {
+                continue;
+            }
+            let staged = self.staging.join(area_dir(*area)).join(name);
+            let dest = self.output_dir.join(name);
+            place_output(&staged, &dest, self.record.uid, self.record.gid)
+                .map_err(|e| io_error(&format!("placing the job's {name}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PushReceiver {
+    fn drop(&mut self) {
+        // Whatever is still staged was not taken: a refused or broken push,
+        // or the leftovers of a completed one.
+        let _ = fs::remove_dir_all(&self.staging);
+        if let Some(parent) = self.staging.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+}
+
+fn remove_dir_if_any(p: &Path) -> std::io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn same_content(a: &Path, b: &Path) -> std::io::Result<bool> {
+    let (ma, mb) = match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x, y),
+        _ => return Ok(false),
+    };
+    if ma.len() != mb.len() {
+        return Ok(false);
+    }
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+fn place_output(staged: &Path, dest: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    if same_content(staged, dest)? {
+        return Ok(());
+    }
+    // The job writes its own output: it must own the file (as at launch).
+    let _ = std::os::unix::fs::chown(staged, Some(uid), Some(gid));
+    match fs::rename(staged, dest) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // --jobs-dir on another file system than the state dir.
+            let dir = dest.parent().unwrap_or(Path::new("."));
+            let tmp = dir.join(format!(
+                ".{}.push.tmp",
+                dest.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("output")
+            ));
+            fs::copy(staged, &tmp)?;
+            let _ = std::os::unix::fs::chown(&tmp, Some(uid), Some(gid));
+            fs::rename(&tmp, dest)
+        }
+        r => r,
+    }
+}
+
+fn free_bytes(p: &Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(p)
+        .ok()
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+}
+
+/// Of several nodes' records of the same jobs, keep one per job: the newest
+/// (highest generation), and on a tie the one from the node the record says
+/// the job is on. `lists` pairs each answering node with its records.
+pub fn merge_records(lists: Vec<(NodeName, Vec<JobRecord>)>) -> Vec<JobRecord> {
+    let mut best: BTreeMap<JobId, (u64, bool, JobRecord)> = BTreeMap::new();
+    for (from, recs) in lists {
+        for r in recs {
+            let key = (r.generation, r.node == from);
+            match best.get(&r.id) {
+                Some((g, own, _)) if (*g, *own) >= key => {}
+                _ => {
+                    best.insert(r.id.clone(), (key.0, key.1, r));
+                }
+            }
+        }
+    }
+    let mut out: Vec<JobRecord> = best.into_values().map(|(_, _, r)| r).collect();
+    out.sort_by(|a, b| {
+        a.created_unix_ms
+            .cmp(&b.created_unix_ms)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    out
+}
+
+/// What the source learned from the target after a failed Restore.
+enum Answer {
+    Landed(Option<Box<JobRecord>>),
+    Abandoned,
+    Unknown(String),
+}
+
+impl Agent {
+    fn landed_marker(&self, job: &JobId, mig: &MigrationId) -> PathBuf {
+        self.cfg
+            .shared_root
+            .join(LANDED)
+            .join(job.as_str())
+            .join(mig.as_str())
+    }
+
+    fn mark_landed(&self, job: &JobId, mig: &MigrationId) {
+        let m = self.landed_marker(job, mig);
+        let r = m
+            .parent()
+            .map(fs::create_dir_all)
+            .unwrap_or(Ok(()))
+            .and_then(|()| File::create(&m).map(|_| ()));
+        if let Err(e) = r {
+            tracing::error!(job = %job, "cannot record that migration {mig} landed here: {e}");
+        }
+    }
+
+    // ---------------------------------------------------------------- lists
+
+    /// This node's own jobs: records here whose node is this node (a copy
+    /// pushed here is not ours until it is restored).
+    pub(crate) fn list_local(
+        &self,
+        node: Option<NodeName>,
+        include_finished: bool,
+    ) -> AgentResult<Vec<JobRecord>> {
+        if node.as_ref().is_some_and(|n| n != &self.cfg.node) {
+            return Ok(vec![]);
+        }
+        self.list_jobs(Some(self.cfg.node.clone()), include_finished)
+    }
+
+    /// Every node's own jobs, merged. Nodes that do not answer are left out
+    /// (their jobs are not listed), as the balancer leaves out a down node.
+    pub(crate) async fn list_cluster(
+        &self,
+        node: Option<NodeName>,
+        include_finished: bool,
+    ) -> AgentResult<Vec<JobRecord>> {
+        let me = self.cfg.node.clone();
+        let mut lists = vec![(me.clone(), self.list_local(None, include_finished)?)];
+        let peers: Vec<NodeName> = self
+            .peers
+            .names()
+            .iter()
+            .filter_map(|n| NodeName::parse(n).ok())
+            .filter(|n| n != &me && node.as_ref().is_none_or(|want| want == n))
+            .collect();
+        let asks = peers.iter().map(|p| async move {
+            let r = tokio::time::timeout(
+                PEER_LIST_TIMEOUT,
+                self.peers.list_local_jobs(p, include_finished),
+            )
+            .await
+            .unwrap_or_else(|_| Err(AgentError::Unavailable("no answer in time".into())));
+            (p.clone(), r)
+        });
+        for (p, r) in futures::future::join_all(asks).await {
+            match r {
+                Ok(jobs) => lists.push((p, jobs)),
+                Err(e) => tracing::warn!(node = %p, "its jobs are not listed: {e}"),
+            }
+        }
+        Ok(merge_records(lists)
+            .into_iter()
+            .filter(|r| node.as_ref().is_none_or(|n| &r.node == n))
+            .collect())
+    }
+
+    /// A job by id, wherever it is.
+    pub(crate) async fn get_job_cluster(&self, id: &JobId) -> AgentResult<JobRecord> {
+        let here = match self.registry.get(id) {
+            Ok(r) if r.node == self.cfg.node => return Ok(r),
+            Ok(r) => Some(r),
+            Err(RegistryError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut found = self
+            .list_cluster(None, true)
+            .await?
+            .into_iter()
+            .find(|r| &r.id == id);
+        // A record here that names another node (a copy in transit) only if
+        // no node has the job as its own.
+        if found.is_none() {
+            found = here;
+        }
+        found.ok_or_else(|| AgentError::NotFound(format!("no job {id} in the cluster")))
+    }
+
+    /// Thaw needs the images, which stay on the node that froze the job.
+    pub(crate) fn check_thaw_here(&self, job: &JobId) -> AgentResult<()> {
+        match self.registry.get(job) {
+            Ok(r) if r.node == self.cfg.node => Ok(()),
+            _ => Err(AgentError::FailedPrecondition(format!(
+                "job {job} was not frozen on {}: without a shared path its images stay on the node that froze it; thaw it there (`mosctl thaw {job}` without --node)",
+                self.cfg.node
+            ))),
+        }
+    }
+
+    // ---------------------------------------------------------- target side
+
+    /// PushImages: receive one migration's images (see [`PushReceiver`]).
+    pub async fn receive_push<S>(self: &Arc<Self>, mut parts: S) -> AgentResult<PushSummary>
+    where
+        S: Stream<Item = AgentResult<PushPart>> + Send + Unpin,
+    {
+        if self.cfg.shared {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{} uses a shared path; images are not pushed to it",
+                self.cfg.node
+            )));
+        }
+        let begin = match parts.next().await {
+            Some(Ok(PushPart::Begin(b))) => b,
+            Some(Ok(_)) => {
+                return Err(AgentError::InvalidArgument(
+                    "a push must start with its begin message".into(),
+                ))
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(AgentError::InvalidArgument("empty push".into())),
+        };
+        let (job, from) = (begin.job.clone(), begin.from.clone());
+        let _busy = self.claim(&job)?;
+        let existing = match self.registry.get(&job) {
+            Ok(r) => Some(r),
+            Err(RegistryError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let limits = ReceiveLimits {
+            max_bytes: MAX_PUSH_BYTES,
+            free_bytes: free_bytes(&self.cfg.shared_root),
+        };
+        let cfg = self.cfg.clone();
+        let t0 = Instant::now();
+        let mut rx =
+            Self::blocking(move || PushReceiver::start(&cfg, begin, existing.as_ref(), limits))
+                .await??;
+        loop {
+            let part = match parts.next().await {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    return Err(e.context(&format!(
+                        "receiving the images of job {job} from {from}; nothing was kept"
+                    )))
+                }
+                None => {
+                    return Err(AgentError::Aborted(format!(
+                        "the images of job {job} from {from} ended before their end marker (the source stopped or the connection broke); nothing was kept"
+                    )))
+                }
+            };
+            match part {
+                PushPart::File(c) => {
+                    let (back, r) = Self::blocking(move || {
+                        let r = rx.accept(c);
+                        (rx, r)
+                    })
+                    .await?;
+                    r?;
+                    rx = back;
+                }
+                PushPart::Begin(_) => {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "push of job {job}: a second begin message; nothing was kept"
+                    )))
+                }
+                PushPart::End(end) => {
+                    let registry = self.registry.clone();
+                    let summary = Self::blocking(move || rx.complete(end, &registry)).await??;
+                    tracing::info!(
+                        job = %job,
+                        from = %from,
+                        files = summary.files,
+                        bytes = summary.bytes,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "images received"
+                    );
+                    return Ok(summary);
+                }
+            }
+        }
+    }
+
+    /// Restore RPC without a shared path: restore from the pushed copy and
+    /// remember that it landed (see [`Agent::resolve_migration`]).
+    pub(crate) async fn restore_pushed(
+        self: &Arc<Self>,
+        call: RestoreCall,
+    ) -> AgentResult<JobRecord> {
+        let (job, mig) = (call.job.clone(), call.migration.clone());
+        if self.landed_marker(&job, &mig).exists() {
+            return match self.registry.get(&job) {
+                Ok(r) if r.node == self.cfg.node => Ok(r),
+                _ => Err(AgentError::FailedPrecondition(format!(
+                    "migration {mig} of job {job} was restored on {} earlier and the job has moved on since",
+                    self.cfg.node
+                ))),
+            };
+        }
+        let post_copy = call.page_server.is_some();
+        let rec = self.restore(call).await?;
+        self.mark_landed(&job, &mig);
+        let dir = self.image_dir(&image_rel(&job, &mig));
+        if post_copy {
+            // CRIU's lazy-pages daemon reads these until every page arrived.
+            self.remove_images_after_lazy(job, dir);
+        } else {
+            // The job runs from memory now; nothing reads the images again.
+            let _ = std::thread::Builder::new()
+                .name("rm-images".into())
+                .spawn(move || {
+                    let _ = fs::remove_dir_all(dir);
+                });
+        }
+        Ok(rec)
+    }
+
+    /// Post-copy, target side: once the lazy-pages daemon has ended (its
+    /// watcher removes the socket), drop our copy of the images, unless the
+    /// transfer failed: the job's error then points at the daemon's log here.
+    fn remove_images_after_lazy(self: &Arc<Self>, job: JobId, dir: PathBuf) {
+        let agent = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("rm-images".into())
+            .spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(3600);
+                while dir.join("lazy-pages.socket").exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                // The watcher removes the socket first, then records a
+                // failure: give it time to.
+                std::thread::sleep(Duration::from_secs(3));
+                let failed = agent
+                    .registry
+                    .get(&job)
+                    .is_ok_and(|r| r.state == JobState::Failed);
+                if !failed {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+            });
+    }
+
+    /// ResolveMigration: did the migration land here? If not, drop our copy
+    /// of it, so it never will. Runs under the job's lock, so it waits for
+    /// (fails while) a push or restore of the job is under way.
+    pub(crate) async fn resolve_migration(
+        self: &Arc<Self>,
+        job: &JobId,
+        mig: &MigrationId,
+    ) -> AgentResult<Resolution> {
+        if self.cfg.shared {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{} uses a shared path: migrations to it are settled through the shared registry",
+                self.cfg.node
+            )));
+        }
+        let _busy = self.claim(job)?;
+        let me = self.cfg.node.clone();
+        let rec = match self.registry.get(job) {
+            Ok(r) => Some(r),
+            Err(RegistryError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let pending_here = |r: &JobRecord| {
+            r.pending
+                .as_ref()
+                .is_some_and(|p| p.id == *mig && p.to.as_ref() == Some(&me))
+        };
+        let in_history = rec
+            .as_ref()
+            .is_some_and(|r| r.history.iter().any(|m| m.id == *mig && m.to == me && m.ok));
+        // Restored, but recording it failed: the process is ours.
+        let running_unrecorded =
+            rec.as_ref().is_some_and(pending_here) && self.local_pid(job).is_some();
+        let dir = self.image_dir(&image_rel(job, mig));
+        if self.landed_marker(job, mig).exists() || in_history || running_unrecorded {
+            self.mark_landed(job, mig);
+            let mut rec = rec;
+            if running_unrecorded {
+                if let (Some(r), Some(pid)) = (rec.as_mut(), self.local_pid(job)) {
+                    r.node = me.clone();
+                    r.state = JobState::Running;
+                    r.pid = pid;
+                    r.pending = None;
+                    r.error.clear();
+                    let _ = self.registry.put(r);
+                }
+            }
+            // Nothing reads the images any more, unless a lazy-pages daemon
+            // still runs (it removes its socket when it ends; then
+            // `remove_images_after_lazy` takes care of them).
+            if !dir.join("lazy-pages.socket").exists() {
+                let _ = fs::remove_dir_all(&dir);
+            }
+            let here = rec.filter(|r| r.node == me).map(Box::new);
+            return Ok(Resolution::Landed(here));
+        }
+        // Not restored here: make sure it never will be. The record first:
+        // without it a Restore of these images is refused.
+        if let Some(r) = rec.as_ref() {
+            if pending_here(r) && r.node != me {
+                self.registry.remove(job)?;
+            }
+        }
+        remove_dir_if_any(&dir).map_err(|e| io_error("dropping pushed images", e))?;
+        let staging = self
+            .cfg
+            .shared_root
+            .join(INCOMING)
+            .join(job.as_str())
+            .join(mig.as_str());
+        let _ = remove_dir_if_any(&staging);
+        tracing::info!(job = %job, migration = %mig, "pushed images dropped: the source keeps the job");
+        Ok(Resolution::Abandoned)
+    }
+
+    // ---------------------------------------------------------- source side
+
+    /// The files of one push: the sealed image directory (not the logs and
+    /// other files written after the seal) and the job's output.
+    fn push_plan(&self, rec: &JobRecord, dir: &Path, mig: &MigrationId) -> AgentResult<PushPlan> {
+        let mut files = Vec::new();
+        let rd = fs::read_dir(dir).map_err(|e| io_error("listing the images to send", e))?;
+        for e in rd {
+            let e = e.map_err(|e| io_error("listing the images to send", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if UNSEALED.contains(&name.as_str()) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(e.path())
+                .map_err(|e| io_error("listing the images to send", e))?;
+            if !meta.is_file() {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "{} holds {name:?}, which is not a plain file (a pre-copy chain?); only flat image directories can be sent without a shared path",
+                    dir.display()
+                )));
+            }
+            let name = PlainFileName::parse(&name).map_err(|e| {
+                AgentError::Internal(format!("unexpected file in {}: {e}", dir.display()))
+            })?;
+            files.push(PlannedFile {
+                area: FileArea::Image,
+                name,
+                path: e.path(),
+                size: meta.len(),
+            });
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        for (name, path) in [("stdout", &rec.stdout_path), ("stderr", &rec.stderr_path)] {
+            if let Ok(meta) = fs::metadata(path) {
+                files.push(PlannedFile {
+                    area: FileArea::JobOutput,
+                    name: PlainFileName::parse(name)?,
+                    path: PathBuf::from(path),
+                    size: meta.len(),
+                });
+            }
+        }
+        let record_json = serde_json::to_vec(rec)
+            .map_err(|e| AgentError::Internal(format!("encoding the job record: {e}")))?;
+        Ok(PushPlan {
+            begin: PushBegin {
+                job: rec.id.clone(),
+                migration: mig.clone(),
+                from: self.cfg.node.clone(),
+                total_bytes: files.iter().map(|f| f.size).sum(),
+                record_json,
+            },
+            files,
+        })
+    }
+
+    /// Migrate without a shared path (see the module doc): dump and seal
+    /// here, push, Restore there; roll back here only when the target has
+    /// said it does not and will not run the job.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn migrate_direct(
+        self: &Arc<Self>,
+        rec: JobRecord,
+        pid: i32,
+        target: &NodeName,
+        mig: MigrationId,
+        started: Instant,
+        post_copy: bool,
+        mode: super::Mode,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        // Pre-copy leaves a chain of image directories (rounds linked by
+        // `parent`), which the push does not carry: say so, move in full.
+        let fallback = (mode == super::Mode::PreCopy).then(|| {
+            "pre-copy is not available without a shared path (its chain of pre-dump rounds is not streamed); moved as a full copy".to_string()
+        });
+        let r = self
+            .migrate_direct_once(rec, pid, target, mig, started, post_copy)
+            .await;
+        r.map(|(rec, mut m)| {
+            if let Some(why) = fallback {
+                m.fallback = why;
+            }
+            (rec, m)
+        })
+    }
+
+    async fn migrate_direct_once(
+        self: &Arc<Self>,
+        mut rec: JobRecord,
+        pid: i32,
+        target: &NodeName,
+        mig: MigrationId,
+        started: Instant,
+        post_copy: bool,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        let job = rec.id.clone();
+        let failed = |stage: &str| {
+            self.metrics
+                .migration_failures
+                .with_label_values(&[stage])
+                .inc()
+        };
+        let (dumped, lazy) = if post_copy {
+            let (d, ps, l) = self
+                .checkpoint_lazy(&mut rec, pid, &mig, target)
+                .await
+                .inspect_err(|_| failed("dump"))?;
+            (d, Some((ps, l)))
+        } else {
+            let d = self
+                .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, None)
+                .await
+                .inspect_err(|_| failed("dump"))?;
+            (d, None)
+        };
+        let ps = lazy.as_ref().map(|(ps, _)| ps.clone());
+        let mut call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, ps)?;
+        let dir = self.image_dir(&dumped.image_dir);
+        let t_push = Instant::now();
+        let pushed = match self.push_plan(&rec, &dir, &mig) {
+            Ok(plan) => self.peers.push_images(target, plan).await,
+            Err(e) => Err(e),
+        };
+        let summary = match pushed {
+            Ok(s) => s,
+            Err(e) => {
+                failed("push");
+                // No Restore was sent: the target cannot run the job, so
+                // restoring it here is safe. Let it drop what it kept.
+                self.spawn_resolve(target, &job, &mig);
+                let cause = e.context(&format!("sending the images to {target}"));
+                return self
+                    .undo_direct(&job, target, &mig, started, cause, lazy)
+                    .await;
+            }
+        };
+        tracing::info!(
+            job = %job,
+            to = %target,
+            files = summary.files,
+            bytes = summary.bytes,
+            push_ms = t_push.elapsed().as_millis() as u64,
+            "images pushed"
+        );
+        call.frozen_before_ms = started.elapsed().as_millis() as u64;
+        let image_bytes = dumped.image_bytes;
+        let lazy_dump = |l: Option<(PageServer, LazyDump)>| l.map(|(_, d)| d);
+        match self.peers.restore(target, call).await {
+            Ok(landed) => {
+                let frozen_ms = started.elapsed().as_millis() as u64;
+                self.finish_direct(
+                    &job,
+                    target,
+                    &mig,
+                    Some(landed),
+                    started,
+                    frozen_ms,
+                    image_bytes,
+                    lazy_dump(lazy),
+                )
+                .await
+            }
+            Err(cause) => {
+                failed("restore");
+                tracing::warn!(job = %job, to = %target, "restore on target failed or went unanswered, asking it: {cause}");
+                match self.ask_target(target, &job, &mig, RESOLVE_PATIENCE).await {
+                    Answer::Landed(r) => {
+                        let frozen_ms = started.elapsed().as_millis() as u64;
+                        let r = r.map(|b| *b);
+                        self.finish_direct(
+                            &job,
+                            target,
+                            &mig,
+                            r,
+                            started,
+                            frozen_ms,
+                            image_bytes,
+                            lazy_dump(lazy),
+                        )
+                        .await
+                    }
+                    Answer::Abandoned => {
+                        self.undo_direct(&job, target, &mig, started, cause, lazy)
+                            .await
+                    }
+                    Answer::Unknown(why) => {
+                        let msg = format!(
+                            "migration {mig} to {target}: {target} has not said whether it restored the job ({cause}; then {why}); the job stays frozen on {} with its images until it does",
+                            self.cfg.node
+                        );
+                        if let Ok(mut r) = self.registry.get(&job) {
+                            r.error = msg.clone();
+                            let _ = self.registry.put(&mut r);
+                        }
+                        self.spawn_settle(
+                            job.clone(),
+                            target.clone(),
+                            mig.clone(),
+                            started,
+                            image_bytes,
+                            lazy,
+                        );
+                        Err(AgentError::Aborted(format!(
+                            "migration of job {job} to {target}: the outcome is not known yet. The job is not lost: {msg}, and it is settled (restored here, or confirmed there) as soon as {target} answers"
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask the target whether the migration landed, until it answers or
+    /// `patience` runs out.
+    async fn ask_target(
+        &self,
+        target: &NodeName,
+        job: &JobId,
+        mig: &MigrationId,
+        patience: Duration,
+    ) -> Answer {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.peers.resolve_migration(target, job, mig).await {
+                Ok(Resolution::Landed(r)) => return Answer::Landed(r),
+                Ok(Resolution::Abandoned) => return Answer::Abandoned,
+                Err(e) if Instant::now() >= deadline => return Answer::Unknown(e.to_string()),
+                Err(e) => tracing::debug!(job = %job, "asking {target}: {e}"),
+            }
+            tokio::time::sleep(RESOLVE_RETRY).await;
+        }
+    }
+
+    /// Best effort, in the background: let the target drop a copy it holds
+    /// (or, after a landed post-copy, the images nothing reads any more).
+    /// Retried a little: the target refuses while it is still busy with the
+    /// job (a push it is finishing).
+    fn spawn_resolve(self: &Arc<Self>, target: &NodeName, job: &JobId, mig: &MigrationId) {
+        let (agent, target, job, mig) = (self.clone(), target.clone(), job.clone(), mig.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            for _ in 0..10 {
+                match agent.peers.resolve_migration(&target, &job, &mig).await {
+                    Ok(_) => return,
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(RESOLVE_RETRY).await;
+            }
+            if let Some(e) = last {
+                tracing::info!(job = %job, "could not tell {target} to drop its copy of migration {mig}: {e}");
+            }
+        });
+    }
+
+    /// The job runs on the target: drop our record and images (after the
+    /// last page was served, for post-copy) and report.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_direct(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: &MigrationId,
+        landed: Option<JobRecord>,
+        started: Instant,
+        frozen_ms: u64,
+        image_bytes: u64,
+        lazy: Option<LazyDump>,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        let post_copy = lazy.is_some();
+        let ours = self.registry.get(job).ok();
+        if let Some(l) = lazy {
+            if let Err(e) = self.finish_lazy(job, l, true).await {
+                // The target has the job (and records it failed).
+                self.forget_here(job, mig);
+                return Err(e);
+            }
+            self.spawn_resolve(target, job, mig);
+        } else {
+            self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0);
+        }
+        self.forget_here(job, mig);
+        let total_ms = started.elapsed().as_millis() as u64;
+        let mut m = MigrationRecord {
+            id: mig.clone(),
+            from: self.cfg.node.clone(),
+            to: target.clone(),
+            started_unix_ms: now_unix_ms().saturating_sub(total_ms),
+            frozen_ms,
+            total_ms,
+            ok: true,
+            error: String::new(),
+            image_bytes,
+            post_copy,
+            pre_copy_rounds: 0,
+            pre_copy_bytes: 0,
+            fallback: String::new(),
+        };
+        let landed = match landed {
+            Some(r) => {
+                if let Some(h) = r.history.iter().rev().find(|h| h.id == *mig) {
+                    m = h.clone();
+                }
+                r
+            }
+            // Landed, and moved on since: only our old record is left.
+            None => {
+                let mut r = ours.ok_or_else(|| {
+                    AgentError::Internal(format!(
+                        "job {job} landed on {target} but no record of it is left"
+                    ))
+                })?;
+                r.node = target.clone();
+                r.state = JobState::Running;
+                r.pid = 0;
+                r.pending = None;
+                r.error.clear();
+                r.history.push(m.clone());
+                r
+            }
+        };
+        m.frozen_ms = frozen_ms;
+        m.total_ms = total_ms;
+        m.post_copy = post_copy;
+        let hist = &self.metrics.migration_seconds;
+        hist.with_label_values(&["frozen", "ok"])
+            .observe(frozen_ms as f64 / 1000.0);
+        hist.with_label_values(&["total", "ok"])
+            .observe(total_ms as f64 / 1000.0);
+        tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated without a shared path");
+        Ok((landed, m))
+    }
+
+    /// Our record and images of a job that now lives elsewhere.
+    fn forget_here(&self, job: &JobId, mig: &MigrationId) {
+        if let Err(e) = self.registry.remove(job) {
+            tracing::error!(job = %job, "cannot remove the record of a job that moved away: {e}");
+        }
+        let dir = self.image_dir(&image_rel(job, mig));
+        let _ = std::thread::Builder::new()
+            .name("rm-images".into())
+            .spawn(move || {
+                let _ = fs::remove_dir_all(dir);
+            });
+    }
+
+    /// The target does not and will not run the job: restore it here from
+    /// our own images (or, post-copy, our own page server).
+    async fn undo_direct(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: &MigrationId,
+        started: Instant,
+        cause: AgentError,
+        lazy: Option<(PageServer, LazyDump)>,
+    ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        let r = match lazy {
+            None => self.roll_back(job, target, mig, started, cause).await,
+            Some((ps, l)) => {
+                let arrival = Arrival::RolledBack {
+                    to: target.clone(),
+                    error: cause.to_string(),
+                    frozen_before_ms: started.elapsed().as_millis() as u64,
+                };
+                let back = self.restore_here(job, mig, Some(ps), arrival).await;
+                let _ = self.finish_lazy(job, l, false).await;
+                let dir = self.image_dir(&image_rel(job, mig));
+                match back {
+                    Ok(_) => {
+                        let _ = fs::remove_dir_all(&dir);
+                        Err(AgentError::Aborted(format!(
+                            "post-copy migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",
+                            self.cfg.node
+                        )))
+                    }
+                    Err(e) => Err(AgentError::Aborted(format!(
+                        "post-copy migration of job {job} to {target} failed ({cause}) and the rollback failed too ({e}); images and logs kept in {}",
+                        dir.display()
+                    ))),
+                }
+            }
+        };
+        let outcome = if self.local_pid(job).is_some() {
+            "rolled_back"
+        } else {
+            "failed"
+        };
+        self.metrics
+            .migration_seconds
+            .with_label_values(&["total", outcome])
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Keep asking the target in the background, then finish or roll back.
+    /// If it never answers, the job is recorded frozen here, for a person to
+    /// thaw once they know the target is gone for good.
+    fn spawn_settle(
+        self: &Arc<Self>,
+        job: JobId,
+        target: NodeName,
+        mig: MigrationId,
+        started: Instant,
+        image_bytes: u64,
+        lazy: Option<(PageServer, LazyDump)>,
+    ) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            match agent
+                .ask_target(&target, &job, &mig, BACKGROUND_PATIENCE)
+                .await
+            {
+                Answer::Landed(r) => {
+                    let frozen_ms = started.elapsed().as_millis() as u64;
+                    let (r, lazy) = (r.map(|b| *b), lazy.map(|(_, l)| l));
+                    match agent
+                        .finish_direct(
+                            &job,
+                            &target,
+                            &mig,
+                            r,
+                            started,
+                            frozen_ms,
+                            image_bytes,
+                            lazy,
+                        )
+                        .await
+                    {
+                        Ok(_) => tracing::info!(job = %job, "settled: the job runs on {target}"),
+                        Err(e) => tracing::warn!(job = %job, "settled on {target}: {e}"),
+                    }
+                }
+                Answer::Abandoned => {
+                    let cause = AgentError::Unavailable(format!(
+                        "{target} did not answer the restore, and then dropped its copy"
+                    ));
+                    match agent
+                        .undo_direct(&job, &target, &mig, started, cause, lazy)
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(job = %job, "settled: {e}"),
+                    }
+                }
+                Answer::Unknown(why) => {
+                    tracing::error!(job = %job, "{target} never said whether it restored migration {mig} ({why}); the job is recorded frozen here with its images");
+                    if let Ok(mut r) = agent.registry.get(&job) {
+                        r.state = JobState::Frozen;
+                        if let Some(p) = r.pending.as_mut() {
+                            p.phase = MigrationPhase::Frozen;
+                        }
+                        r.error = format!(
+                            "{target} never said whether it restored migration {mig}; if {target} is gone for good, `mosctl thaw {job}` restores the job here"
+                        );
+                        let _ = agent.registry.put(&mut r);
+                    }
+                }
+            }
+        });
+    }
+
+    /// At start, before serving: pushes that were being received when the
+    /// agent stopped are gone with their senders (who rolled back).
+    pub(crate) fn drop_incoming(&self) {
+        if self.cfg.shared {
+            return;
+        }
+        match remove_dir_if_any(&self.cfg.shared_root.join(INCOMING)) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!("cannot clear interrupted pushes: {e}"),
+        }
+    }
+
+    /// Recovery after a restart, for migrations without a shared path.
+    /// Returns true if it took the job over (the shared-path recovery must
+    /// then leave it alone).
+    /// - We are the source and the images were sealed (maybe pushed, maybe
+    ///   restored there): ask the target, in the background, as after an
+    ///   unanswered Restore.
+    /// - We are the target and had not claimed the pushed copy: drop it. Only
+    ///   the source's Restore could start it; finding it gone, the source
+    ///   restores the job from its own images. (A copy we had claimed was
+    ///   being restored when we died: the shared-path recovery finishes it.)
+    pub(crate) fn recover_direct(self: &Arc<Self>, rec: &JobRecord, p: &PendingMigration) -> bool {
+        if self.cfg.shared {
+            return false;
+        }
+        let me = &self.cfg.node;
+        if p.from == *me && p.phase == MigrationPhase::Dumped {
+            let Some(target) = p.to.clone().filter(|t| t != me) else {
+                return false;
+            };
+            tracing::info!(job = %rec.id, "migration {} to {target} was under way when this agent stopped; asking {target}", p.id);
+            self.spawn_settle(
+                rec.id.clone(),
+                target,
+                p.id.clone(),
+                Instant::now(),
+                0,
+                None,
+            );
+            return true;
+        }
+        if p.to.as_ref() == Some(me) && p.from != *me {
+            let dir = self.image_dir(&image_rel(&rec.id, &p.id));
+            if dir.join(CLAIM_FILE).exists() {
+                return false;
+            }
+            if rec.node != *me {
+                let _ = self.registry.remove(&rec.id);
+            }
+            let _ = fs::remove_dir_all(&dir);
+            tracing::info!(job = %rec.id, "dropped the unrestored images pushed by {} before this agent stopped", p.from);
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::ImageSync;
+
+    fn cfg(root: &Path, node: &str) -> AgentConfig {
+        AgentConfig {
+            node: NodeName::parse(node).unwrap(),
+            shared_root: root.join(node),
+            shared: false,
+            jobs_dir: root.join("jobs"),
+            cgroup_scope: None,
+            speed: 1.0,
+            image_key: None,
+            page_server_ip: None,
+            post_copy: false,
+            image_sync: ImageSync::OnClose,
+        }
+    }
+
+    const JOB: &str = "j0123456789";
+    const MIG: &str = "m1";
+
+    fn record(root: &Path, to: &str) -> JobRecord {
+        let out = root.join("jobs").join(JOB);
+        JobRecord {
+            id: JobId::parse(JOB).unwrap(),
+            name: String::new(),
+            node: NodeName::parse("node1").unwrap(),
+            state: JobState::Migrating,
+            pid: 0,
+            argv: vec!["x".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            stdout_path: out.join("stdout").to_string_lossy().into_owned(),
+            stderr_path: out.join("stderr").to_string_lossy().into_owned(),
+            created_unix_ms: 1,
+            arrived_unix_ms: 1,
+            exit_code: None,
+            exit_signal: None,
+            history: vec![],
+            pending: Some(PendingMigration {
+                id: MigrationId::parse(MIG).unwrap(),
+                from: NodeName::parse("node1").unwrap(),
+                to: Some(NodeName::parse(to).unwrap()),
+                phase: MigrationPhase::Dumped,
+                image_dir: format!("images/{JOB}/{MIG}"),
+                started_unix_ms: 1,
+                post_copy: false,
+            }),
+            pinned: false,
+            non_migratable: false,
+            error: String::new(),
+            generation: 3,
+        }
+    }
+
+    fn begin_for(rec: &JobRecord, total: u64) -> PushBegin {
+        PushBegin {
+            job: rec.id.clone(),
+            migration: MigrationId::parse(MIG).unwrap(),
+            from: NodeName::parse("node1").unwrap(),
+            total_bytes: total,
+            record_json: serde_json::to_vec(rec).unwrap(),
+        }
+    }
+
+    fn limits() -> ReceiveLimits {
+        ReceiveLimits {
+            max_bytes: 1 << 30,
+            free_bytes: None,
+        }
+    }
+
+    fn chunk(name: &str, offset: u64, size: u64, data: &[u8]) -> FileChunk {
+        FileChunk {
+            name: PlainFileName::parse(name).unwrap(),
+            area: FileArea::Image,
+            offset,
+            size,
+            data: data.to_vec(),
+        }
+    }
+
+    fn nothing_kept(root: &Path) {
+        let n2 = root.join("node2");
+        assert!(!n2.join(INCOMING).join(JOB).exists(), "staging removed");
+        assert!(!n2.join("images").join(JOB).join(MIG).exists(), "no images");
+        assert!(
+            !n2.join("registry/jobs")
+                .join(format!("{JOB}.json"))
+                .exists(),
+            "no record"
+        );
+    }
+
+    /// A source image directory, planned and streamed through a receiver:
+    /// every byte arrives, in place, with the record.
+    #[test]
+    fn plan_and_receive_round_trip() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let rec = record(root, "node2");
+        let src = root.join("node1/images").join(JOB).join(MIG);
+        fs::create_dir_all(&src).unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(src.join("pages-1.img"), &big).unwrap();
+        fs::write(src.join("core-1.img"), b"core").unwrap();
+        fs::write(src.join("empty.img"), b"").unwrap();
+        fs::write(src.join("dump.log"), b"log is not sent").unwrap();
+        let out = root.join("jobs").join(JOB);
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("stdout"), b"hello\n").unwrap();
+
+        // The source's agent plans the push (same code as migrate_direct).
+        let mut files: Vec<PlannedFile> = ["core-1.img", "empty.img", "pages-1.img"]
+            .iter()
+            .map(|n| PlannedFile {
+                area: FileArea::Image,
+                name: PlainFileName::parse(n).unwrap(),
+                path: src.join(n),
+                size: fs::metadata(src.join(n)).unwrap().len(),
+            })
+            .collect();
+        files.push(PlannedFile {
+            area: FileArea::JobOutput,
+            name: PlainFileName::parse("stdout").unwrap(),
+            path: out.join("stdout"),
+            size: 6,
+        });
+        let total = files.iter().map(|f| f.size).sum();
+        let plan = PushPlan {
+            begin: begin_for(&rec, total),
+            files,
+        };
+        let parts: Vec<PushPart> = plan.into_parts(1 << 20).map(|p| p.unwrap()).collect();
+        assert!(matches!(parts.first(), Some(PushPart::Begin(_))));
+        assert!(
+            matches!(parts.last(), Some(PushPart::End(e)) if e.files == 4 && e.total_bytes == total)
+        );
+        // 3 MB of pages in 1 MiB chunks, and the empty file as one chunk.
+        let chunks = parts
+            .iter()
+            .filter(|p| matches!(p, PushPart::File(_)))
+            .count();
+        assert_eq!(chunks, 3 + 1 + 1 + 1);
+
+        let c2 = cfg(root, "node2");
+        let reg = Registry::open(&c2.shared_root).unwrap();
+        let mut it = parts.into_iter();
+        let Some(PushPart::Begin(b)) = it.next() else {
+            panic!()
+        };
+        let mut rx = PushReceiver::start(&c2, b, None, limits()).unwrap();
+        for p in it {
+            match p {
+                PushPart::File(c) => rx.accept(c).unwrap(),
+                PushPart::End(e) => {
+                    let s = rx.complete(e, &reg).unwrap();
+                    assert_eq!(s.files, 4);
+                    break;
+                }
+                PushPart::Begin(_) => panic!(),
+            }
+        }
+        let dst = root.join("node2/images").join(JOB).join(MIG);
+        assert_eq!(fs::read(dst.join("pages-1.img")).unwrap(), big);
+        assert_eq!(fs::read(dst.join("core-1.img")).unwrap(), b"core");
+        assert_eq!(fs::read(dst.join("empty.img")).unwrap(), b"");
+        assert!(!dst.join("dump.log").exists());
+        assert_eq!(fs::read(out.join("stdout")).unwrap(), b"hello\n");
+        let got = reg.get(&rec.id).unwrap();
+        assert_eq!(got.pending, rec.pending);
+        assert!(!root.join("node2").join(INCOMING).join(JOB).exists());
+    }
+
+    #[test]
+    fn refuses_a_job_not_migrating_here() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let c2 = cfg(root, "node2");
+        // Migrating to node3, pushed to node2.
+        let rec = record(root, "node3");
+        let e = PushReceiver::start(&c2, begin_for(&rec, 1), None, limits())
+            .err()
+            .unwrap();
+        assert!(matches!(e, AgentError::FailedPrecondition(_)), "{e:?}");
+        assert!(e.to_string().contains("not migrating to this node"), "{e}");
+        // Not migrating at all.
+        let mut rec = record(root, "node2");
+        rec.state = JobState::Running;
+        rec.pending = None;
+        let e = PushReceiver::start(&c2, begin_for(&rec, 1), None, limits())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no migration under way"), "{e}");
+        // Another migration than the one under way.
+        let rec = record(root, "node2");
+        let mut b = begin_for(&rec, 1);
+        b.migration = MigrationId::parse("m2").unwrap();
+        let e = PushReceiver::start(&c2, b, None, limits()).err().unwrap();
+        assert!(e.to_string().contains("migration under way is m1"), "{e}");
+        // Coming from somewhere else than the record says.
+        let mut b = begin_for(&rec, 1);
+        b.from = NodeName::parse("node3").unwrap();
+        assert!(PushReceiver::start(&c2, b, None, limits()).is_err());
+        // A record that is not one.
+        let mut b = begin_for(&rec, 1);
+        b.record_json = b"{\"id\":\"../../etc\"}".to_vec();
+        let e = PushReceiver::start(&c2, b, None, limits()).err().unwrap();
+        assert!(matches!(e, AgentError::InvalidArgument(_)), "{e:?}");
+        nothing_kept(root);
+    }
+
+    #[test]
+    fn refuses_stale_pushes_and_foreign_output_paths() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let c2 = cfg(root, "node2");
+        let rec = record(root, "node2");
+        let mut newer = rec.clone();
+        newer.generation = 9;
+        let e = PushReceiver::start(&c2, begin_for(&rec, 1), Some(&newer), limits())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("stale or replayed"), "{e}");
+        let mut running_here = rec.clone();
+        running_here.node = NodeName::parse("node2").unwrap();
+        running_here.state = JobState::Running;
+        running_here.generation = 1;
+        let e = PushReceiver::start(&c2, begin_for(&rec, 1), Some(&running_here), limits())
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("already recorded on this node"),
+            "{e}"
+        );
+        // Output somewhere else than this node's --jobs-dir: never written.
+        let mut evil = rec.clone();
+        evil.stdout_path = "/etc/passwd".into();
+        let e = PushReceiver::start(&c2, begin_for(&evil, 1), None, limits())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--jobs-dir"), "{e}");
+        nothing_kept(root);
+    }
+
+    #[test]
+    fn refuses_oversize_totals_up_front() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let c2 = cfg(root, "node2");
+        let rec = record(root, "node2");
+        let e = PushReceiver::start(&c2, begin_for(&rec, 2 << 30), None, limits())
+            .err()
+            .unwrap();
+        assert!(matches!(e, AgentError::ResourceExhausted(_)), "{e:?}");
+        let tight = ReceiveLimits {
+            max_bytes: 1 << 30,
+            free_bytes: Some(100 << 20),
+        };
+        let e = PushReceiver::start(&c2, begin_for(&rec, 50 << 20), None, tight)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("bytes free"), "{e}");
+        nothing_kept(root);
+    }
+
+    /// Every malformed stream is refused with a clear error, and whatever
+    /// was written is gone once the receiver is dropped.
+    #[test]
+    fn refuses_bad_chunks_and_keeps_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let c2 = cfg(root, "node2");
+        let rec = record(root, "node2");
+        let start =
+            |total| PushReceiver::start(&c2, begin_for(&rec, total), None, limits()).unwrap();
+        type Case = (&'static str, u64, Vec<FileChunk>);
+        let out = |name: &str| FileChunk {
+            area: FileArea::JobOutput,
+            ..chunk(name, 0, 1, b"x")
+        };
+        let cases: Vec<Case> = vec![
+            (
+                "is not an image file",
+                9,
+                vec![chunk(CLAIM_FILE, 0, 1, b"x")],
+            ),
+            ("may only be stdout or stderr", 9, vec![out("core-1.img")]),
+            ("starts at offset 5", 99, vec![chunk("a.img", 5, 10, b"xx")]),
+            (
+                "expected 2",
+                99,
+                vec![chunk("a.img", 0, 10, b"xx"), chunk("a.img", 4, 10, b"xx")],
+            ),
+            (
+                "longer than its size",
+                99,
+                vec![chunk("a.img", 0, 1, b"xx")],
+            ),
+            (
+                "changed from 10 to 11",
+                99,
+                vec![chunk("a.img", 0, 10, b"xx"), chunk("a.img", 2, 11, b"xx")],
+            ),
+            (
+                "ended after 2 of its 10 bytes",
+                99,
+                vec![chunk("a.img", 0, 10, b"xx"), chunk("b.img", 0, 2, b"xx")],
+            ),
+            (
+                "sent twice",
+                99,
+                vec![
+                    chunk("a.img", 0, 2, b"xx"),
+                    chunk("b.img", 0, 2, b"xx"),
+                    chunk("a.img", 0, 2, b"xx"),
+                ],
+            ),
+            (
+                "more bytes than the 3 announced",
+                3,
+                vec![chunk("a.img", 0, 2, b"xx"), chunk("b.img", 0, 2, b"xx")],
+            ),
+        ];
+        for (want, total, chunks) in cases {
+            let mut rx = start(total);
+            let mut err = None;
+            for c in chunks {
+                if let Err(e) = rx.accept(c) {
+                    err = Some(e);
+                    break;
+                }
+            }
+            let e = err.unwrap_or_else(|| panic!("expected {want:?}"));
+            assert!(matches!(e, AgentError::InvalidArgument(_)), "{e:?}");
+            assert!(e.to_string().contains(want), "{want:?} not in {e}");
+            drop(rx);
+            nothing_kept(root);
+        }
+        let mut big = chunk("a.img", 0, 10 << 20, &[]);
+        big.data = vec![0; MAX_CHUNK_BYTES + 1];
+        let mut rx = start(20 << 20);
+        assert!(rx.accept(big).is_err());
+        drop(rx);
+        // An end marker that does not match what arrived.
+        let reg = Registry::open(&c2.shared_root).unwrap();
+        let mut rx = start(2);
+        rx.accept(chunk("a.img", 0, 2, b"xx")).unwrap();
+        let e = rx
+            .complete(
+                PushEnd {
+                    files: 2,
+                    total_bytes: 2,
+                },
+                &reg,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("sent 2 files"), "{e}");
+        // Fewer bytes than announced.
+        let mut rx = start(5);
+        rx.accept(chunk("a.img", 0, 2, b"xx")).unwrap();
+        let e = rx
+            .complete(
+                PushEnd {
+                    files: 1,
+                    total_bytes: 2,
+                },
+                &reg,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("5 bytes were announced"), "{e}");
+        // A stream cut short: dropped without an end marker.
+        let mut rx = start(4);
+        rx.accept(chunk("a.img", 0, 4, b"xx")).unwrap();
+        drop(rx);
+        nothing_kept(root);
+    }
+
+    #[test]
+    fn merge_keeps_the_newest_record() {
+        let t = tempfile::tempdir().unwrap();
+        let rec = record(t.path(), "node2");
+        let (n1, n2) = (
+            NodeName::parse("node1").unwrap(),
+            NodeName::parse("node2").unwrap(),
+        );
+        let mut landed = rec.clone();
+        landed.node = n2.clone();
+        landed.state = JobState::Running;
+        landed.pending = None;
+        landed.generation = 5;
+        let got = merge_records(vec![
+            (n1.clone(), vec![rec.clone()]),
+            (n2.clone(), vec![landed.clone()]),
+        ]);
+        assert_eq!(got, vec![landed.clone()]);
+        let got = merge_records(vec![
+            (n2.clone(), vec![landed.clone()]),
+            (n1.clone(), vec![rec.clone()]),
+        ]);
+        assert_eq!(got, vec![landed]);
+        // On a tie, the node the record names wins.
+        let mut other = rec.clone();
+        other.error = "copy".into();
+        let got = merge_records(vec![(n2, vec![other]), (n1, vec![rec.clone()])]);
+        assert_eq!(got, vec![rec]);
+    }
+
+    struct NoPeers;
+    impl crate::agent::peers::Peers for NoPeers {
+        fn knows(&self, _: &NodeName) -> bool {
+            false
+        }
+        fn names(&self) -> Vec<String> {
+            vec![]
+        }
+        fn ping<'a>(
+            &'a self,
+            _: &'a NodeName,
+        ) -> futures::future::BoxFuture<'a, AgentResult<bool>> {
+            Box::pin(async { Err(AgentError::Unavailable("no peers".into())) })
+        }
+        fn restore<'a>(
+            &'a self,
+            _: &'a NodeName,
+            _: RestoreCall,
+        ) -> futures::future::BoxFuture<'a, AgentResult<JobRecord>> {
+            Box::pin(async { Err(AgentError::Unavailable("no peers".into())) })
+        }
+    }
+
+    fn agent(root: &Path) -> Arc<Agent> {
+        Agent::new(
+            cfg(root, "node2"),
+            Arc::new(crate::criu::fake::FakeEngine::default()),
+            Arc::new(NoPeers),
+        )
+        .unwrap()
+    }
+
+    /// Through the agent: a stream that breaks off keeps nothing; a whole
+    /// one is stored; then ResolveMigration drops it (it never landed) so a
+    /// Restore of it is refused.
+    #[tokio::test]
+    async fn agent_receives_resolves_and_never_restores_a_dropped_copy() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let a = agent(root);
+        let rec = record(root, "node2");
+        let parts = vec![
+            Ok(PushPart::Begin(begin_for(&rec, 4))),
+            Ok(PushPart::File(chunk("core-1.img", 0, 4, b"co"))),
+        ];
+        let e = a
+            .receive_push(futures::stream::iter(parts))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("ended before their end marker"),
+            "{e}"
+        );
+        nothing_kept(root);
+        let parts = vec![
+            Ok(PushPart::Begin(begin_for(&rec, 4))),
+            Ok(PushPart::File(chunk("core-1.img", 0, 4, b"co"))),
+            Err(AgentError::Unavailable("connection reset".into())),
+        ];
+        let e = a
+            .receive_push(futures::stream::iter(parts))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nothing was kept"), "{e}");
+        nothing_kept(root);
+
+        let parts = vec![
+            Ok(PushPart::Begin(begin_for(&rec, 4))),
+            Ok(PushPart::File(chunk("core-1.img", 0, 4, b"core"))),
+            Ok(PushPart::End(PushEnd {
+                files: 1,
+                total_bytes: 4,
+            })),
+        ];
+        let s = a.receive_push(futures::stream::iter(parts)).await.unwrap();
+        assert_eq!(s, PushSummary { files: 1, bytes: 4 });
+        assert!(root
+            .join("node2/images")
+            .join(JOB)
+            .join(MIG)
+            .join("core-1.img")
+            .exists());
+        // The copy in transit is not listed as node2's job.
+        assert!(a.list_local(None, true).unwrap().is_empty());
+
+        let mig = MigrationId::parse(MIG).unwrap();
+        let r = a.resolve_migration(&rec.id, &mig).await.unwrap();
+        assert_eq!(r, Resolution::Abandoned);
+        nothing_kept(root);
+        let call = RestoreCall {
+            job: rec.id.clone(),
+            migration: mig.clone(),
+            page_server: None,
+            from: Some(NodeName::parse("node1").unwrap()),
+            frozen_before_ms: 0,
+            image_bytes: 4,
+        };
+        assert!(a.restore_pushed(call).await.is_err());
+        // Still abandoned when asked again (idempotent).
+        assert_eq!(
+            a.resolve_migration(&rec.id, &mig).await.unwrap(),
+            Resolution::Abandoned
+        );
+        // Once landed, always landed, even after the job moved on.
+        a.mark_landed(&rec.id, &mig);
+        assert_eq!(
+            a.resolve_migration(&rec.id, &mig).await.unwrap(),
+            Resolution::Landed(None)
+        );
+    }
+
+    // ---- The protocol end to end: two in-process agents with nothing
+    // shared (but the job output dir, as on one machine), the fake engine,
+    // and peers that call each other directly, with faults on demand.
+
+    use crate::agent::migration::Mode;
+    use crate::agent::{AgentAction, AgentReply};
+    use crate::criu::fake::FakeEngine;
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Direct {
+        agents: Mutex<BTreeMap<NodeName, Arc<Agent>>>,
+        /// The target restores, and its reply is lost on the way back.
+        lose_restore_reply: AtomicBool,
+        /// The stream breaks off after this many messages.
+        cut_push_after: Mutex<Option<usize>>,
+    }
+
+    impl Direct {
+        fn get(&self, node: &NodeName) -> AgentResult<Arc<Agent>> {
+            self.agents
+                .lock()
+                .ok()
+                .and_then(|m| m.get(node).cloned())
+                .ok_or_else(|| AgentError::Unavailable(format!("{node} unreachable")))
+        }
+    }
+
+    impl crate::agent::peers::Peers for Direct {
+        fn knows(&self, node: &NodeName) -> bool {
+            self.get(node).is_ok()
+        }
+        fn names(&self) -> Vec<String> {
+            let m = self.agents.lock().unwrap();
+            m.keys().map(|n| n.to_string()).collect()
+        }
+        fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
+            Box::pin(async move { self.get(node).map(|_| false) })
+        }
+        fn restore<'a>(
+            &'a self,
+            node: &'a NodeName,
+            call: RestoreCall,
+        ) -> BoxFuture<'a, AgentResult<JobRecord>> {
+            Box::pin(async move {
+                let r = match self.get(node)?.handle(AgentAction::Restore(call)).await? {
+                    AgentReply::Job(j) => *j,
+                    other => return Err(AgentError::Internal(format!("{other:?}"))),
+                };
+                if self.lose_restore_reply.load(Ordering::SeqCst) {
+                    return Err(AgentError::Unavailable("the reply was lost".into()));
+                }
+                Ok(r)
+            })
+        }
+        fn list_local_jobs<'a>(
+            &'a self,
+            node: &'a NodeName,
+            include_finished: bool,
+        ) -> BoxFuture<'a, AgentResult<Vec<JobRecord>>> {
+            Box::pin(async move { self.get(node)?.list_local(None, include_finished) })
+        }
+        fn push_images<'a>(
+            &'a self,
+            node: &'a NodeName,
+            plan: PushPlan,
+        ) -> BoxFuture<'a, AgentResult<PushSummary>> {
+            Box::pin(async move {
+                let target = self.get(node)?;
+                let mut parts: Vec<AgentResult<PushPart>> =
+                    tokio::task::spawn_blocking(move || {
+                        plan.into_parts(SEND_CHUNK_BYTES).collect()
+                    })
+                    .await
+                    .unwrap();
+                if let Some(n) = *self.cut_push_after.lock().unwrap() {
+                    parts.truncate(n);
+                }
+                target.receive_push(futures::stream::iter(parts)).await
+            })
+        }
+        fn resolve_migration<'a>(
+            &'a self,
+            node: &'a NodeName,
+            job: &'a JobId,
+            mig: &'a MigrationId,
+        ) -> BoxFuture<'a, AgentResult<Resolution>> {
+            Box::pin(async move { self.get(node)?.resolve_migration(job, mig).await })
+        }
+    }
+
+    struct Pair {
+        dir: tempfile::TempDir,
+        peers: Arc<Direct>,
+        src: Arc<Agent>,
+        dst: Arc<Agent>,
+        src_engine: Arc<FakeEngine>,
+        dst_engine: Arc<FakeEngine>,
+        pids: Mutex<Vec<i32>>,
+    }
+
+    fn n(s: &str) -> NodeName {
+        NodeName::parse(s).unwrap()
+    }
+
+    fn pair() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::security::manifest::ClusterKey::generate();
+        let peers = Arc::new(Direct::default());
+        let conf = |node: &str| AgentConfig {
+            image_key: Some(key.clone()),
+            ..cfg(dir.path(), node)
+        };
+        let (src_engine, dst_engine) = (
+            Arc::new(FakeEngine::default()),
+            Arc::new(FakeEngine::default()),
+        );
+        let src = Agent::new(conf("node1"), src_engine.clone(), peers.clone()).unwrap();
+        let dst = Agent::new(conf("node2"), dst_engine.clone(), peers.clone()).unwrap();
+        peers.agents.lock().unwrap().insert(n("node1"), src.clone());
+        peers.agents.lock().unwrap().insert(n("node2"), dst.clone());
+        Pair {
+            dir,
+            peers,
+            src,
+            dst,
+            src_engine,
+            dst_engine,
+            pids: Mutex::new(vec![]),
+        }
+    }
+
+    impl Pair {
+        /// A running job on node1: a `sleep` child the agent watches.
+        fn start_job(&self) -> JobId {
+            #[allow(clippy::zombie_processes)]
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            self.pids.lock().unwrap().push(pid);
+            let id = JobId::generate();
+            let out = self.dir.path().join("jobs").join(id.as_str());
+            fs::create_dir_all(&out).unwrap();
+            fs::write(out.join("stdout"), b"tick 1\n").unwrap();
+            let mut rec = record(self.dir.path(), "node2");
+            rec.id = id.clone();
+            rec.state = JobState::Running;
+            rec.pid = pid;
+            rec.pending = None;
+            rec.generation = 0;
+            rec.stdout_path = out.join("stdout").to_string_lossy().into_owned();
+            rec.stderr_path = out.join("stderr").to_string_lossy().into_owned();
+            self.src.registry.put(&mut rec).unwrap();
+            self.src.adopt_child(&id, pid);
+            id
+        }
+
+        async fn migrate(
+            &self,
+            job: &JobId,
+            mode: Mode,
+        ) -> AgentResult<(JobRecord, MigrationRecord)> {
+            let r = self.src.migrate(job, &n("node2"), None, mode).await;
+            for a in [&self.src, &self.dst] {
+                if let Ok(rec) = a.registry.get(job) {
+                    self.pids.lock().unwrap().push(rec.pid);
+                }
+            }
+            r
+        }
+
+        fn nothing_on_target(&self, job: &JobId) {
+            let d = self.dir.path().join("node2");
+            assert!(!self.dst.registry.exists(job), "target keeps no record");
+            let mut imgs = vec![];
+            for sub in ["images", INCOMING] {
+                if let Ok(rd) = fs::read_dir(d.join(sub).join(job.as_str())) {
+                    imgs.extend(rd.flatten().map(|e| e.path()));
+                }
+            }
+            assert!(imgs.is_empty(), "target keeps no images: {imgs:?}");
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            // Agents and peers refer to each other.
+            self.peers.agents.lock().unwrap().clear();
+            for &pid in self.pids.lock().unwrap().iter().filter(|p| **p > 0) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn full_copy_moves_the_job_and_its_record() {
+        let p = pair();
+        let job = p.start_job();
+        let (rec, m) = p.migrate(&job, Mode::FullCopy).await.unwrap();
+        assert_eq!(rec.node, n("node2"));
+        assert_eq!(rec.state, JobState::Running);
+        assert!(m.ok && m.from == n("node1") && m.to == n("node2"), "{m:?}");
+        assert!(m.image_bytes > 0 && m.fallback.is_empty(), "{m:?}");
+        assert!(!p.src.registry.exists(&job), "the record left with the job");
+        let there = p.dst.registry.get(&job).unwrap();
+        assert_eq!(
+            (there.node.clone(), there.pending.clone()),
+            (n("node2"), None)
+        );
+        assert!(there.generation > 0);
+        assert_eq!(p.dst_engine.restores.load(Ordering::SeqCst), 1);
+        assert_eq!(p.src_engine.restores.load(Ordering::SeqCst), 0);
+        // Either node lists it once, on node2, and finds it.
+        for a in [&p.src, &p.dst] {
+            let l = a.list_cluster(None, false).await.unwrap();
+            assert_eq!(l.len(), 1, "{l:?}");
+            assert_eq!(l[0].node, n("node2"));
+            assert_eq!(a.get_job_cluster(&job).await.unwrap().node, n("node2"));
+        }
+        // The target remembers it landed, even once the job moves on.
+        let r = p.dst.resolve_migration(&job, &m.id).await.unwrap();
+        assert!(matches!(r, Resolution::Landed(Some(_))), "{r:?}");
+        // A pre-copy request says why it ran as a full copy.
+        let job2 = p.start_job();
+        let (_, m2) = p.migrate(&job2, Mode::PreCopy).await.unwrap();
+        assert!(m2.fallback.contains("without a shared path"), "{m2:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_rolls_back_and_the_target_keeps_nothing() {
+        let p = pair();
+        let job = p.start_job();
+        p.dst_engine.fail_restores.store(1, Ordering::SeqCst);
+        let e = p.migrate(&job, Mode::FullCopy).await.unwrap_err();
+        assert!(e.to_string().contains("restored on node1"), "{e}");
+        let rec = p.src.registry.get(&job).unwrap();
+        assert_eq!(
+            (rec.node.clone(), rec.state),
+            (n("node1"), JobState::Running)
+        );
+        assert!(!rec.history.last().unwrap().ok);
+        assert_eq!(p.src_engine.restores.load(Ordering::SeqCst), 1);
+        p.nothing_on_target(&job);
+    }
+
+    /// The Restore happened but its reply was lost: the source must learn
+    /// that from the target and never restore its own copy as well.
+    #[tokio::test]
+    async fn a_lost_restore_reply_is_settled_never_run_twice() {
+        let p = pair();
+        let job = p.start_job();
+        p.peers.lose_restore_reply.store(true, Ordering::SeqCst);
+        let (rec, m) = p.migrate(&job, Mode::FullCopy).await.unwrap();
+        assert_eq!(rec.node, n("node2"));
+        assert!(m.ok);
+        assert_eq!(p.dst_engine.restores.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            p.src_engine.restores.load(Ordering::SeqCst),
+            0,
+            "no second copy"
+        );
+        assert!(!p.src.registry.exists(&job));
+    }
+
+    /// The link breaks during the push: nothing stays on the target, the
+    /// job is restored on the source.
+    #[tokio::test]
+    async fn a_push_cut_short_rolls_back_and_the_target_keeps_nothing() {
+        let p = pair();
+        let job = p.start_job();
+        *p.peers.cut_push_after.lock().unwrap() = Some(2);
+        let e = p.migrate(&job, Mode::FullCopy).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("sending the images to node2"), "{msg}");
+        assert!(
+            msg.contains("end marker") && msg.contains("restored on node1"),
+            "{msg}"
+        );
+        assert_eq!(p.dst_engine.restores.load(Ordering::SeqCst), 0);
+        let rec = p.src.registry.get(&job).unwrap();
+        assert_eq!(rec.state, JobState::Running);
+        p.nothing_on_target(&job);
+        // And the next try goes through.
+        *p.peers.cut_push_after.lock().unwrap() = None;
+        let (rec, _) = p.migrate(&job, Mode::FullCopy).await.unwrap();
+        assert_eq!(rec.node, n("node2"));
+    }
+}
