@@ -329,8 +329,19 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
     // Slow node1's link to 100 Mbit/s, so the 256 MiB cannot all have
     // arrived (about 20 s) when node1 dies right after the restore.
     let o = std::process::Command::new("ip")
-        .args(["netns", "exec", &cl.netns("node1"), "tc", "qdisc", "add", "dev", "eth0"])
-        .args(["root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms"])
+        .args([
+            "netns",
+            "exec",
+            &cl.netns("node1"),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+        ])
+        .args([
+            "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "tc: {}", stderr(&o));
@@ -360,7 +371,10 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
     assert!(rec.error.contains("post-copy"), "{}", rec.error);
     // Not left running on missing memory anywhere.
     let ip2 = cl.node_ip("node2");
-    assert!(query_counter(&ip2, 8088).is_none(), "no half-copied job answers");
+    assert!(
+        query_counter(&ip2, 8088).is_none(),
+        "no half-copied job answers"
+    );
     let o = cl.mosctl(&["show", &job]);
     assert!(stdout(&o).contains("failed"), "{}", stdout(&o));
 }
@@ -395,5 +409,8 @@ fn post_copy_request_falls_back_to_full_copy_where_unavailable() {
     assert_eq!(rec.node.as_str(), "node2");
     let m = rec.history.last().unwrap();
     assert!(!m.post_copy, "ran as full copy: {m:?}");
-    assert!(m.image_bytes >= 64 << 20, "memory went through the images: {m:?}");
+    assert!(
+        m.image_bytes >= 64 << 20,
+        "memory went through the images: {m:?}"
+    );
 }

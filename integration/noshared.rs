@@ -610,7 +610,11 @@ fn no_shared_path_balancer_spreads_jobs_and_lists_each_once() {
         assert_eq!(rec.state, JobState::Running);
         assert_eq!(instances(&rec.stdout_path).len(), 1, "{j} runs once");
         // Its record lives on its node only.
-        let other = if rec.node.as_str() == "node1" { "node2" } else { "node1" };
+        let other = if rec.node.as_str() == "node1" {
+            "node2"
+        } else {
+            "node1"
+        };
         assert!(!cl.node_registry(other).exists(&JobId::parse(j).unwrap()));
     }
 }

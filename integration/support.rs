@@ -253,10 +253,16 @@ pub fn post_copy_capable() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok && std::env::var("MOSIX_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("MOSIX_REQUIRE_PRIVILEGED is set but {} reports no uffd-noncoop", criu.display());
+        panic!(
+            "MOSIX_REQUIRE_PRIVILEGED is set but {} reports no uffd-noncoop",
+            criu.display()
+        );
     }
     if !ok {
-        eprintln!("SKIPPED: {} reports no userfaultfd (uffd-noncoop); post-copy cannot run here", criu.display());
+        eprintln!(
+            "SKIPPED: {} reports no userfaultfd (uffd-noncoop); post-copy cannot run here",
+            criu.display()
+        );
     }
     ok
 }

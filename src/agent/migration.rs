@@ -33,9 +33,7 @@ use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
-use crate::criu::{
-    DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG,
-};
+use crate::criu::{DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -407,7 +405,9 @@ impl Agent {
             .map_err(|e| io_error("starting page verification", e))?;
         let rx = std::sync::Mutex::new(rx);
         Ok(Some(ResumeGate::new(move || {
-            let rx = rx.lock().map_err(|_| "verification state poisoned".to_string())?;
+            let rx = rx
+                .lock()
+                .map_err(|_| "verification state poisoned".to_string())?;
             rx.recv()
                 .unwrap_or_else(|_| Err("page verification thread died".into()))
         })))

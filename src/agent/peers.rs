@@ -102,9 +102,10 @@ impl GrpcPeers {
             .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
         let mut req = tonic::Request::new(crate::api::pb::GetLoadRequest {});
         req.set_timeout(self.ping_timeout);
-        let load = c.get_load(req).await.map_err(|s| {
-            AgentError::Unavailable(format!("{node} unreachable: {}", s.message()))
-        })?;
+        let load = c
+            .get_load(req)
+            .await
+            .map_err(|s| AgentError::Unavailable(format!("{node} unreachable: {}", s.message())))?;
         Ok(load.into_inner().supports_post_copy)
     }
 

@@ -73,7 +73,9 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
     let mut jobs = Vec::new();
     for n in nodes.iter().filter(|n| n.load.is_ok()) {
         let got = tokio::time::timeout(deadline, async {
-            let mut c = client::pooled_agent(&n.endpoint, tls, deadline).await.ok()?;
+            let mut c = client::pooled_agent(&n.endpoint, tls, deadline)
+                .await
+                .ok()?;
             let mut req = tonic::Request::new(pb::ListJobsRequest {
                 node: String::new(),
                 include_finished: false,

@@ -76,7 +76,9 @@ mod tests {
     fn unreadable_or_garbage_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
-        assert!(ensure_at_least(&missing, 1).unwrap_err().contains("cannot read"));
+        assert!(ensure_at_least(&missing, 1)
+            .unwrap_err()
+            .contains("cannot read"));
         let bad = dir.path().join("bad");
         std::fs::write(&bad, "lots").unwrap();
         assert!(ensure_at_least(&bad, 1).unwrap_err().contains("lots"));

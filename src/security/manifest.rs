@@ -412,7 +412,15 @@ pub fn write_manifest(
     migration_id: &str,
     exclude: &[&str],
 ) -> Result<Manifest, ManifestError> {
-    write_manifest_with(dir, key, job_id, migration_id, exclude, &BTreeMap::new(), true)
+    write_manifest_with(
+        dir,
+        key,
+        job_id,
+        migration_id,
+        exclude,
+        &BTreeMap::new(),
+        true,
+    )
 }
 
 /// A digest computed while the file was being written (see
@@ -583,7 +591,8 @@ pub fn verify_manifest(
     expected_job_id: &str,
     exclude: &[&str],
 ) -> Result<Manifest, ManifestError> {
-    let (manifest, rest) = verify_manifest_deferring(dir, key, expected_job_id, exclude, |_| false)?;
+    let (manifest, rest) =
+        verify_manifest_deferring(dir, key, expected_job_id, exclude, |_| false)?;
     rest.check()?;
     Ok(manifest)
 }
@@ -977,11 +986,13 @@ fn scan_level(dir: &Path, prefix: &str, chain: bool, scan: &mut Scan) -> Result<
             scan.files.insert(rel, meta);
         } else if chain && ft.is_symlink() && name == PARENT_LINK {
             let target = fs::read_link(entry.path()).map_err(io_err(entry.path()))?;
-            let target = target.into_os_string().into_string().map_err(|t| {
-                ManifestError::BadChain {
-                    reason: format!("link {rel:?} has a non-UTF-8 target {t:?}"),
-                }
-            })?;
+            let target =
+                target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|t| ManifestError::BadChain {
+                        reason: format!("link {rel:?} has a non-UTF-8 target {t:?}"),
+                    })?;
             scan.links.insert(rel, target);
         } else if chain && ft.is_dir() && prefix.is_empty() && parse_round_dir(&name).is_some() {
             if let Some(k) = parse_round_dir(&name) {
@@ -1037,7 +1048,9 @@ fn check_chain_shape(scan: &Scan) -> Result<u32, ManifestError> {
             })
             .unwrap_or_default();
         return Err(ManifestError::BadChain {
-            reason: format!("a {n}-round chain must link parent -> pre-{n} -> ... -> pre-1: {differs}"),
+            reason: format!(
+                "a {n}-round chain must link parent -> pre-{n} -> ... -> pre-1: {differs}"
+            ),
         });
     }
     Ok(n)
@@ -1211,7 +1224,9 @@ mod tests {
         );
         let pages = &written.files[3];
         assert_eq!(pages.size, 3 * 1024 * 1024 + 17);
-        let expected = blake3::hash(&vec![0xabu8; 3 * 1024 * 1024 + 17]).to_hex().to_string();
+        let expected = blake3::hash(&vec![0xabu8; 3 * 1024 * 1024 + 17])
+            .to_hex()
+            .to_string();
         assert_eq!(pages.blake3, expected);
         let verified = verify(&d).unwrap();
         assert_eq!(verified, written);
@@ -1710,15 +1725,30 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                ManifestLink { name: "parent".into(), target: "pre-2".into() },
-                ManifestLink { name: "pre-2/parent".into(), target: "../pre-1".into() },
+                ManifestLink {
+                    name: "parent".into(),
+                    target: "pre-2".into()
+                },
+                ManifestLink {
+                    name: "pre-2/parent".into(),
+                    target: "../pre-1".into()
+                },
             ]
         );
         // Sorted by name even past 9 rounds ("pre-10" < "pre-2").
         let l = chain_links(12);
         assert!(l.windows(2).all(|w| w[0].name < w[1].name));
         assert_eq!(l.len(), 12);
-        for bad in ["pre-0", "pre-01", "pre-", "pre-x", "pre--1", "pre-+1", "pre-65", "pre-99999999999"] {
+        for bad in [
+            "pre-0",
+            "pre-01",
+            "pre-",
+            "pre-x",
+            "pre--1",
+            "pre-+1",
+            "pre-65",
+            "pre-99999999999",
+        ] {
             assert_eq!(parse_round_dir(bad), None, "{bad}");
         }
         assert_eq!(parse_round_dir("pre-64"), Some(64));
@@ -1812,7 +1842,10 @@ mod tests {
         // A link where round 1 has none.
         let (d, _) = signed_chain(2);
         std::os::unix::fs::symlink("../pre-2", d.path().join("pre-1/parent")).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadChain { .. }
+        ));
 
         // A symlink with another name, in a round or at the top.
         let (d, _) = signed_chain(2);
@@ -1850,7 +1883,10 @@ mod tests {
         fs::create_dir(&r3).unwrap();
         std::os::unix::fs::symlink("../pre-2", r3.join("parent")).unwrap();
         relink(&d.path().join("parent"), "pre-3");
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadChain { .. }
+        ));
 
         // A round removed, links repaired: still not the signed chain.
         let (d, _) = signed_chain(3);
@@ -1862,13 +1898,19 @@ mod tests {
         let (d, _) = signed_chain(1);
         fs::remove_dir_all(d.path().join("pre-1")).unwrap();
         fs::remove_file(d.path().join("parent")).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadChain { .. }
+        ));
 
         // A chain planted next to a flat (v2) manifest is refused as before.
         let (d, _) = signed_dir();
         fs::create_dir(d.path().join("pre-1")).unwrap();
         std::os::unix::fs::symlink("pre-1", d.path().join("parent")).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::NotRegularFile { .. }));
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::NotRegularFile { .. }
+        ));
     }
 
     #[test]
@@ -1912,7 +1954,10 @@ mod tests {
         let files = v["files"].as_array_mut().unwrap();
         files.retain(|f| f["name"] != "pre-1/pages-1.img");
         write_json(&d, &v);
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadHmac { .. }));
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadHmac { .. }
+        ));
 
         // Downgrade to version 2 (dropping the links) breaks it too.
         let (d, _) = signed_chain(1);
@@ -1937,21 +1982,50 @@ mod tests {
         let (d, mut m) = signed_chain(2);
         m.links[0].target = "/etc".into();
         resign(&mut m);
-        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+        fs::write(
+            d.path().join(MANIFEST_FILE_NAME),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadChain { .. }
+        ));
 
         let (d, mut m) = signed_chain(2);
-        m.links.push(ManifestLink { name: "pre-9/parent".into(), target: "../pre-8".into() });
+        m.links.push(ManifestLink {
+            name: "pre-9/parent".into(),
+            target: "../pre-8".into(),
+        });
         resign(&mut m);
-        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::BadChain { .. }));
+        fs::write(
+            d.path().join(MANIFEST_FILE_NAME),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::BadChain { .. }
+        ));
 
-        for bad in ["pre-3/x.img", "pre-1/parent", "pre-1/a/b", "parent", "pre-2", "sub/x.img", "pre-1/../x"] {
+        for bad in [
+            "pre-3/x.img",
+            "pre-1/parent",
+            "pre-1/a/b",
+            "parent",
+            "pre-2",
+            "sub/x.img",
+            "pre-1/../x",
+        ] {
             let (d, mut m) = signed_chain(2);
             m.files[0].name = bad.to_string();
             m.files.sort_by(|a, b| a.name.cmp(&b.name));
             resign(&mut m);
-            fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
+            fs::write(
+                d.path().join(MANIFEST_FILE_NAME),
+                serde_json::to_vec(&m).unwrap(),
+            )
+            .unwrap();
             let err = verify(&d).unwrap_err();
             assert!(
                 matches!(&err, ManifestError::InvalidFileName { name } if name == bad),
@@ -1963,8 +2037,15 @@ mod tests {
         let (d, mut m) = signed_dir();
         m.links = chain_links(1);
         resign(&mut m);
-        fs::write(d.path().join(MANIFEST_FILE_NAME), serde_json::to_vec(&m).unwrap()).unwrap();
-        assert!(matches!(verify(&d).unwrap_err(), ManifestError::ManifestMalformed { .. }));
+        fs::write(
+            d.path().join(MANIFEST_FILE_NAME),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(&d).unwrap_err(),
+            ManifestError::ManifestMalformed { .. }
+        ));
     }
 
     #[test]
