@@ -1385,14 +1385,7 @@ impl Agent {
                 r
             }
         };
-        m.frozen_ms = frozen_ms;
-        m.total_ms = total_ms;
-        m.post_copy = post_copy;
-        let hist = &self.metrics.migration_seconds;
-        hist.with_label_values(&["frozen", "ok"])
-            .observe(frozen_ms as f64 / 1000.0);
-        hist.with_label_values(&["total", "ok"])
-            .observe(total_ms as f64 / 1000.0);
+        self.record_landed(&mut m, frozen_ms, total_ms, post_copy);
         tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated without a shared path");
         Ok((landed, m))
     }

@@ -1124,6 +1124,20 @@ impl Agent {
             landed.history.last().cloned().ok_or_else(|| {
                 AgentError::Internal("restored job has no migration record".into())
             })?;
+        self.record_landed(&mut m, frozen_ms, total_ms, post_copy);
+        tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated");
+        Ok((landed, m))
+    }
+
+    /// A confirmed move: fill in the record's times and count it in metrics.
+    /// Shared by the shared-path and the direct (no shared path) protocols.
+    pub(crate) fn record_landed(
+        &self,
+        m: &mut crate::core::job::MigrationRecord,
+        frozen_ms: u64,
+        total_ms: u64,
+        post_copy: bool,
+    ) {
         m.frozen_ms = frozen_ms;
         m.total_ms = total_ms;
         m.post_copy = post_copy;
@@ -1132,8 +1146,6 @@ impl Agent {
             .observe(frozen_ms as f64 / 1000.0);
         hist.with_label_values(&["total", "ok"])
             .observe(total_ms as f64 / 1000.0);
-        tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated");
-        Ok((landed, m))
     }
 
     /// The target failed: bring the job back here from the same images.
