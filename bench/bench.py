@@ -201,9 +201,9 @@ def cluster_down():
     run([MOSCTL, "local", "down", "--name", CLUSTER], check=False, timeout=60)
 
 
-def cluster_up(nodes, caps=None):
+def cluster_up(nodes, caps=None, extra=()):
     cluster_down()
-    cmd = [MOSCTL, "local", "up", "--name", CLUSTER, "--nodes", str(nodes)]
+    cmd = [MOSCTL, "local", "up", "--name", CLUSTER, "--nodes", str(nodes), *extra]
     if caps:
         cmd += ["--cpu-caps", ",".join(str(c) for c in caps)]
     run(cmd, timeout=120)
@@ -312,19 +312,8 @@ class BareJob:
             raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
                                f"{(img / 'dump.log').read_text()[-1500:] if (img / 'dump.log').exists() else ''}")
         image_bytes = sum(f.stat().st_size for f in img.iterdir() if f.is_file())
-        # Diagnostic only (not part of bare total): what making the images
-        # durable costs, as our agent does before it hands them over.
-        t = time.monotonic()
-        for f in img.iterdir():
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync = (time.monotonic() - t) * 1000
-        # Diagnostic only: the agent's seal (hash + fsync + HMAC manifest) and
-        # verify (hash again) on these very images.
+        # Diagnostic only (not part of bare total): the CPU the agent's seal
+        # (hash + HMAC manifest) and verify (hash again) need on these images.
         sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
         # The dump killed the tree; collect the unshare parent of the first run.
         if self.unshare and self.unshare.poll() is None:
@@ -349,8 +338,8 @@ class BareJob:
         self.node = to
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
-                "image_bytes": image_bytes, "fsync_ms": fsync,
-                "seal_after_fsync_ms": sv["seal_ms"], "verify_ms": sv["verify_ms"]}
+                "image_bytes": image_bytes,
+                "seal_cpu_ms": sv["seal_ms"], "verify_cpu_ms": sv["verify_ms"]}
 
     def move_lazy(self, to, port):
         """Bare CRIU post-copy: `criu dump --lazy-pages` serving pages from the
@@ -471,23 +460,13 @@ def phase_round(res, args):
     res["round"] = out
 
 
-def phase_migration(res, args):
-    log("migration: 2-node local cluster")
-    cf, agent_pids = cluster_up(2)
-    mig = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
-    res["migration"] = mig
-
-    # -- idle mosixd first, while the cluster is brand new and empty ---------
-    time.sleep(3)
-    log(f"idle: sampling mosixd {agent_pids} for {args.idle_secs} s")
-    r = run([MOSBENCH, "proc-sample", "--pids", ",".join(map(str, agent_pids)),
-             "--secs", str(args.idle_secs)], timeout=args.idle_secs + 60)
-    res["idle"] = json.loads(r.stdout)
-    res["idle"]["loadavg"] = loadavg()
-
-    # -- ours vs bare ---------------------------------------------------------
-    for mib, runs in args.sizes:
-        log(f"migration: {mib} MiB x {runs} runs (ours and bare CRIU, interleaved)")
+def compare_with_bare(sizes, label=""):
+    """For each (MiB, runs): our `mosctl migrate` of a `mosjob mem` job and a
+    bare `criu dump` + `criu restore` of an identical process, interleaved,
+    on the cluster that is up. Returns one stats dict per size."""
+    out = []
+    for mib, runs in sizes:
+        log(f"migration{label}: {mib} MiB x {runs} runs (ours and bare CRIU, interleaved)")
         job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
         rec = show(job)
         wait_file_contains(rec["stdout_path"], "ready", 120)
@@ -526,17 +505,35 @@ def phase_migration(res, args):
             "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
             "bare_total_ms": stats([b["total_ms"] for b in bares]),
             "bare_back_total_ms": stats([b["total_ms"] for b in bares_back]),
-            "bare_fsync_images_ms": stats([b["fsync_ms"] for b in bares]),
-            "seal_after_fsync_ms": stats([b["seal_after_fsync_ms"] for b in bares]),
-            "verify_ms": stats([b["verify_ms"] for b in bares]),
+            "seal_cpu_ms": stats([b["seal_cpu_ms"] for b in bares]),
+            "verify_cpu_ms": stats([b["verify_cpu_ms"] for b in bares]),
             "ours_images": ours[0]["images"] if ours else None,
             "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
         }
         s["ratio_total"] = s["ours_wall_ms"]["median"] / s["bare_total_ms"]["median"]
         s["ratio_frozen"] = s["ours_frozen_ms"]["median"] / s["bare_total_ms"]["median"]
-        mig["sizes"].append(s)
-        log(f"  {mib} MiB: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare {s['bare_total_ms']['median']:.0f} ms "
+        out.append(s)
+        log(f"  {mib} MiB{label}: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare {s['bare_total_ms']['median']:.0f} ms "
             f"-> ratio {s['ratio_total']:.2f}")
+    return out
+
+
+def phase_migration(res, args):
+    log("migration: 2-node local cluster")
+    cf, agent_pids = cluster_up(2)
+    mig = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
+    res["migration"] = mig
+
+    # -- idle mosixd first, while the cluster is brand new and empty ---------
+    time.sleep(3)
+    log(f"idle: sampling mosixd {agent_pids} for {args.idle_secs} s")
+    r = run([MOSBENCH, "proc-sample", "--pids", ",".join(map(str, agent_pids)),
+             "--secs", str(args.idle_secs)], timeout=args.idle_secs + 60)
+    res["idle"] = json.loads(r.stdout)
+    res["idle"]["loadavg"] = loadavg()
+
+    # -- ours vs bare ---------------------------------------------------------
+    mig["sizes"] = compare_with_bare(args.sizes)
 
     # -- post-copy -------------------------------------------------------------
     log("post-copy: probing `mosctl migrate --post-copy`")
@@ -584,6 +581,18 @@ def phase_migration(res, args):
                 run([MOSCTL, "kill", job], check=False)
                 if bare:
                     bare.kill()
+    # -- diagnostic: the same full-copy moves with sealing off ----------------
+    # Not a mode anyone should run: it shows how much of the gap to bare CRIU
+    # is the cost of hashing every image page (BLAKE3 on the source while
+    # CRIU writes, on the target while CRIU restores) on this machine's cores.
+    if args.unsealed_sizes:
+        cluster_down()
+        cluster_up(2, extra=["--unsealed-images"])
+        try:
+            mig["unsealed"] = compare_with_bare(args.unsealed_sizes, label=" (sealing off)")
+        except Exception as e:  # noqa: BLE001
+            mig["unsealed_error"] = str(e)
+            log(f"unsealed diagnostic failed: {e}")
     mig["loadavg_end"] = loadavg()
     cluster_down()
 
@@ -703,7 +712,7 @@ def phase_balance(res, args):
 
 def parse_sizes(s):
     out = []
-    for part in s.split(","):
+    for part in filter(None, s.split(",")):
         mib, _, runs = part.partition("x")
         out.append((int(mib), int(runs or 3)))
     return out
@@ -715,6 +724,8 @@ def main():
     ap.add_argument("--out", default=str(OUT / "results.json"))
     ap.add_argument("--sizes", default="64x5,256x5,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the migration phase")
+    ap.add_argument("--unsealed-sizes", default="64x3,256x3", type=parse_sizes,
+                    help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")
     ap.add_argument("--idle-secs", type=float, default=30)
     ap.add_argument("--plan-runs", type=int, default=11)
     ap.add_argument("--agents", type=int, default=1000)

@@ -250,6 +250,7 @@ impl Agent {
             self.registry.put(rec)?;
             self.set_dumping(&rec.id, true);
         }
+        tracing::debug!(job = %rec.id, "step: registry updated, dumping");
         let t0 = Instant::now();
         let engine = self.engine.clone();
         let spec = DumpSpec {
@@ -270,6 +271,7 @@ impl Agent {
             Self::blocking(move || engine.dump(&spec)).await?
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(job = %rec.id, "step: criu dump returned");
         let t_follow = Instant::now();
         let mut precomputed = match (&result, follower) {
             (Ok(()), Some(f)) => Self::blocking(move || f.finish()).await?,
@@ -497,6 +499,7 @@ impl Agent {
     /// Restore RPC (the target's half of a migration).
     pub async fn restore(self: &Arc<Self>, call: RestoreCall) -> AgentResult<JobRecord> {
         let _busy = self.claim(&call.job)?;
+        tracing::debug!(job = %call.job, "step: restore call received");
         let rec = self.registry.get(&call.job)?;
         // Idempotency: a retried Restore of a migration that already landed
         // here returns the job instead of restoring it twice.
@@ -551,6 +554,7 @@ impl Agent {
         let resume_gate = self.verify(&dir, job).await?;
         let verify_ms = t_verify.elapsed().as_millis() as u64;
         self.claim_images(&dir, mig)?;
+        tracing::debug!(job = %job, "step: images verified and claimed");
         let release = |dir: &Path| {
             let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
             let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
@@ -585,6 +589,7 @@ impl Agent {
             Self::blocking(move || engine.restore(&spec)).await?
         };
         let restore_ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(job = %job, "step: criu restore returned");
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -880,7 +885,13 @@ impl Agent {
         {
             Ok(mut f) => {
                 let _ = writeln!(f, "{} {}", self.cfg.node, mig);
-                let _ = f.sync_all();
+                // O_EXCL already made the claim exclusive; the flush only
+                // matters for a crash of the image server, and follows the
+                // images' durability policy (after a fresh dump it can wait
+                // on a journal commit of everything CRIU wrote).
+                if self.cfg.image_sync == super::ImageSync::Fsync {
+                    let _ = f.sync_all();
+                }
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -972,10 +983,12 @@ impl Agent {
                     .inc()
             })?;
         let call = self.hand_over(&mut rec, &mig, frozen_since, dumped.image_bytes, None)?;
+        tracing::debug!(job = %job, "step: handed over, calling the target");
         let dir = self.image_dir(&dumped.image_dir);
         match self.peers.restore(target, call).await {
             Ok(_) => {
                 let frozen_ms = frozen_since.elapsed().as_millis() as u64;
+                tracing::debug!(job = %job, "step: target restored");
                 self.stats
                     .observe(dumped.image_bytes, frozen_ms as f64 / 1000.0);
                 self.confirm_and_clean(job, target, &dir, started, frozen_ms, false)
@@ -1117,7 +1130,13 @@ impl Agent {
         let _ = std::thread::Builder::new()
             .name("rm-images".into())
             .spawn(move || {
-                let _ = std::fs::remove_dir_all(doomed);
+                // MOSIX_KEEP_CRIU_LOGS: keep dump.log/restore.log of
+                // successful moves too, to compare CRIU's own timings.
+                if std::env::var_os("MOSIX_KEEP_CRIU_LOGS").is_some() {
+                    remove_images_keep_logs(&doomed);
+                } else {
+                    let _ = std::fs::remove_dir_all(doomed);
+                }
             });
         let total_ms = started.elapsed().as_millis() as u64;
         let mut m =

@@ -15,6 +15,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Ctx {
     pub cf: ClusterFile,
     pub tls: Option<ClientTls>,
+    /// Connections this command already opened, by node: looking a job up
+    /// and then acting on it often talks to the same agent twice, and each
+    /// new connection costs an mTLS handshake.
+    open: std::sync::Mutex<std::collections::HashMap<String, AgentClient<Channel>>>,
 }
 
 /// A gRPC failure as a user-facing error: the agent's message, which already
@@ -28,14 +32,35 @@ impl Ctx {
         let path = ClusterFile::locate(flag);
         let cf = ClusterFile::load(&path)?;
         let tls = ClientTls::from_cluster(&cf).context("loading client TLS files")?;
-        Ok(Self { cf, tls })
+        Ok(Self {
+            cf,
+            tls,
+            open: Default::default(),
+        })
     }
 
+    /// A client for `node`, over this command's open connection to it if
+    /// there is one.
     pub async fn agent(&self, node: &str) -> anyhow::Result<AgentClient<Channel>> {
+        if let Some(c) = self.open.lock().ok().and_then(|m| m.get(node).cloned()) {
+            return Ok(c);
+        }
         let n = self.cf.node(node)?;
-        client::agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
+        let c = client::agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
             .await
-            .with_context(|| format!("node {node} ({}) is unreachable", n.endpoint))
+            .with_context(|| format!("node {node} ({}) is unreachable", n.endpoint))?;
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(node.to_string(), c.clone());
+        }
+        Ok(c)
+    }
+
+    /// Drop the open connection to `node` after a failed call, so a
+    /// long-running command (mosmon) reconnects next time.
+    pub fn forget(&self, node: &str) {
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(node);
+        }
     }
 
     /// The first agent that answers; any of them can read the registry.

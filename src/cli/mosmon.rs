@@ -197,7 +197,10 @@ async fn list_jobs(ctx: &Ctx, nodes: &[&str]) -> Result<Vec<pb::Job>, String> {
         .unwrap_or_else(|_| Err(anyhow!("listing jobs on {node} timed out")));
         match r {
             Ok(jobs) => return Ok(jobs),
-            Err(e) => last = format!("{e:#}"),
+            Err(e) => {
+                ctx.forget(node);
+                last = format!("{e:#}");
+            }
         }
     }
     Err(last)

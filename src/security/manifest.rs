@@ -576,7 +576,10 @@ pub fn write_manifest_with(
             path: manifest_path.clone(),
             reason: format!("serialisation failed: {e}"),
         })?;
-    write_file_atomic(&manifest_path, &json, 0o644).map_err(io_err(&manifest_path))?;
+    // Same durability policy as the image files: under `close` the file
+    // system commits what is closed (NFS), so the extra flushes only cost
+    // frozen time; the rename is atomic either way.
+    write_file_atomic_with(&manifest_path, &json, 0o644, fsync).map_err(io_err(&manifest_path))?;
     Ok(manifest)
 }
 
@@ -1130,6 +1133,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// The temp name is fixed (`.<name>.tmp`) rather than random so a crash
 /// leaves at most one stale temp file, which the next call removes.
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_file_atomic_with(path, bytes, mode, true)
+}
+
+/// [`write_file_atomic`], with the fsyncs only if `durable`: still atomic
+/// for readers, but a crash may leave the old file.
+fn write_file_atomic_with(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let tmp = temp_path_for(path)?;
     match fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -1148,10 +1157,15 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Res
         // explicitly so the result does not depend on the caller's umask.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         fs::rename(&tmp, path)?;
-        sync_dir(parent_dir(path))
+        if durable {
+            sync_dir(parent_dir(path))?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         // Best effort: do not leave a half-written temp file behind.
@@ -1189,6 +1203,23 @@ mod tests {
         let d = image_dir();
         let m = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap();
         (d, m)
+    }
+
+    #[test]
+    fn manifest_written_without_fsync_verifies_and_replaces_the_old_one() {
+        // `--image-sync close`: no fsyncs, but the manifest is still complete
+        // and authentic, and a rewrite replaces the old one whole.
+        let d = image_dir();
+        let none = BTreeMap::new();
+        write_manifest_with(d.path(), &key(), "job-1", "mig-1", EXCLUDE, &none, false).unwrap();
+        fs::write(d.path().join("core-1.img"), b"core data, changed").unwrap();
+        assert!(verify(&d).is_err(), "a changed file must be refused");
+        write_manifest_with(d.path(), &key(), "job-1", "mig-2", EXCLUDE, &none, false).unwrap();
+        let m = verify(&d).unwrap();
+        assert_eq!(m.migration_id, "mig-2");
+        assert!(!temp_path_for(&d.path().join(MANIFEST_FILE_NAME))
+            .unwrap()
+            .exists());
     }
 
     fn verify(d: &TempDir) -> Result<Manifest, ManifestError> {

@@ -42,6 +42,12 @@ pub enum Cmd {
         /// as full copy, as on nodes without userfaultfd).
         #[arg(long)]
         no_post_copy: bool,
+        /// Start the agents without the image key: images are not sealed,
+        /// so tampered or corrupt images are NOT detected. Only for
+        /// measuring what sealing costs (`make bench` does); never for jobs
+        /// you care about.
+        #[arg(long)]
+        unsealed_images: bool,
     },
     /// Restart one node's agent (kill -9, then start it again with the same
     /// arguments); its jobs keep running and are re-adopted.
@@ -81,6 +87,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             insecure,
             criu,
             no_post_copy,
+            unsealed_images,
         } => {
             let bin_dir = std::env::current_exe()
                 .context("locating mosctl")?
@@ -98,6 +105,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 bin_dir,
                 criu: criu.unwrap_or_else(crate::criu::default_criu_path),
                 post_copy: !no_post_copy,
+                seal_images: !unsealed_images,
             };
             let cf = local::up(&opts, &|s| eprintln!("  {s}")).await?;
             let path = local::cluster_file_path(&name);
