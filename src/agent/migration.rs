@@ -158,6 +158,24 @@ fn remove_images_keep_logs(dir: &Path) {
     }
 }
 
+/// Whether CRIU's lazy-pages log shows every page of every process
+/// delivered. At `-v4` it logs `UFFD transferred pages: (copied/total)` per
+/// process when it lets go of it: at the end of the transfer, or when the
+/// process ended before its memory had all arrived (copied < total). No
+/// such line: nothing says the transfer fell short.
+fn lazy_transfer_complete(log: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return true;
+    };
+    let short = |line: &str| -> Option<bool> {
+        let (_, rest) = line.split_once("UFFD transferred pages: (")?;
+        let (counts, _) = rest.split_once(')')?;
+        let (copied, total) = counts.split_once('/')?;
+        Some(copied.trim().parse::<u64>().ok()? < total.trim().parse::<u64>().ok()?)
+    };
+    !text.lines().any(|l| short(l) == Some(true))
+}
+
 /// A post-copy dump still serving pages.
 pub(crate) struct LazyDump {
     handle: tokio::task::JoinHandle<Result<(), crate::criu::CriuError>>,
@@ -684,11 +702,15 @@ impl Agent {
             .spawn(move || {
                 let ok = daemon.wait().map(|s| s.success()).unwrap_or(false);
                 let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
-                if ok {
+                // The daemon also ends with success when the job ended first
+                // (its pages are then dropped): that end is only trusted if
+                // every page had arrived by then.
+                if ok && lazy_transfer_complete(&dir.join(LAZY_LOG)) {
                     return;
                 }
                 // Record the verdict before the kill, so the reaper, seeing a
                 // job already failed, does not call it an ordinary exit.
+                let verdict = agent.verdict_lock.lock();
                 if let Ok(mut rec) = agent.registry.get(&job) {
                     // Only if the job is still recorded here: a source that
                     // resumed its copy has taken the job back already. A job
@@ -720,6 +742,7 @@ impl Agent {
                         let _ = agent.registry.put(&mut rec);
                     }
                 }
+                drop(verdict);
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -1210,5 +1233,32 @@ impl Agent {
                 Err(AgentError::Aborted(msg))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lazy_transfer_complete;
+
+    #[test]
+    fn lazy_log_with_a_short_transfer_is_incomplete() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("lazy-pages.log");
+        std::fs::write(
+            &log,
+            "(00.100) uffd: 1-12: UFFD transferred pages: (65536/65536)\n\
+             (00.200) uffd: 2-13: UFFD transferred pages: (1200/65536)\n",
+        )
+        .unwrap();
+        assert!(!lazy_transfer_complete(&log));
+        std::fs::write(
+            &log,
+            "(00.100) uffd: 1-12: UFFD transferred pages: (65536/65536)\n\
+             (00.300) uffd: 2-13: UFFD transferred pages: (77/77)\n",
+        )
+        .unwrap();
+        assert!(lazy_transfer_complete(&log));
+        // No log at all: nothing says the transfer fell short.
+        assert!(lazy_transfer_complete(&d.path().join("missing.log")));
     }
 }

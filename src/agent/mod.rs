@@ -170,6 +170,11 @@ pub struct Agent {
     /// network namespace were seen to fail in CRIU's parasite ("Can't
     /// retrieve FD from socket"), and they would only compete for the CPU.
     pub(crate) criu_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Serialises the read-modify-write of a job's end: the reaper (it
+    /// exited) and the post-copy watcher (its memory never fully arrived)
+    /// can both see the same end; without this, the later writer could
+    /// overwrite the earlier verdict with a stale copy of the record.
+    pub(crate) verdict_lock: Mutex<()>,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -209,6 +214,7 @@ impl Agent {
             stats: migration::MigrationStats::default(),
             metrics,
             criu_lock: Arc::new(tokio::sync::Mutex::new(())),
+            verdict_lock: Mutex::new(()),
         }))
     }
 

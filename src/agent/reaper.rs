@@ -64,6 +64,7 @@ impl Agent {
     }
 
     pub(crate) fn record_exit(&self, id: &JobId, pid: i32, status: Option<ExitStatus>) {
+        let _verdict = self.verdict_lock.lock();
         let Ok(mut rec) = self.registry.get(id) else {
             return;
         };

@@ -1,6 +1,8 @@
 use clap::Parser;
 
-#[tokio::main]
+// One-shot commands: a single-threaded runtime starts faster and every
+// command here waits on one thing at a time.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     mosix::cli::init_tracing_quiet();
     match mosix::cli::mosrun::run(mosix::cli::mosrun::Args::parse()).await {
