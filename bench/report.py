@@ -277,7 +277,9 @@ def markdown(r, tg, pngs):
       "**Bare** = `criu dump -t PID -D DIR` in node1's netns then `criu restore -D DIR -d` in node2's netns, on the same kind of "
       "process (init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
       f"images under `criu-images/bench-bare/` (same file system), with the same options our agent passes over RPC "
-      f"(`{' '.join(meta.get('bare_criu_options', []))}`). Runs alternate which of the two goes first. "
+      f"(`{' '.join(meta.get('bare_criu_options', []))}`). Runs alternate which of the two goes first, "
+      "after one untimed round trip per side (this VM's balloon returns freed memory to the host, and the first "
+      "touch of it is slow: whichever side moved first in a run was seen to take 2-3x as long for its first 1 GiB move). "
       "Numbers are median (min–max) in ms.\n")
     sizes = mig.get("sizes", [])
     if sizes:
