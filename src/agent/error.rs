@@ -35,7 +35,7 @@ impl From<crate::core::registry::RegistryError> for AgentError {
     fn from(e: crate::core::registry::RegistryError) -> Self {
         use crate::core::registry::RegistryError as R;
         if e.is_disk_full() {
-            return AgentError::ResourceExhausted(format!("shared disk is full: {e}"));
+            return AgentError::ResourceExhausted(format!("disk is full: {e}"));
         }
         match e {
             R::NotFound(id) => AgentError::NotFound(format!("no job {id} in the cluster")),

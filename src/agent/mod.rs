@@ -522,7 +522,7 @@ impl Agent {
 
 pub(crate) fn io_error(what: &str, e: std::io::Error) -> AgentError {
     if e.raw_os_error() == Some(libc::ENOSPC) {
-        AgentError::ResourceExhausted(format!("{what}: shared disk is full: {e}"))
+        AgentError::ResourceExhausted(format!("{what}: disk is full: {e}"))
     } else {
         AgentError::Internal(format!("{what}: {e}"))
     }
