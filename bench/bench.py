@@ -460,6 +460,15 @@ def phase_round(res, args):
     res["round"] = out
 
 
+def warm_up(job, bare, extra=()):
+    """One untimed round trip per side before the timed runs. This machine is
+    a VM whose balloon reports freed memory to the host; the first touch of
+    such memory faults in the host, and writing 1 GiB of images into it can
+    take 4x as long. Whoever moved first would pay it. Returns the times."""
+    return {"ours": [migrate(job, "node2", extra)["wall_ms"], migrate(job, "node1", extra)["wall_ms"]],
+            "bare": [bare.move("node2")["total_ms"], bare.move("node1")["total_ms"]]}
+
+
 def compare_with_bare(sizes, label=""):
     """For each (MiB, runs): our `mosctl migrate` of a `mosjob mem` job and a
     bare `criu dump` + `criu restore` of an identical process, interleaved,
@@ -474,12 +483,7 @@ def compare_with_bare(sizes, label=""):
         ours, ours_back, bares, bares_back = [], [], [], []
         warm = {}
         try:
-            # One untimed round trip per side first. This machine is a VM
-            # whose balloon reports freed memory to the host; the first touch
-            # of such memory faults in the host and writing 1 GiB of images
-            # into it can take 4x as long. Whoever moves first would pay it.
-            warm = {"ours": [migrate(job, "node2")["wall_ms"], migrate(job, "node1")["wall_ms"]],
-                    "bare": [bare.move("node2")["total_ms"], bare.move("node1")["total_ms"]]}
+            warm = warm_up(job, bare)
             log(f"  warm-up (untimed): ours {warm['ours'][0]:.0f}/{warm['ours'][1]:.0f} ms, "
                 f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms")
             for i in range(runs):
@@ -569,11 +573,7 @@ def phase_migration(res, args):
                 wait_file_contains(show(job)["stdout_path"], "ready", 120)
                 bare = BareJob(mib)
                 vals, bares = [], []
-                # Untimed warm-up round trips (see compare_with_bare).
-                migrate(job, "node2", ["--full-copy"])
-                migrate(job, "node1", ["--full-copy"])
-                bare.move("node2")
-                bare.move("node1")
+                warm_up(job, bare, ["--full-copy"])
                 for i in range(runs):
                     vals.append(migrate(job, "node2", ["--post-copy"]))
                     migrate(job, "node1", ["--full-copy"])

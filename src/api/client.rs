@@ -46,8 +46,8 @@ impl ClientTls {
 /// multiplexes calls over one HTTP/2 connection, so one per peer is enough.
 /// A channel whose peer went away fails its next call ("Service was not
 /// ready"), so callers [`forget`] an endpoint after a failed call and the
-/// next call connects afresh. One-off callers (CLIs, agent-to-agent
-/// migration calls) use [`agent`], which always connects.
+/// next call connects afresh. The CLIs use the pool too (a lookup and the
+/// action that follows share one connection); [`agent`] always connects.
 fn pool() -> &'static std::sync::Mutex<std::collections::HashMap<(String, u64), Channel>> {
     static POOL: std::sync::OnceLock<
         std::sync::Mutex<std::collections::HashMap<(String, u64), Channel>>,

@@ -15,10 +15,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Ctx {
     pub cf: ClusterFile,
     pub tls: Option<ClientTls>,
-    /// Connections this command already opened, by node: looking a job up
-    /// and then acting on it often talks to the same agent twice, and each
-    /// new connection costs an mTLS handshake.
-    open: std::sync::Mutex<std::collections::HashMap<String, AgentClient<Channel>>>,
 }
 
 /// A gRPC failure as a user-facing error: the agent's message, which already
@@ -32,34 +28,24 @@ impl Ctx {
         let path = ClusterFile::locate(flag);
         let cf = ClusterFile::load(&path)?;
         let tls = ClientTls::from_cluster(&cf).context("loading client TLS files")?;
-        Ok(Self {
-            cf,
-            tls,
-            open: Default::default(),
-        })
+        Ok(Self { cf, tls })
     }
 
-    /// A client for `node`, over this command's open connection to it if
-    /// there is one.
+    /// A client for `node`, over this process's open connection to it if
+    /// there is one: looking a job up and then acting on it often talks to
+    /// the same agent twice, and each new connection costs an mTLS handshake.
     pub async fn agent(&self, node: &str) -> anyhow::Result<AgentClient<Channel>> {
-        if let Some(c) = self.open.lock().ok().and_then(|m| m.get(node).cloned()) {
-            return Ok(c);
-        }
         let n = self.cf.node(node)?;
-        let c = client::agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
+        client::pooled_agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
             .await
-            .with_context(|| format!("node {node} ({}) is unreachable", n.endpoint))?;
-        if let Ok(mut m) = self.open.lock() {
-            m.insert(node.to_string(), c.clone());
-        }
-        Ok(c)
+            .with_context(|| format!("node {node} ({}) is unreachable", n.endpoint))
     }
 
     /// Drop the open connection to `node` after a failed call, so a
     /// long-running command (mosmon) reconnects next time.
     pub fn forget(&self, node: &str) {
-        if let Ok(mut m) = self.open.lock() {
-            m.remove(node);
+        if let Ok(n) = self.cf.node(node) {
+            client::forget(&n.endpoint);
         }
     }
 
