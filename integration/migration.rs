@@ -328,23 +328,7 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
     cl.wait_for("counter", 30, || query_counter(&ip1, 8088).is_some());
     // Slow node1's link to 100 Mbit/s, so the 256 MiB cannot all have
     // arrived (about 20 s) when node1 dies right after the restore.
-    let o = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &cl.netns("node1"),
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-        ])
-        .args([
-            "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "tc: {}", stderr(&o));
+    cl.throttle_egress("node1", "100mbit");
     let mut m = std::process::Command::new(MOSCTL)
         .args(["migrate", "--post-copy", &job, "node2"])
         .env("MOSIX_CLUSTER", &cl.file)

@@ -375,23 +375,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     let id = JobId::parse(&job).unwrap();
     let ip1 = cl.node_ip("node1");
     // 100 Mbit/s out of node1: the 256 MiB push takes about 20 s.
-    let o = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &cl.netns("node1"),
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-        ])
-        .args([
-            "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "200ms",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "tc: {}", stderr(&o));
+    cl.throttle_egress("node1", "100mbit");
     let m = std::process::Command::new(MOSCTL)
         .args(["migrate", "--full-copy", &job, "node2"])
         .env("MOSIX_CLUSTER", &cl.file)

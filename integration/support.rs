@@ -212,6 +212,24 @@ impl Cluster {
         format!("mos-{}-{}", self.name, node)
     }
 
+    /// Limit what leaves `node` to `rate` (tc's token bucket on its eth0),
+    /// so a transfer provably takes a while.
+    pub fn throttle_egress(&self, node: &str, rate: &str) {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns(node)])
+            .args([
+                "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+            ])
+            .args(["burst", "64kb", "latency", "200ms"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
     /// SIGKILL every process in a node's network namespace (agent, CRIU,
     /// jobs): the node dies. Returns how many were killed.
     pub fn kill_node_processes(&self, node: &str) -> usize {
