@@ -48,7 +48,9 @@
 //! Job listings: `ListJobs`/`GetJob` gather `ListLocalJobs` of every node;
 //! a job seen twice during a hand-over is taken from the newer record.
 
-use super::{image_rel, Arrival, LazyDump, RestoreCall, CLAIM_FILE, UNSEALED};
+use super::{
+    image_rel, remove_images_in_background, Arrival, LazyDump, RestoreCall, CLAIM_FILE, UNSEALED,
+};
 use crate::agent::{io_error, Agent, AgentConfig, AgentError, AgentResult};
 use crate::core::ids::PlainFileName;
 use crate::core::job::{MigrationPhase, PendingMigration};
@@ -958,11 +960,7 @@ impl Agent {
             self.remove_images_after_lazy(job, dir);
         } else {
             // The job runs from memory now; nothing reads the images again.
-            let _ = std::thread::Builder::new()
-                .name("rm-images".into())
-                .spawn(move || {
-                    let _ = fs::remove_dir_all(dir);
-                });
+            remove_images_in_background(dir);
         }
         Ok(rec)
     }
@@ -975,6 +973,7 @@ impl Agent {
         let _ = std::thread::Builder::new()
             .name("rm-images".into())
             .spawn(move || {
+                crate::core::background_priority();
                 let deadline = Instant::now() + Duration::from_secs(3600);
                 while dir.join("lazy-pages.socket").exists() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(500));
@@ -1395,12 +1394,7 @@ impl Agent {
         if let Err(e) = self.registry.remove(job) {
             tracing::error!(job = %job, "cannot remove the record of a job that moved away: {e}");
         }
-        let dir = self.image_dir(&image_rel(job, mig));
-        let _ = std::thread::Builder::new()
-            .name("rm-images".into())
-            .spawn(move || {
-                let _ = fs::remove_dir_all(dir);
-            });
+        remove_images_in_background(self.image_dir(&image_rel(job, mig)));
     }
 
     /// The target does not and will not run the job: restore it here from

@@ -147,6 +147,28 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// After a failed dump: drop the partial images, keep CRIU's log (the error
 /// message points at it).
+/// Delete a migration's images on a thread of its own at the lowest
+/// priority: deleting a GiB takes a while, nothing waits for it, and freeing
+/// its page cache is real CPU work that must not slow the reply or the next
+/// move. `MOSIX_KEEP_CRIU_LOGS` in the agent's environment keeps
+/// `dump.log`/`restore.log` of successful moves too, to compare CRIU's own
+/// timings.
+pub(crate) fn remove_images_in_background(dir: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("rm-images".into())
+        .spawn(move || {
+            crate::core::background_priority();
+            if std::env::var_os("MOSIX_KEEP_CRIU_LOGS").is_some() {
+                remove_images_keep_logs(&dir);
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to delete images: {e}");
+    }
+}
+
 fn remove_images_keep_logs(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -295,7 +317,7 @@ impl Agent {
             (Ok(()), Some(f)) => Self::blocking(move || f.finish()).await?,
             _ => Default::default(),
         };
-        let follow_tail_ms = t_follow.elapsed().as_millis() as u64;
+        let follow_tail_us = t_follow.elapsed().as_micros() as u64;
         if let Some(c) = pre {
             // The rounds were hashed while the job still ran.
             precomputed.extend(c.precomputed.clone());
@@ -325,8 +347,8 @@ impl Agent {
         tracing::info!(
             job = %rec.id,
             dump_ms = frozen_ms,
-            follow_tail_ms,
-            seal_ms = t_seal.elapsed().as_millis() as u64,
+            follow_tail_us,
+            seal_us = t_seal.elapsed().as_micros() as u64,
             "dumped and sealed"
         );
         Ok(DumpResult {
@@ -936,6 +958,7 @@ impl Agent {
         mig: Option<MigrationId>,
         mode: Mode,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        tracing::debug!(job = %job, "step: migrate call received");
         if !self.peers.knows(target) {
             return Err(AgentError::NotFound(format!(
                 "unknown node {target}; the cluster has: {}",
@@ -961,6 +984,7 @@ impl Agent {
             .ping(target)
             .await
             .map_err(|e| e.context(&format!("job {job} was not touched")))?;
+        tracing::debug!(job = %job, "step: target answered");
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();
         let post_copy = mode == Mode::PostCopy
@@ -1148,19 +1172,7 @@ impl Agent {
                 }
             )));
         }
-        // Deleting a GiB of images takes a while and nothing waits for it.
-        let doomed = dir.to_path_buf();
-        let _ = std::thread::Builder::new()
-            .name("rm-images".into())
-            .spawn(move || {
-                // MOSIX_KEEP_CRIU_LOGS: keep dump.log/restore.log of
-                // successful moves too, to compare CRIU's own timings.
-                if std::env::var_os("MOSIX_KEEP_CRIU_LOGS").is_some() {
-                    remove_images_keep_logs(&doomed);
-                } else {
-                    let _ = std::fs::remove_dir_all(doomed);
-                }
-            });
+        remove_images_in_background(dir.to_path_buf());
         let total_ms = started.elapsed().as_millis() as u64;
         let mut m =
             landed.history.last().cloned().ok_or_else(|| {

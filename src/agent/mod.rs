@@ -62,7 +62,8 @@ pub struct AgentConfig {
     /// Even when allowed, they need userfaultfd and big pipes on both ends
     /// (see `criu::host`); otherwise requests for post-copy run as full copy.
     pub post_copy: bool,
-    /// How sealed images are made durable before the hand-over.
+    /// How sealed images are made durable before the hand-over; registry
+    /// records follow the same choice.
     pub image_sync: ImageSync,
 }
 
@@ -199,7 +200,8 @@ impl Agent {
         engine: Arc<dyn CheckpointEngine>,
         peers: Arc<dyn Peers>,
     ) -> AgentResult<Arc<Self>> {
-        let registry = Registry::open(&cfg.shared_root)?;
+        let registry =
+            Registry::open(&cfg.shared_root)?.with_fsync(cfg.image_sync == ImageSync::Fsync);
         let load = load::LoadSampler::new(cfg.cgroup_scope.clone(), cfg.speed);
         let metrics = metrics::AgentMetrics::new(cfg.node.as_str())
             .map_err(|e| AgentError::Internal(format!("metrics: {e}")))?;

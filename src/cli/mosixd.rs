@@ -84,7 +84,8 @@ pub struct Args {
     /// How dumped images are made durable before the target restores them:
     /// `fsync` every file; `close` relies on the file system committing
     /// files when CRIU closes them (NFS does: close-to-open); `auto` picks
-    /// `close` when the shared path is on NFS, else `fsync`.
+    /// `close` when the shared path is on NFS, else `fsync`. Registry
+    /// records follow the same choice (they are atomic either way).
     #[arg(long, value_enum)]
     pub image_sync: Option<ImageSyncArg>,
 }

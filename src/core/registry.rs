@@ -9,6 +9,10 @@
 //! Writes are atomic: the record goes to a temporary file in the same
 //! directory, is fsynced, renamed over the old one, and the directory is
 //! fsynced. A reader therefore sees the old or the new record, never half.
+//! The fsyncs (not the atomicity) can be turned off with
+//! [`Registry::with_fsync`]: the agent does so when its images are not
+//! fsynced either (`--image-sync close`), since a record that survives a
+//! crash is no use without the images it points to.
 
 use super::ids::JobId;
 use super::job::JobRecord;
@@ -51,13 +55,20 @@ const MAX_RECORD_BYTES: u64 = 4 << 20;
 #[derive(Debug, Clone)]
 pub struct Registry {
     dir: PathBuf,
+    fsync: bool,
 }
 
 impl Registry {
     pub fn open(shared_root: &Path) -> Result<Self, RegistryError> {
         let dir = shared_root.join("registry").join("jobs");
         fs::create_dir_all(&dir).map_err(|e| RegistryError::io(&dir, e))?;
-        Ok(Self { dir })
+        Ok(Self { dir, fsync: true })
+    }
+
+    /// Whether writes are fsynced (the default) or only atomic.
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
     }
 
     fn path(&self, id: &JobId) -> PathBuf {
@@ -88,7 +99,7 @@ impl Registry {
             path: path.clone(),
             source: e,
         })?;
-        write_atomic(&path, &bytes).map_err(|e| RegistryError::io(&path, e))
+        write_atomic_with(&path, &bytes, self.fsync).map_err(|e| RegistryError::io(&path, e))
     }
 
     /// Delete a job's record (a job that moved to a node with a registry of
@@ -99,6 +110,9 @@ impl Registry {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(RegistryError::io(&path, e)),
+        }
+        if !self.fsync {
+            return Ok(());
         }
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -164,6 +178,11 @@ pub fn parse_record(path: &Path, bytes: &[u8]) -> Result<JobRecord, RegistryErro
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, bytes, true)
+}
+
+/// [`write_atomic`], with the fsyncs only if `fsync`.
+pub fn write_atomic_with(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -173,9 +192,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if fsync {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        if fsync {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -22,6 +22,7 @@
 pub mod fake;
 pub mod host;
 pub mod real;
+pub mod swrk;
 
 pub use real::RealCriu;
 

@@ -10,71 +10,72 @@
 //! ignored, not a shell job: the CLI's default). Every other dump stays on
 //! RPC, whose status fd and notifications the other paths rely on.
 
+use super::swrk::{Spare, SwrkError, Worker};
 use super::{
     log_excerpt, page_image_bytes, CheckpointEngine, CriuError, DumpSpec, Features, PreDumpSpec,
-    RestoreOutcome, RestoreSpec, ResumeGate, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG,
+    RestoreOutcome, RestoreSpec, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG,
 };
-use rust_criu::rust_criu_protobuf::rpc::Criu_notify;
-use rust_criu::{CgMode, Criu};
-use std::cell::{Cell, RefCell};
+use rust_criu::rust_criu_protobuf::rpc;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RealCriu {
     path: PathBuf,
     features: Features,
+    /// The next dump or restore's warm `criu swrk` (see [`super::swrk`]).
+    spare: Arc<Spare>,
 }
 
-thread_local! {
-    // rust-criu's notify callback is a plain fn pointer, so the restored pid
-    // is handed back through a thread-local. Each restore runs on its own
-    // blocking thread and resets it first.
-    static RESTORED_PID: Cell<i32> = const { Cell::new(0) };
-    // Same reason: the pre-resume gate of the restore on this thread, and
-    // why it refused.
-    static RESUME_GATE: RefCell<Option<ResumeGate>> = const { RefCell::new(None) };
-    static GATE_REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
-    static KILLED_CRIU: Cell<i32> = const { Cell::new(0) };
+impl std::fmt::Debug for RealCriu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealCriu")
+            .field("path", &self.path)
+            .field("features", &self.features)
+            .finish()
+    }
 }
 
-fn on_notify(script: &str, notify: &Criu_notify, _fd: Option<i32>) -> i32 {
-    if script == "post-restore" && notify.has_pid() {
-        RESTORED_PID.with(|p| p.set(notify.pid()));
+/// A request of `kind` with `opts`, the options every request shares set:
+/// logs at level 4 into the image directory, jobs are not shell jobs, file
+/// locks and link remaps are handled, cgroups are ignored (see the module
+/// docs of [`super`]).
+fn request(kind: rpc::Criu_req_type, dir: &std::fs::File, log: &str) -> rpc::Criu_req {
+    let mut opts = rpc::Criu_opts::new();
+    opts.set_images_dir_fd(dir.as_raw_fd());
+    opts.set_log_level(4);
+    opts.set_log_file(log.to_string());
+    opts.set_shell_job(false);
+    opts.set_file_locks(true);
+    opts.set_link_remap(true);
+    opts.set_manage_cgroups_mode(rpc::Criu_cg_mode::IGNORE);
+    let mut req = rpc::Criu_req::new();
+    req.set_type(kind);
+    req.opts = protobuf::MessageField::some(opts);
+    req
+}
+
+/// Kill a restored tree that must not run, and CRIU, its tracer. The tree
+/// is still stopped under CRIU's ptrace at `pre-resume`, so SIGKILL makes it
+/// die without running a single instruction. Failing the notification
+/// alone does not stop it: CRIU 4.2.1 only logs a failed pre-resume script
+/// and resumes the tasks anyway. And CRIU's own clean-up after a dead tree
+/// deadlocks (it waits for the init, which waits for children that are
+/// zombies traced by CRIU), so the tracer is killed too; its death releases
+/// the tree.
+fn kill_restored_tree(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    if pid <= 0 {
+        return;
     }
-    if script == "pre-resume" {
-        if let Some(gate) = RESUME_GATE.with(|g| g.borrow_mut().take()) {
-            if let Err(why) = gate.check() {
-                // The restored tree is still stopped under CRIU's ptrace
-                // here, so SIGKILL makes it die without running a single
-                // instruction. Failing the notify alone does not stop it:
-                // CRIU 4.2.1 only logs a failed pre-resume script and
-                // resumes the tasks anyway. And CRIU's own clean-up after a
-                // dead tree deadlocks (it waits for the init, which waits
-                // for children that are zombies traced by CRIU), so CRIU,
-                // the tracer, is killed too; its death releases the tree.
-                let pid = RESTORED_PID.with(|p| p.get());
-                if pid > 0 {
-                    let tracer = tracer_of(pid);
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    if let Some(t) = tracer {
-                        KILLED_CRIU.with(|k| k.set(t));
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(t),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-                GATE_REFUSAL.with(|r| *r.borrow_mut() = Some(why));
-                return 1;
-            }
-        }
+    let tracer = tracer_of(pid);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    if let Some(t) = tracer {
+        let _ = kill(Pid::from_raw(t), Signal::SIGKILL);
     }
-    0
 }
 
 /// The pid tracing `pid` (CRIU, during a restore), from /proc.
@@ -118,20 +119,28 @@ impl RealCriu {
             lazy_pages: uffd && pipes,
             mem_dirty_track: check_feature(&path, "mem_dirty_track"),
         };
-        Self { path, features }
+        let spare = Spare::new(path.clone());
+        let me = Self {
+            path,
+            features,
+            spare,
+        };
+        if me.available().is_ok() {
+            me.spare.refill();
+        }
+        me
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn client(&self) -> Result<Criu, CriuError> {
+    /// A worker for one dump or restore: the warm spare if there is one.
+    fn worker(&self, op: &'static str) -> Result<Worker, CriuError> {
         self.available()?;
-        Criu::new_with_criu_path(self.path.to_string_lossy().into_owned()).map_err(|e| {
-            CriuError::Failed {
-                op: "start",
-                detail: e.to_string(),
-            }
+        self.spare.take().map_err(|e| CriuError::Failed {
+            op,
+            detail: e.to_string(),
         })
     }
 }
@@ -144,7 +153,7 @@ fn check_feature(path: &Path, feature: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn failure(op: &'static str, err: rust_criu::CriuError, log: &Path) -> CriuError {
+fn failure(op: &'static str, err: SwrkError, log: &Path) -> CriuError {
     classify(op, format!("{err}: {}", log_excerpt(log)))
 }
 
@@ -321,77 +330,76 @@ impl CheckpointEngine for RealCriu {
         if let Some(prev) = &spec.prev_images_dir {
             return self.dump_onto_parent(spec, prev);
         }
-        let mut criu = self.client()?;
+        let worker = self.worker("dump")?;
         let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
             op: "dump",
             source: e,
         })?;
-        criu.set_pid(spec.pid);
-        criu.set_images_dir_fd(dir.as_raw_fd());
-        criu.set_log_level(4);
-        criu.set_log_file(DUMP_LOG.to_string());
-        criu.set_shell_job(false);
-        criu.set_leave_running(spec.leave_running);
-        criu.set_file_locks(true);
-        criu.set_link_remap(true);
-        criu.cgroups_mode(CgMode::IGNORE);
+        let mut req = request(rpc::Criu_req_type::DUMP, &dir, DUMP_LOG);
+        let opts = req.opts.mut_or_insert_default();
+        opts.set_pid(spec.pid);
+        opts.set_leave_running(spec.leave_running);
         if let Some(ps) = &spec.lazy {
-            criu.set_lazy_pages(true);
-            criu.set_page_server(ps.address.clone(), i32::from(ps.port));
+            opts.set_lazy_pages(true);
+            let mut info = rpc::Criu_page_server_info::new();
+            info.set_address(ps.address.clone());
+            info.set_port(i32::from(ps.port));
+            opts.ps = protobuf::MessageField::some(info);
         }
         if let Some(fd) = spec.status_fd {
-            criu.set_status_fd(fd);
+            opts.set_status_fd(fd);
         }
-        criu.dump()
+        let result = worker.call(&req, &mut |_, _| true);
+        self.spare.refill();
+        result
+            .map(|_| ())
             .map_err(|e| failure("dump", e, &spec.image_dir.join(DUMP_LOG)))
     }
 
     fn restore(&self, spec: &RestoreSpec) -> Result<RestoreOutcome, CriuError> {
-        let mut criu = self.client()?;
+        let worker = self.worker("restore")?;
         let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
             op: "restore",
             source: e,
         })?;
-        RESTORED_PID.with(|p| p.set(0));
-        RESUME_GATE.with(|g| *g.borrow_mut() = spec.resume_gate.clone());
-        GATE_REFUSAL.with(|r| *r.borrow_mut() = None);
-        KILLED_CRIU.with(|k| k.set(0));
-        criu.set_images_dir_fd(dir.as_raw_fd());
-        criu.set_log_level(4);
-        criu.set_log_file(RESTORE_LOG.to_string());
-        criu.set_shell_job(false);
-        criu.set_rst_sibling(true);
-        criu.set_file_locks(true);
-        criu.set_link_remap(true);
-        criu.cgroups_mode(CgMode::IGNORE);
-        criu.set_notify_scripts(true);
-        criu.set_notify_cb(on_notify);
+        let mut req = request(rpc::Criu_req_type::RESTORE, &dir, RESTORE_LOG);
+        let opts = req.opts.mut_or_insert_default();
+        opts.set_rst_sibling(true);
+        opts.set_notify_scripts(true);
         if spec.lazy_from.is_some() {
-            criu.set_lazy_pages(true);
+            opts.set_lazy_pages(true);
         }
-        let result = criu.restore();
-        RESUME_GATE.with(|g| *g.borrow_mut() = None);
-        if let Some(why) = GATE_REFUSAL.with(|r| r.borrow_mut().take()) {
-            // The gate killed the tree before it ran; reap it.
-            let pid = RESTORED_PID.with(|p| p.get());
-            if pid > 0 {
-                reap_killed(pid);
+        let mut restored = 0;
+        let mut refusal = None;
+        let result = worker.call(&req, &mut |script, notify| {
+            if script == "post-restore" && notify.has_pid() {
+                restored = notify.pid();
             }
-            // rust-criu does not wait for a CRIU that died mid-request.
-            let criu_pid = KILLED_CRIU.with(|k| k.replace(0));
-            if criu_pid > 0 {
-                reap_killed(criu_pid);
+            if script == "pre-resume" {
+                if let Some(Err(why)) = spec.resume_gate.as_ref().map(|g| g.check()) {
+                    kill_restored_tree(restored);
+                    refusal = Some(why);
+                    return false;
+                }
+            }
+            true
+        });
+        self.spare.refill();
+        if let Some(why) = refusal {
+            // The gate killed the tree before it ran; the init is our
+            // child (rst_sibling): reap it.
+            if restored > 0 {
+                reap_killed(restored);
             }
             return Err(CriuError::Refused(why));
         }
         result.map_err(|e| failure("restore", e, &spec.image_dir.join(RESTORE_LOG)))?;
-        let pid = RESTORED_PID.with(|p| p.get());
-        if pid <= 0 {
+        if restored <= 0 {
             return Err(CriuError::Failed {
                 op: "restore",
                 detail: "CRIU reported success but sent no post-restore pid".into(),
             });
         }
-        Ok(RestoreOutcome { pid })
+        Ok(RestoreOutcome { pid: restored })
     }
 }

@@ -1,0 +1,469 @@
+//! A warm CRIU worker: `criu swrk`, CRIU's RPC service process, started
+//! before the dump or restore it will serve.
+//!
+//! `rust-criu` starts a fresh `criu swrk` inside every call. Exec and dynamic
+//! linking of CRIU cost ~3 ms, and a migration pays it twice (dump, restore)
+//! while the job stands still. So the driver keeps one worker spawned ahead
+//! of time ([`Spare`]) and talks to it itself, with `rust-criu`'s generated
+//! RPC messages (CRIU's `rpc.proto`):
+//!
+//! ```text
+//! agent ── Criu_req{DUMP|RESTORE, opts} ──▶ criu swrk
+//!       ◀── Criu_resp{NOTIFY, script}  ──   (zero or more: post-restore, pre-resume, ...)
+//!       ── Criu_req{NOTIFY, success}   ──▶
+//!       ◀── Criu_resp{DUMP|RESTORE, success, cr_errno} ──  (final; the worker then exits)
+//! ```
+//!
+//! One message per SOCK_SEQPACKET datagram. A worker serves exactly one
+//! dump or restore (CRIU refuses `keep_open` for those), so each use is
+//! followed by spawning the next spare.
+//!
+//! File descriptors in the options (`images_dir_fd`, `status_fd`) need not
+//! be inherited: CRIU reopens them as `/proc/<peer>/fd/<n>`, the peer being
+//! the process that created the socket pair (SO_PEERCRED), i.e. the agent.
+//! So a worker spawned long before the image directory existed can use it.
+//!
+//! Spares are spawned at the lowest CPU priority, so that warming one up
+//! never competes with a migration in progress, and are raised to the
+//! caller's priority when taken; a worker that has sent its final answer
+//! goes back to the lowest priority for its teardown. A spare that died meanwhile is replaced by
+//! a fresh spawn (the cold path, as with `rust-criu`). When the agent exits,
+//! the worker reads EOF on its socket and exits too.
+
+use protobuf::Message;
+use rust_criu::rust_criu_protobuf::rpc;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// Why a conversation with a worker failed (before or instead of CRIU's
+/// own verdict, which comes back as a response with `success = false`).
+#[derive(Debug, thiserror::Error)]
+pub enum SwrkError {
+    #[error("cannot start `{path} swrk`: {source}")]
+    Spawn { path: String, source: io::Error },
+    #[error("CRIU RPC socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("CRIU RPC message: {0}")]
+    Proto(#[from] protobuf::Error),
+    #[error("CRIU exited before it answered the request")]
+    Eof,
+    #[error("CRIU answered a {sent:?} request with {got:?}")]
+    Unexpected {
+        sent: rpc::Criu_req_type,
+        got: rpc::Criu_req_type,
+    },
+    #[error("CRIU failed: {0}")]
+    Failed(String),
+    #[error("the {0} notification was refused")]
+    NotifyRefused(String),
+}
+
+/// One `criu swrk` process and our end of its RPC socket.
+pub struct Worker {
+    child: Child,
+    sock: OwnedFd,
+}
+
+impl Worker {
+    /// Start `criu swrk` (at the calling thread's priority).
+    pub fn spawn(criu: &Path) -> Result<Self, SwrkError> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            // CLOEXEC on both ends, so no other child the agent starts
+            // meanwhile inherits the worker's socket (which would hide the
+            // worker's exit from us); the worker's end is made inheritable
+            // between fork and exec, in the child only.
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| SwrkError::Io(e.into()))?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(criu);
+        cmd.arg("swrk")
+            .arg(fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| SwrkError::Spawn {
+            path: criu.display().to_string(),
+            source,
+        })?;
+        drop(theirs);
+        Ok(Self { child, sock: ours })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Send `req`, answer CRIU's notifications with `on_notify` (true =
+    /// go on), and return the final response if CRIU reports success.
+    /// The worker is used up either way; its exit is collected on a
+    /// background thread so the caller does not wait for CRIU's teardown.
+    pub fn call(
+        mut self,
+        req: &rpc::Criu_req,
+        on_notify: &mut dyn FnMut(&str, &rpc::Criu_notify) -> bool,
+    ) -> Result<rpc::Criu_resp, SwrkError> {
+        let result = converse(&self.sock, req, on_notify);
+        // CRIU's own teardown (unmapping its page pipes, up to the size of
+        // the job's memory) is left; nothing waits for it.
+        crate::core::lower_priority_of(self.pid());
+        if result.is_err() {
+            // A failed or refused request: make sure CRIU is not left
+            // holding a half-restored tree or a frozen job.
+            let _ = self.child.kill();
+        }
+        drop(self.sock);
+        let mut child = self.child;
+        let reaped = std::thread::Builder::new()
+            .name("criu-exit".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        if let Err(e) = reaped {
+            tracing::warn!("cannot start a thread to collect CRIU's exit: {e}");
+        }
+        result
+    }
+}
+
+/// The conversation itself, over any SEQPACKET socket (unit-testable with a
+/// fake CRIU on the other end).
+fn converse(
+    sock: &OwnedFd,
+    req: &rpc::Criu_req,
+    on_notify: &mut dyn FnMut(&str, &rpc::Criu_notify) -> bool,
+) -> Result<rpc::Criu_resp, SwrkError> {
+    let sent = req.type_();
+    send(sock, &req.write_to_bytes()?)?;
+    loop {
+        let resp = rpc::Criu_resp::parse_from_bytes(&recv(sock)?)?;
+        let got = resp.type_();
+        if got == rpc::Criu_req_type::NOTIFY {
+            let script = resp.notify.script().to_string();
+            let ok = resp.success() && on_notify(&script, &resp.notify);
+            let mut ack = rpc::Criu_req::new();
+            ack.set_type(rpc::Criu_req_type::NOTIFY);
+            ack.set_notify_success(ok);
+            send(sock, &ack.write_to_bytes()?)?;
+            if !ok {
+                return Err(SwrkError::NotifyRefused(script));
+            }
+            continue;
+        }
+        if !resp.success() {
+            let mut why = format!("{got:?} request failed");
+            if resp.has_cr_errno() && resp.cr_errno() != 0 {
+                why.push_str(&format!(
+                    " ({})",
+                    io::Error::from_raw_os_error(resp.cr_errno())
+                ));
+            }
+            if resp.has_cr_errmsg() && !resp.cr_errmsg().is_empty() {
+                why.push_str(&format!(": {}", resp.cr_errmsg().trim()));
+            }
+            return Err(SwrkError::Failed(why));
+        }
+        if got != sent {
+            return Err(SwrkError::Unexpected { sent, got });
+        }
+        return Ok(resp);
+    }
+}
+
+fn send(sock: &OwnedFd, bytes: &[u8]) -> Result<(), SwrkError> {
+    let n = nix::sys::socket::send(sock.as_raw_fd(), bytes, nix::sys::socket::MsgFlags::empty())
+        .map_err(|e| SwrkError::Io(e.into()))?;
+    if n != bytes.len() {
+        return Err(SwrkError::Io(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short write on the CRIU socket",
+        )));
+    }
+    Ok(())
+}
+
+/// One whole datagram: peek its size first (MSG_TRUNC reports the real
+/// length of a SEQPACKET message), then read it.
+fn recv(sock: &OwnedFd) -> Result<Vec<u8>, SwrkError> {
+    use nix::sys::socket::MsgFlags;
+    loop {
+        let mut probe = [0u8; 0];
+        let len = match nix::sys::socket::recv(
+            sock.as_raw_fd(),
+            &mut probe,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC,
+        ) {
+            Ok(0) => return Err(SwrkError::Eof),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SwrkError::Io(e.into())),
+        };
+        let mut buf = vec![0u8; len];
+        return match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => Err(SwrkError::Eof),
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(buf)
+            }
+            Err(e) => Err(SwrkError::Io(e.into())),
+        };
+    }
+}
+
+/// At most one idle worker, ready for the next dump or restore.
+pub struct Spare {
+    criu: PathBuf,
+    slot: Mutex<Option<Worker>>,
+}
+
+impl Spare {
+    pub fn new(criu: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            criu,
+            slot: Mutex::new(None),
+        })
+    }
+
+    /// The spare if it is still alive, raised to our priority; else a
+    /// worker started now.
+    pub fn take(&self) -> Result<Worker, SwrkError> {
+        let spare = self.slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(mut w) = spare {
+            if w.alive() {
+                // SAFETY: plain syscalls on a child we own.
+                unsafe {
+                    *libc::__errno_location() = 0;
+                    let ours = libc::getpriority(libc::PRIO_PROCESS, 0);
+                    libc::setpriority(libc::PRIO_PROCESS, w.pid() as libc::id_t, ours);
+                }
+                return Ok(w);
+            }
+            tracing::debug!("the spare CRIU worker had exited; starting one now");
+            let _ = w.child.wait();
+        }
+        Worker::spawn(&self.criu)
+    }
+
+    /// Start a spare in the background if there is none.
+    pub fn refill(self: &Arc<Self>) {
+        let me = self.clone();
+        let started = std::thread::Builder::new()
+            .name("criu-spare".into())
+            .spawn(move || {
+                // The fork, exec and dynamic linking, and the worker
+                // itself until it is taken, at the lowest priority.
+                crate::core::background_priority();
+                let Ok(mut slot) = me.slot.lock() else {
+                    return;
+                };
+                if slot.is_some() {
+                    return;
+                }
+                match Worker::spawn(&me.criu) {
+                    Ok(w) => *slot = Some(w),
+                    Err(e) => tracing::warn!("cannot start a spare CRIU worker: {e}"),
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("cannot start a thread for a spare CRIU worker: {e}");
+        }
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.slot.lock() {
+            if let Some(mut w) = s.take() {
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+    }
+
+    fn resp(t: rpc::Criu_req_type, success: bool) -> rpc::Criu_resp {
+        let mut r = rpc::Criu_resp::new();
+        r.set_type(t);
+        r.set_success(success);
+        r
+    }
+
+    fn notify(script: &str, pid: i32) -> rpc::Criu_resp {
+        let mut r = resp(rpc::Criu_req_type::NOTIFY, true);
+        let mut n = rpc::Criu_notify::new();
+        n.set_script(script.into());
+        n.set_pid(pid);
+        r.notify = protobuf::MessageField::some(n);
+        r
+    }
+
+    fn restore_req() -> rpc::Criu_req {
+        let mut req = rpc::Criu_req::new();
+        req.set_type(rpc::Criu_req_type::RESTORE);
+        req
+    }
+
+    /// A fake CRIU: checks the request, sends `script`'s notifications
+    /// (recording each ack), then `last`.
+    fn fake_criu(
+        sock: OwnedFd,
+        script: Vec<rpc::Criu_resp>,
+        last: Option<rpc::Criu_resp>,
+    ) -> std::thread::JoinHandle<(rpc::Criu_req_type, Vec<bool>)> {
+        std::thread::spawn(move || {
+            let req = rpc::Criu_req::parse_from_bytes(&recv(&sock).expect("request"))
+                .expect("request parses");
+            let mut acks = Vec::new();
+            for n in script {
+                send(&sock, &n.write_to_bytes().expect("encode")).expect("send notify");
+                let ack = rpc::Criu_req::parse_from_bytes(&recv(&sock).expect("ack"))
+                    .expect("ack parses");
+                assert_eq!(ack.type_(), rpc::Criu_req_type::NOTIFY);
+                acks.push(ack.notify_success());
+                if !ack.notify_success() {
+                    return (req.type_(), acks);
+                }
+            }
+            if let Some(l) = last {
+                send(&sock, &l.write_to_bytes().expect("encode")).expect("send final");
+            }
+            (req.type_(), acks)
+        })
+    }
+
+    #[test]
+    fn notifications_are_answered_then_the_final_response_returned() {
+        let (ours, theirs) = pair();
+        let criu = fake_criu(
+            theirs,
+            vec![notify("post-restore", 4242), notify("pre-resume", 0)],
+            Some(resp(rpc::Criu_req_type::RESTORE, true)),
+        );
+        let mut seen = Vec::new();
+        let r = converse(&ours, &restore_req(), &mut |s, n| {
+            seen.push((s.to_string(), n.pid()));
+            true
+        })
+        .expect("restore succeeds");
+        assert_eq!(r.type_(), rpc::Criu_req_type::RESTORE);
+        assert_eq!(
+            seen,
+            vec![
+                ("post-restore".to_string(), 4242),
+                ("pre-resume".to_string(), 0)
+            ]
+        );
+        let (sent, acks) = criu.join().expect("fake criu");
+        assert_eq!(sent, rpc::Criu_req_type::RESTORE);
+        assert_eq!(acks, vec![true, true]);
+    }
+
+    #[test]
+    fn a_refused_notification_is_acked_as_failure_and_ends_the_call() {
+        let (ours, theirs) = pair();
+        let criu = fake_criu(theirs, vec![notify("pre-resume", 0)], None);
+        let err = converse(&ours, &restore_req(), &mut |_, _| false).unwrap_err();
+        assert!(
+            matches!(err, SwrkError::NotifyRefused(ref s) if s == "pre-resume"),
+            "{err}"
+        );
+        assert_eq!(criu.join().expect("fake criu").1, vec![false]);
+    }
+
+    #[test]
+    fn a_failed_response_carries_criu_errno_and_message() {
+        let (ours, theirs) = pair();
+        let mut last = resp(rpc::Criu_req_type::RESTORE, false);
+        last.set_cr_errno(libc::ENOSPC);
+        last.set_cr_errmsg("can't write image".into());
+        let _criu = fake_criu(theirs, vec![], Some(last));
+        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("No space left on device"), "{msg}");
+        assert!(msg.contains("can't write image"), "{msg}");
+    }
+
+    #[test]
+    fn criu_dying_mid_request_is_an_error_not_a_hang() {
+        let (ours, theirs) = pair();
+        let criu = std::thread::spawn(move || {
+            let _ = recv(&theirs);
+            drop(theirs);
+        });
+        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        assert!(matches!(err, SwrkError::Eof), "{err}");
+        criu.join().expect("fake criu");
+    }
+
+    #[test]
+    fn an_answer_of_the_wrong_type_is_refused() {
+        let (ours, theirs) = pair();
+        let _criu = fake_criu(theirs, vec![], Some(resp(rpc::Criu_req_type::DUMP, true)));
+        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        assert!(matches!(err, SwrkError::Unexpected { .. }), "{err}");
+    }
+
+    /// The real thing: a spare `criu swrk` answers a VERSION request.
+    #[test]
+    fn a_spare_worker_answers_a_real_criu_request() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/criu/path");
+        let Ok(criu) = std::fs::read_to_string(&path) else {
+            eprintln!(
+                "SKIPPED a_spare_worker_answers_a_real_criu_request: no CRIU at {} (run `make setup`)",
+                path.display()
+            );
+            return;
+        };
+        let spare = Spare::new(PathBuf::from(criu.trim()));
+        spare.refill();
+        // The refill runs on its own thread; wait for it to fill the slot.
+        for _ in 0..200 {
+            if spare.slot.lock().map(|s| s.is_some()).unwrap_or(false) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let w = spare.take().expect("a worker");
+        let mut req = rpc::Criu_req::new();
+        req.set_type(rpc::Criu_req_type::VERSION);
+        let r = w.call(&req, &mut |_, _| true).expect("VERSION answered");
+        assert!(r.version.major_number() >= 4, "{:?}", r.version);
+    }
+}
