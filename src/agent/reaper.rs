@@ -92,14 +92,8 @@ impl Agent {
 pub(crate) fn is_pidns_init(pid: i32) -> bool {
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid"));
     let ours = std::fs::read_link("/proc/self/ns/pid");
-    let nspid_is_1 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .map(|v| v.split_whitespace().last() == Some("1"))
-        })
-        .unwrap_or(false);
+    let nspid_is_1 = crate::core::procfs::status_field(pid, "NSpid")
+        .is_some_and(|v| v.split_whitespace().last() == Some("1"));
     matches!((theirs, ours), (Ok(a), Ok(b)) if a != b) && nspid_is_1
 }
 

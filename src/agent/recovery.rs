@@ -26,6 +26,7 @@
 use super::migration::{image_rel, Arrival, CLAIM_FILE};
 use super::{reaper, Agent, LocalJob};
 use crate::core::job::PendingMigration;
+use crate::core::procfs::status_number;
 use crate::core::{now_unix_ms, JobRecord, JobState, MigrationRecord};
 use std::path::Path;
 use std::sync::Arc;
@@ -50,11 +51,14 @@ pub(crate) fn find_job_process(rec: &JobRecord) -> Option<i32> {
         })
 }
 
-/// Wait (bounded) until no CRIU runs in our network namespace.
+/// Wait (bounded) until no CRIU left by a dead agent runs in our network
+/// namespace. Our own children are not waited for: they are this agent's
+/// idle spare CRIU worker (see `criu::swrk`), which waits for us.
 fn wait_for_criu(limit: Duration) {
     let Some(our_net) = link("/proc/self/ns/net".into()) else {
         return;
     };
+    let me = std::process::id() as i32;
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let busy = std::fs::read_dir("/proc")
@@ -66,6 +70,7 @@ fn wait_for_criu(limit: Duration) {
                             .map(|c| c.trim() == "criu")
                             .unwrap_or(false)
                             && link(format!("/proc/{pid}/ns/net")).as_ref() == Some(&our_net)
+                            && status_number::<i32>(pid, "PPid") != Some(me)
                     })
             })
             .unwrap_or(false);

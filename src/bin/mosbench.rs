@@ -16,6 +16,7 @@ use mosix::api::pb;
 use mosix::api::pb::agent_server::{Agent, AgentServer};
 use mosix::balancer::policy::{self, ClusterSnapshot, JobSnapshot, NodeSnapshot, PolicyConfig};
 use mosix::core::cluster_file::{ClusterFile, NodeEntry, TlsFiles};
+use mosix::core::procfs::status_number;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -554,14 +555,6 @@ fn proc_cpu_ticks(pid: i32) -> anyhow::Result<u64> {
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
-fn proc_status_kib(pid: i32, key: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let secs: f64 = arg(args, "--secs", 30.0);
     let pids: Vec<i32> = arg_opt(args, "--pids")
@@ -580,7 +573,7 @@ fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let mut rss_max = vec![0u64; pids.len()];
     while t0.elapsed().as_secs_f64() < secs {
         for (i, p) in pids.iter().enumerate() {
-            rss_max[i] = rss_max[i].max(proc_status_kib(*p, "VmRSS:").unwrap_or(0));
+            rss_max[i] = rss_max[i].max(status_number::<u64>(*p, "VmRSS").unwrap_or(0));
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -588,11 +581,11 @@ fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let mut out = Vec::new();
     for (i, p) in pids.iter().enumerate() {
         let cpu = (proc_cpu_ticks(*p)? - before[i]) as f64 / hz;
-        let rss = proc_status_kib(*p, "VmRSS:").unwrap_or(0);
+        let rss = status_number::<u64>(*p, "VmRSS").unwrap_or(0);
         out.push(json!({
             "pid": p, "wall_s": wall, "cpu_s": cpu, "cpu_pct_of_core": 100.0 * cpu / wall,
             "rss_mib": rss as f64 / 1024.0, "rss_max_mib": rss_max[i].max(rss) as f64 / 1024.0,
-            "threads": proc_status_kib(*p, "Threads:"),
+            "threads": status_number::<u64>(*p, "Threads"),
         }));
     }
     Ok(json!({ "hz": hz, "procs": out }))

@@ -4,6 +4,7 @@
 pub mod cluster_file;
 pub mod ids;
 pub mod job;
+pub mod procfs;
 pub mod registry;
 
 pub use ids::{JobId, MigrationId, NodeName};

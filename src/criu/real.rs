@@ -80,11 +80,7 @@ fn kill_restored_tree(pid: i32) {
 
 /// The pid tracing `pid` (CRIU, during a restore), from /proc.
 fn tracer_of(pid: i32) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse().ok())
+    crate::core::procfs::status_number(pid, "TracerPid")
         .filter(|t: &i32| *t > 0 && *t != std::process::id() as i32)
 }
 
