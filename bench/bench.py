@@ -312,9 +312,6 @@ class BareJob:
             raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
                                f"{(img / 'dump.log').read_text()[-1500:] if (img / 'dump.log').exists() else ''}")
         image_bytes = sum(f.stat().st_size for f in img.iterdir() if f.is_file())
-        # Diagnostic only (not part of bare total): the CPU the agent's seal
-        # (hash + HMAC manifest) and verify (hash again) need on these images.
-        sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
         # The dump killed the tree; collect the unshare parent of the first run.
         if self.unshare and self.unshare.poll() is None:
             try:
@@ -336,6 +333,11 @@ class BareJob:
         self.pid = int(pidfile.read_text().strip())
         track(self.pid)
         self.node = to
+        # Diagnostic only (not part of bare total): the CPU the agent's seal
+        # (hash + HMAC manifest) and verify (hash again) need on these images.
+        # Measured after the restore, so that bare CRIU's restore follows its
+        # dump at once, as ours does.
+        sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
                 "image_bytes": image_bytes,
@@ -472,7 +474,10 @@ def warm_up(job, bare, extra=()):
 def compare_with_bare(sizes, label=""):
     """For each (MiB, runs): our `mosctl migrate` of a `mosjob mem` job and a
     bare `criu dump` + `criu restore` of an identical process, interleaved,
-    on the cluster that is up. Returns one stats dict per size."""
+    on the cluster that is up. Each run is a round trip node1 -> node2 ->
+    node1 per side, and both legs count: the medians are over 2 x runs moves
+    per side (this VM's noise is large; more moves give a steadier median).
+    Returns one stats dict per size."""
     out = []
     for mib, runs in sizes:
         log(f"migration{label}: {mib} MiB x {runs} runs (ours and bare CRIU, interleaved)")
@@ -480,7 +485,7 @@ def compare_with_bare(sizes, label=""):
         rec = show(job)
         wait_file_contains(rec["stdout_path"], "ready", 120)
         bare = BareJob(mib)
-        ours, ours_back, bares, bares_back = [], [], [], []
+        ours_out, ours_back, bares_out, bares_back = [], [], [], []
         warm = {}
         try:
             warm = warm_up(job, bare)
@@ -488,35 +493,39 @@ def compare_with_bare(sizes, label=""):
                 f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms")
             for i in range(runs):
                 def do_ours():
-                    ours.append(migrate(job, "node2"))
+                    ours_out.append(migrate(job, "node2"))
                     ours_back.append(migrate(job, "node1"))
 
                 def do_bare():
-                    bares.append(bare.move("node2"))
+                    bares_out.append(bare.move("node2"))
                     bares_back.append(bare.move("node1"))
 
                 # Alternate who goes first, so neither always gets the warmer cache.
                 for f in ((do_ours, do_bare) if i % 2 == 0 else (do_bare, do_ours)):
                     f()
-                o, b = ours[-1], bares[-1]
-                log(f"  run {i + 1}/{runs}: ours frozen {o['frozen_ms']} ms total {o['total_ms']} ms "
-                    f"(wall {o['wall_ms']:.0f}); bare dump {b['dump_ms']:.0f} + restore {b['restore_ms']:.0f} "
-                    f"= {b['total_ms']:.0f} ms")
+                o, ob, b, bb = ours_out[-1], ours_back[-1], bares_out[-1], bares_back[-1]
+                log(f"  run {i + 1}/{runs}: ours {o['wall_ms']:.0f} + {ob['wall_ms']:.0f} ms "
+                    f"(frozen {o['frozen_ms']} + {ob['frozen_ms']}); bare {b['total_ms']:.0f} + {bb['total_ms']:.0f} ms "
+                    f"(dump {b['dump_ms']:.0f} + restore {b['restore_ms']:.0f}, "
+                    f"dump {bb['dump_ms']:.0f} + restore {bb['restore_ms']:.0f})")
             # The job must still be running after all the round trips.
             ok = show(job)["state"] == "running"
         finally:
             run([MOSCTL, "kill", job], check=False)
             bare.kill()
+        ours, bares = ours_out + ours_back, bares_out + bares_back
         s = {
-            "mib": mib, "runs": runs, "job_ok_after": ok, "warmup_ms": warm,
+            "mib": mib, "runs": runs, "moves": len(ours), "job_ok_after": ok, "warmup_ms": warm,
             "ours_frozen_ms": stats([o["frozen_ms"] for o in ours]),
             "ours_total_ms": stats([o["total_ms"] for o in ours]),
             "ours_wall_ms": stats([o["wall_ms"] for o in ours]),
             "ours_criu_restore_ms": stats([o["restore_ms"] for o in ours]),
+            "ours_out_wall_ms": stats([o["wall_ms"] for o in ours_out]),
             "ours_back_wall_ms": stats([o["wall_ms"] for o in ours_back]),
             "bare_dump_ms": stats([b["dump_ms"] for b in bares]),
             "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
             "bare_total_ms": stats([b["total_ms"] for b in bares]),
+            "bare_out_total_ms": stats([b["total_ms"] for b in bares_out]),
             "bare_back_total_ms": stats([b["total_ms"] for b in bares_back]),
             "seal_cpu_ms": stats([b["seal_cpu_ms"] for b in bares]),
             "verify_cpu_ms": stats([b["verify_cpu_ms"] for b in bares]),
@@ -736,7 +745,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phases", default="plan,round,migration,balance")
     ap.add_argument("--out", default=str(OUT / "results.json"))
-    ap.add_argument("--sizes", default="64x5,256x5,1024x3", type=parse_sizes,
+    ap.add_argument("--sizes", default="64x15,256x9,1024x7", type=parse_sizes,
                     help="MiBxRUNS,... for the migration phase")
     ap.add_argument("--unsealed-sizes", default="64x3,256x3", type=parse_sizes,
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")

@@ -272,21 +272,22 @@ def markdown(r, tg, pngs):
     w("## 1. Migration vs bare CRIU\n")
     w("A `mosjob mem --mib N` process (N MiB allocated and dirtied, then idle) on a 2-node local cluster "
       "(`mosctl local up --name bench --nodes 2`, mTLS, shared image root `criu-images/bench` on the same disk). "
-      "**Ours** = wall clock around `mosctl migrate JOB node2` (CLI start, TLS connection, dump with page hashing alongside, HMAC manifest, "
+      "**Ours** = wall clock around `mosctl migrate JOB NODE` (CLI start, TLS connection, dump with page hashing alongside, HMAC manifest, "
       "restore RPC, manifest check, CRIU restore with page verification alongside, registry confirm); *frozen* is what mosctl reports. "
-      "**Bare** = `criu dump -t PID -D DIR` in node1's netns then `criu restore -D DIR -d` in node2's netns, on the same kind of "
+      "**Bare** = `criu dump -t PID -D DIR` in the source node's netns then `criu restore -D DIR -d` in the target's, on the same kind of "
       "process (init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
       f"images under `criu-images/bench-bare/` (same file system), with the same options our agent passes over RPC "
-      f"(`{' '.join(meta.get('bare_criu_options', []))}`). Runs alternate which of the two goes first, "
+      f"(`{' '.join(meta.get('bare_criu_options', []))}`). Each run is a round trip node1 → node2 → node1 per side, "
+      "and both legs count (*moves* = 2 × runs per side). Runs alternate which of the two goes first, "
       "after one untimed round trip per side (this VM's balloon returns freed memory to the host, and the first "
       "touch of it is slow: whichever side moved first in a run was seen to take 2-3x as long for its first 1 GiB move). "
       "Numbers are median (min–max) in ms.\n")
     sizes = mig.get("sizes", [])
     if sizes:
-        w("| Size | runs | ours frozen | ours total (wall) | bare dump | bare restore | bare total | ratio ours/bare |")
+        w("| Size | moves | ours frozen | ours total (wall) | bare dump | bare restore | bare total | ratio ours/bare |")
         w("|---|---|---|---|---|---|---|---|")
         for s in sizes:
-            w(f"| {s['mib']} MiB | {s['runs']} | {fmt_ms(s['ours_frozen_ms'])} | {fmt_ms(s['ours_wall_ms'])} | "
+            w(f"| {s['mib']} MiB | {s.get('moves', s['runs'])} | {fmt_ms(s['ours_frozen_ms'])} | {fmt_ms(s['ours_wall_ms'])} | "
               f"{fmt_ms(s['bare_dump_ms'])} | {fmt_ms(s['bare_restore_ms'])} | {fmt_ms(s['bare_total_ms'])} | "
               f"**{s['ratio_total']:.2f}** |")
         w("\nWhere our extra time goes (diagnostics, medians in ms). *Hash pages* and *verify* are "
@@ -295,25 +296,26 @@ def markdown(r, tg, pngs):
           "(hashing while CRIU writes; verifying while CRIU restores, gated at CRIU's pre-resume), so on an idle "
           "multi-core node it costs no frozen time; on this 2-core machine it competes with CRIU and its "
           "parasite for the second core.\n")
-        w("| Size | ours total − bare total | hash pages (CPU) | verify (CPU) | ours frozen / bare total | ours return trip (wall) | bare return trip |")
+        w("| Size | ours total − bare total | hash pages (CPU) | verify (CPU) | ours frozen / bare total | ours node1→node2 / back | bare node1→node2 / back |")
         w("|---|---|---|---|---|---|---|")
         for s in sizes:
             gap = med(s["ours_wall_ms"]) - med(s["bare_total_ms"])
             se, ve = (med(s.get(k)) for k in ("seal_cpu_ms", "verify_cpu_ms"))
             n = lambda x: "n/a" if x is None else f"{x:.0f}"  # noqa: E731
             w(f"| {s['mib']} MiB | {gap:.0f} | {n(se)} | {n(ve)} | {s['ratio_frozen']:.2f} | "
-              f"{med(s['ours_back_wall_ms']):.0f} | {med(s['bare_back_total_ms']):.0f} |")
+              f"{n(med(s.get('ours_out_wall_ms')))} / {med(s['ours_back_wall_ms']):.0f} | "
+              f"{n(med(s.get('bare_out_total_ms')))} / {med(s['bare_back_total_ms']):.0f} |")
         uns = mig.get("unsealed", [])
         if uns:
             w("\n**Diagnostic: the same moves with sealing off** (`mosctl local up --unsealed-images`: no image key, "
               "so nothing is hashed; not a mode for real use). Same procedure, bare CRIU measured again in the "
               "same loop:\n")
-            w("| Size | runs | ours total (wall), sealing off | bare total | ratio, sealing off | ratio with sealing (table above) |")
+            w("| Size | moves | ours total (wall), sealing off | bare total | ratio, sealing off | ratio with sealing (table above) |")
             w("|---|---|---|---|---|---|")
             sealed = {x["mib"]: x for x in sizes}
             for u in uns:
                 sr = sealed.get(u["mib"])
-                w(f"| {u['mib']} MiB | {u['runs']} | {fmt_ms(u['ours_wall_ms'])} | {fmt_ms(u['bare_total_ms'])} | "
+                w(f"| {u['mib']} MiB | {u.get('moves', u['runs'])} | {fmt_ms(u['ours_wall_ms'])} | {fmt_ms(u['bare_total_ms'])} | "
                   f"**{u['ratio_total']:.2f}** | {sr['ratio_total']:.2f} |" if sr else
                   f"| {u['mib']} MiB | {u['runs']} | {fmt_ms(u['ours_wall_ms'])} | {fmt_ms(u['bare_total_ms'])} | "
                   f"**{u['ratio_total']:.2f}** | n/a |")

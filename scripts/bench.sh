@@ -14,7 +14,7 @@
 # agents, the balancer, bare-CRIU processes and their images.
 #
 # Knobs (environment): BENCH_PHASES=plan,round,migration,balance
-#                      BENCH_SIZES=64x5,256x5,1024x3   (MiB x runs)
+#                      BENCH_SIZES=64x15,256x9,1024x7  (MiB x round trips)
 #                      BENCH_ARGS="..."                (more bench.py flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +76,7 @@ bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
   --phases "${BENCH_PHASES:-plan,round,migration,balance}" \
-  --sizes "${BENCH_SIZES:-64x5,256x5,1024x3}" \
+  --sizes "${BENCH_SIZES:-64x15,256x9,1024x7}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 
 python3 bench/report.py
