@@ -973,7 +973,6 @@ impl Agent {
         let _ = std::thread::Builder::new()
             .name("rm-images".into())
             .spawn(move || {
-                crate::core::background_priority();
                 let deadline = Instant::now() + Duration::from_secs(3600);
                 while dir.join("lazy-pages.socket").exists() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(500));

@@ -147,17 +147,17 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// After a failed dump: drop the partial images, keep CRIU's log (the error
 /// message points at it).
-/// Delete a migration's images on a thread of its own at the lowest
-/// priority: deleting a GiB takes a while, nothing waits for it, and freeing
-/// its page cache is real CPU work that must not slow the reply or the next
-/// move. `MOSIX_KEEP_CRIU_LOGS` in the agent's environment keeps
+/// Delete a migration's images on a thread of its own: deleting a GiB takes
+/// a while and nothing waits for it. (Not at a low priority: a starved
+/// thread in the middle of truncating a big file holds file-system journal
+/// resources that registry writes wait for.) `MOSIX_KEEP_CRIU_LOGS` in the
+/// agent's environment keeps
 /// `dump.log`/`restore.log` of successful moves too, to compare CRIU's own
 /// timings.
 pub(crate) fn remove_images_in_background(dir: PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("rm-images".into())
         .spawn(move || {
-            crate::core::background_priority();
             if std::env::var_os("MOSIX_KEEP_CRIU_LOGS").is_some() {
                 remove_images_keep_logs(&dir);
             } else {

@@ -23,10 +23,17 @@
 //! the process that created the socket pair (SO_PEERCRED), i.e. the agent.
 //! So a worker spawned long before the image directory existed can use it.
 //!
-//! Spares are spawned at the lowest CPU priority, so that warming one up
-//! never competes with a migration in progress, and are raised to the
-//! caller's priority when taken; a worker that has sent its final answer
-//! goes back to the lowest priority for its teardown. A spare that died meanwhile is replaced by
+//! Priorities. An idle spare sits at the lowest CPU priority (nice 19), so
+//! that finishing its start-up never competes with a migration in progress.
+//! A worker at work runs at [`WORKER_NICE`], above the jobs: a node is
+//! migrated away from because it is overloaded, and at the jobs' own
+//! priority CRIU would get 1/(n+1) of a node crowded with n jobs (on a
+//! CPU-capped node, a frozen time of seconds for a job of a few MiB). The
+//! jobs CRIU restores get their own nice values back from the images. A
+//! worker that has sent its final answer goes back to nice 19 for its
+//! teardown. Only the child is ever made low-priority, never a thread of
+//! the agent: a starved agent thread could hold a lock (the address space
+//! during fork, the spare's slot) that a migration then waits for. A spare that died meanwhile is replaced by
 //! a fresh spawn (the cold path, as with `rust-criu`). When the agent exits,
 //! the worker reads EOF on its socket and exits too.
 
@@ -38,6 +45,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+
+/// The nice value of a worker doing a dump or restore (see the module docs).
+pub const WORKER_NICE: i32 = -10;
+/// The nice value of an idle spare and of a worker tearing itself down.
+const IDLE_NICE: i32 = 19;
 
 /// Why a conversation with a worker failed (before or instead of CRIU's
 /// own verdict, which comes back as a response with `success = false`).
@@ -128,7 +140,7 @@ impl Worker {
         let result = converse(&self.sock, req, on_notify);
         // CRIU's own teardown (unmapping its page pipes, up to the size of
         // the job's memory) is left; nothing waits for it.
-        crate::core::lower_priority_of(self.pid());
+        crate::core::set_nice(self.pid(), IDLE_NICE);
         if result.is_err() {
             // A failed or refused request: make sure CRIU is not left
             // holding a half-restored tree or a frozen job.
@@ -246,24 +258,24 @@ impl Spare {
         })
     }
 
-    /// The spare if it is still alive, raised to our priority; else a
-    /// worker started now.
+    /// The spare if it is still alive, else a worker started now; either
+    /// way at [`WORKER_NICE`]. Never waits for a refill in progress.
     pub fn take(&self) -> Result<Worker, SwrkError> {
-        let spare = self.slot.lock().ok().and_then(|mut s| s.take());
-        if let Some(mut w) = spare {
-            if w.alive() {
-                // SAFETY: plain syscalls on a child we own.
-                unsafe {
-                    *libc::__errno_location() = 0;
-                    let ours = libc::getpriority(libc::PRIO_PROCESS, 0);
-                    libc::setpriority(libc::PRIO_PROCESS, w.pid() as libc::id_t, ours);
+        let spare = self.slot.try_lock().ok().and_then(|mut s| s.take());
+        let worker = match spare {
+            Some(mut w) => {
+                if w.alive() {
+                    w
+                } else {
+                    tracing::debug!("the spare CRIU worker had exited; starting one now");
+                    let _ = w.child.wait();
+                    Worker::spawn(&self.criu)?
                 }
-                return Ok(w);
             }
-            tracing::debug!("the spare CRIU worker had exited; starting one now");
-            let _ = w.child.wait();
-        }
-        Worker::spawn(&self.criu)
+            None => Worker::spawn(&self.criu)?,
+        };
+        crate::core::set_nice(worker.pid(), WORKER_NICE);
+        Ok(worker)
     }
 
     /// Start a spare in the background if there is none.
@@ -272,18 +284,30 @@ impl Spare {
         let started = std::thread::Builder::new()
             .name("criu-spare".into())
             .spawn(move || {
-                // The fork, exec and dynamic linking, and the worker
-                // itself until it is taken, at the lowest priority.
-                crate::core::background_priority();
+                if me.slot.lock().map(|s| s.is_some()).unwrap_or(true) {
+                    return;
+                }
+                // Spawned at our priority, then lowered: the slot is not
+                // locked meanwhile, so a take() never waits for this.
+                let w = match Worker::spawn(&me.criu) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!("cannot start a spare CRIU worker: {e}");
+                        return;
+                    }
+                };
+                crate::core::set_nice(w.pid(), IDLE_NICE);
                 let Ok(mut slot) = me.slot.lock() else {
                     return;
                 };
-                if slot.is_some() {
-                    return;
-                }
-                match Worker::spawn(&me.criu) {
-                    Ok(w) => *slot = Some(w),
-                    Err(e) => tracing::warn!("cannot start a spare CRIU worker: {e}"),
+                match slot.as_mut() {
+                    // Another refill won the race: keep one spare only.
+                    Some(_) => {
+                        let mut extra = w;
+                        let _ = extra.child.kill();
+                        let _ = extra.child.wait();
+                    }
+                    None => *slot = Some(w),
                 }
             });
         if let Err(e) = started {
