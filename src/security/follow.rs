@@ -106,7 +106,12 @@ impl FollowHasher {
         self.stop.store(true, Ordering::Release);
         self.thread
             .take()
-            .and_then(|t| t.join().ok())
+            .and_then(|t| {
+                // Wake it from its pause now rather than when it ends:
+                // the job is frozen until this returns.
+                t.thread().unpark();
+                t.join().ok()
+            })
             .unwrap_or_default()
     }
 }
@@ -176,7 +181,8 @@ fn follow(dir: PathBuf, stop: Arc<AtomicBool>, writeback: bool) -> BTreeMap<Stri
             break;
         }
         if !progressed {
-            std::thread::sleep(Duration::from_millis(2));
+            // Woken early by `finish`.
+            std::thread::park_timeout(Duration::from_millis(2));
         }
     }
     files
