@@ -251,7 +251,26 @@ def last_restore_ms(node, job):
     return int(m[-1]) if m else None
 
 
+def wait_images_gone(job, timeout=30.0):
+    """The agent deletes a move's images on a background thread after it
+    replied. Wait until that is done, so each timed move starts as bare
+    CRIU's does (the bench deletes bare images synchronously, untimed)
+    instead of sharing the CPU and page allocator with the deletion of the
+    previous GiB."""
+    root = Path(json.loads(Path(CLUSTER_FILE).read_text())["shared_root"]) / "images" / job
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            # (Dirs left with only CRIU logs, under MOSIX_KEEP_CRIU_LOGS, count as gone.)
+            if not any(p.is_dir() and any(p.glob("*.img")) for p in root.iterdir()):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+
+
 def migrate(job, to, extra=()):
+    wait_images_gone(job)
     t = time.monotonic()
     r = run([MOSCTL, "migrate", *extra, job, to], check=False, timeout=600)
     wall = (time.monotonic() - t) * 1000

@@ -278,7 +278,9 @@ def markdown(r, tg, pngs):
       "process (init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
       f"images under `criu-images/bench-bare/` (same file system), with the same options our agent passes over RPC "
       f"(`{' '.join(meta.get('bare_criu_options', []))}`). Each run is a round trip node1 → node2 → node1 per side, "
-      "and both legs count (*moves* = 2 × runs per side). Runs alternate which of the two goes first, "
+      "and both legs count (*moves* = 2 × runs per side). Each timed move starts with the previous move's images "
+      "deleted: bare images are deleted synchronously, untimed; the agent deletes ours on a background thread "
+      "after replying, and the bench waits for that before timing the next move. Runs alternate which of the two goes first, "
       "after one untimed round trip per side (this VM's balloon returns freed memory to the host, and the first "
       "touch of it is slow: whichever side moved first in a run was seen to take 2-3x as long for its first 1 GiB move). "
       "Numbers are median (min–max) in ms.\n")

@@ -2,7 +2,8 @@
 //!
 //! Everything mosix asks of CRIU goes through [`CheckpointEngine`], so the
 //! agent's protocol logic can be tested with [`fake::FakeEngine`] without root.
-//! [`RealCriu`] talks to CRIU through `rust-criu` (CRIU's RPC over `criu swrk`).
+//! [`RealCriu`] talks CRIU's RPC (`rust-criu`'s message types) to a `criu
+//! swrk` worker started ahead of time ([`swrk`]).
 //!
 //! Options chosen, and why:
 //! - `manage_cgroups_mode = IGNORE` on dump and restore: a restored job must

@@ -1,10 +1,15 @@
-//! [`RealCriu`]: the CRIU driver over `rust-criu` (RPC to `criu swrk`).
+//! [`RealCriu`]: the CRIU driver: dumps and restores are CRIU RPC requests
+//! (`rust-criu`'s generated `rpc.proto` types) to a warm `criu swrk` worker
+//! (see [`super::swrk`] for why not `rust-criu`'s own client).
 //!
-//! **Pre-copy goes through the command line.** `rust-criu` 0.6.1 cannot
+//! **Pre-copy goes through the command line.** It was written when
+//! `rust-criu` 0.6.1's client drove every call, and that client cannot
 //! send CRIU's `PRE_DUMP` request and has no setter for `track_mem` (only
-//! `set_parent_img`), and a dump on top of pre-dumped parents without
+//! `set_parent_img`); a dump on top of pre-dumped parents without
 //! `track_mem` would not consult the soft-dirty bits, i.e. copy everything
-//! again. So pre-dump rounds run `criu pre-dump --track-mem`, and the final
+//! again. Our worker could now send both, but this machine's kernel has no
+//! soft-dirty tracking to test that with, so the tested command-line path
+//! stays. Pre-dump rounds run `criu pre-dump --track-mem`, and the final
 //! dump of a pre-copied job runs `criu dump --track-mem --prev-images-dir`
 //! with the same options the RPC dump sets (file locks, link remap, cgroups
 //! ignored, not a shell job: the CLI's default). Every other dump stays on
