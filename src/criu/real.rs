@@ -43,10 +43,10 @@ impl std::fmt::Debug for RealCriu {
     }
 }
 
-/// A request of `kind` with `opts`, the options every request shares set:
-/// logs at level 4 into the image directory, jobs are not shell jobs, file
-/// locks and link remaps are handled, cgroups are ignored (see the module
-/// docs of [`super`]).
+/// A request of `kind` on the images in `dir`, with the options every
+/// request shares: logs at level 4 into `log` there, jobs are not shell
+/// jobs, file locks and link remaps are handled, cgroups are ignored (see
+/// the module docs of [`super`]).
 fn request(kind: rpc::Criu_req_type, dir: &std::fs::File, log: &str) -> rpc::Criu_req {
     let mut opts = rpc::Criu_opts::new();
     opts.set_images_dir_fd(dir.as_raw_fd());
