@@ -223,11 +223,7 @@ impl Cluster {
             .args(["burst", "64kb", "latency", "200ms"])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "tc: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "tc: {}", stderr(&o));
     }
 
     /// SIGKILL every process in a node's network namespace (agent, CRIU,

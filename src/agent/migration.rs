@@ -145,15 +145,12 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// After a failed dump: drop the partial images, keep CRIU's log (the error
-/// message points at it).
 /// Delete a migration's images on a thread of its own: deleting a GiB takes
 /// a while and nothing waits for it. (Not at a low priority: a starved
 /// thread in the middle of truncating a big file holds file-system journal
 /// resources that registry writes wait for.) `MOSIX_KEEP_CRIU_LOGS` in the
-/// agent's environment keeps
-/// `dump.log`/`restore.log` of successful moves too, to compare CRIU's own
-/// timings.
+/// agent's environment keeps `dump.log`/`restore.log` of successful moves
+/// too, to compare CRIU's own timings.
 pub(crate) fn remove_images_in_background(dir: PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("rm-images".into())
@@ -169,6 +166,8 @@ pub(crate) fn remove_images_in_background(dir: PathBuf) {
     }
 }
 
+/// After a failed dump: drop the partial images, keep CRIU's log (the error
+/// message points at it).
 fn remove_images_keep_logs(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {

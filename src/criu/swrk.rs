@@ -128,6 +128,12 @@ impl Worker {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Stop an unused worker and collect its exit.
+    fn discard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Send `req`, answer CRIU's notifications with `on_notify` (true =
     /// go on), and return the final response if CRIU reports success.
     /// The worker is used up either way; its exit is collected on a
@@ -268,7 +274,7 @@ impl Spare {
                     w
                 } else {
                     tracing::debug!("the spare CRIU worker had exited; starting one now");
-                    let _ = w.child.wait();
+                    w.discard();
                     Worker::spawn(&self.criu)?
                 }
             }
@@ -300,14 +306,11 @@ impl Spare {
                 let Ok(mut slot) = me.slot.lock() else {
                     return;
                 };
-                match slot.as_mut() {
+                if slot.is_some() {
                     // Another refill won the race: keep one spare only.
-                    Some(_) => {
-                        let mut extra = w;
-                        let _ = extra.child.kill();
-                        let _ = extra.child.wait();
-                    }
-                    None => *slot = Some(w),
+                    w.discard();
+                } else {
+                    *slot = Some(w);
                 }
             });
         if let Err(e) = started {
@@ -319,9 +322,8 @@ impl Spare {
 impl Drop for Spare {
     fn drop(&mut self) {
         if let Ok(mut s) = self.slot.lock() {
-            if let Some(mut w) = s.take() {
-                let _ = w.child.kill();
-                let _ = w.child.wait();
+            if let Some(w) = s.take() {
+                w.discard();
             }
         }
     }
