@@ -59,8 +59,8 @@ def criu_path():
 CRIU = criu_path()
 
 # Bare CRIU gets the same options our agent passes over RPC (src/criu/real.rs):
-# log level 4 into a log file, file locks, link remap, cgroups ignored.
-CRIU_COMMON = ["-v4", "--file-locks", "--link-remap", "--manage-cgroups=ignore"]
+# log level 2 (the agent's default) into a log file, file locks, link remap, cgroups ignored.
+CRIU_COMMON = ["-v2", "--file-locks", "--link-remap", "--manage-cgroups=ignore"]
 
 
 # ---------------------------------------------------------------------------

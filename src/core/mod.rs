@@ -20,6 +20,30 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Scheduling class of one thread (`tid`, 0 = the calling thread): `idle`
+/// puts it in `SCHED_IDLE`, where it runs only on a CPU nothing else wants;
+/// otherwise back to normal time sharing. Best effort, like [`set_nice`].
+/// Only for threads that no other thread waits on while they are idle:
+/// raise it back first (priority inversion otherwise).
+pub fn set_thread_idle(tid: i32, idle: bool) {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call's duration.
+    unsafe {
+        libc::sched_setscheduler(tid, policy, &param);
+    }
+}
+
+/// The calling thread's kernel thread id.
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
 /// Set the nice value of process `pid` (its main thread). Best effort: a
 /// stale pid fails harmlessly (ESRCH), and without the privilege to raise
 /// a priority the process keeps the one it has.
