@@ -764,9 +764,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phases", default="plan,round,migration,balance")
     ap.add_argument("--out", default=str(OUT / "results.json"))
-    ap.add_argument("--sizes", default="64x15,256x9,1024x7", type=parse_sizes,
+    ap.add_argument("--sizes", default="64x20,256x12,1024x8", type=parse_sizes,
                     help="MiBxRUNS,... for the migration phase")
-    ap.add_argument("--unsealed-sizes", default="64x3,256x3", type=parse_sizes,
+    ap.add_argument("--unsealed-sizes", default="64x3,256x3,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")
     ap.add_argument("--idle-secs", type=float, default=30)
     ap.add_argument("--plan-runs", type=int, default=11)

@@ -9,12 +9,12 @@
 #                    1,000 simulated agents, one balancer round, idle sampling
 #
 # Needs root (local clusters use network namespaces, cgroups and CRIU). Takes
-# about 8-10 minutes on a 2-core machine. Everything it starts is torn down at
+# about 10-12 minutes on a 2-core machine. Everything it starts is torn down at
 # the end, also on error or Ctrl-C: the `bench` local cluster, the simulated
 # agents, the balancer, bare-CRIU processes and their images.
 #
 # Knobs (environment): BENCH_PHASES=plan,round,migration,balance
-#                      BENCH_SIZES=64x15,256x9,1024x7  (MiB x round trips)
+#                      BENCH_SIZES=64x20,256x12,1024x8  (MiB x round trips)
 #                      BENCH_ARGS="..."                (more bench.py flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +76,7 @@ bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
   --phases "${BENCH_PHASES:-plan,round,migration,balance}" \
-  --sizes "${BENCH_SIZES:-64x15,256x9,1024x7}" \
+  --sizes "${BENCH_SIZES:-64x20,256x12,1024x8}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 
 python3 bench/report.py
