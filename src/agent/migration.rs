@@ -49,7 +49,7 @@ pub const UNSEALED: &[&str] = &[
     "stats-restore",
     // Post-copy: CRIU writes these after the manifest (the dump's statistics
     // once all pages are served; the lazy-pages daemon's socket).
-    "stats-dump",
+    crate::criu::DUMP_STATS,
     "lazy-pages.socket",
 ];
 pub const CLAIM_FILE: &str = "CLAIM";
@@ -282,6 +282,9 @@ impl Agent {
         let rel = image_rel(&rec.id, mig);
         let dir = self.image_dir(&rel);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
+        // Recovery reads this file as "the dump finished"; one left by an
+        // earlier attempt under the same migration id must not say so.
+        let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
         let started = now_unix_ms();
         if !leave_running {
             rec.state = JobState::Migrating;

@@ -81,10 +81,14 @@ fn wait_for_criu(limit: Duration) {
     }
 }
 
+/// Whether CRIU finished the dump in `dir`. Its statistics file is written
+/// only on success; the log says so too, but only at level 3 and above (the
+/// agent logs at 2 by default, see `criu::real::DEFAULT_LOG_LEVEL`).
 fn dump_succeeded(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(crate::criu::DUMP_LOG))
-        .map(|l| l.contains("Dumping finished successfully"))
-        .unwrap_or(false)
+    dir.join(crate::criu::DUMP_STATS).is_file()
+        || std::fs::read_to_string(dir.join(crate::criu::DUMP_LOG))
+            .map(|l| l.contains("Dumping finished successfully"))
+            .unwrap_or(false)
 }
 
 impl Agent {
@@ -245,5 +249,28 @@ impl Agent {
             );
             let _ = self.registry.put(&mut r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_counts_as_finished_by_its_statistics_or_its_log() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join(crate::criu::DUMP_LOG);
+        assert!(!dump_succeeded(d.path()), "nothing written yet");
+        // Level 2: errors only, and an interrupted dump writes no statistics.
+        std::fs::write(&log, "(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n").unwrap();
+        assert!(!dump_succeeded(d.path()));
+        std::fs::write(d.path().join(crate::criu::DUMP_STATS), b"\x08\x01").unwrap();
+        assert!(
+            dump_succeeded(d.path()),
+            "statistics are written only on success"
+        );
+        std::fs::remove_file(d.path().join(crate::criu::DUMP_STATS)).unwrap();
+        std::fs::write(&log, "(00.2) Dumping finished successfully\n").unwrap();
+        assert!(dump_succeeded(d.path()), "a level-3 log says so too");
     }
 }

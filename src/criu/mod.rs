@@ -34,6 +34,11 @@ pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
 pub const LAZY_LOG: &str = "lazy-pages.log";
 pub const PRE_DUMP_LOG: &str = "pre-dump.log";
+/// CRIU's statistics of a dump. CRIU 4.2.1 writes it only when the dump
+/// succeeded (`cr_dump_finish`: `write_stats(DUMP_STATS)` in the success
+/// branch), at any log level, so it tells a finished dump from an
+/// interrupted one when the log is quiet.
+pub const DUMP_STATS: &str = "stats-dump";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageServer {
