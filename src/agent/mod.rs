@@ -104,6 +104,9 @@ pub enum AgentAction {
         target: NodeName,
         migration: Option<MigrationId>,
         mode: migration::Mode,
+        /// Refuse a job that is not on this node instead of passing the
+        /// call on to the job's node.
+        only_here: bool,
     },
     Signal {
         job: JobId,
@@ -266,10 +269,27 @@ impl Agent {
                 target,
                 migration,
                 mode,
-            } => self
-                .migrate(&job, &target, migration, mode)
-                .await
-                .map(|(r, m)| AgentReply::Migrated(Box::new(r), m)),
+                only_here,
+            } => {
+                let elsewhere = if only_here {
+                    None
+                } else {
+                    self.node_of_job_elsewhere(&job).await
+                };
+                match elsewhere {
+                    // Over the agents' warm channel: a caller that asked the
+                    // wrong node (mosctl asks the first one) pays no second
+                    // lookup and no second handshake.
+                    Some(node) => {
+                        tracing::debug!(job = %job, to = %node, "passing Migrate on to the job's node");
+                        self.peers
+                            .migrate_there(&node, &job, &target, migration, mode)
+                            .await
+                    }
+                    None => self.migrate(&job, &target, migration, mode).await,
+                }
+                .map(|(r, m)| AgentReply::Migrated(Box::new(r), m))
+            }
             AgentAction::Signal { job, signal } => self
                 .signal(&job, signal)
                 .map(|r| AgentReply::Job(Box::new(r))),
@@ -482,6 +502,18 @@ impl Agent {
     }
 
     /// The record of a job that must be running on this node.
+    /// The node a job is on, if that is another node of the cluster. None
+    /// when it is here, unknown, or the lookup fails: the local migration
+    /// then reports why.
+    async fn node_of_job_elsewhere(self: &Arc<Self>, id: &JobId) -> Option<NodeName> {
+        let rec = if self.cfg.shared {
+            self.registry.get(id).ok()?
+        } else {
+            self.get_job_cluster(id).await.ok()?
+        };
+        (rec.node != self.cfg.node && self.peers.knows(&rec.node)).then_some(rec.node)
+    }
+
     pub(crate) fn local_running(&self, id: &JobId) -> AgentResult<(JobRecord, i32)> {
         let rec = self.registry.get(id)?;
         if rec.node != self.cfg.node {

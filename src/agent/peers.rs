@@ -6,7 +6,7 @@ use super::direct::{PushPlan, PushSummary, Resolution};
 use super::migration::RestoreCall;
 use super::{AgentError, AgentResult};
 use crate::api::client::{self, ClientTls};
-use crate::core::{JobId, JobRecord, MigrationId, NodeName};
+use crate::core::{JobId, JobRecord, MigrationId, MigrationRecord, NodeName};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,6 +25,20 @@ pub trait Peers: Send + Sync + 'static {
         node: &'a NodeName,
         call: RestoreCall,
     ) -> BoxFuture<'a, AgentResult<JobRecord>>;
+
+    /// Pass a Migrate call on to `node`, the job's node, which runs it
+    /// (and does not pass it on again). A transport that cannot (a test
+    /// fake) keeps the default: the peer is unavailable.
+    fn migrate_there<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _job: &'a JobId,
+        _target: &'a NodeName,
+        _mig: Option<MigrationId>,
+        _mode: super::migration::Mode,
+    ) -> BoxFuture<'a, AgentResult<(JobRecord, MigrationRecord)>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
 
     // Without a shared path (see `agent::direct`). A transport that cannot
     // do these (a test fake) keeps the defaults: the peer is unavailable.
@@ -69,6 +83,9 @@ pub struct GrpcPeers {
     pub restore_timeout: Duration,
     /// Deadline of a whole image push (the server's own limit is 600 s).
     pub push_timeout: Duration,
+    /// Deadline of a Migrate passed on to the job's node: a whole migration,
+    /// pre-copy rounds included.
+    pub migrate_timeout: Duration,
 }
 
 impl GrpcPeers {
@@ -79,6 +96,7 @@ impl GrpcPeers {
             ping_timeout: Duration::from_secs(3),
             restore_timeout: Duration::from_secs(300),
             push_timeout: Duration::from_secs(590),
+            migrate_timeout: Duration::from_secs(3600),
         }
     }
 
@@ -162,6 +180,42 @@ impl Peers for GrpcPeers {
                 .map_err(crate::api::convert::status_to_agent_error)?
                 .into_inner();
             JobRecord::try_from(job).map_err(|e| AgentError::Internal(e.to_string()))
+        })
+    }
+
+    fn migrate_there<'a>(
+        &'a self,
+        node: &'a NodeName,
+        job: &'a JobId,
+        target: &'a NodeName,
+        mig: Option<MigrationId>,
+        mode: super::migration::Mode,
+    ) -> BoxFuture<'a, AgentResult<(JobRecord, MigrationRecord)>> {
+        Box::pin(async move {
+            let (_, mut c) = self.client(node).await?;
+            let mut req = tonic::Request::new(crate::api::pb::MigrateRequest {
+                job_id: job.to_string(),
+                target_node: target.to_string(),
+                migration_id: mig.map(|m| m.to_string()).unwrap_or_default(),
+                mode: crate::api::pb::MigrationMode::from(mode) as i32,
+                only_here: true,
+            });
+            req.set_timeout(self.migrate_timeout);
+            // The owner's answer, refusals included, is the caller's answer.
+            let r = c
+                .migrate(req)
+                .await
+                .map_err(crate::api::convert::status_to_agent_error)?
+                .into_inner();
+            let bad = |e: String| AgentError::Internal(format!("{node} answered Migrate with {e}"));
+            let rec = JobRecord::try_from(r.job.ok_or_else(|| bad("no job".into()))?)
+                .map_err(|e| bad(e.to_string()))?;
+            let m = MigrationRecord::try_from(
+                r.migration
+                    .ok_or_else(|| bad("no migration record".into()))?,
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            Ok((rec, m))
         })
     }
 

@@ -617,6 +617,31 @@ mod agent_tests {
                 agent.restore(call).await
             })
         }
+        fn migrate_there<'a>(
+            &'a self,
+            node: &'a NodeName,
+            job: &'a JobId,
+            target: &'a NodeName,
+            mig: Option<MigrationId>,
+            mode: Mode,
+        ) -> BoxFuture<'a, AgentResult<(JobRecord, MigrationRecord)>> {
+            Box::pin(async move {
+                let agent = self.get(node)?;
+                match agent
+                    .handle(crate::agent::AgentAction::Migrate {
+                        job: job.clone(),
+                        target: target.clone(),
+                        migration: mig,
+                        mode,
+                        only_here: true,
+                    })
+                    .await?
+                {
+                    crate::agent::AgentReply::Migrated(r, m) => Ok((*r, m)),
+                    other => Err(AgentError::Internal(format!("{other:?}"))),
+                }
+            })
+        }
     }
 
     struct Two {
@@ -768,6 +793,40 @@ mod agent_tests {
     }
 
     use std::sync::atomic::Ordering;
+
+    /// Any agent takes a Migrate: one without the job passes it on to the
+    /// job's node, once; with `only_here` it refuses and names that node.
+    #[tokio::test]
+    async fn migrate_sent_to_another_node_is_passed_on_to_the_jobs_node() {
+        let t = two(FakeEngine::default());
+        let (job, _) = t.start_job();
+        let node2 = t.peers.get(&node("node2")).unwrap();
+        let ask = |only_here| crate::agent::AgentAction::Migrate {
+            job: job.clone(),
+            target: node("node2"),
+            migration: None,
+            mode: Mode::FullCopy,
+            only_here,
+        };
+        let e = node2.handle(ask(true)).await.unwrap_err();
+        assert!(e.to_string().contains("is on node1"), "{e}");
+        assert_eq!(t.src_engine.dumps.load(Ordering::SeqCst), 0);
+        match node2.handle(ask(false)).await.unwrap() {
+            crate::agent::AgentReply::Migrated(rec, m) => {
+                assert_eq!((m.from.as_str(), m.to.as_str()), ("node1", "node2"));
+                assert_eq!((rec.node.as_str(), rec.state), ("node2", JobState::Running));
+                t.pids.lock().unwrap().push(rec.pid);
+            }
+            other => panic!("{other:?}"),
+        }
+        // node1 dumped it (the call reached the job's node), node2 restored.
+        assert_eq!(t.src_engine.dumps.load(Ordering::SeqCst), 1);
+        assert_eq!(t.dst_engine.restores.load(Ordering::SeqCst), 1);
+        // Now on node2: asking node1 to move it to node2 is passed on and
+        // refused there, by the job's node.
+        let e = t.src.handle(ask(false)).await.unwrap_err();
+        assert!(e.to_string().contains("already on node2"), "{e}");
+    }
 
     #[tokio::test]
     async fn rounds_stop_when_few_pages_are_left() {

@@ -231,7 +231,19 @@ impl TryFrom<pb::MigrateRequest> for AgentAction {
             target: node("target_node", &r.target_node)?,
             migration: mig_opt("migration_id", &r.migration_id)?,
             mode,
+            only_here: r.only_here,
         })
+    }
+}
+
+impl From<Mode> for pb::MigrationMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => pb::MigrationMode::Auto,
+            Mode::FullCopy => pb::MigrationMode::FullCopy,
+            Mode::PostCopy => pb::MigrationMode::PostCopy,
+            Mode::PreCopy => pb::MigrationMode::PreCopy,
+        }
     }
 }
 
@@ -590,6 +602,7 @@ mod tests {
             target_node: "node2".into(),
             migration_id: String::new(),
             mode: 0,
+            only_here: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "job_id");
@@ -599,6 +612,7 @@ mod tests {
             target_node: "node2".into(),
             migration_id: String::new(),
             mode: 99,
+            only_here: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "mode");
@@ -619,12 +633,14 @@ mod tests {
             target_node: "node2".into(),
             migration_id: String::new(),
             mode: pb::MigrationMode::PreCopy as i32,
+            only_here: true,
         })
         .unwrap();
         assert!(matches!(
             a,
             AgentAction::Migrate {
                 mode: Mode::PreCopy,
+                only_here: true,
                 ..
             }
         ));

@@ -52,6 +52,9 @@ impl Migrator for GrpcMigrator {
                 } else {
                     pb::MigrationMode::Auto
                 } as i32,
+                // The plan moves the job from where it saw it; if it has
+                // moved since, the move is refused, not redirected.
+                only_here: true,
             });
             req.set_timeout(self.timeout);
             c.migrate(req)

@@ -28,12 +28,6 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
     // Validate the target before touching anything.
     ctx.cf.node(&a.node)?;
-    let job = ctx.find_job(&a.job).await?;
-    if job.node == a.node {
-        anyhow::bail!("job {} is already on {}", job.id, a.node);
-    }
-    eprintln!("migrating {} from {} to {} ...", job.id, job.node, a.node);
-    let mut c = ctx.agent(&job.node).await?;
     let mode = if a.post_copy {
         pb::MigrationMode::PostCopy
     } else if a.full_copy {
@@ -43,20 +37,35 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     } else {
         pb::MigrationMode::Auto
     };
+    // A job id goes to any agent, which passes the call on to the job's node
+    // itself (one connection and one call from here); a host pid must first
+    // be found on the node where it runs.
+    let (job_id, mut c) = if a.job.parse::<i32>().is_ok() {
+        let job = ctx.find_job(&a.job).await?;
+        if job.node == a.node {
+            anyhow::bail!("job {} is already on {}", job.id, a.node);
+        }
+        eprintln!("migrating {} from {} to {} ...", job.id, job.node, a.node);
+        (job.id.clone(), ctx.agent(&job.node).await?)
+    } else {
+        eprintln!("migrating {} to {} ...", a.job, a.node);
+        (a.job.clone(), ctx.any_agent().await?)
+    };
     let r = c
         .migrate(pb::MigrateRequest {
-            job_id: job.id.clone(),
+            job_id: job_id.clone(),
             target_node: a.node.clone(),
             migration_id: String::new(),
             mode: mode as i32,
+            only_here: false,
         })
         .await
-        .map_err(|s| status_err(&format!("migrating {}", job.id), s))?
+        .map_err(|s| status_err(&format!("migrating {job_id}"), s))?
         .into_inner();
     let m = r.migration.unwrap_or_default();
     println!(
         "migrated {} {} -> {}: frozen {} ms, total {} ms, images {}{}",
-        job.id,
+        job_id,
         m.from_node,
         m.to_node,
         m.frozen_ms,
