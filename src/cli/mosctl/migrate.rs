@@ -25,6 +25,10 @@ pub struct Args {
 }
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    // A malformed job id is refused here, before anything is contacted.
+    if a.job.parse::<i32>().is_err() {
+        crate::core::JobId::parse(&a.job)?;
+    }
     let ctx = Ctx::load(cluster)?;
     // Validate the target before touching anything.
     ctx.cf.node(&a.node)?;
