@@ -501,11 +501,15 @@ impl Agent {
         }
     }
 
-    /// The record of a job that must be running on this node.
     /// The node a job is on, if that is another node of the cluster. None
     /// when it is here, unknown, or the lookup fails: the local migration
     /// then reports why.
     async fn node_of_job_elsewhere(self: &Arc<Self>, id: &JobId) -> Option<NodeName> {
+        // A job whose process this agent manages is here: no record to read
+        // (the local migration reads it anyway).
+        if self.local_pid(id).is_some() {
+            return None;
+        }
         let rec = if self.cfg.shared {
             self.registry.get(id).ok()?
         } else {
@@ -514,6 +518,7 @@ impl Agent {
         (rec.node != self.cfg.node && self.peers.knows(&rec.node)).then_some(rec.node)
     }
 
+    /// The record of a job that must be running on this node.
     pub(crate) fn local_running(&self, id: &JobId) -> AgentResult<(JobRecord, i32)> {
         let rec = self.registry.get(id)?;
         if rec.node != self.cfg.node {

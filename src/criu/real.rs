@@ -51,9 +51,11 @@ impl std::fmt::Debug for RealCriu {
 /// with its `mosix-init`, all while the job is frozen. Set 4 to debug CRIU.
 pub const DEFAULT_LOG_LEVEL: i32 = 2;
 
-/// The log level from `MOSIX_CRIU_LOG_LEVEL`, or [`DEFAULT_LOG_LEVEL`].
+/// The log level from `MOSIX_CRIU_LOG_LEVEL`, or [`DEFAULT_LOG_LEVEL`];
+/// read once per agent, not on every request (and warned about once).
 pub fn log_level() -> i32 {
-    parse_log_level(std::env::var("MOSIX_CRIU_LOG_LEVEL").ok().as_deref())
+    static LEVEL: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| parse_log_level(std::env::var("MOSIX_CRIU_LOG_LEVEL").ok().as_deref()))
 }
 
 fn parse_log_level(v: Option<&str>) -> i32 {

@@ -25,8 +25,9 @@ pub struct Args {
 }
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    let by_pid = a.job.parse::<i32>().is_ok();
     // A malformed job id is refused here, before anything is contacted.
-    if a.job.parse::<i32>().is_err() {
+    if !by_pid {
         crate::core::JobId::parse(&a.job)?;
     }
     let ctx = Ctx::load(cluster)?;
@@ -44,7 +45,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     // A job id goes to any agent, which passes the call on to the job's node
     // itself (one connection and one call from here); a host pid must first
     // be found on the node where it runs.
-    let (job_id, mut c) = if a.job.parse::<i32>().is_ok() {
+    let (job_id, mut c) = if by_pid {
         let job = ctx.find_job(&a.job).await?;
         if job.node == a.node {
             anyhow::bail!("job {} is already on {}", job.id, a.node);
