@@ -32,6 +32,7 @@ REL = ROOT / "target" / "release"
 MOSCTL = str(REL / "mosctl")
 MOSRUN = str(REL / "mosrun")
 MOSJOB = str(REL / "mosjob")
+MOSIX_INIT = str(REL / "mosix-init")
 MOSBAL = str(REL / "mos-balance")
 MOSBENCH = str(REL / "mosbench")
 CLUSTER = "bench"
@@ -288,8 +289,10 @@ def migrate(job, to, extra=()):
 # ---------------------------------------------------------------------------
 
 class BareJob:
-    """`mosjob mem` as the init of its own pid namespace and session, in a
-    node's network namespace, moved between nodes with plain `criu`."""
+    """The same process tree that `mosrun` makes of `mosjob mem` (its init
+    `mosix-init`, in the job's own directory, and the command under it), the
+    init of its own pid namespace and session, in a node's network namespace,
+    moved between nodes with plain `criu`."""
 
     def __init__(self, mib, node="node1"):
         self.mib = mib
@@ -297,7 +300,8 @@ class BareJob:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.out = self.dir / "stdout"
-        inner = f"exec {MOSJOB} mem --mib {mib} </dev/null >{self.out} 2>{self.dir / 'stderr'}"
+        inner = (f"cd {self.dir} && exec {MOSIX_INIT} 0 0 {self.dir} -- {MOSJOB} mem --mib {mib} "
+                 f"</dev/null >{self.out} 2>{self.dir / 'stderr'}")
         self.unshare = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{node}", "unshare", "--pid", "--fork",
              "setsid", "bash", "-c", inner],

@@ -274,8 +274,9 @@ def markdown(r, tg, pngs):
       "(`mosctl local up --name bench --nodes 2`, mTLS, shared image root `criu-images/bench` on the same disk). "
       "**Ours** = wall clock around `mosctl migrate JOB NODE` (CLI start, TLS connection, dump with page hashing alongside, HMAC manifest, "
       "restore RPC, manifest check, CRIU restore with page verification alongside, registry confirm); *frozen* is what mosctl reports. "
-      "**Bare** = `criu dump -t PID -D DIR` in the source node's netns then `criu restore -D DIR -d` in the target's, on the same kind of "
-      "process (init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
+      "**Bare** = `criu dump -t PID -D DIR` in the source node's netns then `criu restore -D DIR -d` in the target's, on the same "
+      "process tree `mosrun` makes (`mosix-init 0 0 DIR -- mosjob mem --mib N`: the job's init and the command under it, "
+      "the init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
       f"images under `criu-images/bench-bare/` (same file system), with the same options our agent passes over RPC "
       f"(`{' '.join(meta.get('bare_criu_options', []))}`). Each run is a round trip node1 → node2 → node1 per side, "
       "and both legs count (*moves* = 2 × runs per side). Each timed move starts with the previous move's images "
@@ -389,7 +390,8 @@ def markdown(r, tg, pngs):
             w(f"\nFrozen time of the balancer's {len(fz)} migrations (ms, in order): {', '.join(map(str, fz))}. "
               "A burn job's images are only a few MiB; compare with the 64 MiB row of section 1 (uncapped nodes). "
               "The agent and CRIU run inside the node's capped cgroup, so on a saturated 0.5-core node they compete "
-              "with the jobs they are moving.")
+              "with the jobs they are moving; the agent, its CRIU workers and the job being dumped (whose threads run "
+              "CRIU's parasite) run at nice -10, above the jobs (ARCHITECTURE.md, \"Priorities on a crowded node\").")
         sp = b["balanced"].get("spread_evenly_after_s")
         if sp is not None:
             w(f"\nWith the balancer, all {b['k']} jobs were spread evenly (at most one job difference between nodes) "

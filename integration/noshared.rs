@@ -446,6 +446,7 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
             image_dir: format!("images/{job}/mfake"),
             started_unix_ms: 0,
             post_copy: false,
+            nice_before_dump: Vec::new(),
         });
         serde_json::to_vec(&r).unwrap()
     };

@@ -1620,6 +1620,7 @@ mod tests {
                 image_dir: format!("images/{JOB}/{MIG}"),
                 started_unix_ms: 1,
                 post_copy: false,
+                nice_before_dump: Vec::new(),
             }),
             pinned: false,
             non_migratable: false,

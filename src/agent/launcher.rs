@@ -31,6 +31,9 @@ pub struct LaunchSpec {
     /// None runs the command itself as the namespace's init (tests only:
     /// CRIU cannot dump such a job if it is unprivileged).
     pub init: Option<(PathBuf, PathBuf)>,
+    /// The job's nice value ([`crate::core::job_nice`]): the agent itself
+    /// runs at a higher priority, which the job must not inherit.
+    pub nice: i32,
 }
 
 /// `mosix-init`, next to the running binary.
@@ -153,6 +156,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         wr.as_raw_fd(),
     );
     let switch_user = unsafe { libc::geteuid() } == 0 && (uid != 0 || gid != 0);
+    let nice = spec.nice;
 
     let child = Box::new(move || -> isize {
         // SAFETY: only async-signal-safe libc calls on memory prepared above.
@@ -166,6 +170,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
             if libc::setsid() < 0 {
                 return fail(1);
             }
+            // Lowering one's own priority needs no privilege.
+            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -247,6 +253,7 @@ mod tests {
             stdout: "/dev/null".into(),
             stderr: "/dev/null".into(),
             init: None,
+            nice: 0,
         };
         assert!(matches!(launch(&spec), Err(LaunchError::EmptyCommand)));
     }

@@ -8,6 +8,7 @@
 //! through. Capacity is the cgroup's CFS quota in cores (or the machine's
 //! cores) times the node's speed factor. Memory comes from sysinfo.
 
+use crate::core::procfs::stat_fields;
 use crate::core::{JobId, NodeName};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -78,13 +79,6 @@ fn clock_ticks() -> f64 {
     } else {
         100.0
     }
-}
-
-/// Fields of /proc/<pid>/stat after the command name.
-fn stat_fields(path: &str) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 fn ns_inode(pid: i32) -> Option<std::path::PathBuf> {

@@ -28,11 +28,12 @@
 #[path = "direct.rs"]
 pub mod direct;
 
-use super::{io_error, reaper, Agent, AgentError, AgentResult};
+use super::{io_error, priority, reaper, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
+use crate::criu::swrk::WORKER_NICE;
 use crate::criu::{DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -296,6 +297,7 @@ impl Agent {
                 image_dir: rel.clone(),
                 started_unix_ms: started,
                 post_copy: lazy.is_some(),
+                nice_before_dump: priority::raise(pid, WORKER_NICE),
             });
             self.registry.put(rec)?;
             self.set_dumping(&rec.id, true);
@@ -375,8 +377,10 @@ impl Agent {
     fn dump_failed(&self, rec: &mut JobRecord, pid: i32, dir: &Path) -> AgentResult<()> {
         remove_images_keep_logs(dir);
         let exited = self.set_dumping(&rec.id, false);
+        if let Some(p) = rec.pending.take() {
+            priority::put_back(pid, &p.nice_before_dump);
+        }
         rec.state = JobState::Running;
-        rec.pending = None;
         self.registry.put(rec)?;
         if let Some(st) = exited {
             if let Ok(mut l) = self.local.lock() {
@@ -658,6 +662,9 @@ impl Agent {
             self.watch_lazy_daemon(job.clone(), outcome.pid, d, dir.clone());
         }
         let mut rec = self.registry.get(job)?;
+        if let Some(p) = &rec.pending {
+            priority::put_back(outcome.pid, &p.nice_before_dump);
+        }
         let now = now_unix_ms();
         let started = rec
             .pending
@@ -822,6 +829,7 @@ impl Agent {
             image_dir: rel.clone(),
             started_unix_ms: now_unix_ms(),
             post_copy: true,
+            nice_before_dump: priority::raise(pid, WORKER_NICE),
         });
         self.registry.put(rec)?;
         self.set_dumping(&rec.id, true);
@@ -912,6 +920,9 @@ impl Agent {
         }
         if alive {
             let mut rec = self.registry.get(job)?;
+            if let Some(p) = &rec.pending {
+                priority::put_back(lazy.pid, &p.nice_before_dump);
+            }
             rec.node = self.cfg.node.clone();
             rec.state = JobState::Running;
             rec.pid = lazy.pid;

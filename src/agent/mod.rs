@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod migration;
 pub mod peers;
 pub mod precopy;
+pub mod priority;
 pub mod reaper;
 pub mod recovery;
 pub mod service;
@@ -403,6 +404,7 @@ impl Agent {
             stdout: out_dir.join("stdout"),
             stderr: out_dir.join("stderr"),
             init: launcher::default_init().map(|i| (i, out_dir.clone())),
+            nice: crate::core::job_nice(),
         };
         let pid = launcher::launch(&spec).map_err(|e| match e {
             launcher::LaunchError::Output(_, ref io) if io.raw_os_error() == Some(libc::ENOSPC) => {

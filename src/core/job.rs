@@ -60,6 +60,10 @@ pub struct PendingMigration {
     pub started_unix_ms: u64,
     #[serde(default)]
     pub post_copy: bool,
+    /// `(namespace tid, nice)` of the job's threads whose priority was
+    /// raised for the dump (`agent::priority`); a restore puts them back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nice_before_dump: Vec<(i32, i32)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -44,14 +44,47 @@ pub fn current_tid() -> i32 {
     unsafe { libc::gettid() }
 }
 
+/// The nice value of everything that moves jobs: the agent's threads, its
+/// CRIU workers at work, the job being dumped (`agent::priority`). A node
+/// is left because it is crowded; at the jobs' own priority the agent and
+/// CRIU would get 1/(n+1) of a node with n busy jobs, and on a CPU-capped
+/// node they would wait out CFS throttling periods while the job is frozen.
+pub const MIGRATION_NICE: i32 = -10;
+
+/// The nice value jobs are started at: the agent's own, from before
+/// [`raise_own_priority`].
+static JOB_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The nice value a new job starts at (see [`raise_own_priority`]).
+pub fn job_nice() -> i32 {
+    JOB_NICE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// For `mosixd`, before it starts any thread (threads inherit their
+/// creator's nice value): remember the nice value it was started with for
+/// its jobs, and raise its own to `to` if that is higher. Without the
+/// privilege to raise it, nothing changes.
+pub fn raise_own_priority(to: i32) {
+    let Some(base) =
+        procfs::stat_fields("/proc/thread-self/stat").and_then(|f| f.get(16)?.parse::<i32>().ok())
+    else {
+        return;
+    };
+    JOB_NICE.store(base, std::sync::atomic::Ordering::Relaxed);
+    if base > to {
+        set_nice_checked(current_tid(), to);
+    }
+}
+
 /// Set the nice value of process `pid` (its main thread). Best effort: a
 /// stale pid fails harmlessly (ESRCH), and without the privilege to raise
 /// a priority the process keeps the one it has.
 pub fn set_nice(pid: i32, nice: i32) {
-    if pid > 0 {
-        // SAFETY: a plain syscall with no memory arguments.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice);
-        }
-    }
+    set_nice_checked(pid, nice);
+}
+
+/// [`set_nice`] for one thread (`pid` may be any tid), telling whether it took.
+pub fn set_nice_checked(pid: i32, nice: i32) -> bool {
+    // SAFETY: a plain syscall with no memory arguments.
+    pid > 0 && unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) } == 0
 }

@@ -1,5 +1,6 @@
 //! Reading `/proc/<pid>/status`, which several parts consult for one field
-//! each (a tracer, a parent, a namespace pid, a memory size).
+//! each (a tracer, a parent, a namespace pid, a memory size), and
+//! `/proc/<pid>/stat`'s fields.
 
 /// The value of `key` (without its colon, e.g. `"PPid"`) in
 /// `/proc/<pid>/status`, trimmed; None if the process or the field is gone.
@@ -20,6 +21,14 @@ pub fn status_number<T: std::str::FromStr>(pid: i32, key: &str) -> Option<T> {
         .ok()
 }
 
+/// The fields of a `/proc/<pid>/stat` file after the command name (which may
+/// hold spaces and parentheses): index 0 is the state (field 3 of proc(5)).
+pub fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +41,18 @@ mod tests {
         assert_eq!(status_field(me, "NoSuchField"), None);
         // A prefix of a real key is not that key.
         assert_eq!(status_field(me, "Vm"), None);
+    }
+
+    #[test]
+    fn stat_fields_start_after_the_command_name() {
+        let me = std::process::id();
+        let f = stat_fields(&format!("/proc/{me}/stat")).expect("own stat");
+        // Field 3 (state) is R or S for a running test; field 4 is the parent.
+        assert!(["R", "S"].contains(&f[0].as_str()), "{f:?}");
+        assert_eq!(
+            f[1].parse::<u32>().ok(),
+            Some(std::os::unix::process::parent_id())
+        );
+        assert!(stat_fields("/proc/0/stat").is_none());
     }
 }

@@ -47,7 +47,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 /// The nice value of a worker doing a dump or restore (see the module docs).
-pub const WORKER_NICE: i32 = -10;
+pub const WORKER_NICE: i32 = crate::core::MIGRATION_NICE;
 /// The nice value of an idle spare and of a worker tearing itself down.
 const IDLE_NICE: i32 = 19;
 
