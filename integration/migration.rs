@@ -398,3 +398,101 @@ fn post_copy_request_falls_back_to_full_copy_where_unavailable() {
         "memory went through the images: {m:?}"
     );
 }
+
+/// Every thread of the process tree rooted at `root`: (namespace pid, nice).
+fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                .unwrap_or_default();
+            let ns = status
+                .lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+                .unwrap_or(-1);
+            let nice = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/task/{tid}/stat"))
+                .and_then(|f| f.get(16)?.parse().ok())
+                .unwrap_or(99);
+            out.push((ns, nice));
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+                .unwrap_or_default();
+            todo.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn agent_runs_above_its_jobs_and_a_moved_job_keeps_its_nice_values() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    // The agents raise themselves for migrations on crowded nodes...
+    let agents = std::fs::read_to_string(format!("/run/mosix/{}/agents.pids", cl.name)).unwrap();
+    for pid in agents.split_whitespace() {
+        let f = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/stat")).unwrap();
+        assert_eq!(
+            f[16],
+            mosix::core::MIGRATION_NICE.to_string(),
+            "agent {pid}"
+        );
+    }
+    // ...but start jobs at the nice value they were started with (this test's: 0).
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "tree",
+        "--children",
+        "2",
+        "--seconds",
+        "60",
+    ]);
+    std::thread::sleep(Duration::from_millis(800));
+    let before = nice_by_ns_pid(cl.record(&job).pid);
+    assert!(
+        before.len() >= 4,
+        "init, parent and two children: {before:?}"
+    );
+    assert!(before.iter().all(|&(_, n)| n == 0), "{before:?}");
+    // The user renices the command (namespace pid 2) to 7.
+    let cmd = {
+        let init = cl.record(&job).pid;
+        std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<i32>()
+            .unwrap()
+    };
+    mosix::core::set_nice(cmd, 7);
+    let expect: Vec<(i32, i32)> = before
+        .iter()
+        .map(|&(ns, n)| (ns, if ns == 2 { 7 } else { n }))
+        .collect();
+    // The dump raises every thread to the agent's priority; each restore
+    // must give back exactly what the job had, on either node.
+    for to in ["node2", "node1"] {
+        let o = cl.mosctl(&["migrate", &job, to, "--full-copy"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rec = cl.record(&job);
+        assert_eq!(rec.node.as_str(), to);
+        assert!(rec.pending.is_none());
+        assert_eq!(nice_by_ns_pid(rec.pid), expect, "after the move to {to}");
+    }
+    let o = cl.mosctl(&["kill", &job, "-s", "9"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
