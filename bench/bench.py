@@ -62,6 +62,13 @@ CRIU = criu_path()
 # Bare CRIU gets the same options our agent passes over RPC (src/criu/real.rs):
 # log level 2 (the agent's default) into a log file, file locks, link remap, cgroups ignored.
 CRIU_COMMON = ["-v2", "--file-locks", "--link-remap", "--manage-cgroups=ignore"]
+# ...and the same CPU priority as the agent's CRIU workers (core::MIGRATION_NICE),
+# set in the child before exec rather than with nice(1), which would add an exec.
+CRIU_NICE = -10
+
+
+def at_criu_nice():
+    os.setpriority(os.PRIO_PROCESS, 0, CRIU_NICE)
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +336,7 @@ class BareJob:
         t = time.monotonic()
         r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{self.node}", CRIU, "dump",
                             "-t", str(self.pid), "-D", str(img), "-o", "dump.log", *CRIU_COMMON],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, preexec_fn=at_criu_nice)
         dump = (time.monotonic() - t) * 1000
         if r.returncode != 0:
             raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
@@ -348,7 +355,7 @@ class BareJob:
         r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
                             "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d",
                             "--pidfile", str(pidfile)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, preexec_fn=at_criu_nice)
         restore = (time.monotonic() - t) * 1000
         if r.returncode != 0:
             raise RuntimeError(f"bare criu restore failed: {r.stderr.strip()[-1500:]}\n"
@@ -382,7 +389,7 @@ class BareJob:
                                  "-t", str(self.pid), "-D", str(img), "-o", "dump.log", *CRIU_COMMON,
                                  "--lazy-pages", "--address", src_ip, "--port", str(port),
                                  "--status-fd", str(wr)],
-                                pass_fds=(wr,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                pass_fds=(wr,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=at_criu_nice)
         track(dump.pid)
         os.close(wr)
         ready = os.read(rd, 1)
@@ -396,7 +403,7 @@ class BareJob:
         daemon = subprocess.Popen(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "lazy-pages",
                                    "--page-server", "--address", src_ip, "--port", str(port),
                                    "-D", str(img), "-o", "lazy.log", "-v4"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=at_criu_nice)
         track(daemon.pid)
         end = time.monotonic() + 15
         while not (img / "lazy-pages.socket").exists() and time.monotonic() < end:
@@ -405,7 +412,7 @@ class BareJob:
         pidfile.unlink(missing_ok=True)
         r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
                             "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d", "--lazy-pages",
-                            "--pidfile", str(pidfile)], capture_output=True, text=True)
+                            "--pidfile", str(pidfile)], capture_output=True, text=True, preexec_fn=at_criu_nice)
         frozen = (time.monotonic() - t) * 1000
         if r.returncode != 0:
             dump.kill()
@@ -795,7 +802,7 @@ def main():
         "host": os.uname().nodename, "kernel": os.uname().release, "cpus": os.cpu_count(),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "criu": CRIU, "criu_version": run([CRIU, "--version"], check=False).stdout.strip().replace("\n", " "),
-        "bare_criu_options": CRIU_COMMON,
+        "bare_criu_options": CRIU_COMMON, "bare_criu_nice": CRIU_NICE,
         "others_running_at_start": others_running(), "loadavg_start": loadavg(),
     })
     durations = res.setdefault("durations_s", {})

@@ -278,7 +278,7 @@ def markdown(r, tg, pngs):
       "process tree `mosrun` makes (`mosix-init 0 0 DIR -- mosjob mem --mib N`: the job's init and the command under it, "
       "the init of its own pid namespace and session, started with `nsenter --net … unshare --pid --fork setsid`), "
       f"images under `criu-images/bench-bare/` (same file system), with the same options our agent passes over RPC "
-      f"(`{' '.join(meta.get('bare_criu_options', []))}`). Each run is a round trip node1 → node2 → node1 per side, "
+      f"(`{' '.join(meta.get('bare_criu_options', []))}`) and at the same CPU priority as the agent's CRIU workers (nice -10). Each run is a round trip node1 → node2 → node1 per side, "
       "and both legs count (*moves* = 2 × runs per side). Each timed move starts with the previous move's images "
       "deleted: bare images are deleted synchronously, untimed; the agent deletes ours on a background thread "
       "after replying, and the bench waits for that before timing the next move. Runs alternate which of the two goes first, "
