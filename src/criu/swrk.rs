@@ -29,8 +29,9 @@
 //! migrated away from because it is overloaded, and at the jobs' own
 //! priority CRIU would get 1/(n+1) of a node crowded with n jobs (on a
 //! CPU-capped node, a frozen time of seconds for a job of a few MiB). The
-//! jobs CRIU restores get their own nice values back from the images. A
-//! worker that has sent its final answer goes back to nice 19 for its
+//! jobs CRIU restores get their own nice values back: from the images, and
+//! for the threads the agent raised for the dump, from the job's pending
+//! migration (`agent::priority`). A worker that has sent its final answer goes back to nice 19 for its
 //! teardown. Only the child is ever made low-priority, never a thread of
 //! the agent: a starved agent thread could hold a lock (the address space
 //! during fork, the spare's slot) that a migration then waits for. A spare that died meanwhile is replaced by
