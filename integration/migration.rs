@@ -432,13 +432,12 @@ fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
     out
 }
 
-#[test]
-fn agent_runs_above_its_jobs_and_a_moved_job_keeps_its_nice_values() {
-    if !privileged() {
-        return;
-    }
-    let cl = Cluster::up(2, &[]);
-    // The agents raise themselves for migrations on crowded nodes...
+/// The agents run at nice -10, jobs start at the nice the agents were
+/// started with (this test's: 0), and each move (`modes`, alternating
+/// node2, node1, ...) gives a job whose command the user reniced to 7
+/// exactly its own values back, although the dump raises every thread.
+fn moved_job_keeps_its_nice_values(cluster_flags: &[&str], modes: &[&str]) {
+    let cl = Cluster::up(2, cluster_flags);
     let agents = std::fs::read_to_string(format!("/run/mosix/{}/agents.pids", cl.name)).unwrap();
     for pid in agents.split_whitespace() {
         let f = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/stat")).unwrap();
@@ -448,7 +447,6 @@ fn agent_runs_above_its_jobs_and_a_moved_job_keeps_its_nice_values() {
             "agent {pid}"
         );
     }
-    // ...but start jobs at the nice value they were started with (this test's: 0).
     let job = cl.mosrun(&[
         "--node",
         "node1",
@@ -461,38 +459,60 @@ fn agent_runs_above_its_jobs_and_a_moved_job_keeps_its_nice_values() {
         "60",
     ]);
     std::thread::sleep(Duration::from_millis(800));
-    let before = nice_by_ns_pid(cl.record(&job).pid);
+    let init = cl.record(&job).pid;
+    let before = nice_by_ns_pid(init);
     assert!(
         before.len() >= 4,
         "init, parent and two children: {before:?}"
     );
     assert!(before.iter().all(|&(_, n)| n == 0), "{before:?}");
     // The user renices the command (namespace pid 2) to 7.
-    let cmd = {
-        let init = cl.record(&job).pid;
-        std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<i32>()
-            .unwrap()
-    };
+    let cmd = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse::<i32>()
+        .unwrap();
     mosix::core::set_nice(cmd, 7);
     let expect: Vec<(i32, i32)> = before
         .iter()
         .map(|&(ns, n)| (ns, if ns == 2 { 7 } else { n }))
         .collect();
-    // The dump raises every thread to the agent's priority; each restore
-    // must give back exactly what the job had, on either node.
-    for to in ["node2", "node1"] {
-        let o = cl.mosctl(&["migrate", &job, to, "--full-copy"]);
+    for (i, mode) in modes.iter().enumerate() {
+        let to = if i % 2 == 0 { "node2" } else { "node1" };
+        let o = cl.mosctl(&["migrate", &job, to, mode]);
         assert!(o.status.success(), "{}", stderr(&o));
         let rec = cl.record(&job);
         assert_eq!(rec.node.as_str(), to);
         assert!(rec.pending.is_none());
-        assert_eq!(nice_by_ns_pid(rec.pid), expect, "after the move to {to}");
+        assert_eq!(
+            nice_by_ns_pid(rec.pid),
+            expect,
+            "after the {mode} move to {to}"
+        );
     }
     let o = cl.mosctl(&["kill", &job, "-s", "9"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn agent_runs_above_its_jobs_and_a_moved_job_keeps_its_nice_values() {
+    if !privileged() {
+        return;
+    }
+    let back = if post_copy_capable() {
+        "--post-copy"
+    } else {
+        "--full-copy"
+    };
+    moved_job_keeps_its_nice_values(&[], &["--full-copy", back]);
+}
+
+#[test]
+fn without_a_shared_path_a_moved_job_keeps_its_nice_values() {
+    if !privileged() {
+        return;
+    }
+    moved_job_keeps_its_nice_values(&["--no-shared"], &["--full-copy", "--full-copy"]);
 }
