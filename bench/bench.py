@@ -777,7 +777,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phases", default="plan,round,migration,balance")
     ap.add_argument("--out", default=str(OUT / "results.json"))
-    ap.add_argument("--sizes", default="64x20,256x12,1024x8", type=parse_sizes,
+    ap.add_argument("--sizes", default="64x20,256x16,1024x12", type=parse_sizes,
                     help="MiBxRUNS,... for the migration phase")
     ap.add_argument("--unsealed-sizes", default="64x3,256x3,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")

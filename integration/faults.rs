@@ -314,6 +314,11 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
         "{err}"
     );
     assert_eq!(assert_exactly_once(&cl, &job, &file, 2), "node1");
+    // The dump raised the job's threads to the agent's priority; the failed
+    // dump must have given them their own back.
+    let threads = nice_by_ns_pid(cl.record(&job).pid);
+    assert!(threads.len() >= 2, "{threads:?}");
+    assert!(threads.iter().all(|&(_, nice)| nice == 0), "{threads:?}");
     let _ = std::fs::remove_file(&file);
 }
 

@@ -399,39 +399,6 @@ fn post_copy_request_falls_back_to_full_copy_where_unavailable() {
     );
 }
 
-/// Every thread of the process tree rooted at `root`: (namespace pid, nice).
-fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
-    let mut out = Vec::new();
-    let mut todo = vec![root];
-    while let Some(pid) = todo.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let tid = t.file_name().to_string_lossy().into_owned();
-            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-                .unwrap_or_default();
-            let ns = status
-                .lines()
-                .find(|l| l.starts_with("NSpid:"))
-                .and_then(|l| l.split_whitespace().last()?.parse().ok())
-                .unwrap_or(-1);
-            let nice = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/task/{tid}/stat"))
-                .and_then(|f| f.get(16)?.parse().ok())
-                .unwrap_or(99);
-            out.push((ns, nice));
-            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
-                .unwrap_or_default();
-            todo.extend(
-                kids.split_whitespace()
-                    .filter_map(|k| k.parse::<i32>().ok()),
-            );
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The agents run at nice -10, jobs start at the nice the agents were
 /// started with (this test's: 0), and each move (`modes`, alternating
 /// node2, node1, ...) gives a job whose command the user reniced to 7

@@ -318,3 +318,36 @@ pub fn assert_contiguous(t: &[u64]) {
         );
     }
 }
+
+/// Every thread of the process tree rooted at `root`: (namespace pid, nice).
+pub fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                .unwrap_or_default();
+            let ns = status
+                .lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+                .unwrap_or(-1);
+            let nice = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/task/{tid}/stat"))
+                .and_then(|f| f.get(16)?.parse().ok())
+                .unwrap_or(99);
+            out.push((ns, nice));
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+                .unwrap_or_default();
+            todo.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort();
+    out
+}

@@ -14,7 +14,7 @@
 # agents, the balancer, bare-CRIU processes and their images.
 #
 # Knobs (environment): BENCH_PHASES=plan,round,migration,balance
-#                      BENCH_SIZES=64x20,256x12,1024x8  (MiB x round trips)
+#                      BENCH_SIZES=64x20,256x16,1024x12  (MiB x round trips)
 #                      BENCH_ARGS="..."                (more bench.py flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +76,7 @@ bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
   --phases "${BENCH_PHASES:-plan,round,migration,balance}" \
-  --sizes "${BENCH_SIZES:-64x20,256x12,1024x8}" \
+  --sizes "${BENCH_SIZES:-64x20,256x16,1024x12}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 
 python3 bench/report.py

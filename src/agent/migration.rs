@@ -299,8 +299,7 @@ impl Agent {
                 post_copy: lazy.is_some(),
                 nice_before_dump: priority::raise(pid, WORKER_NICE),
             });
-            self.registry.put(rec)?;
-            self.set_dumping(&rec.id, true);
+            self.record_dumping(rec, pid)?;
         }
         tracing::debug!(job = %rec.id, "step: registry updated, dumping");
         let t0 = Instant::now();
@@ -368,6 +367,22 @@ impl Agent {
             image_bytes: dir_bytes(&dir),
             frozen_ms,
         })
+    }
+
+    /// Record the dump that is about to stop the job (its pending migration
+    /// carries the nice values [`priority::raise`] changed). If the record
+    /// cannot be written (a full disk), nothing is dumped and the job keeps
+    /// running here as it was, its priority included.
+    fn record_dumping(&self, rec: &mut JobRecord, pid: i32) -> AgentResult<()> {
+        if let Err(e) = self.registry.put(rec) {
+            if let Some(p) = rec.pending.take() {
+                priority::put_back(pid, &p.nice_before_dump);
+            }
+            rec.state = JobState::Running;
+            return Err(e.into());
+        }
+        self.set_dumping(&rec.id, true);
+        Ok(())
     }
 
     /// A dump that stops the job failed: CRIU has resumed the job (or it
@@ -831,8 +846,7 @@ impl Agent {
             post_copy: true,
             nice_before_dump: priority::raise(pid, WORKER_NICE),
         });
-        self.registry.put(rec)?;
-        self.set_dumping(&rec.id, true);
+        self.record_dumping(rec, pid)?;
         let (rd, wr) = nix::unistd::pipe().map_err(|e| io_error("status pipe", e.into()))?;
         let guard = self.criu_lock.clone().lock_owned().await;
         let engine = self.engine.clone();
