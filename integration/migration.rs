@@ -407,10 +407,10 @@ fn moved_job_keeps_its_nice_values(cluster_flags: &[&str], modes: &[&str]) {
     let cl = Cluster::up(2, cluster_flags);
     let agents = std::fs::read_to_string(format!("/run/mosix/{}/agents.pids", cl.name)).unwrap();
     for pid in agents.split_whitespace() {
-        let f = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/stat")).unwrap();
+        let pid: i32 = pid.parse().unwrap();
         assert_eq!(
-            f[16],
-            mosix::core::MIGRATION_NICE.to_string(),
+            mosix::core::procfs::nice(pid),
+            Some(mosix::core::MIGRATION_NICE),
             "agent {pid}"
         );
     }

@@ -329,16 +329,9 @@ pub fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
         };
         for t in tasks.flatten() {
             let tid = t.file_name().to_string_lossy().into_owned();
-            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
-                .unwrap_or_default();
-            let ns = status
-                .lines()
-                .find(|l| l.starts_with("NSpid:"))
-                .and_then(|l| l.split_whitespace().last()?.parse().ok())
-                .unwrap_or(-1);
-            let nice = mosix::core::procfs::stat_fields(&format!("/proc/{pid}/task/{tid}/stat"))
-                .and_then(|f| f.get(16)?.parse().ok())
-                .unwrap_or(99);
+            let tid: i32 = tid.parse().unwrap_or(-1);
+            let ns = mosix::core::procfs::ns_pid(tid).unwrap_or(-1);
+            let nice = mosix::core::procfs::nice(tid).unwrap_or(99);
             out.push((ns, nice));
             let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
                 .unwrap_or_default();

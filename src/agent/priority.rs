@@ -29,7 +29,7 @@ use crate::core::procfs;
 pub fn raise(root: i32, to: i32) -> Vec<(i32, i32)> {
     let mut saved = Vec::new();
     for (host_tid, ns_tid) in threads_of_tree(root) {
-        let Some(nice) = nice_of(host_tid) else {
+        let Some(nice) = procfs::nice(host_tid) else {
             continue;
         };
         if nice > to && crate::core::set_nice_checked(host_tid, to) {
@@ -73,7 +73,7 @@ fn threads_of_tree(root: i32) -> Vec<(i32, i32)> {
             let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            if let Some(ns_tid) = ns_tid(pid, tid) {
+            if let Some(ns_tid) = procfs::ns_pid(tid) {
                 out.push((tid, ns_tid));
             }
             if let Ok(kids) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
@@ -85,23 +85,6 @@ fn threads_of_tree(root: i32) -> Vec<(i32, i32)> {
         }
     }
     out
-}
-
-/// The innermost namespace's id of thread `tid` of process `pid` (the last
-/// field of `NSpid`).
-fn ns_tid(pid: i32, tid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
-}
-
-/// A thread's nice value, from field 19 of its `stat` (getpriority(2) needs
-/// errno juggling: -1 is a valid answer).
-fn nice_of(tid: i32) -> Option<i32> {
-    procfs::stat_fields(&format!("/proc/{tid}/stat"))?
-        .get(16)?
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]
@@ -127,7 +110,7 @@ mod tests {
             eprintln!("SKIP raise_and_put_back: raising a priority needs root (CAP_SYS_NICE)");
             return;
         }
-        let ours = nice_of(crate::core::current_tid());
+        let ours = procfs::nice(crate::core::current_tid());
         // A child process of our own, so that nothing of the test runner is
         // reniced: it sleeps at nice 5.
         let mut child = std::process::Command::new("sleep")
@@ -136,25 +119,25 @@ mod tests {
             .expect("spawn sleep");
         let pid = child.id() as i32;
         crate::core::set_nice(pid, 5);
-        assert_eq!(nice_of(pid), Some(5));
+        assert_eq!(procfs::nice(pid), Some(5));
 
         // Raising to 10 would lower it: untouched.
         assert!(raise(pid, 10).is_empty());
-        assert_eq!(nice_of(pid), Some(5));
+        assert_eq!(procfs::nice(pid), Some(5));
 
         // Raising to 2 (root may always go up in priority).
         let saved = raise(pid, 2);
-        assert_eq!(nice_of(pid), Some(2));
+        assert_eq!(procfs::nice(pid), Some(2));
         assert_eq!(saved, vec![(pid, 5)]);
 
         // put_back matches by namespace tid; an unknown tid sets nothing.
         assert_eq!(put_back(pid, &[(pid + 100_000, 7)]), 0);
-        assert_eq!(nice_of(pid), Some(2));
+        assert_eq!(procfs::nice(pid), Some(2));
         assert_eq!(put_back(pid, &saved), 1);
-        assert_eq!(nice_of(pid), Some(5));
+        assert_eq!(procfs::nice(pid), Some(5));
         let _ = child.kill();
         let _ = child.wait();
         // Nothing of the test process itself was touched.
-        assert_eq!(nice_of(crate::core::current_tid()), ours);
+        assert_eq!(procfs::nice(crate::core::current_tid()), ours);
     }
 }

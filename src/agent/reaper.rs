@@ -92,8 +92,7 @@ impl Agent {
 pub(crate) fn is_pidns_init(pid: i32) -> bool {
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid"));
     let ours = std::fs::read_link("/proc/self/ns/pid");
-    let nspid_is_1 = crate::core::procfs::status_field(pid, "NSpid")
-        .is_some_and(|v| v.split_whitespace().last() == Some("1"));
+    let nspid_is_1 = crate::core::procfs::ns_pid(pid) == Some(1);
     matches!((theirs, ours), (Ok(a), Ok(b)) if a != b) && nspid_is_1
 }
 

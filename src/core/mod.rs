@@ -65,9 +65,7 @@ pub fn job_nice() -> i32 {
 /// its jobs, and raise its own to `to` if that is higher. Without the
 /// privilege to raise it, nothing changes.
 pub fn raise_own_priority(to: i32) {
-    let Some(base) =
-        procfs::stat_fields("/proc/thread-self/stat").and_then(|f| f.get(16)?.parse::<i32>().ok())
-    else {
+    let Some(base) = procfs::nice(current_tid()) else {
         return;
     };
     JOB_NICE.store(base, std::sync::atomic::Ordering::Relaxed);

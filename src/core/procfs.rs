@@ -1,6 +1,6 @@
 //! Reading `/proc/<pid>/status`, which several parts consult for one field
 //! each (a tracer, a parent, a namespace pid, a memory size), and
-//! `/proc/<pid>/stat`'s fields.
+//! `/proc/<pid>/stat`'s fields (a nice value).
 
 /// The value of `key` (without its colon, e.g. `"PPid"`) in
 /// `/proc/<pid>/status`, trimmed; None if the process or the field is gone.
@@ -29,6 +29,25 @@ pub fn stat_fields(path: &str) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
+/// The nice value of process or thread `tid` (field 19 of its `stat`;
+/// getpriority(2) would need errno juggling, -1 being a valid answer).
+pub fn nice(tid: i32) -> Option<i32> {
+    stat_fields(&format!("/proc/{tid}/stat"))?
+        .get(16)?
+        .parse()
+        .ok()
+}
+
+/// The id of process or thread `tid` in its innermost PID namespace (the
+/// last field of `NSpid`).
+pub fn ns_pid(tid: i32) -> Option<i32> {
+    status_field(tid, "NSpid")?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +73,22 @@ mod tests {
             Some(std::os::unix::process::parent_id())
         );
         assert!(stat_fields("/proc/0/stat").is_none());
+    }
+
+    #[test]
+    fn nice_and_namespace_pid_of_ourselves() {
+        let me = std::process::id() as i32;
+        // SAFETY: getpriority has no memory arguments; errno is reset first.
+        let want = unsafe {
+            *libc::__errno_location() = 0;
+            libc::getpriority(libc::PRIO_PROCESS, 0)
+        };
+        assert_eq!(nice(crate::core::current_tid()), Some(want));
+        let innermost = status_field(me, "NSpid")
+            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+        assert!(ns_pid(me).is_some());
+        assert_eq!(ns_pid(me), innermost);
+        assert_eq!(nice(0), None);
+        assert_eq!(ns_pid(0), None);
     }
 }
