@@ -199,6 +199,7 @@ impl Peers for GrpcPeers {
                 migration_id: mig.map(|m| m.to_string()).unwrap_or_default(),
                 mode: crate::api::pb::MigrationMode::from(mode) as i32,
                 only_here: true,
+                force: crate::api::convert::mode_forced(mode),
             });
             req.set_timeout(self.migrate_timeout);
             // The owner's answer, refusals included, is the caller's answer.

@@ -217,7 +217,9 @@ impl TryFrom<pb::MigrateRequest> for AgentAction {
         let mode = match pb::MigrationMode::try_from(r.mode) {
             Ok(pb::MigrationMode::Auto) => Mode::Auto,
             Ok(pb::MigrationMode::FullCopy) => Mode::FullCopy,
+            Ok(pb::MigrationMode::PostCopy) if r.force => Mode::PostCopyForced,
             Ok(pb::MigrationMode::PostCopy) => Mode::PostCopy,
+            Ok(pb::MigrationMode::PostCopyIfSafe) => Mode::PostCopyIfSafe,
             Ok(pb::MigrationMode::PreCopy) => Mode::PreCopy,
             Err(_) => {
                 return Err(InvalidRequest::new(
@@ -241,10 +243,16 @@ impl From<Mode> for pb::MigrationMode {
         match m {
             Mode::Auto => pb::MigrationMode::Auto,
             Mode::FullCopy => pb::MigrationMode::FullCopy,
-            Mode::PostCopy => pb::MigrationMode::PostCopy,
+            Mode::PostCopy | Mode::PostCopyForced => pb::MigrationMode::PostCopy,
+            Mode::PostCopyIfSafe => pb::MigrationMode::PostCopyIfSafe,
             Mode::PreCopy => pb::MigrationMode::PreCopy,
         }
     }
+}
+
+/// The `force` flag that goes with [`pb::MigrationMode::from`] a mode.
+pub fn mode_forced(m: Mode) -> bool {
+    m == Mode::PostCopyForced
 }
 
 impl TryFrom<pb::SignalRequest> for AgentAction {
@@ -603,6 +611,7 @@ mod tests {
             migration_id: String::new(),
             mode: 0,
             only_here: false,
+            force: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "job_id");
@@ -613,6 +622,7 @@ mod tests {
             migration_id: String::new(),
             mode: 99,
             only_here: false,
+            force: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "mode");
@@ -634,6 +644,7 @@ mod tests {
             migration_id: String::new(),
             mode: pb::MigrationMode::PreCopy as i32,
             only_here: true,
+            force: false,
         })
         .unwrap();
         assert!(matches!(

@@ -142,6 +142,7 @@ fn synthetic_cluster(n_nodes: usize, n_jobs: usize, hot: usize) -> ClusterSnapsh
                     residence_secs: rng.below(100) as f64,
                     pinned: false,
                     migratable: true,
+                    post_copy_failed: false,
                 });
             }
         }

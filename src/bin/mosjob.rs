@@ -4,6 +4,9 @@
 //! - `counter`: a counter in memory, a file it appends to every tick, a
 //!   listening TCP socket that answers `counter=N mem=ok|BAD` per connection,
 //!   and optionally N MiB of memory whose checksum is verified on each query.
+//!   `--hold fifo:PATH|lock:PATH|lease:PATH` also holds a full FIFO, a POSIX
+//!   lock or a write lease (what a post-copy restore cannot take over), and
+//!   the answer adds `hold=ok|BAD`: still holding it, FIFO data intact.
 //! - `burn`: CPU-bound work, printing `progress N` lines (N only grows).
 //! - `tree`: a parent with children and a pipe between them; exits with a code.
 //! - `mem`: allocates and dirties N MiB, then idles (for migration benchmarks).
@@ -69,6 +72,20 @@ fn counter(args: &[String]) -> i32 {
             }
         }
     };
+    // --busy: burn the CPU between ticks (a job the balancer wants to move).
+    let busy = args.iter().any(|a| a == "--busy");
+    let hold_spec: String = arg(args, "--hold", String::new());
+    let mut hold = if hold_spec.is_empty() {
+        None
+    } else {
+        match Hold::take(&hold_spec) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("--hold {hold_spec}: {e}");
+                return 2;
+            }
+        }
+    };
     let mut n: u64 = 0;
     println!("counter listening on :{port}");
     loop {
@@ -79,9 +96,131 @@ fn counter(args: &[String]) -> i32 {
         while let Ok((mut s, _)) = listener.accept() {
             let ok = checksum(&mem) == expected;
             let _ = s.set_nonblocking(false);
-            let _ = writeln!(s, "counter={n} mem={}", if ok { "ok" } else { "BAD" });
+            let held = match hold.as_mut().map(|h| h.intact()) {
+                Some(true) => " hold=ok",
+                Some(false) => " hold=BAD",
+                None => "",
+            };
+            let _ = writeln!(s, "counter={n} mem={}{held}", if ok { "ok" } else { "BAD" });
         }
-        std::thread::sleep(Duration::from_millis(tick_ms));
+        if busy {
+            let until = Instant::now() + Duration::from_millis(tick_ms);
+            let mut state = n;
+            while Instant::now() < until {
+                work_unit(&mut state);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(tick_ms));
+        }
+    }
+}
+
+/// Something a post-copy restore cannot take over (see `agent::blockers`).
+enum Hold {
+    /// A FIFO filled to capacity with a known pattern: (read end, write
+    /// end, bytes in it).
+    Fifo(std::fs::File, std::fs::File, usize),
+    /// A file we hold a POSIX lock or a lease on, and the lock kind
+    /// /proc names.
+    Locked(std::fs::File, &'static str),
+}
+
+fn fifo_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+impl Hold {
+    fn take(spec: &str) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+        let (kind, path) = spec.split_once(':').ok_or_else(|| bad("want KIND:PATH"))?;
+        match kind {
+            "fifo" => {
+                let c = std::ffi::CString::new(path).map_err(|_| bad("NUL in path"))?;
+                // SAFETY: mkfifo reads a valid NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(e);
+                    }
+                }
+                let r = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)?;
+                let mut w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)?;
+                let mut n = 0;
+                loop {
+                    let chunk: Vec<u8> = (n..n + 4096).map(fifo_byte).collect();
+                    match w.write(&chunk) {
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Hold::Fifo(r, w, n))
+            }
+            "lock" | "lease" => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?;
+                let fd = f.as_raw_fd();
+                // SAFETY: fcntl on our own open fd with plain integer or
+                // flock-struct arguments.
+                let r = if kind == "lock" {
+                    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                    fl.l_type = libc::F_WRLCK as i16;
+                    fl.l_whence = libc::SEEK_SET as i16;
+                    unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }
+                } else {
+                    // A lease holder is told of a break by SIGIO, whose
+                    // default action kills; lease users handle it.
+                    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+                    unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) }
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(Hold::Locked(
+                    f,
+                    if kind == "lock" { "POSIX" } else { "LEASE" },
+                ))
+            }
+            _ => Err(bad("KIND is fifo, lock or lease")),
+        }
+    }
+
+    /// Still held, and a FIFO still holds exactly its pattern (read out and
+    /// written back, so the check leaves it as it was).
+    fn intact(&mut self) -> bool {
+        use std::os::fd::AsRawFd;
+        match self {
+            Hold::Fifo(r, w, n) => {
+                let mut buf = vec![0u8; *n + 4096];
+                let got = r.read(&mut buf).unwrap_or(0);
+                let same = got == *n
+                    && buf[..got]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == fifo_byte(i));
+                let _ = w.write_all(&buf[..got]);
+                same
+            }
+            Hold::Locked(f, kind) => {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd()))
+                    .unwrap_or_default();
+                info.lines()
+                    .filter(|l| l.starts_with("lock:"))
+                    .any(|l| l.split_whitespace().nth(2) == Some(kind))
+            }
+        }
     }
 }
 
