@@ -9,5 +9,6 @@ mod balancer;
 mod faults;
 mod migration;
 mod noshared;
+mod postcopy_failure;
 mod precopy;
 mod security;
