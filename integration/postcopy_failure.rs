@@ -259,3 +259,81 @@ fn the_balancer_moves_jobs_holding_a_fifo_or_a_lock_by_full_copy() {
         assert!(a.contains("mem=ok") && a.contains("hold=ok"), "{a}");
     }
 }
+
+/// The target's CRIU is made to hang: its RPC worker (`criu swrk`) is a
+/// wrapper that never answers. The post-copy restore's deadline stops it,
+/// and the job runs on at its source, memory and counter intact.
+#[test]
+fn a_target_restore_that_hangs_is_stopped_and_the_job_runs_on_its_source() {
+    if !privileged() || !post_copy_capable() {
+        return;
+    }
+    let real = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/criu/path"),
+    )
+    .expect("make setup records CRIU's path");
+    let cl = Cluster::up(2, &[]);
+    let wrapper = cl.shared.join("hanging-criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n# A CRIU whose RPC worker never answers.\nif [ \"$1\" = swrk ]; then exec sleep 3600; fi\nexec {} \"$@\"\n",
+            real.trim()
+        ),
+    )
+    .expect("write wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node2",
+        "--name",
+        &cl.name,
+        "--criu",
+        wrapper.to_str().expect("utf-8 path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ip1 = cl.node_ip("node1");
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8321",
+        "--mem-mib",
+        "64",
+    ]);
+    cl.wait_for("counter", 20, || ask(&ip1, 8321).is_some());
+    let before = counter_of(&ask(&ip1, 8321).expect("answers"));
+    let t0 = Instant::now();
+    let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
+    let took = t0.elapsed();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "the hung restore cannot succeed: {err}"
+    );
+    assert!(took < Duration::from_secs(25), "bounded: {took:?}: {err}");
+    assert!(err.contains("deadline passed"), "{err}");
+    assert!(
+        err.contains("resumed on node1 with all its memory"),
+        "{err}"
+    );
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node1", "{rec:?}");
+    assert_eq!(rec.state, mosix::core::JobState::Running, "{rec:?}");
+    let m = rec.history.last().expect("history");
+    assert!(!m.ok && m.post_copy, "{m:?}");
+    let a = ask(&ip1, 8321).expect("answers on node1");
+    assert!(a.contains("mem=ok"), "{a}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        counter_of(&ask(&ip1, 8321).expect("answers")) > before,
+        "the counter goes on"
+    );
+}
