@@ -7,6 +7,7 @@
 //! gRPC layer ([`service`]) only converts to and from it.
 
 pub mod error;
+pub mod events;
 pub mod launcher;
 pub mod load;
 pub mod metrics;
@@ -148,6 +149,8 @@ pub struct LaunchRequest {
     pub pinned: bool,
     pub non_migratable: bool,
     pub name: String,
+    /// The service this job serves, if any (`mosrun --service`).
+    pub service: Option<crate::core::ServiceDecl>,
 }
 
 /// A job process on this node that the agent watches.
@@ -180,6 +183,9 @@ pub struct Agent {
     /// can both see the same end; without this, the later writer could
     /// overwrite the earlier verdict with a stale copy of the record.
     pub(crate) verdict_lock: Mutex<()>,
+    /// Job events for front ends and schedulers (`WatchEvents`), and the
+    /// bounded wait for them before a service instance is frozen.
+    pub events: events::Events,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -221,6 +227,7 @@ impl Agent {
             metrics,
             criu_lock: Arc::new(tokio::sync::Mutex::new(())),
             verdict_lock: Mutex::new(()),
+            events: events::Events::default(),
         }))
     }
 
@@ -438,6 +445,7 @@ impl Agent {
             non_migratable: req.non_migratable,
             error: String::new(),
             generation: 0,
+            service: req.service,
         };
         self.adopt_child(&id, pid);
         if let Err(e) = self.registry.put(&mut rec) {
@@ -449,6 +457,7 @@ impl Agent {
             return Err(AgentError::from(e).context("recording the new job"));
         }
         tracing::info!(job = %id, pid, "launched");
+        self.events.running(&rec, &self.cfg.node);
         Ok(rec)
     }
 

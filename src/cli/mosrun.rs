@@ -33,6 +33,13 @@ pub struct Args {
     /// A label for the job.
     #[arg(long, default_value = "")]
     pub name: String,
+    /// The job is an instance of this service (mosgw sends the service's
+    /// traffic to it); needs --port.
+    #[arg(long, requires = "port")]
+    pub service: Option<String>,
+    /// The TCP port the service instance listens on (on its node's address).
+    #[arg(long, requires = "service")]
+    pub port: Option<u16>,
     /// Expected memory of the job in MiB, for placement.
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
@@ -82,6 +89,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             pinned: a.pinned,
             non_migratable: a.no_migrate,
             name: a.name,
+            service: a.service.unwrap_or_default(),
+            port: a.port.map(u32::from).unwrap_or(0),
         })
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?
