@@ -11,6 +11,7 @@
 //!   migrate), as [`agent::AgentAction`]s, plus its gRPC service.
 //! - [`api`]: the generated `mosix.v1` gRPC types and the proto ↔ core conversion.
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
+//! - [`gateway`]: `mosgw`, the HTTP/TCP front end that follows migrations.
 //! - [`local`]: the local cluster (network namespaces on one machine).
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
 //! - [`cli`]: the user commands (`mosctl`, `mosrun`, `mos-balance`, `mosmon`).
@@ -21,5 +22,6 @@ pub mod balancer;
 pub mod cli;
 pub mod core;
 pub mod criu;
+pub mod gateway;
 pub mod local;
 pub mod security;
