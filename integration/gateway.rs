@@ -312,20 +312,18 @@ fn gateway_spreads_requests_over_nodes_and_ramps_up_a_new_instance() {
     );
 }
 
-#[test]
-fn gateway_follows_a_migrating_instance_and_no_request_fails() {
-    if !privileged() {
-        return;
-    }
-    let cl = Cluster::up(2, &[]);
-    let job = start_instance(&cl, "node1", 8183, 1);
+/// Move the only instance of `web` node1 → node2 → node1 → node2 while a
+/// client loops requests through the gateway (each move with `modes[i]`).
+fn follow_migrations(cluster_args: &[&str], port: u16, modes: [&str; 3]) {
+    let cl = Cluster::up(2, cluster_args);
+    let job = start_instance(&cl, "node1", port, 1);
     let gw = Gw::start(&cl, &[]);
     gw.wait_active(&job, "node1");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loop_ = load_loop(gw.http, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
-    for to in ["node2", "node1", "node2"] {
-        let o = cl.mosctl(&["migrate", &job, to]);
+    for (to, mode) in ["node2", "node1", "node2"].into_iter().zip(modes) {
+        let o = cl.mosctl(&["migrate", mode, &job, to]);
         assert!(
             o.status.success(),
             "the migration succeeds: the gateway let go of its connections first: {}",
@@ -349,6 +347,28 @@ fn gateway_follows_a_migrating_instance_and_no_request_fails() {
             .contains("let go of instance before its freeze"),
         "{}",
         gw.log_text()
+    );
+}
+
+#[test]
+fn gateway_follows_a_migrating_instance_and_no_request_fails() {
+    if !privileged() {
+        return;
+    }
+    follow_migrations(&[], 8183, ["--full-copy"; 3]);
+}
+
+/// The same through the other two dump paths: images streamed agent to
+/// agent (no shared path) and post-copy (lazy pages).
+#[test]
+fn gateway_follows_direct_and_post_copy_migrations() {
+    if !privileged() || !post_copy_capable() {
+        return;
+    }
+    follow_migrations(
+        &["--no-shared"],
+        8188,
+        ["--post-copy", "--full-copy", "--post-copy"],
     );
 }
 
@@ -434,6 +454,14 @@ fn a_gateway_dying_mid_freeze_does_not_block_the_migration() {
     );
     // Completed, or rolled back with the job running on node1: never lost.
     let rec = cl.record(&job);
+    eprintln!(
+        "migration with a hung, then killed gateway: {} after {took:?}",
+        if o.status.success() {
+            "completed"
+        } else {
+            "rolled back"
+        }
+    );
     assert_eq!(rec.state, mosix::core::JobState::Running, "{rec:?}");
     if o.status.success() {
         assert_eq!(rec.node.as_str(), "node2");
