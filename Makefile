@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export MOSIX_REQUIRE_PRIVILEGED ?= 1
 
-.PHONY: setup build test unit integration demo bench soak up down fmt clippy clean
+.PHONY: setup build test unit integration demo demo-gw bench soak up down fmt clippy clean
 
 ## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
 setup:
@@ -24,6 +24,10 @@ unit:
 ## The article's experiment: many CPU-bound jobs on one node of a capped 4-node cluster, balanced live.
 demo: build
 	@bash scripts/demo.sh
+
+## mosgw: HTTP instances moved by the balancer under a steady wrk load; requests per node and failures (0).
+demo-gw: build
+	@bash scripts/demo-gw.sh
 
 ## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale.
 bench: setup
