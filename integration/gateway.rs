@@ -503,10 +503,27 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
     }
     let cl = Cluster::up(1, &[]);
     let job = start_instance(&cl, "node1", 8187, 0);
+    // A plain-TCP service: a counter job answers one line per connection.
+    let raw = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--service",
+        "raw",
+        "--port",
+        "8189",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8189",
+    ]);
+    let raw_listen = format!("raw=127.0.0.1:{}", free_port());
     let empty = format!("empty=127.0.0.1:{}", free_port());
     let gw = Gw::start(
         &cl,
         &[
+            "--tcp-service",
+            &raw_listen,
             "--service",
             &empty,
             "--header-timeout-ms",
@@ -574,6 +591,20 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         .request(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
         .unwrap();
     assert_eq!(code, 200);
+    // TCP mode: bytes both ways to the instance.
+    let raw_addr: SocketAddr = raw_listen.trim_start_matches("raw=").parse().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let r = raw_exchange(raw_addr, b"", Duration::from_secs(3));
+        if r.contains("counter=") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "TCP mode reaches {raw}: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The service is visible to outside tools through the agents' API.
     let o = cl.mosctl(&["show", &job]);
     assert!(
