@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export MOSIX_REQUIRE_PRIVILEGED ?= 1
 
-.PHONY: setup build test unit integration demo demo-gw bench soak up down fmt clippy clean
+.PHONY: setup build test unit integration demo demo-gw bench bench-gw soak up down fmt clippy clean
 
 ## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
 setup:
@@ -33,6 +33,11 @@ demo-gw: build
 bench: setup
 	$(CARGO) build --release --bins
 	@bash scripts/bench.sh
+
+## mosgw vs Debian's nginx and HAProxy (throughput, latency; failures while instances migrate under load).
+bench-gw: setup
+	$(CARGO) build --release --bin mosgw
+	@bash scripts/bench-gw.sh
 
 ## Long soak: hundreds of round-trip migrations of a stateful job.
 soak: build
