@@ -272,7 +272,16 @@ fn gateway_spreads_requests_over_nodes_and_ramps_up_a_new_instance() {
     }
     let cl = Cluster::up(2, &[]);
     let a = start_instance(&cl, "node1", 8181, 0);
-    let gw = Gw::start(&cl, &["--slow-start-ms", "4000"]);
+    let access = cl.shared.join("access.log");
+    let gw = Gw::start(
+        &cl,
+        &[
+            "--slow-start-ms",
+            "4000",
+            "--access-log",
+            access.to_str().unwrap(),
+        ],
+    );
     gw.wait_active(&a, "node1");
     // Let `a` finish its own slow start.
     std::thread::sleep(Duration::from_millis(4000));
@@ -299,6 +308,14 @@ fn gateway_spreads_requests_over_nodes_and_ramps_up_a_new_instance() {
     assert!(
         (40..=160).contains(&late),
         "after slow start both instances share the traffic; the new one got {late}/200"
+    );
+    // One access-log line per request, naming the instance.
+    let log = std::fs::read_to_string(&access).unwrap();
+    assert_eq!(log.lines().count(), 250, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" web GET \"/\" 200 ") && l.contains(&format!("instance={b}"))),
+        "{log}"
     );
     // The balancer's view: each instance is its node's address and port.
     let t = gw.table();
