@@ -622,6 +622,29 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A bad service declaration is refused with a reason, and nothing starts.
+    for (svc, port, want) in [
+        ("a b", "80", "may only hold"),
+        ("web", "0", "not a TCP port"),
+    ] {
+        let o = run(
+            MOSRUN,
+            &[
+                "--node",
+                "node1",
+                "--service",
+                svc,
+                "--port",
+                port,
+                "--",
+                MOSJOB,
+                "http",
+            ],
+            Some(&cl),
+        );
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(want), "{svc} {port}: {}", stderr(&o));
+    }
     // The service is visible to outside tools through the agents' API.
     let o = cl.mosctl(&["show", &job]);
     assert!(
