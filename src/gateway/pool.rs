@@ -118,3 +118,72 @@ impl Pool {
         self.idle.lock().map(|g| g.len()).unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-connection HTTP server on loopback that answers each request
+    /// and reports when the client closed the connection.
+    fn backend() -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                }
+            }
+            let _ = tx.send(());
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn drain_closes_pooled_connections_and_keeps_no_new_ones() {
+        let (addr, closed) = backend();
+        let pool = Pool::default();
+        let mut c = connect(addr, Duration::from_secs(1)).await.unwrap();
+        let req = hyper::Request::get("/")
+            .header("host", "t")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = c.sender.send_request(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        drop(r);
+        pool.put(c).await;
+        assert_eq!(pool.idle_count(), 1);
+        assert!(
+            pool.take("127.0.0.1:1".parse().unwrap()).is_none(),
+            "other address"
+        );
+        let (addr2, closed2) = backend();
+        let c2 = connect(addr2, Duration::from_secs(1)).await.unwrap();
+        pool.drain().await;
+        assert_eq!(pool.idle_count(), 0);
+        // The backend saw the close by the time drain returned (give the
+        // kernel a moment to deliver the FIN to its thread).
+        closed
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .expect("the pooled connection was closed");
+        // While draining, a connection coming back is closed, not kept.
+        pool.put(c2).await;
+        assert_eq!(pool.idle_count(), 0);
+        closed2
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .expect("a returned connection is closed while draining");
+        pool.resume();
+        assert!(
+            connect("127.0.0.1:1".parse().unwrap(), Duration::from_millis(200))
+                .await
+                .is_err()
+        );
+    }
+}
