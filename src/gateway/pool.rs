@@ -146,7 +146,9 @@ mod tests {
         (addr, rx)
     }
 
-    #[tokio::test]
+    // Multi-threaded: the test blocks its thread waiting for the backend,
+    // while a dropped connection's driver must still run to close it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drain_closes_pooled_connections_and_keeps_no_new_ones() {
         let (addr, closed) = backend();
         let pool = Pool::default();
