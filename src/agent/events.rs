@@ -371,6 +371,33 @@ mod tests {
         assert_eq!(got, [222u64, 333].into_iter().collect());
     }
 
+    #[test]
+    fn counts_the_connections_a_process_holds() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_peer, _) = l.accept().unwrap();
+        // A child holding one connected socket (as its stdin), one holding none.
+        let mut with = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(s)))
+            .spawn()
+            .unwrap();
+        let mut without = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (a, b) = (
+            job_tcp_connections(with.id() as i32),
+            job_tcp_connections(without.id() as i32),
+        );
+        let _ = with.kill();
+        let _ = without.kill();
+        let _ = with.wait();
+        let _ = without.wait();
+        assert_eq!((a, b), (1, 0));
+    }
+
     #[tokio::test]
     async fn a_freeze_waits_for_named_subscribers_until_they_ack() {
         let ev = Events::new(Duration::from_secs(5));
