@@ -251,7 +251,11 @@ impl Gateway {
     /// The pool of connections to `job` (created on first use).
     pub fn pool(&self, job: &str) -> Arc<pool::Pool> {
         match self.pools.lock() {
-            Ok(mut p) => p.entry(job.to_string()).or_default().clone(),
+            // Looked up before inserting: no allocation on the hot path.
+            Ok(mut p) => match p.get(job) {
+                Some(pool) => pool.clone(),
+                None => p.entry(job.to_string()).or_default().clone(),
+            },
             Err(_) => Arc::default(),
         }
     }
