@@ -285,7 +285,12 @@ impl Agent {
     /// This node's slots and their use.
     pub fn node_slots(&self) -> NodeSlots {
         let load = self.node_load();
-        let held = self.slots.jobs.lock().map(|j| j.clone()).unwrap_or_default();
+        let held = self
+            .slots
+            .jobs
+            .lock()
+            .map(|j| j.clone())
+            .unwrap_or_default();
         let background_load = load
             .jobs
             .iter()
