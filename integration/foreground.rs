@@ -397,7 +397,7 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(3, &[]);
+    let cl = Cluster::up(4, &[]);
     // With --rerun-on-node-loss: node2 dies mid-job; the job runs again on
     // another node, the event is reported, and its output appears once.
     let marker = format!("fg-rerun-{}", cl.name);
@@ -426,6 +426,52 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         "{err}"
     );
 
+    // node3's network is cut mid-job: its silence gives it away (4 s), the
+    // job runs again elsewhere, and node3's agent, hearing nothing from
+    // the home for 5 s, kills its copy: no orphan.
+    let marker = format!("fg-cut-{}", cl.name);
+    let c = Reap(Some(spawn(
+        &cl,
+        &[
+            "-n",
+            "--node",
+            "node3",
+            "--rerun-on-node-loss",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo start; sleep 3; echo done # {marker}"),
+        ],
+        Stdio::null(),
+    )));
+    let mut first = None;
+    cl.wait_for("the job on node3", 20, || {
+        first = running_job(&cl, &marker).filter(|j| j.1 == "node3");
+        first.is_some()
+    });
+    let cut = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cl.netns("node3"),
+            "ip",
+            "link",
+            "set",
+            "eth0",
+            "down",
+        ])
+        .status()
+        .unwrap();
+    assert!(cut.success());
+    let (code, out, err) = c.finish(40);
+    assert_eq!((code, out.as_str()), (0, "start\ndone\n"), "{err}");
+    assert!(
+        err.contains("mosrun: node node3 lost (no word from it for 4 s); re-running on node"),
+        "{err}"
+    );
+    let pid = first.unwrap().2;
+    cl.wait_for("the cut-off copy to be killed", 15, || !alive(pid));
+
     // Without it: a clear error, status 125, never silent.
     let marker = format!("fg-norerun-{}", cl.name);
     let mut c = Reap(Some(spawn(
@@ -433,7 +479,7 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         &[
             "-n",
             "--node",
-            "node3",
+            "node4",
             "--",
             "sh",
             "-c",
@@ -443,8 +489,8 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     )));
     let mut r = BufReader::new(c.child().stdout.take().unwrap());
     wait_line(&mut r, "start");
-    assert!(cl.kill_node_processes("node3") > 0);
+    assert!(cl.kill_node_processes("node4") > 0);
     let (code, _, err) = c.finish(30);
     assert_eq!(code, 125, "{err}");
-    assert!(err.contains("node node3 lost"), "{err}");
+    assert!(err.contains("node node4 lost"), "{err}");
 }
