@@ -458,7 +458,11 @@ impl Agent {
                 m = input.recv() => match m {
                     None => return Outcome::CallerGone,
                     Some(RunIn::Stdin(b)) => {
-                        log.push(&b);
+                        // Kept only for a re-run (without one, nothing is
+                        // ever replayed once the job started).
+                        if hold {
+                            log.push(&b);
+                        }
                         let _ = etx.send(ExecIn::Stdin(b)).await;
                     }
                     Some(RunIn::StdinEof) => {
