@@ -280,6 +280,7 @@ fn a_16_way_burst_respects_slots_and_a_full_cluster_queues() {
     let took = t0.elapsed();
     // (node, start ns, end ns, queued ms) of every job.
     let mut runs = Vec::new();
+    let mut jobs = Vec::new();
     for (i, (code, out, err)) in results.iter().enumerate() {
         assert_eq!(*code, 0, "job {i}: {err}");
         let stats = std::fs::read_to_string(dir.join(format!("{i}.stats"))).unwrap();
@@ -298,7 +299,14 @@ fn a_16_way_burst_respects_slots_and_a_full_cluster_queues() {
         let t: Vec<u128> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
         let queued: f64 = field("queue_ms").parse().unwrap();
         runs.push((field("node"), t[0], t[1], queued));
+        jobs.push(field("job"));
     }
+    // Once their callers have their status, finished jobs leave no record.
+    let reg = mosix::core::registry::Registry::open(&cl.shared).unwrap();
+    cl.wait_for("finished foreground jobs to be forgotten", 10, || {
+        jobs.iter()
+            .all(|j| !reg.exists(&mosix::core::JobId::parse(j).unwrap()))
+    });
     let _ = std::fs::remove_dir_all(&dir);
     // No node ever ran more jobs at once than it has slots.
     for (node, n) in slots {

@@ -381,7 +381,10 @@ impl Agent {
             uid: start.uid,
             gid: start.gid,
             pinned: start.pinned,
-            non_migratable: start.non_migratable,
+            // Without a shared path the job's output after a move would be
+            // written on the target's own disk, out of this session's
+            // sight (and its end recorded there): such a job stays here.
+            non_migratable: start.non_migratable || !self.cfg.shared,
             name: start.name,
         };
         let extras = LaunchExtras {
@@ -496,7 +499,10 @@ impl Agent {
         match end {
             Some(info) => {
                 forward(&out, &mut so, &mut se).await;
-                let _ = out.send(ExecOut::Exit(info)).await;
+                let delivered = out.send(ExecOut::Exit(info)).await.is_ok();
+                if delivered {
+                    self.forget_finished(&job);
+                }
             }
             None => {
                 // The caller is gone: no orphan.
@@ -505,6 +511,27 @@ impl Agent {
             }
         }
         drop(slot);
+    }
+
+    /// Remove a foreground job's record and output once its caller has
+    /// its output and status: a parallel build starts thousands of jobs,
+    /// and the registry (which the balancer and `mosctl jobs` read whole)
+    /// and the shared path would keep all of them. A job whose end was not
+    /// delivered (killed, failed) is kept for inspection.
+    fn forget_finished(self: &Arc<Self>, job: &JobId) {
+        let agent = self.clone();
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            match agent.registry.get(&job) {
+                Ok(rec) if rec.state == JobState::Exited => {}
+                _ => return,
+            }
+            if let Err(e) = agent.registry.remove(&job) {
+                tracing::warn!(job = %job, "cannot remove the finished job's record: {e}");
+                return;
+            }
+            let _ = std::fs::remove_dir_all(agent.cfg.jobs_dir.join(job.as_str()));
+        });
     }
 
     /// The end of a job whose process is not here (it migrated away), from
