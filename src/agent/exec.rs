@@ -29,8 +29,13 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-/// How often a running job's output files are read.
+/// How often a running job's output files are read: every 10 ms after
+/// the job wrote something, backing off to every 100 ms while it is
+/// silent (a compiler says nothing for seconds; sixteen sessions polling
+/// at 10 ms would cost a capped node's agent CPU for nothing). The job's
+/// end is an event, so it is never delayed by this.
 pub const TAIL_TICK: Duration = Duration::from_millis(10);
+const TAIL_MAX: Duration = Duration::from_millis(100);
 /// How often each side of a session says it is still there.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A caller silent this long is gone (its node or the network is lost).
@@ -437,8 +442,7 @@ impl Agent {
 
         let mut so = Tail::new(&rec.stdout_path);
         let mut se = Tail::new(&rec.stderr_path);
-        let mut tick = tokio::time::interval(TAIL_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait = TAIL_TICK;
         let mut last_in = Instant::now();
         let mut last_out = Instant::now();
         let mut last_registry = Instant::now();
@@ -469,9 +473,11 @@ impl Agent {
                     }
                     Some(ExecIn::Heartbeat) => last_in = Instant::now(),
                 },
-                _ = tick.tick() => {
-                    if !forward(&out, &mut so, &mut se).await {
-                        break None;
+                _ = tokio::time::sleep(wait) => {
+                    match forward(&out, &mut so, &mut se).await {
+                        None => break None,
+                        Some(0) => wait = (wait * 2).min(TAIL_MAX),
+                        Some(_) => wait = TAIL_TICK,
                     }
                     if last_in.elapsed() > CALLER_SILENCE {
                         tracing::warn!(job = %job, "the caller has been silent for {CALLER_SILENCE:?}: killing the job");
@@ -557,19 +563,19 @@ impl Agent {
     }
 }
 
-/// Send what the job wrote since last time; false if the caller is gone.
-async fn forward(out: &mpsc::Sender<ExecOut>, so: &mut Tail, se: &mut Tail) -> bool {
+/// Send what the job wrote since last time: how many bytes, or None if
+/// the caller is gone.
+async fn forward(out: &mpsc::Sender<ExecOut>, so: &mut Tail, se: &mut Tail) -> Option<usize> {
+    let mut n = 0;
     for b in so.read_new() {
-        if out.send(ExecOut::Stdout(b)).await.is_err() {
-            return false;
-        }
+        n += b.len();
+        out.send(ExecOut::Stdout(b)).await.ok()?;
     }
     for b in se.read_new() {
-        if out.send(ExecOut::Stderr(b)).await.is_err() {
-            return false;
-        }
+        n += b.len();
+        out.send(ExecOut::Stderr(b)).await.ok()?;
     }
-    true
+    Some(n)
 }
 
 #[cfg(test)]
