@@ -46,7 +46,11 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 ///
 /// Home agent: --home, else $MOSIX_NODE, else the node whose address is on
 /// one of our interfaces (inside a local-cluster node's network namespace,
-/// that node), else the cluster file's first node.
+/// that node), else the cluster file's first node. It places the job on a
+/// free slot (see `mosctl slots`), waiting for one when all are taken.
+///
+/// With MOSIX_RUN_STATS=FILE, one line per run is appended to FILE:
+/// node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, trailing_var_arg = true)]
 pub struct Args {
