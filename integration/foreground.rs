@@ -406,8 +406,8 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         return;
     }
     let cl = Cluster::up(4, &[]);
-    // With --rerun-on-node-loss: node2 dies mid-job; the job runs again on
-    // another node, the event is reported, and its output appears once.
+    // With --rerun-on-node-loss: node2's agent dies mid-job; the job runs
+    // again on another node, the event is reported, its output appears once.
     let marker = format!("fg-rerun-{}", cl.name);
     let c = Reap(Some(spawn(
         &cl,
@@ -423,16 +423,24 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         ],
         Stdio::null(),
     )));
+    let mut first = None;
     cl.wait_for("the job on node2", 20, || {
-        running_job(&cl, &marker).is_some_and(|j| j.1 == "node2")
+        first = running_job(&cl, &marker).filter(|j| j.1 == "node2");
+        first.is_some()
     });
-    assert!(cl.kill_node_processes("node2") > 0);
+    // node2's agent is killed (and started again): the job's session died
+    // with it, so the new agent kills the copy it finds rather than adopt
+    // an orphan.
+    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let (code, out, err) = c.finish(40);
     assert_eq!((code, out.as_str()), (0, "start\ndone\n"), "{err}");
     assert!(
         err.contains("mosrun: node node2 lost (") && err.contains("); re-running on node"),
         "{err}"
     );
+    let pid = first.unwrap().2;
+    cl.wait_for("node2's copy to be killed", 15, || !alive(pid));
 
     // node3's network is cut mid-job: its silence gives it away (4 s), the
     // job runs again elsewhere, and node3's agent, hearing nothing from
