@@ -509,4 +509,40 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     let (code, _, err) = c.finish(30);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("node node4 lost"), "{err}");
+
+    // The home agent (node1) dies mid-job: mosrun runs the job again
+    // through another agent, its stdin replayed, its output shown once.
+    let marker = format!("fg-home-{}", cl.name);
+    let mut c = Reap(Some(spawn(
+        &cl,
+        &[
+            "--node",
+            "node2",
+            "--rerun-on-node-loss",
+            "--",
+            "sh",
+            "-c",
+            &format!("cat; echo start; sleep 2; echo done # {marker}"),
+        ],
+        Stdio::piped(),
+    )));
+    c.child().stdin.take().unwrap().write_all(b"in1\n").unwrap();
+    cl.wait_for("the job on node2", 20, || {
+        running_job(&cl, &marker).is_some_and(|j| j.1 == "node2")
+    });
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node1",
+        "--name",
+        &cl.name,
+        "--kill-only",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (code, out, err) = c.finish(40);
+    assert_eq!((code, out.as_str()), (0, "in1\nstart\ndone\n"), "{err}");
+    assert!(
+        err.contains("mosrun: home agent node1 lost (") && err.contains("re-running through node2"),
+        "{err}"
+    );
 }
