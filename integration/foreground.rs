@@ -250,6 +250,10 @@ fn a_16_way_burst_respects_slots_and_a_full_cluster_queues() {
     let cl = Cluster::up(4, &["--cpu-caps", "0.2,0.2,0.3,0.3"]);
     let o = cl.mosctl(&["slots", "--total"]);
     assert_eq!(stdout(&o).trim(), "10", "{}", stderr(&o));
+    let o = cl.mosctl(&["slots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["total"], 10);
+    assert_eq!(v["nodes"][3]["slots"], 3);
     let slots = [("node1", 2), ("node2", 2), ("node3", 3), ("node4", 3)];
     let dir = std::env::temp_dir().join(format!("mosix-burst-{}", cl.name));
     std::fs::create_dir_all(&dir).unwrap();
