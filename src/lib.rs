@@ -12,6 +12,7 @@
 //! - [`api`]: the generated `mosix.v1` gRPC types and the proto ↔ core conversion.
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
 //! - [`local`]: the local cluster (network namespaces on one machine).
+//! - [`placement`]: the pure slot/reservation table that places foreground jobs.
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
 //! - [`cli`]: the user commands (`mosctl`, `mosrun`, `mos-balance`, `mosmon`).
 
@@ -22,4 +23,5 @@ pub mod cli;
 pub mod core;
 pub mod criu;
 pub mod local;
+pub mod placement;
 pub mod security;
