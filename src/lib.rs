@@ -13,6 +13,8 @@
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
 //! - [`local`]: the local cluster (network namespaces on one machine).
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
+//! - [`mosmake`]: parallel make over the cluster (which lines go remote, the
+//!   run statistics).
 //! - [`cli`]: the user commands (`mosctl`, `mosrun`, `mos-balance`, `mosmon`).
 
 pub mod agent;
@@ -22,4 +24,5 @@ pub mod cli;
 pub mod core;
 pub mod criu;
 pub mod local;
+pub mod mosmake;
 pub mod security;
