@@ -8,6 +8,7 @@ mod support;
 mod balancer;
 mod faults;
 mod migration;
+mod mosmake;
 mod noshared;
 mod precopy;
 mod security;
