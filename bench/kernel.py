@@ -21,7 +21,6 @@ is kept in the results file's "history" so a reader sees all of them.
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -91,13 +90,8 @@ def cluster_up(caps):
 
 
 def slots():
-    total = int(re.findall(r"\d+", run([MOSCTL, "slots", "--total"]).stdout)[0])
-    per = {}
-    for line in run([MOSCTL, "slots"]).stdout.splitlines():
-        m = re.match(r"\s*(node\d+)\D+(\d+)", line)
-        if m:
-            per[m.group(1)] = int(m.group(2))
-    return total, per
+    j = json.loads(run([MOSCTL, "slots", "--json"]).stdout)
+    return int(j["total"]), {n["node"]: int(n.get("slots", 0)) for n in j["nodes"] if n.get("up", True)}
 
 
 def parse_stats(text):
