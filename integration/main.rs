@@ -9,6 +9,7 @@ mod balancer;
 mod faults;
 mod foreground;
 mod migration;
+mod mosmake;
 mod noshared;
 mod postcopy_failure;
 mod precopy;

@@ -14,6 +14,8 @@
 //! - [`local`]: the local cluster (network namespaces on one machine).
 //! - [`placement`]: the pure slot/reservation table that places foreground jobs.
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
+//! - [`mosmake`]: parallel make over the cluster (which lines go remote, the
+//!   run statistics).
 //! - [`cli`]: the user commands (`mosctl`, `mosrun`, `mos-balance`, `mosmon`).
 
 pub mod agent;
@@ -23,5 +25,6 @@ pub mod cli;
 pub mod core;
 pub mod criu;
 pub mod local;
+pub mod mosmake;
 pub mod placement;
 pub mod security;

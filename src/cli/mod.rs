@@ -4,6 +4,8 @@ pub mod common;
 pub mod mos_balance;
 pub mod mosctl;
 pub mod mosixd;
+pub mod mosmake;
+pub mod mosmake_sh;
 pub mod mosmon;
 pub mod mosrun;
 
