@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-results"
 RESULTS = OUT / "results.json"
@@ -134,6 +137,9 @@ def targets(r):
     else:
         add("control plane", "idle mosixd CPU and RSS", "not measured", "≤ 0.5%, ≤ 30 MiB", False,
             r.get("errors", {}).get("migration", ""))
+    # 5. the kernel build and placement (bench/kernel.py, bench-results/kernel.json)
+    kernel_report.targets(add)
+
     return t
 
 
@@ -463,6 +469,8 @@ def markdown(r, tg, pngs):
             w(f"| {p['pid']} | {p['wall_s']:.0f} s | {p['cpu_s']:.2f} s | {p['cpu_pct_of_core']:.3f}% | "
               f"{p['rss_max_mib']:.1f} MiB | {p['threads']} |")
         w("")
+
+    kernel_report.markdown(w)
 
     w("## Notes\n")
     w("- Everything runs on one 2-core VM: the \"cluster\" nodes are network namespaces with cgroup CPU caps; "

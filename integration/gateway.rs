@@ -645,6 +645,38 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         assert!(!o.status.success());
         assert!(stderr(&o).contains(want), "{svc} {port}: {}", stderr(&o));
     }
+    // A foreground mosrun declares a service too.
+    let mut fg = Command::new(MOSRUN)
+        .args(["--cluster", cl.file.to_str().unwrap(), "--node", "node1"])
+        .args([
+            "--service",
+            "fg",
+            "--port",
+            "8190",
+            "--",
+            MOSJOB,
+            "http",
+            "--port",
+            "8190",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut fg_job = String::new();
+    cl.wait_for("the foreground instance to be listed", 10, || {
+        match cl.jobs_json().iter().find(|j| j["service"] == "fg") {
+            Some(j) => {
+                assert_eq!(j["port"], 8190);
+                fg_job = j["id"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    let o = cl.mosctl(&["kill", &fg_job]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = fg.wait();
     // The service is visible to outside tools through the agents' API.
     let o = cl.mosctl(&["show", &job]);
     assert!(

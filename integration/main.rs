@@ -7,8 +7,10 @@ mod support;
 
 mod balancer;
 mod faults;
+mod foreground;
 mod gateway;
 mod migration;
+mod mosmake;
 mod noshared;
 mod postcopy_failure;
 mod precopy;

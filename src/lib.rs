@@ -13,7 +13,10 @@
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
 //! - [`gateway`]: `mosgw`, the HTTP/TCP front end that follows migrations.
 //! - [`local`]: the local cluster (network namespaces on one machine).
+//! - [`placement`]: the pure slot/reservation table that places foreground jobs.
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
+//! - [`mosmake`]: parallel make over the cluster (which lines go remote, the
+//!   run statistics).
 //! - [`cli`]: the user commands (`mosctl`, `mosrun`, `mos-balance`, `mosmon`).
 
 pub mod agent;
@@ -24,4 +27,6 @@ pub mod core;
 pub mod criu;
 pub mod gateway;
 pub mod local;
+pub mod mosmake;
+pub mod placement;
 pub mod security;

@@ -119,7 +119,7 @@ impl From<&crate::agent::events::JobEvent> for pb::JobEvent {
 }
 
 /// A declared service on the wire: none when the name is empty.
-fn service_decl(name: &str, port: u32) -> Result<Option<ServiceDecl>, InvalidRequest> {
+pub(crate) fn service_decl(name: &str, port: u32) -> Result<Option<ServiceDecl>, InvalidRequest> {
     if name.is_empty() {
         if port != 0 {
             return Err(InvalidRequest::new(

@@ -5,6 +5,8 @@ pub mod mos_balance;
 pub mod mosctl;
 pub mod mosgw;
 pub mod mosixd;
+pub mod mosmake;
+pub mod mosmake_sh;
 pub mod mosmon;
 pub mod mosrun;
 

@@ -1,0 +1,56 @@
+//! `mosmake`: GNU make whose compile jobs start on the best nodes of the
+//! cluster — the MPMake of the article, for today.
+//!
+//! **How make is hooked: its SHELL.** `mosmake ARGS…` runs
+//! `make ARGS… SHELL=<mosmake-sh>`. Make hands every recipe line (and every
+//! `$(shell …)`) to `$(SHELL) -c LINE`, already expanded; a command-line
+//! variable also reaches every sub-make through `MAKEFLAGS`. `mosmake-sh`
+//! decides per line ([`classify`]): a compile of a real source file is
+//! exec'd as `mosrun --best --rerun-on-node-loss -- <real shell> -c LINE`,
+//! anything else is exec'd as `<real shell> -c LINE` right here. Why SHELL and
+//! not a `CC=` wrapper: it needs no cooperation from the Makefile (any
+//! variable name, any compiler, no rebuild because the recorded command line
+//! changed), make itself is unmodified, and a whole compile line — Kbuild's
+//! compiler plus its `fixdep` — runs where the compiler runs. `exec` (not a
+//! child) keeps make's view exact: the exit status, signals and file
+//! descriptors are those of the shell or of `mosrun`, as if make had started
+//! them itself.
+//!
+//! Compiles are safe to repeat (same inputs, same output file), so mosmake
+//! turns on `--rerun-on-node-loss`: a compile whose node dies is started again
+//! elsewhere, and `mosrun` says so on stderr. Objects are the same as a local
+//! build's because the same compiler runs the same line in the same directory
+//! (every node sees the same path).
+//!
+//! **The protocol between the two** (environment variables that `mosmake`
+//! sets for make):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `MOSMAKE_SH_SHELL` | the real shell (`/bin/sh`, or the user's `SHELL=` argument) |
+//! | `MOSMAKE_SH_RUN` | the command that runs a line remotely, one argument per line (`\n`-separated), e.g. `/…/mosrun`, `--best`, `--rerun-on-node-loss`, `--` |
+//! | `MOSMAKE_SH_LOG` | a file to which `mosmake-sh` appends `R` or `L` per line it decided (O_APPEND: one write each) |
+//! | `MOSMAKE_SH_CC` | more compiler names, space-separated (from `MOSMAKE_CC`) |
+//! | `MOSIX_RUN_STATS` | where `mosrun` appends one stats line per run ([`stats`]) |
+//!
+//! Without `MOSMAKE_SH_SHELL`, `mosmake-sh` is just `/bin/sh`.
+//!
+//! **User knobs** (environment, since every argument belongs to make):
+//! `MOSMAKE_RUN` (default `mosrun --best --rerun-on-node-loss --`, with the
+//! `mosrun` next to `mosmake` preferred), `MOSMAKE_MAKE` (default `make`),
+//! `MOSMAKE_CC`, `MOSMAKE_STATS` (keep the stats lines in this file),
+//! `MOSIX_CLUSTER` (as for every command).
+
+pub mod args;
+pub mod classify;
+pub mod stats;
+
+pub const ENV_SHELL: &str = "MOSMAKE_SH_SHELL";
+pub const ENV_RUN: &str = "MOSMAKE_SH_RUN";
+pub const ENV_LOG: &str = "MOSMAKE_SH_LOG";
+pub const ENV_CC: &str = "MOSMAKE_SH_CC";
+pub const ENV_RUN_STATS: &str = "MOSIX_RUN_STATS";
+
+/// The remote-run prefix when `MOSMAKE_RUN` is not set (the program is
+/// resolved by the caller).
+pub const DEFAULT_RUN: &str = "mosrun --best --rerun-on-node-loss --";
