@@ -12,6 +12,7 @@
 //! - [`api`]: the generated `mosix.v1` gRPC types and the proto ↔ core conversion.
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
 //! - [`local`]: the local cluster (network namespaces on one machine).
+//! - [`placement`]: the pure slot/reservation table that places foreground jobs.
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
 //! - [`mosmake`]: parallel make over the cluster (which lines go remote, the
 //!   run statistics).
@@ -25,4 +26,5 @@ pub mod core;
 pub mod criu;
 pub mod local;
 pub mod mosmake;
+pub mod placement;
 pub mod security;

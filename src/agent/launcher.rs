@@ -34,6 +34,11 @@ pub struct LaunchSpec {
     /// The job's nice value ([`crate::core::job_nice`]): the agent itself
     /// runs at a higher priority, which the job must not inherit.
     pub nice: i32,
+    /// The job's stdin (a foreground job's pipe); None is /dev/null. The
+    /// caller keeps it open until `launch` returns.
+    pub stdin: Option<std::os::fd::RawFd>,
+    /// The caller's umask (None: the agent's).
+    pub umask: Option<u32>,
 }
 
 /// `mosix-init`, next to the running binary.
@@ -50,6 +55,8 @@ pub enum LaunchError {
     Nul,
     #[error("command {0:?} not found in PATH")]
     NotFound(String),
+    #[error("{0}: not an executable file")]
+    NotExecutable(String),
     #[error("working directory {0}: {1}")]
     Cwd(PathBuf, std::io::Error),
     #[error("cannot open output file {0}: {1}")]
@@ -101,6 +108,18 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         .map(|(_, v)| v.as_str())
         .unwrap_or("/usr/local/bin:/usr/bin:/bin");
     let exe = resolve(first, path_var).ok_or_else(|| LaunchError::NotFound(first.clone()))?;
+    // A path given with a '/' is not checked by `resolve`: tell "no such
+    // file" (a shell's 127) from "not executable" (126) here, because past
+    // this point `mosix-init` can only report a failed exec as 127.
+    match std::fs::metadata(&exe) {
+        Err(_) => return Err(LaunchError::NotFound(first.clone())),
+        Ok(m) => {
+            use std::os::unix::fs::PermissionsExt;
+            if !m.is_file() || m.permissions().mode() & 0o111 == 0 {
+                return Err(LaunchError::NotExecutable(first.clone()));
+            }
+        }
+    }
     if !spec.cwd.is_dir() {
         return Err(LaunchError::Cwd(
             spec.cwd.clone(),
@@ -149,8 +168,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| LaunchError::Pipe(e.into()))?;
 
+    let umask = spec.umask.map(|m| (m & 0o777) as libc::mode_t);
     let (fd_in, fd_out, fd_err, fd_wr) = (
-        devnull.as_raw_fd(),
+        spec.stdin.unwrap_or(devnull.as_raw_fd()),
         out.as_raw_fd(),
         err.as_raw_fd(),
         wr.as_raw_fd(),
@@ -177,6 +197,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Rust ignores SIGPIPE; an exec'd job must get the default back.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            if let Some(m) = umask {
+                libc::umask(m);
+            }
             if libc::dup2(fd_in, 0) < 0 || libc::dup2(fd_out, 1) < 0 || libc::dup2(fd_err, 2) < 0 {
                 return fail(2);
             }
@@ -254,6 +277,8 @@ mod tests {
             stderr: "/dev/null".into(),
             init: None,
             nice: 0,
+            stdin: None,
+            umask: None,
         };
         assert!(matches!(launch(&spec), Err(LaunchError::EmptyCommand)));
     }

@@ -7,6 +7,7 @@
 //! gRPC layer ([`service`]) only converts to and from it.
 
 pub mod error;
+pub mod exec;
 pub mod launcher;
 pub mod load;
 pub mod metrics;
@@ -16,6 +17,7 @@ pub mod precopy;
 pub mod priority;
 pub mod reaper;
 pub mod recovery;
+pub mod runner;
 pub mod service;
 
 pub use error::{AgentError, AgentResult};
@@ -180,6 +182,15 @@ pub struct Agent {
     /// can both see the same end; without this, the later writer could
     /// overwrite the earlier verdict with a stale copy of the record.
     pub(crate) verdict_lock: Mutex<()>,
+    /// Foreground jobs waiting for their process's end (see [`exec`]).
+    pub(crate) exit_watch: Mutex<
+        std::collections::HashMap<JobId, tokio::sync::oneshot::Sender<Option<reaper::ExitStatus>>>,
+    >,
+    /// Slots of this node held by foreground jobs, and the factor that
+    /// derives the slot count from capacity (see [`crate::placement`]).
+    pub(crate) slots: exec::SlotCounter,
+    /// The home side of `mosrun`: the placement table (see [`runner`]).
+    pub(crate) runner: runner::Runner,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -207,6 +218,11 @@ impl Agent {
         let registry =
             Registry::open(&cfg.shared_root)?.with_fsync(cfg.image_sync == ImageSync::Fsync);
         let load = load::LoadSampler::new(cfg.cgroup_scope.clone(), cfg.speed);
+        let mut names = peers.names();
+        if !names.iter().any(|n| n == cfg.node.as_str()) {
+            names.push(cfg.node.to_string());
+        }
+        let runner = runner::Runner::new(names);
         let metrics = metrics::AgentMetrics::new(cfg.node.as_str())
             .map_err(|e| AgentError::Internal(format!("metrics: {e}")))?;
         Ok(Arc::new(Self {
@@ -221,6 +237,9 @@ impl Agent {
             metrics,
             criu_lock: Arc::new(tokio::sync::Mutex::new(())),
             verdict_lock: Mutex::new(()),
+            exit_watch: Mutex::new(Default::default()),
+            slots: exec::SlotCounter::default(),
+            runner,
         }))
     }
 
@@ -358,8 +377,22 @@ impl Agent {
 
     /// Start a migratable job on this node.
     pub async fn launch(self: &Arc<Self>, req: LaunchRequest) -> AgentResult<JobRecord> {
+        self.launch_with(req, LaunchExtras::default())
+            .map_err(|e| e.into_agent_error())
+    }
+
+    /// [`launch`](Self::launch) with a foreground job's extras; the error
+    /// keeps the launcher's reason, so a caller can tell "command not found"
+    /// from "not executable" from a bad cwd (a shell's 127/126).
+    pub(crate) fn launch_with(
+        self: &Arc<Self>,
+        req: LaunchRequest,
+        extras: LaunchExtras,
+    ) -> Result<JobRecord, LaunchFailure> {
         if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(AgentError::InvalidArgument("argv must not be empty".into()));
+            return Err(LaunchFailure::Agent(AgentError::InvalidArgument(
+                "argv must not be empty".into(),
+            )));
         }
         let total: usize = req.argv.iter().map(|a| a.len()).sum::<usize>()
             + req
@@ -368,19 +401,19 @@ impl Agent {
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
         if total > MAX_ARGV_BYTES {
-            return Err(AgentError::InvalidArgument(
+            return Err(LaunchFailure::Agent(AgentError::InvalidArgument(
                 "argv and environment exceed 1 MiB".into(),
-            ));
+            )));
         }
         if req.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
-            return Err(AgentError::InvalidArgument(
+            return Err(LaunchFailure::Agent(AgentError::InvalidArgument(
                 "environment names must be non-empty and contain no '='".into(),
-            ));
+            )));
         }
         if req.name.len() > 256 {
-            return Err(AgentError::InvalidArgument(
+            return Err(LaunchFailure::Agent(AgentError::InvalidArgument(
                 "name longer than 256 bytes".into(),
-            ));
+            )));
         }
         let cwd = if req.cwd.is_empty() {
             "/".to_string()
@@ -388,13 +421,14 @@ impl Agent {
             req.cwd.clone()
         };
         if !cwd.starts_with('/') {
-            return Err(AgentError::InvalidArgument(format!(
+            return Err(LaunchFailure::Agent(AgentError::InvalidArgument(format!(
                 "cwd {cwd:?} must be an absolute path"
-            )));
+            ))));
         }
         let id = JobId::generate();
         let out_dir = self.cfg.jobs_dir.join(id.as_str());
-        std::fs::create_dir_all(&out_dir).map_err(|e| io_error("create job output dir", e))?;
+        std::fs::create_dir_all(&out_dir)
+            .map_err(|e| LaunchFailure::Agent(io_error("create job output dir", e)))?;
         let spec = launcher::LaunchSpec {
             argv: req.argv.clone(),
             env: req.env.clone(),
@@ -405,15 +439,21 @@ impl Agent {
             stderr: out_dir.join("stderr"),
             init: launcher::default_init().map(|i| (i, out_dir.clone())),
             nice: crate::core::job_nice(),
+            stdin: extras.stdin,
+            umask: extras.umask,
         };
-        let pid = launcher::launch(&spec).map_err(|e| match e {
-            launcher::LaunchError::Output(_, ref io) if io.raw_os_error() == Some(libc::ENOSPC) => {
-                AgentError::ResourceExhausted(e.to_string())
+        // Watch for the exit before the process exists: a `true` can end
+        // before `launch` returns.
+        if let Some(w) = extras.watch {
+            if let Ok(mut m) = self.exit_watch.lock() {
+                m.insert(id.clone(), w);
             }
-            launcher::LaunchError::Clone(_) | launcher::LaunchError::Pipe(_) => {
-                AgentError::Internal(e.to_string())
+        }
+        let pid = launcher::launch(&spec).map_err(|e| {
+            if let Ok(mut m) = self.exit_watch.lock() {
+                m.remove(&id);
             }
-            _ => AgentError::InvalidArgument(e.to_string()),
+            LaunchFailure::Launch(e)
         })?;
         let now = now_unix_ms();
         let mut rec = JobRecord {
@@ -446,7 +486,9 @@ impl Agent {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            return Err(AgentError::from(e).context("recording the new job"));
+            return Err(LaunchFailure::Agent(
+                AgentError::from(e).context("recording the new job"),
+            ));
         }
         tracing::info!(job = %id, pid, "launched");
         Ok(rec)
@@ -558,6 +600,42 @@ impl Agent {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
             .map_err(|e| AgentError::Internal(format!("kill({pid}, {signal}): {e}")))?;
         Ok(rec)
+    }
+}
+
+/// What a foreground launch adds to a plain one.
+#[derive(Debug, Default)]
+pub(crate) struct LaunchExtras {
+    pub stdin: Option<std::os::fd::RawFd>,
+    pub umask: Option<u32>,
+    /// Told the job's exit status when its process ends here (not when a
+    /// dump ends it: the job then lives on elsewhere).
+    pub watch: Option<tokio::sync::oneshot::Sender<Option<reaper::ExitStatus>>>,
+}
+
+/// Why a launch failed: the launcher's own reason, or any other error.
+#[derive(Debug)]
+pub(crate) enum LaunchFailure {
+    Launch(launcher::LaunchError),
+    Agent(AgentError),
+}
+
+impl LaunchFailure {
+    pub(crate) fn into_agent_error(self) -> AgentError {
+        match self {
+            LaunchFailure::Agent(e) => e,
+            LaunchFailure::Launch(e) => match e {
+                launcher::LaunchError::Output(_, ref io)
+                    if io.raw_os_error() == Some(libc::ENOSPC) =>
+                {
+                    AgentError::ResourceExhausted(e.to_string())
+                }
+                launcher::LaunchError::Clone(_) | launcher::LaunchError::Pipe(_) => {
+                    AgentError::Internal(e.to_string())
+                }
+                _ => AgentError::InvalidArgument(e.to_string()),
+            },
+        }
     }
 }
 

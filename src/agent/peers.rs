@@ -69,7 +69,38 @@ pub trait Peers: Send + Sync + 'static {
     ) -> BoxFuture<'a, AgentResult<Resolution>> {
         Box::pin(async move { Err(unsupported(node)) })
     }
+
+    // Foreground jobs (see `agent::exec` and `agent::runner`).
+    /// Open a session on `node`: `start`, then whatever `input` carries.
+    fn exec<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _start: super::exec::ExecStart,
+        _input: tokio::sync::mpsc::Receiver<super::exec::ExecIn>,
+    ) -> BoxFuture<'a, AgentResult<ExecStream>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
+    /// `node`'s slots (GetSlots), within `timeout`.
+    fn slots<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, AgentResult<super::exec::NodeSlots>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
+    /// Signal a job on `node` (a foreground job that migrated there).
+    fn signal_there<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _job: &'a JobId,
+        _sig: i32,
+    ) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
 }
+
+/// Output of a foreground session on another node, as it arrives.
+pub type ExecStream = futures::stream::BoxStream<'static, AgentResult<super::exec::ExecOut>>;
 
 fn unsupported(node: &NodeName) -> AgentError {
     AgentError::Unavailable(format!("{node} cannot be reached for this call"))
@@ -317,4 +348,81 @@ impl Peers for GrpcPeers {
             }
         })
     }
+    fn exec<'a>(
+        &'a self,
+        node: &'a NodeName,
+        start: super::exec::ExecStart,
+        input: tokio::sync::mpsc::Receiver<super::exec::ExecIn>,
+    ) -> BoxFuture<'a, AgentResult<ExecStream>> {
+        use futures::StreamExt;
+        Box::pin(async move {
+            let first = crate::api::pb::ExecInput::from(&start);
+            let rest = tokio_stream::wrappers::ReceiverStream::new(input)
+                .map(|m| crate::api::pb::ExecInput::from(&m));
+            let reqs = futures::stream::iter([first]).chain(rest);
+            let (ep, mut c) = self.client(node).await?;
+            let resp = match c.exec(reqs).await {
+                Ok(r) => r,
+                Err(s) => {
+                    // A stale pooled channel (the peer restarted): the next
+                    // call connects afresh; the caller places the job again.
+                    client::forget(ep);
+                    return Err(AgentError::Unavailable(format!(
+                        "{node} unreachable: {}",
+                        s.message()
+                    )));
+                }
+            };
+            let node = node.clone();
+            Ok(resp
+                .into_inner()
+                .map(move |m| match m {
+                    Ok(o) => super::exec::ExecOut::try_from(o)
+                        .map_err(|e| AgentError::Internal(format!("from {node}: {e}"))),
+                    Err(s) => Err(AgentError::Unavailable(s.message().to_string())),
+                })
+                .boxed())
+        })
+    }
+
+    fn slots<'a>(
+        &'a self,
+        node: &'a NodeName,
+        timeout: Duration,
+    ) -> BoxFuture<'a, AgentResult<super::exec::NodeSlots>> {
+        Box::pin(async move {
+            let (ep, mut c) = self.client(node).await?;
+            let mut req = tonic::Request::new(crate::api::pb::GetSlotsRequest {});
+            req.set_timeout(timeout);
+            match c.get_slots(req).await {
+                Ok(r) => Ok(super::exec::NodeSlots::from(r.into_inner())),
+                Err(s) => {
+                    client::forget(ep);
+                    Err(AgentError::Unavailable(format!(
+                        "{node} unreachable: {}",
+                        s.message()
+                    )))
+                }
+            }
+        })
+    }
+
+    fn signal_there<'a>(
+        &'a self,
+        node: &'a NodeName,
+        job: &'a JobId,
+        sig: i32,
+    ) -> BoxFuture<'a, AgentResult<()>> {
+        Box::pin(async move {
+            let (_, mut c) = self.client(node).await?;
+            c.signal(crate::api::pb::SignalRequest {
+                job_id: job.to_string(),
+                signal: sig,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| AgentError::Unavailable(format!("{node}: {}", s.message())))
+        })
+    }
 }
+

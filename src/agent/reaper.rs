@@ -61,6 +61,12 @@ impl Agent {
             }
         }
         self.record_exit(id, pid, status);
+        // A foreground job's session waits for this (after the record, so
+        // whoever hears of the end finds it recorded).
+        let watcher = self.exit_watch.lock().ok().and_then(|mut m| m.remove(id));
+        if let Some(w) = watcher {
+            let _ = w.send(status);
+        }
     }
 
     pub(crate) fn record_exit(&self, id: &JobId, pid: i32, status: Option<ExitStatus>) {

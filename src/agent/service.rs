@@ -5,9 +5,14 @@ use super::{Agent, AgentAction, AgentReply};
 use crate::api::convert::{agent_error_to_status, InvalidRequest};
 use crate::api::pb;
 use crate::api::pb::agent_server::Agent as AgentApi;
+use crate::api::convert_exec::{ExecInput, RunInput};
 use futures::StreamExt;
+use std::pin::Pin;
 use std::sync::Arc;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+
+type OutStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct AgentService {
     pub agent: Arc<Agent>,
@@ -58,6 +63,53 @@ fn job_id(s: &str) -> Result<crate::core::JobId, Status> {
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
+    type ExecStream = OutStream<pb::ExecOutput>;
+
+    async fn exec(
+        &self,
+        r: Request<Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut inbound = r.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty Exec stream"))?;
+        let ExecInput::Start(start) = ExecInput::try_from(first)? else {
+            return Err(Status::invalid_argument(
+                "the first ExecInput must be `start`",
+            ));
+        };
+        let (tx, rx) = mpsc::channel(256);
+        // The caller's end of the stream (cleanly or not) drops `tx`: the
+        // session then kills the job.
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                match ExecInput::try_from(m) {
+                    Ok(ExecInput::In(i)) => {
+                        if tx.send(i).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        });
+        let outs = tokio_stream::wrappers::ReceiverStream::new(self.agent.exec(start, rx))
+            .map(|o| Ok(pb::ExecOutput::from(&o)));
+        Ok(Response::new(Box::pin(outs)))
+    }
+
+    async fn get_slots(
+        &self,
+        _r: Request<pb::GetSlotsRequest>,
+    ) -> Result<Response<pb::NodeSlots>, Status> {
+        let agent = self.agent.clone();
+        let s = tokio::task::spawn_blocking(move || agent.node_slots())
+            .await
+            .map_err(|e| Status::internal(format!("sampling slots: {e}")))?;
+        Ok(Response::new(pb::NodeSlots::from(&s)))
+    }
+
     async fn get_load(
         &self,
         _r: Request<pb::GetLoadRequest>,
@@ -176,5 +228,67 @@ impl AgentApi for AgentService {
             }
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// `mosrun`'s entry point (`Runner`). On the local Unix socket the job runs
+/// as the connecting process's uid/gid (SO_PEERCRED), whatever the request
+/// says; on the gRPC port (mTLS) a cluster certificate is trusted like root,
+/// as for `Launch`.
+pub struct RunnerService {
+    pub agent: Arc<Agent>,
+    pub local_socket: bool,
+}
+
+#[tonic::async_trait]
+impl pb::runner_server::Runner for RunnerService {
+    type RunStream = OutStream<pb::RunOutput>;
+
+    async fn run(
+        &self,
+        r: Request<Streaming<pb::RunInput>>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        let cred = if self.local_socket {
+            let c = r
+                .extensions()
+                .get::<tonic::transport::server::UdsConnectInfo>()
+                .and_then(|i| i.peer_cred)
+                .ok_or_else(|| {
+                    Status::permission_denied("no peer credentials on the local socket")
+                })?;
+            Some((c.uid(), c.gid()))
+        } else {
+            None
+        };
+        let mut inbound = r.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty Run stream"))?;
+        let RunInput::Start(mut start) = RunInput::try_from(first)? else {
+            return Err(Status::invalid_argument(
+                "the first RunInput must be `start`",
+            ));
+        };
+        if let Some((uid, gid)) = cred {
+            start.exec.uid = uid;
+            start.exec.gid = gid;
+        }
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                match RunInput::try_from(m) {
+                    Ok(RunInput::In(i)) => {
+                        if tx.send(i).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        });
+        let outs = tokio_stream::wrappers::ReceiverStream::new(self.agent.run(start, rx))
+            .map(|o| Ok(pb::RunOutput::from(&o)));
+        Ok(Response::new(Box::pin(outs)))
     }
 }

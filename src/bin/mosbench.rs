@@ -228,6 +228,21 @@ struct SimAgent {
 
 #[tonic::async_trait]
 impl Agent for SimAgent {
+    type ExecStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>,
+    >;
+    async fn exec(
+        &self,
+        _r: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn get_slots(
+        &self,
+        _r: Request<pb::GetSlotsRequest>,
+    ) -> Result<Response<pb::NodeSlots>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
     async fn get_load(
         &self,
         _r: Request<pb::GetLoadRequest>,
@@ -426,6 +441,7 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
             endpoint: format!("{scheme}://127.0.0.1:{port}"),
             address: "127.0.0.1".into(),
             metrics: None,
+            run_socket: None,
         });
     }
     let cf = ClusterFile {

@@ -1,7 +1,7 @@
 //! `mosixd`: the agent on every node.
 
 use crate::agent::peers::GrpcPeers;
-use crate::agent::service::AgentService;
+use crate::agent::service::{AgentService, RunnerService};
 use crate::agent::{Agent, AgentConfig, ImageSync};
 use crate::api::client::ClientTls;
 use crate::api::pb::agent_server::AgentServer;
@@ -88,6 +88,15 @@ pub struct Args {
     /// records follow the same choice (they are atomic either way).
     #[arg(long, value_enum)]
     pub image_sync: Option<ImageSyncArg>,
+    /// Unix socket for `mosrun` on this node (no TLS: the caller's uid/gid
+    /// come from the socket's peer credentials). Also listed in the
+    /// cluster file, so `mosrun` finds it.
+    #[arg(long)]
+    pub run_socket: Option<PathBuf>,
+    /// Foreground-job slots per core of capacity: a node has
+    /// max(1, round(capacity × this)) slots [default: 2].
+    #[arg(long)]
+    pub slots_per_core: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +122,8 @@ pub struct FileConfig {
     /// `false` is the file form of `--no-post-copy`.
     pub post_copy: Option<bool>,
     pub image_sync: Option<ImageSyncArg>,
+    pub run_socket: Option<PathBuf>,
+    pub slots_per_core: Option<f64>,
 }
 
 impl FileConfig {
@@ -150,6 +161,8 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         metrics: a.metrics.or(f.metrics),
         no_post_copy: a.no_post_copy || f.post_copy == Some(false),
         image_sync: a.image_sync.or(f.image_sync),
+        run_socket: a.run_socket.or(f.run_socket),
+        slots_per_core: a.slots_per_core.or(f.slots_per_core),
     })
 }
 
@@ -247,6 +260,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     agent.recover().await;
+    if let Some(k) = a.slots_per_core {
+        if !(k.is_finite() && k > 0.0) {
+            bail!("--slots-per-core must be a positive number, not {k}");
+        }
+        agent.set_slots_per_core(k);
+    }
+    agent.start_placement();
+    if let Some(path) = &a.run_socket {
+        serve_run_socket(agent.clone(), path)?;
+    }
 
     // Sample load once a second, off the async threads (it reads /proc).
     let sampler = agent.clone();
@@ -285,6 +308,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ));
         builder = builder.tls_config(tls).context("TLS config")?;
     }
+    let runner = crate::api::pb::runner_server::RunnerServer::new(RunnerService {
+        agent: agent.clone(),
+        local_socket: false,
+    });
     let svc = AgentServer::new(AgentService { agent })
         .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
     tracing::info!(%node, %listen, criu = %criu_path.display(), tls = tls_files.is_some(), shared_path = is_shared, "mosixd serving");
@@ -292,9 +319,47 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
+        .add_service(runner)
         .serve_with_shutdown(listen, shutdown_signal())
         .await
         .with_context(|| format!("serving on {listen}"))?;
+    Ok(())
+}
+
+/// Serve `Runner` on a Unix socket: `mosrun`'s fast path, no TLS.
+/// Anyone on the node may connect (mode 0666), and runs jobs as themselves:
+/// the service takes uid/gid from the peer credentials.
+fn serve_run_socket(agent: Arc<Agent>, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a predecessor (kill -9) would make bind fail.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the run socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    let svc = crate::api::pb::runner_server::RunnerServer::new(RunnerService {
+        agent,
+        local_socket: true,
+    });
+    let shown = path.display().to_string();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        if let Err(e) = Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!("run socket {shown}: {e}");
+        }
+    });
+    tracing::info!(socket = %path.display(), "serving mosrun on the local socket");
     Ok(())
 }
 

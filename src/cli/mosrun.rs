@@ -1,19 +1,54 @@
-//! `mosrun`: start a migratable job on a node, or on the best node.
+//! `mosrun`: run a command on the best node (or a given one), in the
+//! foreground as if it ran here, or in the background with `-d`.
+//!
+//! Foreground: mosrun talks to its **home agent** (see [`home_node`]) over
+//! the agent's Unix socket (`Runner.Run`; no TLS, the agent takes our
+//! uid/gid from the socket) or, if the node has no socket, over mTLS. The
+//! agent places the job, starts it and streams it back; see
+//! `agent::runner` and ARCHITECTURE.md ("Foreground jobs and placement").
+//!
+//! Stats: with `MOSIX_RUN_STATS=FILE`, one line per run is appended with a
+//! single `write` (O_APPEND), so concurrent mosruns never interleave:
+//! `node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F`
+//! (`start_ms`: from mosrun's start until the job's process existed on its
+//! node; `place_ms`: the placement decision; `queue_ms`: waiting for a slot).
 
 use crate::api::pb;
 use crate::balancer::policy;
 use crate::cli::common::{status_err, Ctx};
+use crate::core::cluster_file::{ClusterFile, NodeEntry};
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
 
-/// mosrun: run a command as a migratable mosix job and print its id.
+/// Exit status of mosrun's own failures (like `docker run`).
+pub const EXIT_MOSRUN: i32 = 125;
+/// A shell's "found but cannot execute".
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// A shell's "command not found".
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// mosrun: run a command on the best node of the cluster, as if it ran here.
 ///
-/// Without --node the job starts on the node the balancer would choose (the
-/// lowest load per capacity with memory to spare).
+/// By default mosrun waits for the job: its stdout and stderr stream to
+/// ours, our stdin is forwarded (EOF included), SIGINT/SIGTERM/SIGHUP go
+/// to the job, and the job is killed if mosrun dies. The cwd, environment,
+/// umask, uid and gid are kept (the cwd must be on a path the node sees).
+/// With -d it starts the job in the background and prints its id.
+///
+/// Exit status: the job's, or 128+N if signal N killed it; 127 if the
+/// command is not found, 126 if it cannot be executed; 125 if mosrun itself
+/// failed (bad usage, unknown node, no reachable node, a working directory
+/// the node cannot see, the job's node lost without --rerun-on-node-loss).
+///
+/// Home agent: --home, else $MOSIX_NODE, else the node whose address is on
+/// one of our interfaces (inside a local-cluster node's network namespace,
+/// that node), else the cluster file's first node.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None, trailing_var_arg = true)]
+#[command(version, about, long_about, trailing_var_arg = true)]
 pub struct Args {
     /// Cluster file [default: $MOSIX_CLUSTER or /run/mosix/local/cluster.json].
     #[arg(long)]
@@ -24,6 +59,21 @@ pub struct Args {
     /// Start on the best node (the default when --node is not given).
     #[arg(long)]
     pub best: bool,
+    /// Start the job in the background: print its id and return.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// If the job's node is lost (its agent unreachable or silent), start
+    /// the job again on another node (for jobs that are safe to repeat,
+    /// like compiles). Its output is held back until it ends (up to 16 MiB),
+    /// so a re-run repeats none of it. A notice is printed on stderr.
+    #[arg(long, conflicts_with = "detach")]
+    pub rerun_on_node_loss: bool,
+    /// Do not read stdin: the job's stdin is empty (like `ssh -n`).
+    #[arg(short = 'n', long, conflicts_with = "detach")]
+    pub no_stdin: bool,
+    /// The home agent's node [default: $MOSIX_NODE, else the local node].
+    #[arg(long)]
+    pub home: Option<String>,
     /// Never move this job automatically (manual migration still works).
     #[arg(long)]
     pub pinned: bool,
@@ -33,7 +83,7 @@ pub struct Args {
     /// A label for the job.
     #[arg(long, default_value = "")]
     pub name: String,
-    /// Expected memory of the job in MiB, for placement.
+    /// Expected memory of the job in MiB, for placement (with -d).
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
     /// The command and its arguments (after --).
@@ -54,11 +104,20 @@ pub async fn best_node(ctx: &Ctx, rss: u64) -> anyhow::Result<String> {
     .context("no node is up with memory for this job")
 }
 
-pub async fn run(a: Args) -> anyhow::Result<()> {
-    let ctx = Ctx::load(a.cluster.as_deref())?;
+/// Run mosrun; returns the exit status. `t0` is when the process started.
+pub async fn run(a: Args, t0: Instant) -> anyhow::Result<i32> {
     if a.command.is_empty() || a.command[0].is_empty() {
         bail!("give the command to run after --");
     }
+    if a.detach {
+        detached(a).await?;
+        return Ok(0);
+    }
+    foreground(a, t0).await
+}
+
+async fn detached(a: Args) -> anyhow::Result<()> {
+    let ctx = Ctx::load(a.cluster.as_deref())?;
     let node = match a.node {
         Some(n) => {
             ctx.cf.node(&n)?;
@@ -92,4 +151,295 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("{}", job.id);
     Ok(())
+}
+
+/// Which agent mosrun talks to; see the command's help.
+pub fn home_node<'a>(cf: &'a ClusterFile, flag: Option<&str>) -> anyhow::Result<&'a NodeEntry> {
+    let env = std::env::var("MOSIX_NODE").ok().filter(|s| !s.is_empty());
+    if let Some(n) = flag.or(env.as_deref()) {
+        return Ok(cf.node(n)?);
+    }
+    // An address is ours if we can bind to it (cheaper than listing the
+    // interfaces, and it answers for this network namespace).
+    let local = cf.nodes.iter().find(|n| {
+        n.address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| std::net::UdpSocket::bind((ip, 0)).is_ok())
+    });
+    local
+        .or(cf.nodes.first())
+        .context("the cluster file lists no node")
+}
+
+async fn connect(ctx: &Ctx, home: &NodeEntry) -> anyhow::Result<Channel> {
+    if let Some(sock) = home.run_socket.clone().filter(|p| p.exists()) {
+        let shown = sock.display().to_string();
+        // The URI is a placeholder: the connector ignores it.
+        let ch = tonic::transport::Endpoint::from_static("http://mosix.local")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("home agent {} ({shown}) is unreachable", home.name))?;
+        return Ok(ch);
+    }
+    crate::api::client::channel(
+        &home.endpoint,
+        ctx.tls.as_ref(),
+        crate::cli::common::CONNECT_TIMEOUT,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "home agent {} ({}) is unreachable",
+            home.name, home.endpoint
+        )
+    })
+}
+
+/// Write all of `b` to fd `fd` (our stdout/stderr, unbuffered: output
+/// must appear as the job writes it). A closed pipe drops the rest.
+fn write_fd(fd: i32, mut b: &[u8]) {
+    while !b.is_empty() {
+        // SAFETY: b is a valid buffer for its length.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        b = &b[n as usize..];
+    }
+}
+
+/// Forward our stdin on a thread of its own (a blocking read), EOF included.
+fn forward_stdin(tx: mpsc::Sender<pb::RunInput>) {
+    use pb::run_input::Msg;
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                // SAFETY: buf is valid for its length.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                let msg = if n > 0 {
+                    Msg::Stdin(buf[..n as usize].to_vec())
+                } else if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                } else {
+                    Msg::StdinEof(true)
+                };
+                let eof = matches!(msg, Msg::StdinEof(_));
+                if tx.blocking_send(pb::RunInput { msg: Some(msg) }).is_err() || eof {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("mosrun: cannot forward stdin: {e}");
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    node: String,
+    job: String,
+    place_ms: f64,
+    queue_ms: f64,
+    start_ms: f64,
+    placements: u32,
+}
+
+impl Stats {
+    /// Append the run's line to $MOSIX_RUN_STATS, in one write.
+    fn write(&self, t0: Instant, exit: i32) {
+        let Some(path) = std::env::var_os("MOSIX_RUN_STATS").filter(|p| !p.is_empty()) else {
+            return;
+        };
+        let line = format!(
+            "node={} job={} place_ms={:.3} start_ms={:.3} total_ms={:.3} exit={} reruns={} queue_ms={:.3}\n",
+            if self.node.is_empty() { "-" } else { &self.node },
+            if self.job.is_empty() { "-" } else { &self.job },
+            self.place_ms,
+            self.start_ms,
+            t0.elapsed().as_secs_f64() * 1e3,
+            exit,
+            self.placements.saturating_sub(1),
+            self.queue_ms,
+        );
+        use std::io::Write;
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = r {
+            eprintln!(
+                "mosrun: cannot append to MOSIX_RUN_STATS={}: {e}",
+                PathBuf::from(path).display()
+            );
+        }
+    }
+}
+
+async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
+    use pb::run_input::Msg as In;
+    use pb::run_output::Msg as Out;
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctx = Ctx::load(a.cluster.as_deref())?;
+    if let Some(n) = &a.node {
+        ctx.cf.node(n)?;
+    }
+    let home = home_node(&ctx.cf, a.home.as_deref())?;
+    let cwd = std::env::current_dir()
+        .context("the current directory is not usable")?
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: umask has no preconditions; it is set back at once.
+    let umask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    };
+    let start = pb::RunStart {
+        exec: Some(pb::ExecStart {
+            argv: a.command.clone(),
+            env: std::env::vars_os()
+                .map(|(k, v)| {
+                    (
+                        k.to_string_lossy().into_owned(),
+                        v.to_string_lossy().into_owned(),
+                    )
+                })
+                .collect(),
+            cwd,
+            // The Unix socket path replaces these with the peer credentials.
+            // SAFETY: getuid/getgid cannot fail.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            umask: Some(umask as u32),
+            pinned: a.pinned,
+            non_migratable: a.no_migrate,
+            name: a.name.clone(),
+            take_slot: true,
+        }),
+        node: a.node.clone().unwrap_or_default(),
+        rerun_on_node_loss: a.rerun_on_node_loss,
+    };
+    let (tx, rx) = mpsc::channel::<pb::RunInput>(64);
+    tx.send(pb::RunInput {
+        msg: Some(In::Start(start)),
+    })
+    .await
+    .ok();
+    if a.no_stdin {
+        tx.send(pb::RunInput {
+            msg: Some(In::StdinEof(true)),
+        })
+        .await
+        .ok();
+    }
+    let ch = connect(&ctx, home).await?;
+    let mut client = pb::runner_client::RunnerClient::new(ch)
+        .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
+    let mut outs = client
+        .run(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| status_err(&format!("home agent {}", home.name), s))?
+        .into_inner();
+
+    let mut sigs = Vec::new();
+    for (kind, n) in [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        sigs.push((signal(kind).context("installing signal handlers")?, n));
+    }
+    let [(s_int, _), (s_term, _), (s_hup, _)] = &mut sigs[..] else {
+        bail!("signal handlers");
+    };
+    let mut st = Stats::default();
+    let mut stdin_started = a.no_stdin;
+    loop {
+        let sig = tokio::select! {
+            m = outs.message() => {
+                let o = match m {
+                    Ok(Some(o)) => o,
+                    Ok(None) => {
+                        eprintln!("mosrun: the home agent {} ended the run without an exit status", home.name);
+                        st.write(t0, EXIT_MOSRUN);
+                        return Ok(EXIT_MOSRUN);
+                    }
+                    Err(s) => {
+                        eprintln!("mosrun: lost the connection to the home agent {}: {}", home.name, s.message());
+                        st.write(t0, EXIT_MOSRUN);
+                        return Ok(EXIT_MOSRUN);
+                    }
+                };
+                match o.msg {
+                    Some(Out::Placed(p)) => {
+                        st.node = p.node;
+                        st.place_ms = p.place_ms;
+                        st.queue_ms += p.queued_ms;
+                        st.placements += 1;
+                    }
+                    Some(Out::Started(s)) => {
+                        st.job = s.job_id;
+                        st.node = s.node;
+                        if st.start_ms == 0.0 {
+                            st.start_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        }
+                        if !stdin_started {
+                            stdin_started = true;
+                            forward_stdin(tx.clone());
+                        }
+                    }
+                    Some(Out::Stdout(b)) => write_fd(1, &b),
+                    Some(Out::Stderr(b)) => write_fd(2, &b),
+                    Some(Out::Notice(n)) => eprintln!("mosrun: {n}"),
+                    Some(Out::Exit(e)) => {
+                        let code = match (e.exit_code, e.exit_signal) {
+                            (Some(c), _) => c,
+                            (None, Some(s)) => 128 + s,
+                            (None, None) => EXIT_MOSRUN,
+                        };
+                        if !e.error.is_empty() {
+                            eprintln!("mosrun: job {} failed: {}", st.job, e.error);
+                        }
+                        st.write(t0, code);
+                        return Ok(code);
+                    }
+                    Some(Out::Failure(f)) => {
+                        let code = match pb::FailureKind::try_from(f.kind) {
+                            Ok(pb::FailureKind::CommandNotFound) => EXIT_NOT_FOUND,
+                            Ok(pb::FailureKind::NotExecutable) => EXIT_NOT_EXECUTABLE,
+                            _ => EXIT_MOSRUN,
+                        };
+                        eprintln!("mosrun: {}", f.message);
+                        st.write(t0, code);
+                        return Ok(code);
+                    }
+                    None => {}
+                }
+                continue;
+            }
+            _ = s_int.recv() => libc::SIGINT,
+            _ = s_term.recv() => libc::SIGTERM,
+            _ = s_hup.recv() => libc::SIGHUP,
+        };
+        let _ = tx
+            .send(pb::RunInput {
+                msg: Some(In::Signal(sig)),
+            })
+            .await;
+    }
 }

@@ -8,7 +8,8 @@
 //!   "shared_root": "/srv/mosix",             // optional: no shared path → direct transfer
 //!   "balancer": "https://10.77.1.1:7070",    // optional
 //!   "tls": { "ca": "...ca.pem", "cert": "...client.pem", "key": "...client.key" },  // optional
-//!   "nodes": [ { "name": "node1", "endpoint": "http://10.77.1.2:7000", "address": "10.77.1.2" } ]
+//!   "nodes": [ { "name": "node1", "endpoint": "http://10.77.1.2:7000", "address": "10.77.1.2",
+//!                "run_socket": "/run/mosix/local/node1.sock" } ]     // run_socket: optional
 //! }
 //! ```
 //!
@@ -53,6 +54,10 @@ pub struct NodeEntry {
     /// Prometheus endpoint, if served.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// The agent's Unix socket for `mosrun` on that node (`mosixd
+    /// --run-socket`), if it serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -72,6 +72,16 @@ pub fn state_dir(name: &str) -> PathBuf {
     Path::new("/run/mosix").join(name)
 }
 
+/// A node's Unix socket for `mosrun` (seen by every node: one machine).
+pub fn run_socket_path(cluster: &str, node: &str) -> PathBuf {
+    state_dir(cluster).join(format!("{node}.sock"))
+}
+
+/// Slots per core on a local cluster: its nodes are fractions of a core,
+/// and with the default 2 a 0.6- and a 0.3-core node would both round to
+/// one slot; 10 keeps their proportions (6 and 3).
+pub const LOCAL_SLOTS_PER_CORE: f64 = 10.0;
+
 pub fn cluster_file_path(name: &str) -> PathBuf {
     state_dir(name).join("cluster.json")
 }
@@ -201,6 +211,7 @@ async fn up_inner(
             endpoint: format!("{scheme}://{ip}:{AGENT_PORT}"),
             address: ip.clone(),
             metrics: Some(format!("http://{ip}:{METRICS_PORT}/metrics")),
+            run_socket: Some(run_socket_path(&opts.name, &format!("node{i}"))),
         });
     }
 
@@ -285,7 +296,12 @@ async fn up_inner(
             // machine, so an fsync before the hand-over protects nothing
             // that a crash would not take anyway (see ImageSync).
             .arg("--image-sync")
-            .arg("close");
+            .arg("close")
+            .arg("--slots-per-core")
+            .arg(LOCAL_SLOTS_PER_CORE.to_string());
+        if let Some(sock) = &n.run_socket {
+            cmd.arg("--run-socket").arg(sock);
+        }
         if !opts.post_copy {
             cmd.arg("--no-post-copy");
         }

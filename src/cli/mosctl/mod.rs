@@ -8,6 +8,7 @@ pub mod load;
 pub mod local;
 pub mod migrate;
 pub mod show;
+pub mod slots;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ pub enum Cmd {
     Kill(kill::Args),
     /// Show every node's load once.
     Load(load::Args),
+    /// Every node's foreground-job slots (what `mosrun` places into) and
+    /// their use; `--total` prints just the sum.
+    Slots(slots::Args),
     /// Generate a cluster CA, node and client certificates and the image key.
     Certs(certs::Args),
     /// A local cluster of several nodes on this machine.
@@ -58,6 +62,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Thaw(x) => freeze::thaw(cluster, x).await,
         Cmd::Kill(x) => kill::run(cluster, x).await,
         Cmd::Load(x) => load::run(cluster, x).await,
+        Cmd::Slots(x) => slots::run(cluster, x).await,
         Cmd::Local(x) => local::run(x).await,
         Cmd::Certs(x) => certs::run(x),
     }
