@@ -38,6 +38,9 @@ SHARED = ROOT / "criu-images" / NAME
 OUT = ROOT / "bench-results"
 RESULTS = OUT / "kernel.json"
 KERNEL_TARBALL = ROOT / ".cache" / "linux-source" / "linux-source-6.1.tar.xz"
+# Where the tree is kept between runs (scripts/kernel-lib.sh, kernel_stash): deleting
+# 1.2 GB of small files with the cluster's shared path takes minutes on a busy disk.
+STASH = ROOT / ".cache" / "linux-source" / "tree" / "linux-source-6.1"
 ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
 ENV.pop("MAKEFLAGS", None)
 ENV.pop("MFLAGS", None)
@@ -257,9 +260,12 @@ def phase_kernel(res, args, caps):
         raise RuntimeError(f"{KERNEL_TARBALL} missing (scripts/bench-kernel.sh fetches it)")
     src_root = SHARED / "src"
     src = src_root / "linux-source-6.1"
+    src_root.mkdir(parents=True, exist_ok=True)
+    if not src.exists() and STASH.exists():
+        log("moving the kept kernel tree into the shared path (each build starts with make mrproper)")
+        os.rename(STASH, src)
     if not src.exists():
         log("unpacking the kernel source into the shared path")
-        src_root.mkdir(parents=True, exist_ok=True)
         run(["tar", "-C", str(src_root), "-xf", str(KERNEL_TARBALL)], timeout=900)
     k = {}
     cap_total = sum(caps)
@@ -315,7 +321,13 @@ def main():
                     res["errors"][ph] = str(e)[-2000:]
                     rc = 1
     finally:
-        run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=300)
+        src = SHARED / "src" / "linux-source-6.1"
+        if src.exists():
+            STASH.parent.mkdir(parents=True, exist_ok=True)
+            if STASH.exists():
+                run(["rm", "-rf", str(STASH)], check=False, timeout=900)
+            os.rename(src, STASH)
+        run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=900)
     res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     # Keep earlier runs' numbers next to this one's: every run is shown.
     hist = old.get("history", [])
