@@ -221,7 +221,7 @@ def cluster_up(nodes, caps=None, extra=()):
 
 
 def mosrun(node, argv):
-    r = run([MOSRUN, "--node", node, "--"] + argv)
+    r = run([MOSRUN, "-d", "--node", node, "--"] + argv)
     return r.stdout.strip().split()[0]
 
 

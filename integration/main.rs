@@ -7,6 +7,7 @@ mod support;
 
 mod balancer;
 mod faults;
+mod foreground;
 mod migration;
 mod mosmake;
 mod noshared;

@@ -125,9 +125,11 @@ impl Cluster {
         run(MOSCTL, args, Some(self))
     }
 
-    /// Start a job; returns its id.
+    /// Start a job in the background (`mosrun -d`); returns its id.
     pub fn mosrun(&self, args: &[&str]) -> String {
-        let o = run(MOSRUN, args, Some(self));
+        let mut a = vec!["-d"];
+        a.extend_from_slice(args);
+        let o = run(MOSRUN, &a, Some(self));
         assert!(o.status.success(), "mosrun failed: {}", stderr(&o));
         stdout(&o).trim().to_string()
     }

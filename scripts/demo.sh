@@ -26,7 +26,7 @@ $M/mosctl local up --name $NAME --nodes 4 --cpu-caps 0.75,0.5,0.5,0.25
 echo
 echo "== Starting $JOBS CPU-bound jobs on node1 (like the kernel compile started on node 14)"
 for _ in $(seq "$JOBS"); do
-  $M/mosrun --node node1 -- $M/mosjob burn 2>/dev/null | tr '\n' ' '
+  $M/mosrun -d --node node1 -- $M/mosjob burn 2>/dev/null | tr '\n' ' '
 done
 echo
 sleep 3

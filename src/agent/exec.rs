@@ -29,8 +29,13 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-/// How often a running job's output files are read.
+/// How often a running job's output files are read: every 10 ms after
+/// the job wrote something, backing off to every 100 ms while it is
+/// silent (a compiler says nothing for seconds; sixteen sessions polling
+/// at 10 ms would cost a capped node's agent CPU for nothing). The job's
+/// end is an event, so it is never delayed by this.
 pub const TAIL_TICK: Duration = Duration::from_millis(10);
+const TAIL_MAX: Duration = Duration::from_millis(100);
 /// How often each side of a session says it is still there.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A caller silent this long is gone (its node or the network is lost).
@@ -285,7 +290,12 @@ impl Agent {
     /// This node's slots and their use.
     pub fn node_slots(&self) -> NodeSlots {
         let load = self.node_load();
-        let held = self.slots.jobs.lock().map(|j| j.clone()).unwrap_or_default();
+        let held = self
+            .slots
+            .jobs
+            .lock()
+            .map(|j| j.clone())
+            .unwrap_or_default();
         let background_load = load
             .jobs
             .iter()
@@ -376,7 +386,10 @@ impl Agent {
             uid: start.uid,
             gid: start.gid,
             pinned: start.pinned,
-            non_migratable: start.non_migratable,
+            // Without a shared path the job's output after a move would be
+            // written on the target's own disk, out of this session's
+            // sight (and its end recorded there): such a job stays here.
+            non_migratable: start.non_migratable || !self.cfg.shared,
             name: start.name,
         };
         let extras = LaunchExtras {
@@ -429,8 +442,7 @@ impl Agent {
 
         let mut so = Tail::new(&rec.stdout_path);
         let mut se = Tail::new(&rec.stderr_path);
-        let mut tick = tokio::time::interval(TAIL_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait = TAIL_TICK;
         let mut last_in = Instant::now();
         let mut last_out = Instant::now();
         let mut last_registry = Instant::now();
@@ -461,9 +473,11 @@ impl Agent {
                     }
                     Some(ExecIn::Heartbeat) => last_in = Instant::now(),
                 },
-                _ = tick.tick() => {
-                    if !forward(&out, &mut so, &mut se).await {
-                        break None;
+                _ = tokio::time::sleep(wait) => {
+                    match forward(&out, &mut so, &mut se).await {
+                        None => break None,
+                        Some(0) => wait = (wait * 2).min(TAIL_MAX),
+                        Some(_) => wait = TAIL_TICK,
                     }
                     if last_in.elapsed() > CALLER_SILENCE {
                         tracing::warn!(job = %job, "the caller has been silent for {CALLER_SILENCE:?}: killing the job");
@@ -491,7 +505,10 @@ impl Agent {
         match end {
             Some(info) => {
                 forward(&out, &mut so, &mut se).await;
-                let _ = out.send(ExecOut::Exit(info)).await;
+                let delivered = out.send(ExecOut::Exit(info)).await.is_ok();
+                if delivered {
+                    self.forget_finished(&job);
+                }
             }
             None => {
                 // The caller is gone: no orphan.
@@ -500,6 +517,27 @@ impl Agent {
             }
         }
         drop(slot);
+    }
+
+    /// Remove a foreground job's record and output once its caller has
+    /// its output and status: a parallel build starts thousands of jobs,
+    /// and the registry (which the balancer and `mosctl jobs` read whole)
+    /// and the shared path would keep all of them. A job whose end was not
+    /// delivered (killed, failed) is kept for inspection.
+    fn forget_finished(self: &Arc<Self>, job: &JobId) {
+        let agent = self.clone();
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            match agent.registry.get(&job) {
+                Ok(rec) if rec.state == JobState::Exited => {}
+                _ => return,
+            }
+            if let Err(e) = agent.registry.remove(&job) {
+                tracing::warn!(job = %job, "cannot remove the finished job's record: {e}");
+                return;
+            }
+            let _ = std::fs::remove_dir_all(agent.cfg.jobs_dir.join(job.as_str()));
+        });
     }
 
     /// The end of a job whose process is not here (it migrated away), from
@@ -525,19 +563,19 @@ impl Agent {
     }
 }
 
-/// Send what the job wrote since last time; false if the caller is gone.
-async fn forward(out: &mpsc::Sender<ExecOut>, so: &mut Tail, se: &mut Tail) -> bool {
+/// Send what the job wrote since last time: how many bytes, or None if
+/// the caller is gone.
+async fn forward(out: &mpsc::Sender<ExecOut>, so: &mut Tail, se: &mut Tail) -> Option<usize> {
+    let mut n = 0;
     for b in so.read_new() {
-        if out.send(ExecOut::Stdout(b)).await.is_err() {
-            return false;
-        }
+        n += b.len();
+        out.send(ExecOut::Stdout(b)).await.ok()?;
     }
     for b in se.read_new() {
-        if out.send(ExecOut::Stderr(b)).await.is_err() {
-            return false;
-        }
+        n += b.len();
+        out.send(ExecOut::Stderr(b)).await.ok()?;
     }
-    true
+    Some(n)
 }
 
 #[cfg(test)]

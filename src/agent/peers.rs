@@ -425,4 +425,3 @@ impl Peers for GrpcPeers {
         })
     }
 }
-

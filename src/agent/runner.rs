@@ -100,7 +100,10 @@ enum Outcome {
     CallerGone,
     /// The node had no free slot after all: place again.
     NoSlot,
-    Lost { reason: String, started: bool },
+    Lost {
+        reason: String,
+        started: bool,
+    },
 }
 
 #[derive(Default)]
@@ -144,7 +147,9 @@ impl Agent {
             async move {
                 let slots = if name == agent.cfg.node.as_str() {
                     let a = agent.clone();
-                    tokio::task::spawn_blocking(move || a.node_slots()).await.ok()
+                    tokio::task::spawn_blocking(move || a.node_slots())
+                        .await
+                        .ok()
                 } else {
                     match NodeName::parse(&name) {
                         Ok(n) => agent.peers.slots(&n, REFRESH).await.ok(),
@@ -306,9 +311,11 @@ impl Agent {
             }
             let (etx, erx) = mpsc::channel(256);
             let outs: Result<ExecStream, String> = if node == self.cfg.node.as_str() {
-                Ok(tokio_stream::wrappers::ReceiverStream::new(self.exec(exec.clone(), erx))
-                    .map(Ok)
-                    .boxed())
+                Ok(
+                    tokio_stream::wrappers::ReceiverStream::new(self.exec(exec.clone(), erx))
+                        .map(Ok)
+                        .boxed(),
+                )
             } else {
                 match NodeName::parse(&node) {
                     Ok(n) => self
@@ -321,8 +328,16 @@ impl Agent {
             };
             let outcome = match outs {
                 Ok(s) => {
-                    self.relay(&node, s, etx, &mut input, &out, &mut log, start.rerun_on_node_loss)
-                        .await
+                    self.relay(
+                        &node,
+                        s,
+                        etx,
+                        &mut input,
+                        &out,
+                        &mut log,
+                        start.rerun_on_node_loss,
+                    )
+                    .await
                 }
                 Err(reason) => Outcome::Lost {
                     reason,
@@ -443,7 +458,11 @@ impl Agent {
                 m = input.recv() => match m {
                     None => return Outcome::CallerGone,
                     Some(RunIn::Stdin(b)) => {
-                        log.push(&b);
+                        // Kept only for a re-run (without one, nothing is
+                        // ever replayed once the job started).
+                        if hold {
+                            log.push(&b);
+                        }
                         let _ = etx.send(ExecIn::Stdin(b)).await;
                     }
                     Some(RunIn::StdinEof) => {

@@ -3,9 +3,9 @@
 
 use super::{Agent, AgentAction, AgentReply};
 use crate::api::convert::{agent_error_to_status, InvalidRequest};
+use crate::api::convert_exec::{ExecInput, RunInput};
 use crate::api::pb;
 use crate::api::pb::agent_server::Agent as AgentApi;
-use crate::api::convert_exec::{ExecInput, RunInput};
 use futures::StreamExt;
 use std::pin::Pin;
 use std::sync::Arc;

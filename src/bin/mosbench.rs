@@ -228,9 +228,8 @@ struct SimAgent {
 
 #[tonic::async_trait]
 impl Agent for SimAgent {
-    type ExecStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>,
-    >;
+    type ExecStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
     async fn exec(
         &self,
         _r: Request<tonic::Streaming<pb::ExecInput>>,

@@ -296,7 +296,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("building reflection service")?;
     let mut builder = Server::builder()
         .timeout(Duration::from_secs(600))
-        .concurrency_limit_per_connection(64);
+        // A foreground job's Exec stream holds one of these for the job's
+        // whole life, and a home agent multiplexes all its jobs on a node
+        // (and its GetSlots samples) over one connection: 64 would stall
+        // the 65th compile and then the samples.
+        .concurrency_limit_per_connection(1024);
     if let Some((ca, cert, key)) = &tls_files {
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(

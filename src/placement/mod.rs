@@ -142,9 +142,7 @@ impl Table {
     /// jobs, plus what the node reported beyond the own jobs it counted then.
     pub fn used(&self, node: &str) -> u32 {
         self.nodes.get(node).map_or(0, |e| {
-            let others = e
-                .info
-                .map_or(0, |i| i.used.saturating_sub(e.own_at_sample));
+            let others = e.info.map_or(0, |i| i.used.saturating_sub(e.own_at_sample));
             e.own + others
         })
     }
@@ -223,9 +221,9 @@ impl Table {
     /// A job this home placed on `node` ended (or never started).
     pub fn release(&mut self, node: &str) {
         if let Some(e) = self.nodes.get_mut(node) {
+            // `own_at_sample` stays: what the sample counted beyond our
+            // own jobs (other homes' jobs) has not changed.
             e.own = e.own.saturating_sub(1);
-            // If the last sample counted this job, it no longer runs.
-            e.own_at_sample = e.own_at_sample.min(e.own);
         }
     }
 
@@ -300,8 +298,14 @@ mod tests {
             assert!(placed[&format!("node{}", i + 1)] <= slots_for(*c, 10.0));
         }
         // Two more fill the cluster; the next one waits.
-        assert!(matches!(t.choose(Want::Best, &mut first), Decision::Place(_)));
-        assert!(matches!(t.choose(Want::Best, &mut first), Decision::Place(_)));
+        assert!(matches!(
+            t.choose(Want::Best, &mut first),
+            Decision::Place(_)
+        ));
+        assert!(matches!(
+            t.choose(Want::Best, &mut first),
+            Decision::Place(_)
+        ));
         assert_eq!(t.choose(Want::Best, &mut first), Decision::Wait);
         // A job ends: its slot is free again, on that node.
         t.release("node3");
@@ -362,7 +366,10 @@ mod tests {
         t.mark_full("node1");
         assert_eq!(t.choose(Want::Best, &mut first), Decision::Wait);
         t.update("node1", info(1.0, 2));
-        assert!(matches!(t.choose(Want::Best, &mut first), Decision::Place(_)));
+        assert!(matches!(
+            t.choose(Want::Best, &mut first),
+            Decision::Place(_)
+        ));
     }
 
     #[test]

@@ -34,9 +34,12 @@ async fn one(ctx: &Ctx, node: &str) -> Result<pb::NodeSlots, String> {
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
     let names: Vec<String> = ctx.cf.nodes.iter().map(|n| n.name.to_string()).collect();
-    let results =
-        futures::future::join_all(names.iter().map(|n| async { (n.clone(), one(&ctx, n).await) }))
-            .await;
+    let results = futures::future::join_all(
+        names
+            .iter()
+            .map(|n| async { (n.clone(), one(&ctx, n).await) }),
+    )
+    .await;
     let total: u32 = results
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok().map(|s| s.slots))
