@@ -259,8 +259,14 @@ mod tests {
         );
         assert!(out.contains("p50 9.5 ms"), "{out}");
         assert!(
-            out.contains("4 compile lines sent through mosrun, 2 lines run locally"),
+            out.contains("4 compile line(s) sent through mosrun, 2 line(s) run locally"),
             "{out}"
         );
+        assert!(!out.contains("waiting for a free slot"), "{out}");
+        let q = Summary::from_text(&format!("{L1} queue_ms=40\n{L1} queue_ms=2\n"));
+        assert_eq!(q.runs[0].queue_ms, Some(40.0));
+        assert!(q
+            .render()
+            .contains("waiting for a free slot: p50 2.0 ms, p99 40.0 ms"));
     }
 }
