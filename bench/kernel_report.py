@@ -102,6 +102,17 @@ def markdown(w):
         w(f"- (b) / ideal = **{kb['ratio_to_ideal']:.2f}** (target ≤ 1.25); speedup (a)/(b) = **{kb['speedup']:.2f}** "
           f"(target ≥ {kb['speedup_goal']:.2f}). For comparison, distcc reports 2.5–2.8× on 3 machines; Sparrow runs "
           "within 12% of an ideal scheduler.")
+        ca, cb = a.get("contention"), b.get("contention")
+        if ca and cb:
+            w(f"- What the nodes actually got (cgroup cpuacct ÷ wall): (a) {ca['cluster_cores']:.2f} cores "
+              f"(node1's cap {kb['capacity_node1']}), (b) {cb['cluster_cores']:.2f} cores of the "
+              f"{kb['capacity_total']:.1f} the caps allow ("
+              + ", ".join(f"{n} {v:.2f}" for n, v in sorted(cb["node_cores"].items()))
+              + f"); other work on the machine meanwhile: {ca['other_cores']:.2f} cores during (a), "
+              f"{cb['other_cores']:.2f} during (b) (load average at the end {' '.join(ca['loadavg_end'])} / "
+              f"{' '.join(cb['loadavg_end'])}). The machine has 2 cores: whatever other sessions use is "
+              "missing from the capped nodes, and (b), which needs 1.8 of them, is hit far harder than "
+              "(a), which needs 0.6.")
         w("- mosmake's own report of (b):")
         for line in b.get("report", []):
             w(f"    - `{line}`")
