@@ -250,6 +250,10 @@ fn a_16_way_burst_respects_slots_and_a_full_cluster_queues() {
     let cl = Cluster::up(4, &["--cpu-caps", "0.2,0.2,0.3,0.3"]);
     let o = cl.mosctl(&["slots", "--total"]);
     assert_eq!(stdout(&o).trim(), "10", "{}", stderr(&o));
+    let o = cl.mosctl(&["slots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["total"], 10);
+    assert_eq!(v["nodes"][3]["slots"], 3);
     let slots = [("node1", 2), ("node2", 2), ("node3", 3), ("node4", 3)];
     let dir = std::env::temp_dir().join(format!("mosix-burst-{}", cl.name));
     std::fs::create_dir_all(&dir).unwrap();
@@ -406,8 +410,8 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         return;
     }
     let cl = Cluster::up(4, &[]);
-    // With --rerun-on-node-loss: node2 dies mid-job; the job runs again on
-    // another node, the event is reported, and its output appears once.
+    // With --rerun-on-node-loss: node2's agent dies mid-job; the job runs
+    // again on another node, the event is reported, its output appears once.
     let marker = format!("fg-rerun-{}", cl.name);
     let c = Reap(Some(spawn(
         &cl,
@@ -423,16 +427,24 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
         ],
         Stdio::null(),
     )));
+    let mut first = None;
     cl.wait_for("the job on node2", 20, || {
-        running_job(&cl, &marker).is_some_and(|j| j.1 == "node2")
+        first = running_job(&cl, &marker).filter(|j| j.1 == "node2");
+        first.is_some()
     });
-    assert!(cl.kill_node_processes("node2") > 0);
+    // node2's agent is killed (and started again): the job's session died
+    // with it, so the new agent kills the copy it finds rather than adopt
+    // an orphan.
+    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let (code, out, err) = c.finish(40);
     assert_eq!((code, out.as_str()), (0, "start\ndone\n"), "{err}");
     assert!(
         err.contains("mosrun: node node2 lost (") && err.contains("); re-running on node"),
         "{err}"
     );
+    let pid = first.unwrap().2;
+    cl.wait_for("node2's copy to be killed", 15, || !alive(pid));
 
     // node3's network is cut mid-job: its silence gives it away (4 s), the
     // job runs again elsewhere, and node3's agent, hearing nothing from
@@ -501,4 +513,40 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     let (code, _, err) = c.finish(30);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("node node4 lost"), "{err}");
+
+    // The home agent (node1) dies mid-job: mosrun runs the job again
+    // through another agent, its stdin replayed, its output shown once.
+    let marker = format!("fg-home-{}", cl.name);
+    let mut c = Reap(Some(spawn(
+        &cl,
+        &[
+            "--node",
+            "node2",
+            "--rerun-on-node-loss",
+            "--",
+            "sh",
+            "-c",
+            &format!("cat; echo start; sleep 2; echo done # {marker}"),
+        ],
+        Stdio::piped(),
+    )));
+    c.child().stdin.take().unwrap().write_all(b"in1\n").unwrap();
+    cl.wait_for("the job on node2", 20, || {
+        running_job(&cl, &marker).is_some_and(|j| j.1 == "node2")
+    });
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node1",
+        "--name",
+        &cl.name,
+        "--kill-only",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (code, out, err) = c.finish(40);
+    assert_eq!((code, out.as_str()), (0, "in1\nstart\ndone\n"), "{err}");
+    assert!(
+        err.contains("mosrun: home agent node1 lost (") && err.contains("re-running through node2"),
+        "{err}"
+    );
 }

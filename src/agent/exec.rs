@@ -42,6 +42,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const CALLER_SILENCE: Duration = Duration::from_secs(5);
 /// How often the end of a job that migrated away is looked up.
 const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// In a foreground job's output directory: the node whose agent holds its
+/// session (see `Agent::recover`).
+pub const SESSION_MARKER: &str = "foreground-session";
 /// Largest chunk of output in one message.
 const CHUNK: usize = 256 << 10;
 
@@ -411,6 +414,14 @@ impl Agent {
         let job = rec.id.clone();
         if let Some(g) = slot.as_mut() {
             g.hold_for(&job);
+        }
+        // Which agent holds the job's session: if that agent restarts, the
+        // session (and the caller's stream) is gone, and its recovery must
+        // kill the job rather than adopt an orphan.
+        if let Some(dir) = std::path::Path::new(&rec.stdout_path).parent() {
+            if let Err(e) = std::fs::write(dir.join(SESSION_MARKER), self.cfg.node.as_str()) {
+                tracing::warn!(job = %job, "cannot mark the job foreground: {e}");
+            }
         }
         let _ = out
             .send(ExecOut::Started(Started {

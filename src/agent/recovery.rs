@@ -147,10 +147,28 @@ impl Agent {
                     let _ = self.registry.put(&mut rec);
                 }
                 self.adopt_orphan(&rec, pid);
+                if self.session_was_here(&rec) {
+                    // A foreground job whose session (and so its caller's
+                    // stream) died with our predecessor: no orphan.
+                    tracing::warn!(job = %rec.id, pid, "foreground job lost its session with the previous agent: killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return;
+                }
                 tracing::info!(job = %rec.id, pid, "re-adopted job after restart");
             }
             None => self.record_exit(&rec.id, rec.pid, None),
         }
+    }
+
+    /// Whether `rec` is a foreground job whose session this node's agent held.
+    fn session_was_here(&self, rec: &JobRecord) -> bool {
+        std::path::Path::new(&rec.stdout_path)
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join(super::exec::SESSION_MARKER)).ok())
+            .is_some_and(|n| n.trim() == self.cfg.node.as_str())
     }
 
     async fn recover_migration(self: &Arc<Self>, mut rec: JobRecord, p: PendingMigration) {

@@ -298,3 +298,69 @@ impl From<&RunOut> for pb::RunOutput {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_messages_survive_the_wire() {
+        let outs = [
+            ExecOut::Started(Started {
+                job: "j1".into(),
+                node: "node2".into(),
+                pid: 42,
+            }),
+            ExecOut::Stdout(b"out".to_vec()),
+            ExecOut::Stderr(vec![0, 255]),
+            ExecOut::Heartbeat,
+            ExecOut::Exit(ExitInfo {
+                code: None,
+                signal: Some(9),
+                error: String::new(),
+            }),
+            ExecOut::Failure(Failure::new(FailureKind::BadCwd, "no such dir")),
+            ExecOut::Failure(Failure::new(FailureKind::NoSlot, "full")),
+        ];
+        for o in outs {
+            assert_eq!(ExecOut::try_from(pb::ExecOutput::from(&o)).unwrap(), o);
+        }
+        assert!(ExecOut::try_from(pb::ExecOutput { msg: None }).is_err());
+        for i in [
+            ExecIn::Stdin(b"x".to_vec()),
+            ExecIn::StdinEof,
+            ExecIn::Signal(2),
+            ExecIn::Heartbeat,
+        ] {
+            match ExecInput::try_from(pb::ExecInput::from(&i)) {
+                Ok(ExecInput::In(back)) => assert_eq!(back, i),
+                _ => panic!("{i:?} did not come back"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_start_without_a_command_is_refused() {
+        let s = ExecStart::default();
+        assert!(ExecInput::try_from(pb::ExecInput::from(&s)).is_err());
+        let s = ExecStart {
+            argv: vec!["true".into()],
+            umask: Some(0o027),
+            take_slot: true,
+            ..Default::default()
+        };
+        match ExecInput::try_from(pb::ExecInput::from(&s)) {
+            Ok(ExecInput::Start(back)) => {
+                assert_eq!(back.umask, Some(0o027));
+                assert!(back.take_slot);
+            }
+            _ => panic!("start did not come back"),
+        }
+        // A Run without its exec part, or empty, is refused.
+        let empty = pb::RunInput {
+            msg: Some(pb::run_input::Msg::Start(pb::RunStart::default())),
+        };
+        assert!(RunInput::try_from(empty).is_err());
+        assert!(RunInput::try_from(pb::RunInput { msg: None }).is_err());
+    }
+}

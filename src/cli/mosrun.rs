@@ -46,7 +46,11 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 ///
 /// Home agent: --home, else $MOSIX_NODE, else the node whose address is on
 /// one of our interfaces (inside a local-cluster node's network namespace,
-/// that node), else the cluster file's first node.
+/// that node), else the cluster file's first node. It places the job on a
+/// free slot (see `mosctl slots`), waiting for one when all are taken.
+///
+/// With MOSIX_RUN_STATS=FILE, one line per run is appended to FILE:
+/// node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, trailing_var_arg = true)]
 pub struct Args {
@@ -290,15 +294,58 @@ impl Stats {
     }
 }
 
+/// Our stdin as the home agent gets it: kept for a re-run through another
+/// home (with --rerun-on-node-loss), up to a limit.
+#[derive(Default)]
+struct StdinCopy {
+    chunks: Vec<Vec<u8>>,
+    bytes: usize,
+    eof: bool,
+    complete: bool,
+}
+
+const MAX_STDIN_COPY: usize = 64 << 20;
+
+impl StdinCopy {
+    fn push(&mut self, b: &[u8]) {
+        self.bytes += b.len();
+        if self.bytes > MAX_STDIN_COPY {
+            self.complete = false;
+            self.chunks.clear();
+        } else if self.complete {
+            self.chunks.push(b.to_vec());
+        }
+    }
+}
+
+/// Where our own stdin stands: not read before the job first started (a
+/// queued job must not swallow input meant for later), then read by a
+/// thread, then done (EOF, or -n).
+enum StdinState {
+    NotYet,
+    Reading(mpsc::Receiver<pb::RunInput>),
+    Done,
+}
+
+/// How one conversation with a home agent ended.
+enum Ended {
+    /// The job's status (or mosrun's failure status), all said.
+    Status(i32),
+    /// The home agent went away before the end: (its node, why).
+    HomeLost(String, String),
+}
+
 async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
     use pb::run_input::Msg as In;
-    use pb::run_output::Msg as Out;
-    use tokio::signal::unix::{signal, SignalKind};
     let ctx = Ctx::load(a.cluster.as_deref())?;
     if let Some(n) = &a.node {
         ctx.cf.node(n)?;
     }
     let home = home_node(&ctx.cf, a.home.as_deref())?;
+    // The home first, then the others in the cluster file's order: if the
+    // home agent is down, another agent places the job.
+    let mut homes: Vec<&NodeEntry> = vec![home];
+    homes.extend(ctx.cf.nodes.iter().filter(|n| n.name != home.name));
     let cwd = std::env::current_dir()
         .context("the current directory is not usable")?
         .to_string_lossy()
@@ -334,56 +381,150 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
         node: a.node.clone().unwrap_or_default(),
         rerun_on_node_loss: a.rerun_on_node_loss,
     };
-    let (tx, rx) = mpsc::channel::<pb::RunInput>(64);
-    tx.send(pb::RunInput {
-        msg: Some(In::Start(start)),
-    })
-    .await
-    .ok();
-    if a.no_stdin {
-        tx.send(pb::RunInput {
-            msg: Some(In::StdinEof(true)),
-        })
-        .await
-        .ok();
+    let mut sigs = Signals::new()?;
+    let mut st = Stats::default();
+    let mut copy = StdinCopy {
+        complete: true,
+        eof: a.no_stdin,
+        ..Default::default()
+    };
+    // Our stdin, read once (from the job's first start) whatever home we
+    // talk to.
+    let mut stdin_rx = if a.no_stdin {
+        StdinState::Done
+    } else {
+        StdinState::NotYet
+    };
+    let mut next = 0;
+    loop {
+        // Connect to the first home that answers.
+        let mut channel = None;
+        while next < homes.len() {
+            let h = homes[next];
+            next += 1;
+            match connect(&ctx, h).await {
+                Ok(ch) => {
+                    channel = Some((h, ch));
+                    break;
+                }
+                Err(e) if next < homes.len() => {
+                    eprintln!("mosrun: {e:#}; trying {}", homes[next].name)
+                }
+                Err(e) => eprintln!("mosrun: {e:#}"),
+            }
+        }
+        let Some((h, ch)) = channel else {
+            eprintln!("mosrun: no node of the cluster is reachable");
+            st.write(t0, EXIT_MOSRUN);
+            return Ok(EXIT_MOSRUN);
+        };
+        let (tx, rx) = mpsc::channel::<pb::RunInput>(64);
+        let mut first = vec![In::Start(start.clone())];
+        first.extend(copy.chunks.iter().cloned().map(In::Stdin));
+        if copy.eof {
+            first.push(In::StdinEof(true));
+        }
+        for m in first {
+            tx.send(pb::RunInput { msg: Some(m) }).await.ok();
+        }
+        match converse(
+            &a,
+            h,
+            ch,
+            tx,
+            rx,
+            &mut sigs,
+            &mut st,
+            &mut copy,
+            &mut stdin_rx,
+            t0,
+        )
+        .await?
+        {
+            Ended::Status(code) => {
+                st.write(t0, code);
+                return Ok(code);
+            }
+            Ended::HomeLost(node, why) => {
+                let rerun = a.rerun_on_node_loss && copy.complete && next < homes.len();
+                if !rerun {
+                    eprintln!("mosrun: lost the connection to the home agent {node}: {why}");
+                    st.write(t0, EXIT_MOSRUN);
+                    return Ok(EXIT_MOSRUN);
+                }
+                eprintln!(
+                    "mosrun: home agent {node} lost ({why}); re-running through {}",
+                    homes[next].name
+                );
+                st.placements += 1;
+            }
+        }
     }
-    let ch = connect(&ctx, home).await?;
+}
+
+/// SIGINT, SIGTERM and SIGHUP, to pass on to the job.
+struct Signals(Vec<(tokio::signal::unix::Signal, i32)>);
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut v = Vec::new();
+        for (kind, n) in [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+        ] {
+            v.push((signal(kind).context("installing signal handlers")?, n));
+        }
+        Ok(Self(v))
+    }
+
+    async fn recv(&mut self) -> i32 {
+        let [(a, na), (b, nb), (c, nc)] = &mut self.0[..] else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = a.recv() => *na,
+            _ = b.recv() => *nb,
+            _ = c.recv() => *nc,
+        }
+    }
+}
+
+/// One Run stream with one home agent, until the job's end or the home's.
+#[allow(clippy::too_many_arguments)]
+async fn converse(
+    a: &Args,
+    home: &NodeEntry,
+    ch: Channel,
+    tx: mpsc::Sender<pb::RunInput>,
+    rx: mpsc::Receiver<pb::RunInput>,
+    sigs: &mut Signals,
+    st: &mut Stats,
+    copy: &mut StdinCopy,
+    stdin_rx: &mut StdinState,
+    t0: Instant,
+) -> anyhow::Result<Ended> {
+    use pb::run_input::Msg as In;
+    use pb::run_output::Msg as Out;
+    let lost = |why: String| Ok(Ended::HomeLost(home.name.to_string(), why));
     let mut client = pb::runner_client::RunnerClient::new(ch)
         .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
-    let mut outs = client
+    let mut outs = match client
         .run(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| status_err(&format!("home agent {}", home.name), s))?
-        .into_inner();
-
-    let mut sigs = Vec::new();
-    for (kind, n) in [
-        (SignalKind::interrupt(), libc::SIGINT),
-        (SignalKind::terminate(), libc::SIGTERM),
-        (SignalKind::hangup(), libc::SIGHUP),
-    ] {
-        sigs.push((signal(kind).context("installing signal handlers")?, n));
-    }
-    let [(s_int, _), (s_term, _), (s_hup, _)] = &mut sigs[..] else {
-        bail!("signal handlers");
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unavailable => return lost(s.message().to_string()),
+        Err(s) => return Err(status_err(&format!("home agent {}", home.name), s)),
     };
-    let mut st = Stats::default();
-    let mut stdin_started = a.no_stdin;
     loop {
-        let sig = tokio::select! {
+        tokio::select! {
             m = outs.message() => {
                 let o = match m {
                     Ok(Some(o)) => o,
-                    Ok(None) => {
-                        eprintln!("mosrun: the home agent {} ended the run without an exit status", home.name);
-                        st.write(t0, EXIT_MOSRUN);
-                        return Ok(EXIT_MOSRUN);
-                    }
-                    Err(s) => {
-                        eprintln!("mosrun: lost the connection to the home agent {}: {}", home.name, s.message());
-                        st.write(t0, EXIT_MOSRUN);
-                        return Ok(EXIT_MOSRUN);
-                    }
+                    Ok(None) => return lost("it ended the run without an exit status".into()),
+                    Err(s) => return lost(s.message().to_string()),
                 };
                 match o.msg {
                     Some(Out::Placed(p)) => {
@@ -398,9 +539,10 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                         if st.start_ms == 0.0 {
                             st.start_ms = t0.elapsed().as_secs_f64() * 1e3;
                         }
-                        if !stdin_started {
-                            stdin_started = true;
-                            forward_stdin(tx.clone());
+                        if matches!(stdin_rx, StdinState::NotYet) {
+                            let (stx, srx) = mpsc::channel(16);
+                            forward_stdin(stx);
+                            *stdin_rx = StdinState::Reading(srx);
                         }
                     }
                     Some(Out::Stdout(b)) => write_fd(1, &b),
@@ -415,8 +557,7 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                         if !e.error.is_empty() {
                             eprintln!("mosrun: job {} failed: {}", st.job, e.error);
                         }
-                        st.write(t0, code);
-                        return Ok(code);
+                        return Ok(Ended::Status(code));
                     }
                     Some(Out::Failure(f)) => {
                         let code = match pb::FailureKind::try_from(f.kind) {
@@ -425,21 +566,33 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                             _ => EXIT_MOSRUN,
                         };
                         eprintln!("mosrun: {}", f.message);
-                        st.write(t0, code);
-                        return Ok(code);
+                        return Ok(Ended::Status(code));
                     }
                     None => {}
                 }
-                continue;
             }
-            _ = s_int.recv() => libc::SIGINT,
-            _ = s_term.recv() => libc::SIGTERM,
-            _ = s_hup.recv() => libc::SIGHUP,
-        };
-        let _ = tx
-            .send(pb::RunInput {
-                msg: Some(In::Signal(sig)),
-            })
-            .await;
+            m = async {
+                match stdin_rx {
+                    StdinState::Reading(r) => r.recv().await,
+                    _ => std::future::pending().await,
+                }
+            } => {
+                match &m {
+                    Some(pb::RunInput { msg: Some(In::Stdin(b)) }) if a.rerun_on_node_loss => copy.push(b),
+                    Some(pb::RunInput { msg: Some(In::StdinEof(_)) }) => copy.eof = true,
+                    _ => {}
+                }
+                match m {
+                    Some(m) => { let _ = tx.send(m).await; }
+                    // The reader thread ended after EOF: nothing more.
+                    None => *stdin_rx = StdinState::Done,
+                }
+            }
+            sig = sigs.recv() => {
+                let _ = tx
+                    .send(pb::RunInput { msg: Some(In::Signal(sig)) })
+                    .await;
+            }
+        }
     }
 }
