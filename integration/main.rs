@@ -8,6 +8,7 @@ mod support;
 mod balancer;
 mod faults;
 mod foreground;
+mod gateway;
 mod migration;
 mod mosmake;
 mod noshared;

@@ -1605,6 +1605,7 @@ mod tests {
             non_migratable: false,
             error: String::new(),
             generation: 3,
+            service: None,
         }
     }
 

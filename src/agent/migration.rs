@@ -296,6 +296,7 @@ impl Agent {
         let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
         let started = now_unix_ms();
         if !leave_running {
+            self.announce_freeze(rec, pid, to.as_ref()).await;
             rec.state = JobState::Migrating;
             rec.pending = Some(PendingMigration {
                 id: mig.clone(),
@@ -382,6 +383,22 @@ impl Agent {
         })
     }
 
+    /// Tell front ends that `rec` is about to be frozen and, for a service
+    /// instance, wait (bounded) until they let go of it: see [`super::events`].
+    pub(crate) async fn announce_freeze(&self, rec: &JobRecord, pid: i32, to: Option<&NodeName>) {
+        let w = self
+            .events
+            .before_freeze(rec, pid, &self.cfg.node, to)
+            .await;
+        if rec.service.is_some() {
+            if w.timed_out.is_empty() && !w.still_connected {
+                tracing::info!(job = %rec.id, released = w.released, waited_ms = w.waited.as_millis() as u64, "front ends let go of the instance");
+            } else {
+                tracing::warn!(job = %rec.id, timed_out = ?w.timed_out, still_connected = w.still_connected, waited_ms = w.waited.as_millis() as u64, "dumping without every front end's release");
+            }
+        }
+    }
+
     /// Record the dump that is about to stop the job (its pending migration
     /// carries the nice values [`priority::raise`] changed). If the record
     /// cannot be written (a full disk), nothing is dumped and the job keeps
@@ -392,6 +409,7 @@ impl Agent {
                 priority::put_back(pid, &p.nice_before_dump);
             }
             rec.state = JobState::Running;
+            self.events.running(rec, &self.cfg.node);
             return Err(e.into());
         }
         self.set_dumping(&rec.id, true);
@@ -410,6 +428,9 @@ impl Agent {
         }
         rec.state = JobState::Running;
         self.registry.put(rec)?;
+        if exited.is_none() {
+            self.events.running(rec, &self.cfg.node);
+        }
         if let Some(st) = exited {
             if let Ok(mut l) = self.local.lock() {
                 l.remove(&rec.id);
@@ -794,6 +815,7 @@ impl Agent {
         rec.arrived_unix_ms = now;
         rec.error.clear();
         self.registry.put(&mut rec)?;
+        self.events.running(&rec, &self.cfg.node);
         tracing::info!(job = %job, pid = outcome.pid, verify_ms, restore_ms, "restored");
         Ok(rec)
     }

@@ -116,6 +116,7 @@ impl Agent {
         let dir = self.image_dir(&rel);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
         let rss_bytes = crate::core::procfs::tree_rss_bytes(pid);
+        self.announce_freeze(rec, pid, Some(to)).await;
         rec.state = JobState::Migrating;
         rec.pending = Some(PendingMigration {
             id: mig.clone(),
@@ -408,6 +409,7 @@ impl Agent {
         if let Err(e) = self.registry.put(&mut rec) {
             tracing::error!(job = %job, "cannot record the job back on {}: {e}", self.cfg.node);
         }
+        self.events.running(&rec, &self.cfg.node);
         let _ = std::fs::remove_dir_all(&dir);
         tracing::warn!(job = %job, to = %target, frozen_ms, "post-copy migration failed; the job resumed here: {cause}");
         AgentError::Aborted(format!(

@@ -10,6 +10,10 @@
 //! - `burn`: CPU-bound work, printing `progress N` lines (N only grows).
 //! - `tree`: a parent with children and a pipe between them; exits with a code.
 //! - `mem`: allocates and dirties N MiB, then idles (for migration benchmarks).
+//! - `http`: a tiny HTTP/1.1 server (keep-alive, a thread per connection) for
+//!   `mosgw` tests and the demo: each request burns `--work-ms` of CPU and is
+//!   answered `addr=IP pid=PID n=N` (the node address it was reached at, its
+//!   pid, requests served so far). Deliberately naive; never a parser to reuse.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -315,6 +319,92 @@ fn mem(args: &[String]) -> i32 {
     }
 }
 
+/// One request head and body off a keep-alive connection; None at EOF or
+/// on garbage (the connection is then closed).
+fn read_request(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<(bool, usize)> {
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if buf.len() > 64 << 10 {
+            return None;
+        }
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let close = head
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"));
+    while buf.len() < head_end + len {
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    buf.drain(..head_end + len);
+    Some((close, len))
+}
+
+fn http(args: &[String]) -> i32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let port: u16 = arg(args, "--port", 8080);
+    let work_ms: u64 = arg(args, "--work-ms", 0);
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bind :{port}: {e}");
+            return 2;
+        }
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else {
+            continue;
+        };
+        let served = served.clone();
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = Vec::new();
+            while let Some((close, _)) = read_request(&mut s, &mut buf) {
+                let t0 = Instant::now();
+                let mut x = 0u64;
+                while t0.elapsed() < Duration::from_millis(work_ms) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+                let addr = s
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                let body = format!("addr={addr} pid={} n={n}\n", std::process::id());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+                    body.len(),
+                    if close { "connection: close\r\n" } else { "" }
+                );
+                if s.write_all(resp.as_bytes()).is_err() || close {
+                    break;
+                }
+            }
+            // Dropping the stream closes it at once: a connection the gateway
+            // closed before a freeze must not linger on this side either.
+        });
+    }
+    0
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let code = match args.get(1).map(String::as_str) {
@@ -322,9 +412,10 @@ fn main() {
         Some("burn") => burn(&args),
         Some("tree") => tree(&args),
         Some("mem") => mem(&args),
+        Some("http") => http(&args),
         _ => {
             eprintln!(
-                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]"
+                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]\n       mosjob http [--port P] [--work-ms MS]"
             );
             2
         }

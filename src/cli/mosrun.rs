@@ -87,6 +87,13 @@ pub struct Args {
     /// A label for the job.
     #[arg(long, default_value = "")]
     pub name: String,
+    /// The job is an instance of this service (mosgw sends the service's
+    /// traffic to it); needs --port.
+    #[arg(long, requires = "port")]
+    pub service: Option<String>,
+    /// The TCP port the service instance listens on (on its node's address).
+    #[arg(long, requires = "service")]
+    pub port: Option<u16>,
     /// Expected memory of the job in MiB, for placement (with -d).
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
@@ -145,6 +152,8 @@ async fn detached(a: Args) -> anyhow::Result<()> {
             pinned: a.pinned,
             non_migratable: a.no_migrate,
             name: a.name,
+            service: a.service.unwrap_or_default(),
+            port: a.port.map(u32::from).unwrap_or(0),
         })
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?
@@ -378,6 +387,8 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
             non_migratable: a.no_migrate,
             name: a.name.clone(),
             take_slot: true,
+            service: a.service.clone().unwrap_or_default(),
+            port: a.port.map(u32::from).unwrap_or(0),
         }),
         node: a.node.clone().unwrap_or_default(),
         rerun_on_node_loss: a.rerun_on_node_loss,
