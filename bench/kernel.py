@@ -38,6 +38,9 @@ SHARED = ROOT / "criu-images" / NAME
 OUT = ROOT / "bench-results"
 RESULTS = OUT / "kernel.json"
 KERNEL_TARBALL = ROOT / ".cache" / "linux-source" / "linux-source-6.1.tar.xz"
+# Where the tree is kept between runs (scripts/kernel-lib.sh, kernel_stash): deleting
+# 1.2 GB of small files with the cluster's shared path takes minutes on a busy disk.
+STASH = ROOT / ".cache" / "linux-source" / "tree" / "linux-source-6.1"
 ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
 ENV.pop("MAKEFLAGS", None)
 ENV.pop("MFLAGS", None)
@@ -76,6 +79,25 @@ def in_node(node):
 
 def node_argv(node, argv):
     return ["nsenter", f"--net=/run/netns/mos-{NAME}-{node}", *argv]
+
+
+def node_cpu_s():
+    """CPU seconds used so far in each node's cgroup (jobs, agents, and whatever
+    in_node put there)."""
+    out = {}
+    base = f"/sys/fs/cgroup/cpuacct/mosix/{NAME}"
+    for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            out[d] = int(open(f"{base}/{d}/cpuacct.usage").read()) / 1e9
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def machine_busy_s():
+    """CPU seconds the whole machine has been busy (from /proc/stat)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu():
@@ -205,6 +227,7 @@ def build_variant(label, argv, src, stats_file=None):
     log(f"kernel ({label}): {' '.join(argv)}")
     logf = OUT / "run" / f"kernel-{label}.log"
     c0 = children_cpu()
+    n0, m0 = node_cpu_s(), machine_busy_s()
     t0 = time.monotonic()
     if stats_file:
         th.start()
@@ -213,12 +236,22 @@ def build_variant(label, argv, src, stats_file=None):
                            preexec_fn=in_node("node1"), timeout=3600)
     wall = time.monotonic() - t0
     cpu = children_cpu() - c0
+    n1, m1 = node_cpu_s(), machine_busy_s()
     stop.set()
+    # What the nodes actually got: on this shared 2-core machine other work
+    # (other sessions' builds) competes with the capped nodes, and a node only
+    # gets its cap if the machine has it to give.
+    used = {n: n1[n] - n0.get(n, 0.0) for n in n1}
+    ours = sum(used.values())
+    contention = {"node_cores": {n: u / wall for n, u in used.items()},
+                  "cluster_cores": ours / wall,
+                  "other_cores": max(0.0, (m1 - m0) - ours) / wall,
+                  "loadavg_end": open("/proc/loadavg").read().split()[:3]}
     text = logf.read_text(errors="replace")
     if p.returncode != 0 or not (src / "arch/x86/boot/bzImage").exists():
         raise RuntimeError(f"kernel build ({label}) failed ({p.returncode}): {text[-1500:]}")
     objs = sum(1 for _ in src.rglob("*.o"))
-    out = {"wall_s": wall, "children_cpu_s": cpu, "objects": objs,
+    out = {"wall_s": wall, "children_cpu_s": cpu, "objects": objs, "contention": contention,
            "report": [l for l in text.splitlines() if l.startswith("mosmake:") or "re-run" in l]}
     if stats_file:
         time.sleep(0.2)
@@ -248,7 +281,9 @@ def build_variant(label, argv, src, stats_file=None):
         par = [t for t, c in zip(pts, conc) if c >= 2]
         out["serial_head_s"] = par[0] if par else wall
         out["serial_tail_s"] = wall - par[-1] if par else 0.0
-    log(f"kernel ({label}): {wall:.1f} s wall, {cpu:.1f} CPU-s in the children, {objs} objects")
+    log(f"kernel ({label}): {wall:.1f} s wall, {cpu:.1f} CPU-s in the children, {objs} objects; "
+        f"the nodes got {contention['cluster_cores']:.2f} cores on average, other work on the machine "
+        f"{contention['other_cores']:.2f}")
     return out
 
 
@@ -257,9 +292,12 @@ def phase_kernel(res, args, caps):
         raise RuntimeError(f"{KERNEL_TARBALL} missing (scripts/bench-kernel.sh fetches it)")
     src_root = SHARED / "src"
     src = src_root / "linux-source-6.1"
+    src_root.mkdir(parents=True, exist_ok=True)
+    if not src.exists() and STASH.exists():
+        log("moving the kept kernel tree into the shared path (each build starts with make mrproper)")
+        os.rename(STASH, src)
     if not src.exists():
         log("unpacking the kernel source into the shared path")
-        src_root.mkdir(parents=True, exist_ok=True)
         run(["tar", "-C", str(src_root), "-xf", str(KERNEL_TARBALL)], timeout=900)
     k = {}
     cap_total = sum(caps)
@@ -288,7 +326,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phases", default="starts,burst,kernel")
     ap.add_argument("--caps", default="0.6,0.5,0.4,0.3")
-    ap.add_argument("--alone", type=int, default=60)
+    ap.add_argument("--alone", type=int, default=200)
     ap.add_argument("--bursts", type=int, default=4)
     ap.add_argument("--burst-secs", type=float, default=3.0)
     ap.add_argument("--local-jobs", type=int, default=2)
@@ -315,7 +353,13 @@ def main():
                     res["errors"][ph] = str(e)[-2000:]
                     rc = 1
     finally:
-        run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=300)
+        src = SHARED / "src" / "linux-source-6.1"
+        if src.exists():
+            STASH.parent.mkdir(parents=True, exist_ok=True)
+            if STASH.exists():
+                run(["rm", "-rf", str(STASH)], check=False, timeout=900)
+            os.rename(src, STASH)
+        run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=900)
     res["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     # Keep earlier runs' numbers next to this one's: every run is shown.
     hist = old.get("history", [])

@@ -251,7 +251,7 @@ fn mosmake_builds_a_c_project_over_three_nodes() {
     );
     assert_eq!(f.code, Some(0));
     assert!(f.stdout.contains("is up to date"), "make rebuilt something");
-    assert!(f.stderr.contains(" 0 compile lines sent through mosrun"));
+    assert!(f.stderr.contains(" 0 compile line(s) sent through mosrun"));
     assert_eq!(stat_lines(&stats).len(), 31);
     assert_eq!(mtime(dir.join("obj/mod0.o")), before);
 

@@ -35,6 +35,7 @@ done
 
 cleanup() {
   local rc=$?
+  kernel_stash "$ROOT/criu-images/$NAME/src"
   "$M/mosctl" local down --name "$NAME" >/dev/null 2>&1 || true
   if ip netns list 2>/dev/null | grep -q "^mos-$NAME-"; then
     echo "bench-kernel: WARNING: namespaces of cluster $NAME survived teardown" >&2

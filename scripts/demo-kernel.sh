@@ -30,8 +30,10 @@ cleanup() {
     kill -TERM "$MAKE_PID" 2>/dev/null || true
     sleep 2
   fi
-  # Kills whatever is left in the cluster's namespaces and cgroups (mosmake
-  # ran in node1's), and removes the shared path with the kernel tree.
+  # The kernel tree is kept aside for the next run (a rename), then `down`
+  # kills whatever is left in the cluster's namespaces and cgroups (mosmake
+  # ran in node1's) and removes the shared path.
+  kernel_stash "$SHARED/src"
   $M/mosctl local down --name $NAME >/dev/null 2>&1 || true
   exit "$rc"
 }
@@ -52,14 +54,16 @@ echo
 echo "== Slots per node (placement counts a compile against its node's slots when it starts)"
 $M/mosctl slots
 echo
-echo "== Unpacking $KERNEL_PKG into the shared path"
+echo "== Putting a clean $KERNEL_PKG tree into the shared path"
 t=$(date +%s)
 kernel_unpack "$SHARED/src"
 SRC=$SHARED/src/$KERNEL_PKG
-echo "unpacked in $(($(date +%s) - t)) s: $SRC"
+echo "ready in $(($(date +%s) - t)) s: $SRC"
 echo
 echo "== make tinyconfig (on node1)"
-(in_node $NAME node1 make -C "$SRC" -s tinyconfig)
+(in_node $NAME node1 make -C "$SRC" -s tinyconfig) >/run/mosix/$NAME/tinyconfig.log 2>&1 ||
+  { cat /run/mosix/$NAME/tinyconfig.log; exit 1; }
+grep -c '=y$' "$SRC/.config" | sed 's/^/options set: /'
 
 echo
 echo "== mosmake from node1: compile jobs start on the best nodes"
@@ -69,14 +73,14 @@ in_node $NAME node1 $M/mosmake -C "$SRC" >"$LOG" 2>&1 &
 MAKE_PID=$!
 
 elapsed() { python3 -c "print(f'{$(date +%s.%N) - $start:.0f}')"; }
-fig=3
+snap=1
 while kill -0 "$MAKE_PID" 2>/dev/null; do
   sleep "$EVERY"
   kill -0 "$MAKE_PID" 2>/dev/null || break
   echo
-  echo "== Figure $fig: $(elapsed) s into the build; make's latest line: $(grep -E '^  [A-Z]' "$LOG" | tail -1 | sed 's/^ *//')"
+  echo "== Snapshot $snap (like the article's Figures 3-6): $(elapsed) s into the build; make's latest line: $(grep -E '^  [A-Z]' "$LOG" | tail -1 | sed 's/^ *//')"
   $M/mosmon --once || true
-  fig=$((fig + 1))
+  snap=$((snap + 1))
 done
 rc=0
 wait "$MAKE_PID" || rc=$?

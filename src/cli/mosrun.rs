@@ -268,7 +268,8 @@ struct Stats {
     place_ms: f64,
     queue_ms: f64,
     start_ms: f64,
-    placements: u32,
+    /// Starts again after a lost node or home agent (each one a notice).
+    reruns: u32,
 }
 
 impl Stats {
@@ -285,7 +286,7 @@ impl Stats {
             self.start_ms,
             t0.elapsed().as_secs_f64() * 1e3,
             exit,
-            self.placements.saturating_sub(1),
+            self.reruns,
             self.queue_ms,
         );
         use std::io::Write;
@@ -467,7 +468,7 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                     "mosrun: home agent {node} lost ({why}); re-running through {}",
                     homes[next].name
                 );
-                st.placements += 1;
+                st.reruns += 1;
             }
         }
     }
@@ -542,7 +543,6 @@ async fn converse(
                         st.node = p.node;
                         st.place_ms = p.place_ms;
                         st.queue_ms += p.queued_ms;
-                        st.placements += 1;
                     }
                     Some(Out::Started(s)) => {
                         st.job = s.job_id;
@@ -558,7 +558,11 @@ async fn converse(
                     }
                     Some(Out::Stdout(b)) => write_fd(1, &b),
                     Some(Out::Stderr(b)) => write_fd(2, &b),
-                    Some(Out::Notice(n)) => eprintln!("mosrun: {n}"),
+                    // Every notice is a lost node and a new start elsewhere.
+                    Some(Out::Notice(n)) => {
+                        st.reruns += 1;
+                        eprintln!("mosrun: {n}");
+                    }
                     Some(Out::Exit(e)) => {
                         let code = match (e.exit_code, e.exit_signal) {
                             (Some(c), _) => c,

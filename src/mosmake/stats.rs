@@ -5,12 +5,13 @@
 //! unknown keys ignored so the line can grow):
 //!
 //! ```text
-//! node=NODE job=JOBID place_ms=F start_ms=F total_ms=F exit=N reruns=K
+//! node=NODE job=JOBID place_ms=F start_ms=F total_ms=F exit=N reruns=K [queue_ms=F]
 //! ```
 //!
 //! `start_ms` is the per-start overhead (from `mosrun` starting to the job
 //! running), `place_ms` the placement decision within it, `reruns` how many
-//! times the job was started again elsewhere after its node was lost.
+//! times the job was started again elsewhere after its node was lost,
+//! `queue_ms` (optional) how long it waited for a free slot.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +25,7 @@ pub struct RunStat {
     pub total_ms: f64,
     pub exit: i32,
     pub reruns: u32,
+    pub queue_ms: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -67,6 +69,10 @@ impl RunStat {
                 .map(|v| num("reruns", v, &err))
                 .transpose()?
                 .unwrap_or(0),
+            queue_ms: kv
+                .get("queue_ms")
+                .map(|v| num("queue_ms", v, &err))
+                .transpose()?,
         })
     }
 }
@@ -131,7 +137,7 @@ impl Summary {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "mosmake: makespan {:.1} s ({}); {} compile lines sent through mosrun, {} lines run locally",
+            "mosmake: makespan {:.1} s ({}); {} compile line(s) sent through mosrun, {} line(s) run locally",
             self.makespan_s, self.jobs_flag, self.sent_remote, self.ran_local
         );
         let per_node = self
@@ -161,6 +167,13 @@ impl Summary {
                 "mosmake: per-start overhead: p50 {p50:.1} ms, p90 {p90:.1} ms, p99 {p99:.1} ms (placement p99 {:.1} ms) over {} starts",
                 percentile(&places, 99.0).unwrap_or(0.0),
                 starts.len()
+            );
+        }
+        let queued: Vec<f64> = self.runs.iter().filter_map(|r| r.queue_ms).collect();
+        if let (Some(p50), Some(p99)) = (percentile(&queued, 50.0), percentile(&queued, 99.0)) {
+            let _ = writeln!(
+                o,
+                "mosmake: waiting for a free slot: p50 {p50:.1} ms, p99 {p99:.1} ms"
             );
         }
         for r in self.runs.iter().filter(|r| r.reruns > 0) {
@@ -246,8 +259,14 @@ mod tests {
         );
         assert!(out.contains("p50 9.5 ms"), "{out}");
         assert!(
-            out.contains("4 compile lines sent through mosrun, 2 lines run locally"),
+            out.contains("4 compile line(s) sent through mosrun, 2 line(s) run locally"),
             "{out}"
         );
+        assert!(!out.contains("waiting for a free slot"), "{out}");
+        let q = Summary::from_text(&format!("{L1} queue_ms=40\n{L1} queue_ms=2\n"));
+        assert_eq!(q.runs[0].queue_ms, Some(40.0));
+        assert!(q
+            .render()
+            .contains("waiting for a free slot: p50 2.0 ms, p99 40.0 ms"));
     }
 }
