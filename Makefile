@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export MOSIX_REQUIRE_PRIVILEGED ?= 1
 
-.PHONY: setup build test unit integration demo demo-kernel bench bench-kernel soak up down fmt clippy clean
+.PHONY: setup build test unit integration demo demo-gw demo-kernel bench bench-gw bench-kernel soak up down fmt clippy clean
 
 ## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
 setup:
@@ -25,6 +25,10 @@ unit:
 demo: build
 	@bash scripts/demo.sh
 
+## mosgw: HTTP instances moved by the balancer under a steady wrk load; requests per node and failures (0).
+demo-gw: build
+	@bash scripts/demo-gw.sh
+
 ## The article's headline experiment for real: a tinyconfig Linux kernel built with mosmake from
 ## node1 of a capped 4-node cluster (Debian's linux-source, fetched once into .cache/linux-source).
 demo-kernel: build
@@ -40,6 +44,11 @@ bench: setup
 bench-kernel: setup
 	$(CARGO) build --release --bins
 	@bash scripts/bench-kernel.sh
+
+## mosgw vs Debian's nginx and HAProxy (throughput, latency; failures while instances migrate under load).
+bench-gw: setup
+	$(CARGO) build --release --bin mosgw
+	@bash scripts/bench-gw.sh
 
 ## Long soak: hundreds of round-trip migrations of a stateful job.
 soak: build

@@ -8,8 +8,21 @@ use std::time::{Duration, Instant};
 
 /// `mosrun ARGS` for cluster `cl`, not yet waited for.
 fn spawn(cl: &Cluster, args: &[&str], stdin: Stdio) -> Child {
-    Command::new(MOSRUN)
-        .args(args)
+    spawn_stats(cl, args, stdin, None)
+}
+
+/// The same, appending its stats line to `stats`.
+fn spawn_stats(
+    cl: &Cluster,
+    args: &[&str],
+    stdin: Stdio,
+    stats: Option<&std::path::Path>,
+) -> Child {
+    let mut c = Command::new(MOSRUN);
+    if let Some(p) = stats {
+        c.env("MOSIX_RUN_STATS", p);
+    }
+    c.args(args)
         .env("MOSIX_CLUSTER", &cl.file)
         .stdin(stdin)
         .stdout(Stdio::piped())
@@ -413,7 +426,8 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     // With --rerun-on-node-loss: node2's agent dies mid-job; the job runs
     // again on another node, the event is reported, its output appears once.
     let marker = format!("fg-rerun-{}", cl.name);
-    let c = Reap(Some(spawn(
+    let stats = std::env::temp_dir().join(format!("mosix-rerun-{}.stats", cl.name));
+    let c = Reap(Some(spawn_stats(
         &cl,
         &[
             "-n",
@@ -426,6 +440,7 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
             &format!("echo start; sleep 2; echo done # {marker}"),
         ],
         Stdio::null(),
+        Some(&stats),
     )));
     let mut first = None;
     cl.wait_for("the job on node2", 20, || {
@@ -445,6 +460,9 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     );
     let pid = first.unwrap().2;
     cl.wait_for("node2's copy to be killed", 15, || !alive(pid));
+    let line = std::fs::read_to_string(&stats).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    assert!(line.contains(" exit=0 reruns=1 "), "{line}");
 
     // node3's network is cut mid-job: its silence gives it away (4 s), the
     // job runs again elsewhere, and node3's agent, hearing nothing from

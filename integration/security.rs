@@ -781,9 +781,9 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
         .await;
     }
 
-    // Migrate: modes, targets, migration ids. (3 is pre-copy; 4 is the
-    // first value past the enum.)
-    for mode in [99, -1, 4] {
+    // Migrate: modes, targets, migration ids. (3 is pre-copy, 4 post-copy
+    // if safe; 5 is the first value past the enum.)
+    for mode in [99, -1, 5] {
         let mut k = c.clone();
         let call: Call = Box::pin(async move {
             ok(k.migrate(pb::MigrateRequest {

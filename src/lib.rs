@@ -11,6 +11,7 @@
 //!   migrate), as [`agent::AgentAction`]s, plus its gRPC service.
 //! - [`api`]: the generated `mosix.v1` gRPC types and the proto ↔ core conversion.
 //! - [`balancer`]: the pure policy, the orchestrator and the balancer service.
+//! - [`gateway`]: `mosgw`, the HTTP/TCP front end that follows migrations.
 //! - [`local`]: the local cluster (network namespaces on one machine).
 //! - [`placement`]: the pure slot/reservation table that places foreground jobs.
 //! - [`security`]: image manifests (HMAC) and the cluster PKI for mTLS.
@@ -24,6 +25,7 @@ pub mod balancer;
 pub mod cli;
 pub mod core;
 pub mod criu;
+pub mod gateway;
 pub mod local;
 pub mod mosmake;
 pub mod placement;

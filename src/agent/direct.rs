@@ -48,9 +48,7 @@
 //! Job listings: `ListJobs`/`GetJob` gather `ListLocalJobs` of every node;
 //! a job seen twice during a hand-over is taken from the newer record.
 
-use super::{
-    image_rel, remove_images_in_background, Arrival, LazyDump, RestoreCall, CLAIM_FILE, UNSEALED,
-};
+use super::{image_rel, remove_images_in_background, LazyDump, RestoreCall, CLAIM_FILE, UNSEALED};
 use crate::agent::{io_error, Agent, AgentConfig, AgentError, AgentResult};
 use crate::core::ids::PlainFileName;
 use crate::core::job::{MigrationPhase, PendingMigration};
@@ -1334,7 +1332,7 @@ impl Agent {
         let post_copy = lazy.is_some();
         let ours = self.registry.get(job).ok();
         if let Some(l) = lazy {
-            if let Err(e) = self.finish_lazy(job, l, true).await {
+            if let Err(e) = self.finish_lazy(job, l).await {
                 // The target has the job (and records it failed).
                 self.forget_here(job, mig);
                 return Err(e);
@@ -1397,7 +1395,8 @@ impl Agent {
     }
 
     /// The target does not and will not run the job: restore it here from
-    /// our own images (or, post-copy, our own page server).
+    /// our own images (or, post-copy, let the frozen copy run on: see
+    /// `postcopy`).
     async fn undo_direct(
         self: &Arc<Self>,
         job: &JobId,
@@ -1409,29 +1408,9 @@ impl Agent {
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
         let r = match lazy {
             None => self.roll_back(job, target, mig, started, cause).await,
-            Some((ps, l)) => {
-                let arrival = Arrival::RolledBack {
-                    to: target.clone(),
-                    error: cause.to_string(),
-                    frozen_before_ms: started.elapsed().as_millis() as u64,
-                };
-                let back = self.restore_here(job, mig, Some(ps), arrival).await;
-                let _ = self.finish_lazy(job, l, false).await;
-                let dir = self.image_dir(&image_rel(job, mig));
-                match back {
-                    Ok(_) => {
-                        let _ = fs::remove_dir_all(&dir);
-                        Err(AgentError::Aborted(format!(
-                            "post-copy migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",
-                            self.cfg.node
-                        )))
-                    }
-                    Err(e) => Err(AgentError::Aborted(format!(
-                        "post-copy migration of job {job} to {target} failed ({cause}) and the rollback failed too ({e}); images and logs kept in {}",
-                        dir.display()
-                    ))),
-                }
-            }
+            Some((_, l)) => Err(self
+                .resume_after_failed_post_copy(job, target, mig, started, cause, l)
+                .await),
         };
         let outcome = if self.local_pid(job).is_some() {
             "rolled_back"
@@ -1626,6 +1605,7 @@ mod tests {
             non_migratable: false,
             error: String::new(),
             generation: 3,
+            service: None,
         }
     }
 

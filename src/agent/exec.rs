@@ -62,6 +62,8 @@ pub struct ExecStart {
     pub name: String,
     /// Hold one of this node's slots while the job runs.
     pub take_slot: bool,
+    /// The service this job is an instance of (`mosrun --service`).
+    pub service: Option<crate::core::ServiceDecl>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -394,6 +396,7 @@ impl Agent {
             // sight (and its end recorded there): such a job stays here.
             non_migratable: start.non_migratable || !self.cfg.shared,
             name: start.name,
+            service: start.service,
         };
         let extras = LaunchExtras {
             stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&rd)),

@@ -27,14 +27,20 @@
 // A child module, so it can call this protocol's steps as they are.
 #[path = "direct.rs"]
 pub mod direct;
+#[path = "postcopy.rs"]
+pub mod postcopy;
 
-use super::{io_error, priority, reaper, Agent, AgentError, AgentResult};
+pub(crate) use postcopy::LazyDump;
+
+use super::{io_error, priority, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
 use crate::criu::swrk::WORKER_NICE;
-use crate::criu::{DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG};
+use crate::criu::{
+    AbortCheck, DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +66,15 @@ pub enum Mode {
     #[default]
     Auto,
     FullCopy,
+    /// Post-copy, asked for explicitly: refused for a job that holds what a
+    /// lazy restore cannot take over (see [`postcopy::blockers`]).
     PostCopy,
+    /// [`Mode::PostCopy`] past that refusal (the move then fails, and the
+    /// job resumes on its source).
+    PostCopyForced,
+    /// Post-copy where available and safe, full copy otherwise (the
+    /// balancer's choice for large jobs).
+    PostCopyIfSafe,
     /// Iterative pre-copy where the source kernel tracks dirty memory, else
     /// full copy (see `super::precopy`).
     PreCopy,
@@ -206,12 +220,6 @@ fn lazy_transfer_complete(log: &Path) -> bool {
     !text.lines().any(|l| short(l) == Some(true))
 }
 
-/// A post-copy dump still serving pages.
-pub(crate) struct LazyDump {
-    handle: tokio::task::JoinHandle<Result<(), crate::criu::CriuError>>,
-    pid: i32,
-}
-
 /// How the restored job came to be on this node; decides its history entry.
 #[derive(Debug, Clone)]
 pub(crate) enum Arrival {
@@ -288,6 +296,7 @@ impl Agent {
         let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
         let started = now_unix_ms();
         if !leave_running {
+            self.announce_freeze(rec, pid, to.as_ref()).await;
             rec.state = JobState::Migrating;
             rec.pending = Some(PendingMigration {
                 id: mig.clone(),
@@ -311,6 +320,11 @@ impl Agent {
             lazy,
             status_fd: None,
             prev_images_dir: pre.map(|c| c.parent_rel()),
+            keep_stopped: false,
+            deadline: Some(crate::criu::deadline_for(
+                crate::criu::CriuCall::Dump,
+                crate::core::procfs::tree_rss_bytes(pid),
+            )),
         };
         // Hash (and start flushing) the page images while CRIU writes them,
         // so sealing after the dump only has the tail left to do.
@@ -369,6 +383,22 @@ impl Agent {
         })
     }
 
+    /// Tell front ends that `rec` is about to be frozen and, for a service
+    /// instance, wait (bounded) until they let go of it: see [`super::events`].
+    pub(crate) async fn announce_freeze(&self, rec: &JobRecord, pid: i32, to: Option<&NodeName>) {
+        let w = self
+            .events
+            .before_freeze(rec, pid, &self.cfg.node, to)
+            .await;
+        if rec.service.is_some() {
+            if w.timed_out.is_empty() && !w.still_connected {
+                tracing::info!(job = %rec.id, released = w.released, waited_ms = w.waited.as_millis() as u64, "front ends let go of the instance");
+            } else {
+                tracing::warn!(job = %rec.id, timed_out = ?w.timed_out, still_connected = w.still_connected, waited_ms = w.waited.as_millis() as u64, "dumping without every front end's release");
+            }
+        }
+    }
+
     /// Record the dump that is about to stop the job (its pending migration
     /// carries the nice values [`priority::raise`] changed). If the record
     /// cannot be written (a full disk), nothing is dumped and the job keeps
@@ -379,6 +409,7 @@ impl Agent {
                 priority::put_back(pid, &p.nice_before_dump);
             }
             rec.state = JobState::Running;
+            self.events.running(rec, &self.cfg.node);
             return Err(e.into());
         }
         self.set_dumping(&rec.id, true);
@@ -397,6 +428,9 @@ impl Agent {
         }
         rec.state = JobState::Running;
         self.registry.put(rec)?;
+        if exited.is_none() {
+            self.events.running(rec, &self.cfg.node);
+        }
         if let Some(st) = exited {
             if let Ok(mut l) = self.local.lock() {
                 l.remove(&rec.id);
@@ -633,25 +667,42 @@ impl Agent {
         if let Some(ps) = lazy_from.clone() {
             let (engine, d) = (self.engine.clone(), dir.clone());
             match Self::blocking(move || engine.start_lazy_daemon(&d, &ps)).await? {
-                Ok(child) => daemon = Some(child),
+                Ok(child) => daemon = Some(Arc::new(Mutex::new(child))),
                 Err(e) => {
                     release(&dir);
-                    return Err(AgentError::from(e).context(&format!(
+                    let e = AgentError::from(e).context(&format!(
                         "post-copy restore of job {job} on {} failed",
                         self.cfg.node
-                    )));
+                    ));
+                    tracing::warn!(job = %job, "{e}");
+                    return Err(e);
                 }
             }
         }
+        // A lazy restore whose daemon failed would wait for pages forever;
+        // one that exits successfully may simply have been quick.
+        let abort_if = daemon.clone().map(|d| {
+            AbortCheck::new(move || {
+                let st = d.lock().ok()?.try_wait().ok()??;
+                (!st.success()).then(|| {
+                    format!("the lazy-pages daemon exited ({st}) before the restore finished")
+                })
+            })
+        });
         let engine = self.engine.clone();
         let spec = RestoreSpec {
             image_dir: dir.clone(),
             lazy_from: lazy_from.clone(),
             resume_gate,
+            deadline: Some(postcopy::restore_deadline(
+                lazy_from.is_some(),
+                dir_bytes(&dir),
+            )),
+            abort_if,
         };
         let result = if lazy_from.is_some() {
-            // Not under the CRIU lock: on a rollback, this node's own
-            // post-copy dump holds it while it serves our pages.
+            // Not under the CRIU lock: pages come from another node, and
+            // a post-copy restore is short and bounded.
             Self::blocking(move || engine.restore(&spec)).await?
         } else {
             let _one = self.criu_lock.lock().await;
@@ -659,19 +710,48 @@ impl Agent {
         };
         let restore_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(job = %job, "step: criu restore returned");
-        let outcome = match result {
-            Ok(o) => o,
-            Err(e) => {
-                if let Some(mut d) = daemon {
+        let kill_daemon = |daemon: Option<Arc<Mutex<std::process::Child>>>| {
+            if let Some(d) = daemon {
+                if let Ok(mut d) = d.lock() {
                     let _ = d.kill();
                     let _ = d.wait();
                 }
-                // Release the claim so the source can roll back.
-                release(&dir);
-                return Err(AgentError::from(e)
-                    .context(&format!("restore of job {job} on {} failed", self.cfg.node)));
             }
         };
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                kill_daemon(daemon);
+                // Release the claim so the source can roll back.
+                release(&dir);
+                let e = AgentError::from(e)
+                    .context(&format!("restore of job {job} on {} failed", self.cfg.node));
+                tracing::warn!(job = %job, restore_ms, "{e}");
+                return Err(e);
+            }
+        };
+        if lazy_from.is_some() && matches!(arrival, Arrival::Migrated { .. }) {
+            // A source whose Restore call gave up takes the job back and
+            // clears its pending migration: then this copy must not run.
+            let taken_back = self
+                .registry
+                .get(job)
+                .map(|r| r.pending.as_ref().map(|p| &p.id) != Some(mig))
+                .unwrap_or(false);
+            if taken_back {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(outcome.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                kill_daemon(daemon);
+                let msg = format!(
+                    "job {job} was restored on {} after its source had taken it back; this copy was killed",
+                    self.cfg.node
+                );
+                tracing::warn!(job = %job, "{msg}");
+                return Err(AgentError::Aborted(msg));
+            }
+        }
         self.adopt_child(job, outcome.pid);
         if let Some(d) = daemon {
             self.watch_lazy_daemon(job.clone(), outcome.pid, d, dir.clone());
@@ -735,222 +815,9 @@ impl Agent {
         rec.arrived_unix_ms = now;
         rec.error.clear();
         self.registry.put(&mut rec)?;
+        self.events.running(&rec, &self.cfg.node);
         tracing::info!(job = %job, pid = outcome.pid, verify_ms, restore_ms, "restored");
         Ok(rec)
-    }
-
-    /// Post-copy, target side: the restored job runs while its memory
-    /// arrives. If the lazy-pages daemon fails (the source died, the network
-    /// broke), pages are missing: the job is stopped and reported failed
-    /// rather than left to run on zero-filled memory.
-    fn watch_lazy_daemon(
-        self: &Arc<Self>,
-        job: JobId,
-        pid: i32,
-        mut daemon: std::process::Child,
-        dir: PathBuf,
-    ) {
-        let agent = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("lazy-{pid}"))
-            .spawn(move || {
-                let ok = daemon.wait().map(|s| s.success()).unwrap_or(false);
-                let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
-                // The daemon also ends with success when the job ended first
-                // (its pages are then dropped): that end is only trusted if
-                // every page had arrived by then.
-                if ok && lazy_transfer_complete(&dir.join(LAZY_LOG)) {
-                    return;
-                }
-                // Record the verdict before the kill, so the reaper, seeing a
-                // job already failed, does not call it an ordinary exit.
-                let verdict = agent.verdict_lock.lock();
-                if let Ok(mut rec) = agent.registry.get(&job) {
-                    // Only if the job is still recorded here: a source that
-                    // resumed its copy has taken the job back already. A job
-                    // that already died (typically on a missing page: a
-                    // crash) before this thread woke failed the same way;
-                    // its recorded end is kept in the message.
-                    let ended_here = rec.state == JobState::Exited
-                        && rec
-                            .history
-                            .last()
-                            .is_some_and(|m| m.post_copy && m.to == agent.cfg.node);
-                    let ours = rec.node == agent.cfg.node && (rec.pid == pid || ended_here);
-                    if ours {
-                        let ended = if ended_here {
-                            format!(
-                                " (it had already ended: exit code {:?}, signal {:?})",
-                                rec.exit_code, rec.exit_signal
-                            )
-                        } else {
-                            String::new()
-                        };
-                        rec.state = JobState::Failed;
-                        rec.pid = 0;
-                        rec.error = format!(
-                            "post-copy: not every memory page arrived; the job was stopped on {} rather than run with missing memory{ended} (log: {})",
-                            agent.cfg.node,
-                            dir.join(LAZY_LOG).display()
-                        );
-                        let _ = agent.registry.put(&mut rec);
-                    }
-                }
-                drop(verdict);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                tracing::error!(job = %job, "post-copy page transfer failed; job stopped");
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot watch lazy-pages daemon: {e}");
-        }
-    }
-
-    /// Post-copy, source side: dump everything but memory, then serve the
-    /// memory from a CRIU page server. Returns once the page server listens;
-    /// the handle ends when every page has been served (or the transfer
-    /// failed, in which case CRIU resumes the job here).
-    async fn checkpoint_lazy(
-        self: &Arc<Self>,
-        rec: &mut JobRecord,
-        pid: i32,
-        mig: &MigrationId,
-        to: &NodeName,
-    ) -> AgentResult<(DumpResult, PageServer, LazyDump)> {
-        self.engine.available()?;
-        let ip = self
-            .cfg
-            .page_server_ip
-            .ok_or_else(|| AgentError::FailedPrecondition("no page-server address".into()))?;
-        let port = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| io_error("choosing a page-server port", e))?
-            .port();
-        let ps = PageServer {
-            address: ip.to_string(),
-            port,
-        };
-        let rel = image_rel(&rec.id, mig);
-        let dir = self.image_dir(&rel);
-        std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
-        rec.state = JobState::Migrating;
-        rec.pending = Some(PendingMigration {
-            id: mig.clone(),
-            from: self.cfg.node.clone(),
-            to: Some(to.clone()),
-            phase: MigrationPhase::Dumping,
-            image_dir: rel.clone(),
-            started_unix_ms: now_unix_ms(),
-            post_copy: true,
-            nice_before_dump: priority::raise(pid, WORKER_NICE),
-        });
-        self.record_dumping(rec, pid)?;
-        let (rd, wr) = nix::unistd::pipe().map_err(|e| io_error("status pipe", e.into()))?;
-        let guard = self.criu_lock.clone().lock_owned().await;
-        let engine = self.engine.clone();
-        let spec = DumpSpec {
-            pid,
-            image_dir: dir.clone(),
-            leave_running: false,
-            lazy: Some(ps.clone()),
-            status_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&wr)),
-            prev_images_dir: None,
-        };
-        let t0 = Instant::now();
-        let handle = tokio::task::spawn_blocking(move || {
-            let r = engine.dump(&spec);
-            drop(wr);
-            drop(guard);
-            r
-        });
-        let ready = Self::blocking(move || {
-            let mut b = [0u8; 1];
-            matches!(nix::unistd::read(&rd, &mut b), Ok(1))
-        })
-        .await?;
-        if !ready {
-            let err = match handle.await {
-                Ok(Err(e)) => AgentError::from(e),
-                Ok(Ok(())) => AgentError::Aborted("CRIU ended without serving pages".into()),
-                Err(e) => AgentError::Internal(format!("dump task: {e}")),
-            };
-            self.dump_failed(rec, pid, &dir)?;
-            return Err(err.context(&format!(
-                "post-copy dump of job {} failed; it keeps running on {}",
-                rec.id, self.cfg.node
-            )));
-        }
-        let frozen_ms = t0.elapsed().as_millis() as u64;
-        self.seal(&dir, &rec.id, mig, Default::default()).await?;
-        Ok((
-            DumpResult {
-                image_dir: rel,
-                image_bytes: dir_bytes(&dir),
-                frozen_ms,
-            },
-            ps,
-            LazyDump { handle, pid },
-        ))
-    }
-
-    /// Wait until every page was served (post-copy, source side).
-    ///
-    /// If the transfer failed, CRIU resumed the frozen copy here. Before the
-    /// target restored (`restored_elsewhere == false`) that copy is the job,
-    /// so it is taken back. After, the job has already run on the target, so
-    /// resuming the old copy would repeat its work: it is killed, and the
-    /// target, whose lazy-pages daemon failed too, reports the job failed.
-    async fn finish_lazy(
-        self: &Arc<Self>,
-        job: &JobId,
-        lazy: LazyDump,
-        restored_elsewhere: bool,
-    ) -> AgentResult<()> {
-        let r = tokio::time::timeout(std::time::Duration::from_secs(600), lazy.handle).await;
-        let ok = matches!(r, Ok(Ok(Ok(()))));
-        let exited = self.set_dumping(job, false);
-        if ok {
-            if let Ok(mut l) = self.local.lock() {
-                l.remove(job);
-            }
-            return Ok(());
-        }
-        let alive = exited.is_none() && reaper::is_pidns_init(lazy.pid);
-        if restored_elsewhere {
-            if alive {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(lazy.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if let Ok(mut l) = self.local.lock() {
-                l.remove(job);
-            }
-            return Err(AgentError::Aborted(format!(
-                "post-copy page transfer of job {job} failed after it had started on the target; the job is stopped and reported failed rather than run with missing memory or resumed twice"
-            )));
-        }
-        if alive {
-            let mut rec = self.registry.get(job)?;
-            if let Some(p) = &rec.pending {
-                priority::put_back(lazy.pid, &p.nice_before_dump);
-            }
-            rec.node = self.cfg.node.clone();
-            rec.state = JobState::Running;
-            rec.pid = lazy.pid;
-            rec.pending = None;
-            rec.error = "post-copy page transfer failed; the job resumed on its source".into();
-            self.registry.put(&mut rec)?;
-            return Err(AgentError::Aborted(format!(
-                "post-copy page transfer of job {job} failed; the job resumed on {}",
-                self.cfg.node
-            )));
-        }
-        Err(AgentError::Aborted(format!(
-            "post-copy page transfer of job {job} failed"
-        )))
     }
 
     /// Take the images for this node. `O_EXCL` create is atomic on local file
@@ -1012,6 +879,35 @@ impl Agent {
                 "job {job} is marked non-migratable"
             )));
         }
+        // What a lazy restore cannot take over while the source still holds
+        // it (see `postcopy::blockers`), looked at before anything is frozen.
+        let wants_post_copy = matches!(
+            mode,
+            Mode::PostCopy | Mode::PostCopyForced | Mode::PostCopyIfSafe
+        );
+        let blockers = if wants_post_copy {
+            postcopy::blockers::lazy_restore_blockers(pid)
+        } else {
+            Vec::new()
+        };
+        let mut fallback = String::new();
+        if !blockers.is_empty() {
+            let why = postcopy::blockers::describe(&blockers);
+            match mode {
+                Mode::PostCopy => {
+                    return Err(AgentError::FailedPrecondition(format!(
+                        "post-copy of job {job} refused: {why}; move it by full copy (the default), or force post-copy (`mosctl migrate --post-copy --force`) to try anyway"
+                    )))
+                }
+                Mode::PostCopyForced => {
+                    tracing::warn!(job = %job, "post-copy forced although {why}");
+                }
+                _ => {
+                    fallback = postcopy::fallback_note(&blockers);
+                    tracing::warn!(job = %job, "{fallback}");
+                }
+            }
+        }
         let mig = mig.unwrap_or_else(MigrationId::generate);
         // Nothing is frozen until the target has answered.
         let target_post_copy = self
@@ -1022,7 +918,8 @@ impl Agent {
         tracing::debug!(job = %job, "step: target answered");
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();
-        let post_copy = mode == Mode::PostCopy
+        let post_copy = wants_post_copy
+            && fallback.is_empty()
             && {
                 let ok = self.cfg.post_copy
                     && target_post_copy
@@ -1033,10 +930,17 @@ impl Agent {
                 }
                 ok
             };
+        let note = |(r, mut m): (JobRecord, MigrationRecord)| {
+            if m.fallback.is_empty() {
+                m.fallback = fallback.clone();
+            }
+            (r, m)
+        };
         if !self.cfg.shared {
             return self
                 .migrate_direct(rec, pid, target, mig, started, post_copy, mode)
-                .await;
+                .await
+                .map(note);
         }
         if post_copy {
             return self.migrate_post_copy(rec, pid, target, mig, started).await;
@@ -1074,7 +978,7 @@ impl Agent {
                 self.stats
                     .observe(dumped.image_bytes, frozen_ms as f64 / 1000.0);
                 self.confirm_and_clean(job, target, &dir, started, frozen_ms, false)
-                    .map(|(r, m)| (r, pre.annotate(m)))
+                    .map(|(r, m)| note((r, pre.annotate(m))))
             }
             Err(e) => {
                 self.metrics
@@ -1092,69 +996,6 @@ impl Agent {
                     .with_label_values(&["total", outcome])
                     .observe(started.elapsed().as_secs_f64());
                 r
-            }
-        }
-    }
-
-    async fn migrate_post_copy(
-        self: &Arc<Self>,
-        mut rec: JobRecord,
-        pid: i32,
-        target: &NodeName,
-        mig: MigrationId,
-        started: Instant,
-    ) -> AgentResult<(JobRecord, MigrationRecord)> {
-        let job = rec.id.clone();
-        let (dumped, ps, lazy) = self
-            .checkpoint_lazy(&mut rec, pid, &mig, target)
-            .await
-            .inspect_err(|_| {
-                self.metrics
-                    .migration_failures
-                    .with_label_values(&["dump"])
-                    .inc()
-            })?;
-        let call = self.hand_over(
-            &mut rec,
-            &mig,
-            started,
-            dumped.image_bytes,
-            Some(ps.clone()),
-        )?;
-        let dir = self.image_dir(&dumped.image_dir);
-        match self.peers.restore(target, call).await {
-            Ok(_) => {
-                let frozen_ms = started.elapsed().as_millis() as u64;
-                self.finish_lazy(&job, lazy, true).await?;
-                self.confirm_and_clean(&job, target, &dir, started, frozen_ms, true)
-            }
-            Err(cause) => {
-                self.metrics
-                    .migration_failures
-                    .with_label_values(&["restore"])
-                    .inc();
-                // Roll back from our own page server: the job's memory lives
-                // only there now.
-                let arrival = Arrival::RolledBack {
-                    to: target.clone(),
-                    error: cause.to_string(),
-                    frozen_before_ms: started.elapsed().as_millis() as u64,
-                };
-                let back = self.restore_here(&job, &mig, Some(ps), arrival).await;
-                let _ = self.finish_lazy(&job, lazy, false).await;
-                match back {
-                    Ok(_) => {
-                        let _ = std::fs::remove_dir_all(&dir);
-                        Err(AgentError::Aborted(format!(
-                            "post-copy migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",
-                            self.cfg.node
-                        )))
-                    }
-                    Err(e) => Err(AgentError::Aborted(format!(
-                        "post-copy migration of job {job} to {target} failed ({cause}) and the rollback failed too ({e}); images and logs kept in {}",
-                        dir.display()
-                    ))),
-                }
             }
         }
     }

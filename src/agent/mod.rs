@@ -7,6 +7,7 @@
 //! gRPC layer ([`service`]) only converts to and from it.
 
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod launcher;
 pub mod load;
@@ -150,6 +151,8 @@ pub struct LaunchRequest {
     pub pinned: bool,
     pub non_migratable: bool,
     pub name: String,
+    /// The service this job serves, if any (`mosrun --service`).
+    pub service: Option<crate::core::ServiceDecl>,
 }
 
 /// A job process on this node that the agent watches.
@@ -191,6 +194,9 @@ pub struct Agent {
     pub(crate) slots: exec::SlotCounter,
     /// The home side of `mosrun`: the placement table (see [`runner`]).
     pub(crate) runner: runner::Runner,
+    /// Job events for front ends and schedulers (`WatchEvents`), and the
+    /// bounded wait for them before a service instance is frozen.
+    pub events: events::Events,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -240,6 +246,7 @@ impl Agent {
             exit_watch: Mutex::new(Default::default()),
             slots: exec::SlotCounter::default(),
             runner,
+            events: events::Events::default(),
         }))
     }
 
@@ -478,6 +485,7 @@ impl Agent {
             non_migratable: req.non_migratable,
             error: String::new(),
             generation: 0,
+            service: req.service,
         };
         self.adopt_child(&id, pid);
         if let Err(e) = self.registry.put(&mut rec) {
@@ -491,6 +499,7 @@ impl Agent {
             ));
         }
         tracing::info!(job = %id, pid, "launched");
+        self.events.running(&rec, &self.cfg.node);
         Ok(rec)
     }
 

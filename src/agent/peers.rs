@@ -11,6 +11,11 @@ use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// How long the source waits for a target's post-copy Restore: the
+/// target's daemon start (up to 15 s) and its 8 s restore deadline, plus a
+/// margin.
+pub const POST_COPY_RESTORE_CALL: Duration = Duration::from_secs(30);
+
 pub trait Peers: Send + Sync + 'static {
     /// Whether `node` is part of the cluster.
     fn knows(&self, node: &NodeName) -> bool;
@@ -203,8 +208,17 @@ impl Peers for GrpcPeers {
             let mut c = client::pooled_agent(ep, self.tls.as_ref(), self.ping_timeout)
                 .await
                 .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
+            let lazy = call.page_server.is_some();
             let mut req = tonic::Request::new(crate::api::pb::RestoreRequest::from(&call));
-            req.set_timeout(self.restore_timeout);
+            // A post-copy restore reads no memory and the target bounds it
+            // to seconds; meanwhile the job is frozen here, so a target that
+            // hangs is given up on sooner (see ARCHITECTURE.md, "Bounds on
+            // CRIU").
+            req.set_timeout(if lazy {
+                self.restore_timeout.min(POST_COPY_RESTORE_CALL)
+            } else {
+                self.restore_timeout
+            });
             let job = c
                 .restore(req)
                 .await
@@ -230,6 +244,7 @@ impl Peers for GrpcPeers {
                 migration_id: mig.map(|m| m.to_string()).unwrap_or_default(),
                 mode: crate::api::pb::MigrationMode::from(mode) as i32,
                 only_here: true,
+                force: crate::api::convert::mode_forced(mode),
             });
             req.set_timeout(self.migrate_timeout);
             // The owner's answer, refusals included, is the caller's answer.

@@ -726,6 +726,7 @@ mod agent_tests {
                 non_migratable: false,
                 error: String::new(),
                 generation: 0,
+                service: None,
             };
             self.src.registry.put(&mut rec).unwrap();
             self.src.adopt_child(&id, pid);

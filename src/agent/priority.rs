@@ -59,32 +59,11 @@ pub fn put_back(root: i32, saved: &[(i32, i32)]) -> usize {
 
 /// `(host tid, namespace tid)` of every thread of every process in the tree.
 fn threads_of_tree(root: i32) -> Vec<(i32, i32)> {
-    let mut out = Vec::new();
-    let mut todo = vec![root];
-    let mut seen = std::collections::BTreeSet::new();
-    while let Some(pid) = todo.pop() {
-        if !seen.insert(pid) {
-            continue;
-        }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Some(ns_tid) = procfs::ns_pid(tid) {
-                out.push((tid, ns_tid));
-            }
-            if let Ok(kids) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
-                todo.extend(
-                    kids.split_whitespace()
-                        .filter_map(|k| k.parse::<i32>().ok()),
-                );
-            }
-        }
-    }
-    out
+    procfs::tree_pids(root)
+        .into_iter()
+        .flat_map(procfs::threads)
+        .filter_map(|tid| Some((tid, procfs::ns_pid(tid)?)))
+        .collect()
 }
 
 #[cfg(test)]

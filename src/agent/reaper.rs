@@ -89,6 +89,7 @@ impl Agent {
         if let Err(e) = self.registry.put(&mut rec) {
             tracing::error!(job = %id, "cannot record exit: {e}");
         }
+        self.events.ended(&rec, &self.cfg.node);
         tracing::info!(job = %id, pid, ?status, "job ended");
     }
 }

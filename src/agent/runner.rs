@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 
 /// How often every node's slots are sampled.
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// How long one node's sample may take, connecting included.
+const SAMPLE_DEADLINE: Duration = Duration::from_secs(2);
 /// A session this silent (no output, no heartbeat) lost its node.
 pub const NODE_SILENCE: Duration = Duration::from_secs(4);
 /// Output held back per attempt when re-runs are on.
@@ -151,8 +153,16 @@ impl Agent {
                         .await
                         .ok()
                 } else {
+                    // Bounded: a node cut off the network (connects that
+                    // are never answered) must not hold up the others'
+                    // samples for the whole connect timeout.
                     match NodeName::parse(&name) {
-                        Ok(n) => agent.peers.slots(&n, REFRESH).await.ok(),
+                        Ok(n) => {
+                            tokio::time::timeout(SAMPLE_DEADLINE, agent.peers.slots(&n, REFRESH))
+                                .await
+                                .ok()
+                                .and_then(|r| r.ok())
+                        }
                         Err(_) => None,
                     }
                 };

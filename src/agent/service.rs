@@ -61,8 +61,51 @@ fn job_id(s: &str) -> Result<crate::core::JobId, Status> {
     })
 }
 
+/// A `WatchEvents` stream: the subscription lives as long as the stream, so
+/// a caller that hangs up is dropped from every freeze that waits for it.
+type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl AgentApi for AgentService {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        r: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let name = r.into_inner().subscriber;
+        if name.len() > 256 {
+            return Err(Status::from(InvalidRequest {
+                field: "subscriber",
+                why: "longer than 256 bytes".into(),
+            }));
+        }
+        let sub = self.agent.events.subscribe(&name);
+        let s = futures::stream::unfold(sub, |mut sub| async move {
+            loop {
+                match sub.rx.recv().await {
+                    Ok(e) => return Some((Ok(pb::JobEvent::from(&e)), sub)),
+                    // Fell behind: skip to what is current; the caller
+                    // re-reads the job list anyway.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn ack_freeze(
+        &self,
+        r: Request<pb::AckFreezeRequest>,
+    ) -> Result<Response<pb::AckFreezeResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(pb::AckFreezeResponse {
+            accepted: self.agent.events.ack(&r.subscriber, r.freeze_id),
+        }))
+    }
+
     type ExecStream = OutStream<pb::ExecOutput>;
 
     async fn exec(

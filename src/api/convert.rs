@@ -12,7 +12,9 @@ use crate::agent::migration::{DumpResult, Mode, RestoreCall};
 use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest};
 use crate::core::ids::PlainFileName;
 use crate::core::job::PendingMigration;
-use crate::core::{JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName};
+use crate::core::{
+    JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName, ServiceDecl,
+};
 use crate::criu::PageServer;
 use tonic::{Code, Status};
 
@@ -85,6 +87,53 @@ pub fn status_to_agent_error(s: Status) -> AgentError {
     }
 }
 
+impl From<&crate::agent::events::JobEvent> for pb::JobEvent {
+    fn from(e: &crate::agent::events::JobEvent) -> Self {
+        use crate::agent::events::EventKind;
+        let kind = match e.kind {
+            EventKind::FreezePending => pb::JobEventKind::FreezePending,
+            EventKind::Running => pb::JobEventKind::Running,
+            EventKind::Ended => pb::JobEventKind::Ended,
+        };
+        pb::JobEvent {
+            kind: kind as i32,
+            job_id: e.job.to_string(),
+            node: e.node.to_string(),
+            service: e
+                .service
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            port: e.service.as_ref().map(|s| u32::from(s.port)).unwrap_or(0),
+            freeze_id: e.freeze_id,
+            ack_within_ms: e.ack_within_ms,
+            generation: e.generation,
+            unix_ms: e.unix_ms,
+            to_node: e
+                .to_node
+                .as_ref()
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A declared service on the wire: none when the name is empty.
+pub(crate) fn service_decl(name: &str, port: u32) -> Result<Option<ServiceDecl>, InvalidRequest> {
+    if name.is_empty() {
+        if port != 0 {
+            return Err(InvalidRequest::new(
+                "service",
+                "a port needs a service name",
+            ));
+        }
+        return Ok(None);
+    }
+    ServiceDecl::new(name, port)
+        .map(Some)
+        .map_err(|e| InvalidRequest::new("service", e))
+}
+
 impl TryFrom<pb::LaunchRequest> for AgentAction {
     type Error = InvalidRequest;
     fn try_from(r: pb::LaunchRequest) -> Result<Self, InvalidRequest> {
@@ -102,6 +151,7 @@ impl TryFrom<pb::LaunchRequest> for AgentAction {
             pinned: r.pinned,
             non_migratable: r.non_migratable,
             name: r.name,
+            service: service_decl(&r.service, r.port)?,
         }))
     }
 }
@@ -217,7 +267,9 @@ impl TryFrom<pb::MigrateRequest> for AgentAction {
         let mode = match pb::MigrationMode::try_from(r.mode) {
             Ok(pb::MigrationMode::Auto) => Mode::Auto,
             Ok(pb::MigrationMode::FullCopy) => Mode::FullCopy,
+            Ok(pb::MigrationMode::PostCopy) if r.force => Mode::PostCopyForced,
             Ok(pb::MigrationMode::PostCopy) => Mode::PostCopy,
+            Ok(pb::MigrationMode::PostCopyIfSafe) => Mode::PostCopyIfSafe,
             Ok(pb::MigrationMode::PreCopy) => Mode::PreCopy,
             Err(_) => {
                 return Err(InvalidRequest::new(
@@ -241,10 +293,16 @@ impl From<Mode> for pb::MigrationMode {
         match m {
             Mode::Auto => pb::MigrationMode::Auto,
             Mode::FullCopy => pb::MigrationMode::FullCopy,
-            Mode::PostCopy => pb::MigrationMode::PostCopy,
+            Mode::PostCopy | Mode::PostCopyForced => pb::MigrationMode::PostCopy,
+            Mode::PostCopyIfSafe => pb::MigrationMode::PostCopyIfSafe,
             Mode::PreCopy => pb::MigrationMode::PreCopy,
         }
     }
+}
+
+/// The `force` flag that goes with [`pb::MigrationMode::from`] a mode.
+pub fn mode_forced(m: Mode) -> bool {
+    m == Mode::PostCopyForced
 }
 
 impl TryFrom<pb::SignalRequest> for AgentAction {
@@ -339,6 +397,12 @@ impl From<&JobRecord> for pb::Job {
             error: r.error.clone(),
             arrived_unix_ms: r.arrived_unix_ms,
             generation: r.generation,
+            service: r
+                .service
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            port: r.service.as_ref().map(|s| u32::from(s.port)).unwrap_or(0),
         }
     }
 }
@@ -387,6 +451,7 @@ impl TryFrom<pb::Job> for JobRecord {
             non_migratable: j.non_migratable,
             error: j.error,
             generation: j.generation,
+            service: service_decl(&j.service, j.port)?,
         })
     }
 }
@@ -603,6 +668,7 @@ mod tests {
             migration_id: String::new(),
             mode: 0,
             only_here: false,
+            force: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "job_id");
@@ -613,6 +679,7 @@ mod tests {
             migration_id: String::new(),
             mode: 99,
             only_here: false,
+            force: false,
         })
         .unwrap_err();
         assert_eq!(e.field, "mode");
@@ -634,6 +701,7 @@ mod tests {
             migration_id: String::new(),
             mode: pb::MigrationMode::PreCopy as i32,
             only_here: true,
+            force: false,
         })
         .unwrap();
         assert!(matches!(

@@ -21,6 +21,12 @@ impl From<&ExecStart> for pb::ExecStart {
             non_migratable: s.non_migratable,
             name: s.name.clone(),
             take_slot: s.take_slot,
+            service: s
+                .service
+                .as_ref()
+                .map(|d| d.name.clone())
+                .unwrap_or_default(),
+            port: s.service.as_ref().map(|d| u32::from(d.port)).unwrap_or(0),
         }
     }
 }
@@ -45,6 +51,7 @@ impl TryFrom<pb::ExecStart> for ExecStart {
             umask: s.umask,
             pinned: s.pinned,
             non_migratable: s.non_migratable,
+            service: super::convert::service_decl(&s.service, s.port)?,
             name: s.name,
             take_slot: s.take_slot,
         })

@@ -47,14 +47,18 @@ impl Migrator for GrpcMigrator {
                 job_id: mv.job_id.clone(),
                 target_node: mv.to.clone(),
                 migration_id: String::new(),
+                // Post-copy where it is safe for the job: the agent falls
+                // back to full copy for one that holds what a lazy restore
+                // cannot take over, and says so in the migration record.
                 mode: if mv.post_copy {
-                    pb::MigrationMode::PostCopy
+                    pb::MigrationMode::PostCopyIfSafe
                 } else {
                     pb::MigrationMode::Auto
                 } as i32,
                 // The plan moves the job from where it saw it; if it has
                 // moved since, the move is refused, not redirected.
                 only_here: true,
+                force: false,
             });
             req.set_timeout(self.timeout);
             c.migrate(req)

@@ -101,6 +101,10 @@ pub struct JobSnapshot {
     pub pinned: bool,
     /// never moved at all
     pub migratable: bool,
+    /// its last move was a post-copy that failed (it resumed where it was):
+    /// the next move is a full copy, whatever its size
+    #[serde(default)]
+    pub post_copy_failed: bool,
 }
 
 /// Everything the policy needs to know about the cluster at one instant.
@@ -670,7 +674,7 @@ impl<'a> State<'a> {
             reason,
             expected_gain,
             estimated_cost_secs: ctx.cost_secs(rss),
-            post_copy: rss >= ctx.post_copy_threshold,
+            post_copy: rss >= ctx.post_copy_threshold && !self.jobs[j].post_copy_failed,
         }
     }
 
@@ -934,6 +938,7 @@ mod tests {
             residence_secs: 100.0,
             pinned: false,
             migratable: true,
+            post_copy_failed: false,
         }
     }
 
@@ -1514,6 +1519,35 @@ mod tests {
             let p = plan(&s, &cfg);
             assert_eq!(p.moves.len(), 1);
             assert_eq!(p.moves[0].post_copy, expected);
+        }
+    }
+
+    /// A job whose last move was a failed post-copy moves next by full
+    /// copy, however large; its neighbour of the same size does not.
+    #[test]
+    fn a_failed_post_copy_is_retried_as_full_copy() {
+        let cfg = PolicyConfig::default();
+        let mut jobs = jobs_on("j", "a", 2);
+        for j in &mut jobs {
+            j.rss_bytes = GIB;
+        }
+        jobs[0].post_copy_failed = true;
+        let s = snap(
+            vec![
+                node("a", 1.0, 3.0),
+                node("b", 1.0, 0.0),
+                node("c", 1.0, 0.0),
+            ],
+            jobs,
+        );
+        let cfg = PolicyConfig {
+            max_concurrent_per_node: 10,
+            ..cfg
+        };
+        let p = plan(&s, &cfg);
+        assert_eq!(p.moves.len(), 2, "{p:?}");
+        for m in &p.moves {
+            assert_eq!(m.post_copy, m.job_id != s.jobs[0].id, "{m:?}");
         }
     }
 

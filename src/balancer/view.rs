@@ -167,6 +167,7 @@ impl ClusterView {
                 residence_secs: now.saturating_sub(j.arrived_unix_ms) as f64 / 1000.0,
                 pinned: j.pinned,
                 migratable: !j.non_migratable,
+                post_copy_failed: j.history.last().is_some_and(|m| m.post_copy && !m.ok),
             });
         }
         for n in nodes.iter_mut().filter(|n| n.up) {

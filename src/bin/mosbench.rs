@@ -142,6 +142,7 @@ fn synthetic_cluster(n_nodes: usize, n_jobs: usize, hot: usize) -> ClusterSnapsh
                     residence_secs: rng.below(100) as f64,
                     pinned: false,
                     migratable: true,
+                    post_copy_failed: false,
                 });
             }
         }
@@ -228,6 +229,20 @@ struct SimAgent {
 
 #[tonic::async_trait]
 impl Agent for SimAgent {
+    type WatchEventsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+    async fn watch_events(
+        &self,
+        _r: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn ack_freeze(
+        &self,
+        _r: Request<pb::AckFreezeRequest>,
+    ) -> Result<Response<pb::AckFreezeResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
     type ExecStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
     async fn exec(

@@ -4,9 +4,16 @@
 //! - `counter`: a counter in memory, a file it appends to every tick, a
 //!   listening TCP socket that answers `counter=N mem=ok|BAD` per connection,
 //!   and optionally N MiB of memory whose checksum is verified on each query.
+//!   `--hold fifo:PATH|lock:PATH|lease:PATH` also holds a full FIFO, a POSIX
+//!   lock or a write lease (what a post-copy restore cannot take over), and
+//!   the answer adds `hold=ok|BAD`: still holding it, FIFO data intact.
 //! - `burn`: CPU-bound work, printing `progress N` lines (N only grows).
 //! - `tree`: a parent with children and a pipe between them; exits with a code.
 //! - `mem`: allocates and dirties N MiB, then idles (for migration benchmarks).
+//! - `http`: a tiny HTTP/1.1 server (keep-alive, a thread per connection) for
+//!   `mosgw` tests and the demo: each request burns `--work-ms` of CPU and is
+//!   answered `addr=IP pid=PID n=N` (the node address it was reached at, its
+//!   pid, requests served so far). Deliberately naive; never a parser to reuse.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -69,6 +76,20 @@ fn counter(args: &[String]) -> i32 {
             }
         }
     };
+    // --busy: burn the CPU between ticks (a job the balancer wants to move).
+    let busy = args.iter().any(|a| a == "--busy");
+    let hold_spec: String = arg(args, "--hold", String::new());
+    let mut hold = if hold_spec.is_empty() {
+        None
+    } else {
+        match Hold::take(&hold_spec) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("--hold {hold_spec}: {e}");
+                return 2;
+            }
+        }
+    };
     let mut n: u64 = 0;
     println!("counter listening on :{port}");
     loop {
@@ -79,9 +100,131 @@ fn counter(args: &[String]) -> i32 {
         while let Ok((mut s, _)) = listener.accept() {
             let ok = checksum(&mem) == expected;
             let _ = s.set_nonblocking(false);
-            let _ = writeln!(s, "counter={n} mem={}", if ok { "ok" } else { "BAD" });
+            let held = match hold.as_mut().map(|h| h.intact()) {
+                Some(true) => " hold=ok",
+                Some(false) => " hold=BAD",
+                None => "",
+            };
+            let _ = writeln!(s, "counter={n} mem={}{held}", if ok { "ok" } else { "BAD" });
         }
-        std::thread::sleep(Duration::from_millis(tick_ms));
+        if busy {
+            let until = Instant::now() + Duration::from_millis(tick_ms);
+            let mut state = n;
+            while Instant::now() < until {
+                work_unit(&mut state);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(tick_ms));
+        }
+    }
+}
+
+/// Something a post-copy restore cannot take over (see `agent::blockers`).
+enum Hold {
+    /// A FIFO filled to capacity with a known pattern: (read end, write
+    /// end, bytes in it).
+    Fifo(std::fs::File, std::fs::File, usize),
+    /// A file we hold a POSIX lock or a lease on, and the lock kind
+    /// /proc names.
+    Locked(std::fs::File, &'static str),
+}
+
+fn fifo_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+impl Hold {
+    fn take(spec: &str) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+        let (kind, path) = spec.split_once(':').ok_or_else(|| bad("want KIND:PATH"))?;
+        match kind {
+            "fifo" => {
+                let c = std::ffi::CString::new(path).map_err(|_| bad("NUL in path"))?;
+                // SAFETY: mkfifo reads a valid NUL-terminated path.
+                if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(e);
+                    }
+                }
+                let r = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)?;
+                let mut w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)?;
+                let mut n = 0;
+                loop {
+                    let chunk: Vec<u8> = (n..n + 4096).map(fifo_byte).collect();
+                    match w.write(&chunk) {
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Hold::Fifo(r, w, n))
+            }
+            "lock" | "lease" => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?;
+                let fd = f.as_raw_fd();
+                // SAFETY: fcntl on our own open fd with plain integer or
+                // flock-struct arguments.
+                let r = if kind == "lock" {
+                    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                    fl.l_type = libc::F_WRLCK as i16;
+                    fl.l_whence = libc::SEEK_SET as i16;
+                    unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }
+                } else {
+                    // A lease holder is told of a break by SIGIO, whose
+                    // default action kills; lease users handle it.
+                    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+                    unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) }
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(Hold::Locked(
+                    f,
+                    if kind == "lock" { "POSIX" } else { "LEASE" },
+                ))
+            }
+            _ => Err(bad("KIND is fifo, lock or lease")),
+        }
+    }
+
+    /// Still held, and a FIFO still holds exactly its pattern (read out and
+    /// written back, so the check leaves it as it was).
+    fn intact(&mut self) -> bool {
+        use std::os::fd::AsRawFd;
+        match self {
+            Hold::Fifo(r, w, n) => {
+                let mut buf = vec![0u8; *n + 4096];
+                let got = r.read(&mut buf).unwrap_or(0);
+                let same = got == *n
+                    && buf[..got]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, b)| *b == fifo_byte(i));
+                let _ = w.write_all(&buf[..got]);
+                same
+            }
+            Hold::Locked(f, kind) => {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd()))
+                    .unwrap_or_default();
+                info.lines()
+                    .filter(|l| l.starts_with("lock:"))
+                    .any(|l| l.split_whitespace().nth(2) == Some(kind))
+            }
+        }
     }
 }
 
@@ -176,6 +319,92 @@ fn mem(args: &[String]) -> i32 {
     }
 }
 
+/// One request head and body off a keep-alive connection; None at EOF or
+/// on garbage (the connection is then closed).
+fn read_request(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<(bool, usize)> {
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if buf.len() > 64 << 10 {
+            return None;
+        }
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let close = head
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"));
+    while buf.len() < head_end + len {
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    buf.drain(..head_end + len);
+    Some((close, len))
+}
+
+fn http(args: &[String]) -> i32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let port: u16 = arg(args, "--port", 8080);
+    let work_ms: u64 = arg(args, "--work-ms", 0);
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("bind :{port}: {e}");
+            return 2;
+        }
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else {
+            continue;
+        };
+        let served = served.clone();
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = Vec::new();
+            while let Some((close, _)) = read_request(&mut s, &mut buf) {
+                let t0 = Instant::now();
+                let mut x = 0u64;
+                while t0.elapsed() < Duration::from_millis(work_ms) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+                let addr = s
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
+                let body = format!("addr={addr} pid={} n={n}\n", std::process::id());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+                    body.len(),
+                    if close { "connection: close\r\n" } else { "" }
+                );
+                if s.write_all(resp.as_bytes()).is_err() || close {
+                    break;
+                }
+            }
+            // Dropping the stream closes it at once: a connection the gateway
+            // closed before a freeze must not linger on this side either.
+        });
+    }
+    0
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let code = match args.get(1).map(String::as_str) {
@@ -183,9 +412,10 @@ fn main() {
         Some("burn") => burn(&args),
         Some("tree") => tree(&args),
         Some("mem") => mem(&args),
+        Some("http") => http(&args),
         _ => {
             eprintln!(
-                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]"
+                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]\n       mosjob http [--port P] [--work-ms MS]"
             );
             2
         }

@@ -3,6 +3,7 @@
 pub mod common;
 pub mod mos_balance;
 pub mod mosctl;
+pub mod mosgw;
 pub mod mosixd;
 pub mod mosmake;
 pub mod mosmake_sh;
@@ -42,5 +43,6 @@ mod tests {
         super::mosixd::Args::command().debug_assert();
         super::mos_balance::Args::command().debug_assert();
         super::mosmon::Args::command().debug_assert();
+        super::mosgw::Args::command().debug_assert();
     }
 }

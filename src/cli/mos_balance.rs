@@ -218,8 +218,16 @@ async fn one_pass(
         }
         match &o.result {
             Ok(m) => eprintln!(
-                "[{i}/{n}] {} {} -> {}: ok, frozen {} ms",
-                o.mv.job_id, o.mv.from, o.mv.to, m.frozen_ms
+                "[{i}/{n}] {} {} -> {}: ok, frozen {} ms{}",
+                o.mv.job_id,
+                o.mv.from,
+                o.mv.to,
+                m.frozen_ms,
+                if m.fallback.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", m.fallback)
+                }
             ),
             Err(e) => eprintln!(
                 "[{i}/{n}] {} {} -> {}: FAILED: {e}",

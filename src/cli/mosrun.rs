@@ -87,6 +87,13 @@ pub struct Args {
     /// A label for the job.
     #[arg(long, default_value = "")]
     pub name: String,
+    /// The job is an instance of this service (mosgw sends the service's
+    /// traffic to it); needs --port.
+    #[arg(long, requires = "port")]
+    pub service: Option<String>,
+    /// The TCP port the service instance listens on (on its node's address).
+    #[arg(long, requires = "service")]
+    pub port: Option<u16>,
     /// Expected memory of the job in MiB, for placement (with -d).
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
@@ -145,6 +152,8 @@ async fn detached(a: Args) -> anyhow::Result<()> {
             pinned: a.pinned,
             non_migratable: a.no_migrate,
             name: a.name,
+            service: a.service.unwrap_or_default(),
+            port: a.port.map(u32::from).unwrap_or(0),
         })
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?
@@ -259,7 +268,8 @@ struct Stats {
     place_ms: f64,
     queue_ms: f64,
     start_ms: f64,
-    placements: u32,
+    /// Starts again after a lost node or home agent (each one a notice).
+    reruns: u32,
 }
 
 impl Stats {
@@ -276,7 +286,7 @@ impl Stats {
             self.start_ms,
             t0.elapsed().as_secs_f64() * 1e3,
             exit,
-            self.placements.saturating_sub(1),
+            self.reruns,
             self.queue_ms,
         );
         use std::io::Write;
@@ -377,6 +387,8 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
             non_migratable: a.no_migrate,
             name: a.name.clone(),
             take_slot: true,
+            service: a.service.clone().unwrap_or_default(),
+            port: a.port.map(u32::from).unwrap_or(0),
         }),
         node: a.node.clone().unwrap_or_default(),
         rerun_on_node_loss: a.rerun_on_node_loss,
@@ -456,7 +468,7 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                     "mosrun: home agent {node} lost ({why}); re-running through {}",
                     homes[next].name
                 );
-                st.placements += 1;
+                st.reruns += 1;
             }
         }
     }
@@ -531,7 +543,6 @@ async fn converse(
                         st.node = p.node;
                         st.place_ms = p.place_ms;
                         st.queue_ms += p.queued_ms;
-                        st.placements += 1;
                     }
                     Some(Out::Started(s)) => {
                         st.job = s.job_id;
@@ -547,7 +558,11 @@ async fn converse(
                     }
                     Some(Out::Stdout(b)) => write_fd(1, &b),
                     Some(Out::Stderr(b)) => write_fd(2, &b),
-                    Some(Out::Notice(n)) => eprintln!("mosrun: {n}"),
+                    // Every notice is a lost node and a new start elsewhere.
+                    Some(Out::Notice(n)) => {
+                        st.reruns += 1;
+                        eprintln!("mosrun: {n}");
+                    }
                     Some(Out::Exit(e)) => {
                         let code = match (e.exit_code, e.exit_signal) {
                             (Some(c), _) => c,

@@ -128,6 +128,50 @@ pub struct JobRecord {
     /// Bumped on every write; lets readers notice concurrent updates.
     #[serde(default)]
     pub generation: u64,
+    /// The job is an instance of this network service (`mosrun --service`):
+    /// front ends such as `mosgw` send the service's traffic to
+    /// `node address:port`, and are told before the job is frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceDecl>,
+}
+
+/// A job's declaration that it serves a named service on a TCP port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDecl {
+    pub name: String,
+    pub port: u16,
+}
+
+impl ServiceDecl {
+    /// Longest service name accepted (it becomes a metrics label).
+    pub const MAX_NAME: usize = 64;
+
+    /// Checks a declaration from outside: a short name of letters, digits,
+    /// `-`, `_` or `.`, and a non-zero port.
+    pub fn new(name: &str, port: u32) -> Result<Self, String> {
+        if name.is_empty() || name.len() > Self::MAX_NAME {
+            return Err(format!(
+                "service name must be 1 to {} characters",
+                Self::MAX_NAME
+            ));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "service name {name:?} may only hold letters, digits, '-', '_' and '.'"
+            ));
+        }
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {port} is not a TCP port (1-65535)"))?;
+        Ok(Self {
+            name: name.to_string(),
+            port,
+        })
+    }
 }
 
 impl JobRecord {

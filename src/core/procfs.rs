@@ -48,9 +48,78 @@ pub fn ns_pid(tid: i32) -> Option<i32> {
         .ok()
 }
 
+/// Every process of the tree rooted at `root` (host pids, `root` first),
+/// following each thread's `children`. A process that ends meanwhile is
+/// skipped; one forked meanwhile may be missed.
+pub fn tree_pids(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(pid) = todo.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        out.push(pid);
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Ok(kids) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+                todo.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The thread ids of process `pid`.
+pub fn threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|t| t.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resident memory of the whole tree rooted at `root`, in bytes (VmRSS of
+/// each process; shared pages count once per process, which only matters
+/// as an upper bound).
+pub fn tree_rss_bytes(root: i32) -> u64 {
+    tree_pids(root)
+        .into_iter()
+        .filter_map(|p| status_number::<u64>(p, "VmRSS"))
+        .sum::<u64>()
+        * 1024
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_tree_holds_us_and_our_child() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let tree = tree_pids(me);
+        assert_eq!(tree.first(), Some(&me));
+        assert!(tree.contains(&(child.id() as i32)), "{tree:?}");
+        assert!(threads(me).contains(&me));
+        assert!(tree_rss_bytes(me) > 0);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(tree_pids(-5).is_empty());
+    }
 
     #[test]
     fn reads_our_own_fields() {

@@ -208,7 +208,7 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::{JobState, NodeName};
 
@@ -235,6 +235,7 @@ mod tests {
             non_migratable: false,
             error: String::new(),
             generation: 0,
+            service: None,
         }
     }
 

@@ -63,6 +63,19 @@ pub struct DumpSpec {
     /// the pages dirtied since that round (memory tracking) and links
     /// `image_dir/parent` to it. Not combinable with `lazy`.
     pub prev_images_dir: Option<String>,
+    /// Leave the tree stopped (SIGSTOP, detached) instead of killing it
+    /// when the dump succeeds (CRIU's `leave_stopped`). Post-copy uses it:
+    /// CRIU calls a page transfer that simply ended a success, whether or
+    /// not every page went out, and would then kill the only complete copy
+    /// of the job. Stopped, the agent decides: SIGKILL once the target runs
+    /// the job, SIGCONT if it does not. A failed dump resumes the tree as
+    /// always.
+    pub keep_stopped: bool,
+    /// Give up on CRIU after this long: it is killed, which detaches it from
+    /// the tree (the job runs on, as after any failed dump). None: no bound
+    /// here (a post-copy dump, which ends when its page transfer does, is
+    /// bounded by its caller). See [`deadline_for`].
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// One round of iterative pre-copy: CRIU's `pre-dump`.
@@ -87,6 +100,75 @@ pub struct RestoreSpec {
     /// the tree). The agent uses it to finish verifying memory images in
     /// parallel with the restore.
     pub resume_gate: Option<ResumeGate>,
+    /// Give up on CRIU after this long: CRIU and the half-restored tree are
+    /// killed. A restore can hang for good, e.g. a restored task waiting for
+    /// a file lock that the frozen source still holds. See [`deadline_for`].
+    pub deadline: Option<std::time::Duration>,
+    /// Polled while CRIU restores; `Some(reason)` aborts the restore like a
+    /// passed deadline. Post-copy passes "the lazy-pages daemon exited":
+    /// without it, the restored tasks would wait for their pages forever.
+    pub abort_if: Option<AbortCheck>,
+}
+
+/// See [`RestoreSpec::abort_if`].
+#[derive(Clone)]
+pub struct AbortCheck(pub std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl AbortCheck {
+    pub fn new(f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+    pub fn check(&self) -> Option<String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for AbortCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortCheck")
+    }
+}
+
+/// Which CRIU call a deadline is for (see [`deadline_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CriuCall {
+    /// A dump that writes all memory (full copy, freeze, checkpoint).
+    Dump,
+    /// A restore that reads all memory from the images.
+    Restore,
+    /// A post-copy restore: no memory is read before the job resumes.
+    LazyRestore,
+    /// A post-copy page transfer, after the target restored the job.
+    LazyTransfer,
+    /// A pre-copy round (CRIU's command line).
+    PreDump,
+}
+
+/// Every CRIU call the agent makes is bounded, so that one stuck CRIU can
+/// never hold a job, or the node's CRIU lock, for long. A bound is a fixed
+/// allowance for CRIU's own start-up and work that does not grow with the
+/// job (kernel probes, /proc parsing, forking the tree), plus the job's
+/// memory at a rate far below what this machine does. Measured here: a
+/// 1 GiB full dump takes 0.6 s and its restore 1.0 s (~1 GiB/s); a
+/// post-copy restore of the same job 0.2 s; a lazy transfer of 1 GiB about
+/// 1 s. So the bounds are 20-100x what a healthy call takes, and a call
+/// that passes one is stuck, not slow.
+/// - dump, restore, pre-dump: 60 s + 1 s per 16 MiB (1 GiB: 124 s);
+/// - post-copy restore: 8 s flat, since no memory is read before the job
+///   resumes; it is what bounds a hung post-copy (a restored task waiting
+///   for a lock the frozen source holds), and the source waits for it with
+///   its page server open, so it is kept short;
+/// - post-copy transfer: 30 s + 1 s per 16 MiB.
+pub fn deadline_for(call: CriuCall, bytes: u64) -> std::time::Duration {
+    use std::time::Duration;
+    let per_size = Duration::from_secs(bytes / (16 << 20));
+    match call {
+        CriuCall::Dump | CriuCall::Restore | CriuCall::PreDump => {
+            Duration::from_secs(60) + per_size
+        }
+        CriuCall::LazyRestore => Duration::from_secs(8),
+        CriuCall::LazyTransfer => Duration::from_secs(30) + per_size,
+    }
 }
 
 /// See [`RestoreSpec::resume_gate`].
@@ -134,6 +216,10 @@ pub enum CriuError {
     Refused(String),
     #[error("CRIU {op}: no space left on the image disk: {detail}")]
     DiskFull { op: &'static str, detail: String },
+    /// CRIU passed its deadline or was told to stop (see
+    /// [`RestoreSpec::abort_if`]); it was killed.
+    #[error("CRIU {op} stopped: {detail}")]
+    Stopped { op: &'static str, detail: String },
     #[error("CRIU {op}: {source}")]
     Io {
         op: &'static str,
@@ -201,12 +287,17 @@ pub fn log_excerpt(log: &Path) -> String {
     let Ok(text) = std::fs::read_to_string(log) else {
         return format!("(no CRIU log at {})", log.display());
     };
+    // CRIU logs this on every run here, harmlessly (root lacks
+    // CAP_SYS_RESOURCE); quoting it would hide the real error.
+    let noise = |l: &&str| l.contains("RLIMIT_NOFILE");
     let errors: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error (") || l.starts_with("Error"))
+        .filter(|l| !noise(l))
         .collect();
     let pick: Vec<&str> = if errors.is_empty() {
         text.lines()
+            .filter(|l| !noise(l))
             .rev()
             .take(3)
             .collect::<Vec<_>>()

@@ -15,7 +15,7 @@
 //! ignored, not a shell job: the CLI's default). Every other dump stays on
 //! RPC, whose status fd and notifications the other paths rely on.
 
-use super::swrk::{Spare, SwrkError, Worker};
+use super::swrk::{Spare, SwrkError, Watch, Worker};
 use super::{
     log_excerpt, page_image_bytes, CheckpointEngine, CriuError, DumpSpec, Features, PreDumpSpec,
     RestoreOutcome, RestoreSpec, DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG,
@@ -114,6 +114,26 @@ fn kill_restored_tree(pid: i32) {
     }
 }
 
+/// The kernel functions the tasks of the tree rooted at `root` sleep in
+/// (`/proc/<tid>/wchan`), distinct, e.g. `fcntl_setlk`.
+fn waiting_in(root: i32) -> Vec<String> {
+    if root <= 0 {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = Vec::new();
+    for pid in crate::core::procfs::tree_pids(root) {
+        for tid in crate::core::procfs::threads(pid) {
+            if let Ok(w) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")) {
+                let w = w.trim().to_string();
+                if !w.is_empty() && w != "0" && !out.contains(&w) {
+                    out.push(w);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The pid tracing `pid` (CRIU, during a restore), from /proc.
 fn tracer_of(pid: i32) -> Option<i32> {
     crate::core::procfs::status_number(pid, "TracerPid")
@@ -186,6 +206,12 @@ fn check_feature(path: &Path, feature: &str) -> bool {
 }
 
 fn failure(op: &'static str, err: SwrkError, log: &Path) -> CriuError {
+    if let SwrkError::Stopped(why) = &err {
+        return CriuError::Stopped {
+            op,
+            detail: format!("{why}; CRIU was killed: {}", log_excerpt(log)),
+        };
+    }
     classify(op, format!("{err}: {}", log_excerpt(log)))
 }
 
@@ -211,6 +237,49 @@ fn check_prev(op: &'static str, prev: &str) -> Result<(), CriuError> {
     Ok(())
 }
 
+enum Bounded {
+    Io(std::io::Error),
+    Late(std::time::Duration),
+}
+
+/// Wait for a CRIU command line, killing it once `deadline` has passed.
+/// Its stderr is drained on a thread, so a chatty CRIU cannot block on a
+/// full pipe while we wait.
+fn wait_bounded(
+    mut child: std::process::Child,
+    deadline: std::time::Duration,
+) -> Result<std::process::Output, Bounded> {
+    use std::io::Read;
+    let mut err_pipe = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(p) = err_pipe.as_mut() {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let until = std::time::Instant::now() + deadline;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() >= until => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
+                return Err(Bounded::Late(deadline));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(Bounded::Io(e)),
+        }
+    };
+    let stderr = reader.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    })
+}
+
 impl RealCriu {
     /// Run the CRIU command line `args` against `image_dir`, logging to
     /// `log` there; on failure quote the log's error lines.
@@ -220,16 +289,31 @@ impl RealCriu {
         args: &[String],
         image_dir: &Path,
         log: &str,
+        deadline: std::time::Duration,
     ) -> Result<(), CriuError> {
         self.available()?;
-        let out = Command::new(&self.path)
+        let child = Command::new(&self.path)
             .args(args)
             .arg("-D")
             .arg(image_dir)
             .args(["-o", log, "-v4"])
             .stdin(std::process::Stdio::null())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .map_err(|e| CriuError::Io { op, source: e })?;
+        let out = wait_bounded(child, deadline).map_err(|e| match e {
+            Bounded::Io(source) => CriuError::Io { op, source },
+            Bounded::Late(d) => CriuError::Stopped {
+                op,
+                detail: format!(
+                    "criu {} did not finish within {} s and was killed: {}",
+                    args.first().map(String::as_str).unwrap_or(""),
+                    d.as_secs(),
+                    log_excerpt(&image_dir.join(log))
+                ),
+            },
+        })?;
         if out.status.success() {
             return Ok(());
         }
@@ -275,7 +359,10 @@ impl RealCriu {
         if spec.leave_running {
             args.push("--leave-running".into());
         }
-        self.run_cli("dump", &args, &spec.image_dir, DUMP_LOG)
+        let deadline = spec
+            .deadline
+            .unwrap_or_else(|| super::deadline_for(super::CriuCall::Dump, 0));
+        self.run_cli("dump", &args, &spec.image_dir, DUMP_LOG, deadline)
     }
 }
 
@@ -292,7 +379,11 @@ impl CheckpointEngine for RealCriu {
             args.push("--prev-images-dir".into());
             args.push(prev.clone());
         }
-        self.run_cli("pre-dump", &args, &spec.image_dir, PRE_DUMP_LOG)?;
+        let deadline = super::deadline_for(
+            super::CriuCall::PreDump,
+            crate::core::procfs::tree_rss_bytes(spec.pid),
+        );
+        self.run_cli("pre-dump", &args, &spec.image_dir, PRE_DUMP_LOG, deadline)?;
         Ok(page_image_bytes(&spec.image_dir))
     }
 
@@ -371,6 +462,9 @@ impl CheckpointEngine for RealCriu {
         let opts = req.opts.mut_or_insert_default();
         opts.set_pid(spec.pid);
         opts.set_leave_running(spec.leave_running);
+        if spec.keep_stopped {
+            opts.set_leave_stopped(true);
+        }
         if let Some(ps) = &spec.lazy {
             opts.set_lazy_pages(true);
             let mut info = rpc::Criu_page_server_info::new();
@@ -381,8 +475,14 @@ impl CheckpointEngine for RealCriu {
         if let Some(fd) = spec.status_fd {
             opts.set_status_fd(fd);
         }
-        let result = worker.call(&req, &mut |_, _| true);
+        let watch = Watch {
+            deadline: spec.deadline.map(|d| std::time::Instant::now() + d),
+            abort_if: None,
+        };
+        let result = worker.call_watched(&req, &mut |_, _| true, &watch);
         self.spare.refill();
+        // A killed dump worker released the tree: ptrace detaches on the
+        // tracer's death and the tasks run on, as after any failed dump.
         result
             .map(|_| ())
             .map_err(|e| failure("dump", e, &spec.image_dir.join(DUMP_LOG)))
@@ -403,20 +503,63 @@ impl CheckpointEngine for RealCriu {
         }
         let mut restored = 0;
         let mut refusal = None;
-        let result = worker.call(&req, &mut |script, notify| {
-            if script == "post-restore" && notify.has_pid() {
-                restored = notify.pid();
-            }
-            if script == "pre-resume" {
-                if let Some(Err(why)) = spec.resume_gate.as_ref().map(|g| g.check()) {
-                    kill_restored_tree(restored);
-                    refusal = Some(why);
-                    return false;
+        let watch = Watch {
+            deadline: spec.deadline.map(|d| std::time::Instant::now() + d),
+            abort_if: spec.abort_if.as_ref().map(|a| &*a.0 as _),
+        };
+        let result = worker.call_watched(
+            &req,
+            &mut |script, notify| {
+                // CRIU names the restored init's pid at setup-namespaces (right
+                // after forking it) and again at post-restore; knowing it early
+                // lets a stopped restore kill a tree that never got further.
+                if (script == "setup-namespaces" || script == "post-restore") && notify.has_pid() {
+                    restored = notify.pid();
                 }
-            }
-            true
-        });
+                if script == "pre-resume" {
+                    if let Some(Err(why)) = spec.resume_gate.as_ref().map(|g| g.check()) {
+                        kill_restored_tree(restored);
+                        refusal = Some(why);
+                        return false;
+                    }
+                }
+                true
+            },
+            &watch,
+        );
         self.spare.refill();
+        if let Err(SwrkError::Stopped(why)) = &result {
+            // The worker is dead; the half-restored tree is not (its tasks
+            // may be blocked, e.g. on a file lock). It is our child
+            // (rst_sibling) and the init of its own PID namespace, so
+            // killing it takes every task of the tree along. Where its
+            // tasks were stuck says why (fcntl_setlk: a lock).
+            let stuck = waiting_in(restored);
+            kill_restored_tree(restored);
+            if restored > 0 {
+                reap_killed(restored);
+            }
+            return Err(CriuError::Stopped {
+                op: "restore",
+                detail: format!(
+                    "{why}; CRIU and the half-restored job were killed{}: {}",
+                    if stuck.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (its tasks were waiting in the kernel in {})",
+                            stuck.join(", ")
+                        )
+                    },
+                    log_excerpt(&spec.image_dir.join(RESTORE_LOG))
+                ),
+            });
+        }
+        if result.is_err() && restored > 0 {
+            // CRIU killed the tree it could not finish; its init is our
+            // child (rst_sibling), so the zombie is ours to collect.
+            reap_killed(restored);
+        }
         if let Some(why) = refusal {
             // The gate killed the tree before it ran; the init is our
             // child (rst_sibling): reap it.

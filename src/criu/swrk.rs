@@ -41,7 +41,7 @@
 use protobuf::Message;
 use rust_criu::rust_criu_protobuf::rpc;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,6 +73,50 @@ pub enum SwrkError {
     Failed(String),
     #[error("the {0} notification was refused")]
     NotifyRefused(String),
+    /// The call's [`Watch`] stopped it (deadline passed, or told to abort).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+/// Bounds on one call: a deadline, and a check polled while CRIU works
+/// (`Some(reason)` stops the call). A stopped call kills the worker.
+#[derive(Default)]
+pub struct Watch<'a> {
+    pub deadline: Option<std::time::Instant>,
+    pub abort_if: Option<&'a (dyn Fn() -> Option<String> + Send + Sync)>,
+}
+
+impl Watch<'_> {
+    /// How often the abort check runs while CRIU is silent.
+    const TICK_MS: u16 = 50;
+
+    fn stopped(&self) -> Option<String> {
+        if let Some(d) = self.deadline {
+            if std::time::Instant::now() >= d {
+                return Some("deadline passed".into());
+            }
+        }
+        self.abort_if.and_then(|f| f())
+    }
+
+    /// Wait until `sock` has a message, or the watch says stop.
+    fn wait_readable(&self, sock: &OwnedFd) -> Result<(), SwrkError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if self.deadline.is_none() && self.abort_if.is_none() {
+            return Ok(());
+        }
+        loop {
+            if let Some(why) = self.stopped() {
+                return Err(SwrkError::Stopped(why));
+            }
+            let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(Self::TICK_MS)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(SwrkError::Io(e.into())),
+            }
+        }
+    }
 }
 
 /// One `criu swrk` process and our end of its RPC socket.
@@ -140,11 +184,24 @@ impl Worker {
     /// The worker is used up either way; its exit is collected on a
     /// background thread so the caller does not wait for CRIU's teardown.
     pub fn call(
-        mut self,
+        self,
         req: &rpc::Criu_req,
         on_notify: &mut dyn FnMut(&str, &rpc::Criu_notify) -> bool,
     ) -> Result<rpc::Criu_resp, SwrkError> {
-        let result = converse(&self.sock, req, on_notify);
+        self.call_watched(req, on_notify, &Watch::default())
+    }
+
+    /// [`Self::call`], bounded by `watch`: when it says stop, the worker
+    /// is killed and the call returns [`SwrkError::Stopped`]. What CRIU was
+    /// doing to a process tree is the caller's to clean up (a dump's tree
+    /// is released by CRIU's death; a restore's half-made tree is not).
+    pub fn call_watched(
+        mut self,
+        req: &rpc::Criu_req,
+        on_notify: &mut dyn FnMut(&str, &rpc::Criu_notify) -> bool,
+        watch: &Watch,
+    ) -> Result<rpc::Criu_resp, SwrkError> {
+        let result = converse(&self.sock, req, on_notify, watch);
         // CRIU's own teardown (unmapping its page pipes, up to the size of
         // the job's memory) is left; nothing waits for it.
         crate::core::set_nice(self.pid(), IDLE_NICE);
@@ -173,10 +230,12 @@ fn converse(
     sock: &OwnedFd,
     req: &rpc::Criu_req,
     on_notify: &mut dyn FnMut(&str, &rpc::Criu_notify) -> bool,
+    watch: &Watch,
 ) -> Result<rpc::Criu_resp, SwrkError> {
     let sent = req.type_();
     send(sock, &req.write_to_bytes()?)?;
     loop {
+        watch.wait_readable(sock)?;
         let resp = rpc::Criu_resp::parse_from_bytes(&recv(sock)?)?;
         let got = resp.type_();
         if got == rpc::Criu_req_type::NOTIFY {
@@ -199,8 +258,17 @@ fn converse(
                     io::Error::from_raw_os_error(resp.cr_errno())
                 ));
             }
-            if resp.has_cr_errmsg() && !resp.cr_errmsg().is_empty() {
-                why.push_str(&format!(": {}", resp.cr_errmsg().trim()));
+            // CRIU's own message, less the RLIMIT_NOFILE line it logs on every
+            // run here (root without CAP_SYS_RESOURCE), which is not the error.
+            let msg: Vec<&str> = resp
+                .cr_errmsg()
+                .lines()
+                .filter(|l| !l.contains("RLIMIT_NOFILE"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            if !msg.is_empty() {
+                why.push_str(&format!(": {}", msg.join(" | ")));
             }
             return Err(SwrkError::Failed(why));
         }
@@ -404,10 +472,15 @@ mod tests {
             Some(resp(rpc::Criu_req_type::RESTORE, true)),
         );
         let mut seen = Vec::new();
-        let r = converse(&ours, &restore_req(), &mut |s, n| {
-            seen.push((s.to_string(), n.pid()));
-            true
-        })
+        let r = converse(
+            &ours,
+            &restore_req(),
+            &mut |s, n| {
+                seen.push((s.to_string(), n.pid()));
+                true
+            },
+            &Watch::default(),
+        )
         .expect("restore succeeds");
         assert_eq!(r.type_(), rpc::Criu_req_type::RESTORE);
         assert_eq!(
@@ -426,7 +499,8 @@ mod tests {
     fn a_refused_notification_is_acked_as_failure_and_ends_the_call() {
         let (ours, theirs) = pair();
         let criu = fake_criu(theirs, vec![notify("pre-resume", 0)], None);
-        let err = converse(&ours, &restore_req(), &mut |_, _| false).unwrap_err();
+        let err =
+            converse(&ours, &restore_req(), &mut |_, _| false, &Watch::default()).unwrap_err();
         assert!(
             matches!(err, SwrkError::NotifyRefused(ref s) if s == "pre-resume"),
             "{err}"
@@ -441,7 +515,7 @@ mod tests {
         last.set_cr_errno(libc::ENOSPC);
         last.set_cr_errmsg("can't write image".into());
         let _criu = fake_criu(theirs, vec![], Some(last));
-        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        let err = converse(&ours, &restore_req(), &mut |_, _| true, &Watch::default()).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("No space left on device"), "{msg}");
         assert!(msg.contains("can't write image"), "{msg}");
@@ -454,7 +528,7 @@ mod tests {
             let _ = recv(&theirs);
             drop(theirs);
         });
-        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        let err = converse(&ours, &restore_req(), &mut |_, _| true, &Watch::default()).unwrap_err();
         assert!(matches!(err, SwrkError::Eof), "{err}");
         criu.join().expect("fake criu");
     }
@@ -463,8 +537,82 @@ mod tests {
     fn an_answer_of_the_wrong_type_is_refused() {
         let (ours, theirs) = pair();
         let _criu = fake_criu(theirs, vec![], Some(resp(rpc::Criu_req_type::DUMP, true)));
-        let err = converse(&ours, &restore_req(), &mut |_, _| true).unwrap_err();
+        let err = converse(&ours, &restore_req(), &mut |_, _| true, &Watch::default()).unwrap_err();
         assert!(matches!(err, SwrkError::Unexpected { .. }), "{err}");
+    }
+
+    /// A CRIU that takes the request and never answers (a restore hung on
+    /// a lock): the deadline ends the call, within a tick of it.
+    #[test]
+    fn a_silent_criu_is_stopped_at_the_deadline() {
+        let (ours, theirs) = pair();
+        let criu = std::thread::spawn(move || {
+            let _ = recv(&theirs);
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            drop(theirs);
+        });
+        let t0 = std::time::Instant::now();
+        let watch = Watch {
+            deadline: Some(t0 + std::time::Duration::from_millis(300)),
+            abort_if: None,
+        };
+        let err = converse(&ours, &restore_req(), &mut |_, _| true, &watch).unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, SwrkError::Stopped(ref w) if w.contains("deadline")),
+            "{err}"
+        );
+        assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+        criu.join().expect("fake criu");
+    }
+
+    /// The abort check ends a silent call with its reason, even mid-way
+    /// through notifications, and is not consulted once CRIU has answered.
+    #[test]
+    fn an_abort_check_stops_a_silent_call_with_its_reason() {
+        let (ours, theirs) = pair();
+        let criu = std::thread::spawn(move || {
+            let _ = recv(&theirs);
+            send(
+                &theirs,
+                &notify("setup-namespaces", 77)
+                    .write_to_bytes()
+                    .expect("encode"),
+            )
+            .expect("send");
+            let _ = recv(&theirs);
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            drop(theirs);
+        });
+        let fired = std::sync::atomic::AtomicBool::new(false);
+        let check = || {
+            fired
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then(|| "the lazy-pages daemon exited".to_string())
+        };
+        let watch = Watch {
+            deadline: None,
+            abort_if: Some(&check),
+        };
+        let mut pid = 0;
+        let err = converse(
+            &ours,
+            &restore_req(),
+            &mut |_, n| {
+                pid = n.pid();
+                fired.store(true, std::sync::atomic::Ordering::SeqCst);
+                true
+            },
+            &watch,
+        )
+        .unwrap_err();
+        assert_eq!(pid, 77, "the notification was answered first");
+        assert!(
+            matches!(err, SwrkError::Stopped(ref w) if w.contains("daemon exited")),
+            "{err}"
+        );
+        criu.join().expect("fake criu");
     }
 
     /// The real thing: a spare `criu swrk` answers a VERSION request.

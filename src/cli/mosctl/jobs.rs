@@ -37,6 +37,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
                     "id": j.id, "node": j.node, "state": state_name(j.state), "pid": j.pid,
                     "argv": j.argv, "migrations": j.history.len(),
                     "exit_code": j.exit_code, "exit_signal": j.exit_signal, "error": j.error,
+                    "service": j.service, "port": j.port,
                 })
             })
             .collect();
@@ -64,8 +65,13 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
             ("exited", _, Some(s)) => format!("signal {s}"),
             (s, _, _) => s.to_string(),
         };
+        let service = if j.service.is_empty() {
+            String::new()
+        } else {
+            format!("  [service {}:{}]", j.service, j.port)
+        };
         println!(
-            "{:<13} {:<8} {:<10} {:>7} {:>5}  {}",
+            "{:<13} {:<8} {:<10} {:>7} {:>5}  {}{service}",
             j.id,
             j.node,
             state,

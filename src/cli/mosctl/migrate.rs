@@ -11,8 +11,16 @@ pub struct Args {
     /// Target node.
     pub node: String,
     /// Post-copy: restore at once and fetch memory on demand.
+    ///
+    /// A job that holds what a post-copy restore cannot take over while the
+    /// source still holds it (a FIFO with unread data, a file lock, a lease)
+    /// is refused, naming it; move it by full copy instead.
     #[arg(long, conflicts_with_all = ["full_copy", "pre_copy"])]
     pub post_copy: bool,
+    /// With --post-copy: try even a job that would be refused. Such a move
+    /// fails within seconds and the job resumes on its node, memory intact.
+    #[arg(long, requires = "post_copy")]
+    pub force: bool,
     /// Full copy: move all memory before restoring.
     #[arg(long, conflicts_with = "pre_copy")]
     pub full_copy: bool,
@@ -63,6 +71,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
             migration_id: String::new(),
             mode: mode as i32,
             only_here: false,
+            force: a.force,
         })
         .await
         .map_err(|s| status_err(&format!("migrating {job_id}"), s))?

@@ -25,6 +25,9 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     println!("state    {}", state_name(j.state));
     println!("pid      {}", j.pid);
     println!("command  {}", j.argv.join(" "));
+    if !j.service.is_empty() {
+        println!("service  {} on port {}", j.service, j.port);
+    }
     println!("stdout   {}", j.stdout_path);
     if let Some(c) = j.exit_code {
         println!("exit     code {c}");

@@ -1,0 +1,542 @@
+//! The listeners: HTTP/1.1 on hyper (keep-alive on both sides) and plain
+//! TCP; picking an instance, holding a request while its only instance is
+//! moved, retries, limits.
+//!
+//! Limits and the answers they give (the connection stays usable for other
+//! clients throughout; each client connection is its own task):
+//! - request head larger than `max_header_bytes` → 431 (hyper's parser);
+//!   malformed request → 400 (hyper's parser);
+//! - a first request head not complete within `header_timeout_ms` → 408;
+//!   an idle keep-alive connection is just closed after that time;
+//! - body larger than `max_body_bytes` (by Content-Length, or as it
+//!   arrives) → 413; body not complete within `body_timeout_ms` → 408;
+//! - no instance → 503 with a sentence saying why; held for `hold_ms` if an
+//!   instance is being moved; backend failure → 502, backend too slow → 504;
+//! - `max_connections` client connections at once: more wait in the
+//!   kernel's accept queue.
+//!
+//! Requests are buffered whole (bounded by `max_body_bytes`), so one can be
+//! sent again after a failure; responses are buffered whole too (bounded by
+//! `max_response_bytes`), which keeps the in-flight count exact: a request
+//! is in flight until its response is complete and its connection is back
+//! in the pool (or closed, if the instance is being drained).
+
+use super::pool::{self, Conn};
+use super::table::{self, Failure, InstanceState, NoInstance};
+use super::{Gateway, Mode, ServiceListen};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// How long a connect to an instance may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an instance that failed a connect or reset a request gets no traffic.
+pub const EJECT_FOR: Duration = Duration::from_secs(2);
+/// Attempts per request (the first and up to two retries).
+const MAX_ATTEMPTS: usize = 3;
+
+type Body = Full<Bytes>;
+
+fn reply(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("mosgw: {msg}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Same, and the client connection is closed after it (its request was not
+/// read to the end).
+fn reply_close(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = reply(code, msg);
+    r.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Accept clients of one service until the process ends.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    svc: ServiceListen,
+    listener: TcpListener,
+    conns: Arc<Semaphore>,
+) {
+    let name: Arc<str> = Arc::from(svc.name.as_str());
+    loop {
+        let Ok(permit) = conns.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of fds and the like: wait instead of spinning.
+                tracing::warn!(service = %name, "accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            match svc.mode {
+                Mode::Http => http_conn(gw, name, stream, peer).await,
+                Mode::Tcp => tcp_conn(gw, name, stream).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// One client connection in HTTP mode.
+async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+    // A second handle on the socket, to answer 408 after hyper gave up on
+    // a slow request head (hyper closes without a word).
+    let spare = stream
+        .into_std()
+        .and_then(|s| Ok((s.try_clone()?, s)))
+        .and_then(|(spare, s)| Ok((spare, TcpStream::from_std(s)?)));
+    let (spare, stream) = match spare {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!("client socket: {e}");
+            return;
+        }
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    let lim = &gw.cfg.limits;
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(lim.header_timeout_ms))
+        .max_buf_size(lim.max_header_bytes)
+        .keep_alive(true);
+    let svc_fn = {
+        let served = served.clone();
+        let gw = gw.clone();
+        hyper::service::service_fn(move |req| {
+            served.fetch_add(1, Ordering::Relaxed);
+            let gw = gw.clone();
+            let svc = svc.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(gw, svc, peer, req).await) }
+        })
+    };
+    let r = b.serve_connection(TokioIo::new(stream), svc_fn).await;
+    if let Err(e) = r {
+        if e.is_timeout() && served.load(Ordering::Relaxed) == 0 {
+            let _ = answer_408(spare).await;
+        }
+    }
+}
+
+async fn answer_408(s: std::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::from_std(s)?;
+    let body = "mosgw: the request head did not arrive in time\n";
+    let msg = format!(
+        "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(msg.as_bytes()).await?;
+    s.shutdown().await
+}
+
+/// One request: read the body within the limits, forward, account.
+async fn handle(
+    gw: Arc<Gateway>,
+    svc: Arc<str>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let t0 = Instant::now();
+    let method = req.method().clone();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let (resp, instance) = forward_request(&gw, &svc, peer, req).await;
+    let code = resp.status().as_u16();
+    let secs = t0.elapsed().as_secs_f64();
+    let m = &gw.metrics;
+    m.requests
+        .with_label_values(&[&*svc, &instance, &code.to_string()])
+        .inc();
+    m.latency
+        .with_label_values(&[&*svc, &instance])
+        .observe(secs);
+    gw.access_log(format_args!(
+        "{} {peer} {svc} {method} {target:?} {code} {:.3}ms instance={}",
+        crate::core::now_unix_ms(),
+        secs * 1e3,
+        if instance.is_empty() { "-" } else { &instance }
+    ));
+    resp
+}
+
+async fn forward_request(
+    gw: &Arc<Gateway>,
+    svc: &str,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> (Response<Body>, String) {
+    let lim = &gw.cfg.limits;
+    gw.with_service(svc, |s| s.budget.deposit());
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > lim.max_body_bytes as u64) {
+        return (
+            reply_close(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body larger than {} bytes", lim.max_body_bytes),
+            ),
+            String::new(),
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let collected = tokio::time::timeout(
+        Duration::from_millis(lim.body_timeout_ms),
+        Limited::new(body, lim.max_body_bytes).collect(),
+    )
+    .await;
+    let body = match collected {
+        Err(_) => {
+            return (
+                reply_close(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                ),
+                String::new(),
+            )
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return (
+                reply_close(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body larger than {} bytes", lim.max_body_bytes),
+                ),
+                String::new(),
+            )
+        }
+        Ok(Err(e)) => {
+            return (
+                reply_close(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+                String::new(),
+            )
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    append_forwarded_for(&mut headers, peer);
+    let mut tried: Vec<String> = vec![];
+    loop {
+        let (job, addr) = match pick(gw, svc, &tried).await {
+            Ok(x) => x,
+            Err(resp) => return (resp, String::new()),
+        };
+        let mut out = Request::new(Full::new(body.clone()));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .unwrap_or_default();
+        *out.headers_mut() = headers.clone();
+        let r = attempt(gw, &job, addr, out).await;
+        finished(gw, svc, &job);
+        match r {
+            Ok(resp) => return (resp, job),
+            Err(f) => {
+                let kind = match f {
+                    Failure::Connect => "connect",
+                    Failure::NotSent => "not_sent",
+                    Failure::Reset => "reset",
+                    Failure::Timeout => "timeout",
+                };
+                gw.metrics
+                    .errors
+                    .with_label_values(&[svc, &job, kind])
+                    .inc();
+                if matches!(f, Failure::Connect | Failure::Reset) {
+                    eject(gw, svc, &job);
+                }
+                tried.push(job.clone());
+                let budget = || {
+                    gw.with_service(svc, |s| s.budget.withdraw())
+                        .unwrap_or(false)
+                };
+                if tried.len() < MAX_ATTEMPTS && table::may_retry(&parts.method, f) && budget() {
+                    gw.metrics.retries.with_label_values(&[svc]).inc();
+                    continue;
+                }
+                let resp = match f {
+                    Failure::Timeout => reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("instance {job} of service {svc} did not answer in time"),
+                    ),
+                    _ => reply(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("instance {job} of service {svc} failed ({kind}) and the request may not be retried"),
+                    ),
+                };
+                return (resp, job);
+            }
+        }
+    }
+}
+
+/// Connection-level headers (RFC 9110 7.6.1) are not forwarded.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let v = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert("x-forwarded-for", v);
+    }
+}
+
+/// One try at one instance.
+async fn attempt(
+    gw: &Arc<Gateway>,
+    job: &str,
+    addr: SocketAddr,
+    req: Request<Body>,
+) -> Result<Response<Body>, Failure> {
+    let lim = &gw.cfg.limits;
+    let pool = gw.pool(job);
+    let mut conn: Conn = match pool.take(addr) {
+        Some(c) => c,
+        None => pool::connect(addr, CONNECT_TIMEOUT)
+            .await
+            .map_err(|_| Failure::Connect)?,
+    };
+    if conn.sender.ready().await.is_err() {
+        conn.close().await;
+        return Err(Failure::NotSent);
+    }
+    let backend = Duration::from_millis(lim.backend_timeout_ms);
+    let exchange = async {
+        let resp = conn.sender.send_request(req).await.map_err(|e| {
+            if e.is_canceled() {
+                Failure::NotSent
+            } else {
+                Failure::Reset
+            }
+        })?;
+        let (mut parts, body) = resp.into_parts();
+        let body = Limited::new(body, lim.max_response_bytes)
+            .collect()
+            .await
+            .map_err(|_| Failure::Reset)?
+            .to_bytes();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+        Ok::<_, Failure>(Response::from_parts(parts, Full::new(body)))
+    };
+    match tokio::time::timeout(backend, exchange).await {
+        Ok(Ok(resp)) => {
+            pool.put(conn).await;
+            Ok(resp)
+        }
+        Ok(Err(f)) => {
+            conn.close().await;
+            Err(f)
+        }
+        Err(_) => {
+            conn.close().await;
+            Err(Failure::Timeout)
+        }
+    }
+}
+
+/// Choose an instance for a request (counting it in flight there), holding
+/// the request while the service's instances are being moved.
+async fn pick(
+    gw: &Arc<Gateway>,
+    svc: &str,
+    avoid: &[String],
+) -> Result<(String, SocketAddr), Response<Body>> {
+    let hold = Duration::from_millis(gw.cfg.hold_ms);
+    let deadline = tokio::time::Instant::now() + hold;
+    let mut holding = false;
+    let result = loop {
+        // Registered before looking, so a change between the look and the
+        // wait is not missed.
+        let notified = gw.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = Instant::now();
+        let slow = gw.slow_start();
+        let r = gw.with_service(svc, |s| {
+            let choice = table::choose(s.instances.values(), avoid, now, slow, |n| {
+                rand::random_range(0..n)
+            });
+            match choice.and_then(|j| s.instances.get_mut(&j)) {
+                Some(i) => {
+                    i.in_flight += 1;
+                    Ok((i.job.clone(), i.addr))
+                }
+                None => Err(table::when_none_eligible(svc, s.instances.values())),
+            }
+        });
+        match r {
+            None => break Err(reply(StatusCode::NOT_FOUND, &format!("no service {svc:?}"))),
+            Some(Ok((job, addr))) => {
+                gw.metrics.in_flight.with_label_values(&[svc, &job]).inc();
+                break Ok((job, addr));
+            }
+            Some(Err(NoInstance::Unavailable(why))) => {
+                break Err(reply(StatusCode::SERVICE_UNAVAILABLE, &why))
+            }
+            Some(Err(NoInstance::Hold)) => {
+                if !holding {
+                    holding = true;
+                    gw.metrics.held.with_label_values(&[svc]).inc();
+                    gw.metrics.held_total.with_label_values(&[svc]).inc();
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    break Err(reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "service {svc:?}: its instances are being moved and none came back within {} ms",
+                            hold.as_millis()
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    if holding {
+        gw.metrics.held.with_label_values(&[svc]).dec();
+    }
+    result
+}
+
+/// A request at `job` ended: no longer in flight; wake drains and holds.
+fn finished(gw: &Gateway, svc: &str, job: &str) {
+    gw.with_service(svc, |s| {
+        if let Some(i) = s.instances.get_mut(job) {
+            i.in_flight = i.in_flight.saturating_sub(1);
+        }
+    });
+    gw.metrics.in_flight.with_label_values(&[svc, job]).dec();
+    gw.changed.notify_waiters();
+}
+
+/// Passive health check: no traffic to `job` for a while (the active probe
+/// re-admits it). An instance being drained or away is left alone.
+fn eject(gw: &Gateway, svc: &str, job: &str) {
+    gw.with_service(svc, |s| {
+        if let Some(i) = s.instances.get_mut(job) {
+            if matches!(
+                i.state,
+                InstanceState::Active | InstanceState::Ejected { .. }
+            ) {
+                i.state = InstanceState::Ejected {
+                    until: Instant::now() + EJECT_FOR,
+                };
+            }
+        }
+    });
+    gw.changed.notify_waiters();
+}
+
+/// One client connection in TCP mode: bytes copied both ways to an instance.
+async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
+    let mut tried = vec![];
+    loop {
+        let (job, addr) = match pick(&gw, &svc, &tried).await {
+            Ok(x) => x,
+            Err(_) => return,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(mut backend)) => {
+                let _ = backend.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+                finished(&gw, &svc, &job);
+                gw.metrics
+                    .requests
+                    .with_label_values(&[&*svc, &job, "tcp"])
+                    .inc();
+                return;
+            }
+            _ => {
+                finished(&gw, &svc, &job);
+                gw.metrics
+                    .errors
+                    .with_label_values(&[&*svc, &job, "connect"])
+                    .inc();
+                eject(&gw, &svc, &job);
+                tried.push(job);
+                if tried.len() >= MAX_ATTEMPTS {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("host", HeaderValue::from_static("example"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("host"));
+        append_forwarded_for(&mut h, "10.0.0.9:1234".parse().unwrap());
+        append_forwarded_for(&mut h, "10.0.0.8:1234".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9, 10.0.0.8");
+    }
+}

@@ -1,0 +1,530 @@
+//! The instance table and the pure rules over it: which instance gets a
+//! request (power of two choices), how fast a new one ramps up (slow start),
+//! when a failed request may be tried again (retry rules and budget).
+//!
+//! Nothing here touches a socket or a clock of its own: callers pass `now`
+//! and a random source, so every rule is unit-tested as plain data.
+//!
+//! The choice follows linkerd2-proxy's balancer: pick two instances at
+//! random and send to the one with the lower cost. Its cost here is
+//! `(in_flight + 1) × (1 + node load per capacity) / slow_start_weight`:
+//! in-flight requests are the fastest signal of a slow instance; the node's
+//! capacity-normalised load (from the agents' `GetLoad`) says which of two
+//! idle instances sits on the busier node; and a new or returned instance
+//! starts at a tenth of its weight, so a cold one is not flooded before it
+//! has warmed up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Where an instance is in its life as the gateway sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InstanceState {
+    /// Takes requests.
+    Active,
+    /// Its agent announced a freeze (`freeze_id`): no new requests; the
+    /// in-flight ones finish, then the gateway closes its connections and
+    /// acknowledges.
+    Draining { freeze_id: u64 },
+    /// Frozen or moving. `generation` is the job record's generation when
+    /// the freeze was announced: only a newer record brings it back.
+    Away { generation: u64 },
+    /// Failed a connect, a probe or reset a request: no traffic until
+    /// `until`, then the probe decides.
+    Ejected { until: Instant },
+}
+
+impl InstanceState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            InstanceState::Active => "active",
+            InstanceState::Draining { .. } => "draining",
+            InstanceState::Away { .. } => "away",
+            InstanceState::Ejected { .. } => "ejected",
+        }
+    }
+}
+
+/// One instance of a service: a job listening on `addr` (its node's
+/// address and the declared port).
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub job: String,
+    pub node: String,
+    pub addr: SocketAddr,
+    pub state: InstanceState,
+    /// Start of its slow start (it appeared, returned, or was re-admitted).
+    pub since: Instant,
+    pub in_flight: u32,
+    /// The node's load divided by its capacity (0 = idle).
+    pub load_per_capacity: f64,
+    /// Consecutive failed probes.
+    pub probe_failures: u32,
+}
+
+impl Instance {
+    pub fn new(job: &str, node: &str, addr: SocketAddr, now: Instant) -> Self {
+        Self {
+            job: job.to_string(),
+            node: node.to_string(),
+            addr,
+            state: InstanceState::Active,
+            since: now,
+            in_flight: 0,
+            load_per_capacity: 0.0,
+            probe_failures: 0,
+        }
+    }
+
+    /// May take a new request now.
+    pub fn eligible(&self) -> bool {
+        self.state == InstanceState::Active
+    }
+
+    /// Expected back soon: requests may wait for it (held) rather than fail.
+    pub fn returning(&self) -> bool {
+        matches!(
+            self.state,
+            InstanceState::Draining { .. } | InstanceState::Away { .. }
+        )
+    }
+}
+
+/// Weight of an instance `age` into its slow start of `window`: from 0.1
+/// up to 1.0, linearly.
+pub fn slow_start_weight(age: Duration, window: Duration) -> f64 {
+    if window.is_zero() || age >= window {
+        return 1.0;
+    }
+    let f = age.as_secs_f64() / window.as_secs_f64();
+    0.1 + 0.9 * f
+}
+
+/// Cost of sending one more request to an instance (lower is better).
+pub fn cost(in_flight: u32, load_per_capacity: f64, weight: f64) -> f64 {
+    let load = if load_per_capacity.is_finite() && load_per_capacity > 0.0 {
+        load_per_capacity
+    } else {
+        0.0
+    };
+    (f64::from(in_flight) + 1.0) * (1.0 + load) / weight.max(0.01)
+}
+
+/// Power of two choices over `costs`: two distinct random indices, the
+/// cheaper wins (ties: the first drawn). `rand(n)` returns a value in 0..n.
+pub fn p2c(costs: &[f64], mut rand: impl FnMut(usize) -> usize) -> Option<usize> {
+    match costs.len() {
+        0 => None,
+        1 => Some(0),
+        n => {
+            let a = rand(n) % n;
+            // A second index different from the first, uniformly.
+            let b = (a + 1 + rand(n - 1) % (n - 1)) % n;
+            Some(if costs[b] < costs[a] { b } else { a })
+        }
+    }
+}
+
+/// Choose an eligible instance of `instances`, avoiding those in `avoid`
+/// when any other is eligible (a retry goes elsewhere if it can).
+pub fn choose<'a>(
+    instances: impl Iterator<Item = &'a Instance>,
+    avoid: &[String],
+    now: Instant,
+    slow_start: Duration,
+    rand: impl FnMut(usize) -> usize,
+) -> Option<String> {
+    let eligible: Vec<&Instance> = instances.filter(|i| i.eligible()).collect();
+    let fresh: Vec<&Instance> = eligible
+        .iter()
+        .copied()
+        .filter(|i| !avoid.contains(&i.job))
+        .collect();
+    let pool = if fresh.is_empty() { eligible } else { fresh };
+    let costs: Vec<f64> = pool
+        .iter()
+        .map(|i| {
+            cost(
+                i.in_flight,
+                i.load_per_capacity,
+                slow_start_weight(now.saturating_duration_since(i.since), slow_start),
+            )
+        })
+        .collect();
+    p2c(&costs, rand).map(|k| pool[k].job.clone())
+}
+
+/// What the gateway should do for a request with no eligible instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoInstance {
+    /// Some instance is being moved: wait for it (up to the hold bound).
+    Hold,
+    /// Nothing to wait for: 503 with this reason.
+    Unavailable(String),
+}
+
+pub fn when_none_eligible<'a>(
+    service: &str,
+    instances: impl Iterator<Item = &'a Instance>,
+) -> NoInstance {
+    let all: Vec<&Instance> = instances.collect();
+    if all.iter().any(|i| i.returning()) {
+        return NoInstance::Hold;
+    }
+    if all.is_empty() {
+        NoInstance::Unavailable(format!(
+            "service {service:?} has no running instances (start one with `mosrun --service {service} --port PORT -- CMD`)"
+        ))
+    } else {
+        NoInstance::Unavailable(format!(
+            "all {} instances of service {service:?} are failing (connect errors or health probes); retry later",
+            all.len()
+        ))
+    }
+}
+
+/// How an attempt at a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection: the request never left the gateway.
+    Connect,
+    /// A pooled connection was already closed; hyper did not send the
+    /// request (canceled).
+    NotSent,
+    /// The connection failed after the request was (maybe) sent, before a
+    /// response: a reset or an early close.
+    Reset,
+    /// The backend did not answer in time.
+    Timeout,
+}
+
+/// Methods that may be repeated without a different effect (RFC 9110 9.2.2).
+pub fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// May a request that failed this way be sent again (to another instance)?
+/// A request that never reached a backend may always go again; one that
+/// may have reached it only if repeating it is harmless. A timeout is never
+/// retried: the backend may still be working on it, and another try would
+/// double the load of a slow service.
+pub fn may_retry(method: &http::Method, failure: Failure) -> bool {
+    match failure {
+        Failure::Connect | Failure::NotSent => true,
+        Failure::Reset => idempotent(method),
+        Failure::Timeout => false,
+    }
+}
+
+/// A retry budget, as in linkerd2-proxy and Finagle: retries may add at
+/// most `ratio` of the requests (plus a small reserve), so a failing
+/// backend cannot multiply the load on the others.
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    tokens: f64,
+    ratio: f64,
+    max: f64,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new(0.2, 10.0)
+    }
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, reserve: f64) -> Self {
+        Self {
+            tokens: reserve,
+            ratio,
+            max: reserve.max(1.0) * 10.0,
+        }
+    }
+    /// A request arrived.
+    pub fn deposit(&mut self) {
+        self.tokens = (self.tokens + self.ratio).min(self.max);
+    }
+    /// Take one retry, if the budget allows.
+    pub fn withdraw(&mut self) -> bool {
+        // With a tolerance: ten deposits of 0.2 are 1.9999… in floating point.
+        if self.tokens >= 1.0 - 1e-9 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the agents say about one job (from a job list or an event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sighting {
+    pub job: String,
+    pub node: String,
+    pub addr: SocketAddr,
+    pub running: bool,
+    pub generation: u64,
+}
+
+/// Bring a service's instances up to date with a full job list (`seen`:
+/// every job of the service that is running or migrating). Returns whether
+/// anything changed. Jobs no longer listed have ended and leave the table.
+pub fn reconcile(table: &mut HashMap<String, Instance>, seen: &[Sighting], now: Instant) -> bool {
+    let mut changed = false;
+    let before = table.len();
+    table.retain(|job, _| seen.iter().any(|s| &s.job == job));
+    changed |= table.len() != before;
+    for s in seen {
+        changed |= apply(table, s, now);
+    }
+    changed
+}
+
+/// Apply one sighting to the table. A record no newer than the freeze that
+/// sent an instance away does not bring it back (a list read before the
+/// freeze can arrive after it).
+pub fn apply(table: &mut HashMap<String, Instance>, s: &Sighting, now: Instant) -> bool {
+    match table.get_mut(&s.job) {
+        None => {
+            if !s.running {
+                return false;
+            }
+            table.insert(s.job.clone(), Instance::new(&s.job, &s.node, s.addr, now));
+            true
+        }
+        Some(i) => match i.state {
+            InstanceState::Draining { .. } => false,
+            InstanceState::Away { generation } => {
+                if s.running && s.generation > generation {
+                    i.node = s.node.clone();
+                    i.addr = s.addr;
+                    i.state = InstanceState::Active;
+                    i.since = now;
+                    i.probe_failures = 0;
+                    true
+                } else {
+                    false
+                }
+            }
+            InstanceState::Active | InstanceState::Ejected { .. } => {
+                if !s.running {
+                    // Migrating without our having been told (we were not
+                    // subscribed yet): treat it as away.
+                    i.state = InstanceState::Away {
+                        generation: s.generation,
+                    };
+                    return true;
+                }
+                if i.addr != s.addr {
+                    i.node = s.node.clone();
+                    i.addr = s.addr;
+                    i.since = now;
+                    return true;
+                }
+                false
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 8080))
+    }
+
+    #[test]
+    fn slow_start_ramps_from_a_tenth_to_full() {
+        let w = Duration::from_secs(10);
+        assert!((slow_start_weight(Duration::ZERO, w) - 0.1).abs() < 1e-9);
+        assert!((slow_start_weight(Duration::from_secs(5), w) - 0.55).abs() < 1e-9);
+        assert_eq!(slow_start_weight(Duration::from_secs(11), w), 1.0);
+        assert_eq!(slow_start_weight(Duration::ZERO, Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn cost_grows_with_in_flight_and_load_and_falls_with_weight() {
+        assert!(cost(2, 0.0, 1.0) > cost(1, 0.0, 1.0));
+        assert!(cost(1, 1.5, 1.0) > cost(1, 0.2, 1.0));
+        assert!(cost(0, 0.0, 0.1) > cost(5, 0.0, 1.0));
+        // Garbage load never makes an instance free or poisoned.
+        assert_eq!(cost(0, f64::NAN, 1.0), 1.0);
+        assert_eq!(cost(0, -3.0, 1.0), 1.0);
+    }
+
+    #[test]
+    fn p2c_takes_the_cheaper_of_two_distinct_draws() {
+        assert_eq!(p2c(&[], |_| 0), None);
+        assert_eq!(p2c(&[7.0], |_| 0), Some(0));
+        // Draws 0 then (0+1+0)%3 = 1: index 1 is cheaper.
+        assert_eq!(p2c(&[5.0, 1.0, 9.0], |_| 0), Some(1));
+        // Draws 2 then (2+1+1)%3 = 1.
+        let mut seq = [2usize, 1].into_iter();
+        assert_eq!(p2c(&[5.0, 1.0, 0.5], |_| seq.next().unwrap()), Some(2));
+        // Never the same index twice, whatever the random source says.
+        for a in 0..4 {
+            for b in 0..4 {
+                let mut s = [a, b].into_iter();
+                let mut drawn = vec![];
+                let _ = p2c(&[1.0; 4], |n| {
+                    let v = s.next().unwrap() % n;
+                    drawn.push(v);
+                    v
+                });
+                let first = drawn[0];
+                let second = (first + 1 + drawn[1]) % 4;
+                assert_ne!(first, second);
+            }
+        }
+    }
+
+    #[test]
+    fn choose_skips_draining_away_ejected_and_prefers_untried() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let mut a = Instance::new("a", "n1", addr(1), old);
+        let mut b = Instance::new("b", "n2", addr(2), old);
+        let c = Instance::new("c", "n3", addr(3), old);
+        a.state = InstanceState::Draining { freeze_id: 1 };
+        b.state = InstanceState::Ejected { until: now };
+        let all = [a.clone(), b.clone(), c.clone()];
+        for _ in 0..10 {
+            let got = choose(all.iter(), &[], now, Duration::from_secs(5), |n| {
+                rand::random_range(0..n)
+            });
+            assert_eq!(got.as_deref(), Some("c"));
+        }
+        // A retry avoids the instance that failed, if another is eligible.
+        let mut b2 = b.clone();
+        b2.state = InstanceState::Active;
+        let all = [c.clone(), b2];
+        for _ in 0..10 {
+            let got = choose(all.iter(), &["c".into()], now, Duration::ZERO, |n| {
+                rand::random_range(0..n)
+            });
+            assert_eq!(got.as_deref(), Some("b"));
+        }
+        // ... but uses it when it is the only one.
+        let got = choose([c].iter(), &["c".into()], now, Duration::ZERO, |_| 0);
+        assert_eq!(got.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn a_new_instance_gets_little_traffic_until_its_slow_start_ends() {
+        let now = Instant::now();
+        let old = Instance::new("old", "n1", addr(1), now - Duration::from_secs(60));
+        let new = Instance::new("new", "n2", addr(2), now);
+        let count = |at: Instant| {
+            let mut n = 0;
+            for _ in 0..1000 {
+                if choose(
+                    [&old, &new].into_iter(),
+                    &[],
+                    at,
+                    Duration::from_secs(10),
+                    |k| rand::random_range(0..k),
+                )
+                .as_deref()
+                    == Some("new")
+                {
+                    n += 1;
+                }
+            }
+            n
+        };
+        // Both idle: the weight alone decides, and a new one loses at first.
+        assert_eq!(count(now), 0);
+        // After the window they are equal; the first draw wins ties.
+        let later = count(now + Duration::from_secs(11));
+        assert!((300..700).contains(&later), "{later}");
+    }
+
+    #[test]
+    fn retry_rules() {
+        use http::Method;
+        assert!(may_retry(&Method::POST, Failure::Connect));
+        assert!(may_retry(&Method::POST, Failure::NotSent));
+        assert!(!may_retry(&Method::POST, Failure::Reset));
+        assert!(may_retry(&Method::GET, Failure::Reset));
+        assert!(may_retry(&Method::PUT, Failure::Reset));
+        assert!(!may_retry(&Method::GET, Failure::Timeout));
+        assert!(!may_retry(&Method::PATCH, Failure::Reset));
+    }
+
+    #[test]
+    fn the_retry_budget_caps_retries_at_a_share_of_requests() {
+        let mut b = RetryBudget::new(0.2, 2.0);
+        assert!(b.withdraw());
+        assert!(b.withdraw());
+        assert!(!b.withdraw(), "the reserve is spent");
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert!(b.withdraw(), "10 requests earn 2 retries");
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+    }
+
+    #[test]
+    fn no_instance_holds_only_when_one_is_coming_back() {
+        let now = Instant::now();
+        let mut a = Instance::new("a", "n1", addr(1), now);
+        assert!(matches!(
+            when_none_eligible("web", std::iter::empty()),
+            NoInstance::Unavailable(m) if m.contains("no running instances")
+        ));
+        a.state = InstanceState::Away { generation: 3 };
+        assert_eq!(
+            when_none_eligible("web", [&a].into_iter()),
+            NoInstance::Hold
+        );
+        a.state = InstanceState::Ejected { until: now };
+        assert!(matches!(
+            when_none_eligible("web", [&a].into_iter()),
+            NoInstance::Unavailable(m) if m.contains("failing")
+        ));
+    }
+
+    #[test]
+    fn reconcile_follows_moves_and_ignores_stale_lists() {
+        let t0 = Instant::now();
+        let mut t = HashMap::new();
+        let s = |node: &str, n: u8, running: bool, generation: u64| Sighting {
+            job: "j".into(),
+            node: node.into(),
+            addr: addr(n),
+            running,
+            generation,
+        };
+        assert!(reconcile(&mut t, &[s("n1", 1, true, 3)], t0));
+        assert_eq!(t["j"].addr, addr(1));
+        // Freeze announced at generation 3: away.
+        t.get_mut("j").unwrap().state = InstanceState::Away { generation: 3 };
+        // A list read before the freeze still says running on n1: ignored.
+        assert!(!reconcile(&mut t, &[s("n1", 1, true, 3)], t0));
+        assert!(!t["j"].eligible());
+        // Migrating (generation 4): still away.
+        assert!(!reconcile(&mut t, &[s("n1", 1, false, 4)], t0));
+        // Running on n2 (generation 5): back, at its new address, slow start anew.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(reconcile(&mut t, &[s("n2", 2, true, 5)], t1));
+        assert_eq!(t["j"].addr, addr(2));
+        assert_eq!(t["j"].since, t1);
+        assert!(t["j"].eligible());
+        // Gone from the list: ended, leaves the table.
+        assert!(reconcile(&mut t, &[], t1));
+        assert!(t.is_empty());
+    }
+}
