@@ -403,3 +403,65 @@ fn mosmake_bad_input() {
     );
     assert!(!dir.join("obj").exists(), "nothing was built");
 }
+
+/// SIGTERM to mosmake stops the whole build: make gets it, each mosrun
+/// passes it on, and no compiler is left running on any node.
+#[test]
+fn mosmake_stopped_leaves_no_compile_behind() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let dir = cl.shared.join("stopproj");
+    gen_project(&dir, 12, 150);
+    let mut c = mosmake_cmd(&cl, "node1", &dir, &["-j8"], &[]);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(cl.shared.join("stop.stderr")).unwrap())
+        .process_group(0);
+    let mut child = c.spawn().unwrap();
+    let _group = Group(child.id() as i32);
+    let compilers = || -> Vec<String> {
+        cl.node_names()
+            .iter()
+            .flat_map(|n| {
+                let o = Command::new("ip")
+                    .args(["netns", "pids", &cl.netns(n)])
+                    .output()
+                    .unwrap();
+                support::stdout(&o)
+                    .lines()
+                    .filter(|p| {
+                        std::fs::read_to_string(format!("/proc/{}/comm", p.trim()))
+                            .map(|c| c.trim() == "cc1")
+                            .unwrap_or(false)
+                    })
+                    .map(|p| format!("{n}:{}", p.trim()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    cl.wait_for("compiles running", 90, || !compilers().is_empty());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mosmake did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "--- mosmake after SIGTERM: {status:?}\n{}",
+        std::fs::read_to_string(cl.shared.join("stop.stderr")).unwrap_or_default()
+    );
+    assert_ne!(status.code(), Some(0), "a stopped build reported success");
+    assert!(!dir.join("prog").exists());
+    cl.wait_for("no compiler left on any node", 20, || {
+        compilers().is_empty()
+    });
+}
