@@ -84,11 +84,6 @@ fn signal_tree(root: i32, sig: nix::sys::signal::Signal) {
     }
 }
 
-/// The process tracing `pid` (CRIU while it holds a dumped tree).
-fn tracer_of(pid: i32) -> Option<i32> {
-    crate::core::procfs::status_number(pid, "TracerPid").filter(|t: &i32| *t > 0)
-}
-
 impl Agent {
     /// Post-copy, source side: dump everything but memory, then serve the
     /// memory from a CRIU page server. Returns once the page server listens.
@@ -161,7 +156,7 @@ impl Agent {
                 if left.is_zero() {
                     // CRIU is stuck before the page server: kill it, which
                     // releases the tree (the job runs on) and ends the call.
-                    if let Some(t) = tracer_of(pid) {
+                    if let Some(t) = crate::core::procfs::tracer(pid) {
                         let _ = nix::sys::signal::kill(
                             nix::unistd::Pid::from_raw(t),
                             nix::sys::signal::Signal::SIGKILL,
@@ -261,7 +256,7 @@ impl Agent {
         let r = match first {
             Ok(r) => r,
             Err(_) => {
-                let tracer = tracer_of(pid);
+                let tracer = crate::core::procfs::tracer(pid);
                 tracing::warn!(
                     pid,
                     ?tracer,

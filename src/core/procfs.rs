@@ -48,6 +48,13 @@ pub fn ns_pid(tid: i32) -> Option<i32> {
         .ok()
 }
 
+/// The process tracing `pid` (CRIU while it holds a dumped or restoring
+/// tree), never this process itself, so a caller that kills it cannot
+/// kill itself.
+pub fn tracer(pid: i32) -> Option<i32> {
+    status_number(pid, "TracerPid").filter(|t: &i32| *t > 0 && *t != std::process::id() as i32)
+}
+
 /// Every process of the tree rooted at `root` (host pids, `root` first),
 /// following each thread's `children`. A process that ends meanwhile is
 /// skipped; one forked meanwhile may be missed.

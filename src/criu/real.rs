@@ -107,7 +107,7 @@ fn kill_restored_tree(pid: i32) {
     if pid <= 0 {
         return;
     }
-    let tracer = tracer_of(pid);
+    let tracer = crate::core::procfs::tracer(pid);
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     if let Some(t) = tracer {
         let _ = kill(Pid::from_raw(t), Signal::SIGKILL);
@@ -132,12 +132,6 @@ fn waiting_in(root: i32) -> Vec<String> {
         }
     }
     out
-}
-
-/// The pid tracing `pid` (CRIU, during a restore), from /proc.
-fn tracer_of(pid: i32) -> Option<i32> {
-    crate::core::procfs::status_number(pid, "TracerPid")
-        .filter(|t: &i32| *t > 0 && *t != std::process::id() as i32)
 }
 
 /// Reap a killed restored init (our child thanks to `rst_sibling`); give up
