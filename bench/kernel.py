@@ -94,6 +94,28 @@ def node_cpu_s():
     return out
 
 
+def agents_cpu_s():
+    """CPU seconds used so far by each node's mosixd (utime + stime), to tell
+    the agents' cost from the jobs' within a node's cgroup."""
+    out = {}
+    base = f"/sys/fs/cgroup/cpu/mosix/{NAME}"
+    hz = os.sysconf("SC_CLK_TCK")
+    for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            pids = open(f"{base}/{d}/cgroup.procs").read().split()
+        except OSError:
+            continue
+        for p in pids:
+            try:
+                if open(f"/proc/{p}/comm").read().strip() != "mosixd":
+                    continue
+                f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+                out[d] = out.get(d, 0.0) + (int(f[11]) + int(f[12])) / hz
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 def machine_busy_s():
     """CPU seconds the whole machine has been busy (from /proc/stat)."""
     f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
@@ -109,6 +131,19 @@ def cluster_up(caps):
     run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=120)
     run([MOSCTL, "local", "up", "--name", NAME, "--nodes", str(len(caps)),
          "--cpu-caps", ",".join(str(c) for c in caps), "--shared", str(SHARED)], timeout=180)
+    # The caps are what the nodes may use; this makes sure they can. Other work
+    # on this shared machine (builds, other local clusters, whose groups have
+    # the default 1024 shares) otherwise takes its share of the 2 cores while a
+    # node waits below its cap. Weight only, no cap: with nothing else running
+    # it changes nothing.
+    # Both levels: mosix/ competes with the machine's other tasks, mosix/kbench
+    # with other clusters.
+    for g in ("mosix", f"mosix/{NAME}"):
+        try:
+            with open(f"/sys/fs/cgroup/cpu/{g}/cpu.shares", "w") as fh:
+                fh.write("262144")
+        except OSError as e:
+            log(f"could not raise the cpu.shares of {g}: {e}")
 
 
 def slots():
@@ -123,7 +158,8 @@ def parse_stats(text):
         try:
             out.append({"node": kv["node"], "job": kv.get("job", ""), "place_ms": float(kv["place_ms"]),
                         "start_ms": float(kv["start_ms"]), "total_ms": float(kv["total_ms"]),
-                        "exit": int(kv["exit"]), "reruns": int(kv.get("reruns", 0))})
+                        "exit": int(kv["exit"]), "reruns": int(kv.get("reruns", 0)),
+                        "cpu_ms": float(kv["cpu_ms"]) if "cpu_ms" in kv else None})
         except (KeyError, ValueError):
             pass
     return out
@@ -226,9 +262,24 @@ def build_variant(label, argv, src, stats_file=None):
         th = threading.Thread(target=watch, daemon=True)
     log(f"kernel ({label}): {' '.join(argv)}")
     logf = OUT / "run" / f"kernel-{label}.log"
+    profile = OUT / "run" / f"kernel-{label}.cores.tsv"
+
+    def sample_cores():
+        # Cores each node's cgroup got, per second: where the build waited.
+        prev, tp = node_cpu_s(), time.monotonic()
+        with open(profile, "w") as fh:
+            fh.write("t_s\t" + "\t".join(sorted(prev)) + "\n")
+            while not stop.wait(1.0):
+                cur, tc = node_cpu_s(), time.monotonic()
+                fh.write(f"{tc - t0:.0f}\t" + "\t".join(
+                    f"{(cur[n] - prev.get(n, 0.0)) / (tc - tp):.2f}" for n in sorted(cur)) + "\n")
+                fh.flush()
+                prev, tp = cur, tc
+    sampler = threading.Thread(target=sample_cores, daemon=True)
     c0 = children_cpu()
-    n0, m0 = node_cpu_s(), machine_busy_s()
+    n0, m0, g0 = node_cpu_s(), machine_busy_s(), agents_cpu_s()
     t0 = time.monotonic()
+    sampler.start()
     if stats_file:
         th.start()
     with open(logf, "w") as fh:
@@ -236,7 +287,7 @@ def build_variant(label, argv, src, stats_file=None):
                            preexec_fn=in_node("node1"), timeout=3600)
     wall = time.monotonic() - t0
     cpu = children_cpu() - c0
-    n1, m1 = node_cpu_s(), machine_busy_s()
+    n1, m1, g1 = node_cpu_s(), machine_busy_s(), agents_cpu_s()
     stop.set()
     # What the nodes actually got: on this shared 2-core machine other work
     # (other sessions' builds) competes with the capped nodes, and a node only
@@ -246,6 +297,9 @@ def build_variant(label, argv, src, stats_file=None):
     contention = {"node_cores": {n: u / wall for n, u in used.items()},
                   "cluster_cores": ours / wall,
                   "other_cores": max(0.0, (m1 - m0) - ours) / wall,
+                  # Within the nodes' CPU: what the agents themselves used.
+                  "agents_cpu_s": {n: g1[n] - g0.get(n, 0.0) for n in g1},
+                  "node_cpu_s": used,
                   "loadavg_end": open("/proc/loadavg").read().split()[:3]}
     text = logf.read_text(errors="replace")
     if p.returncode != 0 or not (src / "arch/x86/boot/bzImage").exists():
@@ -273,6 +327,10 @@ def build_variant(label, argv, src, stats_file=None):
         out["reruns"] = sum(r["reruns"] for r in rs)
         out["longest_job_s"] = max((r["total_ms"] for r in rs), default=0) / 1000
         out["home_cpu_ms_per_start"] = cpu * 1000 / max(1, len(rs))
+        own = [r["cpu_ms"] for r in rs if r["cpu_ms"] is not None]
+        # The mosrun clients alone (each reports its own rusage), without make
+        # and the local steps of the build.
+        out["mosrun_cpu_ms_per_start"] = sum(own) / len(own) if own else None
         # Serial head and tail: before two remote compiles first overlap and
         # after they last do, the build ran (almost) one step at a time.
         step = 0.1
@@ -301,11 +359,19 @@ def phase_kernel(res, args, caps):
         run(["tar", "-C", str(src_root), "-xf", str(KERNEL_TARBALL)], timeout=900)
     k = {}
     cap_total = sum(caps)
-    a = build_variant("a", ["make", "-C", str(src), f"-j{args.local_jobs}"], src)
+    if "a" in args.variants.split(","):
+        a = build_variant("a", ["make", "-C", str(src), f"-j{args.local_jobs}"], src)
+    else:
+        # Tuning runs of (b) alone: (a) from the last full run, and said so.
+        a = dict(json.loads(RESULTS.read_text())["kernel"]["a"]) if RESULTS.exists() else None
+        if not a:
+            raise RuntimeError("--variants b needs an earlier run's (a) in " + str(RESULTS))
+        a["reused_from_earlier_run"] = True
     # Total CPU of the build, from (a): everything make ran, locally.
     k["a"] = a
     k["total_cpu_s"] = a["children_cpu_s"]
-    b = build_variant("b", [MOSMAKE, "-C", str(src)], src, stats_file=OUT / "run" / "kernel-b.stats")
+    jflag = [f"-j{args.b_jobs}"] if args.b_jobs else []
+    b = build_variant("b", [MOSMAKE, "-C", str(src), *jflag], src, stats_file=OUT / "run" / "kernel-b.stats")
     k["b"] = b
     cp = b["serial_head_s"] + b["serial_tail_s"] + b["longest_job_s"]
     k["critical_path_est_s"] = cp
@@ -330,6 +396,10 @@ def main():
     ap.add_argument("--bursts", type=int, default=4)
     ap.add_argument("--burst-secs", type=float, default=3.0)
     ap.add_argument("--local-jobs", type=int, default=2)
+    ap.add_argument("--b-jobs", type=int, default=0,
+                    help="-j for mosmake in (b) (default: mosmake picks the cluster's total slots)")
+    ap.add_argument("--variants", default="a,b",
+                    help="kernel builds to run; b alone reuses the last run's (a), for tuning only")
     args = ap.parse_args()
     caps = [float(c) for c in args.caps.split(",")]
     phases = args.phases.split(",")

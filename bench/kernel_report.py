@@ -71,6 +71,9 @@ def targets(add):
     if kb and kb["b"].get("home_cpu_ms_per_start") is not None:
         add("kernel build", "CPU on the home node per remote start in (b): make, mosmake, mosrun clients and "
             "the local steps (informational)", f"{kb['b']['home_cpu_ms_per_start']:.1f} ms", "—", None)
+    if kb and kb["b"].get("mosrun_cpu_ms_per_start") is not None:
+        add("kernel build", "CPU of the mosrun client alone per remote start in (b) (informational)",
+            f"{kb['b']['mosrun_cpu_ms_per_start']:.1f} ms", "—", None)
 
 
 def markdown(w):

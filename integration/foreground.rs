@@ -164,6 +164,41 @@ fn foreground_semantics_exit_signals_streams_stdin_and_no_orphan() {
         "{}",
         stderr(&o)
     );
+    // The nice value is kept like the umask (`nice -n 3 mosrun` runs the job
+    // at 3), `--nice N` adds to it, and a caller cannot get a job a higher
+    // priority than the node's default (0: the agents' own -10 is not
+    // inherited). Field 19 of /proc/self/stat is the nice value.
+    let nice_of = |pre: &str, args: &str| {
+        let o = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "{pre} {MOSRUN} -n --node node2 {args} -- sh -c 'cut -d\" \" -f19 /proc/self/stat'"
+                ),
+            ])
+            .env("MOSIX_CLUSTER", &cl.file)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).trim().to_string()
+    };
+    // Relative to this test's own nice value (a CI may run it niced).
+    let base: i32 = std::fs::read_to_string("/proc/self/stat")
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let want = |n: i32| n.clamp(0, 19).to_string();
+    assert_eq!(nice_of("", ""), want(base));
+    assert_eq!(nice_of("nice -n 3", ""), want(base + 3));
+    assert_eq!(nice_of("", "--nice 10"), want(base + 10));
+    assert_eq!(nice_of("nice -n 15", "--nice 10"), "19");
+    assert_eq!(nice_of("", "--nice -20"), "0");
 
     // stdin through a pipe, EOF included (`cat` ends only on EOF).
     let mut c = Reap(Some(spawn(

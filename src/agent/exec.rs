@@ -64,6 +64,9 @@ pub struct ExecStart {
     pub take_slot: bool,
     /// The service this job is an instance of (`mosrun --service`).
     pub service: Option<crate::core::ServiceDecl>,
+    /// The job's nice value (`mosrun` carries its caller's, as a local
+    /// fork would); never below the node's default for jobs.
+    pub nice: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -301,18 +304,25 @@ impl Agent {
             .lock()
             .map(|j| j.clone())
             .unwrap_or_default();
-        let background_load = load
+        let jobs_background: f64 = load
             .jobs
             .iter()
             .filter(|u| !JobId::parse(&u.job_id).is_ok_and(|j| held.contains(&j)))
             .map(|u| u.demand)
             .sum();
+        // The node's own work (a make driving mosmake, its shells and mosrun
+        // clients on the home node) is served first: each of its runnable
+        // tasks wants a core, so the slots offered to placement shrink by
+        // that much of the capacity (never below one). The executing side
+        // still enforces the full count: this is what homes are told.
+        let other = self.other_demand();
+        let offered = (load.capacity - other.min(load.capacity)).max(0.0);
         NodeSlots {
             node: self.cfg.node.to_string(),
             capacity: load.capacity,
-            slots: crate::placement::slots_for(load.capacity, self.slots.per_core()),
+            slots: crate::placement::slots_for(offered, self.slots.per_core()),
             used: self.slots.used(),
-            background_load,
+            background_load: jobs_background + other,
             mem_available_bytes: load.mem_available_bytes,
         }
     }
@@ -401,6 +411,7 @@ impl Agent {
         let extras = LaunchExtras {
             stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&rd)),
             umask: start.umask,
+            nice: start.nice,
             watch: Some(watch_tx),
         };
         let launched = self.launch_with(req, extras);

@@ -367,6 +367,17 @@ impl Agent {
         self.load.sample(&jobs);
     }
 
+    /// Demand of this node's work that is not a job (see
+    /// [`load::LoadSampler::other_demand`]).
+    pub fn other_demand(&self) -> f64 {
+        let jobs: Vec<(JobId, i32)> = self
+            .local
+            .lock()
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
+            .unwrap_or_default();
+        self.load.other_demand(&jobs)
+    }
+
     pub fn node_load(&self) -> load::NodeLoad {
         let jobs: Vec<(JobId, i32)> = self
             .local
@@ -445,7 +456,11 @@ impl Agent {
             stdout: out_dir.join("stdout"),
             stderr: out_dir.join("stderr"),
             init: launcher::default_init().map(|i| (i, out_dir.clone())),
-            nice: crate::core::job_nice(),
+            // A caller may lower its job's priority, never raise it above
+            // what every job here gets.
+            nice: extras.nice.map_or(crate::core::job_nice(), |n| {
+                n.clamp(crate::core::job_nice(), 19)
+            }),
             stdin: extras.stdin,
             umask: extras.umask,
         };
@@ -617,6 +632,8 @@ impl Agent {
 pub(crate) struct LaunchExtras {
     pub stdin: Option<std::os::fd::RawFd>,
     pub umask: Option<u32>,
+    /// Requested nice value; raised to the node's default if below it.
+    pub nice: Option<i32>,
     /// Told the job's exit status when its process ends here (not when a
     /// dump ends it: the job then lives on elsewhere).
     pub watch: Option<tokio::sync::oneshot::Sender<Option<reaper::ExitStatus>>>,

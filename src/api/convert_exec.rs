@@ -27,6 +27,7 @@ impl From<&ExecStart> for pb::ExecStart {
                 .map(|d| d.name.clone())
                 .unwrap_or_default(),
             port: s.service.as_ref().map(|d| u32::from(d.port)).unwrap_or(0),
+            nice: s.nice,
         }
     }
 }
@@ -54,6 +55,15 @@ impl TryFrom<pb::ExecStart> for ExecStart {
             service: super::convert::service_decl(&s.service, s.port)?,
             name: s.name,
             take_slot: s.take_slot,
+            nice: match s.nice {
+                Some(n) if !(-20..=19).contains(&n) => {
+                    return Err(InvalidRequest {
+                        field: "nice",
+                        why: format!("{n} is not a nice value (-20..19)"),
+                    })
+                }
+                n => n,
+            },
         })
     }
 }
@@ -354,15 +364,21 @@ mod tests {
             argv: vec!["true".into()],
             umask: Some(0o027),
             take_slot: true,
+            nice: Some(10),
             ..Default::default()
         };
         match ExecInput::try_from(pb::ExecInput::from(&s)) {
             Ok(ExecInput::Start(back)) => {
                 assert_eq!(back.umask, Some(0o027));
+                assert_eq!(back.nice, Some(10));
                 assert!(back.take_slot);
             }
             _ => panic!("start did not come back"),
         }
+        let mut bad = pb::ExecStart::from(&s);
+        bad.nice = Some(25);
+        let e = ExecStart::try_from(bad).unwrap_err();
+        assert!(e.why.contains("25 is not a nice value"), "{}", e.why);
         // A Run without its exec part, or empty, is refused.
         let empty = pb::RunInput {
             msg: Some(pb::run_input::Msg::Start(pb::RunStart::default())),

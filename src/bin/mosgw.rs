@@ -1,9 +1,35 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     mosix::cli::init_tracing();
-    match mosix::cli::mosgw::run(mosix::cli::mosgw::Args::parse()).await {
+    let args = mosix::cli::mosgw::Args::parse();
+    let threads = match args.threads {
+        Some(0) => {
+            eprintln!("mosgw: --threads must be at least 1");
+            return std::process::ExitCode::from(2);
+        }
+        Some(n) => n,
+        // Respects taskset/cpusets: the CPUs we may actually use.
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mosgw: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(mosix::cli::mosgw::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mosgw: {e:#}");

@@ -11,7 +11,9 @@
 //! - `tree`: a parent with children and a pipe between them; exits with a code.
 //! - `mem`: allocates and dirties N MiB, then idles (for migration benchmarks).
 //! - `http`: a tiny HTTP/1.1 server (keep-alive, a thread per connection) for
-//!   `mosgw` tests and the demo: each request burns `--work-ms` of CPU and is
+//!   `mosgw` tests and the demo: each request spins for `--work-ms` of wall
+//!   time, then burns `--cpu-ms` of its thread's CPU time (so it takes longer
+//!   on a slow or crowded node), and is
 //!   answered `addr=IP pid=PID n=N` (the node address it was reached at, its
 //!   pid, requests served so far). Deliberately naive; never a parser to reuse.
 
@@ -356,11 +358,25 @@ fn read_request(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<(bool,
     Some((close, len))
 }
 
+/// CPU time of the calling thread, µs.
+fn thread_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 fn http(args: &[String]) -> i32 {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     let port: u16 = arg(args, "--port", 8080);
     let work_ms: u64 = arg(args, "--work-ms", 0);
+    // CPU time rather than wall time: on a slow or crowded node the same
+    // request then takes longer, as real work would.
+    let cpu_us: u64 = (arg::<f64>(args, "--cpu-ms", 0.0) * 1000.0) as u64;
     let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
         Err(e) => {
@@ -382,6 +398,14 @@ fn http(args: &[String]) -> i32 {
                 let mut x = 0u64;
                 while t0.elapsed() < Duration::from_millis(work_ms) {
                     x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                let c0 = thread_cpu_us();
+                while thread_cpu_us().saturating_sub(c0) < cpu_us {
+                    for _ in 0..1000 {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
                 }
                 let n = served.fetch_add(1, Ordering::Relaxed) + 1;
                 let addr = s
@@ -415,7 +439,7 @@ fn main() {
         Some("http") => http(&args),
         _ => {
             eprintln!(
-                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]\n       mosjob http [--port P] [--work-ms MS]"
+                "usage: mosjob counter [--port P] [--file F] [--tick-ms MS] [--mem-mib N]\n       mosjob burn [--work UNITS]\n       mosjob tree [--children N] [--seconds S] [--exit-code C]\n       mosjob mem [--mib N]\n       mosjob http [--port P] [--work-ms MS] [--cpu-ms MS]"
             );
             2
         }

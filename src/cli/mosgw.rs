@@ -61,6 +61,12 @@ pub struct Args {
     /// Access log file (`-` for stdout).
     #[arg(long)]
     pub access_log: Option<String>,
+    /// Threads that serve requests [default: the CPUs this process may run
+    /// on, e.g. 1 under `taskset -c 0`]. With 1, everything runs on one
+    /// thread (a current-thread runtime: no cross-thread wakeups), like an
+    /// nginx worker or HAProxy with `nbthread 1`.
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Name this gateway gives the agents (they wait for its acknowledgement
     /// before freezing an instance) [default: mosgw-HOST-PID].
     #[arg(long)]

@@ -9,7 +9,7 @@
 //!
 //! Stats: with `MOSIX_RUN_STATS=FILE`, one line per run is appended with a
 //! single `write` (O_APPEND), so concurrent mosruns never interleave:
-//! `node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F`
+//! `node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F cpu_ms=F`
 //! (`start_ms`: from mosrun's start until the job's process existed on its
 //! node; `place_ms`: the placement decision; `queue_ms`: waiting for a slot).
 
@@ -50,7 +50,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 /// free slot (see `mosctl slots`), waiting for one when all are taken.
 ///
 /// With MOSIX_RUN_STATS=FILE, one line per run is appended to FILE:
-/// node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F
+/// node=N job=J place_ms=F start_ms=F total_ms=F exit=N reruns=K queue_ms=F cpu_ms=F
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, trailing_var_arg = true)]
 pub struct Args {
@@ -94,6 +94,19 @@ pub struct Args {
     /// The TCP port the service instance listens on (on its node's address).
     #[arg(long, requires = "service")]
     pub port: Option<u16>,
+    /// Run the job N steps nicer than this mosrun, as `nice -n N` would
+    /// (the job keeps mosrun's own nice value by default, like a local
+    /// child; mosmake uses 10 so that its compiles yield to the make that
+    /// drives them). Values beyond 19 are 19; a node never runs a job at a
+    /// higher priority than its default.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        conflicts_with = "detach"
+    )]
+    pub nice: i32,
     /// Expected memory of the job in MiB, for placement (with -d).
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
@@ -279,7 +292,7 @@ impl Stats {
             return;
         };
         let line = format!(
-            "node={} job={} place_ms={:.3} start_ms={:.3} total_ms={:.3} exit={} reruns={} queue_ms={:.3}\n",
+            "node={} job={} place_ms={:.3} start_ms={:.3} total_ms={:.3} exit={} reruns={} queue_ms={:.3} cpu_ms={:.3}\n",
             if self.node.is_empty() { "-" } else { &self.node },
             if self.job.is_empty() { "-" } else { &self.job },
             self.place_ms,
@@ -288,6 +301,7 @@ impl Stats {
             exit,
             self.reruns,
             self.queue_ms,
+            own_cpu_ms(),
         );
         use std::io::Write;
         let r = std::fs::OpenOptions::new()
@@ -302,6 +316,18 @@ impl Stats {
             );
         }
     }
+}
+
+/// CPU this mosrun used so far (user + system, all its threads): what a
+/// start costs the home node beyond the job itself.
+fn own_cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(u.ru_utime) + ms(u.ru_stime)
 }
 
 /// Our stdin as the home agent gets it: kept for a re-run through another
@@ -387,6 +413,10 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
             non_migratable: a.no_migrate,
             name: a.name.clone(),
             take_slot: true,
+            nice: Some(
+                (crate::core::procfs::nice(std::process::id() as i32).unwrap_or(0) + a.nice)
+                    .clamp(-20, 19),
+            ),
             service: a.service.clone().unwrap_or_default(),
             port: a.port.map(u32::from).unwrap_or(0),
         }),

@@ -300,6 +300,7 @@ impl Gateway {
                         "addr": i.addr.to_string(),
                         "state": i.state.name(),
                         "in_flight": i.in_flight,
+                        "latency_ewma_ms": i.latency.map(|l| l.secs * 1e3),
                         "load_per_capacity": i.load_per_capacity,
                         "weight": table::slow_start_weight(now.saturating_duration_since(i.since), self.slow_start()),
                     })

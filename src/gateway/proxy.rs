@@ -159,28 +159,34 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let t0 = Instant::now();
-    let method = req.method().clone();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // Only kept when there is an access log to write it to.
+    let logged = gw.access.is_some().then(|| {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        (req.method().clone(), target)
+    });
     let (resp, instance) = forward_request(&gw, &svc, peer, req).await;
-    let code = resp.status().as_u16();
+    let code = resp.status();
     let secs = t0.elapsed().as_secs_f64();
     let m = &gw.metrics;
     m.requests
-        .with_label_values(&[&*svc, &instance, &code.to_string()])
+        .with_label_values(&[&*svc, &instance, code.as_str()])
         .inc();
     m.latency
         .with_label_values(&[&*svc, &instance])
         .observe(secs);
-    gw.access_log(format_args!(
-        "{} {peer} {svc} {method} {target:?} {code} {:.3}ms instance={}",
-        crate::core::now_unix_ms(),
-        secs * 1e3,
-        if instance.is_empty() { "-" } else { &instance }
-    ));
+    if let Some((method, target)) = logged {
+        gw.access_log(format_args!(
+            "{} {peer} {svc} {method} {target:?} {} {:.3}ms instance={}",
+            crate::core::now_unix_ms(),
+            code.as_u16(),
+            secs * 1e3,
+            if instance.is_empty() { "-" } else { &instance }
+        ));
+    }
     resp
 }
 
@@ -250,16 +256,23 @@ async fn forward_request(
         };
         let mut out = Request::new(Full::new(body.clone()));
         *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .unwrap_or_default();
+        // An HTTP/1.1 server sees origin-form targets: sent as they came.
+        // An absolute-form one (a proxy request) is cut to its path.
+        *out.uri_mut() = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+            parts.uri.clone()
+        } else {
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .parse()
+                .unwrap_or_default()
+        };
         *out.headers_mut() = headers.clone();
+        let sent = Instant::now();
         let r = attempt(gw, &job, addr, out).await;
-        finished(gw, svc, &job);
+        finished(gw, svc, &job, r.is_ok().then(|| sent.elapsed()));
         match r {
             Ok(resp) => return (resp, job),
             Err(f) => {
@@ -454,11 +467,15 @@ async fn pick(
     result
 }
 
-/// A request at `job` ended: no longer in flight; wake drains and holds.
-fn finished(gw: &Gateway, svc: &str, job: &str) {
+/// A request at `job` ended (answered in `rtt`, if it was): no longer in
+/// flight; its latency feeds the balancer; wake drains and holds.
+fn finished(gw: &Gateway, svc: &str, job: &str, rtt: Option<Duration>) {
     gw.with_service(svc, |s| {
         if let Some(i) = s.instances.get_mut(job) {
             i.in_flight = i.in_flight.saturating_sub(1);
+            if let Some(rtt) = rtt {
+                i.latency = Some(table::PeakEwma::observe(i.latency, rtt, Instant::now()));
+            }
         }
     });
     gw.metrics.in_flight.with_label_values(&[svc, job]).dec();
@@ -495,7 +512,7 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
             Ok(Ok(mut backend)) => {
                 let _ = backend.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-                finished(&gw, &svc, &job);
+                finished(&gw, &svc, &job, None);
                 gw.metrics
                     .requests
                     .with_label_values(&[&*svc, &job, "tcp"])
@@ -503,7 +520,7 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
                 return;
             }
             _ => {
-                finished(&gw, &svc, &job);
+                finished(&gw, &svc, &job, None);
                 gw.metrics
                     .errors
                     .with_label_values(&[&*svc, &job, "connect"])

@@ -6,13 +6,22 @@
 //! and a random source, so every rule is unit-tested as plain data.
 //!
 //! The choice follows linkerd2-proxy's balancer: pick two instances at
-//! random and send to the one with the lower cost. Its cost here is
-//! `(in_flight + 1) × (1 + node load per capacity) / slow_start_weight`:
-//! in-flight requests are the fastest signal of a slow instance; the node's
-//! capacity-normalised load (from the agents' `GetLoad`) says which of two
-//! idle instances sits on the busier node; and a new or returned instance
-//! starts at a tenth of its weight, so a cold one is not flooded before it
-//! has warmed up.
+//! random and send to the one with the lower cost. The two are drawn with
+//! probability proportional to their expected speed (see [`p2c_weighted`]),
+//! so two slow instances are seldom the only choice. Its cost here is
+//! `(in_flight + 1) × peak_ewma_latency × (1 + node load per capacity) /
+//! slow_start_weight`:
+//! - in-flight requests are the fastest signal of a slow instance;
+//! - the peak-EWMA of its response times (linkerd's `PeakEwma`: a slower
+//!   response raises the estimate at once, faster ones pull it down with a
+//!   10 s time constant) says how long each of them will take. An instance
+//!   on a slower or busier node answers more slowly, so it gets fewer
+//!   requests in proportion, before any in-flight count builds up;
+//! - the node's capacity-normalised load (from the agents' `GetLoad`) says
+//!   which of two instances sits on the busier node before either has
+//!   answered anything (and a new one starts from the service's typical
+//!   latency, not from zero, so it is not flooded);
+//! - a new or returned instance starts at a tenth of its weight (slow start).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,6 +70,40 @@ pub struct Instance {
     pub load_per_capacity: f64,
     /// Consecutive failed probes.
     pub probe_failures: u32,
+    /// Peak-EWMA of response times, seconds (None until the first one).
+    pub latency: Option<PeakEwma>,
+}
+
+/// linkerd2-proxy's peak-sensitive moving average of response times.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeakEwma {
+    pub secs: f64,
+    pub at: Instant,
+}
+
+/// Time constant of the latency average.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Latencies below this count as this (a 20 µs answer is not 50× better
+/// than a 1 ms one for balancing; it only makes the ratio noisy).
+pub const LATENCY_FLOOR: f64 = 0.000_2;
+
+impl PeakEwma {
+    /// Fold in one response time observed at `now`.
+    pub fn observe(prev: Option<PeakEwma>, rtt: Duration, now: Instant) -> PeakEwma {
+        let x = rtt.as_secs_f64();
+        let secs = match prev {
+            None => x,
+            // A peak is taken at once: an instance that just got slow must
+            // lose traffic now, not in ten seconds.
+            Some(p) if x > p.secs => x,
+            Some(p) => {
+                let dt = now.saturating_duration_since(p.at).as_secs_f64();
+                let w = (-dt / EWMA_DECAY.as_secs_f64()).exp();
+                p.secs * w + x * (1.0 - w)
+            }
+        };
+        PeakEwma { secs, at: now }
+    }
 }
 
 impl Instance {
@@ -74,6 +117,7 @@ impl Instance {
             in_flight: 0,
             load_per_capacity: 0.0,
             probe_failures: 0,
+            latency: None,
         }
     }
 
@@ -101,14 +145,32 @@ pub fn slow_start_weight(age: Duration, window: Duration) -> f64 {
     0.1 + 0.9 * f
 }
 
-/// Cost of sending one more request to an instance (lower is better).
-pub fn cost(in_flight: u32, load_per_capacity: f64, weight: f64) -> f64 {
+/// Cost of sending one more request to an instance (lower is better);
+/// `latency` is its expected response time in seconds.
+pub fn cost(in_flight: u32, latency: f64, load_per_capacity: f64, weight: f64) -> f64 {
     let load = if load_per_capacity.is_finite() && load_per_capacity > 0.0 {
         load_per_capacity
     } else {
         0.0
     };
-    (f64::from(in_flight) + 1.0) * (1.0 + load) / weight.max(0.01)
+    let latency = if latency.is_finite() {
+        latency.max(LATENCY_FLOOR)
+    } else {
+        LATENCY_FLOOR
+    };
+    (f64::from(in_flight) + 1.0) * latency * (1.0 + load) / weight.max(0.01)
+}
+
+/// The latency to assume for instances that have not answered yet: the
+/// median of the others' estimates (so a new instance competes as a
+/// typical one), or the floor if none has answered.
+fn default_latency<'a>(pool: impl Iterator<Item = &'a &'a Instance>) -> f64 {
+    let mut known: Vec<f64> = pool.filter_map(|i| i.latency.map(|l| l.secs)).collect();
+    if known.is_empty() {
+        return LATENCY_FLOOR;
+    }
+    known.sort_by(|a, b| a.total_cmp(b));
+    known[known.len() / 2]
 }
 
 /// Power of two choices over `costs`: two distinct random indices, the
@@ -123,6 +185,61 @@ pub fn p2c(costs: &[f64], mut rand: impl FnMut(usize) -> usize) -> Option<usize>
             let b = (a + 1 + rand(n - 1) % (n - 1)) % n;
             Some(if costs[b] < costs[a] { b } else { a })
         }
+    }
+}
+
+/// Power of two choices with weighted draws: the two candidates are drawn
+/// (distinct) with probability proportional to `weights`, and the cheaper
+/// of the two by `costs` wins. With equal weights this is plain P2C. With
+/// unequal ones a slow instance is rarely even a candidate, so two slow
+/// instances are seldom the only choice: with two instances 4× slower than
+/// two others, plain P2C draws only slow ones for 1 request in 6, weighted
+/// draws for about 1 in 90. `rand(n)` returns a value in 0..n.
+pub fn p2c_weighted(
+    costs: &[f64],
+    weights: &[f64],
+    mut rand: impl FnMut(usize) -> usize,
+) -> Option<usize> {
+    const SCALE: usize = 1 << 30;
+    let n = costs.len();
+    if n <= 1 || weights.len() != n {
+        return p2c(costs, rand);
+    }
+    let w: Vec<f64> = weights
+        .iter()
+        .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
+        .collect();
+    let mut draw = |skip: Option<usize>| -> Option<usize> {
+        let total: f64 = w
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != skip)
+            .map(|(_, x)| x)
+            .sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut r = (rand(SCALE) % SCALE) as f64 / SCALE as f64 * total;
+        let mut last = None;
+        for (i, &x) in w.iter().enumerate() {
+            if Some(i) == skip || x <= 0.0 {
+                continue;
+            }
+            last = Some(i);
+            if r < x {
+                return Some(i);
+            }
+            r -= x;
+        }
+        last
+    };
+    match draw(None) {
+        Some(a) => match draw(Some(a)) {
+            Some(b) => Some(if costs[b] < costs[a] { b } else { a }),
+            None => Some(a),
+        },
+        // No usable weight: fall back to uniform draws.
+        None => p2c(costs, rand),
     }
 }
 
@@ -142,17 +259,31 @@ pub fn choose<'a>(
         .filter(|i| !avoid.contains(&i.job))
         .collect();
     let pool = if fresh.is_empty() { eligible } else { fresh };
+    let typical = default_latency(pool.iter());
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
             cost(
                 i.in_flight,
+                i.latency.map_or(typical, |l| l.secs),
                 i.load_per_capacity,
                 slow_start_weight(now.saturating_duration_since(i.since), slow_start),
             )
         })
         .collect();
-    p2c(&costs, rand).map(|k| pool[k].job.clone())
+    // Drawn by the expected speed of one request (cost with none in flight).
+    let weights: Vec<f64> = pool
+        .iter()
+        .map(|i| {
+            1.0 / cost(
+                0,
+                i.latency.map_or(typical, |l| l.secs),
+                i.load_per_capacity,
+                slow_start_weight(now.saturating_duration_since(i.since), slow_start),
+            )
+        })
+        .collect();
+    p2c_weighted(&costs, &weights, rand).map(|k| pool[k].job.clone())
 }
 
 /// What the gateway should do for a request with no eligible instance.
@@ -306,6 +437,10 @@ pub fn apply(table: &mut HashMap<String, Instance>, s: &Sighting, now: Instant) 
             InstanceState::Draining { .. } => false,
             InstanceState::Away { generation } => {
                 if s.running && s.generation > generation {
+                    // A new node answers at its own speed: start over.
+                    if i.node != s.node {
+                        i.latency = None;
+                    }
                     i.node = s.node.clone();
                     i.addr = s.addr;
                     i.state = InstanceState::Active;
@@ -326,6 +461,9 @@ pub fn apply(table: &mut HashMap<String, Instance>, s: &Sighting, now: Instant) 
                     return true;
                 }
                 if i.addr != s.addr {
+                    if i.node != s.node {
+                        i.latency = None;
+                    }
                     i.node = s.node.clone();
                     i.addr = s.addr;
                     i.since = now;
@@ -355,13 +493,108 @@ mod tests {
     }
 
     #[test]
-    fn cost_grows_with_in_flight_and_load_and_falls_with_weight() {
-        assert!(cost(2, 0.0, 1.0) > cost(1, 0.0, 1.0));
-        assert!(cost(1, 1.5, 1.0) > cost(1, 0.2, 1.0));
-        assert!(cost(0, 0.0, 0.1) > cost(5, 0.0, 1.0));
-        // Garbage load never makes an instance free or poisoned.
-        assert_eq!(cost(0, f64::NAN, 1.0), 1.0);
-        assert_eq!(cost(0, -3.0, 1.0), 1.0);
+    fn cost_grows_with_in_flight_latency_and_load_and_falls_with_weight() {
+        let l = 0.001;
+        assert!(cost(2, l, 0.0, 1.0) > cost(1, l, 0.0, 1.0));
+        assert!(cost(1, l, 1.5, 1.0) > cost(1, l, 0.2, 1.0));
+        assert!(cost(0, l, 0.0, 0.1) > cost(5, l, 0.0, 1.0));
+        // Twice as slow with one in flight costs as much as twice the
+        // requests at the faster one.
+        assert!((cost(0, 2.0 * l, 0.0, 1.0) - cost(1, l, 0.0, 1.0)).abs() < 1e-12);
+        // Garbage never makes an instance free or poisoned.
+        assert_eq!(cost(0, l, f64::NAN, 1.0), l);
+        assert_eq!(cost(0, l, -3.0, 1.0), l);
+        assert_eq!(cost(0, f64::NAN, 0.0, 1.0), LATENCY_FLOOR);
+        assert_eq!(cost(0, 0.0, 0.0, 1.0), LATENCY_FLOOR);
+    }
+
+    #[test]
+    fn weighted_p2c_rarely_offers_only_slow_instances() {
+        // Two fast (weight 1) and two slow (weight 0.25) idle instances.
+        let costs = [1.0, 1.0, 4.0, 4.0];
+        let weights = [1.0, 1.0, 0.25, 0.25];
+        let mut slow = 0;
+        let n = 20_000;
+        for _ in 0..n {
+            let k = p2c_weighted(&costs, &weights, |m| rand::random_range(0..m)).unwrap();
+            if k >= 2 {
+                slow += 1;
+            }
+        }
+        // Both candidates slow: 0.1 × 0.25/2.25 ≈ 1.1%; plain P2C: 16.7%.
+        let share = slow as f64 / n as f64;
+        assert!(share > 0.003 && share < 0.03, "slow share {share}");
+        // Equal weights: every instance is offered (plain P2C).
+        let mut seen = [0; 3];
+        for _ in 0..3000 {
+            let k = p2c_weighted(&[1.0; 3], &[1.0; 3], |m| rand::random_range(0..m)).unwrap();
+            seen[k] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 700), "{seen:?}");
+        // Zero or garbage weights fall back to uniform draws, never panic.
+        assert!(p2c_weighted(&[1.0, 2.0], &[0.0, f64::NAN], |_| 0).is_some());
+        assert_eq!(p2c_weighted(&[3.0], &[1.0], |_| 0), Some(0));
+        assert_eq!(p2c_weighted(&[], &[], |_| 0), None);
+        // Two candidates are always distinct: the cheaper of the pair wins.
+        assert_eq!(p2c_weighted(&[5.0, 1.0], &[1.0, 1.0], |_| 0), Some(1));
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_at_once_and_decays_slowly() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let e = PeakEwma::observe(None, ms(10), t0);
+        assert_eq!(e.secs, 0.010);
+        // Slower: taken at once.
+        let e = PeakEwma::observe(Some(e), ms(50), t0 + ms(1));
+        assert_eq!(e.secs, 0.050);
+        // Faster a moment later: barely moves.
+        let e1 = PeakEwma::observe(Some(e), ms(1), t0 + ms(101));
+        assert!(e1.secs > 0.049 && e1.secs < 0.050, "{}", e1.secs);
+        // Faster after one time constant: 1/e of the way from old to new.
+        let e2 = PeakEwma::observe(Some(e), ms(1), t0 + ms(1) + EWMA_DECAY);
+        let want = 0.050 / std::f64::consts::E + 0.001 * (1.0 - 1.0 / std::f64::consts::E);
+        assert!((e2.secs - want).abs() < 1e-9, "{} vs {want}", e2.secs);
+    }
+
+    #[test]
+    fn slow_instance_gets_fewer_requests_in_proportion() {
+        // Two idle instances, one answering 4× slower: P2C with two of two
+        // always compares both, so the fast one wins every draw; with one
+        // in flight at the fast one (cost 2l) it still wins over the slow
+        // idle one (cost 4l), with three it loses.
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let mut fast = Instance::new("fast", "n1", addr(1), old);
+        let mut slow = Instance::new("slow", "n2", addr(2), old);
+        fast.latency = Some(PeakEwma {
+            secs: 0.001,
+            at: now,
+        });
+        slow.latency = Some(PeakEwma {
+            secs: 0.004,
+            at: now,
+        });
+        let pick = |f: &Instance, s: &Instance| {
+            choose(
+                [f.clone(), s.clone()].iter(),
+                &[],
+                now,
+                Duration::ZERO,
+                |n| rand::random_range(0..n),
+            )
+            .unwrap()
+        };
+        assert_eq!(pick(&fast, &slow), "fast");
+        fast.in_flight = 1;
+        assert_eq!(pick(&fast, &slow), "fast");
+        fast.in_flight = 4;
+        assert_eq!(pick(&fast, &slow), "slow");
+        // A new instance is priced at the typical latency, not at zero.
+        let newbie = Instance::new("new", "n3", addr(3), old);
+        let all = [&fast, &slow, &newbie];
+        assert_eq!(default_latency(all.iter()), 0.004);
+        assert_eq!(default_latency([&newbie].iter()), LATENCY_FLOOR);
     }
 
     #[test]

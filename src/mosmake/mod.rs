@@ -16,6 +16,16 @@
 //! descriptors are those of the shell or of `mosrun`, as if make had started
 //! them itself.
 //!
+//! **Compiles yield to make.** The compiles run at nice 10 (`mosrun
+//! --nice 10`). On the home node they share the CPU with make itself, the
+//! shells of the local steps and the `mosrun` clients, which together decide
+//! how fast work reaches every other node: at equal priority, six compiles
+//! on a 0.6-core home left make a seventh of it, and the other nodes waited
+//! below their caps (measured: the home at 100% of its cap, the others at
+//! 80%). Elsewhere the compiles compete only with each other, so the nice
+//! value changes nothing there, except that a node's own work comes first,
+//! as MOSIX ran its guests.
+//!
 //! Compiles are safe to repeat (same inputs, same output file), so mosmake
 //! turns on `--rerun-on-node-loss`: a compile whose node dies is started again
 //! elsewhere, and `mosrun` says so on stderr. Objects are the same as a local
@@ -36,7 +46,7 @@
 //! Without `MOSMAKE_SH_SHELL`, `mosmake-sh` is just `/bin/sh`.
 //!
 //! **User knobs** (environment, since every argument belongs to make):
-//! `MOSMAKE_RUN` (default `mosrun --best --rerun-on-node-loss --`, with the
+//! `MOSMAKE_RUN` (default `mosrun --best --rerun-on-node-loss --nice 10 --`, with the
 //! `mosrun` next to `mosmake` preferred), `MOSMAKE_MAKE` (default `make`),
 //! `MOSMAKE_CC`, `MOSMAKE_STATS` (keep the stats lines in this file),
 //! `MOSIX_CLUSTER` (as for every command).
@@ -53,4 +63,4 @@ pub const ENV_RUN_STATS: &str = "MOSIX_RUN_STATS";
 
 /// The remote-run prefix when `MOSMAKE_RUN` is not set (the program is
 /// resolved by the caller).
-pub const DEFAULT_RUN: &str = "mosrun --best --rerun-on-node-loss --";
+pub const DEFAULT_RUN: &str = "mosrun --best --rerun-on-node-loss --nice 10 --";

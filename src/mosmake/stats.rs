@@ -5,13 +5,14 @@
 //! unknown keys ignored so the line can grow):
 //!
 //! ```text
-//! node=NODE job=JOBID place_ms=F start_ms=F total_ms=F exit=N reruns=K [queue_ms=F]
+//! node=NODE job=JOBID place_ms=F start_ms=F total_ms=F exit=N reruns=K [queue_ms=F] [cpu_ms=F]
 //! ```
 //!
 //! `start_ms` is the per-start overhead (from `mosrun` starting to the job
 //! running), `place_ms` the placement decision within it, `reruns` how many
 //! times the job was started again elsewhere after its node was lost,
-//! `queue_ms` (optional) how long it waited for a free slot.
+//! `queue_ms` (optional) how long it waited for a free slot, `cpu_ms`
+//! (optional) the CPU the `mosrun` client itself used on the home node.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,6 +27,7 @@ pub struct RunStat {
     pub exit: i32,
     pub reruns: u32,
     pub queue_ms: Option<f64>,
+    pub cpu_ms: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -72,6 +74,10 @@ impl RunStat {
             queue_ms: kv
                 .get("queue_ms")
                 .map(|v| num("queue_ms", v, &err))
+                .transpose()?,
+            cpu_ms: kv
+                .get("cpu_ms")
+                .map(|v| num("cpu_ms", v, &err))
                 .transpose()?,
         })
     }
@@ -176,6 +182,14 @@ impl Summary {
                 "mosmake: waiting for a free slot: p50 {p50:.1} ms, p99 {p99:.1} ms"
             );
         }
+        let cpu: Vec<f64> = self.runs.iter().filter_map(|r| r.cpu_ms).collect();
+        if let (Some(p50), Some(p99)) = (percentile(&cpu, 50.0), percentile(&cpu, 99.0)) {
+            let mean = cpu.iter().sum::<f64>() / cpu.len() as f64;
+            let _ = writeln!(
+                o,
+                "mosmake: mosrun client CPU on this node per start: mean {mean:.1} ms, p50 {p50:.1} ms, p99 {p99:.1} ms"
+            );
+        }
         for r in self.runs.iter().filter(|r| r.reruns > 0) {
             let _ = writeln!(
                 o,
@@ -263,10 +277,20 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("waiting for a free slot"), "{out}");
-        let q = Summary::from_text(&format!("{L1} queue_ms=40\n{L1} queue_ms=2\n"));
+        assert!(!out.contains("client CPU"), "{out}");
+        let q = Summary::from_text(&format!(
+            "{L1} queue_ms=40 cpu_ms=3\n{L1} queue_ms=2 cpu_ms=5\n"
+        ));
         assert_eq!(q.runs[0].queue_ms, Some(40.0));
-        assert!(q
-            .render()
-            .contains("waiting for a free slot: p50 2.0 ms, p99 40.0 ms"));
+        assert_eq!(q.runs[1].cpu_ms, Some(5.0));
+        let out = q.render();
+        assert!(
+            out.contains("waiting for a free slot: p50 2.0 ms, p99 40.0 ms"),
+            "{out}"
+        );
+        assert!(
+            out.contains("client CPU on this node per start: mean 4.0 ms, p50 3.0 ms, p99 5.0 ms"),
+            "{out}"
+        );
     }
 }
