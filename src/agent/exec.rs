@@ -304,25 +304,18 @@ impl Agent {
             .lock()
             .map(|j| j.clone())
             .unwrap_or_default();
-        let jobs_background: f64 = load
+        let background_load: f64 = load
             .jobs
             .iter()
             .filter(|u| !JobId::parse(&u.job_id).is_ok_and(|j| held.contains(&j)))
             .map(|u| u.demand)
             .sum();
-        // The node's own work (a make driving mosmake, its shells and mosrun
-        // clients on the home node) is served first: each of its runnable
-        // tasks wants a core, so the slots offered to placement shrink by
-        // that much of the capacity (never below one). The executing side
-        // still enforces the full count: this is what homes are told.
-        let other = self.other_demand();
-        let offered = (load.capacity - other.min(load.capacity)).max(0.0);
         NodeSlots {
             node: self.cfg.node.to_string(),
             capacity: load.capacity,
-            slots: crate::placement::slots_for(offered, self.slots.per_core()),
+            slots: crate::placement::slots_for(load.capacity, self.slots.per_core()),
             used: self.slots.used(),
-            background_load: jobs_background + other,
+            background_load,
             mem_available_bytes: load.mem_available_bytes,
         }
     }

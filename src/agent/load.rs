@@ -53,9 +53,6 @@ struct State {
     mem_available: u64,
     sys: Option<sysinfo::System>,
     machine_runnable: VecDeque<u32>,
-    /// Recent runnable counts of the node's other work: tasks in its cgroup
-    /// that are neither jobs nor this agent (a make driving mosmake, shells).
-    other_runnable: VecDeque<u32>,
 }
 
 pub struct LoadSampler {
@@ -196,13 +193,11 @@ impl LoadSampler {
             return;
         };
         let mut usage = BTreeMap::new();
-        let mut job_pid_set = std::collections::HashSet::new();
         for (id, init) in jobs {
             let mut ticks = 0;
             let mut rss = 0;
             let mut runnable = 0;
             for p in job_pids(*init, &by_ns) {
-                job_pid_set.insert(p);
                 if let Some(s) = sample_pid(p, page) {
                     ticks += s.ticks;
                     rss += s.rss;
@@ -243,25 +238,6 @@ impl LoadSampler {
         st.cpu_ticks.retain(|k, _| usage.contains_key(k));
         st.usage = usage;
 
-        // The node's other work: processes of its cgroup that are not jobs
-        // and not this agent, counted like jobs (runnable threads).
-        if let Some(scope) = &self.scope {
-            let me = std::process::id() as i32;
-            let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{scope}/cgroup.procs"))
-                .unwrap_or_default();
-            let runnable: u32 = procs
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-                .filter(|p| *p != me && !job_pid_set.contains(p))
-                .filter_map(|p| sample_pid(p, page))
-                .map(|s| s.runnable)
-                .sum();
-            st.other_runnable.push_back(runnable);
-            while st.other_runnable.len() > WINDOW {
-                st.other_runnable.pop_front();
-            }
-        }
-
         // CPU usage of the node: its cgroup's cpuacct, else the machine's.
         if let Some(scope) = &self.scope {
             if let Some(ns) = read_u64(&format!("/sys/fs/cgroup/cpuacct/{scope}/cpuacct.usage")) {
@@ -299,33 +275,6 @@ impl LoadSampler {
             while st.machine_runnable.len() > WINDOW {
                 st.machine_runnable.pop_front();
             }
-        }
-    }
-
-    /// Demand of the node's work that is not a job (runnable tasks,
-    /// averaged over the window): a make driving mosmake, its shells, the
-    /// mosrun clients. On a node without a cgroup scope (a real machine),
-    /// the machine's runnable tasks beyond the jobs' demand.
-    pub fn other_demand(&self, jobs: &[(JobId, i32)]) -> f64 {
-        let Ok(st) = self.state.lock() else {
-            return 0.0;
-        };
-        let avg = |q: &VecDeque<u32>| {
-            if q.is_empty() {
-                0.0
-            } else {
-                q.iter().map(|&r| r as f64).sum::<f64>() / q.len() as f64
-            }
-        };
-        if self.scope.is_some() {
-            avg(&st.other_runnable)
-        } else {
-            let job_load: f64 = jobs
-                .iter()
-                .filter_map(|(id, _)| st.usage.get(id))
-                .map(|u| u.demand)
-                .sum();
-            (avg(&st.machine_runnable) - job_load).max(0.0)
         }
     }
 

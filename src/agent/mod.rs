@@ -367,17 +367,6 @@ impl Agent {
         self.load.sample(&jobs);
     }
 
-    /// Demand of this node's work that is not a job (see
-    /// [`load::LoadSampler::other_demand`]).
-    pub fn other_demand(&self) -> f64 {
-        let jobs: Vec<(JobId, i32)> = self
-            .local
-            .lock()
-            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
-            .unwrap_or_default();
-        self.load.other_demand(&jobs)
-    }
-
     pub fn node_load(&self) -> load::NodeLoad {
         let jobs: Vec<(JobId, i32)> = self
             .local
