@@ -34,11 +34,12 @@ demo-gw: build
 demo-kernel: build
 	@bash scripts/demo-kernel.sh
 
-## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale, and the
-## kernel build (bench-kernel).
+## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale, the
+## kernel build (bench-kernel) and mosgw against nginx and HAProxy (bench-gw).
 bench: setup
 	$(CARGO) build --release --bins
-	@rc=0; bash scripts/bench.sh || rc=$$?; bash scripts/bench-kernel.sh || rc=$$?; exit $$rc
+	@rc=0; bash scripts/bench.sh || rc=$$?; bash scripts/bench-kernel.sh || rc=$$?; \
+	  bash scripts/bench-gw.sh || rc=$$?; exit $$rc
 
 ## The kernel-build benchmark alone: plain make on node1 vs mosmake over 4 nodes, start overhead, burst skew.
 bench-kernel: setup
@@ -47,7 +48,7 @@ bench-kernel: setup
 
 ## mosgw vs Debian's nginx and HAProxy (throughput, latency; failures while instances migrate under load).
 bench-gw: setup
-	$(CARGO) build --release --bin mosgw
+	$(CARGO) build --release --bins
 	@bash scripts/bench-gw.sh
 
 ## Long soak: hundreds of round-trip migrations of a stateful job.
