@@ -368,6 +368,11 @@ impl Agent {
                 .await
                 .map(|r| AgentReply::Job(Box::new(r))),
             AgentAction::Thaw(job) => {
+                // Thawing a job frozen elsewhere brings it in: not while
+                // blocked.
+                if self.registry.get(&job).is_ok_and(|r| r.node != self.cfg.node) {
+                    self.check_not_blocked()?;
+                }
                 if !self.cfg.shared {
                     self.check_thaw_here(&job)?;
                 }
