@@ -370,7 +370,11 @@ impl Agent {
             AgentAction::Thaw(job) => {
                 // Thawing a job frozen elsewhere brings it in: not while
                 // blocked.
-                if self.registry.get(&job).is_ok_and(|r| r.node != self.cfg.node) {
+                if self
+                    .registry
+                    .get(&job)
+                    .is_ok_and(|r| r.node != self.cfg.node)
+                {
                     self.check_not_blocked()?;
                 }
                 if !self.cfg.shared {

@@ -24,9 +24,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Example:\n  mosctl drain node2 --max-parallel 2 --timeout 5m\n\n\
+#[command(
+    after_help = "Example:\n  mosctl drain node2 --max-parallel 2 --timeout 5m\n\n\
 The node stays blocked after the drain; `mosctl unblock NODE` lets jobs in again.\n\
-Exit status: 0 when every job moved, 1 when any job is still on the node.")]
+Exit status: 0 when every job moved, 1 when any job is still on the node."
+)]
 pub struct Args {
     /// The node to empty (its name in the cluster file).
     pub node: String,
@@ -89,7 +91,11 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     for _ in 0..PASSES {
         let view =
             crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
-        if view.nodes.iter().any(|n| n.name == a.node && n.load.is_err()) {
+        if view
+            .nodes
+            .iter()
+            .any(|n| n.name == a.node && n.load.is_err())
+        {
             bail!("{} does not answer; nothing was moved", a.node);
         }
         let snap = view.snapshot(0.0);
@@ -159,7 +165,10 @@ async fn move_one(
     deadline: Option<Instant>,
 ) -> Outcome {
     let stay = |why: String| {
-        println!("could not move {}: {why}; it keeps running on {node}", job.id);
+        println!(
+            "could not move {}: {why}; it keeps running on {node}",
+            job.id
+        );
         Outcome::Stayed(why)
     };
     if let Err(s) = movable(&job) {
@@ -176,7 +185,8 @@ async fn move_one(
         };
         let Some(to) = planner.lock().ok().and_then(|mut p| p.next_target(&job)) else {
             return stay(if last.is_empty() {
-                "no other node can take it (every other node is down, blocked or short of memory)".into()
+                "no other node can take it (every other node is down, blocked or short of memory)"
+                    .into()
             } else {
                 last
             });

@@ -32,7 +32,11 @@ async fn set(cluster: Option<&Path>, a: Args, pinned: bool) -> anyhow::Result<pb
     .map(|r| r.into_inner())
     .map_err(|s| {
         status_err(
-            &format!("{} {}", if pinned { "pinning" } else { "unpinning" }, job.id),
+            &format!(
+                "{} {}",
+                if pinned { "pinning" } else { "unpinning" },
+                job.id
+            ),
             s,
         )
     })
