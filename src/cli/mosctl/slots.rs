@@ -93,6 +93,17 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
             Err(e) => println!("{n:<8} DOWN ({e})"),
         }
     }
-    println!("total: {total} slots, {used} in use");
+    let blocked = results
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|s| s.blocked))
+        .count();
+    println!(
+        "total: {total} slots, {used} in use{}",
+        if blocked > 0 {
+            " (blocked nodes not counted)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
