@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin;
 mod balancer;
 mod faults;
 mod foreground;

@@ -861,6 +861,7 @@ impl Agent {
                 self.cfg.node
             )));
         }
+        self.check_not_blocked()?;
         let begin = match parts.next().await {
             Some(Ok(PushPart::Begin(b))) => b,
             Some(Ok(_)) => {

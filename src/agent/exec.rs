@@ -114,6 +114,8 @@ pub enum FailureKind {
     NodeLost,
     Invalid,
     Internal,
+    /// The node is blocked (`mosctl block`): no new job there.
+    NodeBlocked,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,6 +152,9 @@ pub struct NodeSlots {
     pub used: u32,
     pub background_load: f64,
     pub mem_available_bytes: u64,
+    /// `mosctl block`: placement must not pick this node.
+    pub blocked: bool,
+    pub speed: f64,
 }
 
 /// Slots held by foreground jobs on this node.
@@ -317,6 +322,8 @@ impl Agent {
             used: self.slots.used(),
             background_load,
             mem_available_bytes: load.mem_available_bytes,
+            blocked: load.blocked,
+            speed: load.speed,
         }
     }
 
@@ -357,6 +364,15 @@ impl Agent {
         mut input: mpsc::Receiver<ExecIn>,
         out: mpsc::Sender<ExecOut>,
     ) {
+        if let Err(e) = self.check_not_blocked() {
+            let _ = out
+                .send(ExecOut::Failure(Failure::new(
+                    FailureKind::NodeBlocked,
+                    e.to_string(),
+                )))
+                .await;
+            return;
+        }
         let mut slot = None;
         if start.take_slot {
             let slots = crate::placement::slots_for(self.load.capacity(), self.slots.per_core());

@@ -39,6 +39,10 @@ pub struct NodeLoad {
     pub timestamp_unix_ms: u64,
     pub supports_post_copy: bool,
     pub supports_pre_copy: bool,
+    /// `mosctl block`: no new job or migration in.
+    pub blocked: bool,
+    /// The relative speed factor (capacity includes it).
+    pub speed: f64,
 }
 
 #[derive(Default)]
@@ -57,7 +61,8 @@ struct State {
 
 pub struct LoadSampler {
     scope: Option<String>,
-    speed: f64,
+    /// f64 bits of the speed factor: `mosctl setspeed` changes it at runtime.
+    speed: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -156,12 +161,26 @@ impl LoadSampler {
         };
         Self {
             scope,
-            speed,
+            speed: std::sync::atomic::AtomicU64::new(speed.to_bits()),
             state: Mutex::new(State::default()),
         }
     }
 
-    /// Cores this node may use: the cgroup's CFS quota, else the machine's.
+    /// The node's relative speed factor.
+    pub fn speed(&self) -> f64 {
+        f64::from_bits(self.speed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Change the speed factor (ignored unless a positive finite number).
+    pub fn set_speed(&self, speed: f64) {
+        if speed.is_finite() && speed > 0.0 {
+            self.speed
+                .store(speed.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Cores this node may use (the cgroup's CFS quota, else the machine's)
+    /// times the speed factor.
     pub fn capacity(&self) -> f64 {
         let machine = std::thread::available_parallelism()
             .map(|n| n.get() as f64)
@@ -175,7 +194,7 @@ impl LoadSampler {
                 (q > 0 && p > 0).then(|| (q as f64 / p as f64).min(machine))
             })
             .unwrap_or(machine);
-        cores * self.speed
+        cores * self.speed()
     }
 
     /// Take one sample of the given jobs (id, host pid of init).

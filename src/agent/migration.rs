@@ -612,6 +612,9 @@ impl Agent {
         {
             return Ok(rec);
         }
+        // No migration in while blocked. The source asked first (its ping
+        // reads GetLoad's `blocked`), so this only catches a block set since.
+        self.check_not_blocked()?;
         match &rec.pending {
             Some(p) if p.id == call.migration => {}
             _ => {
@@ -878,6 +881,11 @@ impl Agent {
             return Err(AgentError::FailedPrecondition(format!(
                 "job {job} is marked non-migratable"
             )));
+        }
+        if rec.pinned {
+            return Err(AgentError::FailedPrecondition(
+                super::admin::pinned_message(job.as_str()),
+            ));
         }
         // What a lazy restore cannot take over while the source still holds
         // it (see `postcopy::blockers`), looked at before anything is frozen.

@@ -6,6 +6,7 @@
 //! ([`migration`]). Its operations are the plain enum [`AgentAction`]; the
 //! gRPC layer ([`service`]) only converts to and from it.
 
+pub mod admin;
 pub mod error;
 pub mod events;
 pub mod exec;
@@ -123,6 +124,16 @@ pub enum AgentAction {
         job: JobId,
         migration: MigrationId,
     },
+    /// Block/unblock this node, or change its speed (see [`admin`]).
+    SetNodeAdmin {
+        blocked: Option<bool>,
+        speed: Option<f64>,
+    },
+    /// Pin (MOSIX "stay") or unpin a job running on this node.
+    SetPinned {
+        job: JobId,
+        pinned: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +144,15 @@ pub enum AgentReply {
     Dumped(migration::DumpResult),
     Migrated(Box<JobRecord>, crate::core::MigrationRecord),
     Resolved(direct::Resolution),
+    Admin(NodeAdminInfo),
+}
+
+/// A node's administrative settings as the API reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeAdminInfo {
+    pub node: String,
+    pub blocked: bool,
+    pub speed: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +217,8 @@ pub struct Agent {
     /// Job events for front ends and schedulers (`WatchEvents`), and the
     /// bounded wait for them before a service instance is frozen.
     pub events: events::Events,
+    /// Blocked or not, and the speed an administrator set (persisted).
+    pub admin: admin::AdminState,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -224,6 +246,26 @@ impl Agent {
         let registry =
             Registry::open(&cfg.shared_root)?.with_fsync(cfg.image_sync == ImageSync::Fsync);
         let load = load::LoadSampler::new(cfg.cgroup_scope.clone(), cfg.speed);
+        let admin = admin::AdminState::open(admin::AdminState::path_for(
+            &cfg.shared_root,
+            cfg.node.as_str(),
+        ))
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+        // A speed set with `mosctl setspeed` outlives restarts: it wins
+        // over the flag until it is set again.
+        if let Some(s) = admin.get().speed {
+            if s != cfg.speed {
+                tracing::info!(
+                    flag = cfg.speed,
+                    set = s,
+                    "using the speed set with mosctl setspeed"
+                );
+            }
+            load.set_speed(s);
+        }
+        if admin.blocked() {
+            tracing::warn!(node = %cfg.node, "{}", admin::blocked_message(cfg.node.as_str()));
+        }
         let mut names = peers.names();
         if !names.iter().any(|n| n == cfg.node.as_str()) {
             names.push(cfg.node.to_string());
@@ -247,6 +289,7 @@ impl Agent {
             slots: exec::SlotCounter::default(),
             runner,
             events: events::Events::default(),
+            admin,
         }))
     }
 
@@ -325,6 +368,15 @@ impl Agent {
                 .await
                 .map(|r| AgentReply::Job(Box::new(r))),
             AgentAction::Thaw(job) => {
+                // Thawing a job frozen elsewhere brings it in: not while
+                // blocked.
+                if self
+                    .registry
+                    .get(&job)
+                    .is_ok_and(|r| r.node != self.cfg.node)
+                {
+                    self.check_not_blocked()?;
+                }
                 if !self.cfg.shared {
                     self.check_thaw_here(&job)?;
                 }
@@ -334,6 +386,12 @@ impl Agent {
                 .resolve_migration(&job, &migration)
                 .await
                 .map(AgentReply::Resolved),
+            AgentAction::SetNodeAdmin { blocked, speed } => {
+                self.set_node_admin(blocked, speed).map(AgentReply::Admin)
+            }
+            AgentAction::SetPinned { job, pinned } => self
+                .set_pinned(&job, pinned)
+                .map(|r| AgentReply::Job(Box::new(r))),
         }
     }
 
@@ -374,6 +432,8 @@ impl Agent {
             .map(|l| l.iter().map(|(k, v)| (k.clone(), v.pid)).collect())
             .unwrap_or_default();
         let mut nl = self.load.snapshot(&self.cfg.node, &jobs);
+        nl.blocked = self.admin.blocked();
+        nl.speed = self.load.speed();
         nl.migrations_in_flight = self.stats.in_flight();
         nl.migration_bandwidth_bps = self.stats.bandwidth();
         let f = self.engine.features();
@@ -382,8 +442,67 @@ impl Agent {
         nl
     }
 
+    /// This node's administrative settings.
+    pub fn node_admin(&self) -> NodeAdminInfo {
+        NodeAdminInfo {
+            node: self.cfg.node.to_string(),
+            blocked: self.admin.blocked(),
+            speed: self.load.speed(),
+        }
+    }
+
+    /// Block/unblock this node or change its speed; persisted first.
+    pub fn set_node_admin(
+        &self,
+        blocked: Option<bool>,
+        speed: Option<f64>,
+    ) -> AgentResult<NodeAdminInfo> {
+        let s = self.admin.set(blocked, speed).map_err(|e| match e {
+            admin::AdminError::BadSpeed(_) => AgentError::InvalidArgument(e.to_string()),
+            other => AgentError::Internal(other.to_string()),
+        })?;
+        if let Some(v) = s.speed {
+            self.load.set_speed(v);
+        }
+        let info = self.node_admin();
+        tracing::info!(
+            node = %self.cfg.node,
+            blocked = info.blocked,
+            speed = info.speed,
+            "node settings changed"
+        );
+        Ok(info)
+    }
+
+    /// Refuse a new job or an incoming migration while this node is blocked.
+    pub(crate) fn check_not_blocked(&self) -> AgentResult<()> {
+        if self.admin.blocked() {
+            return Err(AgentError::FailedPrecondition(admin::blocked_message(
+                self.cfg.node.as_str(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pin or unpin a job that runs on this node (its record says so; the
+    /// balancer and Migrate read it from there).
+    pub fn set_pinned(&self, id: &JobId, pinned: bool) -> AgentResult<JobRecord> {
+        let _busy = self.claim(id)?;
+        // The reaper writes a job's end under this lock: without it, an
+        // exit recorded between our read and our write would be undone.
+        let _verdict = self.verdict_lock.lock();
+        let (mut rec, _pid) = self.local_running(id)?;
+        if rec.pinned != pinned {
+            rec.pinned = pinned;
+            self.registry.put(&mut rec)?;
+            tracing::info!(job = %id, pinned, "job pin changed");
+        }
+        Ok(rec)
+    }
+
     /// Start a migratable job on this node.
     pub async fn launch(self: &Arc<Self>, req: LaunchRequest) -> AgentResult<JobRecord> {
+        self.check_not_blocked()?;
         self.launch_with(req, LaunchExtras::default())
             .map_err(|e| e.into_agent_error())
     }

@@ -22,7 +22,8 @@ pub trait Peers: Send + Sync + 'static {
     /// Names of every node, for error messages.
     fn names(&self) -> Vec<String>;
     /// Cheap liveness check before the job is frozen; answers whether the
-    /// node can take a post-copy migration (userfaultfd).
+    /// node can take a post-copy migration (userfaultfd). A blocked node
+    /// (`mosctl block`) is FailedPrecondition, naming the block.
     fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>>;
     /// Ask `node` to restore from images.
     fn restore<'a>(
@@ -159,8 +160,16 @@ impl GrpcPeers {
         let load = c
             .get_load(req)
             .await
-            .map_err(|s| AgentError::Unavailable(format!("{node} unreachable: {}", s.message())))?;
-        Ok(load.into_inner().supports_post_copy)
+            .map_err(|s| AgentError::Unavailable(format!("{node} unreachable: {}", s.message())))?
+            .into_inner();
+        // A blocked node takes no migration: say so before anything is
+        // frozen (its Restore would refuse it anyway).
+        if load.blocked {
+            return Err(AgentError::FailedPrecondition(
+                super::admin::blocked_message(node.as_str()),
+            ));
+        }
+        Ok(load.supports_post_copy)
     }
 
     fn endpoint(&self, node: &NodeName) -> AgentResult<&str> {
@@ -188,6 +197,7 @@ impl Peers for GrpcPeers {
             // connect afresh and ask again: GetLoad has no side effects.
             match self.get_load(node, ep).await {
                 Ok(l) => Ok(l),
+                Err(e @ AgentError::FailedPrecondition(_)) => Err(e),
                 Err(_) => {
                     client::forget(ep);
                     self.get_load(node, ep).await

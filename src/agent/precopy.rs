@@ -992,4 +992,58 @@ mod agent_tests {
             assert!(m.fallback.is_empty() && m.pre_copy_rounds == 0, "{m:?}");
         }
     }
+    /// Node administration: a target blocked after the source's look
+    /// refuses the restore, naming the block, and the job resumes on its
+    /// node; a pinned job is refused before anything is frozen.
+    #[tokio::test]
+    async fn a_blocked_target_refuses_and_a_pinned_job_is_not_moved() {
+        let t = two(FakeEngine::default());
+        let dst = t.peers.get(&node("node2")).unwrap();
+        dst.set_node_admin(Some(true), None).unwrap();
+        let (job, _) = t.start_job();
+        let err = t.migrate(&job, Mode::FullCopy).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("node2 is blocked (mosctl unblock node2 to allow jobs in)"),
+            "{err}"
+        );
+        assert_eq!(t.dst_engine.restores.load(Ordering::SeqCst), 0);
+        let rec = t.src.registry.get(&job).unwrap();
+        t.pids.lock().unwrap().push(rec.pid);
+        assert_eq!((rec.node.as_str(), rec.state), ("node1", JobState::Running));
+        // Nor does a blocked node start a job.
+        let e = dst
+            .launch(crate::agent::LaunchRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, AgentError::FailedPrecondition(m) if m.contains("node2 is blocked")),
+            "{e:?}"
+        );
+
+        // A pinned job: refused, naming the pin, and nothing dumped.
+        dst.set_node_admin(Some(false), None).unwrap();
+        let (pinned, _) = t.start_job();
+        assert!(t.src.set_pinned(&pinned, true).unwrap().pinned);
+        let dumps = t.src_engine.dump_parents.lock().unwrap().len();
+        let err = t.migrate(&pinned, Mode::FullCopy).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&format!(
+                "job {pinned} is pinned to its node (mosctl unpin {pinned}"
+            )),
+            "{err}"
+        );
+        assert_eq!(t.src_engine.dump_parents.lock().unwrap().len(), dumps);
+        assert!(
+            t.src.registry.get(&pinned).unwrap().pinned,
+            "the pin is recorded"
+        );
+        // Unpinned, and the target unblocked: it moves.
+        t.src.set_pinned(&pinned, false).unwrap();
+        let (rec, _) = t.migrate(&pinned, Mode::FullCopy).await.unwrap();
+        assert_eq!(rec.node.as_str(), "node2");
+    }
 }

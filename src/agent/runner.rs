@@ -179,6 +179,7 @@ impl Agent {
                         slots: s.slots,
                         used: s.used,
                         background: s.background_load,
+                        blocked: s.blocked,
                     }),
                 );
             }
@@ -220,6 +221,15 @@ impl Agent {
                             want.unwrap_or(""),
                             names.unwrap_or_default()
                         ),
+                    ));
+                }
+                Decision::Blocked => {
+                    return Err(Failure::new(
+                        FailureKind::NodeBlocked,
+                        match want {
+                            Some(n) => crate::agent::admin::blocked_message(n),
+                            None => "every node of the cluster that is up is blocked (mosctl unblock NODE to allow jobs in)".to_string(),
+                        },
                     ));
                 }
                 Decision::NoNode if since.elapsed() > FIRST_SAMPLE_GRACE => {
@@ -435,7 +445,12 @@ impl Agent {
                             let _ = out.send(RunOut::Exit(info)).await;
                             return Outcome::Done;
                         }
-                        Some(Ok(ExecOut::Failure(f))) if f.kind == FailureKind::NoSlot => {
+                        // Blocked since the last sample: like a full node,
+                        // it is skipped until the next sample says more.
+                        Some(Ok(ExecOut::Failure(f)))
+                            if f.kind == FailureKind::NoSlot
+                                || f.kind == FailureKind::NodeBlocked =>
+                        {
                             return Outcome::NoSlot;
                         }
                         Some(Ok(ExecOut::Failure(f))) => {

@@ -261,6 +261,23 @@ impl AgentApi for AgentService {
         Ok(Response::new(pb::PushImagesResponse::from(&summary)))
     }
 
+    async fn set_node_admin(
+        &self,
+        r: Request<pb::SetNodeAdminRequest>,
+    ) -> Result<Response<pb::NodeAdmin>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Admin(a) => Ok(Response::new(pb::NodeAdmin::from(&a))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn set_pinned(
+        &self,
+        r: Request<pb::SetPinnedRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        self.job(AgentAction::try_from(r.into_inner())?).await
+    }
+
     async fn resolve_migration(
         &self,
         r: Request<pb::ResolveMigrationRequest>,

@@ -9,7 +9,7 @@ use crate::agent::direct::{
 };
 use crate::agent::load::{JobUsage, NodeLoad};
 use crate::agent::migration::{DumpResult, Mode, RestoreCall};
-use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest};
+use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest, NodeAdminInfo};
 use crate::core::ids::PlainFileName;
 use crate::core::job::PendingMigration;
 use crate::core::{
@@ -483,7 +483,47 @@ impl From<&NodeLoad> for pb::NodeLoad {
             timestamp_unix_ms: l.timestamp_unix_ms,
             supports_post_copy: l.supports_post_copy,
             supports_pre_copy: l.supports_pre_copy,
+            blocked: l.blocked,
+            speed: l.speed,
         }
+    }
+}
+
+impl TryFrom<pb::SetNodeAdminRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::SetNodeAdminRequest) -> Result<Self, InvalidRequest> {
+        if let Some(s) = r.speed {
+            if !crate::agent::admin::valid_speed(s) {
+                return Err(InvalidRequest::new(
+                    "speed",
+                    format!("{s} is not a positive finite number"),
+                ));
+            }
+        }
+        Ok(AgentAction::SetNodeAdmin {
+            blocked: r.blocked,
+            speed: r.speed,
+        })
+    }
+}
+
+impl From<&NodeAdminInfo> for pb::NodeAdmin {
+    fn from(a: &NodeAdminInfo) -> Self {
+        pb::NodeAdmin {
+            node: a.node.clone(),
+            blocked: a.blocked,
+            speed: a.speed,
+        }
+    }
+}
+
+impl TryFrom<pb::SetPinnedRequest> for AgentAction {
+    type Error = InvalidRequest;
+    fn try_from(r: pb::SetPinnedRequest) -> Result<Self, InvalidRequest> {
+        Ok(AgentAction::SetPinned {
+            job: job_id("job_id", &r.job_id)?,
+            pinned: r.pinned,
+        })
     }
 }
 

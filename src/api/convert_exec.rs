@@ -122,6 +122,7 @@ impl From<FailureKind> for pb::FailureKind {
             FailureKind::NodeLost => pb::FailureKind::NodeLost,
             FailureKind::Invalid => pb::FailureKind::Invalid,
             FailureKind::Internal => pb::FailureKind::Internal,
+            FailureKind::NodeBlocked => pb::FailureKind::NodeBlocked,
         }
     }
 }
@@ -137,6 +138,7 @@ impl From<pb::FailureKind> for FailureKind {
             pb::FailureKind::NoNode => FailureKind::NoNode,
             pb::FailureKind::NodeLost => FailureKind::NodeLost,
             pb::FailureKind::Invalid => FailureKind::Invalid,
+            pb::FailureKind::NodeBlocked => FailureKind::NodeBlocked,
             pb::FailureKind::Internal | pb::FailureKind::Unspecified => FailureKind::Internal,
         }
     }
@@ -242,6 +244,8 @@ impl From<pb::NodeSlots> for NodeSlots {
             used: s.used,
             background_load: s.background_load,
             mem_available_bytes: s.mem_available_bytes,
+            blocked: s.blocked,
+            speed: s.speed,
         }
     }
 }
@@ -255,6 +259,8 @@ impl From<&NodeSlots> for pb::NodeSlots {
             used: s.used,
             background_load: s.background_load,
             mem_available_bytes: s.mem_available_bytes,
+            blocked: s.blocked,
+            speed: s.speed,
         }
     }
 }

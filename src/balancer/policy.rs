@@ -85,6 +85,10 @@ pub struct NodeSnapshot {
     pub mem_available_bytes: u64,
     /// migrations already running to or from this node
     pub migrations_in_flight: u32,
+    /// blocked by an administrator (`mosctl block`): its jobs may leave, but
+    /// nothing is ever placed or moved onto it
+    #[serde(default)]
+    pub blocked: bool,
 }
 
 /// State of one job as seen by the policy.
@@ -215,7 +219,7 @@ pub fn place(
     let demand = sane_amount(cpu_demand);
     let reserve = effective_reserve(config);
     let mut best: Option<(f64, &str)> = None;
-    for node in snapshot.nodes.iter().filter(|n| is_usable(n)) {
+    for node in snapshot.nodes.iter().filter(|n| is_usable(n) && !n.blocked) {
         if !fits(
             node.mem_available_bytes,
             node.mem_total_bytes,
@@ -325,6 +329,7 @@ fn cmp_nodes(a: &NodeSnapshot, b: &NodeSnapshot) -> Ordering {
         .then(a.mem_total_bytes.cmp(&b.mem_total_bytes))
         .then(a.mem_available_bytes.cmp(&b.mem_available_bytes))
         .then(a.migrations_in_flight.cmp(&b.migrations_in_flight))
+        .then(a.blocked.cmp(&b.blocked))
 }
 
 /// Total order over every field, used only to pick deterministically among
@@ -619,6 +624,12 @@ impl<'a> State<'a> {
         self.conc[i] < ctx.max_conc
     }
 
+    /// Whether node `i` may be a target now: not blocked, with room for
+    /// one more migration.
+    fn can_receive(&self, i: usize, ctx: &Ctx) -> bool {
+        !self.nodes[i].blocked && self.has_conc_room(i, ctx)
+    }
+
     fn fits(&self, t: usize, rss: u64, ctx: &Ctx) -> bool {
         fits(
             self.avail[t],
@@ -704,7 +715,7 @@ impl<'a> State<'a> {
 fn usher_memory(state: &mut State<'_>, ctx: &Ctx, moves: &mut Vec<Move>) {
     // Targets with concurrency room, most available memory first, ties by name.
     let mut by_mem: BTreeSet<(std::cmp::Reverse<u64>, usize)> = (0..state.nodes.len())
-        .filter(|&i| state.has_conc_room(i, ctx))
+        .filter(|&i| state.can_receive(i, ctx))
         .map(|i| (std::cmp::Reverse(state.avail[i]), i))
         .collect();
 
@@ -753,7 +764,7 @@ fn usher_memory(state: &mut State<'_>, ctx: &Ctx, moves: &mut Vec<Move>) {
             by_mem.remove(&(std::cmp::Reverse(state.avail[t]), t));
             moves.push(state.apply(j, t, MoveReason::MemoryUshering, ctx));
             for i in [src, t] {
-                if state.has_conc_room(i, ctx) {
+                if state.can_receive(i, ctx) {
                     by_mem.insert((std::cmp::Reverse(state.avail[i]), i));
                 }
             }
@@ -769,7 +780,7 @@ fn balance_load(state: &mut State<'_>, ctx: &Ctx, moves: &mut Vec<Move>) {
     let n = state.nodes.len();
     // Nodes with concurrency room, lightest first: candidate targets.
     let mut targets: BTreeSet<LightKey> = (0..n)
-        .filter(|&i| state.has_conc_room(i, ctx))
+        .filter(|&i| state.can_receive(i, ctx))
         .map(|i| state.light_key(i))
         .collect();
     // Nodes with concurrency room and something movable, heaviest first.
@@ -809,7 +820,7 @@ fn balance_load(state: &mut State<'_>, ctx: &Ctx, moves: &mut Vec<Move>) {
         targets.remove(&state.light_key(t));
         moves.push(state.apply(j, t, MoveReason::LoadBalance, ctx));
         for i in [s, t] {
-            if state.has_conc_room(i, ctx) {
+            if state.can_receive(i, ctx) {
                 targets.insert(state.light_key(i));
             }
         }
@@ -926,6 +937,7 @@ mod tests {
             mem_total_bytes: 16 * GIB,
             mem_available_bytes: 12 * GIB,
             migrations_in_flight: 0,
+            blocked: false,
         }
     }
 
@@ -1653,5 +1665,62 @@ mod tests {
             );
             assert!(count > 0);
         }
+    }
+    #[test]
+    fn blocked_nodes_receive_nothing_but_may_shed_load() {
+        let cfg = PolicyConfig::default();
+        let blocked = |n: NodeSnapshot| NodeSnapshot { blocked: true, ..n };
+        // b is the idle node that would take a's surplus, but it is blocked:
+        // everything goes to c, and nothing to b.
+        let s = snap(
+            vec![
+                node("a", 1.0, 6.0),
+                blocked(node("b", 4.0, 0.0)),
+                node("c", 1.0, 0.0),
+            ],
+            jobs_on("j", "a", 6),
+        );
+        let p = plan(&s, &cfg);
+        assert!(!p.moves.is_empty());
+        assert!(p.moves.iter().all(|m| m.to == "c"), "{:?}", p.moves);
+        // Placement of a new job skips it too.
+        assert_eq!(place(&s, &cfg, 0, 1.0).as_deref(), Some("c"));
+        // Every node but the loaded one blocked: no move at all.
+        let s = snap(
+            vec![node("a", 1.0, 6.0), blocked(node("b", 4.0, 0.0))],
+            jobs_on("j", "a", 6),
+        );
+        assert!(plan(&s, &cfg).moves.is_empty());
+        assert_eq!(place(&s, &cfg, 0, 1.0).as_deref(), Some("a"));
+        // A blocked node may still shed load to the others.
+        let s = snap(
+            vec![blocked(node("a", 1.0, 4.0)), node("b", 1.0, 0.0)],
+            jobs_on("j", "a", 4),
+        );
+        let p = plan(&s, &cfg);
+        assert!(!p.moves.is_empty());
+        assert!(p.moves.iter().all(|m| m.from == "a" && m.to == "b"));
+        // Memory ushering never picks a blocked target either.
+        let mut nodes = vec![
+            node("a", 1.0, 1.0),
+            blocked(node("b", 1.0, 0.0)),
+            node("c", 1.0, 0.0),
+        ];
+        nodes[0].mem_available_bytes = GIB / 2;
+        nodes[1].mem_available_bytes = 15 * GIB;
+        let mut jobs = jobs_on("m", "a", 2);
+        for j in &mut jobs {
+            j.rss_bytes = 2 * GIB;
+            j.cpu_demand = 0.0;
+        }
+        let p = plan(&snap(nodes, jobs), &cfg);
+        assert!(!p.moves.is_empty());
+        assert!(
+            p.moves
+                .iter()
+                .all(|m| m.reason == MoveReason::MemoryUshering && m.to == "c"),
+            "{:?}",
+            p.moves
+        );
     }
 }

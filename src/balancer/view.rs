@@ -129,6 +129,7 @@ impl ClusterView {
                         mem_total_bytes: l.mem_total_bytes,
                         mem_available_bytes: l.mem_available_bytes,
                         migrations_in_flight: l.migrations_in_flight,
+                        blocked: l.blocked,
                     })
                 }
                 Err(_) => nodes.push(NodeSnapshot {
@@ -139,6 +140,7 @@ impl ClusterView {
                     mem_total_bytes: 0,
                     mem_available_bytes: 0,
                     migrations_in_flight: 0,
+                    blocked: false,
                 }),
             }
         }

@@ -154,6 +154,7 @@ fn synthetic_cluster(n_nodes: usize, n_jobs: usize, hot: usize) -> ClusterSnapsh
             mem_total_bytes: 256 * GIB,
             mem_available_bytes: 200 * GIB,
             migrations_in_flight: rng.below(2) as u32,
+            blocked: false,
         });
     }
     ClusterSnapshot {
@@ -241,6 +242,18 @@ impl Agent for SimAgent {
         &self,
         _r: Request<pb::AckFreezeRequest>,
     ) -> Result<Response<pb::AckFreezeResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn set_node_admin(
+        &self,
+        _r: Request<pb::SetNodeAdminRequest>,
+    ) -> Result<Response<pb::NodeAdmin>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn set_pinned(
+        &self,
+        _r: Request<pb::SetPinnedRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
     type ExecStream =
@@ -485,6 +498,8 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
                 timestamp_unix_ms: now,
                 supports_post_copy: true,
                 supports_pre_copy: true,
+                blocked: false,
+                speed: 1.0,
             },
             shared: shared.clone(),
         };

@@ -105,7 +105,7 @@ fn print_report(r: &RoundReport, dry_run: bool) {
             Ok(l) => {
                 let jobs = r.view.jobs.iter().filter(|j| j.node == n.name).count();
                 println!(
-                    "{:<8} {:>6.2} {:>6.2} {:>6.2} {:>5}",
+                    "{:<8} {:>6.2} {:>6.2} {:>6.2} {:>5}{}",
                     n.name,
                     l.load,
                     l.capacity,
@@ -114,7 +114,8 @@ fn print_report(r: &RoundReport, dry_run: bool) {
                     } else {
                         0.0
                     },
-                    jobs
+                    jobs,
+                    if l.blocked { "  BLOCKED" } else { "" }
                 )
             }
             Err(e) => println!("{:<8} DOWN ({e})", n.name),

@@ -19,6 +19,7 @@
 //! node1    [##############################]  load 4.00 cap 1.00 norm 4.00 jobs 4 mig 0 mem 20.1 GiB free
 //! node2    [                              ]  load 0.00 cap 1.00 norm 0.00 jobs 0 mig 0 mem 20.3 GiB free
 //! node3    DOWN (timed out)
+//! node4    [                              ]  load 0.00 cap 1.00 norm 0.00 jobs 0 mig 0 mem 20.3 GiB free BLOCKED
 //! total jobs 4, migrations in flight 0, imbalance inf
 //! ```
 
@@ -137,6 +138,8 @@ pub struct NodeRow {
     pub jobs: u32,
     pub migrations: u32,
     pub mem_available: u64,
+    /// Blocked by an administrator (`mosctl block`): takes no new job.
+    pub blocked: bool,
 }
 
 impl NodeRow {
@@ -258,6 +261,7 @@ fn build_snapshot(
                     jobs: jobs_here,
                     migrations,
                     mem_available: l.mem_available_bytes,
+                    blocked: l.blocked,
                 }
             }
             Err(e) => NodeRow {
@@ -269,6 +273,7 @@ fn build_snapshot(
                 jobs: 0,
                 migrations: 0,
                 mem_available: 0,
+                blocked: false,
             },
         })
         .collect();
@@ -388,7 +393,7 @@ pub fn render_plain(
         let fill = bar_cells(n.norm(), scale, BAR_WIDTH);
         let _ = writeln!(
             out,
-            "{:<8} [{}{}]  load {:.2} cap {:.2} norm {:.2} jobs {} mig {} mem {} free",
+            "{:<8} [{}{}]  load {:.2} cap {:.2} norm {:.2} jobs {} mig {} mem {} free{}",
             n.name,
             "#".repeat(fill),
             " ".repeat(BAR_WIDTH - fill),
@@ -397,7 +402,8 @@ pub fn render_plain(
             n.norm(),
             n.jobs,
             n.migrations,
-            human_bytes(n.mem_available)
+            human_bytes(n.mem_available),
+            if n.blocked { " BLOCKED" } else { "" }
         );
     }
     let _ = writeln!(
@@ -752,8 +758,11 @@ fn draw_bars(f: &mut Frame, area: Rect, s: &Snapshot) {
         );
         f.render_widget(
             Paragraph::new(format!(
-                " norm {:>5.2}  ({:.2} / {:.2} cap)",
-                norm, n.load, n.capacity
+                " norm {:>5.2}  ({:.2} / {:.2} cap){}",
+                norm,
+                n.load,
+                n.capacity,
+                if n.blocked { " BLOCKED" } else { "" }
             )),
             text,
         );
@@ -775,7 +784,12 @@ fn draw_node_table(f: &mut Frame, area: Rect, s: &Snapshot) {
             };
             Row::new([
                 Cell::from(n.name.clone()),
-                Cell::from("up").style(Style::new().fg(Color::Green)),
+                if n.blocked {
+                    Cell::from("BLOCKED")
+                        .style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD))
+                } else {
+                    Cell::from("up").style(Style::new().fg(Color::Green))
+                },
                 Cell::from(format!("{:.2}", n.load)),
                 Cell::from(format!("{:.2}", n.capacity)),
                 Cell::from(format!("{:.2}", n.norm())).style(Style::new().fg(load_color(n.norm()))),
@@ -897,6 +911,7 @@ mod tests {
             jobs: 0,
             migrations: 0,
             mem_available: 1 << 30,
+            blocked: false,
         }
     }
 
@@ -910,6 +925,7 @@ mod tests {
             jobs: 0,
             migrations: 0,
             mem_available: 0,
+            blocked: false,
         }
     }
 
@@ -937,6 +953,16 @@ mod tests {
                 " ".repeat(30)
             )
         );
+    }
+
+    #[test]
+    fn a_blocked_node_is_marked() {
+        let mut n = up("node2", 0.0, 1.0);
+        n.blocked = true;
+        let out = render_plain("c", "t", &[up("node1", 1.0, 1.0), n], 0, 0);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(!lines[1].ends_with("BLOCKED"), "{}", lines[1]);
+        assert!(lines[2].ends_with(" free BLOCKED"), "{}", lines[2]);
     }
 
     #[test]

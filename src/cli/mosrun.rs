@@ -78,7 +78,8 @@ pub struct Args {
     /// The home agent's node [default: $MOSIX_NODE, else the local node].
     #[arg(long)]
     pub home: Option<String>,
-    /// Never move this job automatically (manual migration still works).
+    /// Pin the job to its node (MOSIX's "stay"): never moved, by the
+    /// balancer, a drain or `mosctl migrate`, until `mosctl unpin`.
     #[arg(long)]
     pub pinned: bool,
     /// Never move this job at all.

@@ -54,6 +54,8 @@ pub struct NodeInfo {
     pub used: u32,
     /// CPU demand of the node's other jobs (detached, migrated in), in cores.
     pub background: f64,
+    /// Blocked by an administrator (`mosctl block`): never chosen.
+    pub blocked: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,6 +88,9 @@ pub enum Decision {
     UnknownNode,
     /// No eligible node is up (or the asked-for one is down).
     NoNode,
+    /// The asked-for node is blocked (`mosctl block`), or every node that
+    /// is up is.
+    Blocked,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,7 +154,7 @@ impl Table {
 
     fn free(&self, name: &str, e: &Entry) -> bool {
         match e.info {
-            Some(i) => e.up && !e.full && self.used(name) < i.slots,
+            Some(i) => e.up && !e.full && !i.blocked && self.used(name) < i.slots,
             None => false,
         }
     }
@@ -161,6 +166,7 @@ impl Table {
             slots: 0,
             used: 0,
             background: 0.0,
+            blocked: false,
         });
         (self.used(name) as f64 + 1.0 + i.background.max(0.0)) / i.capacity.max(1e-6)
     }
@@ -176,6 +182,9 @@ impl Table {
                 if !e.up {
                     return Decision::NoNode;
                 }
+                if e.info.is_some_and(|i| i.blocked) {
+                    return Decision::Blocked;
+                }
                 if !self.free(n, e) {
                     return Decision::Wait;
                 }
@@ -184,8 +193,10 @@ impl Table {
             Want::Best => {
                 let mut best: Vec<(&String, f64)> = Vec::new();
                 let mut any_up = false;
+                let mut any_open = false;
                 for (name, e) in &self.nodes {
                     any_up |= e.up;
+                    any_open |= e.up && e.info.is_some_and(|i| !i.blocked);
                     if !self.free(name, e) {
                         continue;
                     }
@@ -197,7 +208,9 @@ impl Table {
                     }
                 }
                 if best.is_empty() {
-                    return if any_up {
+                    return if any_up && !any_open && self.any_sample() {
+                        Decision::Blocked
+                    } else if any_up {
                         Decision::Wait
                     } else {
                         Decision::NoNode
@@ -247,6 +260,7 @@ mod tests {
             slots,
             used: 0,
             background: 0.0,
+            blocked: false,
         })
     }
 
@@ -335,6 +349,7 @@ mod tests {
                 slots: 2,
                 used: 2,
                 background: 0.0,
+                blocked: false,
             }),
         );
         assert_eq!(t.used("node1"), 2);
@@ -352,6 +367,7 @@ mod tests {
                 slots: 2,
                 used: 2,
                 background: 0.0,
+                blocked: false,
             }),
         );
         for _ in 0..2 {
@@ -403,6 +419,7 @@ mod tests {
                 slots: 10,
                 used: 0,
                 background: 4.0,
+                blocked: false,
             }),
         );
         assert_eq!(
@@ -433,5 +450,38 @@ mod tests {
         let mut t = Table::new(["a".to_string()]);
         assert_eq!(t.choose(Want::Best, &mut first), Decision::NoNode);
         assert!(!t.any_sample());
+    }
+
+    fn blocked_info(capacity: f64, slots: u32) -> Option<NodeInfo> {
+        info(capacity, slots).map(|i| NodeInfo { blocked: true, ..i })
+    }
+
+    #[test]
+    fn a_blocked_node_is_never_chosen() {
+        // node2 is the biggest and idle, but blocked.
+        let mut t = table(&[0.5, 4.0, 0.5], 10.0);
+        t.update("node2", blocked_info(4.0, 40));
+        for _ in 0..10 {
+            match t.choose(Want::Best, &mut first) {
+                Decision::Place(n) => assert_ne!(n, "node2"),
+                d => panic!("10 jobs fit in node1 and node3: {d:?}"),
+            }
+        }
+        // Full elsewhere: wait, rather than use the blocked node.
+        assert_eq!(t.choose(Want::Best, &mut first), Decision::Wait);
+        // Asked for by name: refused as blocked, not "wait".
+        assert_eq!(t.choose(Want::Node("node2"), &mut first), Decision::Blocked);
+        assert_eq!(t.used("node2"), 0, "nothing reserved on the blocked node");
+        // Unblocked by the next sample: chosen again.
+        t.update("node2", info(4.0, 40));
+        assert_eq!(
+            t.choose(Want::Node("node2"), &mut first),
+            Decision::Place("node2".into())
+        );
+        // Every node that is up is blocked: say so instead of waiting forever.
+        let mut t = table(&[1.0, 1.0], 2.0);
+        t.update("node1", blocked_info(1.0, 2));
+        t.update("node2", blocked_info(1.0, 2));
+        assert_eq!(t.choose(Want::Best, &mut first), Decision::Blocked);
     }
 }

@@ -16,7 +16,7 @@ pub async fn run(cluster: Option<&Path>, _a: Args) -> anyhow::Result<()> {
     for (name, r) in poll_loads(&ctx, Duration::from_secs(2)).await {
         match r {
             Ok(l) => println!(
-                "{:<8} {:>6.2} {:>6.2} {:>6.2} {:>5} {:>11}",
+                "{:<8} {:>6.2} {:>6.2} {:>6.2} {:>5} {:>11}{}",
                 name,
                 l.load,
                 l.capacity,
@@ -26,7 +26,8 @@ pub async fn run(cluster: Option<&Path>, _a: Args) -> anyhow::Result<()> {
                     0.0
                 },
                 l.jobs_running,
-                human_bytes(l.mem_available_bytes)
+                human_bytes(l.mem_available_bytes),
+                if l.blocked { "  BLOCKED" } else { "" }
             ),
             Err(e) => println!("{name:<8} DOWN ({e})"),
         }

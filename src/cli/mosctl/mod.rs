@@ -1,12 +1,16 @@
 //! `mosctl`: manage jobs and the local cluster. One file per subcommand.
 
+pub mod block;
 pub mod certs;
+pub mod drain;
 pub mod freeze;
 pub mod jobs;
 pub mod kill;
 pub mod load;
 pub mod local;
 pub mod migrate;
+pub mod pin;
+pub mod setspeed;
 pub mod show;
 pub mod slots;
 
@@ -45,6 +49,22 @@ pub enum Cmd {
     /// Every node's foreground-job slots (what `mosrun` places into) and
     /// their use; `--total` prints just the sum.
     Slots(slots::Args),
+    /// Block a node (kubectl's cordon): no new jobs or migrations in; its
+    /// running jobs stay. Kept across agent restarts.
+    Block(block::Args),
+    /// Let a blocked node take jobs again (kubectl's uncordon).
+    Unblock(block::Args),
+    /// Block a node, then move every job off it live, a few at a time
+    /// (MOSIX's expel, kubectl's drain); names each job that cannot move.
+    Drain(drain::Args),
+    /// Set a node's relative CPU speed (capacity = cores x speed); kept
+    /// across agent restarts.
+    Setspeed(setspeed::Args),
+    /// Pin a running job to its node (MOSIX's "stay"): neither the balancer,
+    /// a drain nor `mosctl migrate` moves it.
+    Pin(pin::Args),
+    /// Let a pinned job move again.
+    Unpin(pin::Args),
     /// Generate a cluster CA, node and client certificates and the image key.
     Certs(certs::Args),
     /// A local cluster of several nodes on this machine.
@@ -65,5 +85,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Slots(x) => slots::run(cluster, x).await,
         Cmd::Local(x) => local::run(x).await,
         Cmd::Certs(x) => certs::run(x),
+        Cmd::Block(x) => block::block(cluster, x).await,
+        Cmd::Unblock(x) => block::unblock(cluster, x).await,
+        Cmd::Drain(x) => drain::run(cluster, x).await,
+        Cmd::Setspeed(x) => setspeed::run(cluster, x).await,
+        Cmd::Pin(x) => pin::pin(cluster, x).await,
+        Cmd::Unpin(x) => pin::unpin(cluster, x).await,
     }
 }

@@ -3,8 +3,9 @@
 //! A node has `max(1, round(capacity × slots_per_core))` slots (capacity in
 //! cores × speed; `mosixd --slots-per-core`, 2 by default, 10 on a local
 //! cluster). A foreground `mosrun` holds one while its job runs. `--total`
-//! prints only the sum over the nodes that answered (what `mosmake` gives
-//! make as `-j`).
+//! prints only the sum over the nodes that answered and are not blocked
+//! (what `mosmake` gives make as `-j`; placement never uses a blocked node's
+//! slots).
 
 use crate::api::pb;
 use crate::cli::common::Ctx;
@@ -13,10 +14,11 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Print only the total number of slots of the nodes that answer.
+    /// Print only the total number of slots of the nodes that answer and
+    /// are not blocked (`mosctl block`).
     #[arg(long, conflicts_with = "json")]
     pub total: bool,
-    /// JSON: {"nodes":[{node,capacity,slots,used,background_load,up,error}],"total":N,"used":N}.
+    /// JSON: {"nodes":[{node,capacity,slots,used,background_load,blocked,up,error}],"total":N,"used":N}.
     #[arg(long)]
     pub json: bool,
 }
@@ -42,7 +44,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     .await;
     let total: u32 = results
         .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(|s| s.slots))
+        .filter_map(|(_, r)| r.as_ref().ok().filter(|s| !s.blocked).map(|s| s.slots))
         .sum();
     let used: u32 = results
         .iter()
@@ -62,6 +64,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
                 Ok(s) => serde_json::json!({
                     "node": n, "up": true, "capacity": s.capacity, "slots": s.slots,
                     "used": s.used, "background_load": s.background_load,
+                    "blocked": s.blocked,
                 }),
                 Err(e) => serde_json::json!({"node": n, "up": false, "error": e}),
             })
@@ -79,12 +82,28 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     for (n, r) in &results {
         match r {
             Ok(s) => println!(
-                "{:<8} {:>6.2} {:>6} {:>5} {:>11.2}",
-                n, s.capacity, s.slots, s.used, s.background_load
+                "{:<8} {:>6.2} {:>6} {:>5} {:>11.2}{}",
+                n,
+                s.capacity,
+                s.slots,
+                s.used,
+                s.background_load,
+                if s.blocked { "  BLOCKED" } else { "" }
             ),
             Err(e) => println!("{n:<8} DOWN ({e})"),
         }
     }
-    println!("total: {total} slots, {used} in use");
+    let blocked = results
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|s| s.blocked))
+        .count();
+    println!(
+        "total: {total} slots, {used} in use{}",
+        if blocked > 0 {
+            " (blocked nodes not counted)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
