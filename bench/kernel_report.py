@@ -154,11 +154,20 @@ def markdown(w):
     hist = [h for h in k.get("history", []) if h.get("kernel")]
     if hist:
         w("Earlier runs of the kernel benchmark (every run is shown):\n")
-        w("| date | (a) s | (b) s | ideal s | (b)/ideal | speedup |")
-        w("|---|---|---|---|---|---|")
+        w("| date | (a) s | (b) s | ideal s | (b)/ideal | speedup | other work on the machine, cores: during (a) / (b) | note |")
+        w("|---|---|---|---|---|---|---|---|")
         for h in hist + [k]:
             kk = h.get("kernel")
             if kk:
+                oa = kk["a"].get("contention", {}).get("other_cores")
+                ob = kk["b"].get("contention", {}).get("other_cores")
+                other = f"{oa:.2f} / {ob:.2f}" if oa is not None and ob is not None else "—"
+                note = []
+                if kk["a"].get("reused_from_earlier_run"):
+                    note.append("(b) alone, a tuning run; (a) from the run before")
+                j = next((l for l in kk["b"].get("report", []) if l.startswith("mosmake: -j")), "")
+                if j and "total slots" not in j:
+                    note.append(j.replace("mosmake: ", ""))
                 w(f"| {h['date']} | {kk['a']['wall_s']:.1f} | {kk['b']['wall_s']:.1f} | {kk['ideal_s']:.1f} | "
-                  f"{kk['ratio_to_ideal']:.2f} | {kk['speedup']:.2f} |")
+                  f"{kk['ratio_to_ideal']:.2f} | {kk['speedup']:.2f} | {other} | {'; '.join(note)} |")
         w("")

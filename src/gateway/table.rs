@@ -7,8 +7,8 @@
 //!
 //! The choice follows linkerd2-proxy's balancer: pick two instances at
 //! random and send to the one with the lower cost. The two are drawn with
-//! probability proportional to their expected speed (see [`p2c_weighted`]),
-//! so two slow instances are seldom the only choice. Its cost here is
+//! probability proportional to 1 / cost (see [`p2c_weighted`]), so two slow
+//! instances are seldom the only choice while faster ones are free. Its cost here is
 //! `(in_flight + 1) × peak_ewma_latency × (1 + node load per capacity) /
 //! slow_start_weight`:
 //! - in-flight requests are the fastest signal of a slow instance;
@@ -271,18 +271,11 @@ pub fn choose<'a>(
             )
         })
         .collect();
-    // Drawn by the expected speed of one request (cost with none in flight).
-    let weights: Vec<f64> = pool
-        .iter()
-        .map(|i| {
-            1.0 / cost(
-                0,
-                i.latency.map_or(typical, |l| l.secs),
-                i.load_per_capacity,
-                slow_start_weight(now.saturating_duration_since(i.since), slow_start),
-            )
-        })
-        .collect();
+    // Drawn in proportion to 1 / cost: an idle slow instance is rarely a
+    // candidate, but once the fast ones have requests queued their cost
+    // rises and the slow one is drawn again, so no capacity is left unused
+    // when the service is saturated.
+    let weights: Vec<f64> = costs.iter().map(|c| 1.0 / c).collect();
     p2c_weighted(&costs, &weights, rand).map(|k| pool[k].job.clone())
 }
 
