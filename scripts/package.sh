@@ -87,11 +87,11 @@ roff_escape() { sed -e 's/\\/\\e/g' -e "s/^\([.']\)/\\\\\&\1/"; }
 manpage() {
   local b="$1" upper about
   upper="$(echo "$b" | tr '[:lower:]' '[:upper:]')"
-  about="$("$BIN_DIR/$b" --help 2>/dev/null | head -1 | sed 's/^[^:]*: *//' || true)"
+  about="$("$BIN_DIR/$b" --help 2>/dev/null | head -1 || true)"
   {
     echo ".TH \"$upper\" 1 \"\" \"mosix $VERSION\" \"mosix\""
     echo ".SH NAME"
-    echo "$b \\- ${about:-part of mosix}" | roff_escape
+    echo "$b \\- $(echo "${about:-part of mosix}" | roff_escape)"
     echo ".SH DESCRIPTION"
     echo ".nf"
     "$BIN_DIR/$b" --help 2>&1 | roff_escape || true
