@@ -249,20 +249,16 @@ pub fn claim_shared_path(
                     path: marker_path.clone(),
                     why: e.to_string(),
                 })?;
-            // create_new: two first agents racing leave one marker; the
-            // loser checks the winner's.
-            use std::io::Write;
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&marker_path)
-            {
-                Ok(mut f) => {
-                    f.write_all(&bytes)
-                        .and_then(|()| f.sync_all())
-                        .map_err(write_err(&marker_path))?;
-                    SharedClaim::Created
-                }
+            // Written whole to a file of our own, then linked into place:
+            // link(2) fails if the marker exists (atomic on NFS too), so two
+            // first agents racing leave one marker, and nobody ever reads a
+            // half-written one. The loser checks the winner's.
+            let tmp = shared.join(format!("{MARKER_FILE}.{node}.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, &bytes).map_err(write_err(&tmp))?;
+            let linked = std::fs::hard_link(&tmp, &marker_path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => SharedClaim::Created,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     return claim_shared_path(shared, cluster, ca_sha256, node);
                 }
@@ -374,6 +370,29 @@ mod tests {
 
         let e = check_node_certificate(&ca, &cert, "node1", now() + 20 * 366 * 86_400).unwrap_err();
         assert!(e.to_string().contains("expired on"), "{e}");
+    }
+
+    #[test]
+    fn agents_starting_together_leave_one_whole_marker() {
+        for _ in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let claims: Vec<SharedClaim> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..6)
+                    .map(|i| {
+                        let p = d.path();
+                        sc.spawn(move || {
+                            claim_shared_path(p, "c", Some("aa"), &format!("node{i}")).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let created = claims
+                .iter()
+                .filter(|c| **c == SharedClaim::Created)
+                .count();
+            assert_eq!(created, 1, "{claims:?}");
+        }
     }
 
     #[test]
