@@ -60,9 +60,13 @@ pub fn signal_table() -> Vec<(i32, &'static str)> {
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     if a.list {
-        for (n, name) in signal_table() {
-            println!("{n:>2}) {name}");
-        }
+        use std::io::Write;
+        let table: String = signal_table()
+            .into_iter()
+            .map(|(n, name)| format!("{n:>2}) {name}\n"))
+            .collect();
+        // One write, and a closed pipe (`mosctl kill -l | head`) is no error.
+        let _ = std::io::stdout().lock().write_all(table.as_bytes());
         return Ok(());
     }
     let Some(job_arg) = a.job else {
