@@ -148,6 +148,23 @@ pub fn check_node_certificate(
     node: &str,
     now_unix: i64,
 ) -> Result<(), MembershipError> {
+    let cert_name = check_certificate(ca, cert, now_unix)?;
+    if cert_name != node {
+        return Err(MembershipError::NameMismatch {
+            cert: cert.to_path_buf(),
+            cert_name,
+            node: node.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Check that `cert` is signed by `ca` and valid now; its common name.
+/// The CLIs check their client certificate this way before connecting:
+/// an agent refusing a client certificate of another CA only closes the
+/// connection (TLS 1.3 sends its alert after the handshake, and the client
+/// sees "operation was canceled"), so the mistake is best named here.
+pub fn check_certificate(ca: &Path, cert: &Path, now_unix: i64) -> Result<String, MembershipError> {
     let ca_bytes = read(ca)?;
     let ca_der = pem_der(ca, &ca_bytes)?;
     let ca_cert = parse(ca, &ca_der)?;
@@ -175,15 +192,7 @@ pub fn check_node_certificate(
             not_before: when(&v.not_before),
         });
     }
-    let cert_name = common_name(&c).unwrap_or_default();
-    if cert_name != node {
-        return Err(MembershipError::NameMismatch {
-            cert: cert.to_path_buf(),
-            cert_name,
-            node: node.to_string(),
-        });
-    }
-    Ok(())
+    Ok(common_name(&c).unwrap_or_default())
 }
 
 /// What [`claim_shared_path`] found.
