@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export MOSIX_REQUIRE_PRIVILEGED ?= 1
 
-.PHONY: setup build test unit integration demo demo-gw demo-kernel bench bench-gw bench-kernel soak up down fmt clippy clean
+.PHONY: setup build test unit integration demo demo-gw demo-kernel bench bench-gw bench-kernel soak up down fmt clippy clean package
 
 ## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
 setup:
@@ -54,6 +54,11 @@ bench-gw: setup
 ## Long soak: hundreds of round-trip migrations of a stateful job.
 soak: build
 	$(CARGO) test --test integration -- --ignored soak --nocapture
+
+## The Debian package target/debian/mosix_<version>_<arch>.deb (release binaries, CRIU from
+## `make setup`, systemd units, /etc/mosix/mosixd.toml, man pages); README: "Joining a cluster".
+package: setup
+	@bash scripts/package.sh
 
 ## A 2-node local cluster for trying things by hand (`make down` removes it).
 up: build

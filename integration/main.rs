@@ -13,6 +13,7 @@ mod gateway;
 mod migration;
 mod mosmake;
 mod noshared;
+mod package;
 mod postcopy_failure;
 mod precopy;
 mod security;

@@ -37,6 +37,15 @@ else
   say "packages already installed"
 fi
 
+# Older versions of this script left a sid deb-src entry in the system's sources:
+# remove it, and refresh the lists so that its index files go too.
+OLD_SRC_LIST=/etc/apt/sources.list.d/mosix-criu-src.sources
+if [ -f "$OLD_SRC_LIST" ] && grep -q '^Suites: sid' "$OLD_SRC_LIST"; then
+  say "removing $OLD_SRC_LIST (left by an older make setup)"
+  rm -f "$OLD_SRC_LIST"
+  apt-get update -qq || true
+fi
+
 criu_ok() {
   local bin="$1"
   [ -x "$bin" ] || return 1
@@ -67,26 +76,31 @@ fi
 say "building CRIU $CRIU_VERSION from Debian's source archive (about 20 s)"
 TARBALL="$CACHE/criu_$CRIU_VERSION.orig.tar.xz"
 if [ ! -f "$TARBALL" ] || ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --quiet - 2>/dev/null; then
-  # Add a deb-src entry for sid using the machine's own Debian mirror (read from its
-  # sources, so no registry host is written into this repository).
-  SRC_LIST=/etc/apt/sources.list.d/mosix-criu-src.sources
-  if [ ! -f "$SRC_LIST" ]; then
-    URI=""
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-      URI="$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
-    fi
-    if [ -z "$URI" ] && [ -f /etc/apt/sources.list ]; then
-      URI="$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)"
-    fi
-    [ -n "$URI" ] || { echo "[setup] cannot find the machine's Debian mirror" >&2; exit 1; }
-    printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$URI" > "$SRC_LIST"
+  # Fetch the source through a private apt configuration: a deb-src entry for sid
+  # using the machine's own Debian mirror (read from its sources, so no registry
+  # host is written into this repository), with its own lists and cache under a
+  # temporary directory. The system's package sources and lists are never touched.
+  URI=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    URI="$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
   fi
-  apt-get update -qq
-  dl="$(mktemp -d)"
-  ( cd "$dl" && apt-get source --download-only "criu=$CRIU_VERSION-1" >/dev/null 2>&1 || true )
+  if [ -z "$URI" ] && [ -f /etc/apt/sources.list ]; then
+    URI="$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)"
+  fi
+  [ -n "$URI" ] || { echo "[setup] cannot find the machine's Debian mirror" >&2; exit 1; }
+  apt_tmp="$(mktemp -d)"
+  trap 'rm -rf "$apt_tmp"' EXIT
+  mkdir -p "$apt_tmp/sources.list.d" "$apt_tmp/lists/partial" "$apt_tmp/cache/archives/partial" "$apt_tmp/dl"
+  printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$URI" \
+    > "$apt_tmp/sources.list.d/mosix-criu-src.sources"
+  APT_PRIVATE=(-o Dir::Etc::sourcelist=/dev/null -o "Dir::Etc::sourceparts=$apt_tmp/sources.list.d"
+               -o "Dir::State::lists=$apt_tmp/lists" -o "Dir::Cache=$apt_tmp/cache"
+               -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o APT::Sandbox::User=root)
+  apt-get "${APT_PRIVATE[@]}" update -qq
+  dl="$apt_tmp/dl"
+  ( cd "$dl" && apt-get "${APT_PRIVATE[@]}" source --download-only "criu=$CRIU_VERSION-1" >/dev/null 2>&1 || true )
   [ -f "$dl/criu_$CRIU_VERSION.orig.tar.xz" ] || { echo "[setup] could not download criu_$CRIU_VERSION.orig.tar.xz" >&2; exit 1; }
   mv "$dl/criu_$CRIU_VERSION.orig.tar.xz" "$TARBALL"
-  rm -rf "$dl"
 fi
 echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --quiet - || { echo "[setup] sha256 mismatch for $TARBALL" >&2; rm -f "$TARBALL"; exit 1; }
 rm -rf "$CACHE/criu-$CRIU_VERSION"

@@ -111,7 +111,16 @@ pub async fn channel(
             .domain_name(CLUSTER_TLS_NAME);
         ep = ep.tls_config(cfg)?;
     }
-    Ok(ep.connect().await?)
+    ep.connect().await.map_err(|e| {
+        // A handshake failure names the mistake (wrong CA, expired
+        // certificate) instead of a bare "transport error".
+        let why = crate::security::membership::explain_tls_error(&e);
+        let err = anyhow::Error::new(e);
+        match why {
+            Some(why) => err.context(format!("TLS handshake with {endpoint} failed: {why}")),
+            None => err,
+        }
+    })
 }
 
 pub async fn agent(

@@ -20,7 +20,20 @@ pub struct Ctx {
 /// A gRPC failure as a user-facing error: the agent's message, which already
 /// says what happened and where the job is, plus the code for scripts.
 pub fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow!("{what}: {} ({:?})", s.message(), s.code())
+    match crate::security::membership::explain_tls_error(&s) {
+        Some(why) => anyhow!("{what}: {why} ({}, {:?})", s.message(), s.code()),
+        None => anyhow!("{what}: {} ({:?})", s.message(), s.code()),
+    }
+}
+
+/// A failed call's status as text for a table cell, with a TLS refusal
+/// named (an agent that refuses our client certificate says so only once
+/// the first call is made: TLS 1.3 sends that alert after the handshake).
+pub fn status_text(s: &tonic::Status) -> String {
+    match crate::security::membership::explain_tls_error(s) {
+        Some(why) => format!("{why}: {}", s.message()),
+        None => s.message().to_string(),
+    }
 }
 
 impl Ctx {
@@ -28,6 +41,14 @@ impl Ctx {
         let path = ClusterFile::locate(flag);
         let cf = ClusterFile::load(&path)?;
         let tls = ClientTls::from_cluster(&cf).context("loading client TLS files")?;
+        if let Some(t) = &cf.tls {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            crate::security::membership::check_certificate(&t.ca, &t.cert, now)
+                .with_context(|| format!("the client certificate in {}", path.display()))?;
+        }
         Ok(Self { cf, tls })
     }
 
@@ -146,7 +167,7 @@ pub async fn poll_loads(
                 c.get_load(pb::GetLoadRequest {})
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|s| s.message().to_string())
+                    .map_err(|s| status_text(&s))
             })
             .await
             .unwrap_or_else(|_| Err("timed out".to_string()));

@@ -23,13 +23,17 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 pub struct Args {
-    /// JSON config file; flags given on the command line override it.
+    /// Config file, TOML if its name ends in .toml (the packaged
+    /// /etc/mosix/mosixd.toml), else JSON; flags given on the command line
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// This node's name (must match the cluster file).
+    /// This node's name (must match the cluster file and the CN of its
+    /// certificate) [default: the host name].
     #[arg(long)]
     pub node: Option<String>,
-    /// gRPC listen address.
+    /// gRPC listen address [default: this node's endpoint in the cluster
+    /// file, else 127.0.0.1:7000].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Shared image root (NFS on a real cluster): registry, images, job output.
@@ -61,10 +65,10 @@ pub struct Args {
     /// Cluster CA certificate (PEM) for mTLS.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
-    /// This node's certificate (PEM).
+    /// This node's certificate (PEM) [default with --tls-ca: NODE.pem beside the CA].
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
-    /// This node's private key (PEM).
+    /// This node's private key (PEM) [default with --tls-ca: NODE.key beside the CA].
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// Allow listening on a non-loopback address without TLS.
@@ -127,10 +131,25 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    /// Parse a config file; exposed for property tests.
+    /// Parse a JSON config file; exposed for property tests.
     pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
         serde_json::from_slice(bytes)
             .context("agent config is not valid JSON of the expected shape")
+    }
+
+    /// Parse a TOML config file (the packaged /etc/mosix/mosixd.toml: the
+    /// Rust ecosystem's usual format, and one that takes comments).
+    pub fn parse_toml(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).context("agent config is not valid TOML of the expected shape")
+    }
+
+    /// Parse by the file's name: `*.toml` as TOML, anything else as JSON.
+    pub fn parse_path(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<Self> {
+        if path.extension().is_some_and(|e| e == "toml") {
+            Self::parse_toml(std::str::from_utf8(bytes).context("agent config is not UTF-8")?)
+        } else {
+            Self::parse(bytes)
+        }
     }
 }
 
@@ -139,7 +158,8 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         return Ok(a);
     };
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let f = FileConfig::parse(&bytes).with_context(|| format!("in {}", path.display()))?;
+    let f =
+        FileConfig::parse_path(&path, &bytes).with_context(|| format!("in {}", path.display()))?;
     // A root given on the command line replaces the file's, whichever kind.
     let cli_root = a.shared.is_some() || a.state_dir.is_some();
     Ok(Args {
@@ -168,10 +188,35 @@ fn merge(a: Args) -> anyhow::Result<Args> {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let a = merge(args)?;
-    let node = NodeName::parse(a.node.as_deref().context("--node is required")?)?;
-    let listen = a
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7000)));
+    let node = match a.node.as_deref() {
+        Some(n) => NodeName::parse(n)?,
+        None => {
+            let host =
+                nix::unistd::gethostname().context("no --node, and the host name is unreadable")?;
+            let host = host.to_string_lossy();
+            // The short name: node certificates are issued for node names.
+            let short = host.split('.').next().unwrap_or_default();
+            NodeName::parse(short).with_context(|| {
+                format!("no --node given, and the host name {host:?} is not a node name")
+            })?
+        }
+    };
+    let cluster_path = ClusterFile::locate(a.cluster.as_deref());
+    let cluster_file = ClusterFile::load(&cluster_path);
+    let listen = match (a.listen, &cluster_file) {
+        (Some(l), _) => l,
+        (None, Ok(cf)) => match cf.node(node.as_str()) {
+            Ok(n) => endpoint_addr(&n.endpoint).with_context(|| {
+                format!(
+                    "no --listen given, and node {node}'s endpoint {:?} in {} is not ADDR:PORT",
+                    n.endpoint,
+                    cluster_path.display()
+                )
+            })?,
+            Err(_) => SocketAddr::from(([127, 0, 0, 1], 7000)),
+        },
+        (None, Err(_)) => SocketAddr::from(([127, 0, 0, 1], 7000)),
+    };
     let (shared, is_shared) = match (&a.shared, &a.state_dir) {
         (Some(s), None) => (s.clone(), true),
         (None, Some(d)) => (d.clone(), false),
@@ -194,9 +239,62 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let jobs_dir = a.jobs_dir.clone().unwrap_or_else(|| shared.join("jobs"));
     let tls_files = match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
+        // `mosctl certs` writes NODE.pem/NODE.key beside ca.pem: one config
+        // file then serves every node.
+        (Some(ca), None, None) if a.config.is_some() => {
+            let dir = ca.parent().unwrap_or(std::path::Path::new("."));
+            Some((
+                ca.clone(),
+                dir.join(format!("{node}.pem")),
+                dir.join(format!("{node}.key")),
+            ))
+        }
         (None, None, None) => None,
         _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
     };
+    if let Some((ca, cert, _)) = &tls_files {
+        if ca.exists() && cert.exists() {
+            crate::security::membership::check_node_certificate(
+                ca,
+                cert,
+                node.as_str(),
+                unix_now(),
+            )?;
+        } else {
+            for f in [ca, cert] {
+                if !f.exists() {
+                    bail!(
+                        "{} does not exist: give this node its files from the cluster's CA directory (`mosctl certs` writes ca.pem, NODE.pem and NODE.key)",
+                        f.display()
+                    );
+                }
+            }
+        }
+    }
+    if is_shared {
+        let ca_fp = match &tls_files {
+            Some((ca, _, _)) => Some(crate::security::membership::ca_fingerprint(ca)?),
+            None => None,
+        };
+        let cluster_name = cluster_file
+            .as_ref()
+            .map(|cf| cf.name.clone())
+            .unwrap_or_else(|_| "mosix".to_string());
+        match crate::security::membership::claim_shared_path(
+            &shared,
+            &cluster_name,
+            ca_fp.as_deref(),
+            node.as_str(),
+        )? {
+            crate::security::membership::SharedClaim::Joined => {}
+            crate::security::membership::SharedClaim::Created => tracing::warn!(
+                "the shared path {} had no cluster marker: wrote {}. Right for the first node of a new cluster; on any other node it means {} is not the file system the other nodes share (`mosctl load` names such nodes)",
+                shared.display(),
+                shared.join(crate::security::membership::MARKER_FILE).display(),
+                shared.display()
+            ),
+        }
+    }
     if tls_files.is_none() && !listen.ip().is_loopback() && !a.insecure {
         bail!(
             "refusing to listen on {listen} without TLS: give --tls-ca/--tls-cert/--tls-key, or --insecure to accept unauthenticated control of this node"
@@ -230,8 +328,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    let cluster_path = ClusterFile::locate(a.cluster.as_deref());
-    let endpoints: BTreeMap<NodeName, String> = match ClusterFile::load(&cluster_path) {
+    let endpoints: BTreeMap<NodeName, String> = match cluster_file {
         Ok(cf) => cf.nodes.into_iter().map(|n| (n.name, n.endpoint)).collect(),
         Err(e) => {
             tracing::warn!("no peers: {e}");
@@ -409,6 +506,28 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_toml_config_parses() {
+        let c = FileConfig::parse_toml(include_str!("../../packaging/mosixd.toml")).unwrap();
+        assert!(c.node.is_none(), "the node name defaults to the host name");
+        assert_eq!(
+            c.shared.as_deref(),
+            Some(std::path::Path::new("/var/lib/mosix/shared"))
+        );
+        assert_eq!(
+            c.criu.as_deref(),
+            Some(std::path::Path::new("/usr/lib/mosix/criu"))
+        );
+        assert!(c.tls_ca.is_some() && c.tls_cert.is_none());
+        assert!(
+            FileConfig::parse_toml("nodee = \"x\"").is_err(),
+            "typos are errors"
+        );
+        let p = std::path::Path::new("a.toml");
+        assert!(FileConfig::parse_path(p, b"node = \"n1\"").is_ok());
+        assert!(FileConfig::parse_path(std::path::Path::new("a.json"), b"node = 1").is_err());
+    }
+
+    #[test]
     fn config_mutations_never_panic() {
         let base = br#"{"node":"node1","listen":"127.0.0.1:7000","shared":"/srv","cgroup":"a/b","speed":2.0,"insecure":true}"#.to_vec();
         let mut seed: u64 = 0x2545F4914F6CDD1D;
@@ -433,6 +552,19 @@ pub enum ImageSyncArg {
     Auto,
     Fsync,
     Close,
+}
+
+/// `host:port` of an endpoint URL such as `https://10.0.0.1:7000`.
+fn endpoint_addr(endpoint: &str) -> Option<SocketAddr> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    rest.trim_end_matches('/').parse().ok()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Whether `path` is on NFS (statfs magic), where close() commits data.

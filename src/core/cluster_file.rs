@@ -14,13 +14,17 @@
 //! ```
 //!
 //! Where it is looked up: `--cluster PATH`, else `$MOSIX_CLUSTER`, else
-//! [`DEFAULT_CLUSTER_FILE`].
+//! [`DEFAULT_CLUSTER_FILE`] (a local cluster), else
+//! [`INSTALLED_CLUSTER_FILE`] if only that exists.
 
 use super::ids::NodeName;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CLUSTER_FILE: &str = "/run/mosix/local/cluster.json";
+/// The cluster file of a node installed from the package (`mosctl certs
+/// --cluster-file` writes it); used when there is no local cluster.
+pub const INSTALLED_CLUSTER_FILE: &str = "/etc/mosix/cluster.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterFileError {
@@ -80,6 +84,13 @@ impl ClusterFile {
         }
         if let Some(p) = std::env::var_os("MOSIX_CLUSTER") {
             return PathBuf::from(p);
+        }
+        // A node set up from the package has no local cluster: its file is
+        // /etc/mosix/cluster.json. A local cluster, when there is one, wins.
+        let local = Path::new(DEFAULT_CLUSTER_FILE);
+        let installed = Path::new(INSTALLED_CLUSTER_FILE);
+        if !local.exists() && installed.exists() {
+            return installed.to_path_buf();
         }
         PathBuf::from(DEFAULT_CLUSTER_FILE)
     }

@@ -254,6 +254,12 @@ async fn up_inner(
     } else {
         None
     };
+    // A new local cluster has a new CA: it takes over its shared root, so a
+    // marker left by an earlier run (--keep-data, a crash) is not "another
+    // cluster" (see security::membership).
+    if let Some(root) = &opts.shared_root {
+        let _ = std::fs::remove_file(root.join(crate::security::membership::MARKER_FILE));
+    }
     let key_path = sd.join("image.key");
     crate::security::manifest::ClusterKey::generate()
         .save(&key_path)

@@ -1,9 +1,10 @@
 //! `mosctl local up|down|status`: the local cluster.
 
+use crate::core::cluster_file::ClusterFile;
 use crate::local;
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Subcommand;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
@@ -54,8 +55,9 @@ pub enum Cmd {
     RestartAgent {
         /// The node, e.g. node2.
         node: String,
-        #[arg(long, default_value = "local")]
-        name: String,
+        /// Cluster name [default: the one in --cluster / $MOSIX_CLUSTER, else local].
+        #[arg(long)]
+        name: Option<String>,
         /// Start it with this CRIU binary instead.
         #[arg(long)]
         criu: Option<PathBuf>,
@@ -66,8 +68,9 @@ pub enum Cmd {
     /// Remove every namespace, link, cgroup and process of a local cluster.
     /// Works after a crash too.
     Down {
-        #[arg(long, default_value = "local")]
-        name: String,
+        /// Cluster name [default: the one in --cluster / $MOSIX_CLUSTER, else local].
+        #[arg(long)]
+        name: Option<String>,
         /// Keep the shared root (registry, images, job output), or without a
         /// shared path the nodes' state dirs.
         #[arg(long)]
@@ -75,7 +78,44 @@ pub enum Cmd {
     },
 }
 
-pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
+/// Which local cluster `down`/`restart-agent` mean: `--name`, else the
+/// cluster named in the file that `--cluster` or `$MOSIX_CLUSTER` points at
+/// (so `mosctl --cluster F local down` takes down F's cluster, not `local`),
+/// else `local`. A `--name` that contradicts an explicit `--cluster` is
+/// refused; over `$MOSIX_CLUSTER` (ambient, maybe stale) `--name` wins.
+fn resolve_name(cluster: Option<&Path>, name: Option<String>) -> anyhow::Result<String> {
+    let file = match (cluster, &name) {
+        (Some(f), _) => f.to_path_buf(),
+        (None, Some(n)) => return Ok(n.clone()),
+        (None, None) => match std::env::var_os("MOSIX_CLUSTER") {
+            Some(f) => PathBuf::from(f),
+            None => return Ok("local".to_string()),
+        },
+    };
+    let from_file = match ClusterFile::load(&file) {
+        Ok(cf) => cf.name,
+        // After a crash the file may be gone; a local cluster's file lives
+        // at /run/mosix/<name>/cluster.json, so its path still names it.
+        Err(e) => match file
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .filter(|n| local::cluster_file_path(n) == file)
+        {
+            Some(n) => n.to_string(),
+            None => return Err(e).context("finding which local cluster to act on"),
+        },
+    };
+    match name {
+        Some(n) if n != from_file => bail!(
+            "--name {n} contradicts the cluster file {} (cluster {from_file}); give one of them",
+            file.display()
+        ),
+        _ => Ok(from_file),
+    }
+}
+
+pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up {
             nodes,
@@ -125,6 +165,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             criu,
             kill_only,
         } => {
+            let name = resolve_name(cluster, name)?;
             match local::restart_agent(&name, &node, criu.as_deref(), kill_only)? {
                 Some(pid) => println!("agent on {node} restarted (pid {pid})"),
                 None => println!("agent on {node} killed"),
@@ -132,6 +173,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Down { name, keep_data } => {
+            let name = resolve_name(cluster, name)?;
             local::down(&name, keep_data, &|s| eprintln!("  {s}"))?;
             println!("cluster {name} is down");
             Ok(())

@@ -83,7 +83,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Kill(x) => kill::run(cluster, x).await,
         Cmd::Load(x) => load::run(cluster, x).await,
         Cmd::Slots(x) => slots::run(cluster, x).await,
-        Cmd::Local(x) => local::run(x).await,
+        Cmd::Local(x) => local::run(cluster, x).await,
         Cmd::Certs(x) => certs::run(x),
         Cmd::Block(x) => block::block(cluster, x).await,
         Cmd::Unblock(x) => block::unblock(cluster, x).await,
