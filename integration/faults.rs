@@ -120,7 +120,21 @@ fn kill9_of_target_agent_during_restore() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    kill9_of_target_agent_during_restore_with(&[]);
+}
+
+/// The same with the shared directories served over sshfs from a
+/// file-server namespace (a real network file system).
+#[test]
+fn kill9_of_target_agent_during_restore_over_sshfs() {
+    if !privileged() || !sshfs_capable() {
+        return;
+    }
+    kill9_of_target_agent_during_restore_with(&["--shared-over", "sshfs"]);
+}
+
+fn kill9_of_target_agent_during_restore_with(extra: &[&str]) {
+    let cl = Cluster::up(2, extra);
     let (job, file) = counter_job(&cl, "768", "8092");
     let mut m = spawn_migrate(&cl, &job, "node2");
     // Wait until the dump is done and the target is restoring (or has).
@@ -290,8 +304,27 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
     }
     let _u = Unmount(mnt.clone());
     let shared = mnt.join("root");
-    let cl = Cluster::up(2, &["--shared", shared.to_str().unwrap()]);
-    let file = std::env::temp_dir().join(format!("counter-{}.txt", cl.name));
+    // The counter's file is not on the small shared disk, but in a
+    // directory every node sees (their /tmp is their own).
+    let common = mnt.with_extension("common");
+    std::fs::create_dir_all(&common).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(common.clone());
+    let cl = Cluster::up(
+        2,
+        &[
+            "--shared",
+            shared.to_str().unwrap(),
+            "--common",
+            common.to_str().unwrap(),
+        ],
+    );
+    let file = common.join(format!("counter-{}.txt", cl.name));
     let job = cl.mosrun(&[
         "--node",
         "node1",

@@ -1566,6 +1566,7 @@ mod tests {
             page_server_ip: None,
             post_copy: false,
             image_sync: ImageSync::OnClose,
+            common_dirs: Vec::new(),
         }
     }
 
