@@ -483,9 +483,6 @@ pub fn spawn_in_node(
         .open(state_dir.join(format!("{node}.log")))?;
     let ns_fd = ns.as_raw_fd();
     let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
     let (plan, mnt_ns) = match mounts {
         NodeMounts::New(p) => (Some(p), None),
         NodeMounts::Enter(f) => (None, Some(f)),
@@ -494,6 +491,9 @@ pub fn spawn_in_node(
     // then execs the program.
     let mut wrapped = plan.as_ref().and_then(|p| p.wrap(cmd));
     let cmd = wrapped.as_mut().unwrap_or(cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     let mnt_fd = mnt_ns.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure only makes async-signal-safe syscalls on fds that
     // stay open until spawn returns, and on strings prepared beforehand.
