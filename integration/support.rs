@@ -127,9 +127,42 @@ impl Cluster {
         if no_shared {
             std::fs::create_dir_all(&cl.shared).unwrap();
         }
+        let over_sshfs = args.windows(2).any(|w| w == ["--shared-over", "sshfs"]);
         let o = run(MOSCTL, &args, None);
         assert!(o.status.success(), "local up failed: {}", stderr(&o));
+        if over_sshfs {
+            cl.assert_nodes_mount_over_sshfs();
+        }
         cl
+    }
+
+    /// Every agent sees the shared dir (or the test's scratch dir without
+    /// one) as an sshfs mount, not the host's directory.
+    pub fn assert_nodes_mount_over_sshfs(&self) {
+        let pids =
+            std::fs::read_to_string(format!("/run/mosix/{}/agents.pids", self.name)).unwrap();
+        let dir = self.shared.to_string_lossy().into_owned();
+        for pid in pids.split_whitespace() {
+            let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+            assert!(
+                mounts.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.get(4) == Some(&dir.as_str()) && l.contains(" - fuse.sshfs ")
+                }),
+                "agent {pid} does not see {dir} over sshfs"
+            );
+        }
+    }
+
+    /// The host-side link of the cluster's file server (`--shared-over
+    /// sshfs`): down, the server is cut off from every node.
+    pub fn set_fileserver_link(&self, up: bool) {
+        let o = Command::new("ip")
+            .args(["link", "set", &format!("mv-{}-fs", self.name)])
+            .arg(if up { "up" } else { "down" })
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip link: {}", stderr(&o));
     }
 
     pub fn mosctl(&self, args: &[&str]) -> Output {

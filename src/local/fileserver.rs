@@ -33,9 +33,13 @@ pub const HOST_PART: u8 = 250;
 ///   still "exists" here for up to 20 s (sshfs's directory cache), which
 ///   the registry's and the claim files' `exists` checks cannot afford;
 /// - `allow_other`: jobs run as their caller's uid, not the mounting root;
-/// - `reconnect`, `ServerAliveInterval=2`, `ServerAliveCountMax=3`: a
-///   server that went away is noticed within ~6 s (calls fail instead of
-///   hanging), and the mount comes back when it does;
+/// - `reconnect`, `ServerAliveInterval=2`, `ServerAliveCountMax=3`,
+///   `ConnectTimeout=5`: a server that went away is noticed within ~6 s
+///   and each reconnect attempt gives up after 5 s, so calls fail with EIO
+///   instead of hanging (without `ConnectTimeout` a migration during an
+///   outage took 80 s to fail: TCP's connect timeout), and the mount works
+///   again once the server is back. Files open across the outage stay
+///   broken (SFTP handles die with the session) until reopened;
 /// - rename over an existing file and `O_EXCL` create need no workaround:
 ///   OpenSSH's server has `posix-rename@openssh.com`, and SFTP's EXCL flag
 ///   is an `O_EXCL` open on the server; `fsync@openssh.com` makes fsync
