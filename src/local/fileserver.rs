@@ -45,7 +45,7 @@ pub const HOST_PART: u8 = 250;
 ///   is an `O_EXCL` open on the server; `fsync@openssh.com` makes fsync
 ///   reach the server's disk.
 pub const SSHFS_OPTIONS: &str =
-    "allow_other,reconnect,ServerAliveInterval=2,ServerAliveCountMax=3,\
+    "allow_other,reconnect,ServerAliveInterval=2,ServerAliveCountMax=3,ConnectTimeout=5,\
 dir_cache=no,attr_timeout=0,entry_timeout=0,negative_timeout=0,\
 StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR,BatchMode=yes";
 
