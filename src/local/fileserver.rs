@@ -34,18 +34,21 @@ pub const HOST_PART: u8 = 250;
 ///   the registry's and the claim files' `exists` checks cannot afford;
 /// - `allow_other`: jobs run as their caller's uid, not the mounting root;
 /// - `reconnect`, `ServerAliveInterval=2`, `ServerAliveCountMax=3`,
-///   `ConnectTimeout=5`: a server that went away is noticed within ~6 s
-///   and each reconnect attempt gives up after 5 s, so calls fail with EIO
-///   instead of hanging (without `ConnectTimeout` a migration during an
-///   outage took 80 s to fail: TCP's connect timeout), and the mount works
-///   again once the server is back. Files open across the outage stay
-///   broken (SFTP handles die with the session) until reopened;
+///   `ConnectTimeout=20`: a server that went away is noticed within ~6 s
+///   and a reconnect attempt gives up after 20 s, so calls fail with EIO
+///   instead of hanging (without `ConnectTimeout` the first call during an
+///   outage took 79 s to fail: TCP's connect timeout), and the mount works
+///   again once the server is back. Not less than 20 s: the timeout also
+///   covers SSH's key exchange, and with 5 s a node's mount failed on this
+///   2-core machine under load ("Connection reset by peer"). Files open
+///   across the outage stay broken (SFTP handles die with the session)
+///   until reopened;
 /// - rename over an existing file and `O_EXCL` create need no workaround:
 ///   OpenSSH's server has `posix-rename@openssh.com`, and SFTP's EXCL flag
 ///   is an `O_EXCL` open on the server; `fsync@openssh.com` makes fsync
 ///   reach the server's disk.
 pub const SSHFS_OPTIONS: &str =
-    "allow_other,reconnect,ServerAliveInterval=2,ServerAliveCountMax=3,ConnectTimeout=5,\
+    "allow_other,reconnect,ServerAliveInterval=2,ServerAliveCountMax=3,ConnectTimeout=20,\
 dir_cache=no,attr_timeout=0,entry_timeout=0,negative_timeout=0,\
 StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR,BatchMode=yes";
 

@@ -213,10 +213,13 @@ impl Plan {
             .mount_commands
             .iter()
             .map(|c| {
-                c.iter()
+                let c = c
+                    .iter()
                     .map(|a| shell_quote(a))
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join(" ");
+                // Once more after a pause: a mount can fail on a busy host.
+                format!("{{ {c} || {{ sleep 2 && {c}; }}; }}")
             })
             .collect();
         script.push("exec \"$0\" \"$@\"".to_string());
