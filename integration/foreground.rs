@@ -143,7 +143,8 @@ fn foreground_semantics_exit_signals_streams_stdin_and_no_orphan() {
         (0, "out1\nout2\n", "err1\nerr2\n")
     );
     // cwd, environment and umask are kept.
-    let dir = std::env::temp_dir().join(format!("mosix-fg-{}", cl.name));
+    // On the shared path: each node's /tmp is its own.
+    let dir = cl.shared.join("fg-cwd");
     std::fs::create_dir_all(&dir).unwrap();
     let o = Command::new("sh")
         .args([
@@ -421,7 +422,7 @@ fn bad_input_gets_a_clear_error_and_status() {
         127,
         "command not found",
     );
-    let plain = std::env::temp_dir().join(format!("mosix-noexec-{}", cl.name));
+    let plain = cl.shared.join("noexec");
     std::fs::write(&plain, "echo should not run\n").unwrap();
     let plain_s = plain.to_string_lossy().into_owned();
     check(&["-n", "--", &plain_s], 126, "Permission denied");

@@ -8,7 +8,21 @@ fn counter_with_file_and_socket_migrates_a_b_a() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    counter_with_file_and_socket_migrates_a_b_a_with(&[]);
+}
+
+/// The same with the shared directories served over sshfs from a
+/// file-server namespace (a real network file system).
+#[test]
+fn counter_migrates_a_b_a_over_sshfs() {
+    if !privileged() || !sshfs_capable() {
+        return;
+    }
+    counter_with_file_and_socket_migrates_a_b_a_with(&["--shared-over", "sshfs"]);
+}
+
+fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
+    let cl = Cluster::up(2, extra);
     let file = cl.shared.join("counter.txt");
     let job = cl.mosrun(&[
         "--node",
@@ -482,4 +496,72 @@ fn without_a_shared_path_a_moved_job_keeps_its_nice_values() {
         return;
     }
     moved_job_keeps_its_nice_values(&["--no-shared"], &["--full-copy", "--full-copy"]);
+}
+
+/// Nodes behave like separate machines: each has its own /tmp (and
+/// /var/tmp, /run, home); the shared path and the cluster's run dir are
+/// common. A job holding a file that only its node has is refused
+/// migration with the file's name, before anything is frozen, and keeps
+/// running where it is.
+#[test]
+fn node_private_dirs_and_a_job_holding_a_private_file_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let name = format!("pc-private-{}.txt", cl.name);
+    let private = format!("/tmp/{name}");
+    let job = cl.mosrun(&[
+        "--node", "node1", "--", MOSJOB, "counter", "--port", "8078", "--file", &private,
+    ]);
+    let on_node1 = cl.node_tmp("node1").join(&name);
+    cl.wait_for("counter to tick in node1's /tmp", 20, || {
+        ticks(&on_node1).len() > 2
+    });
+    assert!(
+        !std::path::Path::new(&private).exists(),
+        "the host's /tmp is not node1's"
+    );
+    assert!(!cl.node_tmp("node2").join(&name).exists());
+    // What a process on node2 sees.
+    let shared_file = cl.shared.join("visible.txt");
+    std::fs::write(&shared_file, "x").unwrap();
+    let cluster_file = cl.file.to_string_lossy().into_owned();
+    for (path, want) in [
+        (private.as_str(), 1),
+        (shared_file.to_str().unwrap(), 0),
+        (cluster_file.as_str(), 0),
+    ] {
+        let o = run(
+            MOSRUN,
+            &["-n", "--node", "node2", "--", "test", "-e", path],
+            Some(&cl),
+        );
+        assert_eq!(o.status.code(), Some(want), "test -e {path} on node2");
+    }
+
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&private) && err.contains("only on node1"),
+        "the error names the file: {err}"
+    );
+    // Nothing was frozen or moved: still running on node1, still ticking.
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node1");
+    assert_eq!(rec.state, mosix::core::JobState::Running);
+    assert!(rec.history.is_empty(), "{:?}", rec.history);
+    let n = ticks(&on_node1).len();
+    cl.wait_for("counter to keep ticking", 10, || ticks(&on_node1).len() > n);
+    assert_contiguous(&ticks(&on_node1));
+
+    // `local down` leaves no mount of the nodes behind on the host.
+    let o = cl.mosctl(&["local", "down", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&format!("/run/mosix/{}/", cl.name)),
+        "{mounts}"
+    );
 }

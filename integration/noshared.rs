@@ -178,7 +178,23 @@ fn no_shared_path_counter_migrates_a_b_a_with_memory_and_socket() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &["--no-shared"]);
+    no_shared_a_b_a(&[]);
+}
+
+/// The same with the test's own directory (the counter's file) served to
+/// the nodes over sshfs.
+#[test]
+fn no_shared_path_counter_migrates_a_b_a_over_sshfs() {
+    if !privileged() || !sshfs_capable() {
+        return;
+    }
+    no_shared_a_b_a(&["--shared-over", "sshfs"]);
+}
+
+fn no_shared_a_b_a(extra: &[&str]) {
+    let mut flags = vec!["--no-shared"];
+    flags.extend_from_slice(extra);
+    let cl = Cluster::up(2, &flags);
     let watch = ImageWatch::start(&cl);
     let (job, file) = counter(&cl, "8181", "64");
     let id = JobId::parse(&job).unwrap();

@@ -96,8 +96,19 @@ impl Cluster {
         let no_shared = extra.contains(&"--no-shared");
         let own_shared = !extra.contains(&"--shared") && !no_shared;
         let mut args = vec!["local", "up", "--name", &name, "--nodes", &n];
+        // MOSIX_IT_SHARED_OVER=sshfs runs every test's cluster with its
+        // shared directories on sshfs (a few tests do so anyway).
+        let over = std::env::var("MOSIX_IT_SHARED_OVER").unwrap_or_default();
+        if !over.is_empty() && !extra.contains(&"--shared-over") {
+            args.extend_from_slice(&["--shared-over", &over]);
+        }
         if own_shared {
             args.extend_from_slice(&["--shared", &shared_s]);
+        }
+        // Without a shared path, the test's scratch dir (counter files)
+        // must still be seen by every node: their /tmp is their own.
+        if no_shared {
+            args.extend_from_slice(&["--common", &shared_s]);
         }
         args.extend_from_slice(extra);
         // A `--shared` in `extra` wins (clap takes the last one).
@@ -116,9 +127,42 @@ impl Cluster {
         if no_shared {
             std::fs::create_dir_all(&cl.shared).unwrap();
         }
+        let over_sshfs = args.windows(2).any(|w| w == ["--shared-over", "sshfs"]);
         let o = run(MOSCTL, &args, None);
         assert!(o.status.success(), "local up failed: {}", stderr(&o));
+        if over_sshfs {
+            cl.assert_nodes_mount_over_sshfs();
+        }
         cl
+    }
+
+    /// Every agent sees the shared dir (or the test's scratch dir without
+    /// one) as an sshfs mount, not the host's directory.
+    pub fn assert_nodes_mount_over_sshfs(&self) {
+        let pids =
+            std::fs::read_to_string(format!("/run/mosix/{}/agents.pids", self.name)).unwrap();
+        let dir = self.shared.to_string_lossy().into_owned();
+        for pid in pids.split_whitespace() {
+            let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+            assert!(
+                mounts.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.get(4) == Some(&dir.as_str()) && l.contains(" - fuse.sshfs ")
+                }),
+                "agent {pid} does not see {dir} over sshfs"
+            );
+        }
+    }
+
+    /// The host-side link of the cluster's file server (`--shared-over
+    /// sshfs`): down, the server is cut off from every node.
+    pub fn set_fileserver_link(&self, up: bool) {
+        let o = Command::new("ip")
+            .args(["link", "set", &format!("mv-{}-fs", self.name)])
+            .arg(if up { "up" } else { "down" })
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip link: {}", stderr(&o));
     }
 
     pub fn mosctl(&self, args: &[&str]) -> Output {
@@ -174,6 +218,12 @@ impl Cluster {
     /// A node's own state dir (cluster without a shared path).
     pub fn node_dir(&self, node: &str) -> PathBuf {
         mosix::local::node_state_dir(&self.name, node)
+    }
+
+    /// Where a node keeps its private `/tmp` (see `local::nodefs`): a
+    /// path `/tmp/x` written on the node is `<this>/x` on the host.
+    pub fn node_tmp(&self, node: &str) -> PathBuf {
+        mosix::local::nodefs::fs_dir(&self.name, node).join("tmp")
     }
 
     /// A node's own registry (cluster without a shared path).
@@ -258,6 +308,23 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.shared);
     }
+}
+
+/// sshfs tests need sshfs, sshd and FUSE (`make setup` installs them):
+/// skip loudly without, fail if MOSIX_REQUIRE_PRIVILEGED=1.
+pub fn sshfs_capable() -> bool {
+    let missing: Vec<&str> = ["/usr/bin/sshfs", "/usr/sbin/sshd", "/dev/fuse"]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("MOSIX_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("MOSIX_REQUIRE_PRIVILEGED is set but {missing:?} are missing (run `make setup`)");
+    }
+    eprintln!("\n!!!!!!!! SKIPPING sshfs test: {missing:?} missing; run `make setup` !!!!!!!!\n");
+    false
 }
 
 /// Post-copy needs userfaultfd; CI has it, so only a machine without it skips.

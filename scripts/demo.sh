@@ -5,6 +5,8 @@
 # Eight CPU-bound jobs start on node1, as the kernel compile started on node 14;
 # the balancer spreads them, and the load view is shown along the way, like the
 # article's Figures 3 to 6. Everything is torn down at the end, also on error.
+# SHARED_OVER=sshfs serves the cluster's shared path over sshfs from a
+# file-server namespace (a real network file system) instead of binding it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=./target/debug
@@ -20,8 +22,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 $M/mosctl local down --name $NAME >/dev/null 2>&1 || true
-echo "== Bringing up 4 nodes with CPU caps 0.75, 0.5, 0.5, 0.25 cores"
-$M/mosctl local up --name $NAME --nodes 4 --cpu-caps 0.75,0.5,0.5,0.25
+echo "== Bringing up 4 nodes with CPU caps 0.75, 0.5, 0.5, 0.25 cores (shared path over ${SHARED_OVER:-local})"
+$M/mosctl local up --name $NAME --nodes 4 --cpu-caps 0.75,0.5,0.5,0.25 --shared-over "${SHARED_OVER:-local}"
 
 echo
 echo "== Starting $JOBS CPU-bound jobs on node1 (like the kernel compile started on node 14)"

@@ -23,7 +23,8 @@ fi
 PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc
       libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
       libnl-3-dev libnet1-dev libcap-dev libaio-dev libgnutls28-dev libbsd-dev
-      uuid-dev libnftables-dev util-linux procps xz-utils dpkg-dev)
+      uuid-dev libnftables-dev util-linux procps xz-utils dpkg-dev
+      sshfs openssh-server)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1567,6 +1567,7 @@ mod tests {
             page_server_ip: None,
             post_copy: false,
             image_sync: ImageSync::OnClose,
+            common_dirs: Vec::new(),
         }
     }
 

@@ -32,7 +32,7 @@ pub mod postcopy;
 
 pub(crate) use postcopy::LazyDump;
 
-use super::{io_error, priority, Agent, AgentError, AgentResult};
+use super::{io_error, portable, priority, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
@@ -823,6 +823,17 @@ impl Agent {
         Ok(rec)
     }
 
+    /// The directories whose files every node has: the shared root (when
+    /// it is shared), the jobs dir and `--common-dir`s.
+    fn portable_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.cfg.jobs_dir.clone()];
+        if self.cfg.shared {
+            dirs.push(self.cfg.shared_root.clone());
+        }
+        dirs.extend(self.cfg.common_dirs.iter().cloned());
+        dirs
+    }
+
     /// Take the images for this node. `O_EXCL` create is atomic on local file
     /// systems and on NFSv3+, so exactly one node can restore a set of images.
     fn claim_images(&self, dir: &Path, mig: &MigrationId) -> AgentResult<()> {
@@ -886,6 +897,16 @@ impl Agent {
             return Err(AgentError::FailedPrecondition(
                 super::admin::pinned_message(job.as_str()),
             ));
+        }
+        // Files only this node has would not be found by the restore on the
+        // target (see `portable`): refuse before anything is frozen.
+        let private = portable::node_private_files(pid, &self.portable_dirs());
+        if !private.is_empty() {
+            return Err(AgentError::FailedPrecondition(portable::describe(
+                job.as_str(),
+                self.cfg.node.as_str(),
+                &private,
+            )));
         }
         // What a lazy restore cannot take over while the source still holds
         // it (see `postcopy::blockers`), looked at before anything is frozen.

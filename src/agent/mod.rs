@@ -15,6 +15,7 @@ pub mod load;
 pub mod metrics;
 pub mod migration;
 pub mod peers;
+pub mod portable;
 pub mod precopy;
 pub mod priority;
 pub mod reaper;
@@ -70,6 +71,10 @@ pub struct AgentConfig {
     /// How sealed images are made durable before the hand-over; registry
     /// records follow the same choice.
     pub image_sync: ImageSync,
+    /// Directories every node sees at the same path besides `shared_root`
+    /// and `jobs_dir` (`mosixd --common-dir`): files open there do not pin
+    /// a job to its node (see [`portable`]).
+    pub common_dirs: Vec<PathBuf>,
 }
 
 /// How the images of a dump are made durable before the target restores

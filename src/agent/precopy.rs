@@ -672,6 +672,7 @@ mod agent_tests {
             page_server_ip: None,
             post_copy: false,
             image_sync: ImageSync::OnClose,
+            common_dirs: Vec::new(),
         };
         let src_engine = Arc::new(src_engine);
         let dst_engine = Arc::new(FakeEngine::default());

@@ -101,6 +101,13 @@ pub struct Args {
     /// max(1, round(capacity × this)) slots [default: 2].
     #[arg(long)]
     pub slots_per_core: Option<f64>,
+    /// A directory every node sees at the same path with the same content
+    /// (an NFS home, say), besides the shared root and the jobs dir;
+    /// repeatable. A job with a file open under /tmp, /var/tmp, /run,
+    /// /dev/shm or /root outside these is refused migration (see
+    /// `agent::portable`).
+    #[arg(long = "common-dir")]
+    pub common_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +135,8 @@ pub struct FileConfig {
     pub image_sync: Option<ImageSyncArg>,
     pub run_socket: Option<PathBuf>,
     pub slots_per_core: Option<f64>,
+    #[serde(default)]
+    pub common_dirs: Vec<PathBuf>,
 }
 
 impl FileConfig {
@@ -183,6 +192,11 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         image_sync: a.image_sync.or(f.image_sync),
         run_socket: a.run_socket.or(f.run_socket),
         slots_per_core: a.slots_per_core.or(f.slots_per_core),
+        common_dir: if a.common_dir.is_empty() {
+            f.common_dirs
+        } else {
+            a.common_dir
+        },
     })
 }
 
@@ -354,6 +368,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         page_server_ip: (!listen.ip().is_unspecified()).then(|| listen.ip()),
         post_copy: !a.no_post_copy,
         image_sync,
+        common_dirs: a.common_dir.clone(),
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     agent.recover().await;

@@ -3,11 +3,12 @@
 //! Each node is a network namespace `mos-<cluster>-node<i>` with a veth into
 //! the bridge `mb-<cluster>` (address `10.77.<k>.<i+1>/24`, the host is `.1`),
 //! its own cgroup `mosix/<cluster>/node<i>` in the cpu and cpuacct
-//! hierarchies (a CPU cap is a CFS quota there), and a real `mosixd` that was
-//! moved into both before it started. The agent enters the namespace with
-//! `setns(CLONE_NEWNET)` only: a new mount namespace would make its jobs
-//! undumpable. Everything is named after the cluster, so `down` can find and
-//! remove it all even when the state file is gone after a crash.
+//! hierarchies (a CPU cap is a CFS quota there), a mount namespace of its own
+//! with private `/tmp`, `/var/tmp`, `/run` and home ([`nodefs`]), and a real
+//! `mosixd` that was moved into all three before it started (its CRIU and
+//! jobs inherit them, so CRIU sees each job in its own mount namespace).
+//! Everything is named after the cluster, so `down` can find and remove it
+//! all even when the state file is gone after a crash.
 //!
 //! Storage: by default all nodes share one root (registry, images, job
 //! output). With `shared_root: None` nothing is shared: each node gets its own
@@ -18,7 +19,9 @@
 //! machine the same path is the same directory (on a real cluster it is each
 //! machine's own disk, and the migration carries the files along).
 
+pub mod fileserver;
 pub mod net;
+pub mod nodefs;
 
 use crate::core::cluster_file::{ClusterFile, NodeEntry, TlsFiles};
 use crate::core::NodeName;
@@ -44,6 +47,13 @@ pub struct UpOptions {
     pub speeds: Vec<f64>,
     /// The shared root every node uses; None: no shared path (see the module doc).
     pub shared_root: Option<PathBuf>,
+    /// Host directories every node sees at the same path although nothing
+    /// of the cluster lives there (like an NFS home on a real cluster);
+    /// agents treat files there as portable (`mosixd --common-dir`).
+    pub common: Vec<PathBuf>,
+    /// How the nodes get what they share (the shared root, or without one
+    /// the `common` dirs).
+    pub shared_over: SharedOver,
     /// mTLS between every component (on by default).
     pub tls: bool,
     /// Directory holding `mosixd` (and the other binaries).
@@ -54,6 +64,16 @@ pub struct UpOptions {
     /// Seal images with the cluster key (agents get `--image-key`). Off only
     /// to measure what sealing costs: tampered images then go undetected.
     pub seal_images: bool,
+}
+
+/// How the nodes of a local cluster reach their shared directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SharedOver {
+    /// The host's directory, bound into every node: one machine's disk.
+    #[default]
+    Local,
+    /// sshfs from a file-server namespace on the bridge ([`fileserver`]).
+    Sshfs,
 }
 
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
@@ -193,9 +213,34 @@ async fn up_inner(
 ) -> anyhow::Result<ClusterFile> {
     let sd = state_dir(&opts.name);
     std::fs::create_dir_all(&sd).with_context(|| format!("creating {}", sd.display()))?;
+    // Absolute, symlink-free paths: the nodes get them bound back at the
+    // same place, and agents compare open files' paths against them.
+    let mut opts = opts.clone();
     if let Some(root) = &opts.shared_root {
         std::fs::create_dir_all(root)
             .with_context(|| format!("creating shared root {}", root.display()))?;
+        opts.shared_root = Some(
+            std::fs::canonicalize(root)
+                .with_context(|| format!("resolving shared root {}", root.display()))?,
+        );
+    }
+    for c in opts.common.iter_mut() {
+        *c = std::fs::canonicalize(&*c)
+            .with_context(|| format!("resolving common directory {}", c.display()))?;
+    }
+    let opts = &opts;
+    let mut shared = nodefs::Shared::default();
+    match opts.shared_over {
+        SharedOver::Local => shared.bound = common_dirs(opts),
+        SharedOver::Sshfs => {
+            fileserver::check_tools()?;
+            shared.network = common_dirs(opts);
+            if shared.network.is_empty() {
+                bail!("--shared-over sshfs needs a shared path or a --common directory to serve");
+            }
+        }
+    }
+    if let Some(root) = &opts.shared_root {
         // Remember what we own, so `down` only deletes a shared root it created.
         std::fs::write(sd.join("shared_root"), root.to_string_lossy().as_bytes())?;
     } else {
@@ -205,6 +250,25 @@ async fn up_inner(
     let k = net::pick_subnet(&opts.name)?;
     progress(&format!("bridge mb-{} on 10.77.{k}.0/24", opts.name));
     net::make_bridge(&opts.name, k)?;
+    if opts.shared_over == SharedOver::Sshfs {
+        let m = fileserver::start(&opts.name, k, &shared.network)?;
+        progress(&format!(
+            "file server {} ({}) serving {} over sshfs",
+            fileserver::netns(&opts.name),
+            m.server,
+            shared
+                .network
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        shared.mount_commands = m.commands();
+    }
+    std::fs::write(
+        sd.join("shared.json"),
+        serde_json::to_vec(&shared).context("encoding the shared dirs")?,
+    )?;
 
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
@@ -315,6 +379,9 @@ async fn up_inner(
         if let Some(sock) = &n.run_socket {
             cmd.arg("--run-socket").arg(sock);
         }
+        for c in &opts.common {
+            cmd.arg("--common-dir").arg(c);
+        }
         if !opts.post_copy {
             cmd.arg("--no-post-copy");
         }
@@ -342,7 +409,15 @@ async fn up_inner(
             sd.join(format!("{}.args.json", n.name)),
             serde_json::to_vec(&args)?,
         )?;
-        let pid = spawn_in_node(&mut cmd, &opts.name, i + 1, n.name.as_str(), &sd)?;
+        let plan = nodefs::plan(&opts.name, n.name.as_str(), &shared)?;
+        let pid = spawn_in_node(
+            &mut cmd,
+            &opts.name,
+            i + 1,
+            n.name.as_str(),
+            &sd,
+            NodeMounts::New(plan),
+        )?;
         pids.push(pid);
     }
     std::fs::write(
@@ -383,14 +458,34 @@ async fn up_inner(
     Ok(cf)
 }
 
+/// What every node sees at the same path: the shared root and the
+/// `--common` dirs.
+fn common_dirs(opts: &UpOptions) -> Vec<PathBuf> {
+    opts.shared_root
+        .iter()
+        .chain(opts.common.iter())
+        .cloned()
+        .collect()
+}
+
+/// How a process started in a node gets the node's mount namespace.
+pub enum NodeMounts {
+    /// Make the node's namespace (its first process).
+    New(nodefs::Plan),
+    /// Join the namespace a process of the node already has.
+    Enter(std::fs::File),
+}
+
 /// Start a process inside node `i`: its network namespace (setns only), its
-/// cgroups, a session of its own, output to `<state>/<node>.log`.
+/// mount namespace (see [`nodefs`]), its cgroups, a session of its own,
+/// output to `<state>/<node>.log`.
 pub fn spawn_in_node(
     cmd: &mut Command,
     cluster: &str,
     i: usize,
     node: &str,
     state_dir: &Path,
+    mounts: NodeMounts,
 ) -> anyhow::Result<i32> {
     let ns_path = format!("/run/netns/{}", netns_name(cluster, i));
     let ns = std::fs::File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
@@ -401,15 +496,32 @@ pub fn spawn_in_node(
         .open(state_dir.join(format!("{node}.log")))?;
     let ns_fd = ns.as_raw_fd();
     let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    let (plan, mnt_ns) = match mounts {
+        NodeMounts::New(p) => (Some(p), None),
+        NodeMounts::Enter(f) => (None, Some(f)),
+    };
+    // Network mounts are made by a shell inside the new namespace, which
+    // then execs the program.
+    let mut wrapped = plan.as_ref().and_then(|p| p.wrap(cmd));
+    let cmd = wrapped.as_mut().unwrap_or(cmd);
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    let mnt_fd = mnt_ns.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure only makes async-signal-safe syscalls on fds that
-    // stay open until spawn returns.
+    // stay open until spawn returns, and on strings prepared beforehand.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = mnt_fd {
+                if libc::setns(fd, libc::CLONE_NEWNS) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(p) = &plan {
+                p.apply_in_child()?;
             }
             for fd in &proc_fds {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
@@ -427,6 +539,7 @@ pub fn spawn_in_node(
     // Detached: the process outlives us; `down` kills it by netns and cgroup.
     drop(child);
     drop(ns);
+    drop(mnt_ns);
     drop(procs);
     Ok(pid)
 }
@@ -465,7 +578,15 @@ pub fn restart_agent(
         &std::fs::read(&args_path)
             .with_context(|| format!("no such node {node} in cluster {cluster}"))?,
     )?;
-    if let Some(old) = agent_pid(cluster, node) {
+    // The node's mount namespace outlives its agent as long as a process of
+    // the node runs (CRIU, jobs): the new agent must join it, or it could
+    // not dump the jobs it re-adopts. Held open across the kill.
+    let old = agent_pid(cluster, node);
+    let mnt_ns = old
+        .into_iter()
+        .chain(node_cgroup_pids(cluster, node))
+        .find_map(nodefs::foreign_mnt_ns);
+    if let Some(old) = old {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(old),
             nix::sys::signal::Signal::SIGKILL,
@@ -491,7 +612,20 @@ pub fn restart_agent(
         .context("locating mosixd")?;
     let mut cmd = Command::new(mosixd);
     cmd.args(&args);
-    let pid = spawn_in_node(&mut cmd, cluster, i, node, &sd)?;
+    let mounts = match mnt_ns {
+        Some(f) => NodeMounts::Enter(f),
+        None => {
+            // Nothing of the node runs: it "reboots" with a fresh namespace
+            // (its private dirs keep their files, as a disk would).
+            let shared: nodefs::Shared = serde_json::from_slice(
+                &std::fs::read(sd.join("shared.json"))
+                    .with_context(|| format!("reading {}/shared.json", sd.display()))?,
+            )
+            .context("decoding shared.json")?;
+            NodeMounts::New(nodefs::plan(cluster, node, &shared)?)
+        }
+    };
+    let pid = spawn_in_node(&mut cmd, cluster, i, node, &sd, mounts)?;
     Ok(Some(pid))
 }
 
@@ -598,6 +732,21 @@ fn alive(pid: i32) -> bool {
         Ok(s) => s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"),
         Err(_) => false,
     }
+}
+
+/// The processes in a node's cpu cgroup (its agent, CRIU and jobs; not the
+/// `ip netns exec` helpers that only share its network namespace).
+fn node_cgroup_pids(cluster: &str, node: &str) -> Vec<i32> {
+    let p = format!(
+        "/sys/fs/cgroup/cpu/{}/cgroup.procs",
+        cgroup_rel(cluster, node)
+    );
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter(|p| alive(*p))
+        .collect()
 }
 
 fn cgroup_pids(cluster: &str) -> Vec<i32> {

@@ -66,8 +66,19 @@ pub fn make_bridge(cluster: &str, k: u8) -> anyhow::Result<()> {
 }
 
 pub fn make_node(cluster: &str, i: usize, addr: &str, k: u8) -> anyhow::Result<()> {
-    let ns = netns_name(cluster, i);
-    let veth = host_veth(cluster, i);
+    make_ns(
+        cluster,
+        &netns_name(cluster, i),
+        &host_veth(cluster, i),
+        addr,
+        k,
+    )
+}
+
+/// A network namespace `ns` on the cluster's bridge through the host-side
+/// veth `veth` (named `mv-<cluster>-…`, so `down` finds it), with `addr`.
+pub fn make_ns(cluster: &str, ns: &str, veth: &str, addr: &str, k: u8) -> anyhow::Result<()> {
+    let (ns, veth) = (ns.to_string(), veth.to_string());
     ip(&["netns", "add", &ns])?;
     ip(&[
         "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,

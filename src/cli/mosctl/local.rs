@@ -6,6 +6,12 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedOverArg {
+    Local,
+    Sshfs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Create N nodes on this machine (network namespaces on a bridge, a real
@@ -33,6 +39,21 @@ pub enum Cmd {
         /// the images from agent to agent.
         #[arg(long)]
         no_shared: bool,
+        /// A host directory every node sees at the same path, although the
+        /// cluster keeps nothing there (like an NFS home on real machines);
+        /// repeatable. Each node's /tmp, /var/tmp, /run and home are its
+        /// own, so a directory under them is otherwise invisible to the
+        /// nodes.
+        #[arg(long = "common")]
+        common: Vec<PathBuf>,
+        /// How the nodes reach what they share (the shared path, or with
+        /// --no-shared the --common dirs): `local` binds the host's
+        /// directory into each node; `sshfs` serves it over the network
+        /// from a file-server namespace on the cluster's bridge, and every
+        /// node mounts it with sshfs (a real network file system: its
+        /// caching, rename and exclusive-create semantics).
+        #[arg(long, value_enum, default_value_t = SharedOverArg::Local)]
+        shared_over: SharedOverArg,
         /// Plain-text gRPC instead of mTLS (not recommended).
         #[arg(long)]
         insecure: bool,
@@ -124,6 +145,8 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             speeds,
             shared,
             no_shared,
+            common,
+            shared_over,
             insecure,
             criu,
             no_post_copy,
@@ -137,6 +160,11 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             let opts = local::UpOptions {
                 shared_root: (!no_shared)
                     .then(|| shared.unwrap_or_else(|| local::default_shared_root(&name))),
+                common,
+                shared_over: match shared_over {
+                    SharedOverArg::Local => local::SharedOver::Local,
+                    SharedOverArg::Sshfs => local::SharedOver::Sshfs,
+                },
                 name: name.clone(),
                 nodes,
                 caps: cpu_caps,
