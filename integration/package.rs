@@ -559,7 +559,9 @@ fn package_installs_joins_two_nodes_migrates_and_purges() {
 
     // A job migrates between the installed agents (with the packaged CRIU).
     let cf = PathBuf::from("/etc/mosix/cluster.json");
-    let counter = work.path().join("counter.txt");
+    // On the shared path: a file under /tmp exists only on its node, and
+    // the agent refuses to move a job that holds one.
+    let counter = Path::new("/var/lib/mosix/shared").join("pkg-counter.txt");
     let o = Command::new("/usr/bin/mosrun")
         .args([
             "-d", "--node", "node1", "--", MOSJOB, "counter", "--port", "8080",

@@ -83,9 +83,12 @@ pub struct PeakEwma {
 
 /// Time constant of the latency average.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Latencies below this count as this (a 20 µs answer is not 50× better
-/// than a 1 ms one for balancing; it only makes the ratio noisy).
-pub const LATENCY_FLOOR: f64 = 0.000_2;
+/// Latencies below this count as this: differences under a few
+/// milliseconds are noise (a context switch, a page fault), not a slower
+/// instance, and with no request in flight the cheaper of two instances
+/// always wins, so a 0.3 ms instance would take every request from a
+/// 0.4 ms one. Above it a slow or crowded node shows at once.
+pub const LATENCY_FLOOR: f64 = 0.005;
 
 impl PeakEwma {
     /// Fold in one response time observed at `now`.
@@ -487,7 +490,7 @@ mod tests {
 
     #[test]
     fn cost_grows_with_in_flight_latency_and_load_and_falls_with_weight() {
-        let l = 0.001;
+        let l = 0.01;
         assert!(cost(2, l, 0.0, 1.0) > cost(1, l, 0.0, 1.0));
         assert!(cost(1, l, 1.5, 1.0) > cost(1, l, 0.2, 1.0));
         assert!(cost(0, l, 0.0, 0.1) > cost(5, l, 0.0, 1.0));
@@ -561,11 +564,11 @@ mod tests {
         let mut fast = Instance::new("fast", "n1", addr(1), old);
         let mut slow = Instance::new("slow", "n2", addr(2), old);
         fast.latency = Some(PeakEwma {
-            secs: 0.001,
+            secs: 0.010,
             at: now,
         });
         slow.latency = Some(PeakEwma {
-            secs: 0.004,
+            secs: 0.040,
             at: now,
         });
         let pick = |f: &Instance, s: &Instance| {
@@ -586,7 +589,9 @@ mod tests {
         // A new instance is priced at the typical latency, not at zero.
         let newbie = Instance::new("new", "n3", addr(3), old);
         let all = [&fast, &slow, &newbie];
-        assert_eq!(default_latency(all.iter()), 0.004);
+        assert_eq!(default_latency(all.iter()), 0.040);
+        // Below the floor, instances are equal.
+        assert_eq!(cost(0, 0.0003, 0.0, 1.0), cost(0, 0.0004, 0.0, 1.0));
         assert_eq!(default_latency([&newbie].iter()), LATENCY_FLOOR);
     }
 
