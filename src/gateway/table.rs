@@ -266,9 +266,14 @@ pub fn choose<'a>(
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
+            let own = i.latency.map_or(typical, |l| l.secs);
+            // Until its slow start ends an instance is never priced below
+            // the typical latency: its first few fast answers must not let
+            // it take over before it has warmed up.
+            let warming = now.saturating_duration_since(i.since) < slow_start;
             cost(
                 i.in_flight,
-                i.latency.map_or(typical, |l| l.secs),
+                if warming { own.max(typical) } else { own },
                 i.load_per_capacity,
                 slow_start_weight(now.saturating_duration_since(i.since), slow_start),
             )
