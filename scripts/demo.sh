@@ -9,7 +9,9 @@
 # file-server namespace (a real network file system) instead of binding it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=./target/debug
+# Absolute: an agent started through the sshfs wrapper does not run in this
+# directory, and resolves a relative command against its own.
+M=$PWD/target/debug
 NAME=demo
 JOBS=${JOBS:-8}
 export MOSIX_CLUSTER=/run/mosix/$NAME/cluster.json
