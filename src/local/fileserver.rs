@@ -82,7 +82,14 @@ impl Mounts {
         self.dirs
             .iter()
             .map(|d| {
+                // The FUSE client runs in the node's cgroup, like the agent,
+                // and at the agent's priority: at nice 0 the node's own
+                // CPU-bound jobs starved it, and with it every read of the
+                // shared path (the agent stopped answering).
                 vec![
+                    "nice".to_string(),
+                    "-n".to_string(),
+                    crate::core::MIGRATION_NICE.to_string(),
                     "sshfs".to_string(),
                     format!("root@{}:{}", self.server, d.display()),
                     d.display().to_string(),
