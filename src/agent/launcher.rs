@@ -69,14 +69,18 @@ pub enum LaunchError {
     Pipe(std::io::Error),
 }
 
-fn resolve(cmd: &str, path_var: &str) -> Option<PathBuf> {
+/// The executable for `cmd`, as a shell in `cwd` would find it: a path
+/// with a '/' as given, relative ones (and relative PATH entries) against
+/// the job's working directory, never the agent's (which is not the
+/// caller's, e.g. `/` for an agent behind the sshfs mount wrapper).
+fn resolve(cmd: &str, path_var: &str, cwd: &Path) -> Option<PathBuf> {
     if cmd.contains('/') {
-        return Some(PathBuf::from(cmd));
+        return Some(cwd.join(cmd));
     }
     path_var
         .split(':')
         .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(cmd))
+        .map(|d| cwd.join(d).join(cmd))
         .find(|p| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(p)
@@ -107,7 +111,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    let exe = resolve(first, path_var).ok_or_else(|| LaunchError::NotFound(first.clone()))?;
+    let exe =
+        resolve(first, path_var, &spec.cwd).ok_or_else(|| LaunchError::NotFound(first.clone()))?;
     // A path given with a '/' is not checked by `resolve`: tell "no such
     // file" (a shell's 127) from "not executable" (126) here, because past
     // this point `mosix-init` can only report a failed exec as 127.
@@ -260,9 +265,16 @@ mod tests {
 
     #[test]
     fn resolve_finds_sh_and_not_junk() {
-        assert!(resolve("sh", "/usr/bin:/bin").is_some());
-        assert!(resolve("definitely-not-a-command-xyz", "/usr/bin:/bin").is_none());
-        assert_eq!(resolve("/bin/sh", ""), Some(PathBuf::from("/bin/sh")));
+        let root = Path::new("/");
+        assert!(resolve("sh", "/usr/bin:/bin", root).is_some());
+        assert!(resolve("definitely-not-a-command-xyz", "/usr/bin:/bin", root).is_none());
+        assert_eq!(resolve("/bin/sh", "", root), Some(PathBuf::from("/bin/sh")));
+        // Relative to the job's directory, not this process's.
+        assert_eq!(
+            resolve("./bin/sh", "", Path::new("/usr")),
+            Some(PathBuf::from("/usr/./bin/sh"))
+        );
+        assert!(resolve("sh", "bin", Path::new("/usr")).is_some());
     }
 
     #[test]
