@@ -627,3 +627,44 @@ fn package_installs_joins_two_nodes_migrates_and_purges() {
     );
     eprintln!("package test done in {:?}", t0.elapsed());
 }
+
+/// Issue 15 papercuts: `mosctl local down` without `--name` takes down the
+/// cluster of the cluster file it is given (not one named `local`), and
+/// `make setup` (which ran before this suite) left no `sid` entry in the
+/// system's package sources.
+#[test]
+fn local_down_follows_the_cluster_file_and_setup_leaves_no_sid_source() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(1, &[]);
+    let ns = format!("mos-{}-", cl.name);
+    let listed = || {
+        let o = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        stdout(&o).contains(&ns)
+    };
+    assert!(listed(), "cluster {} is up", cl.name);
+    let o = cl.mosctl(&["local", "down"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("cluster {} is down", cl.name)),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!listed(), "namespaces of {} left behind", cl.name);
+
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")
+        .unwrap()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(
+            !text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.split_whitespace().any(|w| w == "sid")),
+            "{} names suite sid:\n{text}",
+            e.path().display()
+        );
+    }
+}
