@@ -108,22 +108,8 @@ impl DrainPlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::policy::tests::node;
     use crate::balancer::policy::NodeSnapshot;
-
-    const GIB: u64 = 1 << 30;
-
-    fn node(name: &str, capacity: f64, load: f64) -> NodeSnapshot {
-        NodeSnapshot {
-            name: name.into(),
-            up: true,
-            capacity,
-            load,
-            mem_total_bytes: 16 * GIB,
-            mem_available_bytes: 12 * GIB,
-            migrations_in_flight: 0,
-            blocked: false,
-        }
-    }
 
     fn job(id: &str) -> JobSnapshot {
         JobSnapshot {
