@@ -237,6 +237,20 @@ pub(crate) enum Arrival {
     Thawed,
 }
 
+/// Create a claim file with O_EXCL (atomic on local file systems, NFSv3+
+/// and sshfs) holding `line`: Ok for the one node that gets it,
+/// `AlreadyExists` for everyone after. Writing the line is best
+/// effort: the claim is the file's existence.
+pub(super) fn create_claim(path: &Path, line: &str) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let _ = writeln!(f, "{line}");
+    Ok(f)
+}
+
 impl Agent {
     pub(crate) fn image_dir(&self, rel: &str) -> PathBuf {
         self.cfg.shared_root.join(rel)
@@ -837,15 +851,9 @@ impl Agent {
     /// Take the images for this node. `O_EXCL` create is atomic on local file
     /// systems and on NFSv3+, so exactly one node can restore a set of images.
     fn claim_images(&self, dir: &Path, mig: &MigrationId) -> AgentResult<()> {
-        use std::io::Write;
         let path = dir.join(CLAIM_FILE);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                let _ = writeln!(f, "{} {}", self.cfg.node, mig);
+        match create_claim(&path, &format!("{} {}", self.cfg.node, mig)) {
+            Ok(f) => {
                 // O_EXCL already made the claim exclusive; the flush only
                 // matters for a crash of the image server, and follows the
                 // images' durability policy (after a fresh dump it can wait

@@ -433,16 +433,8 @@ impl Agent {
                     return Settled::Landed;
                 }
             }
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&claim)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    let _ = writeln!(f, "{} {} taken-back", self.cfg.node, mig);
-                    return Settled::Ours;
-                }
+            match super::create_claim(&claim, &format!("{} {} taken-back", self.cfg.node, mig)) {
+                Ok(_) => return Settled::Ours,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
                     tracing::warn!(job = %job, "cannot claim the images back: {e}");
