@@ -304,7 +304,28 @@ fn gateway_spreads_requests_over_nodes_and_ramps_up_a_new_instance() {
     let early = share(50);
     assert!(early <= 10, "new instance got {early}/50 during slow start");
     std::thread::sleep(Duration::from_millis(4000));
-    let late = share(200);
+    // After it, from 4 clients at once: P2C weighs requests in flight, so
+    // the two share the load even when one of them had a latency spike on
+    // a busy machine. (One client alone would always find both idle, and
+    // the one with the lower peak-EWMA latency would take everything.)
+    let late: usize = (0..4)
+        .map(|_| {
+            let (addr, ip2) = (gw.http, ip2.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::new(addr);
+                (0..50)
+                    .filter(|_| {
+                        let (code, body) = c.get("/").expect("request through mosgw");
+                        assert_eq!(code, 200, "{body}");
+                        body.contains(&format!("addr={ip2} "))
+                    })
+                    .count()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .sum();
     assert!(
         (40..=160).contains(&late),
         "after slow start both instances share the traffic; the new one got {late}/200"

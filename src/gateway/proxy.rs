@@ -21,6 +21,7 @@
 //! is in flight until its response is complete and its connection is back
 //! in the pool (or closed, if the instance is being drained).
 
+use super::metrics::InstanceMetrics;
 use super::pool::{self, Conn};
 use super::table::{self, Failure, InstanceState, NoInstance};
 use super::{Gateway, Mode, ServiceListen};
@@ -168,16 +169,22 @@ async fn handle(
             .to_string();
         (req.method().clone(), target)
     });
-    let (resp, instance) = forward_request(&gw, &svc, peer, req).await;
+    let (resp, picked) = forward_request(&gw, &svc, peer, req).await;
     let code = resp.status();
     let secs = t0.elapsed().as_secs_f64();
-    let m = &gw.metrics;
-    m.requests
-        .with_label_values(&[&*svc, &instance, code.as_str()])
-        .inc();
-    m.latency
-        .with_label_values(&[&*svc, &instance])
-        .observe(secs);
+    let instance: &str = picked.as_ref().map_or("", |m| &m.job);
+    match &picked {
+        Some(m) if code == StatusCode::OK => m.ok.inc(),
+        _ => gw
+            .metrics
+            .requests
+            .with_label_values(&[&*svc, instance, code.as_str()])
+            .inc(),
+    }
+    match &picked {
+        Some(m) => m.latency.observe(secs),
+        None => gw.metrics.latency.with_label_values(&[&*svc, ""]).observe(secs),
+    }
     if let Some((method, target)) = logged {
         gw.access_log(format_args!(
             "{} {peer} {svc} {method} {target:?} {} {:.3}ms instance={}",
@@ -195,7 +202,7 @@ async fn forward_request(
     svc: &str,
     peer: SocketAddr,
     req: Request<Incoming>,
-) -> (Response<Body>, String) {
+) -> (Response<Body>, Option<Arc<InstanceMetrics>>) {
     let lim = &gw.cfg.limits;
     gw.with_service(svc, |s| s.budget.deposit());
     let declared = req
@@ -209,15 +216,21 @@ async fn forward_request(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("request body larger than {} bytes", lim.max_body_bytes),
             ),
-            String::new(),
+            None,
         );
     }
     let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(
+    // Most requests have no body: no timer, no collecting.
+    let collected = if hyper::body::Body::is_end_stream(&body) {
+        Ok(Ok(Bytes::new()))
+    } else {
+        tokio::time::timeout(
         Duration::from_millis(lim.body_timeout_ms),
-        Limited::new(body, lim.max_body_bytes).collect(),
-    )
-    .await;
+            Limited::new(body, lim.max_body_bytes).collect(),
+        )
+        .await
+        .map(|r| r.map(|c| c.to_bytes()))
+    };
     let body = match collected {
         Err(_) => {
             return (
@@ -225,7 +238,7 @@ async fn forward_request(
                     StatusCode::REQUEST_TIMEOUT,
                     "the request body did not arrive in time",
                 ),
-                String::new(),
+                None,
             )
         }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
@@ -234,36 +247,39 @@ async fn forward_request(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body larger than {} bytes", lim.max_body_bytes),
                 ),
-                String::new(),
+                None,
             )
         }
         Ok(Err(e)) => {
             return (
                 reply_close(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-                String::new(),
+                None,
             )
         }
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Ok(b)) => b,
     };
-    let mut headers = parts.headers.clone();
+    let hyper::http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
     strip_hop_by_hop(&mut headers);
     append_forwarded_for(&mut headers, peer);
     let mut tried: Vec<String> = vec![];
     loop {
-        let (job, addr) = match pick(gw, svc, &tried).await {
+        let (m, addr) = match pick(gw, svc, &tried).await {
             Ok(x) => x,
-            Err(resp) => return (resp, String::new()),
+            Err(resp) => return (resp, None),
         };
         let mut out = Request::new(Full::new(body.clone()));
-        *out.method_mut() = parts.method.clone();
+        *out.method_mut() = method.clone();
         // An HTTP/1.1 server sees origin-form targets: sent as they came.
         // An absolute-form one (a proxy request) is cut to its path.
-        *out.uri_mut() = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
-            parts.uri.clone()
+        *out.uri_mut() = if uri.scheme().is_none() && uri.authority().is_none() {
+            uri.clone()
         } else {
-            parts
-                .uri
-                .path_and_query()
+            uri.path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/")
                 .parse()
@@ -271,10 +287,11 @@ async fn forward_request(
         };
         *out.headers_mut() = headers.clone();
         let sent = Instant::now();
-        let r = attempt(gw, &job, addr, out).await;
-        finished(gw, svc, &job, r.is_ok().then(|| sent.elapsed()));
+        let job: &str = &m.job;
+        let r = attempt(gw, job, addr, out).await;
+        finished(gw, svc, &m, r.is_ok().then(|| sent.elapsed()));
         match r {
-            Ok(resp) => return (resp, job),
+            Ok(resp) => return (resp, Some(m)),
             Err(f) => {
                 let kind = match f {
                     Failure::Connect => "connect",
@@ -284,17 +301,17 @@ async fn forward_request(
                 };
                 gw.metrics
                     .errors
-                    .with_label_values(&[svc, &job, kind])
+                    .with_label_values(&[svc, job, kind])
                     .inc();
                 if matches!(f, Failure::Connect | Failure::Reset) {
-                    eject(gw, svc, &job);
+                    eject(gw, svc, job);
                 }
-                tried.push(job.clone());
+                tried.push(job.to_string());
                 let budget = || {
                     gw.with_service(svc, |s| s.budget.withdraw())
                         .unwrap_or(false)
                 };
-                if tried.len() < MAX_ATTEMPTS && table::may_retry(&parts.method, f) && budget() {
+                if tried.len() < MAX_ATTEMPTS && table::may_retry(&method, f) && budget() {
                     gw.metrics.retries.with_label_values(&[svc]).inc();
                     continue;
                 }
@@ -308,7 +325,7 @@ async fn forward_request(
                         &format!("instance {job} of service {svc} failed ({kind}) and the request may not be retried"),
                     ),
                 };
-                return (resp, job);
+                return (resp, Some(m));
             }
         }
     }
@@ -316,6 +333,9 @@ async fn forward_request(
 
 /// Connection-level headers (RFC 9110 7.6.1) are not forwarded.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.is_empty() {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -326,14 +346,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
+    // Names, not strings: a string is parsed and hashed on every remove.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    use hyper::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
     ] {
         h.remove(n);
     }
@@ -410,16 +434,19 @@ async fn pick(
     gw: &Arc<Gateway>,
     svc: &str,
     avoid: &[String],
-) -> Result<(String, SocketAddr), Response<Body>> {
+) -> Result<(Arc<InstanceMetrics>, SocketAddr), Response<Body>> {
     let hold = Duration::from_millis(gw.cfg.hold_ms);
     let deadline = tokio::time::Instant::now() + hold;
     let mut holding = false;
     let result = loop {
-        // Registered before looking, so a change between the look and the
-        // wait is not missed.
+        // While holding, registered before looking, so a change between
+        // the look and the wait is not missed. (Not before: registering
+        // takes the Notify's lock twice, on every request.)
         let notified = gw.changed.notified();
         tokio::pin!(notified);
-        notified.as_mut().enable();
+        if holding {
+            notified.as_mut().enable();
+        }
         let now = Instant::now();
         let slow = gw.slow_start();
         let r = gw.with_service(svc, |s| {
@@ -429,16 +456,19 @@ async fn pick(
             match choice.and_then(|j| s.instances.get_mut(&j)) {
                 Some(i) => {
                     i.in_flight += 1;
-                    Ok((i.job.clone(), i.addr))
+                    let m = i
+                        .metrics
+                        .get_or_insert_with(|| Arc::new(gw.metrics.for_instance(svc, &i.job)));
+                    Ok((m.clone(), i.addr))
                 }
                 None => Err(table::when_none_eligible(svc, s.instances.values())),
             }
         });
         match r {
             None => break Err(reply(StatusCode::NOT_FOUND, &format!("no service {svc:?}"))),
-            Some(Ok((job, addr))) => {
-                gw.metrics.in_flight.with_label_values(&[svc, &job]).inc();
-                break Ok((job, addr));
+            Some(Ok((m, addr))) => {
+                m.in_flight.inc();
+                break Ok((m, addr));
             }
             Some(Err(NoInstance::Unavailable(why))) => {
                 break Err(reply(StatusCode::SERVICE_UNAVAILABLE, &why))
@@ -448,6 +478,8 @@ async fn pick(
                     holding = true;
                     gw.metrics.held.with_label_values(&[svc]).inc();
                     gw.metrics.held_total.with_label_values(&[svc]).inc();
+                    // Look again, registered this time.
+                    continue;
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
                     break Err(reply(
@@ -469,16 +501,16 @@ async fn pick(
 
 /// A request at `job` ended (answered in `rtt`, if it was): no longer in
 /// flight; its latency feeds the balancer; wake drains and holds.
-fn finished(gw: &Gateway, svc: &str, job: &str, rtt: Option<Duration>) {
+fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, rtt: Option<Duration>) {
     gw.with_service(svc, |s| {
-        if let Some(i) = s.instances.get_mut(job) {
+        if let Some(i) = s.instances.get_mut(&*m.job) {
             i.in_flight = i.in_flight.saturating_sub(1);
             if let Some(rtt) = rtt {
                 i.latency = Some(table::PeakEwma::observe(i.latency, rtt, Instant::now()));
             }
         }
     });
-    gw.metrics.in_flight.with_label_values(&[svc, job]).dec();
+    m.in_flight.dec();
     gw.changed.notify_waiters();
 }
 
@@ -504,29 +536,30 @@ fn eject(gw: &Gateway, svc: &str, job: &str) {
 async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
     let mut tried = vec![];
     loop {
-        let (job, addr) = match pick(&gw, &svc, &tried).await {
+        let (m, addr) = match pick(&gw, &svc, &tried).await {
             Ok(x) => x,
             Err(_) => return,
         };
+        let job: &str = &m.job;
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(mut backend)) => {
                 let _ = backend.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-                finished(&gw, &svc, &job, None);
+                finished(&gw, &svc, &m, None);
                 gw.metrics
                     .requests
-                    .with_label_values(&[&*svc, &job, "tcp"])
+                    .with_label_values(&[&*svc, job, "tcp"])
                     .inc();
                 return;
             }
             _ => {
-                finished(&gw, &svc, &job, None);
+                finished(&gw, &svc, &m, None);
                 gw.metrics
                     .errors
-                    .with_label_values(&[&*svc, &job, "connect"])
+                    .with_label_values(&[&*svc, job, "connect"])
                     .inc();
-                eject(&gw, &svc, &job);
-                tried.push(job);
+                eject(&gw, &svc, job);
+                tried.push(job.to_string());
                 if tried.len() >= MAX_ATTEMPTS {
                     return;
                 }

@@ -23,8 +23,10 @@
 //!   latency, not from zero, so it is not flooded);
 //! - a new or returned instance starts at a tenth of its weight (slow start).
 
+use super::metrics::InstanceMetrics;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where an instance is in its life as the gateway sees it.
@@ -72,6 +74,8 @@ pub struct Instance {
     pub probe_failures: u32,
     /// Peak-EWMA of response times, seconds (None until the first one).
     pub latency: Option<PeakEwma>,
+    /// Its metric series, looked up on its first request.
+    pub metrics: Option<Arc<InstanceMetrics>>,
 }
 
 /// linkerd2-proxy's peak-sensitive moving average of response times.
@@ -121,6 +125,7 @@ impl Instance {
             load_per_capacity: 0.0,
             probe_failures: 0,
             latency: None,
+            metrics: None,
         }
     }
 
