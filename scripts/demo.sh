@@ -46,7 +46,13 @@ start=$(date +%s.%N)
 
 imbalance() {
   $M/mos-balance --dry-run --json --min-residence 1000000 2>/dev/null \
-    | python3 -c 'import json,sys; v=json.load(sys.stdin)["plan"]["imbalance_before"]; print("inf" if v is None else v)'
+    | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+v = d["plan"]["imbalance_before"]
+# A node that did not answer is not balanced, whatever the others show.
+down = [n["name"] for n in d["nodes"] if not n["up"]]
+print("inf" if v is None or down else v)'
 }
 
 fig=4
