@@ -111,6 +111,16 @@ impl PeakEwma {
         };
         PeakEwma { secs, at: now }
     }
+
+    /// The estimate as of `now`: decayed toward zero since the last
+    /// response, as Finagle's and tower's Peak-EWMA read it. Without this
+    /// an instance that had one slow answer would never be chosen again,
+    /// so never measured again, and keep its peak forever; with it, an
+    /// idle instance looks cheaper as time passes and is tried again.
+    pub fn at(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.secs * (-dt / EWMA_DECAY.as_secs_f64()).exp()
+    }
 }
 
 impl Instance {
@@ -172,8 +182,8 @@ pub fn cost(in_flight: u32, latency: f64, load_per_capacity: f64, weight: f64) -
 /// The latency to assume for instances that have not answered yet: the
 /// median of the others' estimates (so a new instance competes as a
 /// typical one), or the floor if none has answered.
-fn default_latency<'a>(pool: impl Iterator<Item = &'a &'a Instance>) -> f64 {
-    let mut known: Vec<f64> = pool.filter_map(|i| i.latency.map(|l| l.secs)).collect();
+fn default_latency<'a>(pool: impl Iterator<Item = &'a &'a Instance>, now: Instant) -> f64 {
+    let mut known: Vec<f64> = pool.filter_map(|i| i.latency.map(|l| l.at(now))).collect();
     if known.is_empty() {
         return LATENCY_FLOOR;
     }
@@ -267,11 +277,11 @@ pub fn choose<'a>(
         .filter(|i| !avoid.contains(&i.job))
         .collect();
     let pool = if fresh.is_empty() { eligible } else { fresh };
-    let typical = default_latency(pool.iter());
+    let typical = default_latency(pool.iter(), now);
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
-            let own = i.latency.map_or(typical, |l| l.secs);
+            let own = i.latency.map_or(typical, |l| l.at(now));
             // Until its slow start ends an instance is never priced below
             // the typical latency: its first few fast answers must not let
             // it take over before it has warmed up.
@@ -599,10 +609,19 @@ mod tests {
         // A new instance is priced at the typical latency, not at zero.
         let newbie = Instance::new("new", "n3", addr(3), old);
         let all = [&fast, &slow, &newbie];
-        assert_eq!(default_latency(all.iter()), 0.040);
+        assert_eq!(default_latency(all.iter(), now), 0.040);
         // Below the floor, instances are equal.
         assert_eq!(cost(0, 0.0003, 0.0, 1.0), cost(0, 0.0004, 0.0, 1.0));
-        assert_eq!(default_latency([&newbie].iter()), LATENCY_FLOOR);
+        assert_eq!(default_latency([&newbie].iter(), now), LATENCY_FLOOR);
+        // An instance that had one slow answer is not shunned forever:
+        // idle, its estimate decays, and after a while it is chosen again.
+        fast.in_flight = 0;
+        slow.latency = Some(PeakEwma {
+            secs: 0.040,
+            at: now - 3 * EWMA_DECAY,
+        });
+        assert!(slow.latency.unwrap().at(now) < 0.040 / 19.0);
+        assert_eq!(pick(&fast, &slow), "slow");
     }
 
     #[test]
