@@ -75,6 +75,15 @@ pub(crate) fn put_back_outputs(dir: &Path) -> AgentResult<()> {
     })
 }
 
+/// Below this much free space a failed dump is put down to a full disk.
+const LOW_SPACE: u64 = 1 << 20;
+
+#[allow(clippy::unnecessary_cast)] // the types differ between platforms
+fn free_bytes(p: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(p).ok()?;
+    Some((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+}
+
 /// How often the agent looks for jobs whose checkpoint is due.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -119,7 +128,19 @@ impl Agent {
             "none".to_string()
         };
         let fail = |e: AgentError, tmp: &Path| {
-            let _ = std::fs::remove_dir_all(tmp);
+            // A full disk often leaves CRIU unable to say so (its log is
+            // empty): ask the file system.
+            let e = match (e, free_bytes(tmp)) {
+                (AgentError::Aborted(m), Some(free)) if free < LOW_SPACE => {
+                    AgentError::ResourceExhausted(format!(
+                        "no space left on the checkpoint disk ({free} bytes free): {m}"
+                    ))
+                }
+                (e, _) => e,
+            };
+            // CRIU's log stays for a person (the next attempt clears it);
+            // no image of a failed checkpoint is kept.
+            remove_images_keep_logs(tmp);
             e.context(&format!(
                 "checkpoint of job {job} failed; it keeps running on {}, and its latest checkpoint is still {previous}",
                 self.cfg.node
