@@ -74,7 +74,10 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
     // Keep the last 2: never more than that on disk.
     cl.wait_for("a third checkpoint", 20, || last_seq(&cl, &job) >= 3);
     let dirs = checkpoint_dirs(&cl, &job);
-    assert!(dirs.iter().filter(|d| d.parse::<u64>().is_ok()).count() <= 2, "{dirs:?}");
+    assert!(
+        dirs.iter().filter(|d| d.parse::<u64>().is_ok()).count() <= 2,
+        "{dirs:?}"
+    );
     let show = stdout(&cl.mosctl(&["show", &job]));
     assert!(show.contains("ckpt") && show.contains("keep 2"), "{show}");
 
@@ -89,16 +92,24 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(out.contains(&format!("{job}: restarted on")), "{out}");
     assert!(out.contains(&format!("{plain}: LOST")), "{out}");
-    assert!(out.contains("1 restarted, 1 lost, 0 not restarted"), "{out}");
+    assert!(
+        out.contains("1 restarted, 1 lost, 0 not restarted"),
+        "{out}"
+    );
 
     // The checkpointed job runs again elsewhere, from its last checkpoint.
     let rec = cl.record(&job);
     assert_eq!(rec.state, mosix::core::JobState::Running);
     assert_ne!(rec.node.as_str(), "node1");
     let m = rec.history.last().unwrap();
-    assert!(m.restored_from_checkpoint >= seq_before && m.from.as_str() == "node1", "{m:?}");
+    assert!(
+        m.restored_from_checkpoint >= seq_before && m.from.as_str() == "node1",
+        "{m:?}"
+    );
     let node = rec.node.to_string();
-    cl.wait_for("the counter to go on", 20, || ticks(&file).len() > ticks_at_death + 5);
+    cl.wait_for("the counter to go on", 20, || {
+        ticks(&file).len() > ticks_at_death + 5
+    });
     // No gap and no repeat: the file was put back as it was at the
     // checkpoint, and the counter went on from the checkpoint's value.
     assert_contiguous(&ticks(&file));
@@ -139,9 +150,18 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
     }
     // Bad durations and a foreground job with a checkpoint interval.
     for (args, why) in [
-        (vec!["-d", "--checkpoint-every", "5x", "--", "true"], "unknown unit"),
-        (vec!["-d", "--checkpoint-every", "30", "--", "true"], "unit is needed"),
-        (vec!["-d", "--checkpoint-every", "10ms", "--", "true"], "too short"),
+        (
+            vec!["-d", "--checkpoint-every", "5x", "--", "true"],
+            "unknown unit",
+        ),
+        (
+            vec!["-d", "--checkpoint-every", "30", "--", "true"],
+            "unit is needed",
+        ),
+        (
+            vec!["-d", "--checkpoint-every", "10ms", "--", "true"],
+            "too short",
+        ),
         (vec!["--checkpoint-every", "30s", "--", "true"], "--detach"),
     ] {
         let o = run(MOSRUN, &args, None);
@@ -167,10 +187,20 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
     let o = cl.mosctl(&["restore", "jnosuchjob", "--node-is-down", "node1"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("jnosuchjob"), "{}", stderr(&o));
-    let o = cl.mosctl(&["restore", &job, "--checkpoint", "99", "--node-is-down", "node1"]);
+    let o = cl.mosctl(&[
+        "restore",
+        &job,
+        "--checkpoint",
+        "99",
+        "--node-is-down",
+        "node1",
+    ]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("no checkpoint 99") && e.contains("1, 2") && e.contains("NotFound"), "{e}");
+    assert!(
+        e.contains("no checkpoint 99") && e.contains("1, 2") && e.contains("NotFound"),
+        "{e}"
+    );
 
     // A flipped byte in the latest checkpoint's memory: refused, the job
     // never runs from it, the record is unchanged.
@@ -179,7 +209,12 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
         .expect("a pages image");
     flip_byte(&pages);
     let o = cl.mosctl(&["restore", &job, "--node-is-down", "node1"]);
@@ -187,20 +222,45 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
     let e = stderr(&o);
     assert!(e.contains("DataLoss") || e.contains("refused"), "{e}");
     let after = cl.record(&job);
-    assert_eq!((after.node.clone(), after.state), (before.node.clone(), before.state));
-    assert!(answers(&cl, "node2", 8133).is_none(), "a refused restore left the job running");
+    assert_eq!(
+        (after.node.clone(), after.state),
+        (before.node.clone(), before.state)
+    );
+    assert!(
+        answers(&cl, "node2", 8133).is_none(),
+        "a refused restore left the job running"
+    );
     // A tampered metadata file (the output files' list) is refused too.
-    let meta = cl.shared.join("checkpoints").join(&job).join("1").join("CHECKPOINT.json");
+    let meta = cl
+        .shared
+        .join("checkpoints")
+        .join(&job)
+        .join("1")
+        .join("CHECKPOINT.json");
     let m = std::fs::read_to_string(&meta).unwrap();
     std::fs::write(&meta, m.replace("\"mode\"", " \"mode\"")).unwrap();
-    let o = cl.mosctl(&["restore", &job, "--checkpoint", "1", "--node-is-down", "node1"]);
+    let o = cl.mosctl(&[
+        "restore",
+        &job,
+        "--checkpoint",
+        "1",
+        "--node-is-down",
+        "node1",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("DataLoss"), "{}", stderr(&o));
     std::fs::write(&meta, m).unwrap();
     assert_eq!(cl.record(&job).node, before.node);
 
     // The intact checkpoint 1 restores.
-    let o = cl.mosctl(&["restore", &job, "--checkpoint", "1", "--node-is-down", "node1"]);
+    let o = cl.mosctl(&[
+        "restore",
+        &job,
+        "--checkpoint",
+        "1",
+        "--node-is-down",
+        "node1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("from checkpoint 1"), "{}", stdout(&o));
     let n0 = ticks(&file).len();
@@ -233,7 +293,11 @@ fn img_files(dir: &Path) -> Vec<PathBuf> {
 
 fn flip_byte(p: &Path) {
     use std::io::{Read, Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
     let len = f.metadata().unwrap().len();
     let at = len / 2;
     let mut b = [0u8; 1];
@@ -260,7 +324,14 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     let mnt = std::env::temp_dir().join(format!("mosix-ckpt-tmpfs-{}", std::process::id()));
     std::fs::create_dir_all(&mnt).unwrap();
     assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=24m",
+            "tmpfs",
+            mnt.to_str().unwrap()
+        ])
         .status()
         .unwrap()
         .success());
@@ -271,7 +342,12 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     let _rm = Unmount(common.clone());
     let cl = Cluster::up(
         2,
-        &["--shared", shared.to_str().unwrap(), "--common", common.to_str().unwrap()],
+        &[
+            "--shared",
+            shared.to_str().unwrap(),
+            "--common",
+            common.to_str().unwrap(),
+        ],
     );
     let file = common.join("full-counter.txt");
     let job = counter(&cl, "node1", "8134", &file, &[]);
@@ -298,7 +374,9 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     // failed attempt keeps only CRIU's log, until the next attempt).
     let dirs = checkpoint_dirs(&cl, &job);
     assert_eq!(
-        dirs.iter().filter(|d| !d.starts_with('.')).collect::<Vec<_>>(),
+        dirs.iter()
+            .filter(|d| !d.starts_with('.'))
+            .collect::<Vec<_>>(),
         vec!["1"],
         "{dirs:?}"
     );

@@ -18,12 +18,13 @@
 //! it was and nothing of the job runs here.
 
 use super::migration::{
-    dir_bytes, image_rel, remove_images_in_background, remove_images_keep_logs, Arrival,
-    CLAIM_FILE,
+    dir_bytes, image_rel, remove_images_in_background, remove_images_keep_logs, Arrival, CLAIM_FILE,
 };
 use super::{io_error, Agent, AgentError, AgentResult};
 use crate::checkpoint::{self, outputs, CheckpointError, Meta, Store};
-use crate::core::{now_unix_ms, CheckpointStatus, JobId, JobRecord, JobState, MigrationId, NodeName};
+use crate::core::{
+    now_unix_ms, CheckpointStatus, JobId, JobRecord, JobState, MigrationId, NodeName,
+};
 use crate::criu::{DumpSpec, PostDumpHook, DUMP_LOG, RESTORE_LOG};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -42,7 +43,10 @@ pub struct CheckpointDone {
 /// What a restore from a checkpoint did.
 #[derive(Debug, Clone)]
 pub enum FromCheckpoint {
-    Running { rec: JobRecord, seq: u64 },
+    Running {
+        rec: JobRecord,
+        seq: u64,
+    },
     /// No checkpoint, and its node was declared down: recorded lost.
     Lost(JobRecord),
 }
@@ -56,7 +60,9 @@ impl From<CheckpointError> for AgentError {
             CheckpointError::NoCheckpoint(_) | CheckpointError::Missing { .. } => {
                 AgentError::NotFound(e.to_string())
             }
-            CheckpointError::RestoreUnderWay { .. } => AgentError::FailedPrecondition(e.to_string()),
+            CheckpointError::RestoreUnderWay { .. } => {
+                AgentError::FailedPrecondition(e.to_string())
+            }
             CheckpointError::Corrupt { .. } => AgentError::DataLoss(e.to_string()),
             CheckpointError::Io { .. } => AgentError::Internal(e.to_string()),
         }
@@ -320,7 +326,9 @@ impl Agent {
         let seq = match store.find(job, seq) {
             Ok(s) => s,
             Err(CheckpointError::NoCheckpoint(_)) if node_is_down.is_some() => {
-                return self.mark_lost(job, node_is_down.as_ref()).map(FromCheckpoint::Lost);
+                return self
+                    .mark_lost(job, node_is_down.as_ref())
+                    .map(FromCheckpoint::Lost);
             }
             Err(e) => return Err(e.into()),
         };
@@ -370,7 +378,9 @@ impl Agent {
             .lock()
             .map_err(|_| AgentError::Internal("verdict lock poisoned".into()))?;
         let mut rec = self.registry.get(job)?;
-        let down = down.map(|d| d.to_string()).unwrap_or_else(|| rec.node.to_string());
+        let down = down
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| rec.node.to_string());
         rec.state = JobState::Failed;
         rec.pid = 0;
         rec.pending = None;

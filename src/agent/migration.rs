@@ -238,7 +238,10 @@ pub(crate) enum Arrival {
     /// From a checkpoint (see [`crate::checkpoint`]): the images are a
     /// staged copy of checkpoint `seq`, whose output files are written back
     /// once the images are verified and before CRIU reopens them.
-    Restarted { from: NodeName, seq: u64 },
+    Restarted {
+        from: NodeName,
+        seq: u64,
+    },
 }
 
 /// Create a claim file with O_EXCL (atomic on local file systems, NFSv3+

@@ -295,7 +295,9 @@ impl AgentApi for AgentService {
         r: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         match self.run(AgentAction::try_from(r.into_inner())?).await? {
-            AgentReply::Checkpointed(d) => Ok(Response::new(pb::CheckpointResponse::from(d.as_ref()))),
+            AgentReply::Checkpointed(d) => {
+                Ok(Response::new(pb::CheckpointResponse::from(d.as_ref())))
+            }
             other => Err(unexpected(&other)),
         }
     }

@@ -138,7 +138,10 @@ mod tests {
     fn launch_policy_checks_its_fields() {
         assert_eq!(launch_policy(0, 0).unwrap(), None);
         assert!(launch_policy(0, 2).is_err());
-        assert!(launch_policy(10, 0).unwrap_err().to_string().contains("shortest"));
+        assert!(launch_policy(10, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("shortest"));
         assert!(launch_policy(5000, MAX_KEEP + 1).is_err());
         let p = launch_policy(30_000, 0).unwrap().unwrap();
         assert_eq!((p.every_ms, p.keep), (30_000, DEFAULT_KEEP));
@@ -163,7 +166,14 @@ mod tests {
             node_is_down: "node1".into(),
         })
         .unwrap();
-        assert!(matches!(ok, AgentAction::RestoreCheckpoint { seq: None, node_is_down: Some(_), .. }));
+        assert!(matches!(
+            ok,
+            AgentAction::RestoreCheckpoint {
+                seq: None,
+                node_is_down: Some(_),
+                ..
+            }
+        ));
         for (job, node) in [("../x", ""), ("j1", "a/b")] {
             assert!(AgentAction::try_from(pb::RestoreCheckpointRequest {
                 job_id: job.into(),

@@ -59,9 +59,8 @@ pub fn capture(root: i32, dir: &Path) -> io::Result<Vec<OutputFile>> {
     for (i, (link, path)) in open_for_writing(root).into_iter().enumerate() {
         let copy = format!("output-{i}.data");
         let meta = fs::metadata(&link)?;
-        let size = fs::copy(&link, dir.join(&copy)).map_err(|e| {
-            io::Error::new(e.kind(), format!("copying output file {path}: {e}"))
-        })?;
+        let size = fs::copy(&link, dir.join(&copy))
+            .map_err(|e| io::Error::new(e.kind(), format!("copying output file {path}: {e}")))?;
         files.push(OutputFile {
             path,
             size,
@@ -121,7 +120,10 @@ mod tests {
 
     #[test]
     fn fdinfo_flags_are_octal() {
-        assert_eq!(flags_of_fdinfo("pos:\t0\nflags:\t0102001\nmnt_id:\t1\n"), Some(0o102001));
+        assert_eq!(
+            flags_of_fdinfo("pos:\t0\nflags:\t0102001\nmnt_id:\t1\n"),
+            Some(0o102001)
+        );
         assert_eq!(flags_of_fdinfo("pos: 0\n"), None);
     }
 
@@ -139,7 +141,11 @@ mod tests {
         let me = std::process::id() as i32;
         let found = open_for_writing(me);
         let p = path.to_string_lossy().into_owned();
-        assert_eq!(found.iter().filter(|(_, x)| *x == p).count(), 1, "{found:?}");
+        assert_eq!(
+            found.iter().filter(|(_, x)| *x == p).count(),
+            1,
+            "{found:?}"
+        );
         let ck = t.path().join("ck");
         fs::create_dir(&ck).unwrap();
         let files: Vec<_> = capture(me, &ck)

@@ -46,13 +46,26 @@ pub trait RestartOps: Send + Sync {
 /// What happened to one job of the node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Restarted { job: String, node: String, seq: u64 },
-    Lost { job: String, why: String },
+    Restarted {
+        job: String,
+        node: String,
+        seq: u64,
+    },
+    Lost {
+        job: String,
+        why: String,
+    },
     /// Could not be restored now (every target refused, the checkpoint was
     /// refused, ...); the job's record is unchanged.
-    Failed { job: String, error: String },
+    Failed {
+        job: String,
+        error: String,
+    },
     /// Not a job to restart (frozen on disk: it is not lost; thaw it).
-    Skipped { job: String, why: String },
+    Skipped {
+        job: String,
+        why: String,
+    },
 }
 
 impl Outcome {
@@ -245,7 +258,9 @@ mod tests {
             }
         );
         assert!(matches!(&out[1], Outcome::Lost { job, .. } if job == "nock"));
-        assert!(matches!(&out[2], Outcome::Failed { job, error } if job == "bad" && error.contains("images refused")));
+        assert!(
+            matches!(&out[2], Outcome::Failed { job, error } if job == "bad" && error.contains("images refused"))
+        );
         assert!(matches!(&out[3], Outcome::Skipped { job, .. } if job == "frz"));
         assert_eq!(out.len(), 4);
         let calls = f.calls.lock().unwrap();

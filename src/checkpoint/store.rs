@@ -334,7 +334,10 @@ mod tests {
         assert_eq!(s.find(&job(), None).unwrap(), 5);
         assert_eq!(s.find(&job(), Some(4)).unwrap(), 4);
         let e = s.find(&job(), Some(1)).unwrap_err().to_string();
-        assert!(e.contains("no checkpoint 1") && e.contains("3, 4, 5"), "{e}");
+        assert!(
+            e.contains("no checkpoint 1") && e.contains("3, 4, 5"),
+            "{e}"
+        );
         // Numbers are never reused, even below the record's latest.
         assert_eq!(s.next_seq(&job(), 9).unwrap(), 10);
         // A stale temporary is cleared by the next begin.

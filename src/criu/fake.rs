@@ -121,7 +121,8 @@ impl CheckpointEngine for FakeEngine {
             }
         })?;
         if let Some(h) = &spec.post_dump {
-            h.run().map_err(|detail| CriuError::Failed { op: "dump", detail })?;
+            h.run()
+                .map_err(|detail| CriuError::Failed { op: "dump", detail })?;
         }
         if !spec.leave_running {
             let _ = nix::sys::signal::kill(

@@ -45,7 +45,8 @@ fn failure(s: tonic::Status) -> RestoreFailure {
         try_elsewhere: matches!(
             s.code(),
             Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
-        ) || (s.code() == Code::FailedPrecondition && s.message().contains("blocked")),
+        ) || (s.code() == Code::FailedPrecondition
+            && s.message().contains("blocked")),
     }
 }
 
@@ -89,8 +90,7 @@ async fn snapshot(
     if let Some(n) = only {
         ctx.cf.node(n)?;
     }
-    let view =
-        crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
+    let view = crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
     let mut s = view.snapshot(0.0);
     if let Some(n) = only {
         s.nodes.retain(|x| x.name == n);
@@ -107,7 +107,9 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
         }
     }
     match (&a.job, &a.node_is_down) {
-        (None, None) => bail!("name a job to restore, or a node whose jobs to restore with --node-is-down NODE"),
+        (None, None) => {
+            bail!("name a job to restore, or a node whose jobs to restore with --node-is-down NODE")
+        }
         (None, Some(down)) => whole_node(&ctx, down, a.node.as_deref()).await,
         (Some(job), _) => one_job(&ctx, job, &a).await,
     }
@@ -121,10 +123,8 @@ async fn one_job(ctx: &Ctx, spec: &str, a: &Args) -> anyhow::Result<()> {
             n.clone()
         }
         None => {
-            let mut planner = crate::balancer::drain::DrainPlanner::new(
-                snapshot(ctx, None).await?,
-                &job.node,
-            );
+            let mut planner =
+                crate::balancer::drain::DrainPlanner::new(snapshot(ctx, None).await?, &job.node);
             planner.exclude(&job.node);
             let snap = crate::balancer::policy::JobSnapshot {
                 id: job.id.clone(),
