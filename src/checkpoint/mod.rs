@@ -25,7 +25,9 @@
 //! the highest-numbered directory, so a checkpoint cut short (a full disk,
 //! a CRIU failure, the node dying) is never seen: the previous one stays
 //! the latest. Old ones are removed only after the new one is in place,
-//! keeping the last K (`mosrun --checkpoint-keep`, default 3).
+//! keeping the last K (`mosrun --checkpoint-keep`, default 3). A job that
+//! exits with code 0 has its checkpoints removed; any other end keeps them
+//! for a person.
 //!
 //! **Sealed.** The same manifest as migration images: a restore verifies
 //! the HMAC, the file set and every digest (memory pages while CRIU
