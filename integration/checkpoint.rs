@@ -396,3 +396,55 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     assert!(stdout(&o).contains("checkpoint 2 of"), "{}", stdout(&o));
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn the_interval_survives_a_migration_and_a_clean_exit_removes_the_checkpoints() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let file = cl.shared.join("moving-counter.txt");
+    let job = counter(&cl, "node1", "8135", &file, &["--checkpoint-every", "1s"]);
+    cl.wait_for("a checkpoint on node1", 20, || last_seq(&cl, &job) >= 1);
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The new node goes on checkpointing it (the metadata names the node).
+    let meta_node = |seq: u64| -> Option<String> {
+        let p = cl
+            .shared
+            .join("checkpoints")
+            .join(&job)
+            .join(seq.to_string())
+            .join("CHECKPOINT.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        v["node"].as_str().map(str::to_string)
+    };
+    cl.wait_for("a checkpoint taken on node2", 20, || {
+        meta_node(last_seq(&cl, &job)).as_deref() == Some("node2")
+    });
+    assert_eq!(cl.record(&job).checkpoint.unwrap().every_ms, 1000);
+
+    // A job that ends with code 0 leaves no checkpoint behind.
+    let t = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--",
+        MOSJOB,
+        "tree",
+        "--children",
+        "1",
+        "--seconds",
+        "4",
+        "--exit-code",
+        "0",
+    ]);
+    let o = cl.mosctl(&["checkpoint", &t]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = cl.shared.join("checkpoints").join(&t);
+    assert!(dir.join("1").is_dir());
+    cl.wait_for("the tree to exit", 20, || {
+        cl.record(&t).state == mosix::core::JobState::Exited
+    });
+    assert_eq!(cl.record(&t).exit_code, Some(0));
+    cl.wait_for("its checkpoints removed", 10, || !dir.exists());
+}
