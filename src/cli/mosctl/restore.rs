@@ -99,6 +99,9 @@ async fn snapshot(
 }
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    if a.job.is_none() && a.node_is_down.is_none() {
+        bail!("name a job to restore, or a node whose jobs to restore with --node-is-down NODE");
+    }
     let ctx = Ctx::load(cluster)?;
     if let Some(d) = &a.node_is_down {
         ctx.cf.node(d)?;
