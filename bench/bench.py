@@ -679,6 +679,10 @@ def phase_checkpoint(res, args):
                 if r.returncode != 0 or not m:
                     raise RuntimeError(f"mosctl checkpoint {job}: {r.stderr.strip() or r.stdout!r}")
                 ck.append(int(m.group(2)))
+                # Keep only this one on disk (a GiB job would keep 3 GiB).
+                for old in (shared / "checkpoints" / job).iterdir():
+                    if old.name.isdigit() and old.name != m.group(1):
+                        shutil.rmtree(old, ignore_errors=True)
                 node = "node2" if node == "node1" else "node1"
                 mv.append(migrate(job, node)["frozen_ms"])
                 log(f"  {mib} MiB run {i + 1}: checkpoint frozen {ck[-1]} ms, migration frozen {mv[-1]} ms")
