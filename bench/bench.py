@@ -8,6 +8,8 @@ Phases (all by default; pick some with --phases a,b,...):
              then the post-copy check, on a 2-node local cluster
   balance    makespan of K CPU-bound jobs on a capped 4-node cluster, with and without
              the balancer, against the ideal
+  checkpoint frozen time of one checkpoint (`mosctl checkpoint`, the job keeps running) of a
+             64 MiB and a 1 GiB job vs the frozen time of a migration of the same job
 
 Results go to bench-results/results.json; scripts/bench.sh then runs bench/report.py.
 Everything started here is recorded in bench-results/run/pids so that the shell's
@@ -35,7 +37,8 @@ MOSJOB = str(REL / "mosjob")
 MOSIX_INIT = str(REL / "mosix-init")
 MOSBAL = str(REL / "mos-balance")
 MOSBENCH = str(REL / "mosbench")
-CLUSTER = "bench"
+# MOSIX_BENCH_CLUSTER: another name, to try a phase beside a running bench.
+CLUSTER = os.environ.get("MOSIX_BENCH_CLUSTER", "bench")
 CLUSTER_FILE = f"/run/mosix/{CLUSTER}/cluster.json"
 OUT = ROOT / "bench-results"
 RUN = OUT / "run"
@@ -43,6 +46,7 @@ PIDS = RUN / "pids"
 BARE_DIR = ROOT / "criu-images" / "bench-bare"
 
 ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
+DEFAULT_PHASES = "plan,round,migration,balance,checkpoint"
 T0 = time.monotonic()
 
 
@@ -652,6 +656,47 @@ def phase_migration(res, args):
     cluster_down()
 
 
+CHECKPOINT_RE = re.compile(r"checkpoint (\d+) of \S+ on \S+: frozen (\d+) ms")
+
+
+def phase_checkpoint(res, args):
+    """Issue 16's target: a checkpoint freezes a job no longer than a
+    migration of it does. Alternates one checkpoint and one move per run."""
+    log("checkpoint: 2-node local cluster")
+    cluster_up(2)
+    out = {}
+    res["checkpoint"] = out
+    shared = Path(json.loads(Path(CLUSTER_FILE).read_text())["shared_root"])
+    for mib, runs in args.ckpt_sizes:
+        job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
+        try:
+            wait_file_contains(show(job)["stdout_path"], "ready", 120)
+            ck, mv = [], []
+            node = "node1"
+            for i in range(runs):
+                r = run([MOSCTL, "checkpoint", job], check=False, timeout=600)
+                m = CHECKPOINT_RE.search(r.stdout)
+                if r.returncode != 0 or not m:
+                    raise RuntimeError(f"mosctl checkpoint {job}: {r.stderr.strip() or r.stdout!r}")
+                ck.append(int(m.group(2)))
+                # Keep only this one on disk (a GiB job would keep 3 GiB).
+                for old in (shared / "checkpoints" / job).iterdir():
+                    if old.name.isdigit() and old.name != m.group(1):
+                        shutil.rmtree(old, ignore_errors=True)
+                node = "node2" if node == "node1" else "node1"
+                mv.append(migrate(job, node)["frozen_ms"])
+                log(f"  {mib} MiB run {i + 1}: checkpoint frozen {ck[-1]} ms, migration frozen {mv[-1]} ms")
+            out[f"{mib}"] = {"checkpoint_frozen_ms": stats(ck), "migration_frozen_ms": stats(mv)}
+        except Exception as e:  # noqa: BLE001
+            out[f"{mib}"] = {"error": str(e)}
+            log(f"checkpoint {mib} MiB failed: {e}")
+        finally:
+            run([MOSCTL, "kill", job], check=False)
+            # A GiB job keeps 3 GiB of checkpoints: never leave them.
+            shutil.rmtree(shared / "checkpoints" / job, ignore_errors=True)
+    cluster_down()
+
+
 def run_burn(units):
     """(wall s, CPU s) of one `mosjob burn` run on the host (no cap). The CPU
     time is the work on one full core even when other processes compete."""
@@ -775,12 +820,14 @@ def parse_sizes(s):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phases", default="plan,round,migration,balance")
+    ap.add_argument("--phases", default=DEFAULT_PHASES)
     ap.add_argument("--out", default=str(OUT / "results.json"))
     ap.add_argument("--sizes", default="64x20,256x16,1024x12", type=parse_sizes,
                     help="MiBxRUNS,... for the migration phase")
     ap.add_argument("--unsealed-sizes", default="64x3,256x3,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")
+    ap.add_argument("--ckpt-sizes", default="64x5,1024x3", type=parse_sizes,
+                    help="MiBxRUNS,... for the checkpoint phase")
     ap.add_argument("--idle-secs", type=float, default=30)
     ap.add_argument("--plan-runs", type=int, default=11)
     ap.add_argument("--agents", type=int, default=1000)
@@ -795,7 +842,7 @@ def main():
     RUN.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     # Merge into an existing results file so a partial re-run keeps the rest.
-    res = json.loads(out.read_text()) if out.exists() and args.phases != "plan,round,migration,balance" else {}
+    res = json.loads(out.read_text()) if out.exists() and args.phases != DEFAULT_PHASES else {}
     res.setdefault("meta", {})
     res["meta"].update({
         "started_unix": time.time(),
@@ -806,7 +853,8 @@ def main():
         "others_running_at_start": others_running(), "loadavg_start": loadavg(),
     })
     durations = res.setdefault("durations_s", {})
-    phases = {"plan": phase_plan, "round": phase_round, "migration": phase_migration, "balance": phase_balance}
+    phases = {"plan": phase_plan, "round": phase_round, "migration": phase_migration, "balance": phase_balance,
+              "checkpoint": phase_checkpoint}
     errors = res.setdefault("errors", {})
     try:
         for name in args.phases.split(","):

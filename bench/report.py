@@ -141,6 +141,17 @@ def targets(r):
     # 5. the kernel build and placement (bench/kernel.py, bench-results/kernel.json)
     kernel_report.targets(add)
 
+    # 6. checkpoints (issue 16): a checkpoint freezes no longer than a migration
+    ck = r.get("checkpoint")
+    if ck is not None:
+        for mib, v in sorted(ck.items(), key=lambda kv: int(kv[0])):
+            what = f"{mib} MiB: checkpoint frozen / migration frozen"
+            if "error" in v:
+                add("checkpoint", what, "failed", "≤ 1.00", False, v["error"])
+                continue
+            c, m = med(v["checkpoint_frozen_ms"]), med(v["migration_frozen_ms"])
+            add("checkpoint", what, f"{c / max(m, 1e-9):.2f} ({c:.0f} ms vs {m:.0f} ms)", "≤ 1.00", c <= m)
+
     return t
 
 

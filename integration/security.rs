@@ -640,6 +640,37 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
         Code::ResourceExhausted,
     ];
     let huge = format!("j{}", "a".repeat(100 * 1024));
+    // Unknown jobs on the checkpoint RPCs.
+    for (label, call) in [
+        (
+            "Checkpoint unknown job",
+            Box::pin({
+                let mut k = c.clone();
+                async move {
+                    ok(k.checkpoint(pb::CheckpointRequest {
+                        job_id: "jnosuch".into(),
+                    })
+                    .await)
+                }
+            }) as Call,
+        ),
+        (
+            "RestoreCheckpoint unknown job",
+            Box::pin({
+                let mut k = c.clone();
+                async move {
+                    ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                        job_id: "jnosuch".into(),
+                        seq: 3,
+                        node_is_down: String::new(),
+                    })
+                    .await)
+                }
+            }) as Call,
+        ),
+    ] {
+        expect_status(&c, label, call, NOT_FOUND).await;
+    }
     let ids: &[(&str, &str)] = &[
         ("empty", ""),
         ("100 KB", &huge),
@@ -669,6 +700,37 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
             .await)
         });
         expect_status(&c, &format!("Dump id {label}"), call, INVALID).await;
+        let (mut k, i) = (c.clone(), id.clone());
+        let call: Call =
+            Box::pin(async move { ok(k.checkpoint(pb::CheckpointRequest { job_id: i }).await) });
+        expect_status(&c, &format!("Checkpoint id {label}"), call, INVALID).await;
+        let (mut k, i) = (c.clone(), id.clone());
+        let call: Call = Box::pin(async move {
+            ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                job_id: i,
+                seq: 0,
+                node_is_down: "node9".into(),
+            })
+            .await)
+        });
+        expect_status(&c, &format!("RestoreCheckpoint id {label}"), call, INVALID).await;
+        let (mut k, i) = (c.clone(), id.clone());
+        let call: Call = Box::pin(async move {
+            ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                job_id: "j1".into(),
+                seq: 1,
+                node_is_down: i,
+            })
+            .await)
+        });
+        // An empty node name means "none": then the unknown job is the refusal.
+        expect_status(
+            &c,
+            &format!("RestoreCheckpoint node_is_down {label}"),
+            call,
+            &[Code::InvalidArgument, Code::NotFound],
+        )
+        .await;
         let (mut k, i) = (c.clone(), id.clone());
         let call: Call = Box::pin(async move {
             ok(k.restore(pb::RestoreRequest {

@@ -22,6 +22,7 @@
 pub mod agent;
 pub mod api;
 pub mod balancer;
+pub mod checkpoint;
 pub mod cli;
 pub mod core;
 pub mod criu;

@@ -1358,6 +1358,7 @@ impl Agent {
             pre_copy_rounds: 0,
             pre_copy_bytes: 0,
             fallback: String::new(),
+            restored_from_checkpoint: 0,
         };
         let landed = match landed {
             Some(r) => {
@@ -1608,6 +1609,7 @@ mod tests {
             error: String::new(),
             generation: 3,
             service: None,
+            checkpoint: None,
         }
     }
 

@@ -416,6 +416,9 @@ impl Agent {
             non_migratable: start.non_migratable || !self.cfg.shared,
             name: start.name,
             service: start.service,
+            // A foreground job streams through its mosrun's pipes, which
+            // no checkpoint can bring back.
+            checkpoint: None,
         };
         let extras = LaunchExtras {
             stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&rd)),

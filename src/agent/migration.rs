@@ -148,7 +148,7 @@ pub fn image_rel(job: &JobId, mig: &MigrationId) -> String {
     format!("images/{job}/{mig}")
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -191,7 +191,7 @@ pub(crate) fn remove_images_in_background(dir: PathBuf) {
 
 /// After a failed dump: drop the partial images, keep CRIU's log (the error
 /// message points at it).
-fn remove_images_keep_logs(dir: &Path) {
+pub(crate) fn remove_images_keep_logs(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let name = e.file_name();
@@ -235,6 +235,13 @@ pub(crate) enum Arrival {
         frozen_before_ms: u64,
     },
     Thawed,
+    /// From a checkpoint (see [`crate::checkpoint`]): the images are a
+    /// staged copy of checkpoint `seq`, whose output files are written back
+    /// once the images are verified and before CRIU reopens them.
+    Restarted {
+        from: NodeName,
+        seq: u64,
+    },
 }
 
 /// Create a claim file with O_EXCL (atomic on local file systems, NFSv3+
@@ -335,6 +342,7 @@ impl Agent {
             status_fd: None,
             prev_images_dir: pre.map(|c| c.parent_rel()),
             keep_stopped: false,
+            post_dump: None,
             deadline: Some(crate::criu::deadline_for(
                 crate::criu::CriuCall::Dump,
                 crate::core::procfs::tree_rss_bytes(pid),
@@ -679,6 +687,16 @@ impl Agent {
             let _ = std::fs::remove_file(dir.join(CLAIM_FILE));
             let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
         };
+        if let Arrival::Restarted { seq, .. } = &arrival {
+            // The metadata and the copies are sealed: verified just above.
+            // (Pages are checked during the restore, gated before resume.)
+            if let Err(e) = super::checkpoint::put_back_outputs(&dir) {
+                release(&dir);
+                return Err(e.context(&format!(
+                    "putting back the output files of checkpoint {seq} of job {job}"
+                )));
+            }
+        }
         let t0 = Instant::now();
         let mut daemon = None;
         if let Some(ps) = lazy_from.clone() {
@@ -803,6 +821,7 @@ impl Agent {
                 pre_copy_rounds: 0,
                 pre_copy_bytes: 0,
                 fallback: String::new(),
+                restored_from_checkpoint: 0,
             }),
             Arrival::RolledBack {
                 to,
@@ -822,8 +841,29 @@ impl Agent {
                 pre_copy_rounds: 0,
                 pre_copy_bytes: 0,
                 fallback: String::new(),
+                restored_from_checkpoint: 0,
             }),
             Arrival::Thawed => {}
+            Arrival::Restarted { from, seq } => {
+                rec.history.push(MigrationRecord {
+                    id: mig.clone(),
+                    from,
+                    to: self.cfg.node.clone(),
+                    started_unix_ms: now.saturating_sub(restore_ms),
+                    frozen_ms: restore_ms,
+                    total_ms: restore_ms,
+                    ok: true,
+                    error: String::new(),
+                    image_bytes: dir_bytes(&dir),
+                    post_copy: false,
+                    pre_copy_rounds: 0,
+                    pre_copy_bytes: 0,
+                    fallback: String::new(),
+                    restored_from_checkpoint: seq,
+                });
+                rec.exit_code = None;
+                rec.exit_signal = None;
+            }
         }
         rec.node = self.cfg.node.clone();
         rec.state = JobState::Running;

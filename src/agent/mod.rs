@@ -7,6 +7,7 @@
 //! gRPC layer ([`service`]) only converts to and from it.
 
 pub mod admin;
+pub mod checkpoint;
 pub mod error;
 pub mod events;
 pub mod exec;
@@ -139,6 +140,14 @@ pub enum AgentAction {
         job: JobId,
         pinned: bool,
     },
+    /// Checkpoint a job running here, leaving it running (see [`checkpoint`]).
+    Checkpoint(JobId),
+    /// Restore a job here from a checkpoint (the latest when `seq` is None).
+    RestoreCheckpoint {
+        job: JobId,
+        seq: Option<u64>,
+        node_is_down: Option<NodeName>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +159,8 @@ pub enum AgentReply {
     Migrated(Box<JobRecord>, crate::core::MigrationRecord),
     Resolved(direct::Resolution),
     Admin(NodeAdminInfo),
+    Checkpointed(Box<checkpoint::CheckpointDone>),
+    FromCheckpoint(Box<checkpoint::FromCheckpoint>),
 }
 
 /// A node's administrative settings as the API reports them.
@@ -178,6 +189,8 @@ pub struct LaunchRequest {
     pub name: String,
     /// The service this job serves, if any (`mosrun --service`).
     pub service: Option<crate::core::ServiceDecl>,
+    /// Periodic checkpoints (`mosrun --checkpoint-every`), if any.
+    pub checkpoint: Option<crate::core::CheckpointStatus>,
 }
 
 /// A job process on this node that the agent watches.
@@ -397,6 +410,35 @@ impl Agent {
             AgentAction::SetPinned { job, pinned } => self
                 .set_pinned(&job, pinned)
                 .map(|r| AgentReply::Job(Box::new(r))),
+            AgentAction::Checkpoint(job) => {
+                self.checkpoints_need_shared()?;
+                self.checkpoint_job(&job)
+                    .await
+                    .map(|d| AgentReply::Checkpointed(Box::new(d)))
+            }
+            AgentAction::RestoreCheckpoint {
+                job,
+                seq,
+                node_is_down,
+            } => {
+                self.checkpoints_need_shared()?;
+                self.restore_checkpoint(&job, seq, node_is_down)
+                    .await
+                    .map(|r| AgentReply::FromCheckpoint(Box::new(r)))
+            }
+        }
+    }
+
+    /// Checkpoints live on the shared path, so that any node can restart
+    /// a job from them; a node's own state dir would die with the node.
+    fn checkpoints_need_shared(&self) -> AgentResult<()> {
+        if self.cfg.shared {
+            Ok(())
+        } else {
+            Err(AgentError::FailedPrecondition(format!(
+                "checkpoints need a shared path (mosixd --shared); {} has none",
+                self.cfg.node
+            )))
         }
     }
 
@@ -614,6 +656,7 @@ impl Agent {
             error: String::new(),
             generation: 0,
             service: req.service,
+            checkpoint: req.checkpoint,
         };
         self.adopt_child(&id, pid);
         if let Err(e) = self.registry.put(&mut rec) {

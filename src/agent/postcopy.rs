@@ -139,6 +139,7 @@ impl Agent {
             // (finish_lazy / abort_lazy), and until the page server is up
             // by the wait just below.
             deadline: None,
+            post_dump: None,
         };
         let t0 = Instant::now();
         let handle = tokio::task::spawn_blocking(move || {
@@ -395,6 +396,7 @@ impl Agent {
             pre_copy_rounds: 0,
             pre_copy_bytes: 0,
             fallback: String::new(),
+            restored_from_checkpoint: 0,
         });
         rec.node = self.cfg.node.clone();
         rec.state = JobState::Running;

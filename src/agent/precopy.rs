@@ -728,6 +728,7 @@ mod agent_tests {
                 error: String::new(),
                 generation: 0,
                 service: None,
+                checkpoint: None,
             };
             self.src.registry.put(&mut rec).unwrap();
             self.src.adopt_child(&id, pid);

@@ -91,6 +91,16 @@ impl Agent {
         }
         self.events.ended(&rec, &self.cfg.node);
         tracing::info!(job = %id, pid, ?status, "job ended");
+        if rec.exit_code == Some(0) && self.cfg.shared {
+            // A job that finished its work needs no restart: its
+            // checkpoints go (other ends keep them for a person).
+            let dir = crate::checkpoint::Store::new(&self.cfg.shared_root).job_dir(id);
+            if dir.exists() {
+                let _ = std::thread::Builder::new()
+                    .name("rm-checkpoints".into())
+                    .spawn(move || std::fs::remove_dir_all(dir));
+            }
+        }
     }
 }
 

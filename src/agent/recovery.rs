@@ -196,6 +196,7 @@ impl Agent {
                     pre_copy_rounds: 0,
                     pre_copy_bytes: 0,
                     fallback: String::new(),
+                    restored_from_checkpoint: 0,
                 });
             }
             rec.node = me;

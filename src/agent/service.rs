@@ -289,6 +289,30 @@ impl AgentApi for AgentService {
             other => Err(unexpected(&other)),
         }
     }
+
+    async fn checkpoint(
+        &self,
+        r: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::Checkpointed(d) => {
+                Ok(Response::new(pb::CheckpointResponse::from(d.as_ref())))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        r: Request<pb::RestoreCheckpointRequest>,
+    ) -> Result<Response<pb::RestoreCheckpointResponse>, Status> {
+        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+            AgentReply::FromCheckpoint(f) => Ok(Response::new(
+                pb::RestoreCheckpointResponse::from(f.as_ref()),
+            )),
+            other => Err(unexpected(&other)),
+        }
+    }
 }
 
 /// `mosrun`'s entry point (`Runner`). On the local Unix socket the job runs

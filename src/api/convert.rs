@@ -152,6 +152,10 @@ impl TryFrom<pb::LaunchRequest> for AgentAction {
             non_migratable: r.non_migratable,
             name: r.name,
             service: service_decl(&r.service, r.port)?,
+            checkpoint: super::convert_checkpoint::launch_policy(
+                r.checkpoint_every_ms,
+                r.checkpoint_keep,
+            )?,
         }))
     }
 }
@@ -349,6 +353,7 @@ impl From<&MigrationRecord> for pb::Migration {
             pre_copy_rounds: m.pre_copy_rounds,
             pre_copy_bytes: m.pre_copy_bytes,
             fallback: m.fallback.clone(),
+            restored_from_checkpoint: m.restored_from_checkpoint,
         }
     }
 }
@@ -370,6 +375,7 @@ impl TryFrom<pb::Migration> for MigrationRecord {
             pre_copy_rounds: m.pre_copy_rounds,
             pre_copy_bytes: m.pre_copy_bytes,
             fallback: m.fallback,
+            restored_from_checkpoint: m.restored_from_checkpoint,
         })
     }
 }
@@ -403,6 +409,7 @@ impl From<&JobRecord> for pb::Job {
                 .map(|s| s.name.clone())
                 .unwrap_or_default(),
             port: r.service.as_ref().map(|s| u32::from(s.port)).unwrap_or(0),
+            checkpoint: r.checkpoint.as_ref().map(pb::CheckpointStatus::from),
         }
     }
 }
@@ -452,6 +459,7 @@ impl TryFrom<pb::Job> for JobRecord {
             error: j.error,
             generation: j.generation,
             service: service_decl(&j.service, j.port)?,
+            checkpoint: j.checkpoint.map(crate::core::CheckpointStatus::from),
         })
     }
 }
@@ -766,6 +774,7 @@ mod tests {
             pre_copy_rounds: 3,
             pre_copy_bytes: 5,
             fallback: "why not".into(),
+            restored_from_checkpoint: 7,
         };
         let back = MigrationRecord::try_from(pb::Migration::from(&m)).unwrap();
         assert_eq!(back, m);

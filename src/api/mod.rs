@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod convert_checkpoint;
 pub mod convert_exec;
 
 /// Generated from `proto/mosix/v1/*.proto`.

@@ -230,6 +230,18 @@ struct SimAgent {
 
 #[tonic::async_trait]
 impl Agent for SimAgent {
+    async fn checkpoint(
+        &self,
+        _r: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
+    async fn restore_checkpoint(
+        &self,
+        _r: Request<pb::RestoreCheckpointRequest>,
+    ) -> Result<Response<pb::RestoreCheckpointResponse>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
     type WatchEventsStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
     async fn watch_events(

@@ -379,6 +379,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         agent.set_slots_per_core(k);
     }
     agent.start_placement();
+    if agent.cfg.shared {
+        agent.spawn_checkpoint_ticker();
+    }
     if let Some(path) = &a.run_socket {
         serve_run_socket(agent.clone(), path)?;
     }

@@ -878,7 +878,7 @@ fn draw_jobs(f: &mut Frame, area: Rect, s: &Snapshot) {
             Cell::from(j.id.clone()),
             Cell::from(j.node.clone()),
             Cell::from(st).style(style),
-            Cell::from(j.history.len().to_string()),
+            Cell::from(moves_cell(j)),
             Cell::from(label),
         ])
     });
@@ -895,6 +895,22 @@ fn draw_jobs(f: &mut Frame, area: Rect, s: &Snapshot) {
             .block(block.title(title)),
         area,
     );
+}
+
+/// Migrations of a job, and restarts from checkpoints after a node died
+/// (`3+1R`).
+fn moves_cell(j: &pb::Job) -> String {
+    let restarts = j
+        .history
+        .iter()
+        .filter(|m| m.restored_from_checkpoint > 0)
+        .count();
+    let moves = j.history.len() - restarts;
+    if restarts == 0 {
+        moves.to_string()
+    } else {
+        format!("{moves}+{restarts}R")
+    }
 }
 
 #[cfg(test)]

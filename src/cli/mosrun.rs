@@ -111,9 +111,35 @@ pub struct Args {
     /// Expected memory of the job in MiB, for placement (with -d).
     #[arg(long, default_value_t = 0)]
     pub mem_mib: u64,
+    /// Checkpoint the job every DURATION (30s, 5m, 1h30m; at least 1s) to
+    /// the shared path without stopping it, so that `mosctl restore` can
+    /// bring it back if its node dies, losing only the work since the last
+    /// checkpoint. Each freezes the job as long as a migration's dump. The
+    /// interval stays with the job when it moves. Needs -d: a foreground
+    /// job streams through this mosrun, which no checkpoint brings back.
+    #[arg(long, value_name = "DURATION", value_parser = parse_every, requires = "detach")]
+    pub checkpoint_every: Option<Duration>,
+    /// How many checkpoints to keep (with --checkpoint-every) [default: 3].
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "checkpoint_every",
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    pub checkpoint_keep: Option<u32>,
     /// The command and its arguments (after --).
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
+}
+
+fn parse_every(s: &str) -> Result<Duration, String> {
+    let d = crate::checkpoint::duration::parse(s)?;
+    if d.as_millis() < u128::from(crate::checkpoint::MIN_EVERY_MS) {
+        return Err(format!(
+            "{s} is too short: checkpoints freeze the job; use at least 1s"
+        ));
+    }
+    Ok(d)
 }
 
 /// The node the policy would place a new job on, from the same cluster view
@@ -168,6 +194,11 @@ async fn detached(a: Args) -> anyhow::Result<()> {
             name: a.name,
             service: a.service.unwrap_or_default(),
             port: a.port.map(u32::from).unwrap_or(0),
+            checkpoint_every_ms: a
+                .checkpoint_every
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            checkpoint_keep: a.checkpoint_keep.unwrap_or(0),
         })
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?

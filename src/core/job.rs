@@ -91,6 +91,40 @@ pub struct MigrationRecord {
     /// ("" if it ran as requested).
     #[serde(default)]
     pub fallback: String,
+    /// A restart from this checkpoint (its sequence number), not a live
+    /// move; 0 for a migration. See `crate::checkpoint`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restored_from_checkpoint: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A job's periodic checkpoints (`mosrun --checkpoint-every`) and its
+/// latest checkpoint. Kept in the record, so it travels with the job: the
+/// node it migrates to, or is restored on, keeps checkpointing it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointStatus {
+    /// Interval in ms; 0 = only on demand (`mosctl checkpoint`).
+    pub every_ms: u64,
+    /// How many checkpoints to keep.
+    pub keep: u32,
+    /// Latest complete checkpoint's sequence number (0 = none yet).
+    #[serde(default)]
+    pub last_seq: u64,
+    #[serde(default)]
+    pub last_unix_ms: u64,
+    #[serde(default)]
+    pub last_frozen_ms: u64,
+    #[serde(default)]
+    pub last_bytes: u64,
+    /// "full" or "incremental", with the reason for a fallback.
+    #[serde(default)]
+    pub mode: String,
+    /// The last attempt's error ("" when it succeeded).
+    #[serde(default)]
+    pub last_error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +167,10 @@ pub struct JobRecord {
     /// `node address:port`, and are told before the job is frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceDecl>,
+    /// Checkpoint settings and the latest checkpoint (None: never
+    /// checkpointed and no interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointStatus>,
 }
 
 /// A job's declaration that it serves a named service on a TCP port.

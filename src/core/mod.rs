@@ -8,7 +8,7 @@ pub mod procfs;
 pub mod registry;
 
 pub use ids::{JobId, MigrationId, NodeName};
-pub use job::{JobRecord, JobState, MigrationRecord, ServiceDecl};
+pub use job::{CheckpointStatus, JobRecord, JobState, MigrationRecord, ServiceDecl};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

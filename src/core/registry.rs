@@ -236,6 +236,7 @@ pub(crate) mod tests {
             error: String::new(),
             generation: 0,
             service: None,
+            checkpoint: None,
         }
     }
 

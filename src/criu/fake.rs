@@ -120,6 +120,10 @@ impl CheckpointEngine for FakeEngine {
                 source: e,
             }
         })?;
+        if let Some(h) = &spec.post_dump {
+            h.run()
+                .map_err(|detail| CriuError::Failed { op: "dump", detail })?;
+        }
         if !spec.leave_running {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(spec.pid),

@@ -76,6 +76,31 @@ pub struct DumpSpec {
     /// here (a post-copy dump, which ends when its page transfer does, is
     /// bounded by its caller). See [`deadline_for`].
     pub deadline: Option<std::time::Duration>,
+    /// Called at CRIU's `post-dump` step: the images are complete and the
+    /// tree is still frozen (CRIU resumes it, with `leave_running`, only
+    /// after this returns). A checkpoint copies the job's output files
+    /// here, so they match the images exactly. An `Err` fails the dump
+    /// (and CRIU resumes the tree).
+    pub post_dump: Option<PostDumpHook>,
+}
+
+/// See [`DumpSpec::post_dump`].
+#[derive(Clone)]
+pub struct PostDumpHook(pub std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl PostDumpHook {
+    pub fn new(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+    pub fn run(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PostDumpHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostDumpHook")
+    }
 }
 
 /// One round of iterative pre-copy: CRIU's `pre-dump`.

@@ -469,12 +469,43 @@ impl CheckpointEngine for RealCriu {
         if let Some(fd) = spec.status_fd {
             opts.set_status_fd(fd);
         }
+        if spec.post_dump.is_some() {
+            opts.set_notify_scripts(true);
+        }
         let watch = Watch {
             deadline: spec.deadline.map(|d| std::time::Instant::now() + d),
             abort_if: None,
         };
-        let result = worker.call_watched(&req, &mut |_, _| true, &watch);
+        let mut hook_failed = None;
+        let result = worker.call_watched(
+            &req,
+            &mut |script, _| {
+                // post-dump: images complete, tree still frozen (see
+                // DumpSpec::post_dump).
+                match (&spec.post_dump, script) {
+                    (Some(h), "post-dump") => match h.run() {
+                        Ok(()) => true,
+                        Err(why) => {
+                            hook_failed = Some(why);
+                            false
+                        }
+                    },
+                    _ => true,
+                }
+            },
+            &watch,
+        );
         self.spare.refill();
+        if let Some(why) = hook_failed {
+            // CRIU resumed the tree (a failed post-dump script undoes the
+            // dump's final state) and reports a failure of its own.
+            let op = "dump";
+            return Err(if why.contains("No space left") {
+                CriuError::DiskFull { op, detail: why }
+            } else {
+                CriuError::Failed { op, detail: why }
+            });
+        }
         // A killed dump worker released the tree: ptrace detaches on the
         // tracer's death and the tasks run on, as after any failed dump.
         result

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod certs;
+pub mod checkpoint;
 pub mod drain;
 pub mod freeze;
 pub mod jobs;
@@ -10,6 +11,7 @@ pub mod load;
 pub mod local;
 pub mod migrate;
 pub mod pin;
+pub mod restore;
 pub mod setspeed;
 pub mod show;
 pub mod slots;
@@ -41,6 +43,12 @@ pub enum Cmd {
     Freeze(freeze::FreezeArgs),
     /// Bring a frozen job back, on its old node or another.
     Thaw(freeze::ThawArgs),
+    /// Checkpoint a running job now, without stopping it (to the shared
+    /// path; `mosrun --checkpoint-every` does it periodically).
+    Checkpoint(checkpoint::Args),
+    /// Bring a job back from a checkpoint (after its node died), or, with
+    /// --node-is-down NODE, every job of a node you assert is off.
+    Restore(restore::Args),
     /// Send a signal to a job (default SIGKILL: a job is its PID namespace's
     /// init and ignores signals it has no handler for).
     Kill(kill::Args),
@@ -80,6 +88,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Migrate(x) => migrate::run(cluster, x).await,
         Cmd::Freeze(x) => freeze::freeze(cluster, x).await,
         Cmd::Thaw(x) => freeze::thaw(cluster, x).await,
+        Cmd::Checkpoint(x) => checkpoint::run(cluster, x).await,
+        Cmd::Restore(x) => restore::run(cluster, x).await,
         Cmd::Kill(x) => kill::run(cluster, x).await,
         Cmd::Load(x) => load::run(cluster, x).await,
         Cmd::Slots(x) => slots::run(cluster, x).await,

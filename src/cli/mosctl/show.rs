@@ -38,7 +38,41 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     if !j.error.is_empty() {
         println!("error    {}", j.error);
     }
+    if let Some(c) = &j.checkpoint {
+        let every = if c.every_ms > 0 {
+            format!("every {} s, ", c.every_ms as f64 / 1000.0)
+        } else {
+            String::new()
+        };
+        if c.last_seq > 0 {
+            println!(
+                "ckpt     {every}keep {}; latest {} ({} ms ago, frozen {} ms, {}), {}",
+                c.keep,
+                c.last_seq,
+                crate::core::now_unix_ms().saturating_sub(c.last_unix_ms),
+                c.last_frozen_ms,
+                human_bytes(c.last_bytes),
+                c.mode
+            );
+        } else {
+            println!("ckpt     {every}keep {}; none yet", c.keep);
+        }
+        if !c.last_error.is_empty() {
+            println!("ckpt err {}", c.last_error);
+        }
+    }
     for m in &j.history {
+        if m.restored_from_checkpoint > 0 {
+            println!(
+                "restart  {} -> {}  from checkpoint {}  restore {} ms  {}",
+                m.from_node,
+                m.to_node,
+                m.restored_from_checkpoint,
+                m.frozen_ms,
+                human_bytes(m.image_bytes)
+            );
+            continue;
+        }
         println!(
             "migrated {} -> {}  frozen {} ms  total {} ms  {}  {}{}",
             m.from_node,

@@ -1,0 +1,206 @@
+//! `mosctl restore JOB [--checkpoint N] [--node NODE]` and
+//! `mosctl restore --node-is-down NODE`: bring jobs back from their
+//! checkpoints. The logic for a whole node is the library's
+//! (`checkpoint::restart::restart_node_jobs`); this file only reaches the
+//! agents and prints.
+
+use crate::api::pb;
+use crate::checkpoint::restart::{self, Outcome, RestartOps, RestoreFailure, Restored};
+use crate::cli::common::{status_err, Ctx};
+use crate::core::JobRecord;
+use anyhow::{anyhow, bail, Context};
+use futures::future::BoxFuture;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Job id. Without it, --node-is-down restores every job of that node.
+    pub job: Option<String>,
+    /// Checkpoint number to restore [default: the job's latest].
+    #[arg(long, value_name = "N", requires = "job")]
+    pub checkpoint: Option<u64>,
+    /// Node to restore on [default: the one the placement policy picks].
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// You assert that NODE is off (powered down, or all its processes
+    /// killed), like Kubernetes' out-of-service taint: its jobs are then
+    /// restored elsewhere from their latest checkpoints, and those without
+    /// one are recorded lost. mosix cannot check this: if NODE still runs a
+    /// job, the job then runs twice. Without a JOB, every job recorded on
+    /// NODE; with one, that job only.
+    #[arg(long, value_name = "NODE")]
+    pub node_is_down: Option<String>,
+}
+
+struct Grpc<'a> {
+    ctx: &'a Ctx,
+}
+
+fn failure(s: tonic::Status) -> RestoreFailure {
+    use tonic::Code;
+    RestoreFailure {
+        message: crate::cli::common::status_text(&s),
+        // The node is the problem (blocked, unreachable, full): another may do.
+        try_elsewhere: matches!(
+            s.code(),
+            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
+        ) || (s.code() == Code::FailedPrecondition
+            && s.message().contains("blocked")),
+    }
+}
+
+impl RestartOps for Grpc<'_> {
+    fn restore_on<'a>(
+        &'a self,
+        node: &'a str,
+        job: &'a str,
+        down: &'a str,
+    ) -> BoxFuture<'a, Result<Restored, RestoreFailure>> {
+        Box::pin(async move {
+            let mut c = self.ctx.agent(node).await.map_err(|e| RestoreFailure {
+                message: format!("{e:#}"),
+                try_elsewhere: true,
+            })?;
+            let r = c
+                .restore_checkpoint(pb::RestoreCheckpointRequest {
+                    job_id: job.to_string(),
+                    seq: 0,
+                    node_is_down: down.to_string(),
+                })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            if r.lost {
+                Ok(Restored::Lost {
+                    why: r.job.map(|j| j.error).unwrap_or_default(),
+                })
+            } else {
+                Ok(Restored::Running { seq: r.seq })
+            }
+        })
+    }
+}
+
+/// The cluster's snapshot for placement, restricted to `only` if given.
+async fn snapshot(
+    ctx: &Ctx,
+    only: Option<&str>,
+) -> anyhow::Result<crate::balancer::policy::ClusterSnapshot> {
+    if let Some(n) = only {
+        ctx.cf.node(n)?;
+    }
+    let view = crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
+    let mut s = view.snapshot(0.0);
+    if let Some(n) = only {
+        s.nodes.retain(|x| x.name == n);
+    }
+    Ok(s)
+}
+
+pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
+    if a.job.is_none() && a.node_is_down.is_none() {
+        bail!("name a job to restore, or a node whose jobs to restore with --node-is-down NODE");
+    }
+    let ctx = Ctx::load(cluster)?;
+    if let Some(d) = &a.node_is_down {
+        ctx.cf.node(d)?;
+        if a.node.as_deref() == Some(d.as_str()) {
+            bail!("--node {d} is the node you declared down");
+        }
+    }
+    match (&a.job, &a.node_is_down) {
+        (None, None) => {
+            bail!("name a job to restore, or a node whose jobs to restore with --node-is-down NODE")
+        }
+        (None, Some(down)) => whole_node(&ctx, down, a.node.as_deref()).await,
+        (Some(job), _) => one_job(&ctx, job, &a).await,
+    }
+}
+
+async fn one_job(ctx: &Ctx, spec: &str, a: &Args) -> anyhow::Result<()> {
+    let job = ctx.find_job(spec).await?;
+    let node = match &a.node {
+        Some(n) => {
+            ctx.cf.node(n)?;
+            n.clone()
+        }
+        None => {
+            let mut planner =
+                crate::balancer::drain::DrainPlanner::new(snapshot(ctx, None).await?, &job.node);
+            planner.exclude(&job.node);
+            let snap = crate::balancer::policy::JobSnapshot {
+                id: job.id.clone(),
+                node: job.node.clone(),
+                rss_bytes: 0,
+                cpu_demand: 1.0,
+                residence_secs: 0.0,
+                pinned: false,
+                migratable: true,
+                post_copy_failed: false,
+            };
+            planner
+                .next_target(&snap)
+                .ok_or_else(|| anyhow!("no node is up with room for job {}", job.id))?
+        }
+    };
+    let mut c = ctx.agent(&node).await?;
+    let r = c
+        .restore_checkpoint(pb::RestoreCheckpointRequest {
+            job_id: job.id.clone(),
+            seq: a.checkpoint.unwrap_or(0),
+            node_is_down: a.node_is_down.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_err(&format!("restoring {} on {node}", job.id), s))?
+        .into_inner();
+    let j = r.job.unwrap_or_default();
+    if r.lost {
+        println!("{}: LOST ({})", job.id, j.error);
+    } else {
+        println!(
+            "restored {} on {} from checkpoint {} (pid {}; was on {})",
+            job.id, j.node, r.seq, j.pid, job.node
+        );
+    }
+    Ok(())
+}
+
+async fn whole_node(ctx: &Ctx, down: &str, only: Option<&str>) -> anyhow::Result<()> {
+    let mut c = ctx.any_agent().await?;
+    let jobs: Vec<JobRecord> = c
+        .list_jobs(pb::ListJobsRequest {
+            node: down.to_string(),
+            include_finished: false,
+        })
+        .await
+        .map_err(|s| status_err("listing jobs", s))?
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(JobRecord::try_from)
+        .collect::<Result<_, _>>()
+        .context("a job record from the agents")?;
+    let snap = snapshot(ctx, only).await?;
+    let out = restart::restart_node_jobs(&Grpc { ctx }, snap, down, &jobs).await;
+    if out.is_empty() {
+        println!("no job is recorded running on {down}");
+        return Ok(());
+    }
+    let mut failed = 0;
+    let (mut ok, mut lost) = (0, 0);
+    for o in &out {
+        println!("{}", o.line());
+        match o {
+            Outcome::Restarted { .. } => ok += 1,
+            Outcome::Lost { .. } => lost += 1,
+            Outcome::Failed { .. } => failed += 1,
+            Outcome::Skipped { .. } => {}
+        }
+    }
+    println!("{down}: {ok} restarted, {lost} lost, {failed} not restarted");
+    if failed > 0 {
+        bail!("{failed} job(s) of {down} could not be restarted (see above); run the command again once the cause is fixed");
+    }
+    Ok(())
+}
