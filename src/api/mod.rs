@@ -5,6 +5,7 @@ pub mod client;
 pub mod convert;
 pub mod convert_checkpoint;
 pub mod convert_exec;
+pub mod restart_ops;
 
 /// Generated from `proto/mosix/v1/*.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -29,12 +29,7 @@ pub fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
 /// A failed call's status as text for a table cell, with a TLS refusal
 /// named (an agent that refuses our client certificate says so only once
 /// the first call is made: TLS 1.3 sends that alert after the handshake).
-pub fn status_text(s: &tonic::Status) -> String {
-    match crate::security::membership::explain_tls_error(s) {
-        Some(why) => format!("{why}: {}", s.message()),
-        None => s.message().to_string(),
-    }
-}
+pub use crate::api::restart_ops::status_text;
 
 impl Ctx {
     pub fn load(flag: Option<&Path>) -> anyhow::Result<Self> {

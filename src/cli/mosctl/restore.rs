@@ -5,11 +5,11 @@
 //! agents and prints.
 
 use crate::api::pb;
-use crate::checkpoint::restart::{self, Outcome, RestartOps, RestoreFailure, Restored};
+use crate::api::restart_ops::GrpcRestartOps;
+use crate::checkpoint::restart::{self, Outcome};
 use crate::cli::common::{status_err, Ctx};
 use crate::core::JobRecord;
 use anyhow::{anyhow, bail, Context};
-use futures::future::BoxFuture;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,55 +31,6 @@ pub struct Args {
     /// NODE; with one, that job only.
     #[arg(long, value_name = "NODE")]
     pub node_is_down: Option<String>,
-}
-
-struct Grpc<'a> {
-    ctx: &'a Ctx,
-}
-
-fn failure(s: tonic::Status) -> RestoreFailure {
-    use tonic::Code;
-    RestoreFailure {
-        message: crate::cli::common::status_text(&s),
-        // The node is the problem (blocked, unreachable, full): another may do.
-        try_elsewhere: matches!(
-            s.code(),
-            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
-        ) || (s.code() == Code::FailedPrecondition
-            && s.message().contains("blocked")),
-    }
-}
-
-impl RestartOps for Grpc<'_> {
-    fn restore_on<'a>(
-        &'a self,
-        node: &'a str,
-        job: &'a str,
-        down: &'a str,
-    ) -> BoxFuture<'a, Result<Restored, RestoreFailure>> {
-        Box::pin(async move {
-            let mut c = self.ctx.agent(node).await.map_err(|e| RestoreFailure {
-                message: format!("{e:#}"),
-                try_elsewhere: true,
-            })?;
-            let r = c
-                .restore_checkpoint(pb::RestoreCheckpointRequest {
-                    job_id: job.to_string(),
-                    seq: 0,
-                    node_is_down: down.to_string(),
-                })
-                .await
-                .map_err(failure)?
-                .into_inner();
-            if r.lost {
-                Ok(Restored::Lost {
-                    why: r.job.map(|j| j.error).unwrap_or_default(),
-                })
-            } else {
-                Ok(Restored::Running { seq: r.seq })
-            }
-        })
-    }
 }
 
 /// The cluster's snapshot for placement, restricted to `only` if given.
@@ -182,7 +133,12 @@ async fn whole_node(ctx: &Ctx, down: &str, only: Option<&str>) -> anyhow::Result
         .collect::<Result<_, _>>()
         .context("a job record from the agents")?;
     let snap = snapshot(ctx, only).await?;
-    let out = restart::restart_node_jobs(&Grpc { ctx }, snap, down, &jobs).await;
+    let ops = GrpcRestartOps {
+        cf: ctx.cf.clone(),
+        tls: ctx.tls.clone(),
+        leader_revision: 0,
+    };
+    let out = restart::restart_node_jobs(&ops, snap, down, &jobs).await;
     if out.is_empty() {
         println!("no job is recorded running on {down}");
         return Ok(());
