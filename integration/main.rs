@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod balancer;
+mod coord;
 mod faults;
 mod foreground;
 mod gateway;

@@ -23,6 +23,7 @@ pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod cli;
+pub mod coord;
 pub mod core;
 pub mod criu;
 pub mod gateway;

@@ -468,7 +468,9 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        let call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, Some(ps))?;
+        let call = self
+            .hand_over(&mut rec, &mig, started, dumped.image_bytes, Some(ps), target)
+            .await?;
         let dir = self.image_dir(&dumped.image_dir);
         let landed = match self.peers.restore(target, call).await {
             Ok(_) => Ok(()),

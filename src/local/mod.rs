@@ -19,6 +19,7 @@
 //! machine the same path is the same directory (on a real cluster it is each
 //! machine's own disk, and the migration carries the files along).
 
+pub mod etcd;
 pub mod fileserver;
 pub mod net;
 pub mod nodefs;
@@ -64,6 +65,9 @@ pub struct UpOptions {
     /// Seal images with the cluster key (agents get `--image-key`). Off only
     /// to measure what sealing costs: tampered images then go undetected.
     pub seal_images: bool,
+    /// etcd members to start (0: none, the cluster runs without leases and
+    /// fencing; see [`etcd`]).
+    pub etcd_members: usize,
 }
 
 /// How the nodes of a local cluster reach their shared directories.
@@ -269,6 +273,20 @@ async fn up_inner(
         sd.join("shared.json"),
         serde_json::to_vec(&shared).context("encoding the shared dirs")?,
     )?;
+    let etcd_endpoints = if opts.etcd_members > 0 {
+        let t = Instant::now();
+        let e = etcd::start(&opts.name, k, opts.etcd_members, &sd).await?;
+        progress(&format!(
+            "etcd: {} member(s) at {} (answering after {} ms)",
+            e.len(),
+            e.join(","),
+            t.elapsed().as_millis()
+        ));
+        e
+    } else {
+        progress("no etcd (--no-etcd): no leases or fencing; a lost node is only reported");
+        Vec::new()
+    };
 
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
@@ -338,6 +356,7 @@ async fn up_inner(
         )),
         tls,
         nodes: nodes.clone(),
+        etcd: etcd_endpoints,
     };
     let cf_path = cluster_file_path(&opts.name);
     cf.save(&cf_path).context("writing the cluster file")?;
