@@ -158,7 +158,7 @@ impl LeaseHolder {
     }
 
     /// After fencing: a new lease, the key bound to it. Writes stay refused
-    /// until [`Self::resume`] (after the handler has reconciled).
+    /// until [`Self::resume`].
     pub async fn reacquire(&self) -> Result<(), CoordError> {
         if self.phase() != Phase::Fenced {
             return Ok(());
@@ -264,8 +264,11 @@ pub fn spawn(holder: Arc<LeaseHolder>, handler: Arc<dyn FenceHandler>) {
                 Phase::Fenced => match holder.reacquire().await {
                     Ok(()) => {
                         tracing::warn!(lease = holder.lease_id(), "etcd reachable again: new lease; checking job ownership before anything else");
-                        handler.rejoined().await;
+                        // Every job here was killed by the fence, so
+                        // nothing of ours runs: writes may resume, and
+                        // the reconcile needs them (to record the loss).
                         holder.resume();
+                        handler.rejoined().await;
                         failures = 0;
                     }
                     Err(e) => {
@@ -325,7 +328,7 @@ mod tests {
         store.set_unreachable(false);
         // Meanwhile etcd expired the old lease and its key.
         assert!(h.reacquire().await.is_ok());
-        assert!(!h.may_write(), "writes wait for the reconcile");
+        assert!(!h.may_write(), "writes wait for resume()");
         assert_eq!(h.generation(), 2);
         h.resume();
         assert!(h.may_write());
