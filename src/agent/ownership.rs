@@ -304,13 +304,15 @@ impl Agent {
             match c.owners.get(id.as_str()).await? {
                 Some(o) if o.node == me => c.set_epoch(&id, Some(o.epoch)),
                 Some(o) => {
+                    // Forget it first: its exit is then "a stale process",
+                    // and nothing is written for a job we do not own.
+                    if let Ok(mut l) = self.local.lock() {
+                        l.remove(&id);
+                    }
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
                     );
-                    if let Ok(mut l) = self.local.lock() {
-                        l.remove(&id);
-                    }
                     c.set_epoch(&id, None);
                     tracing::warn!(job = %id, pid, owner = %o.node, epoch = o.epoch, "killed a stale copy: etcd says another node owns this job");
                 }
