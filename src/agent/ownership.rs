@@ -180,13 +180,20 @@ impl Agent {
         let Some(c) = self.coord() else {
             return Ok(());
         };
-        let o = c
-            .owners
-            .claim(job.as_str(), self.cfg.node.as_str())
-            .await
-            .map_err(coord_err)?;
-        c.set_epoch(job, Some(o.epoch));
-        Ok(())
+        // A slow answer is not a refusal: try a few times (the claim is
+        // idempotent) before the caller gives the job up.
+        let mut last = None;
+        for _ in 0..3 {
+            match c.owners.claim(job.as_str(), self.cfg.node.as_str()).await {
+                Ok(o) => {
+                    c.set_epoch(job, Some(o.epoch));
+                    return Ok(());
+                }
+                Err(e @ CoordError::NotOwner { .. }) => return Err(coord_err(e)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(coord_err(last.unwrap_or(CoordError::Unavailable("no answer".into()))))
     }
 
     /// Migration step: the images are sealed; make `target` the owner with

@@ -230,52 +230,58 @@ pub fn spawn(holder: Arc<LeaseHolder>, handler: Arc<dyn FenceHandler>) {
         }
     });
     tokio::spawn(async move {
-        let mut failures = 0u32;
+        // Renewals are attempts in their own tasks, not a sequence: on a
+        // loaded machine one call can stall for seconds, and a new attempt
+        // must not wait for it. Any answer moves the deadline (to the
+        // send time of the request answered).
+        let mut last_try = tokio::time::Instant::now();
         loop {
-            let wait = if failures == 0 {
-                holder.timing.renew_every()
-            } else {
-                // Retry sooner after a failure: a blip must not cost a lease.
-                Duration::from_millis(500)
-            };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
             match holder.phase() {
-                Phase::Live => match holder.renew_once().await {
-                    Ok(()) => {
-                        if failures > 0 {
-                            tracing::info!(after = failures, "lease renewal works again");
+                Phase::Live => {
+                    let at_risk = holder.verdict() != Verdict::Healthy;
+                    let period = if at_risk {
+                        Duration::from_millis(750)
+                    } else {
+                        holder.timing.renew_every()
+                    };
+                    if last_try.elapsed() < period {
+                        continue;
+                    }
+                    last_try = tokio::time::Instant::now();
+                    let (h, hd) = (holder.clone(), handler.clone());
+                    tokio::spawn(async move {
+                        match h.renew_once().await {
+                            Ok(()) => {}
+                            Err(CoordError::LeaseGone(id)) => {
+                                tracing::error!(lease = id, "etcd says our lease expired: fencing now");
+                                if h.force_fence() {
+                                    hd.fence().await;
+                                    h.fenced_done();
+                                }
+                            }
+                            Err(e) => tracing::warn!("lease renewal failed: {e}"),
                         }
-                        failures = 0;
+                    });
+                }
+                Phase::Fencing => {}
+                Phase::Fenced => {
+                    if last_try.elapsed() < Duration::from_millis(500) {
+                        continue;
                     }
-                    Err(CoordError::LeaseGone(id)) => {
-                        tracing::error!(lease = id, "etcd says our lease expired: fencing now");
-                        if holder.force_fence() {
-                            handler.fence().await;
-                            holder.fenced_done();
+                    last_try = tokio::time::Instant::now();
+                    match holder.reacquire().await {
+                        Ok(()) => {
+                            tracing::warn!(lease = holder.lease_id(), "etcd reachable again: new lease; checking job ownership before anything else");
+                            // Every job here was killed by the fence, so
+                            // nothing of ours runs: writes may resume, and
+                            // the reconcile needs them (to record the loss).
+                            holder.resume();
+                            handler.rejoined().await;
                         }
-                        failures = 1;
+                        Err(e) => tracing::debug!("still fenced, no new lease: {e}"),
                     }
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(failures, "lease renewal failed: {e}");
-                    }
-                },
-                Phase::Fencing => failures = 1,
-                Phase::Fenced => match holder.reacquire().await {
-                    Ok(()) => {
-                        tracing::warn!(lease = holder.lease_id(), "etcd reachable again: new lease; checking job ownership before anything else");
-                        // Every job here was killed by the fence, so
-                        // nothing of ours runs: writes may resume, and
-                        // the reconcile needs them (to record the loss).
-                        holder.resume();
-                        handler.rejoined().await;
-                        failures = 0;
-                    }
-                    Err(e) => {
-                        failures = 1;
-                        tracing::debug!("still fenced, no new lease: {e}");
-                    }
-                },
+                }
             }
         }
     });

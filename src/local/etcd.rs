@@ -88,6 +88,21 @@ pub async fn start(
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // etcd's answers gate every agent's lease: it runs at the agents'
+        // priority, not at whatever nice value `local up` was started with
+        // (a test under `nice 19` beside CPU-bound jobs left it starved:
+        // "compare-and-set: no answer within 1500 ms").
+        let nice = crate::core::MIGRATION_NICE;
+        // SAFETY: only async-signal-safe syscalls, no allocation.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                // ioprio_set(IOPRIO_WHO_PROCESS, self, best-effort class, level 0)
+                libc::syscall(libc::SYS_ioprio_set, 1, 0, 2 << 13);
+                Ok(())
+            });
+        }
         // Detached: `down` kills it through its network namespace.
         cmd.spawn()
             .with_context(|| format!("starting etcd member e{i}"))?;
