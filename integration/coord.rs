@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MOSIXD: &str = env!("CARGO_BIN_EXE_mosixd");
+/// These tests run with etcd (the harness starts clusters without it).
+const ETCD: &[&str] = &["--etcd-members", "1"];
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -92,7 +94,7 @@ fn a_node_cut_off_etcd_fences_its_jobs_before_its_lease_expires() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    let cl = Cluster::up(2, ETCD);
     let (job, pid) = sleeper(&cl, "node1");
     let before = owner(&cl, &job).expect("the job has an owner record");
     assert_eq!(before.node, "node1");
@@ -135,7 +137,7 @@ fn a_sigstopped_agent_kills_its_jobs_first_thing_after_sigcont() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    let cl = Cluster::up(2, ETCD);
     let (job, pid) = sleeper(&cl, "node1");
     let agent = mosix::local::agent_pid(&cl.name, "node1").unwrap();
     unsafe { libc::kill(agent, libc::SIGSTOP) };
@@ -156,7 +158,7 @@ fn a_restarted_agent_kills_a_job_it_no_longer_owns() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    let cl = Cluster::up(2, ETCD);
     let (job, pid) = sleeper(&cl, "node1");
     let (kept, kept_pid) = sleeper(&cl, "node1");
     let o = cl.mosctl(&["local", "restart-agent", "node1", "--kill-only", "--name", &cl.name]);
@@ -178,7 +180,7 @@ fn a_migration_moves_ownership_and_the_epoch_grows() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
+    let cl = Cluster::up(2, ETCD);
     let (job, _) = sleeper(&cl, "node1");
     let a = owner(&cl, &job).unwrap();
     assert_eq!(a.node, "node1");
@@ -199,7 +201,7 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(1, &[]);
+    let cl = Cluster::up(1, ETCD);
     let cf = cluster_file(&cl);
     let leader = || {
         rt().block_on(async {

@@ -68,6 +68,9 @@ pub struct UpOptions {
     /// etcd members to start (0: none, the cluster runs without leases and
     /// fencing; see [`etcd`]).
     pub etcd_members: usize,
+    /// The agents' `--lease-ttl` and `--fence-margin` (None: their defaults).
+    pub lease_ttl: Option<f64>,
+    pub fence_margin: Option<f64>,
 }
 
 /// How the nodes of a local cluster reach their shared directories.
@@ -403,6 +406,12 @@ async fn up_inner(
         }
         if !opts.post_copy {
             cmd.arg("--no-post-copy");
+        }
+        if let Some(t) = opts.lease_ttl {
+            cmd.arg("--lease-ttl").arg(t.to_string());
+        }
+        if let Some(m) = opts.fence_margin {
+            cmd.arg("--fence-margin").arg(m.to_string());
         }
         if opts.seal_images {
             cmd.arg("--image-key").arg(&key_path);
