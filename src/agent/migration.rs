@@ -664,6 +664,12 @@ impl Agent {
         arrival: Arrival,
     ) -> AgentResult<JobRecord> {
         self.engine.available()?;
+        if matches!(arrival, Arrival::RolledBack { .. }) {
+            // With etcd: the owner may be the target already (the CAS ran
+            // before its restore failed, or before we restarted): take it
+            // back first, or this copy would be killed as a stale one.
+            self.take_owner_back(job).await?;
+        }
         let rel = image_rel(job, mig);
         let dir = self.image_dir(&rel);
         if !dir.is_dir() {

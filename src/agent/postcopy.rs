@@ -340,6 +340,11 @@ impl Agent {
     ) -> AgentError {
         let dir = self.image_dir(&image_rel(job, mig));
         let image_bytes = super::dir_bytes(&dir);
+        // With etcd the target became the owner before its restore: the
+        // job resumes here, so the ownership comes back here too.
+        if let Err(e) = self.take_owner_back(job).await {
+            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
+        }
         let pid = self.abort_lazy(job, lazy).await;
         let frozen_ms = started.elapsed().as_millis() as u64;
         let mut rec = match self.registry.get(job) {
