@@ -108,7 +108,7 @@ pub async fn start(
             .with_context(|| format!("starting etcd member e{i}"))?;
         endpoints.push(client);
     }
-    crate::coord::connect_within(&endpoints, Duration::from_secs(15))
+    crate::coord::connect_within(&endpoints, Duration::from_secs(30))
         .await
         .map_err(|e| {
             let tail = std::fs::read_to_string(state_dir.join("etcd1.log")).unwrap_or_default();
