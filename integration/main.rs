@@ -8,6 +8,7 @@ mod support;
 mod admin;
 mod balancer;
 mod checkpoint;
+mod coord;
 mod faults;
 mod foreground;
 mod gateway;

@@ -24,7 +24,10 @@ PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc
       libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
       libnl-3-dev libnet1-dev libcap-dev libaio-dev libgnutls28-dev libbsd-dev
       uuid-dev libnftables-dev util-linux procps xz-utils dpkg-dev
-      sshfs openssh-server)
+      sshfs openssh-server
+      # etcd 3.4 (Debian 12): leases, ownership and fencing (src/coord);
+      # `mosctl local up` starts it; etcdctl is for people.
+      etcd-server etcd-client)
 
 missing=()
 for p in "${PKGS[@]}"; do

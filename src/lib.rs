@@ -24,6 +24,7 @@ pub mod api;
 pub mod balancer;
 pub mod checkpoint;
 pub mod cli;
+pub mod coord;
 pub mod core;
 pub mod criu;
 pub mod gateway;

@@ -1179,7 +1179,9 @@ impl Agent {
             (d, None)
         };
         let ps = lazy.as_ref().map(|(ps, _)| ps.clone());
-        let mut call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, ps)?;
+        let mut call = self
+            .hand_over(&mut rec, &mig, started, dumped.image_bytes, ps, target)
+            .await?;
         let dir = self.image_dir(&dumped.image_dir);
         let t_push = Instant::now();
         let pushed = match self.push_plan(&rec, &dir, &mig) {

@@ -39,6 +39,7 @@ impl From<crate::core::registry::RegistryError> for AgentError {
         }
         match e {
             R::NotFound(id) => AgentError::NotFound(format!("no job {id} in the cluster")),
+            f @ R::Fenced(_) => AgentError::Unavailable(f.to_string()),
             other => AgentError::Internal(other.to_string()),
         }
     }

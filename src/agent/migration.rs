@@ -653,8 +653,14 @@ impl Agent {
             image_bytes: call.image_bytes,
             post_copy: call.page_server.is_some(),
         };
-        self.restore_here(&call.job, &call.migration, call.page_server, arrival)
-            .await
+        self.check_not_fenced()?;
+        let r = self
+            .restore_here(&call.job, &call.migration, call.page_server, arrival)
+            .await;
+        if r.is_ok() {
+            self.note_arrival(&call.job).await;
+        }
+        r
     }
 
     /// Claim the images, restore them on this node, record the job here.
@@ -666,6 +672,12 @@ impl Agent {
         arrival: Arrival,
     ) -> AgentResult<JobRecord> {
         self.engine.available()?;
+        if matches!(arrival, Arrival::RolledBack { .. }) {
+            // With etcd: the owner may be the target already (the CAS ran
+            // before its restore failed, or before we restarted): take it
+            // back first, or this copy would be killed as a stale one.
+            self.take_owner_back(job).await?;
+        }
         let rel = image_rel(job, mig);
         let dir = self.image_dir(&rel);
         if !dir.is_dir() {
@@ -1045,7 +1057,15 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        let call = self.hand_over(&mut rec, &mig, frozen_since, dumped.image_bytes, None)?;
+        let call = match self
+            .hand_over(&mut rec, &mig, frozen_since, dumped.image_bytes, None, target)
+            .await
+        {
+            Ok(c) => c,
+            // The ownership did not move (or the record was refused): the
+            // job comes back here from the same images.
+            Err(e) => return self.roll_back(job, target, &mig, started, e).await,
+        };
         tracing::debug!(job = %job, "step: handed over, calling the target");
         let dir = self.image_dir(&dumped.image_dir);
         match self.peers.restore(target, call).await {
@@ -1079,14 +1099,18 @@ impl Agent {
 
     /// The images are sealed: record phase `dumped` and build the target's
     /// Restore call.
-    fn hand_over(
+    async fn hand_over(
         &self,
         rec: &mut JobRecord,
         mig: &MigrationId,
         started: Instant,
         image_bytes: u64,
         page_server: Option<PageServer>,
+        target: &NodeName,
     ) -> AgentResult<RestoreCall> {
+        // With etcd the target becomes the owner, with a new epoch, by one
+        // CAS before it restores anything (see `ownership`).
+        self.move_owner_to(&rec.id, target.as_str()).await?;
         if let Some(p) = rec.pending.as_mut() {
             p.phase = MigrationPhase::Dumped;
         }
@@ -1165,6 +1189,16 @@ impl Agent {
         cause: AgentError,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
         tracing::warn!(job = %job, to = %target, "restore on target failed, rolling back: {cause}");
+        if let Err(e) = self.take_owner_back(job).await {
+            // Someone else owns the job now (or etcd is unreachable): a
+            // restore here could make a second copy. Keep the images.
+            let dir = self.image_dir(&image_rel(job, mig));
+            return Err(AgentError::Aborted(format!(
+                "migration of job {job} to {target} failed ({cause}), and it is not restored on {}: {e}; images are kept in {}",
+                self.cfg.node,
+                dir.display()
+            )));
+        }
         let arrival = Arrival::RolledBack {
             to: target.clone(),
             error: cause.to_string(),

@@ -15,6 +15,7 @@ pub mod launcher;
 pub mod load;
 pub mod metrics;
 pub mod migration;
+pub mod ownership;
 pub mod peers;
 pub mod portable;
 pub mod precopy;
@@ -237,6 +238,9 @@ pub struct Agent {
     pub events: events::Events,
     /// Blocked or not, and the speed an administrator set (persisted).
     pub admin: admin::AdminState,
+    /// Lease, ownership and fencing on etcd, when configured (see
+    /// [`ownership`]); set once at start, before the agent serves.
+    pub(crate) coord: std::sync::OnceLock<Arc<ownership::AgentCoord>>,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -308,6 +312,7 @@ impl Agent {
             runner,
             events: events::Events::default(),
             admin,
+            coord: std::sync::OnceLock::new(),
         }))
     }
 
@@ -550,8 +555,23 @@ impl Agent {
     /// Start a migratable job on this node.
     pub async fn launch(self: &Arc<Self>, req: LaunchRequest) -> AgentResult<JobRecord> {
         self.check_not_blocked()?;
-        self.launch_with(req, LaunchExtras::default())
-            .map_err(|e| e.into_agent_error())
+        self.check_not_fenced()?;
+        let rec = self
+            .launch_with(req, LaunchExtras::default())
+            .map_err(|e| e.into_agent_error())?;
+        // With etcd, a job runs only with an owner record: without one, a
+        // restart after a lost lease could not tell who may run it.
+        if let Err(e) = self.claim_owner(&rec.id).await {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(rec.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(e.context(&format!(
+                "job {} stopped at once: its owner could not be recorded in etcd",
+                rec.id
+            )));
+        }
+        Ok(rec)
     }
 
     /// [`launch`](Self::launch) with a foreground job's extras; the error
@@ -671,11 +691,30 @@ impl Agent {
         }
         tracing::info!(job = %id, pid, "launched");
         self.events.running(&rec, &self.cfg.node);
+        if self.coord().is_some() {
+            // Every launch path (foreground jobs too) records its owner;
+            // `launch` also waits for it and refuses on failure.
+            let (a, job) = (self.clone(), id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = a.claim_owner(&job).await {
+                    tracing::warn!(job = %job, "owner record not written yet: {e}");
+                }
+            });
+        }
         Ok(rec)
     }
 
     /// Start watching a child process as job `id`.
     pub(crate) fn adopt_child(self: &Arc<Self>, id: &JobId, pid: i32) {
+        if self.check_not_fenced().is_err() {
+            // A restore that finished while the node fenced itself: the
+            // fence has run already, so this copy must not live on.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            tracing::error!(job = %id, pid, "fenced: a job that arrived during the fence was killed");
+        }
         if let Ok(mut l) = self.local.lock() {
             l.insert(
                 id.clone(),

@@ -255,6 +255,7 @@ impl Peers for GrpcPeers {
                 mode: crate::api::pb::MigrationMode::from(mode) as i32,
                 only_here: true,
                 force: crate::api::convert::mode_forced(mode),
+                leader_revision: 0,
             });
             req.set_timeout(self.migrate_timeout);
             // The owner's answer, refusals included, is the caller's answer.

@@ -341,6 +341,11 @@ impl Agent {
     ) -> AgentError {
         let dir = self.image_dir(&image_rel(job, mig));
         let image_bytes = super::dir_bytes(&dir);
+        // With etcd the target became the owner before its restore: the
+        // job resumes here, so the ownership comes back here too.
+        if let Err(e) = self.take_owner_back(job).await {
+            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
+        }
         let pid = self.abort_lazy(job, lazy).await;
         let frozen_ms = started.elapsed().as_millis() as u64;
         let mut rec = match self.registry.get(job) {
@@ -470,7 +475,9 @@ impl Agent {
                     .with_label_values(&["dump"])
                     .inc()
             })?;
-        let call = self.hand_over(&mut rec, &mig, started, dumped.image_bytes, Some(ps))?;
+        let call = self
+            .hand_over(&mut rec, &mig, started, dumped.image_bytes, Some(ps), target)
+            .await?;
         let dir = self.image_dir(&dumped.image_dir);
         let landed = match self.peers.restore(target, call).await {
             Ok(_) => Ok(()),

@@ -197,7 +197,13 @@ impl AgentApi for AgentService {
         &self,
         r: Request<pb::MigrateRequest>,
     ) -> Result<Response<pb::MigrateResponse>, Status> {
-        match self.run(AgentAction::try_from(r.into_inner())?).await? {
+        let r = r.into_inner();
+        // A balancer leader's move is fenced by its leadership revision.
+        self.agent
+            .check_leader_revision(r.leader_revision)
+            .await
+            .map_err(crate::api::convert::agent_error_to_status)?;
+        match self.run(AgentAction::try_from(r)?).await? {
             AgentReply::Migrated(job, m) => Ok(Response::new(pb::MigrateResponse {
                 job: Some(pb::Job::from(job.as_ref())),
                 migration: Some(pb::Migration::from(&m)),

@@ -717,6 +717,7 @@ mod tests {
             mode: 0,
             only_here: false,
             force: false,
+            leader_revision: 0,
         })
         .unwrap_err();
         assert_eq!(e.field, "job_id");
@@ -728,6 +729,7 @@ mod tests {
             mode: 99,
             only_here: false,
             force: false,
+            leader_revision: 0,
         })
         .unwrap_err();
         assert_eq!(e.field, "mode");
@@ -750,6 +752,7 @@ mod tests {
             mode: pb::MigrationMode::PreCopy as i32,
             only_here: true,
             force: false,
+            leader_revision: 0,
         })
         .unwrap();
         assert!(matches!(

@@ -3,8 +3,11 @@
 //! carries the plan out through the agents' migrate protocol; [`service`]
 //! serves it all over gRPC for outside schedulers (`mos-balance serve`).
 //! [`drain`] picks targets for `mosctl drain` by the same placement rule.
+//! With etcd, [`leader`] elects one of several balancers and watches the
+//! nodes' leases.
 
 pub mod drain;
+pub mod leader;
 pub mod orchestrator;
 pub mod policy;
 pub mod service;

@@ -31,6 +31,9 @@ pub struct GrpcMigrator {
     pub endpoints: BTreeMap<String, String>,
     pub tls: Option<ClientTls>,
     pub timeout: Duration,
+    /// The leader's revision in etcd, sent with every move (agents refuse
+    /// a stale leader's); 0 without etcd.
+    pub leader_revision: i64,
 }
 
 impl Migrator for GrpcMigrator {
@@ -59,6 +62,7 @@ impl Migrator for GrpcMigrator {
                 // moved since, the move is refused, not redirected.
                 only_here: true,
                 force: false,
+                leader_revision: self.leader_revision,
             });
             req.set_timeout(self.timeout);
             c.migrate(req)

@@ -60,6 +60,8 @@ pub struct Balancer {
     state: Mutex<State>,
     /// One round at a time, whoever asks (timer or RPC).
     round_lock: Mutex<()>,
+    /// With etcd: the election among balancers; only the leader moves jobs.
+    pub leadership: std::sync::OnceLock<Arc<super::leader::Leadership>>,
 }
 
 #[derive(Default)]
@@ -127,6 +129,7 @@ impl Balancer {
             metrics: BalancerMetrics::new()?,
             state: Mutex::new(State::default()),
             round_lock: Mutex::new(()),
+            leadership: std::sync::OnceLock::new(),
         })
     }
 
@@ -151,7 +154,17 @@ impl Balancer {
         let view = self.poll().await;
         let plan = self.plan_for(&view);
         self.state.lock().await.plan = Some(plan.clone());
-        let outcomes = if dry_run || plan.moves.is_empty() {
+        // With an election, only a confirmed leader acts, and its moves
+        // carry its leadership revision (agents refuse a stale one).
+        let leader_revision = match self.leadership.get() {
+            None => Some(0),
+            Some(l) if dry_run || plan.moves.is_empty() => l.leading(),
+            Some(l) => l.confirm().await,
+        };
+        if leader_revision.is_none() && !dry_run && !plan.moves.is_empty() {
+            tracing::debug!("standing by: {} planned move(s) left to the leader", plan.moves.len());
+        }
+        let outcomes = if dry_run || plan.moves.is_empty() || leader_revision.is_none() {
             vec![]
         } else {
             let migrator = GrpcMigrator {
@@ -163,6 +176,7 @@ impl Balancer {
                     .collect(),
                 tls: self.tls.clone(),
                 timeout: self.migrate_timeout,
+                leader_revision: leader_revision.unwrap_or(0),
             };
             orchestrator::execute(&plan, &migrator, self.max_parallel, progress).await
         };

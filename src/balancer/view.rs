@@ -69,7 +69,10 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
             }
         }
     });
-    let nodes = futures::future::join_all(futs).await;
+    let mut nodes = futures::future::join_all(futs).await;
+    if !cf.etcd.is_empty() {
+        mark_lost(cf, &mut nodes).await;
+    }
     let mut jobs = Vec::new();
     for n in nodes.iter().filter(|n| n.load.is_ok()) {
         let got = tokio::time::timeout(deadline, async {
@@ -99,6 +102,58 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
         nodes,
         jobs,
         timestamp_unix_ms: crate::core::now_unix_ms(),
+    }
+}
+
+/// Text a LOST node's load error starts with (mosctl load, mosmon show it).
+pub const LOST: &str = "LOST";
+
+/// With etcd: a node without a live lease is LOST, even if its agent
+/// answers (then it is cut off from etcd and has fenced itself): no job is
+/// planned onto it, and every view shows it so.
+async fn mark_lost(cf: &ClusterFile, nodes: &mut [NodeState]) {
+    let mut loads: Vec<(String, &mut Result<pb::NodeLoad, String>)> =
+        nodes.iter_mut().map(|n| (n.name.clone(), &mut n.load)).collect();
+    mark_lost_loads(cf, &mut loads).await;
+}
+
+/// [`mark_lost`] on (node, load) pairs (`mosctl load` polls that way).
+pub async fn mark_lost_loads(
+    cf: &ClusterFile,
+    loads: &mut [(String, &mut Result<pb::NodeLoad, String>)],
+) {
+    static STORE: std::sync::Mutex<Option<std::sync::Arc<dyn crate::coord::store::Store>>> =
+        std::sync::Mutex::new(None);
+    if cf.etcd.is_empty() {
+        return;
+    }
+    let cached = STORE.lock().ok().and_then(|s| s.clone());
+    let store = match cached {
+        Some(s) => s,
+        None => match crate::coord::connect(&cf.etcd).await {
+            Ok(s) => {
+                if let Ok(mut g) = STORE.lock() {
+                    *g = Some(s.clone());
+                }
+                s
+            }
+            Err(e) => {
+                tracing::debug!("node leases unknown: {e}");
+                return;
+            }
+        },
+    };
+    let Ok(live) = crate::coord::live_nodes(&*store, &cf.name).await else {
+        return;
+    };
+    for (name, load) in loads.iter_mut() {
+        if !live.contains(name.as_str()) {
+            let why = match &**load {
+                Ok(_) => "its agent answers, but it holds no etcd lease (cut off from etcd: it has fenced its jobs)".to_string(),
+                Err(e) => format!("its etcd lease expired and its agent does not answer ({e})"),
+            };
+            **load = Err(format!("{LOST}: {why}"));
+        }
     }
 }
 

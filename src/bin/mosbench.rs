@@ -489,6 +489,7 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
         balancer: None,
         tls: tls_files,
         nodes,
+        etcd: Vec::new(),
     };
     cf.save(&out)?;
 

@@ -169,5 +169,10 @@ pub async fn poll_loads(
             (name, r)
         }
     });
-    futures::future::join_all(futs).await
+    let mut out = futures::future::join_all(futs).await;
+    // With etcd, a node without a live lease is LOST (see balancer::view).
+    let mut loads: Vec<(String, &mut Result<pb::NodeLoad, String>)> =
+        out.iter_mut().map(|(n, r)| (n.clone(), r)).collect();
+    crate::balancer::view::mark_lost_loads(&ctx.cf, &mut loads).await;
+    out
 }

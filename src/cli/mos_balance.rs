@@ -307,7 +307,28 @@ async fn serve(
     if server_tls.is_none() && !listen.ip().is_loopback() && !insecure {
         bail!("refusing to listen on {listen} without TLS (the cluster file has no tls section); pass --insecure to allow it");
     }
+    let etcd = (!cf.etcd.is_empty()).then(|| (cf.name.clone(), cf.etcd.clone()));
     let balancer = Arc::new(Balancer::new(cf, tls, config)?);
+    if let Some((cluster, eps)) = etcd {
+        // Several balancers may serve: one leads (see balancer::leader).
+        let store = crate::coord::connect_within(&eps, Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach etcd to elect a leading balancer: {e}"))?;
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let id = format!("{host}:{}:{listen}", std::process::id());
+        let l = crate::balancer::leader::Leadership::start(
+            store,
+            &cluster,
+            &id,
+            crate::balancer::leader::report_only(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the balancer election: {e}"))?;
+        tracing::info!(%id, "campaigning to lead the balancers; standing by until elected");
+        let _ = balancer.leadership.set(l);
+    }
     if let Some(m) = metrics {
         let b = balancer.clone();
         crate::agent::metrics::serve_registry(

@@ -108,6 +108,20 @@ pub struct Args {
     /// `agent::portable`).
     #[arg(long = "common-dir")]
     pub common_dir: Vec<PathBuf>,
+    /// With etcd in the cluster file: this node's lease TTL in seconds. The
+    /// agent renews every TTL/3 and, if it cannot, kills its jobs
+    /// TTL − margin after the last good renewal [default: 10].
+    #[arg(long)]
+    pub lease_ttl: Option<f64>,
+    /// Seconds of the lease the agent gives up to be sure its jobs are dead
+    /// before etcd can expire the lease (clock drift, the kill itself, a
+    /// loaded node) [default: 3].
+    #[arg(long)]
+    pub fence_margin: Option<f64>,
+    /// Seconds to wait for etcd at start before giving up with an error
+    /// [default: 5].
+    #[arg(long)]
+    pub etcd_wait: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +151,9 @@ pub struct FileConfig {
     pub slots_per_core: Option<f64>,
     #[serde(default)]
     pub common_dirs: Vec<PathBuf>,
+    pub lease_ttl: Option<f64>,
+    pub fence_margin: Option<f64>,
+    pub etcd_wait: Option<f64>,
 }
 
 impl FileConfig {
@@ -197,6 +214,9 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         } else {
             a.common_dir
         },
+        lease_ttl: a.lease_ttl.or(f.lease_ttl),
+        fence_margin: a.fence_margin.or(f.fence_margin),
+        etcd_wait: a.etcd_wait.or(f.etcd_wait),
     })
 }
 
@@ -342,6 +362,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })?),
         None => None,
     };
+    let etcd = cluster_file
+        .as_ref()
+        .ok()
+        .filter(|cf| !cf.etcd.is_empty())
+        .map(|cf| (cf.name.clone(), cf.etcd.clone()));
+    let timing = {
+        let d = crate::coord::fencing::FenceTiming::default();
+        let secs = |v: Option<f64>, d: Duration, flag: &str| -> anyhow::Result<Duration> {
+            match v {
+                None => Ok(d),
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Duration::from_secs_f64(x)),
+                Some(x) => bail!("--{flag} must be a positive number of seconds, not {x}"),
+            }
+        };
+        crate::coord::fencing::FenceTiming::new(
+            secs(a.lease_ttl, d.ttl, "lease-ttl")?,
+            secs(a.fence_margin, d.margin, "fence-margin")?,
+        )?
+    };
     let endpoints: BTreeMap<NodeName, String> = match cluster_file {
         Ok(cf) => cf.nodes.into_iter().map(|n| (n.name, n.endpoint)).collect(),
         Err(e) => {
@@ -371,7 +410,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         common_dirs: a.common_dir.clone(),
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // With etcd: a lease first (or a clear error), then recovery, then the
+    // ownership check that kills any job this node no longer owns, all
+    // before the agent serves anything.
+    let store = match &etcd {
+        Some((cluster, eps)) => {
+            let wait = Duration::from_secs_f64(a.etcd_wait.unwrap_or(5.0).max(0.0));
+            let store = crate::coord::connect_within(eps, wait).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach etcd ({e}). The cluster file {} lists etcd endpoints for cluster {cluster}, so this agent must hold a lease before it runs jobs (it would otherwise run them unfenced). Start etcd, or remove \"etcd\" from the cluster file to run without leases and fencing",
+                    cluster_path.display()
+                )
+            })?;
+            Some((cluster.clone(), store))
+        }
+        None => {
+            tracing::info!("no etcd in the cluster file: no node lease, no fencing (a lost node is only reported)");
+            None
+        }
+    };
+    if let Some((cluster, store)) = &store {
+        agent
+            .attach_coord(store.clone(), cluster, timing)
+            .await
+            .map_err(|e| anyhow::anyhow!("taking a node lease in etcd: {e}"))?;
+    }
     agent.recover().await;
+    if store.is_some() {
+        agent
+            .reconcile_ownership()
+            .await
+            .map_err(|e| anyhow::anyhow!("checking job ownership in etcd: {e}"))?;
+    }
     if let Some(k) = a.slots_per_core {
         if !(k.is_finite() && k > 0.0) {
             bail!("--slots-per-core must be a positive number, not {k}");

@@ -8,6 +8,7 @@
 //!   "shared_root": "/srv/mosix",             // optional: no shared path → direct transfer
 //!   "balancer": "https://10.77.1.1:7070",    // optional
 //!   "tls": { "ca": "...ca.pem", "cert": "...client.pem", "key": "...client.key" },  // optional
+//!   "etcd": ["http://10.77.1.250:2379"],     // optional: leases, ownership, fencing (src/coord)
 //!   "nodes": [ { "name": "node1", "endpoint": "http://10.77.1.2:7000", "address": "10.77.1.2",
 //!                "run_socket": "/run/mosix/local/node1.sock" } ]     // run_socket: optional
 //! }
@@ -74,6 +75,11 @@ pub struct ClusterFile {
     #[serde(default)]
     pub tls: Option<TlsFiles>,
     pub nodes: Vec<NodeEntry>,
+    /// etcd client endpoints (`http://ip:port`). With any, agents hold
+    /// leases and fence themselves, jobs have owner records, and balancers
+    /// elect a leader (see `coord`); without, node loss is only reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
 }
 
 impl ClusterFile {
@@ -123,6 +129,13 @@ impl ClusterFile {
                 return Err(malformed(format!(
                     "node {}: endpoint {:?} must start with http:// or https://",
                     n.name, n.endpoint
+                )));
+            }
+        }
+        for e in &cf.etcd {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(malformed(format!(
+                    "etcd endpoint {e:?} must start with http:// or https://"
                 )));
             }
         }

@@ -34,6 +34,10 @@ pub enum RegistryError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// The writer is fenced (its etcd lease lapsed; see `coord`): the write
+    /// was not made.
+    #[error("registry write for job {0} refused: this node is fenced (its etcd lease could not be renewed in time)")]
+    Fenced(JobId),
 }
 
 impl RegistryError {
@@ -56,13 +60,41 @@ const MAX_RECORD_BYTES: u64 = 4 << 20;
 pub struct Registry {
     dir: PathBuf,
     fsync: bool,
+    gate: WriteGate,
+}
+
+/// Whether writes may be committed now: set once by an agent that holds an
+/// etcd lease (see `coord::lease`), shared by every clone of the registry.
+/// Unset: always open (no etcd).
+#[derive(Clone, Default)]
+pub struct WriteGate(std::sync::Arc<std::sync::OnceLock<GateFn>>);
+
+pub type GateFn = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl std::fmt::Debug for WriteGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "WriteGate(set)" } else { "WriteGate(open)" })
+    }
+}
+
+impl WriteGate {
+    pub fn set(&self, open: GateFn) {
+        let _ = self.0.set(open);
+    }
+    pub fn is_open(&self) -> bool {
+        self.0.get().is_none_or(|f| f())
+    }
 }
 
 impl Registry {
     pub fn open(shared_root: &Path) -> Result<Self, RegistryError> {
         let dir = shared_root.join("registry").join("jobs");
         fs::create_dir_all(&dir).map_err(|e| RegistryError::io(&dir, e))?;
-        Ok(Self { dir, fsync: true })
+        Ok(Self {
+            dir,
+            fsync: true,
+            gate: WriteGate::default(),
+        })
     }
 
     /// Whether writes are fsynced (the default) or only atomic.
@@ -91,8 +123,17 @@ impl Registry {
         self.path(id).exists()
     }
 
-    /// Write a record atomically, bumping its generation.
+    /// The gate every write of this registry (and its clones) passes.
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
+    }
+
+    /// Write a record atomically, bumping its generation. Refused while the
+    /// gate is closed (a fenced node).
     pub fn put(&self, record: &mut JobRecord) -> Result<(), RegistryError> {
+        if !self.gate.is_open() {
+            return Err(RegistryError::Fenced(record.id.clone()));
+        }
         record.generation += 1;
         let path = self.path(&record.id);
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| RegistryError::Corrupt {
@@ -105,6 +146,9 @@ impl Registry {
     /// Delete a job's record (a job that moved to a node with a registry of
     /// its own takes its record along; see `agent::direct`). Absent is ok.
     pub fn remove(&self, id: &JobId) -> Result<(), RegistryError> {
+        if !self.gate.is_open() {
+            return Err(RegistryError::Fenced(id.clone()));
+        }
         let path = self.path(id);
         match fs::remove_file(&path) {
             Ok(()) => {}

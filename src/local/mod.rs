@@ -19,6 +19,7 @@
 //! machine the same path is the same directory (on a real cluster it is each
 //! machine's own disk, and the migration carries the files along).
 
+pub mod etcd;
 pub mod fileserver;
 pub mod net;
 pub mod nodefs;
@@ -64,6 +65,12 @@ pub struct UpOptions {
     /// Seal images with the cluster key (agents get `--image-key`). Off only
     /// to measure what sealing costs: tampered images then go undetected.
     pub seal_images: bool,
+    /// etcd members to start (0: none, the cluster runs without leases and
+    /// fencing; see [`etcd`]).
+    pub etcd_members: usize,
+    /// The agents' `--lease-ttl` and `--fence-margin` (None: their defaults).
+    pub lease_ttl: Option<f64>,
+    pub fence_margin: Option<f64>,
 }
 
 /// How the nodes of a local cluster reach their shared directories.
@@ -269,6 +276,20 @@ async fn up_inner(
         sd.join("shared.json"),
         serde_json::to_vec(&shared).context("encoding the shared dirs")?,
     )?;
+    let etcd_endpoints = if opts.etcd_members > 0 {
+        let t = Instant::now();
+        let e = etcd::start(&opts.name, k, opts.etcd_members, &sd).await?;
+        progress(&format!(
+            "etcd: {} member(s) at {} (answering after {} ms)",
+            e.len(),
+            e.join(","),
+            t.elapsed().as_millis()
+        ));
+        e
+    } else {
+        progress("no etcd (--no-etcd): no leases or fencing; a lost node is only reported");
+        Vec::new()
+    };
 
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
@@ -338,6 +359,7 @@ async fn up_inner(
         )),
         tls,
         nodes: nodes.clone(),
+        etcd: etcd_endpoints,
     };
     let cf_path = cluster_file_path(&opts.name);
     cf.save(&cf_path).context("writing the cluster file")?;
@@ -384,6 +406,12 @@ async fn up_inner(
         }
         if !opts.post_copy {
             cmd.arg("--no-post-copy");
+        }
+        if let Some(t) = opts.lease_ttl {
+            cmd.arg("--lease-ttl").arg(t.to_string());
+        }
+        if let Some(m) = opts.fence_margin {
+            cmd.arg("--fence-margin").arg(m.to_string());
         }
         if opts.seal_images {
             cmd.arg("--image-key").arg(&key_path);

@@ -124,6 +124,7 @@ fn write_cluster_file(
             balancer: None,
             tls: None,
             nodes: Vec::new(),
+            etcd: Vec::new(),
         }
     };
     cf.tls = Some(TlsFiles {

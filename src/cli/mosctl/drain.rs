@@ -202,6 +202,7 @@ async fn move_one(
             mode: pb::MigrationMode::Auto as i32,
             only_here: false,
             force: false,
+            leader_revision: 0,
         });
         if let Some(r) = remaining {
             req.set_timeout(r);

@@ -70,6 +70,24 @@ pub enum Cmd {
         /// you care about.
         #[arg(long)]
         unsealed_images: bool,
+        /// etcd members to start, each in its own namespace on the bridge
+        /// (Debian's etcd-server): agents then hold leases and fence
+        /// themselves, jobs have owner records, balancers elect a leader.
+        #[arg(long, default_value_t = 1, conflicts_with = "no_etcd")]
+        etcd_members: usize,
+        /// No etcd: everything works as without it, and a lost node is
+        /// only reported (no fencing, no ownership records).
+        #[arg(long)]
+        no_etcd: bool,
+        /// The agents' lease TTL in seconds (with etcd) [default: 10]: an
+        /// agent that cannot renew kills its jobs TTL − margin after its
+        /// last good renewal. Raise it on a heavily loaded machine, where
+        /// a starved agent otherwise fences itself.
+        #[arg(long)]
+        lease_ttl: Option<f64>,
+        /// The agents' fencing margin in seconds [default: 3].
+        #[arg(long)]
+        fence_margin: Option<f64>,
     },
     /// Restart one node's agent (kill -9, then start it again with the same
     /// arguments); its jobs keep running and are re-adopted.
@@ -151,6 +169,10 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             criu,
             no_post_copy,
             unsealed_images,
+            etcd_members,
+            no_etcd,
+            lease_ttl,
+            fence_margin,
         } => {
             let bin_dir = std::env::current_exe()
                 .context("locating mosctl")?
@@ -174,6 +196,9 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
                 criu: criu.unwrap_or_else(crate::criu::default_criu_path),
                 post_copy: !no_post_copy,
                 seal_images: !unsealed_images,
+                etcd_members: if no_etcd { 0 } else { etcd_members },
+                lease_ttl,
+                fence_margin,
             };
             let cf = local::up(&opts, &|s| eprintln!("  {s}")).await?;
             let path = local::cluster_file_path(&name);

@@ -72,6 +72,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
             mode: mode as i32,
             only_here: false,
             force: a.force,
+            leader_revision: 0,
         })
         .await
         .map_err(|s| status_err(&format!("migrating {job_id}"), s))?

@@ -1,0 +1,279 @@
+//! Issue 16 (part B): leases, ownership epochs, fencing and the balancer
+//! election on a real etcd (Debian's etcd-server, started by `local up`).
+
+use crate::support::*;
+use mosix::coord::ownership::{OwnerRecord, Owners};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MOSIXD: &str = env!("CARGO_BIN_EXE_mosixd");
+/// These tests run with etcd (the harness starts clusters without it).
+const ETCD: &[&str] = &["--etcd-members", "1"];
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn cluster_file(cl: &Cluster) -> mosix::core::cluster_file::ClusterFile {
+    mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap()
+}
+
+/// The job's owner record in etcd.
+fn owner(cl: &Cluster, job: &str) -> Option<OwnerRecord> {
+    let cf = cluster_file(cl);
+    rt().block_on(async {
+        let s = mosix::coord::connect(&cf.etcd).await.unwrap();
+        Owners::new(s, &cf.name).get(job).await.unwrap()
+    })
+}
+
+fn set_owner(cl: &Cluster, job: &str, from: &OwnerRecord, to: &str) -> OwnerRecord {
+    let cf = cluster_file(cl);
+    rt().block_on(async {
+        let s = mosix::coord::connect(&cf.etcd).await.unwrap();
+        Owners::new(s, &cf.name).move_to(job, from, to).await.unwrap()
+    })
+}
+
+fn etcd_ip(cl: &Cluster) -> String {
+    let cf = cluster_file(cl);
+    let e = cf.etcd.first().expect("local up starts etcd by default").clone();
+    e.trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Cut `node` off etcd only (a blackhole route in its namespace): it still
+/// reaches its peers and the shared path.
+fn cut_from_etcd(cl: &Cluster, node: &str, cut: bool) {
+    let o = Command::new("ip")
+        .args(["-n", &cl.netns(node), "route"])
+        .arg(if cut { "add" } else { "del" })
+        .args(["blackhole", &format!("{}/32", etcd_ip(cl))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ip route: {}", stderr(&o));
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"))
+        .unwrap_or(false)
+}
+
+fn node_log(cl: &Cluster, node: &str) -> String {
+    std::fs::read_to_string(format!("/run/mosix/{}/{node}.log", cl.name)).unwrap_or_default()
+}
+
+fn sleeper(cl: &Cluster, node: &str) -> (String, i32) {
+    let file = cl.shared.join(format!("ticks-{node}-{}.txt", uuid::Uuid::new_v4()));
+    let job = cl.mosrun(&[
+        "--node",
+        node,
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "0",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    cl.wait_for("the job to tick", 20, || ticks(&file).len() > 1);
+    let pid = cl.record(&job).pid;
+    assert!(pid > 0 && alive(pid));
+    (job, pid)
+}
+
+#[test]
+fn a_node_cut_off_etcd_fences_its_jobs_before_its_lease_expires() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, ETCD);
+    let (job, pid) = sleeper(&cl, "node1");
+    let before = owner(&cl, &job).expect("the job has an owner record");
+    assert_eq!(before.node, "node1");
+    cut_from_etcd(&cl, "node1", true);
+    let cut = Instant::now();
+    cl.wait_for("node1 to kill its job", 12, || !alive(pid));
+    let fenced_after = cut.elapsed();
+    // Default lease: TTL 10 s, fenced at 7 s after the last good renewal
+    // (which was at most 3.3 s before the cut).
+    assert!(
+        fenced_after < Duration::from_secs(8),
+        "fenced after {fenced_after:?}, not before the lease could expire"
+    );
+    assert!(node_log(&cl, "node1").contains("fenced"));
+    // While it is cut off, the views show it LOST, although it answers.
+    cl.wait_for("node1 to show LOST", 10, || {
+        stdout(&cl.mosctl(&["load"])).contains("LOST")
+    });
+    // Nothing was written for the job meanwhile.
+    assert_eq!(cl.record(&job).state, mosix::core::JobState::Running);
+    // Heal: nobody took the job over, so node1 records it failed, with the
+    // reason, after bumping the epoch; the copy it killed stays dead.
+    cut_from_etcd(&cl, "node1", false);
+    cl.wait_for("node1 to record the fenced job", 15, || {
+        cl.record(&job).state == mosix::core::JobState::Failed
+    });
+    let rec = cl.record(&job);
+    assert!(rec.error.contains("self-fencing"), "{}", rec.error);
+    let after = owner(&cl, &job).unwrap();
+    assert_eq!(after.node, "node1");
+    assert!(after.epoch > before.epoch, "{after:?} vs {before:?}");
+    assert!(!alive(pid));
+    // The node takes jobs again.
+    let (_j2, p2) = sleeper(&cl, "node1");
+    assert!(alive(p2));
+}
+
+#[test]
+fn a_sigstopped_agent_kills_its_jobs_first_thing_after_sigcont() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, ETCD);
+    let (job, pid) = sleeper(&cl, "node1");
+    let agent = mosix::local::agent_pid(&cl.name, "node1").unwrap();
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(11));
+    // Stopped past its lease: etcd has expired it.
+    assert!(alive(pid), "a stopped agent cannot kill (see RELIABILITY.md)");
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    let t = Instant::now();
+    cl.wait_for("the job to be killed after SIGCONT", 5, || !alive(pid));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    cl.wait_for("the fenced job recorded", 15, || {
+        cl.record(&job).state == mosix::core::JobState::Failed
+    });
+}
+
+#[test]
+fn a_restarted_agent_kills_a_job_it_no_longer_owns() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, ETCD);
+    let (job, pid) = sleeper(&cl, "node1");
+    let (kept, kept_pid) = sleeper(&cl, "node1");
+    let o = cl.mosctl(&["local", "restart-agent", "node1", "--kill-only", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // While node1's agent is gone, the job is taken over elsewhere.
+    let before = owner(&cl, &job).unwrap();
+    let moved = set_owner(&cl, &job, &before, "node2");
+    assert!(moved.epoch > before.epoch);
+    let o = cl.mosctl(&["local", "restart-agent", "node1", "--name", &cl.name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    cl.wait_for("the stale copy to be killed", 15, || !alive(pid));
+    assert!(alive(kept_pid), "a job it still owns keeps running");
+    assert_eq!(owner(&cl, &kept).unwrap().node, "node1");
+    assert!(node_log(&cl, "node1").contains("stale copy"));
+}
+
+#[test]
+fn a_migration_moves_ownership_and_the_epoch_grows() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, ETCD);
+    let (job, _) = sleeper(&cl, "node1");
+    let a = owner(&cl, &job).unwrap();
+    assert_eq!(a.node, "node1");
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = owner(&cl, &job).unwrap();
+    assert_eq!(b.node, "node2");
+    assert!(b.epoch > a.epoch);
+    let o = cl.mosctl(&["migrate", &job, "node1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = owner(&cl, &job).unwrap();
+    assert_eq!(c.node, "node1");
+    assert!(c.epoch > b.epoch);
+}
+
+#[test]
+fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(1, ETCD);
+    let cf = cluster_file(&cl);
+    let leader = || {
+        rt().block_on(async {
+            let s = mosix::coord::connect(&cf.etcd).await.unwrap();
+            mosix::coord::election::Election::new(s, &cf.name, "probe")
+                .leader()
+                .await
+                .unwrap()
+        })
+    };
+    let start = |port: u16| {
+        Command::new(MOSBALANCE)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-auto"])
+            .env("MOSIX_CLUSTER", &cl.file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    let mut a = start(base);
+    let mut b = start(base + 1);
+    struct Kill<'a>(&'a mut std::process::Child, &'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.1.kill();
+            let _ = self.0.wait();
+            let _ = self.1.wait();
+        }
+    }
+    let (pa, pb) = (a.id(), b.id());
+    let guard = Kill(&mut a, &mut b);
+    cl.wait_for("a leader", 15, || leader().is_some());
+    let first = leader().unwrap();
+    let leader_pid = if first.id.contains(&format!(":{pa}:")) { pa } else { pb };
+    let standby_pid = if leader_pid == pa { pb } else { pa };
+    assert!(first.id.contains(&format!(":{leader_pid}:")), "{first:?}");
+    unsafe { libc::kill(leader_pid as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    cl.wait_for("the standby to lead", 10, || {
+        leader().is_some_and(|l| l.id.contains(&format!(":{standby_pid}:")))
+    });
+    let took = t.elapsed();
+    let second = leader().unwrap();
+    assert!(second.revision > first.revision, "the fencing token grows");
+    assert!(took < Duration::from_secs(6), "took over after {took:?}");
+    eprintln!("standby took over {took:?} after the leader's death");
+    drop(guard);
+}
+
+#[test]
+fn etcd_unreachable_at_agent_start_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cf = dir.path().join("cluster.json");
+    std::fs::write(
+        &cf,
+        r#"{"name":"x","nodes":[{"name":"node1","endpoint":"http://127.0.0.1:1","address":"127.0.0.1"}],"etcd":["http://127.0.0.1:9"]}"#,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let o = Command::new(MOSIXD)
+        .args(["--node", "node1", "--listen", "127.0.0.1:0", "--etcd-wait", "1"])
+        .arg("--shared")
+        .arg(dir.path().join("shared"))
+        .arg("--cluster")
+        .arg(&cf)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    assert!(err.contains("remove \"etcd\" from the cluster file"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}

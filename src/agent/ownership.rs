@@ -1,0 +1,431 @@
+//! The agent's side of `coord`: its node lease, its jobs' owner records,
+//! self-fencing, and the check that runs before anything else when it
+//! starts or comes back.
+//!
+//! The rules, in the order they matter:
+//!
+//! 1. **Fence on time.** When the lease cannot be renewed until
+//!    `TTL − margin` after the last good renewal, every job here is
+//!    SIGKILLed (each job is the init of its own PID namespace, so its
+//!    whole tree dies with it), and the registry's write gate closes: no
+//!    record, and no checkpoint made latest ([`Agent::may_publish`] is the
+//!    check a checkpoint writer calls), is committed for them.
+//! 2. **Come back carefully.** At start (after a crash or restart: jobs may
+//!    have run on without us) and after a fence, the agent first asks etcd
+//!    who owns each job it has: one it no longer owns is killed at once (a
+//!    stale copy: another node runs it now); one nobody owns is claimed.
+//!    A job it killed while fenced and still owns (nobody took it over) is
+//!    recorded as failed, with the reason, after one compare-and-set that
+//!    bumps the epoch (so a concurrent restart elsewhere and this record
+//!    cannot both win); its owner record stays with this node so a restore
+//!    from a checkpoint can move it.
+//! 3. **Move with one CAS.** A migration moves the owner to the target once
+//!    the images are sealed and before the target restores them (so the
+//!    target runs it only as owner); a rollback moves it back before the
+//!    source restores; a failed move is rolled back (the job is restored
+//!    here from the same images).
+
+use super::{Agent, AgentError, AgentResult};
+use crate::coord::fencing::FenceTiming;
+use crate::coord::lease::{self, FenceHandler, LeaseHolder};
+use crate::coord::ownership::{OwnerRecord, Owners};
+use crate::coord::store::{Store, SystemClock};
+use crate::coord::{CoordError, election::Election};
+use crate::core::{JobId, JobState};
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// The agent's coordination state (present only with etcd configured).
+pub struct AgentCoord {
+    pub holder: Arc<LeaseHolder>,
+    pub owners: Owners,
+    pub election: Election,
+    /// Jobs SIGKILLed by the last fence, reconciled at rejoin.
+    fenced_jobs: Mutex<Vec<JobId>>,
+    /// Owner epochs this node holds, as last seen.
+    epochs: Mutex<HashMap<JobId, i64>>,
+}
+
+impl AgentCoord {
+    pub fn epoch(&self, job: &JobId) -> Option<i64> {
+        self.epochs.lock().ok()?.get(job).copied()
+    }
+    fn set_epoch(&self, job: &JobId, epoch: Option<i64>) {
+        if let Ok(mut m) = self.epochs.lock() {
+            match epoch {
+                Some(e) => m.insert(job.clone(), e),
+                None => m.remove(job),
+            };
+        }
+    }
+}
+
+fn coord_err(e: CoordError) -> AgentError {
+    match e {
+        CoordError::NotOwner { .. } => AgentError::FailedPrecondition(e.to_string()),
+        _ => AgentError::Unavailable(e.to_string()),
+    }
+}
+
+struct Handler(Weak<Agent>);
+
+impl FenceHandler for Handler {
+    fn fence(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(a) = self.0.upgrade() {
+                a.fence_jobs().await;
+            }
+        })
+    }
+    fn rejoined(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(a) = self.0.upgrade() {
+                if let Err(e) = a.reconcile_ownership().await {
+                    tracing::error!("reconciling job ownership after the fence: {e}");
+                }
+            }
+        })
+    }
+}
+
+impl Agent {
+    pub fn coord(&self) -> Option<&Arc<AgentCoord>> {
+        self.coord.get()
+    }
+
+    /// Take a node lease, close the registry's gate while it is not held,
+    /// kill any job this node no longer owns, and start the renewer and the
+    /// watchdog. Runs before the agent serves anything.
+    pub async fn attach_coord(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        cluster: &str,
+        timing: FenceTiming,
+    ) -> Result<(), CoordError> {
+        let node = self.cfg.node.as_str();
+        let value = serde_json::json!({
+            "node": node,
+            "pid": std::process::id(),
+            "ttl_s": timing.ttl.as_secs(),
+        })
+        .to_string()
+        .into_bytes();
+        let holder = LeaseHolder::acquire(
+            store.clone(),
+            Arc::new(SystemClock::default()),
+            timing,
+            crate::coord::node_key(cluster, node),
+            value,
+        )
+        .await?;
+        let gate = Arc::downgrade(&holder);
+        self.registry.gate().set(Arc::new(move || {
+            gate.upgrade().is_none_or(|h| h.may_write())
+        }));
+        let c = Arc::new(AgentCoord {
+            holder: holder.clone(),
+            owners: Owners::new(store.clone(), cluster),
+            election: Election::new(store, cluster, ""),
+            fenced_jobs: Mutex::new(Vec::new()),
+            epochs: Mutex::new(HashMap::new()),
+        });
+        let _ = self.coord.set(c);
+        tracing::info!(
+            lease = holder.lease_id(),
+            ttl_s = timing.ttl.as_secs_f64(),
+            fence_after_s = timing.fence_after().as_secs_f64(),
+            "holding a node lease in etcd"
+        );
+        self.reconcile_ownership().await?;
+        lease::spawn(holder, Arc::new(Handler(Arc::downgrade(self))));
+        Ok(())
+    }
+
+    /// Whether this node may commit a write for `job` now: it holds its
+    /// lease (not fenced) and, with etcd, owns the job at `epoch` (or at
+    /// the epoch it knows, if None). The check a checkpoint writer makes
+    /// before a checkpoint becomes the job's latest. Without etcd: Ok.
+    pub async fn may_publish(&self, job: &JobId, epoch: Option<i64>) -> AgentResult<i64> {
+        let Some(c) = self.coord() else {
+            return Ok(0);
+        };
+        if !c.holder.may_write() {
+            return Err(AgentError::Unavailable(CoordError::Fenced.to_string()));
+        }
+        let epoch = match epoch.or_else(|| c.epoch(job)) {
+            Some(e) => e,
+            None => return Err(AgentError::FailedPrecondition(format!("job {job}: this node holds no owner epoch for it"))),
+        };
+        c.owners
+            .check(job.as_str(), self.cfg.node.as_str(), epoch)
+            .await
+            .map_err(coord_err)?;
+        Ok(epoch)
+    }
+
+    /// Refuse to start anything while fenced.
+    pub(crate) fn check_not_fenced(&self) -> AgentResult<()> {
+        match self.coord() {
+            Some(c) if !c.holder.may_write() => {
+                Err(AgentError::Unavailable(CoordError::Fenced.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Record this node as the owner of a job it just started.
+    pub(crate) async fn claim_owner(&self, job: &JobId) -> AgentResult<()> {
+        let Some(c) = self.coord() else {
+            return Ok(());
+        };
+        // A slow answer is not a refusal: try a few times (the claim is
+        // idempotent) before the caller gives the job up.
+        let mut last = None;
+        for _ in 0..3 {
+            match c.owners.claim(job.as_str(), self.cfg.node.as_str()).await {
+                Ok(o) => {
+                    c.set_epoch(job, Some(o.epoch));
+                    return Ok(());
+                }
+                Err(e @ CoordError::NotOwner { .. }) => return Err(coord_err(e)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(coord_err(last.unwrap_or(CoordError::Unavailable("no answer".into()))))
+    }
+
+    /// Migration step: the images are sealed; make `target` the owner with
+    /// one CAS. Err: nothing moved (the caller rolls back).
+    pub(crate) async fn move_owner_to(&self, job: &JobId, target: &str) -> AgentResult<()> {
+        let Some(c) = self.coord() else {
+            return Ok(());
+        };
+        let me = self.cfg.node.as_str();
+        let from = match c.epoch(job) {
+            Some(epoch) => OwnerRecord {
+                node: me.to_string(),
+                epoch,
+            },
+            None => match c.owners.get(job.as_str()).await.map_err(coord_err)? {
+                Some(o) => o,
+                // A job from before etcd: claim it first.
+                None => c.owners.claim(job.as_str(), me).await.map_err(coord_err)?,
+            },
+        };
+        if from.node != me {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job}: etcd says {} owns it (epoch {}), not {me}; not moved",
+                from.node, from.epoch
+            )));
+        }
+        let to = c
+            .owners
+            .move_to(job.as_str(), &from, target)
+            .await
+            .map_err(|e| coord_err(e).context(&format!("moving the ownership of job {job} to {target}")))?;
+        c.set_epoch(job, None);
+        tracing::info!(job = %job, to = target, epoch = to.epoch, "ownership moved");
+        Ok(())
+    }
+
+    /// Before a rollback restores a job here: take the ownership back from
+    /// `target` (one CAS), unless we still hold it.
+    pub(crate) async fn take_owner_back(&self, job: &JobId) -> AgentResult<()> {
+        let Some(c) = self.coord() else {
+            return Ok(());
+        };
+        let me = self.cfg.node.as_str();
+        match c.owners.get(job.as_str()).await.map_err(coord_err)? {
+            Some(o) if o.node == me => {
+                c.set_epoch(job, Some(o.epoch));
+                Ok(())
+            }
+            Some(o) => {
+                let back = c.owners.move_to(job.as_str(), &o, me).await.map_err(coord_err)?;
+                c.set_epoch(job, Some(back.epoch));
+                Ok(())
+            }
+            None => {
+                let o = c.owners.claim(job.as_str(), me).await.map_err(coord_err)?;
+                c.set_epoch(job, Some(o.epoch));
+                Ok(())
+            }
+        }
+    }
+
+    /// A job arrived here by a migration: remember the epoch the source
+    /// gave us (best effort: a miss is re-read when needed).
+    pub(crate) async fn note_arrival(&self, job: &JobId) {
+        let Some(c) = self.coord() else {
+            return;
+        };
+        if let Ok(Some(o)) = c.owners.get(job.as_str()).await {
+            if o.node == self.cfg.node.as_str() {
+                c.set_epoch(job, Some(o.epoch));
+            }
+        }
+    }
+
+    /// The fence: SIGKILL every job here and wait (bounded) for them to go.
+    pub(crate) async fn fence_jobs(&self) {
+        let jobs: Vec<(JobId, i32)> = self
+            .local
+            .lock()
+            .map(|l| l.iter().map(|(id, j)| (id.clone(), j.pid)).collect())
+            .unwrap_or_default();
+        for (id, pid) in &jobs {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            tracing::error!(job = %id, pid, "fenced: job killed (this node lost its etcd lease)");
+        }
+        if let Some(c) = self.coord() {
+            if let Ok(mut f) = c.fenced_jobs.lock() {
+                f.extend(jobs.iter().map(|(id, _)| id.clone()));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline
+            && jobs.iter().any(|(_, p)| alive(*p))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::error!(jobs = jobs.len(), "fenced: every job here is stopped; no write is committed until a new lease is held");
+    }
+
+    /// Who owns what, at start or after a fence (see the module doc).
+    pub async fn reconcile_ownership(self: &Arc<Self>) -> Result<(), CoordError> {
+        let Some(c) = self.coord() else {
+            return Ok(());
+        };
+        let me = self.cfg.node.as_str().to_string();
+        let jobs: Vec<(JobId, i32)> = self
+            .local
+            .lock()
+            .map(|l| l.iter().map(|(id, j)| (id.clone(), j.pid)).collect())
+            .unwrap_or_default();
+        for (id, pid) in jobs {
+            match c.owners.get(id.as_str()).await? {
+                Some(o) if o.node == me => c.set_epoch(&id, Some(o.epoch)),
+                Some(o) => {
+                    // Forget it first: its exit is then "a stale process",
+                    // and nothing is written for a job we do not own.
+                    if let Ok(mut l) = self.local.lock() {
+                        l.remove(&id);
+                    }
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    c.set_epoch(&id, None);
+                    tracing::warn!(job = %id, pid, owner = %o.node, epoch = o.epoch, "killed a stale copy: etcd says another node owns this job");
+                }
+                None => {
+                    let o = c.owners.claim(id.as_str(), &me).await?;
+                    c.set_epoch(&id, Some(o.epoch));
+                }
+            }
+        }
+        self.kill_stale_copies(c).await;
+        let fenced: Vec<JobId> = c
+            .fenced_jobs
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        for id in fenced {
+            let Some(o) = c.owners.get(id.as_str()).await? else {
+                continue;
+            };
+            if o.node != me {
+                tracing::info!(job = %id, owner = %o.node, "a job fenced here was taken over by another node");
+                continue;
+            }
+            // Still ours: bump the epoch (so a concurrent restart elsewhere
+            // fails its CAS), then record the loss.
+            let bumped = match c.owners.move_to(id.as_str(), &o, &me).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::info!(job = %id, "not recording the fenced job: {e}");
+                    continue;
+                }
+            };
+            c.set_epoch(&id, Some(bumped.epoch));
+            let _v = self.verdict_lock.lock();
+            if let Ok(mut rec) = self.registry.get(&id) {
+                if rec.node == self.cfg.node && rec.state == JobState::Running {
+                    rec.state = JobState::Failed;
+                    rec.pid = 0;
+                    rec.error = format!(
+                        "killed by self-fencing on {me}: the node could not renew its etcd lease in time; nobody took the job over (restore it from a checkpoint if it has one)"
+                    );
+                    if let Err(e) = self.registry.put(&mut rec) {
+                        tracing::error!(job = %id, "cannot record the fenced job: {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies of jobs the registry places on another node whose process
+    /// still runs here (this agent was gone while the job was restarted
+    /// elsewhere): killed if etcd says another node owns them.
+    async fn kill_stale_copies(&self, c: &AgentCoord) {
+        let Ok((all, _)) = self.registry.list() else {
+            return;
+        };
+        let me = self.cfg.node.as_str();
+        for rec in all {
+            if rec.state != JobState::Running || rec.node == self.cfg.node {
+                continue;
+            }
+            let r = rec.clone();
+            let Ok(Some(pid)) =
+                tokio::task::spawn_blocking(move || super::recovery::find_job_process(&r)).await
+            else {
+                continue;
+            };
+            match c.owners.get(rec.id.as_str()).await {
+                Ok(Some(o)) if o.node != me => {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    tracing::warn!(job = %rec.id, pid, owner = %o.node, "killed a stale copy left here: etcd says {} owns the job", o.node);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A request fenced by a balancer's leadership revision: refuse it if a
+    /// newer leader exists (0: not from a balancer leader; accepted).
+    pub async fn check_leader_revision(&self, revision: i64) -> AgentResult<()> {
+        if revision == 0 {
+            return Ok(());
+        }
+        let Some(c) = self.coord() else {
+            return Ok(());
+        };
+        match c.election.leader().await.map_err(coord_err)? {
+            Some(l) if l.revision == revision => Ok(()),
+            Some(l) => Err(AgentError::FailedPrecondition(format!(
+                "request from a stale balancer leader (revision {revision}); the leader now is {} (revision {})",
+                l.id, l.revision
+            ))),
+            None => Err(AgentError::FailedPrecondition(format!(
+                "request from balancer leadership revision {revision}, but no balancer leads now"
+            ))),
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,209 @@
+//! Several `mos-balance serve` instances, one leader (see `coord::election`).
+//!
+//! Each instance holds a short lease (3 s TTL, renewed every second, fenced
+//! 2 s after its last good renewal) and tries every [`CAMPAIGN_EVERY`] to
+//! create the leader key bound to it. The one that does leads; the others
+//! stand by and take over within TTL + one try (≈3.5 s) of the leader's
+//! death. Only the leader rebalances, and each of its moves carries its
+//! leadership revision, which agents check against etcd (`agent::ownership`),
+//! so a leader that was cut off and does not know it yet is refused.
+//!
+//! The leader also watches the nodes' leases: a node whose lease expired is
+//! reported LOST, with the jobs etcd says it owned; after the fencing
+//! margin (the node has certainly killed them by then), the
+//! [`NodeLostHook`] runs: today it logs; the restart from checkpoints
+//! plugs in there.
+
+use crate::coord::election::Election;
+use crate::coord::fencing::FenceTiming;
+use crate::coord::lease::{self, FenceHandler, LeaseHolder};
+use crate::coord::ownership::{OwnerRecord, Owners};
+use crate::coord::store::{Store, SystemClock};
+use crate::coord::CoordError;
+use futures::future::BoxFuture;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
+
+/// The balancer's own lease: short, so a standby takes over quickly.
+pub fn balancer_timing() -> FenceTiming {
+    FenceTiming {
+        ttl: Duration::from_secs(3),
+        margin: Duration::from_secs(1),
+    }
+}
+
+/// A node whose lease expired, and the jobs it owned then.
+#[derive(Debug, Clone)]
+pub struct NodeLost {
+    pub node: String,
+    pub jobs: Vec<(String, OwnerRecord)>,
+    /// The leader's revision: the hook's actions are fenced by it.
+    pub leader_revision: i64,
+}
+
+/// Called by the leader once per lost node, after the fencing margin.
+pub type NodeLostHook = Arc<dyn Fn(NodeLost) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// The default hook: report, restart nothing.
+pub fn report_only() -> NodeLostHook {
+    Arc::new(|lost: NodeLost| {
+        Box::pin(async move {
+            if lost.jobs.is_empty() {
+                tracing::warn!(node = %lost.node, "node LOST: it owned no jobs");
+            }
+            for (job, o) in &lost.jobs {
+                tracing::warn!(node = %lost.node, job = %job, epoch = o.epoch, "node LOST: job not restarted (no restart-from-checkpoint hook is installed)");
+            }
+        })
+    })
+}
+
+pub struct Leadership {
+    pub election: Election,
+    pub store: Arc<dyn Store>,
+    pub cluster: String,
+    /// The current leadership revision; 0 while standing by.
+    revision: AtomicI64,
+    holder: Arc<LeaseHolder>,
+    /// The agents' lease timing: how long to wait after a node's expiry.
+    pub node_timing: FenceTiming,
+    pub hook: NodeLostHook,
+}
+
+struct StandDown(std::sync::Weak<Leadership>);
+
+impl FenceHandler for StandDown {
+    fn fence(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(l) = self.0.upgrade() {
+                if l.revision.swap(0, Ordering::SeqCst) != 0 {
+                    tracing::error!("balancer lease not renewed in time: no longer leading");
+                }
+            }
+        })
+    }
+    fn rejoined(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+impl Leadership {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        cluster: &str,
+        id: &str,
+        hook: NodeLostHook,
+    ) -> Result<Arc<Self>, CoordError> {
+        let holder = LeaseHolder::acquire(
+            store.clone(),
+            Arc::new(SystemClock::default()),
+            balancer_timing(),
+            format!("/mosix/{cluster}/balancer/members/{id}"),
+            id.as_bytes().to_vec(),
+        )
+        .await?;
+        let l = Arc::new(Self {
+            election: Election::new(store.clone(), cluster, id),
+            store,
+            cluster: cluster.to_string(),
+            revision: AtomicI64::new(0),
+            holder: holder.clone(),
+            node_timing: FenceTiming::default(),
+            hook,
+        });
+        lease::spawn(holder, Arc::new(StandDown(Arc::downgrade(&l))));
+        tokio::spawn(l.clone().campaign_forever());
+        tokio::spawn(l.clone().watch_nodes_forever());
+        Ok(l)
+    }
+
+    /// The leadership revision if this instance leads now (and its lease
+    /// is good), else None.
+    pub fn leading(&self) -> Option<i64> {
+        let r = self.revision.load(Ordering::SeqCst);
+        (r != 0 && self.holder.may_write()).then_some(r)
+    }
+
+    /// Before an action: does etcd still show us as the leader?
+    pub async fn confirm(&self) -> Option<i64> {
+        let r = self.leading()?;
+        match self.election.is_leader(r).await {
+            Ok(true) => Some(r),
+            _ => None,
+        }
+    }
+
+    async fn campaign_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CAMPAIGN_EVERY).await;
+            if !self.holder.may_write() {
+                self.revision.store(0, Ordering::SeqCst);
+                continue;
+            }
+            let lease = self.holder.lease_id();
+            match self.election.campaign(lease).await {
+                Ok(Some(rev)) => {
+                    if self.revision.swap(rev, Ordering::SeqCst) != rev {
+                        tracing::warn!(id = %self.election.id, revision = rev, "leading the balancers (leadership revision {rev})");
+                    }
+                }
+                Ok(None) => {
+                    if self.revision.swap(0, Ordering::SeqCst) != 0 {
+                        tracing::warn!("another balancer leads now: standing by");
+                    }
+                }
+                Err(e) => tracing::debug!("campaign: {e}"),
+            }
+        }
+    }
+
+    async fn watch_nodes_forever(self: Arc<Self>) {
+        let owners = Owners::new(self.store.clone(), &self.cluster);
+        let mut alive: Option<BTreeSet<String>> = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(rev) = self.leading() else {
+                alive = None;
+                continue;
+            };
+            let now = match crate::coord::live_nodes(&*self.store, &self.cluster).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!("watching node leases: {e}");
+                    continue;
+                }
+            };
+            if let Some(before) = &alive {
+                for node in before.difference(&now) {
+                    let jobs = owners.owned_by(node).await.unwrap_or_default();
+                    tracing::error!(node = %node, jobs = jobs.len(), "node LOST: its etcd lease expired");
+                    let lost = NodeLost {
+                        node: node.clone(),
+                        jobs,
+                        leader_revision: rev,
+                    };
+                    let (hook, wait) = (self.hook.clone(), self.node_timing.takeover_delay());
+                    tokio::spawn(async move {
+                        // The node fenced itself `margin` before etcd
+                        // expired it; wait the margin again for a node
+                        // whose clock ran slow.
+                        tokio::time::sleep(wait).await;
+                        hook(lost).await;
+                    });
+                }
+            }
+            alive = Some(now);
+        }
+    }
+
+    pub async fn resign(&self) {
+        if let Some(r) = self.leading() {
+            self.election.resign(r).await;
+        }
+        self.holder.release().await;
+    }
+}
