@@ -34,13 +34,20 @@ fn set_owner(cl: &Cluster, job: &str, from: &OwnerRecord, to: &str) -> OwnerReco
     let cf = cluster_file(cl);
     rt().block_on(async {
         let s = mosix::coord::connect(&cf.etcd).await.unwrap();
-        Owners::new(s, &cf.name).move_to(job, from, to).await.unwrap()
+        Owners::new(s, &cf.name)
+            .move_to(job, from, to)
+            .await
+            .unwrap()
     })
 }
 
 fn etcd_ip(cl: &Cluster) -> String {
     let cf = cluster_file(cl);
-    let e = cf.etcd.first().expect("local up starts etcd by default").clone();
+    let e = cf
+        .etcd
+        .first()
+        .expect("local up starts etcd by default")
+        .clone();
     e.trim_start_matches("http://")
         .split(':')
         .next()
@@ -71,7 +78,9 @@ fn node_log(cl: &Cluster, node: &str) -> String {
 }
 
 fn sleeper(cl: &Cluster, node: &str) -> (String, i32) {
-    let file = cl.shared.join(format!("ticks-{node}-{}.txt", uuid::Uuid::new_v4()));
+    let file = cl
+        .shared
+        .join(format!("ticks-{node}-{}.txt", uuid::Uuid::new_v4()));
     let job = cl.mosrun(&[
         "--node",
         node,
@@ -143,7 +152,10 @@ fn a_sigstopped_agent_kills_its_jobs_first_thing_after_sigcont() {
     unsafe { libc::kill(agent, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_secs(11));
     // Stopped past its lease: etcd has expired it.
-    assert!(alive(pid), "a stopped agent cannot kill (see RELIABILITY.md)");
+    assert!(
+        alive(pid),
+        "a stopped agent cannot kill (see RELIABILITY.md)"
+    );
     unsafe { libc::kill(agent, libc::SIGCONT) };
     let t = Instant::now();
     cl.wait_for("the job to be killed after SIGCONT", 5, || !alive(pid));
@@ -161,7 +173,14 @@ fn a_restarted_agent_kills_a_job_it_no_longer_owns() {
     let cl = Cluster::up(2, ETCD);
     let (job, pid) = sleeper(&cl, "node1");
     let (kept, kept_pid) = sleeper(&cl, "node1");
-    let o = cl.mosctl(&["local", "restart-agent", "node1", "--kill-only", "--name", &cl.name]);
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node1",
+        "--kill-only",
+        "--name",
+        &cl.name,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     // While node1's agent is gone, the job is taken over elsewhere.
     let before = owner(&cl, &job).unwrap();
@@ -214,7 +233,12 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
     };
     let start = |port: u16| {
         Command::new(MOSBALANCE)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--no-auto"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-auto",
+            ])
             .env("MOSIX_CLUSTER", &cl.file)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -237,7 +261,11 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
     let guard = Kill(&mut a, &mut b);
     cl.wait_for("a leader", 15, || leader().is_some());
     let first = leader().unwrap();
-    let leader_pid = if first.id.contains(&format!(":{pa}:")) { pa } else { pb };
+    let leader_pid = if first.id.contains(&format!(":{pa}:")) {
+        pa
+    } else {
+        pb
+    };
     let standby_pid = if leader_pid == pa { pb } else { pa };
     assert!(first.id.contains(&format!(":{leader_pid}:")), "{first:?}");
     unsafe { libc::kill(leader_pid as i32, libc::SIGKILL) };
@@ -264,7 +292,14 @@ fn etcd_unreachable_at_agent_start_is_a_clear_error() {
     .unwrap();
     let t = Instant::now();
     let o = Command::new(MOSIXD)
-        .args(["--node", "node1", "--listen", "127.0.0.1:0", "--etcd-wait", "1"])
+        .args([
+            "--node",
+            "node1",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-wait",
+            "1",
+        ])
         .arg("--shared")
         .arg(dir.path().join("shared"))
         .arg("--cluster")
@@ -274,6 +309,107 @@ fn etcd_unreachable_at_agent_start_is_a_clear_error() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("cannot reach etcd"), "{err}");
-    assert!(err.contains("remove \"etcd\" from the cluster file"), "{err}");
+    assert!(
+        err.contains("remove \"etcd\" from the cluster file"),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// Issue 16's restart on node loss, end to end: a node dies (every process
+/// of it, agent included); its lease expires in etcd; the leading balancer
+/// waits out the fencing margin and restarts the node's checkpointed job
+/// elsewhere from its latest checkpoint, moving its ownership by CAS; a job
+/// without a checkpoint is recorded lost.
+#[test]
+fn the_leading_balancer_restarts_a_dead_nodes_checkpointed_job_elsewhere() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(
+        3,
+        &[
+            "--etcd-members",
+            "1",
+            "--lease-ttl",
+            "5",
+            "--fence-margin",
+            "2",
+        ],
+    );
+    let file = cl.shared.join("lost-counter.txt");
+    let job = cl.mosrun(&[
+        "--node",
+        "node2",
+        "--checkpoint-every",
+        "1s",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        "8141",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    let plain = cl.mosrun(&["--node", "node2", "--", MOSJOB, "burn"]);
+    cl.wait_for("a checkpoint", 30, || {
+        cl.record(&job).checkpoint.is_some_and(|c| c.last_seq >= 1)
+    });
+    let before = owner(&cl, &job).expect("the job has an owner record");
+    assert_eq!(before.node, "node2");
+    let port = 20000 + (std::process::id() % 20000) as u16 + 7;
+    let mut bal = Command::new(MOSBALANCE)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--no-auto",
+        ])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let guard = Kill(&mut bal);
+    std::thread::sleep(Duration::from_secs(2));
+
+    assert!(cl.kill_node_processes("node2") > 0);
+    let died = Instant::now();
+    cl.wait_for("the job to run again elsewhere", 60, || {
+        let r = cl.record(&job);
+        r.state == mosix::core::JobState::Running && r.node.as_str() != "node2"
+    });
+    let took = died.elapsed();
+    eprintln!("running again {took:?} after its node's death (lease TTL 5 s, margin 2 s)");
+    let rec = cl.record(&job);
+    let m = rec.history.last().unwrap();
+    assert!(
+        m.from.as_str() == "node2" && m.restored_from_checkpoint >= 1,
+        "{m:?}"
+    );
+    // Its ownership moved with one CAS: a new owner, a later epoch.
+    let after = owner(&cl, &job).unwrap();
+    assert_eq!(after.node, rec.node.as_str());
+    assert!(after.epoch > before.epoch, "{before:?} -> {after:?}");
+    // It goes on counting from its checkpoint, with no gap and no repeat.
+    let n = ticks(&file).len();
+    cl.wait_for("the counter to go on", 20, || ticks(&file).len() > n + 3);
+    assert_contiguous(&ticks(&file));
+    // The job without a checkpoint is recorded lost, clearly.
+    cl.wait_for("the other job to be recorded lost", 20, || {
+        cl.record(&plain).state == mosix::core::JobState::Failed
+    });
+    let lost = cl.record(&plain);
+    assert!(lost.error.starts_with("lost:"), "{}", lost.error);
+    drop(guard);
+    // Detection to restart within the bounds the defaults promise, scaled
+    // to this test's TTL: lease TTL + margin + the restore itself.
+    assert!(took < Duration::from_secs(40), "{took:?}");
 }

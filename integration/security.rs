@@ -660,6 +660,7 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
                 let mut k = c.clone();
                 async move {
                     ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                        leader_revision: 0,
                         job_id: "jnosuch".into(),
                         seq: 3,
                         node_is_down: String::new(),
@@ -707,6 +708,7 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
         let (mut k, i) = (c.clone(), id.clone());
         let call: Call = Box::pin(async move {
             ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                leader_revision: 0,
                 job_id: i,
                 seq: 0,
                 node_is_down: "node9".into(),
@@ -717,6 +719,7 @@ async fn bad_input_cases(c: AgentClient<Channel>) {
         let (mut k, i) = (c.clone(), id.clone());
         let call: Call = Box::pin(async move {
             ok(k.restore_checkpoint(pb::RestoreCheckpointRequest {
+                leader_revision: 0,
                 job_id: "j1".into(),
                 seq: 1,
                 node_is_down: i,

@@ -114,7 +114,10 @@ impl Cluster {
         // the coord tests): on a loaded machine an agent starved for longer
         // than its lease rightly fences its jobs, which is not what the
         // other tests are about.
-        if !extra.iter().any(|a| *a == "--etcd-members" || *a == "--no-etcd") {
+        if !extra
+            .iter()
+            .any(|a| *a == "--etcd-members" || *a == "--no-etcd")
+        {
             args.push("--no-etcd");
         }
         args.extend_from_slice(extra);

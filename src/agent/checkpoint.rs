@@ -220,6 +220,15 @@ impl Agent {
             return Err(fail(e, &tmp));
         }
         let bytes = dir_bytes(&tmp);
+        // Fencing: only the job's owner, at its epoch and not fenced, makes a
+        // checkpoint the latest (a node cut off from etcd must not publish
+        // one taken from a copy that another node may have replaced).
+        if let Err(e) = self.may_publish(job, None).await {
+            return Err(fail(
+                e.context("not publishing the checkpoint: this node may not write for the job"),
+                &tmp,
+            ));
+        }
         if let Err(e) = store.commit(job, &tmp, seq, fsync) {
             return Err(fail(e.into(), &tmp));
         }
@@ -347,6 +356,13 @@ impl Agent {
                 "staging checkpoint {seq} of job {job}; its record is unchanged"
             )));
         }
+        let taken = match self.take_owner_for_restart(job, &rec.node).await {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(e);
+            }
+        };
         let arrival = Arrival::Restarted {
             from: rec.node.clone(),
             seq,
@@ -358,6 +374,9 @@ impl Agent {
                 Ok(FromCheckpoint::Running { rec, seq })
             }
             Err(e) => {
+                if let Some(mine) = &taken {
+                    self.give_owner_back(job, mine, &rec.node).await;
+                }
                 // restore.log stays for a person; the checkpoint is intact.
                 remove_images_keep_logs(&staged);
                 let e = e.context(&format!(

@@ -1058,7 +1058,14 @@ impl Agent {
                     .inc()
             })?;
         let call = match self
-            .hand_over(&mut rec, &mig, frozen_since, dumped.image_bytes, None, target)
+            .hand_over(
+                &mut rec,
+                &mig,
+                frozen_since,
+                dumped.image_bytes,
+                None,
+                target,
+            )
             .await
         {
             Ok(c) => c,

@@ -148,6 +148,8 @@ pub enum AgentAction {
         job: JobId,
         seq: Option<u64>,
         node_is_down: Option<NodeName>,
+        /// The balancer leader's revision (0 = an operator's command).
+        leader_revision: i64,
     },
 }
 
@@ -425,8 +427,10 @@ impl Agent {
                 job,
                 seq,
                 node_is_down,
+                leader_revision,
             } => {
                 self.checkpoints_need_shared()?;
+                self.check_leader_revision(leader_revision).await?;
                 self.restore_checkpoint(&job, seq, node_is_down)
                     .await
                     .map(|r| AgentReply::FromCheckpoint(Box::new(r)))

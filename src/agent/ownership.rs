@@ -30,8 +30,8 @@ use crate::coord::fencing::FenceTiming;
 use crate::coord::lease::{self, FenceHandler, LeaseHolder};
 use crate::coord::ownership::{OwnerRecord, Owners};
 use crate::coord::store::{Store, SystemClock};
-use crate::coord::{CoordError, election::Election};
-use crate::core::{JobId, JobState};
+use crate::coord::{election::Election, CoordError};
+use crate::core::{JobId, JobState, NodeName};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -156,7 +156,11 @@ impl Agent {
         }
         let epoch = match epoch.or_else(|| c.epoch(job)) {
             Some(e) => e,
-            None => return Err(AgentError::FailedPrecondition(format!("job {job}: this node holds no owner epoch for it"))),
+            None => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "job {job}: this node holds no owner epoch for it"
+                )))
+            }
         };
         c.owners
             .check(job.as_str(), self.cfg.node.as_str(), epoch)
@@ -193,7 +197,9 @@ impl Agent {
                 Err(e) => last = Some(e),
             }
         }
-        Err(coord_err(last.unwrap_or(CoordError::Unavailable("no answer".into()))))
+        Err(coord_err(
+            last.unwrap_or(CoordError::Unavailable("no answer".into())),
+        ))
     }
 
     /// Migration step: the images are sealed; make `target` the owner with
@@ -224,7 +230,9 @@ impl Agent {
             .owners
             .move_to(job.as_str(), &from, target)
             .await
-            .map_err(|e| coord_err(e).context(&format!("moving the ownership of job {job} to {target}")))?;
+            .map_err(|e| {
+                coord_err(e).context(&format!("moving the ownership of job {job} to {target}"))
+            })?;
         c.set_epoch(job, None);
         tracing::info!(job = %job, to = target, epoch = to.epoch, "ownership moved");
         Ok(())
@@ -243,7 +251,11 @@ impl Agent {
                 Ok(())
             }
             Some(o) => {
-                let back = c.owners.move_to(job.as_str(), &o, me).await.map_err(coord_err)?;
+                let back = c
+                    .owners
+                    .move_to(job.as_str(), &o, me)
+                    .await
+                    .map_err(coord_err)?;
                 c.set_epoch(job, Some(back.epoch));
                 Ok(())
             }
@@ -252,6 +264,52 @@ impl Agent {
                 c.set_epoch(job, Some(o.epoch));
                 Ok(())
             }
+        }
+    }
+
+    /// Before a restart from a checkpoint runs the job here: take its
+    /// ownership from `from`, the node it is recorded on (dead, or declared
+    /// down), with one CAS. If another node owns it by now (another restart
+    /// won), refuse: the job would run twice. Returns what to give back if
+    /// the restore then fails (so another node may try).
+    pub(crate) async fn take_owner_for_restart(
+        &self,
+        job: &JobId,
+        from: &NodeName,
+    ) -> AgentResult<Option<OwnerRecord>> {
+        let Some(c) = self.coord() else {
+            return Ok(None);
+        };
+        let me = self.cfg.node.as_str();
+        let now = match c.owners.get(job.as_str()).await.map_err(coord_err)? {
+            Some(o) if o.node == me => o,
+            Some(o) if o.node == from.as_str() => c
+                .owners
+                .move_to(job.as_str(), &o, me)
+                .await
+                .map_err(coord_err)?,
+            Some(o) => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "job {job} is owned by {} (epoch {}), not by {from}: it was restarted there already; not running it twice",
+                    o.node, o.epoch
+                )))
+            }
+            None => c.owners.claim(job.as_str(), me).await.map_err(coord_err)?,
+        };
+        c.set_epoch(job, Some(now.epoch));
+        tracing::info!(job = %job, from = %from, epoch = now.epoch, "ownership taken for a restart");
+        Ok(Some(now))
+    }
+
+    /// A restart that took the ownership failed: hand it back to `from`,
+    /// so the job's owner is again the node it is recorded on.
+    pub(crate) async fn give_owner_back(&self, job: &JobId, mine: &OwnerRecord, from: &NodeName) {
+        let Some(c) = self.coord() else {
+            return;
+        };
+        c.set_epoch(job, None);
+        if let Err(e) = c.owners.move_to(job.as_str(), mine, from.as_str()).await {
+            tracing::warn!(job = %job, "giving the ownership back to {from} after a failed restart: {e}");
         }
     }
 
@@ -288,12 +346,13 @@ impl Agent {
             }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while tokio::time::Instant::now() < deadline
-            && jobs.iter().any(|(_, p)| alive(*p))
-        {
+        while tokio::time::Instant::now() < deadline && jobs.iter().any(|(_, p)| alive(*p)) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tracing::error!(jobs = jobs.len(), "fenced: every job here is stopped; no write is committed until a new lease is held");
+        tracing::error!(
+            jobs = jobs.len(),
+            "fenced: every job here is stopped; no write is committed until a new lease is held"
+        );
     }
 
     /// Who owns what, at start or after a fence (see the module doc).

@@ -476,7 +476,14 @@ impl Agent {
                     .inc()
             })?;
         let call = self
-            .hand_over(&mut rec, &mig, started, dumped.image_bytes, Some(ps), target)
+            .hand_over(
+                &mut rec,
+                &mig,
+                started,
+                dumped.image_bytes,
+                Some(ps),
+                target,
+            )
             .await?;
         let dir = self.image_dir(&dumped.image_dir);
         let landed = match self.peers.restore(target, call).await {

@@ -97,6 +97,7 @@ impl TryFrom<pb::RestoreCheckpointRequest> for AgentAction {
             } else {
                 Some(NodeName::parse(&r.node_is_down).map_err(|e| bad("node_is_down", e))?)
             },
+            leader_revision: r.leader_revision,
         })
     }
 }
@@ -164,6 +165,7 @@ mod tests {
             job_id: "j1".into(),
             seq: 0,
             node_is_down: "node1".into(),
+            leader_revision: 0,
         })
         .unwrap();
         assert!(matches!(
@@ -179,6 +181,7 @@ mod tests {
                 job_id: job.into(),
                 seq: 1,
                 node_is_down: node.into(),
+                leader_revision: 0,
             })
             .is_err());
         }

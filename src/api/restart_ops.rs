@@ -36,7 +36,8 @@ fn failure(s: tonic::Status) -> RestoreFailure {
         try_elsewhere: matches!(
             s.code(),
             Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
-        ) || (s.code() == Code::FailedPrecondition && s.message().contains("blocked")),
+        ) || (s.code() == Code::FailedPrecondition
+            && s.message().contains("blocked")),
     }
 }
 
@@ -55,12 +56,18 @@ impl RestartOps for GrpcRestartOps {
             let n = self.cf.node(node).map_err(|e| unreachable(e.to_string()))?;
             let mut c = client::pooled_agent(&n.endpoint, self.tls.as_ref(), CONNECT_TIMEOUT)
                 .await
-                .map_err(|e| unreachable(format!("node {node} ({}) is unreachable: {e:#}", n.endpoint)))?;
+                .map_err(|e| {
+                    unreachable(format!(
+                        "node {node} ({}) is unreachable: {e:#}",
+                        n.endpoint
+                    ))
+                })?;
             let r = c
                 .restore_checkpoint(pb::RestoreCheckpointRequest {
                     job_id: job.to_string(),
                     seq: 0,
                     node_is_down: down.to_string(),
+                    leader_revision: self.leader_revision,
                 })
                 .await
                 .map_err(failure)?

@@ -10,5 +10,6 @@ pub mod drain;
 pub mod leader;
 pub mod orchestrator;
 pub mod policy;
+pub mod restart;
 pub mod service;
 pub mod view;

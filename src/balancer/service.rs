@@ -162,7 +162,10 @@ impl Balancer {
             Some(l) => l.confirm().await,
         };
         if leader_revision.is_none() && !dry_run && !plan.moves.is_empty() {
-            tracing::debug!("standing by: {} planned move(s) left to the leader", plan.moves.len());
+            tracing::debug!(
+                "standing by: {} planned move(s) left to the leader",
+                plan.moves.len()
+            );
         }
         let outcomes = if dry_run || plan.moves.is_empty() || leader_revision.is_none() {
             vec![]

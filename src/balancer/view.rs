@@ -112,8 +112,10 @@ pub const LOST: &str = "LOST";
 /// answers (then it is cut off from etcd and has fenced itself): no job is
 /// planned onto it, and every view shows it so.
 async fn mark_lost(cf: &ClusterFile, nodes: &mut [NodeState]) {
-    let mut loads: Vec<(String, &mut Result<pb::NodeLoad, String>)> =
-        nodes.iter_mut().map(|n| (n.name.clone(), &mut n.load)).collect();
+    let mut loads: Vec<(String, &mut Result<pb::NodeLoad, String>)> = nodes
+        .iter_mut()
+        .map(|n| (n.name.clone(), &mut n.load))
+        .collect();
     mark_lost_loads(cf, &mut loads).await;
 }
 

@@ -308,6 +308,8 @@ async fn serve(
         bail!("refusing to listen on {listen} without TLS (the cluster file has no tls section); pass --insecure to allow it");
     }
     let etcd = (!cf.etcd.is_empty()).then(|| (cf.name.clone(), cf.etcd.clone()));
+    // The leader restarts a lost node's checkpointed jobs (balancer::restart).
+    let on_node_lost = crate::balancer::restart::restart_from_checkpoints(cf.clone(), tls.clone());
     let balancer = Arc::new(Balancer::new(cf, tls, config)?);
     if let Some((cluster, eps)) = etcd {
         // Several balancers may serve: one leads (see balancer::leader).
@@ -318,14 +320,9 @@ async fn serve(
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         let id = format!("{host}:{}:{listen}", std::process::id());
-        let l = crate::balancer::leader::Leadership::start(
-            store,
-            &cluster,
-            &id,
-            crate::balancer::leader::report_only(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("joining the balancer election: {e}"))?;
+        let l = crate::balancer::leader::Leadership::start(store, &cluster, &id, on_node_lost)
+            .await
+            .map_err(|e| anyhow::anyhow!("joining the balancer election: {e}"))?;
         tracing::info!(%id, "campaigning to lead the balancers; standing by until elected");
         let _ = balancer.leadership.set(l);
     }

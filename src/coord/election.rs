@@ -63,10 +63,7 @@ impl Election {
 
     /// Whether leadership `revision` is still the current one.
     pub async fn is_leader(&self, revision: i64) -> Result<bool, CoordError> {
-        Ok(self
-            .leader()
-            .await?
-            .is_some_and(|l| l.revision == revision))
+        Ok(self.leader().await?.is_some_and(|l| l.revision == revision))
     }
 
     /// Step down (clean shutdown): the key goes, a standby takes over at
@@ -99,7 +96,11 @@ mod tests {
         let la = store.grant(Duration::from_secs(3)).await.unwrap();
         let lb = store.grant(Duration::from_secs(3)).await.unwrap();
         let ra = a.campaign(la).await.unwrap().unwrap();
-        assert_eq!(a.campaign(la).await.unwrap(), Some(ra), "re-campaign keeps it");
+        assert_eq!(
+            a.campaign(la).await.unwrap(),
+            Some(ra),
+            "re-campaign keeps it"
+        );
         assert_eq!(b.campaign(lb).await.unwrap(), None);
         assert!(a.is_leader(ra).await.unwrap());
         // a dies: its lease is not renewed; b's is.

@@ -122,7 +122,10 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let mut c = self.client.clone();
             let r = self
-                .call("get prefix", c.get(prefix, Some(GetOptions::new().with_prefix())))
+                .call(
+                    "get prefix",
+                    c.get(prefix, Some(GetOptions::new().with_prefix())),
+                )
                 .await?;
             Ok(r.kvs()
                 .iter()

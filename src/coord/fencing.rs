@@ -129,7 +129,9 @@ impl LeaseClock {
         if now >= deadline {
             return Verdict::Fence;
         }
-        if now.saturating_sub(self.last_ok_sent) > self.timing.renew_every() + self.timing.renew_every() / 2 {
+        if now.saturating_sub(self.last_ok_sent)
+            > self.timing.renew_every() + self.timing.renew_every() / 2
+        {
             return Verdict::AtRisk {
                 left: deadline - now,
             };
@@ -154,7 +156,12 @@ mod tests {
         let c = LeaseClock::new(t, s(100.0));
         assert_eq!(c.verdict(s(101.0)), Verdict::Healthy);
         assert!(matches!(c.verdict(s(106.0)), Verdict::AtRisk { .. }));
-        assert_eq!(c.verdict(s(106.99)), Verdict::AtRisk { left: s(107.0) - s(106.99) });
+        assert_eq!(
+            c.verdict(s(106.99)),
+            Verdict::AtRisk {
+                left: s(107.0) - s(106.99)
+            }
+        );
         assert_eq!(c.verdict(s(107.0)), Verdict::Fence);
         // etcd cannot expire the lease before sent + TTL; we fence earlier.
         assert!(c.deadline() + t.margin <= s(100.0) + t.ttl);

@@ -200,7 +200,10 @@ async fn grant_and_bind(
     for _ in 0..5 {
         let cur = store.get(key.to_string()).await?;
         let rev = cur.map_or(0, |e| e.mod_revision);
-        if let Cas::Done(_) = store.cas(key.to_string(), rev, value.to_vec(), lease).await? {
+        if let Cas::Done(_) = store
+            .cas(key.to_string(), rev, value.to_vec(), lease)
+            .await?
+        {
             return Ok(lease);
         }
     }
@@ -254,7 +257,10 @@ pub fn spawn(holder: Arc<LeaseHolder>, handler: Arc<dyn FenceHandler>) {
                         match h.renew_once().await {
                             Ok(()) => {}
                             Err(CoordError::LeaseGone(id)) => {
-                                tracing::error!(lease = id, "etcd says our lease expired: fencing now");
+                                tracing::error!(
+                                    lease = id,
+                                    "etcd says our lease expired: fencing now"
+                                );
                                 if h.force_fence() {
                                     hd.fence().await;
                                     h.fenced_done();
@@ -326,7 +332,11 @@ mod tests {
         assert!(!h.check(), "fencing is started once");
         // etcd still holds the lease at this moment: we fenced first.
         store.set_unreachable(false);
-        assert!(store.get("/mosix/t/nodes/node1".into()).await.unwrap().is_some());
+        assert!(store
+            .get("/mosix/t/nodes/node1".into())
+            .await
+            .unwrap()
+            .is_some());
         store.set_unreachable(true);
         h.fenced_done();
         clock.advance(Duration::from_secs(5));
@@ -338,7 +348,11 @@ mod tests {
         assert_eq!(h.generation(), 2);
         h.resume();
         assert!(h.may_write());
-        let e = store.get("/mosix/t/nodes/node1".into()).await.unwrap().unwrap();
+        let e = store
+            .get("/mosix/t/nodes/node1".into())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(e.lease, h.lease_id());
     }
 

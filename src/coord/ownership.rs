@@ -104,7 +104,11 @@ impl Owners {
         to: &str,
     ) -> Result<OwnerRecord, CoordError> {
         let key = self.key(job);
-        match self.store.cas(key.clone(), from.epoch, encode(to), 0).await? {
+        match self
+            .store
+            .cas(key.clone(), from.epoch, encode(to), 0)
+            .await?
+        {
             Cas::Done(epoch) => Ok(OwnerRecord {
                 node: to.to_string(),
                 epoch,

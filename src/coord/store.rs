@@ -136,14 +136,19 @@ impl MemStore {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Mem, Duration) -> Result<T, CoordError>) -> Result<T, CoordError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Mem, Duration) -> Result<T, CoordError>,
+    ) -> Result<T, CoordError> {
         let now = self.clock.now();
         let mut m = self
             .inner
             .lock()
             .map_err(|_| CoordError::Unavailable("store lock poisoned".into()))?;
         if m.unreachable {
-            return Err(CoordError::Unavailable("etcd unreachable (simulated)".into()));
+            return Err(CoordError::Unavailable(
+                "etcd unreachable (simulated)".into(),
+            ));
         }
         // Expire leases and their keys, as etcd does.
         let expired: Vec<i64> = m
@@ -203,8 +208,7 @@ impl Store for MemStore {
 
     fn list(&self, prefix: String) -> BoxFuture<'_, Result<Vec<(String, Entry)>, CoordError>> {
         let r = self.with(|m, _| {
-            Ok(m
-                .kv
+            Ok(m.kv
                 .iter()
                 .filter(|(k, _)| k.starts_with(&prefix))
                 .map(|(k, e)| (k.clone(), e.clone()))

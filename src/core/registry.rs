@@ -73,7 +73,11 @@ pub type GateFn = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for WriteGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() { "WriteGate(set)" } else { "WriteGate(open)" })
+        f.write_str(if self.0.get().is_some() {
+            "WriteGate(set)"
+        } else {
+            "WriteGate(open)"
+        })
     }
 }
 

@@ -183,7 +183,11 @@ async fn handle(
     }
     match &picked {
         Some(m) => m.latency.observe(secs),
-        None => gw.metrics.latency.with_label_values(&[&*svc, ""]).observe(secs),
+        None => gw
+            .metrics
+            .latency
+            .with_label_values(&[&*svc, ""])
+            .observe(secs),
     }
     if let Some((method, target)) = logged {
         gw.access_log(format_args!(
@@ -225,7 +229,7 @@ async fn forward_request(
         Ok(Ok(Bytes::new()))
     } else {
         tokio::time::timeout(
-        Duration::from_millis(lim.body_timeout_ms),
+            Duration::from_millis(lim.body_timeout_ms),
             Limited::new(body, lim.max_body_bytes).collect(),
         )
         .await
@@ -299,10 +303,7 @@ async fn forward_request(
                     Failure::Reset => "reset",
                     Failure::Timeout => "timeout",
                 };
-                gw.metrics
-                    .errors
-                    .with_label_values(&[svc, job, kind])
-                    .inc();
+                gw.metrics.errors.with_label_values(&[svc, job, kind]).inc();
                 if matches!(f, Failure::Connect | Failure::Reset) {
                     eject(gw, svc, job);
                 }

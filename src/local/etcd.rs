@@ -60,7 +60,13 @@ pub async fn start(
     let mut endpoints = Vec::new();
     for i in 1..=members {
         let ip = address(k, i);
-        net::make_ns(cluster, &netns(cluster, i), &format!("mv-{cluster}-e{i}"), &ip, k)?;
+        net::make_ns(
+            cluster,
+            &netns(cluster, i),
+            &format!("mv-{cluster}-e{i}"),
+            &ip,
+            k,
+        )?;
         let dir = data_dir(state_dir, i);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::OpenOptions::new()
@@ -113,7 +119,10 @@ pub async fn start(
         .map_err(|e| {
             let tail = std::fs::read_to_string(state_dir.join("etcd1.log")).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(3).collect();
-            anyhow::anyhow!("etcd did not answer: {e}; etcd1.log ends with: {}", tail.join(" | "))
+            anyhow::anyhow!(
+                "etcd did not answer: {e}; etcd1.log ends with: {}",
+                tail.join(" | ")
+            )
         })?;
     Ok(endpoints)
 }

@@ -98,6 +98,7 @@ async fn one_job(ctx: &Ctx, spec: &str, a: &Args) -> anyhow::Result<()> {
     let mut c = ctx.agent(&node).await?;
     let r = c
         .restore_checkpoint(pb::RestoreCheckpointRequest {
+            leader_revision: 0,
             job_id: job.id.clone(),
             seq: a.checkpoint.unwrap_or(0),
             node_is_down: a.node_is_down.clone().unwrap_or_default(),
