@@ -11,8 +11,8 @@
 //! The leader also watches the nodes' leases: a node whose lease expired is
 //! reported LOST, with the jobs etcd says it owned; after the fencing
 //! margin (the node has certainly killed them by then), the
-//! [`NodeLostHook`] runs: today it logs; the restart from checkpoints
-//! plugs in there.
+//! [`NodeLostHook`] runs: `mos-balance serve` gives it
+//! `balancer::restart::restart_from_checkpoints`.
 
 use crate::coord::election::Election;
 use crate::coord::fencing::FenceTiming;
@@ -47,20 +47,6 @@ pub struct NodeLost {
 
 /// Called by the leader once per lost node, after the fencing margin.
 pub type NodeLostHook = Arc<dyn Fn(NodeLost) -> BoxFuture<'static, ()> + Send + Sync>;
-
-/// The default hook: report, restart nothing.
-pub fn report_only() -> NodeLostHook {
-    Arc::new(|lost: NodeLost| {
-        Box::pin(async move {
-            if lost.jobs.is_empty() {
-                tracing::warn!(node = %lost.node, "node LOST: it owned no jobs");
-            }
-            for (job, o) in &lost.jobs {
-                tracing::warn!(node = %lost.node, job = %job, epoch = o.epoch, "node LOST: job not restarted (no restart-from-checkpoint hook is installed)");
-            }
-        })
-    })
-}
 
 pub struct Leadership {
     pub election: Election,
