@@ -67,6 +67,33 @@ fn cut_from_etcd(cl: &Cluster, node: &str, cut: bool) {
     assert!(o.status.success(), "ip route: {}", stderr(&o));
 }
 
+/// A `mos-balance serve` of the cluster (no rebalancing), killed when dropped.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_balancer(cl: &Cluster, port: u16) -> Serving {
+    Serving(
+        Command::new(MOSBALANCE)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--no-auto",
+            ])
+            .env("MOSIX_CLUSTER", &cl.file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting mos-balance serve"),
+    )
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"))
@@ -231,34 +258,9 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
                 .unwrap()
         })
     };
-    let start = |port: u16| {
-        Command::new(MOSBALANCE)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--no-auto",
-            ])
-            .env("MOSIX_CLUSTER", &cl.file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     let base = 20000 + (std::process::id() % 20000) as u16;
-    let mut a = start(base);
-    let mut b = start(base + 1);
-    struct Kill<'a>(&'a mut std::process::Child, &'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.1.kill();
-            let _ = self.0.wait();
-            let _ = self.1.wait();
-        }
-    }
-    let (pa, pb) = (a.id(), b.id());
-    let guard = Kill(&mut a, &mut b);
+    let (a, b) = (serve_balancer(&cl, base), serve_balancer(&cl, base + 1));
+    let (pa, pb) = (a.0.id(), b.0.id());
     cl.wait_for("a leader", 15, || leader().is_some());
     let first = leader().unwrap();
     let leader_pid = if first.id.contains(&format!(":{pa}:")) {
@@ -278,7 +280,7 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
     assert!(second.revision > first.revision, "the fencing token grows");
     assert!(took < Duration::from_secs(6), "took over after {took:?}");
     eprintln!("standby took over {took:?} after the leader's death");
-    drop(guard);
+    drop((a, b));
 }
 
 #[test]
@@ -358,26 +360,7 @@ fn the_leading_balancer_restarts_a_dead_nodes_checkpointed_job_elsewhere() {
     let before = owner(&cl, &job).expect("the job has an owner record");
     assert_eq!(before.node, "node2");
     let port = 20000 + (std::process::id() % 20000) as u16 + 7;
-    let mut bal = Command::new(MOSBALANCE)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--no-auto",
-        ])
-        .env("MOSIX_CLUSTER", &cl.file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let guard = Kill(&mut bal);
+    let bal = serve_balancer(&cl, port);
     std::thread::sleep(Duration::from_secs(2));
 
     assert!(cl.kill_node_processes("node2") > 0);
@@ -408,7 +391,7 @@ fn the_leading_balancer_restarts_a_dead_nodes_checkpointed_job_elsewhere() {
     });
     let lost = cl.record(&plain);
     assert!(lost.error.starts_with("lost:"), "{}", lost.error);
-    drop(guard);
+    drop(bal);
     // Detection to restart within the bounds the defaults promise, scaled
     // to this test's TTL: lease TTL + margin + the restore itself.
     assert!(took < Duration::from_secs(40), "{took:?}");

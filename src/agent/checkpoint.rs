@@ -419,6 +419,11 @@ impl Agent {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut last_try: std::collections::HashMap<JobId, u64> = Default::default();
+            // Jobs whose record has no interval: it is set at launch and never
+            // changes, so their records are not read again every second (a
+            // read of the shared path, which over a network file system can
+            // stall this task's thread).
+            let mut never: std::collections::HashSet<JobId> = Default::default();
             loop {
                 tokio::time::sleep(TICK).await;
                 let Some(agent) = me.upgrade() else { return };
@@ -428,12 +433,17 @@ impl Agent {
                     .map(|l| l.keys().cloned().collect())
                     .unwrap_or_default();
                 last_try.retain(|k, _| ids.contains(k));
+                never.retain(|k| ids.contains(k));
                 let now = now_unix_ms();
                 for id in ids {
+                    if never.contains(&id) {
+                        continue;
+                    }
                     let Ok(rec) = agent.registry.get(&id) else {
                         continue;
                     };
                     let Some(st) = rec.checkpoint.as_ref().filter(|s| s.every_ms > 0) else {
+                        never.insert(id);
                         continue;
                     };
                     if rec.state != JobState::Running || rec.node != agent.cfg.node {

@@ -81,6 +81,21 @@ impl Outcome {
     }
 }
 
+/// How placement sees a job whose node is down, so that no load sample
+/// shows it: one CPU's demand, its memory unknown.
+pub fn unseen_job(id: &str, node: &str) -> JobSnapshot {
+    JobSnapshot {
+        id: id.to_string(),
+        node: node.to_string(),
+        rss_bytes: 0,
+        cpu_demand: 1.0,
+        residence_secs: 0.0,
+        pinned: false,
+        migratable: true,
+        post_copy_failed: false,
+    }
+}
+
 /// Tries per job before giving up on it.
 const TRIES: usize = 3;
 
@@ -115,16 +130,7 @@ pub async fn restart_node_jobs(
             .iter()
             .find(|j| j.id == job)
             .cloned()
-            .unwrap_or(JobSnapshot {
-                id: job.clone(),
-                node: down.to_string(),
-                rss_bytes: 0,
-                cpu_demand: 1.0,
-                residence_secs: 0.0,
-                pinned: false,
-                migratable: true,
-                post_copy_failed: false,
-            });
+            .unwrap_or_else(|| unseen_job(&job, down));
         let mut last = String::from("no node is up with room for it");
         let mut outcome = None;
         for _ in 0..TRIES {

@@ -80,16 +80,7 @@ async fn one_job(ctx: &Ctx, spec: &str, a: &Args) -> anyhow::Result<()> {
             let mut planner =
                 crate::balancer::drain::DrainPlanner::new(snapshot(ctx, None).await?, &job.node);
             planner.exclude(&job.node);
-            let snap = crate::balancer::policy::JobSnapshot {
-                id: job.id.clone(),
-                node: job.node.clone(),
-                rss_bytes: 0,
-                cpu_demand: 1.0,
-                residence_secs: 0.0,
-                pinned: false,
-                migratable: true,
-                post_copy_failed: false,
-            };
+            let snap = restart::unseen_job(&job.id, &job.node);
             planner
                 .next_target(&snap)
                 .ok_or_else(|| anyhow!("no node is up with room for job {}", job.id))?
