@@ -5,7 +5,7 @@
 
 use crate::support::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::Duration;
 
 fn counter(cl: &Cluster, node: &str, port: &str, file: &Path, extra: &[&str]) -> String {
@@ -308,38 +308,13 @@ fn flip_byte(p: &Path) {
     f.write_all(&b).unwrap();
 }
 
-struct Unmount(PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     if !privileged() {
         return;
     }
-    let mnt = std::env::temp_dir().join(format!("mosix-ckpt-tmpfs-{}", std::process::id()));
-    std::fs::create_dir_all(&mnt).unwrap();
-    assert!(Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=24m",
-            "tmpfs",
-            mnt.to_str().unwrap()
-        ])
-        .status()
-        .unwrap()
-        .success());
-    let _u = Unmount(mnt.clone());
-    let shared = mnt.join("root");
-    let common = mnt.with_extension("common");
-    std::fs::create_dir_all(&common).unwrap();
-    let _rm = Unmount(common.clone());
+    let disk = small_disk("ckpt-tmpfs", "24m");
+    let (mnt, shared, common) = (&disk.mnt, &disk.shared, &disk.common);
     let cl = Cluster::up(
         2,
         &[

@@ -281,40 +281,10 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
     if !privileged() {
         return;
     }
-    let mnt = std::env::temp_dir().join(format!("mosix-tmpfs-{}", std::process::id()));
-    std::fs::create_dir_all(&mnt).unwrap();
-    assert!(Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=24m",
-            "tmpfs",
-            mnt.to_str().unwrap()
-        ])
-        .status()
-        .unwrap()
-        .success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _u = Unmount(mnt.clone());
-    let shared = mnt.join("root");
     // The counter's file is not on the small shared disk, but in a
     // directory every node sees (their /tmp is their own).
-    let common = mnt.with_extension("common");
-    std::fs::create_dir_all(&common).unwrap();
-    struct Rm(std::path::PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _rm = Rm(common.clone());
+    let disk = small_disk("tmpfs", "24m");
+    let (shared, common) = (&disk.shared, &disk.common);
     let cl = Cluster::up(
         2,
         &[

@@ -423,3 +423,39 @@ pub fn nice_by_ns_pid(root: i32) -> Vec<(i32, i32)> {
     out.sort();
     out
 }
+
+/// A small tmpfs for a shared path that fills up (`shared`, inside it), and
+/// a plain directory beside it that every node sees (`common`, for files
+/// that must not be on the full disk). Unmounted and removed when dropped;
+/// declare it before the cluster, so the cluster goes first.
+pub struct SmallDisk {
+    pub mnt: PathBuf,
+    pub shared: PathBuf,
+    pub common: PathBuf,
+}
+
+pub fn small_disk(tag: &str, size: &str) -> SmallDisk {
+    let mnt = std::env::temp_dir().join(format!("mosix-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&mnt).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    let common = mnt.with_extension("common");
+    std::fs::create_dir_all(&common).unwrap();
+    SmallDisk {
+        shared: mnt.join("root"),
+        mnt,
+        common,
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = std::fs::remove_dir(&self.mnt);
+        let _ = std::fs::remove_dir_all(&self.common);
+    }
+}
