@@ -241,30 +241,7 @@ impl Agent {
     /// Before a rollback restores a job here: take the ownership back from
     /// `target` (one CAS), unless we still hold it.
     pub(crate) async fn take_owner_back(&self, job: &JobId) -> AgentResult<()> {
-        let Some(c) = self.coord() else {
-            return Ok(());
-        };
-        let me = self.cfg.node.as_str();
-        match c.owners.get(job.as_str()).await.map_err(coord_err)? {
-            Some(o) if o.node == me => {
-                c.set_epoch(job, Some(o.epoch));
-                Ok(())
-            }
-            Some(o) => {
-                let back = c
-                    .owners
-                    .move_to(job.as_str(), &o, me)
-                    .await
-                    .map_err(coord_err)?;
-                c.set_epoch(job, Some(back.epoch));
-                Ok(())
-            }
-            None => {
-                let o = c.owners.claim(job.as_str(), me).await.map_err(coord_err)?;
-                c.set_epoch(job, Some(o.epoch));
-                Ok(())
-            }
-        }
+        self.take_owner(job, None).await.map(|_| ())
     }
 
     /// Before a restart from a checkpoint runs the job here: take its
@@ -277,27 +254,43 @@ impl Agent {
         job: &JobId,
         from: &NodeName,
     ) -> AgentResult<Option<OwnerRecord>> {
+        let taken = self.take_owner(job, Some(from)).await?;
+        if let Some(o) = &taken {
+            tracing::info!(job = %job, from = %from, epoch = o.epoch, "ownership taken for a restart");
+        }
+        Ok(taken)
+    }
+
+    /// Make this node the job's owner: kept if it is already, claimed if
+    /// nobody is, otherwise moved here with one CAS; with `only_from`, only
+    /// from that node (any other owner is refused). None without etcd.
+    async fn take_owner(
+        &self,
+        job: &JobId,
+        only_from: Option<&NodeName>,
+    ) -> AgentResult<Option<OwnerRecord>> {
         let Some(c) = self.coord() else {
             return Ok(None);
         };
         let me = self.cfg.node.as_str();
         let now = match c.owners.get(job.as_str()).await.map_err(coord_err)? {
             Some(o) if o.node == me => o,
-            Some(o) if o.node == from.as_str() => c
+            Some(o) if only_from.is_none_or(|f| o.node == f.as_str()) => c
                 .owners
                 .move_to(job.as_str(), &o, me)
                 .await
                 .map_err(coord_err)?,
             Some(o) => {
                 return Err(AgentError::FailedPrecondition(format!(
-                    "job {job} is owned by {} (epoch {}), not by {from}: it was restarted there already; not running it twice",
-                    o.node, o.epoch
+                    "job {job} is owned by {} (epoch {}), not by {}: it was restarted there already; not running it twice",
+                    o.node,
+                    o.epoch,
+                    only_from.map_or("", |f| f.as_str())
                 )))
             }
             None => c.owners.claim(job.as_str(), me).await.map_err(coord_err)?,
         };
         c.set_epoch(job, Some(now.epoch));
-        tracing::info!(job = %job, from = %from, epoch = now.epoch, "ownership taken for a restart");
         Ok(Some(now))
     }
 

@@ -144,3 +144,11 @@ pub async fn balancer(
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
     )
 }
+
+/// The text of a status from an agent, with a TLS failure explained.
+pub fn status_text(s: &tonic::Status) -> String {
+    match crate::security::membership::explain_tls_error(s) {
+        Some(why) => format!("{why}: {}", s.message()),
+        None => s.message().to_string(),
+    }
+}

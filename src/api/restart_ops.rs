@@ -3,7 +3,7 @@
 //! a job from its latest checkpoint. The restart logic itself is
 //! transport-free (`checkpoint::restart`); this is only the call.
 
-use super::client::{self, ClientTls};
+use super::client::{self, status_text, ClientTls};
 use super::pb;
 use crate::checkpoint::restart::{RestartOps, RestoreFailure, Restored};
 use crate::core::cluster_file::ClusterFile;
@@ -18,14 +18,6 @@ pub struct GrpcRestartOps {
     /// The balancer leader's revision the restores are fenced by (0 = an
     /// operator's command, not fenced by leadership).
     pub leader_revision: i64,
-}
-
-/// The text of a status, with a TLS failure explained.
-pub fn status_text(s: &tonic::Status) -> String {
-    match crate::security::membership::explain_tls_error(s) {
-        Some(why) => format!("{why}: {}", s.message()),
-        None => s.message().to_string(),
-    }
 }
 
 fn failure(s: tonic::Status) -> RestoreFailure {

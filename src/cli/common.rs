@@ -29,7 +29,7 @@ pub fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
 /// A failed call's status as text for a table cell, with a TLS refusal
 /// named (an agent that refuses our client certificate says so only once
 /// the first call is made: TLS 1.3 sends that alert after the handshake).
-pub use crate::api::restart_ops::status_text;
+pub use crate::api::client::status_text;
 
 impl Ctx {
     pub fn load(flag: Option<&Path>) -> anyhow::Result<Self> {
