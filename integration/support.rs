@@ -110,6 +110,16 @@ impl Cluster {
         if no_shared {
             args.extend_from_slice(&["--common", &shared_s]);
         }
+        // A checkout under a directory each node has its own of (`git clone
+        // . /tmp/fresh`): the nodes must still see the binaries and the
+        // tests' working directory, as an NFS home gives real machines.
+        let checkout = env!("CARGO_MANIFEST_DIR");
+        if ["/tmp/", "/var/tmp/", "/root/"]
+            .iter()
+            .any(|p| checkout.starts_with(p))
+        {
+            args.extend_from_slice(&["--common", checkout]);
+        }
         // Tests run without etcd unless they ask for it (`--etcd-members N`,
         // the coord tests): on a loaded machine an agent starved for longer
         // than its lease rightly fences its jobs, which is not what the

@@ -2217,10 +2217,7 @@ mod tests {
         /// A running job on node1: a `sleep` child the agent watches.
         fn start_job(&self) -> JobId {
             #[allow(clippy::zombie_processes)]
-            let child = std::process::Command::new("sleep")
-                .arg("60")
-                .spawn()
-                .unwrap();
+            let child = crate::criu::fake::stand_in("60").unwrap();
             let pid = child.id() as i32;
             self.pids.lock().unwrap().push(pid);
             let id = JobId::generate();

@@ -218,6 +218,11 @@ mod tests {
         let mut child = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("exec 7<'{}'; exec sleep 30", f.display()))
+            // Nothing else private: not the test's cwd (a checkout may be
+            // under /tmp) nor its stdout (maybe a file there).
+            .current_dir("/")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let pid = child.id() as i32;

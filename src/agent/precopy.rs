@@ -697,10 +697,7 @@ mod agent_tests {
         fn start_job(&self) -> (JobId, i32) {
             // Reaped by the agent's reaper thread (waitpid), like a job.
             #[allow(clippy::zombie_processes)]
-            let child = std::process::Command::new("sleep")
-                .arg("60")
-                .spawn()
-                .unwrap();
+            let child = crate::criu::fake::stand_in("60").unwrap();
             let pid = child.id() as i32;
             self.pids.lock().unwrap().push(pid);
             let id = JobId::generate();

@@ -164,13 +164,10 @@ impl CheckpointEngine for FakeEngine {
             gate.check().map_err(CriuError::Refused)?;
         }
         self.restores.fetch_add(1, Ordering::SeqCst);
-        let child = std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .map_err(|e| CriuError::Io {
-                op: "restore",
-                source: e,
-            })?;
+        let child = stand_in("600").map_err(|e| CriuError::Io {
+            op: "restore",
+            source: e,
+        })?;
         let pid = child.id() as i32;
         if let Ok(mut kids) = self.children.lock() {
             kids.push(child);
@@ -234,4 +231,19 @@ impl CheckpointEngine for FakeEngine {
     fn available(&self) -> Result<(), CriuError> {
         Ok(())
     }
+}
+
+/// A `sleep` standing in for a job in tests: it inherits nothing of the
+/// test process that a migration would refuse as node-private (its cwd,
+/// which may be a checkout under /tmp, or a stdout redirected to a file
+/// there), as a job started by an agent would not.
+pub fn stand_in(secs: &str) -> std::io::Result<std::process::Child> {
+    use std::process::Stdio;
+    std::process::Command::new("sleep")
+        .arg(secs)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
