@@ -78,6 +78,15 @@ impl Drop for Serving {
 }
 
 fn serve_balancer(cl: &Cluster, port: u16) -> Serving {
+    serve_balancer_logged(cl, port, None)
+}
+
+/// A balancer whose log goes to `log` (if given).
+fn serve_balancer_logged(cl: &Cluster, port: u16, log: Option<&std::path::Path>) -> Serving {
+    let err = match log {
+        Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+        None => std::process::Stdio::null(),
+    };
     Serving(
         Command::new(MOSBALANCE)
             .args([
@@ -88,10 +97,23 @@ fn serve_balancer(cl: &Cluster, port: u16) -> Serving {
             ])
             .env("MOSIX_CLUSTER", &cl.file)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(err)
             .spawn()
             .expect("starting mos-balance serve"),
     )
+}
+
+/// Which balancer leads now, as etcd says.
+fn balancer_leader(
+    cf: &mosix::core::cluster_file::ClusterFile,
+) -> Option<mosix::coord::election::Leader> {
+    rt().block_on(async {
+        let s = mosix::coord::connect(&cf.etcd).await.unwrap();
+        mosix::coord::election::Election::new(s, &cf.name, "probe")
+            .leader()
+            .await
+            .unwrap()
+    })
 }
 
 fn alive(pid: i32) -> bool {
@@ -249,15 +271,7 @@ fn the_balancer_leader_is_killed_and_a_standby_takes_over() {
     }
     let cl = Cluster::up(1, ETCD);
     let cf = cluster_file(&cl);
-    let leader = || {
-        rt().block_on(async {
-            let s = mosix::coord::connect(&cf.etcd).await.unwrap();
-            mosix::coord::election::Election::new(s, &cf.name, "probe")
-                .leader()
-                .await
-                .unwrap()
-        })
-    };
+    let leader = || balancer_leader(&cf);
     let base = 20000 + (std::process::id() % 20000) as u16;
     let (a, b) = (serve_balancer(&cl, base), serve_balancer(&cl, base + 1));
     let (pa, pb) = (a.0.id(), b.0.id());
@@ -328,31 +342,8 @@ fn the_leading_balancer_restarts_a_dead_nodes_checkpointed_job_elsewhere() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(
-        3,
-        &[
-            "--etcd-members",
-            "1",
-            "--lease-ttl",
-            "5",
-            "--fence-margin",
-            "2",
-        ],
-    );
-    let file = cl.shared.join("lost-counter.txt");
-    let job = cl.mosrun(&[
-        "--node",
-        "node2",
-        "--checkpoint-every",
-        "1s",
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
-        "8141",
-        "--file",
-        file.to_str().unwrap(),
-    ]);
+    let cl = Cluster::up(3, SHORT_LEASE);
+    let (job, file) = checkpointed_counter(&cl, "node2", "8141");
     let plain = cl.mosrun(&["--node", "node2", "--", MOSJOB, "burn"]);
     cl.wait_for("a checkpoint", 30, || {
         cl.record(&job).checkpoint.is_some_and(|c| c.last_seq >= 1)
@@ -395,4 +386,99 @@ fn the_leading_balancer_restarts_a_dead_nodes_checkpointed_job_elsewhere() {
     // Detection to restart within the bounds the defaults promise, scaled
     // to this test's TTL: lease TTL + margin + the restore itself.
     assert!(took < Duration::from_secs(40), "{took:?}");
+}
+
+/// Short node leases, so that a lost node is found in seconds.
+const SHORT_LEASE: &[&str] = &[
+    "--etcd-members",
+    "1",
+    "--lease-ttl",
+    "5",
+    "--fence-margin",
+    "2",
+];
+
+/// A counter job on `node` that checkpoints every second, and its file.
+fn checkpointed_counter(cl: &Cluster, node: &str, port: &str) -> (String, std::path::PathBuf) {
+    let file = cl.shared.join(format!("lost-counter-{port}.txt"));
+    let job = cl.mosrun(&[
+        "--node",
+        node,
+        "--checkpoint-every",
+        "1s",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        port,
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    (job, file)
+}
+
+/// Issue 16's "a kill of the leading balancer in the middle of a restart":
+/// the leader has found the lost node and is waiting out its fencing
+/// margin when it is SIGKILLed; the standby takes over, finds the same
+/// node by comparing owner records with live leases (not by an expiry
+/// event it never saw), and finishes the restart. Exactly one copy runs:
+/// the counter has no gap and no repeat.
+#[test]
+fn the_leading_balancer_dies_mid_restart_and_the_standby_finishes_it() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(3, SHORT_LEASE);
+    let cf = cluster_file(&cl);
+    let (job, file) = checkpointed_counter(&cl, "node3", "8142");
+    cl.wait_for("a checkpoint", 30, || {
+        cl.record(&job).checkpoint.is_some_and(|c| c.last_seq >= 1)
+    });
+    let before = owner(&cl, &job).expect("the job has an owner record");
+    let base = 20000 + (std::process::id() % 20000) as u16 + 11;
+    let logs = [cl.shared.join("bal-a.log"), cl.shared.join("bal-b.log")];
+    let a = serve_balancer_logged(&cl, base, Some(&logs[0]));
+    let b = serve_balancer_logged(&cl, base + 1, Some(&logs[1]));
+    cl.wait_for("a leader", 15, || balancer_leader(&cf).is_some());
+    let first = balancer_leader(&cf).unwrap();
+    let (leader, standby, standby_log) = if first.id.contains(&format!(":{}:", a.0.id())) {
+        (a, b, &logs[1])
+    } else {
+        (b, a, &logs[0])
+    };
+    let leader_log = if standby_log == &logs[0] {
+        &logs[1]
+    } else {
+        &logs[0]
+    };
+
+    assert!(cl.kill_node_processes("node3") > 0);
+    let died = Instant::now();
+    cl.wait_for("the leader to find the node lost", 30, || {
+        std::fs::read_to_string(leader_log).is_ok_and(|l| l.contains("node LOST"))
+    });
+    // Mid-restart: found, not yet restarted (the fencing margin runs).
+    assert!(
+        !std::fs::read_to_string(leader_log)
+            .unwrap()
+            .contains("restarted on"),
+        "the leader restarted the job before it could be killed"
+    );
+    drop(leader);
+    cl.wait_for("the job to run again elsewhere", 60, || {
+        let r = cl.record(&job);
+        r.state == mosix::core::JobState::Running && r.node.as_str() != "node3"
+    });
+    eprintln!(
+        "running again {:?} after its node's death, its first balancer killed mid-restart",
+        died.elapsed()
+    );
+    let log = std::fs::read_to_string(standby_log).unwrap();
+    assert!(log.contains("restarted on"), "{log}");
+    let after = owner(&cl, &job).unwrap();
+    assert!(after.epoch > before.epoch && after.node != "node3");
+    let n = ticks(&file).len();
+    cl.wait_for("the counter to go on", 20, || ticks(&file).len() > n + 3);
+    assert_contiguous(&ticks(&file));
+    drop(standby);
 }

@@ -8,11 +8,13 @@
 //! leadership revision, which agents check against etcd (`agent::ownership`),
 //! so a leader that was cut off and does not know it yet is refused.
 //!
-//! The leader also watches the nodes' leases: a node whose lease expired is
-//! reported LOST, with the jobs etcd says it owned; after the fencing
-//! margin (the node has certainly killed them by then), the
+//! The leader also watches the nodes' leases: a node that owns jobs but
+//! holds no lease is reported LOST, with the jobs etcd says it owns; after
+//! the fencing margin (the node has certainly killed them by then), the
 //! [`NodeLostHook`] runs: `mos-balance serve` gives it
-//! `balancer::restart::restart_from_checkpoints`.
+//! `balancer::restart::restart_from_checkpoints`. The watch compares
+//! states rather than reacting to an expiry event, so a standby that takes
+//! over in the middle of a restart finishes it.
 
 use crate::coord::election::Election;
 use crate::coord::fencing::FenceTiming;
@@ -21,7 +23,7 @@ use crate::coord::ownership::{OwnerRecord, Owners};
 use crate::coord::store::{Store, SystemClock};
 use crate::coord::CoordError;
 use futures::future::BoxFuture;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +47,34 @@ pub struct NodeLost {
     pub leader_revision: i64,
 }
 
-/// Called by the leader once per lost node, after the fencing margin.
-pub type NodeLostHook = Arc<dyn Fn(NodeLost) -> BoxFuture<'static, ()> + Send + Sync>;
+/// Called by the leader for a lost node, after the fencing margin. It
+/// answers whether the node's jobs are settled (restarted, or recorded
+/// lost); if not, the leader calls it again after [`RETRY_EVERY`].
+pub type NodeLostHook = Arc<dyn Fn(NodeLost) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// How soon a lost node's unsettled jobs are tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(10);
+
+/// A lost node, as the leader tracks it.
+struct Dead {
+    /// When to run the hook (next); None: settled, or running now.
+    next: Option<tokio::time::Instant>,
+    run: Option<tokio::task::JoinHandle<bool>>,
+}
+
+/// The owner records whose node holds no lease, by node.
+fn orphans_by_node(
+    owned: Vec<(String, OwnerRecord)>,
+    live: &BTreeSet<String>,
+) -> BTreeMap<String, Vec<(String, OwnerRecord)>> {
+    let mut out: BTreeMap<String, Vec<(String, OwnerRecord)>> = BTreeMap::new();
+    for (job, o) in owned {
+        if !live.contains(&o.node) {
+            out.entry(o.node.clone()).or_default().push((job, o));
+        }
+    }
+    out
+}
 
 pub struct Leadership {
     pub election: Election,
@@ -147,42 +175,72 @@ impl Leadership {
         }
     }
 
+    /// Level-triggered, like a Kubernetes controller: every second the
+    /// leader compares the owner records with the live leases, so a node
+    /// that died while no balancer led, or while the previous leader was in
+    /// the middle of its restart, is still found by whoever leads next. A
+    /// job whose restart finished has moved its owner record to a live
+    /// node, so it drops out by itself; one that could not be restarted
+    /// yet keeps its dead owner and is tried again every [`RETRY_EVERY`].
     async fn watch_nodes_forever(self: Arc<Self>) {
         let owners = Owners::new(self.store.clone(), &self.cluster);
-        let mut alive: Option<BTreeSet<String>> = None;
+        let mut dead: BTreeMap<String, Dead> = BTreeMap::new();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(rev) = self.leading() else {
-                alive = None;
+                dead.clear();
                 continue;
             };
-            let now = match crate::coord::live_nodes(&*self.store, &self.cluster).await {
+            let live = match crate::coord::live_nodes(&*self.store, &self.cluster).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!("watching node leases: {e}");
                     continue;
                 }
             };
-            if let Some(before) = &alive {
-                for node in before.difference(&now) {
-                    let jobs = owners.owned_by(node).await.unwrap_or_default();
-                    tracing::error!(node = %node, jobs = jobs.len(), "node LOST: its etcd lease expired");
-                    let lost = NodeLost {
-                        node: node.clone(),
-                        jobs,
-                        leader_revision: rev,
-                    };
-                    let (hook, wait) = (self.hook.clone(), self.node_timing.takeover_delay());
-                    tokio::spawn(async move {
-                        // The node fenced itself `margin` before etcd
-                        // expired it; wait the margin again for a node
-                        // whose clock ran slow.
-                        tokio::time::sleep(wait).await;
-                        hook(lost).await;
-                    });
+            let owned = match owners.list().await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::debug!("reading owner records: {e}");
+                    continue;
                 }
+            };
+            let orphans = orphans_by_node(owned, &live);
+            dead.retain(|node, _| orphans.contains_key(node));
+            let now = tokio::time::Instant::now();
+            for (node, jobs) in orphans {
+                let d = dead.entry(node.clone()).or_insert_with(|| {
+                    tracing::error!(node = %node, jobs = jobs.len(), "node LOST: it holds no lease in etcd and owns jobs");
+                    // The node fenced itself `margin` before etcd expired
+                    // it; wait the margin again for a node whose clock ran
+                    // slow (a new leader cannot know when the lease
+                    // expired, so it counts from now: later, never sooner).
+                    Dead {
+                        next: Some(now + self.node_timing.takeover_delay()),
+                        run: None,
+                    }
+                });
+                if let Some(run) = &d.run {
+                    if !run.is_finished() {
+                        continue;
+                    }
+                    let settled = match d.run.take() {
+                        Some(h) => h.await.unwrap_or(false),
+                        None => false,
+                    };
+                    d.next = (!settled).then(|| now + RETRY_EVERY);
+                }
+                if d.next.is_none_or(|t| now < t) {
+                    continue;
+                }
+                d.next = None;
+                let lost = NodeLost {
+                    node,
+                    jobs,
+                    leader_revision: rev,
+                };
+                d.run = Some(tokio::spawn((self.hook)(lost)));
             }
-            alive = Some(now);
         }
     }
 

@@ -32,13 +32,13 @@ pub fn restart_from_checkpoints(cf: ClusterFile, tls: Option<ClientTls>) -> Node
             let node = lost.node.clone();
             if cf.shared_root.is_none() {
                 tracing::warn!(%node, "node LOST: its jobs are not restarted (no shared path, so no checkpoints)");
-                return;
+                return true;
             }
             let jobs = match jobs_on(&cf, tls.as_ref(), &node).await {
                 Ok(j) => j,
                 Err(e) => {
-                    tracing::error!(%node, "node LOST: cannot list its jobs, none restarted: {e}");
-                    return;
+                    tracing::error!(%node, "node LOST: cannot list its jobs, none restarted yet: {e}");
+                    return false;
                 }
             };
             let view = super::view::poll(&cf, tls.as_ref(), Duration::from_secs(2)).await;
@@ -49,14 +49,20 @@ pub fn restart_from_checkpoints(cf: ClusterFile, tls: Option<ClientTls>) -> Node
             };
             let out = restart_node_jobs(&ops, view.snapshot(0.0), &node, &jobs).await;
             if out.is_empty() {
-                tracing::warn!(%node, "node LOST: no job was recorded running on it");
+                tracing::info!(%node, "node LOST: no job is recorded running on it");
             }
+            let mut settled = true;
             for o in &out {
                 match o {
                     Outcome::Restarted { .. } => tracing::warn!(%node, "node LOST: {}", o.line()),
+                    Outcome::Failed { .. } => {
+                        settled = false;
+                        tracing::error!(%node, "node LOST: {} (tried again in {:?})", o.line(), super::leader::RETRY_EVERY)
+                    }
                     _ => tracing::error!(%node, "node LOST: {}", o.line()),
                 }
             }
+            settled
         })
     })
 }
