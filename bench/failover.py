@@ -230,7 +230,7 @@ def phase_deaths(res, args):
     ballog.unlink(missing_ok=True)
     bal = start_balancer(args.port, ballog)
     file = shared() / "failover-deaths.txt"
-    job = counter("node2", file, f"{args.interval}s", ["--mem-mib", str(args.mib)])
+    job = counter("node2", file, f"{int(args.interval * 1000)}ms", ["--mem-mib", str(args.mib)])
     try:
         wait("the job's first checkpoint", 120,
              lambda: (rec(job).get("checkpoint") or {}).get("last_seq", 0) >= 1, every=0.2)

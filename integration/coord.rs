@@ -482,3 +482,103 @@ fn the_leading_balancer_dies_mid_restart_and_the_standby_finishes_it() {
     assert_contiguous(&ticks(&file));
     drop(standby);
 }
+
+/// Issue 16's "a kill of the etcd leader (with 3 members)": the two others
+/// elect a new leader in about a second, well inside the agents' fencing
+/// deadline (TTL − margin = 7 s), so no agent fences and no job dies; the
+/// cluster keeps moving jobs and their ownership.
+#[test]
+fn killing_the_etcd_leader_of_three_members_fences_nothing() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--etcd-members", "3"]);
+    let cf = cluster_file(&cl);
+    let (job, pid) = sleeper(&cl, "node1");
+    let before = owner(&cl, &job).unwrap();
+    let o = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &cf.etcd.join(","),
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+        ])
+        .output()
+        .expect("etcdctl (make setup installs etcd-client)");
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let leader = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| s["Status"]["header"]["member_id"] == s["Status"]["leader"])
+        .expect("one member is the leader");
+    let epid = mosix::local::etcd::member_pid(&cl.name, leader + 1).expect("the leader's pid");
+    unsafe { libc::kill(epid, libc::SIGKILL) };
+    // Longer than the lease TTL: any agent that could not renew would
+    // have fenced by now.
+    std::thread::sleep(Duration::from_secs(11));
+    assert!(
+        alive(pid),
+        "the job was killed:\n{}",
+        node_log(&cl, "node1")
+    );
+    assert!(
+        !node_log(&cl, "node1").contains("fenced: job killed"),
+        "{}",
+        node_log(&cl, "node1")
+    );
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = owner(&cl, &job).unwrap();
+    assert_eq!(after.node, "node2");
+    assert!(after.epoch > before.epoch);
+}
+
+/// A partition shorter than the balancer's takeover: the node fences its
+/// checkpointed job, and after the heal, nobody having taken it over, the
+/// node itself restarts it from its latest checkpoint. Exactly one copy
+/// runs, with only the work since that checkpoint lost; a restart
+/// elsewhere that names the node down while it holds a lease again is
+/// refused.
+#[test]
+fn after_a_short_partition_the_node_restarts_its_fenced_checkpointed_job() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, SHORT_LEASE);
+    let (job, file) = checkpointed_counter(&cl, "node1", "8143");
+    cl.wait_for("a checkpoint", 30, || {
+        cl.record(&job).checkpoint.is_some_and(|c| c.last_seq >= 1)
+    });
+    let pid = cl.record(&job).pid;
+    cut_from_etcd(&cl, "node1", true);
+    cl.wait_for("node1 to kill its job", 10, || !alive(pid));
+    cut_from_etcd(&cl, "node1", false);
+    cl.wait_for("the job to run again on node1", 30, || {
+        let r = cl.record(&job);
+        r.state == mosix::core::JobState::Running && r.pid != pid && r.pid > 0
+    });
+    let rec = cl.record(&job);
+    assert_eq!(rec.node.as_str(), "node1");
+    let m = rec.history.last().unwrap();
+    assert!(m.restored_from_checkpoint >= 1, "{m:?}");
+    assert_eq!(owner(&cl, &job).unwrap().node, "node1");
+    let n = ticks(&file).len();
+    cl.wait_for("the counter to go on", 20, || ticks(&file).len() > n + 3);
+    assert_contiguous(&ticks(&file));
+    // node1 is up: a restore that calls it down is refused, and changes
+    // nothing.
+    let o = cl.mosctl(&[
+        "restore",
+        &job,
+        "--node-is-down",
+        "node1",
+        "--node",
+        "node2",
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(cl.record(&job).node.as_str(), "node1");
+}

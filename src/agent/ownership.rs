@@ -42,6 +42,9 @@ pub struct AgentCoord {
     pub holder: Arc<LeaseHolder>,
     pub owners: Owners,
     pub election: Election,
+    /// To ask which nodes hold a lease (a restart's fence).
+    store: Arc<dyn Store>,
+    cluster: String,
     /// Jobs SIGKILLed by the last fence, reconciled at rejoin.
     fenced_jobs: Mutex<Vec<JobId>>,
     /// Owner epochs this node holds, as last seen.
@@ -127,7 +130,9 @@ impl Agent {
         let c = Arc::new(AgentCoord {
             holder: holder.clone(),
             owners: Owners::new(store.clone(), cluster),
-            election: Election::new(store, cluster, ""),
+            election: Election::new(store.clone(), cluster, ""),
+            store,
+            cluster: cluster.to_string(),
             fenced_jobs: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
         });
@@ -275,11 +280,27 @@ impl Agent {
         let me = self.cfg.node.as_str();
         let now = match c.owners.get(job.as_str()).await.map_err(coord_err)? {
             Some(o) if o.node == me => o,
-            Some(o) if only_from.is_none_or(|f| o.node == f.as_str()) => c
-                .owners
-                .move_to(job.as_str(), &o, me)
-                .await
-                .map_err(coord_err)?,
+            Some(o) if only_from.is_none_or(|f| o.node == f.as_str()) => {
+                // A restart takes a job from a node that is down. If that
+                // node holds a lease again it is up and restarts its own
+                // fenced jobs (`reconcile_ownership`); both would run one.
+                // Read after the owner record: if the node took its lease
+                // and bumped the epoch since, the CAS below fails instead.
+                if let Some(from) = only_from {
+                    let live = crate::coord::live_nodes(&*c.store, &c.cluster)
+                        .await
+                        .map_err(coord_err)?;
+                    if live.contains(from.as_str()) {
+                        return Err(AgentError::FailedPrecondition(format!(
+                            "{from} holds an etcd lease: it is up, not down, and restarts its own jobs; job {job} is not restarted here"
+                        )));
+                    }
+                }
+                c.owners
+                    .move_to(job.as_str(), &o, me)
+                    .await
+                    .map_err(coord_err)?
+            }
             Some(o) => {
                 return Err(AgentError::FailedPrecondition(format!(
                     "job {job} is owned by {} (epoch {}), not by {}: it was restarted there already; not running it twice",
@@ -388,38 +409,92 @@ impl Agent {
             .map(|mut f| std::mem::take(&mut *f))
             .unwrap_or_default();
         for id in fenced {
-            let Some(o) = c.owners.get(id.as_str()).await? else {
-                continue;
-            };
-            if o.node != me {
-                tracing::info!(job = %id, owner = %o.node, "a job fenced here was taken over by another node");
-                continue;
+            // On a task of its own: a restore takes seconds, and this runs
+            // in the lease's loop, which must go on renewing meanwhile.
+            let me = self.clone();
+            tokio::spawn(async move { me.settle_fenced_job(id).await });
+        }
+        Ok(())
+    }
+
+    /// A job this node killed while fenced: if another node took it over
+    /// meanwhile, nothing to do; if it is still ours, bump its epoch by CAS
+    /// (so a restart elsewhere that read the old one fails), record the
+    /// loss, and restart it here from its latest checkpoint, if it has one:
+    /// a partition shorter than the balancer's takeover loses only the work
+    /// since that checkpoint, and exactly one copy runs after the heal.
+    async fn settle_fenced_job(self: Arc<Self>, id: JobId) {
+        let Some(c) = self.coord() else {
+            return;
+        };
+        let me = self.cfg.node.as_str().to_string();
+        let o = match c.owners.get(id.as_str()).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(job = %id, "a fenced job's owner cannot be read; it stays as recorded: {e}");
+                return;
             }
-            // Still ours: bump the epoch (so a concurrent restart elsewhere
-            // fails its CAS), then record the loss.
-            let bumped = match c.owners.move_to(id.as_str(), &o, &me).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::info!(job = %id, "not recording the fenced job: {e}");
-                    continue;
+        };
+        if o.node != me {
+            tracing::info!(job = %id, owner = %o.node, "a job fenced here was taken over by another node");
+            return;
+        }
+        let bumped = match c.owners.move_to(id.as_str(), &o, &me).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::info!(job = %id, "not recording the fenced job: {e}");
+                return;
+            }
+        };
+        c.set_epoch(&id, Some(bumped.epoch));
+        // The gate may close again for a moment (a renewal that was slow
+        // right after the new lease): retry, do not drop the verdict.
+        let mut recorded = false;
+        for _ in 0..20 {
+            match self.record_fenced(&id, &me) {
+                Ok(done) => {
+                    recorded = done;
+                    break;
                 }
-            };
-            c.set_epoch(&id, Some(bumped.epoch));
-            let _v = self.verdict_lock.lock();
-            if let Ok(mut rec) = self.registry.get(&id) {
-                if rec.node == self.cfg.node && rec.state == JobState::Running {
-                    rec.state = JobState::Failed;
-                    rec.pid = 0;
-                    rec.error = format!(
-                        "killed by self-fencing on {me}: the node could not renew its etcd lease in time; nobody took the job over (restore it from a checkpoint if it has one)"
-                    );
-                    if let Err(e) = self.registry.put(&mut rec) {
-                        tracing::error!(job = %id, "cannot record the fenced job: {e}");
-                    }
+                Err(e) => {
+                    tracing::warn!(job = %id, "recording the fenced job, will retry: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
             }
         }
-        Ok(())
+        if !recorded || !self.cfg.shared {
+            return;
+        }
+        match self.restore_checkpoint(&id, None, None).await {
+            Ok(r) => {
+                tracing::warn!(job = %id, "fenced job restarted here from its latest checkpoint: {r:?}")
+            }
+            Err(AgentError::NotFound(e)) => {
+                tracing::warn!(job = %id, "fenced job not restarted: {e}")
+            }
+            Err(e) => tracing::error!(job = %id, "fenced job not restarted: {e}"),
+        }
+    }
+
+    /// Record a fenced job failed; Ok(false) if its record is not ours to
+    /// change (it is recorded elsewhere, or not running).
+    fn record_fenced(&self, id: &JobId, me: &str) -> AgentResult<bool> {
+        let _v = self
+            .verdict_lock
+            .lock()
+            .map_err(|_| AgentError::Internal("verdict lock poisoned".into()))?;
+        let mut rec = self.registry.get(id)?;
+        if rec.node != self.cfg.node || rec.state != JobState::Running {
+            return Ok(false);
+        }
+        rec.state = JobState::Failed;
+        rec.pid = 0;
+        rec.error = format!(
+            "killed by self-fencing on {me}: the node could not renew its etcd lease in time; nobody took the job over (it is restarted here from its latest checkpoint, if it has one)"
+        );
+        self.registry.put(&mut rec)?;
+        Ok(true)
     }
 
     /// Copies of jobs the registry places on another node whose process

@@ -47,19 +47,42 @@ impl EtcdStore {
         })
     }
 
-    async fn call<T, F>(&self, what: &str, f: F) -> Result<T, CoordError>
+    /// One call, under [`CALL_TIMEOUT`] in all. A request that could not
+    /// even connect (a dead member among several: the client's balancer
+    /// still picks it now and then) never reached etcd, so it is sent again
+    /// (to whichever member the balancer picks next) until the deadline;
+    /// any other failure is returned at once, since a compare-and-set that
+    /// may have been applied must not be repeated blindly.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, CoordError>
     where
-        F: Future<Output = Result<T, etcd_client::Error>>,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(CALL_TIMEOUT, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unreachable(&self.endpoints, &format!("{what}: {e}"))),
-            Err(_) => Err(unreachable(
-                &self.endpoints,
-                &format!("{what}: no answer within {} ms", CALL_TIMEOUT.as_millis()),
-            )),
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if never_sent(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("{what}: {e}; sending it again");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => return Err(unreachable(&self.endpoints, &format!("{what}: {e}"))),
+                Err(_) => {
+                    return Err(unreachable(
+                        &self.endpoints,
+                        &format!("{what}: no answer within {} ms", CALL_TIMEOUT.as_millis()),
+                    ))
+                }
+            }
         }
     }
+}
+
+/// The request failed before it was sent: the connection to the member
+/// could not be made.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let s = e.to_string();
+    s.contains("tcp connect error") || s.contains("Connection refused")
 }
 
 fn unreachable(endpoints: &[String], why: &str) -> CoordError {
@@ -78,17 +101,19 @@ fn entry(kv: &etcd_client::KeyValue) -> Entry {
 impl Store for EtcdStore {
     fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
             let secs = ttl.as_secs().max(1) as i64;
-            let r = self.call("lease grant", c.lease_grant(secs, None)).await?;
+            let r = self
+                .call("lease grant", |mut c| async move {
+                    c.lease_grant(secs, None).await
+                })
+                .await?;
             Ok(r.id())
         })
     }
 
     fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
-            let once = async {
+            let once = |mut c: Client| async move {
                 let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
                 let msg = stream.message().await?;
@@ -104,28 +129,33 @@ impl Store for EtcdStore {
 
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
-            self.call("lease revoke", c.lease_revoke(lease)).await?;
+            self.call("lease revoke", |mut c| async move {
+                c.lease_revoke(lease).await
+            })
+            .await?;
             Ok(())
         })
     }
 
     fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Entry>, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
-            let r = self.call("get", c.get(key, None)).await?;
+            let r = self
+                .call("get", |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                })
+                .await?;
             Ok(r.kvs().first().map(entry))
         })
     }
 
     fn list(&self, prefix: String) -> BoxFuture<'_, Result<Vec<(String, Entry)>, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
             let r = self
-                .call(
-                    "get prefix",
-                    c.get(prefix, Some(GetOptions::new().with_prefix())),
-                )
+                .call("get prefix", |mut c| {
+                    let prefix = prefix.clone();
+                    async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+                })
                 .await?;
             Ok(r.kvs()
                 .iter()
@@ -142,7 +172,6 @@ impl Store for EtcdStore {
         lease: i64,
     ) -> BoxFuture<'_, Result<Cas, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
             let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
             let txn = Txn::new()
                 .when([Compare::mod_revision(
@@ -152,7 +181,12 @@ impl Store for EtcdStore {
                 )])
                 .and_then([TxnOp::put(key.clone(), value, opts)])
                 .or_else([TxnOp::get(key, None)]);
-            let r = self.call("compare-and-set", c.txn(txn)).await?;
+            let r = self
+                .call("compare-and-set", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if r.succeeded() {
                 let rev = r.header().map(|h| h.revision()).unwrap_or(0);
                 return Ok(Cas::Done(rev));
@@ -167,7 +201,6 @@ impl Store for EtcdStore {
 
     fn delete_if(&self, key: String, expected: i64) -> BoxFuture<'_, Result<bool, CoordError>> {
         Box::pin(async move {
-            let mut c = self.client.clone();
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.clone(),
@@ -175,7 +208,12 @@ impl Store for EtcdStore {
                     expected,
                 )])
                 .and_then([TxnOp::delete(key, None)]);
-            let r = self.call("compare-and-delete", c.txn(txn)).await?;
+            let r = self
+                .call("compare-and-delete", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             Ok(r.succeeded())
         })
     }

@@ -283,6 +283,13 @@ pub fn spawn(holder: Arc<LeaseHolder>, handler: Arc<dyn FenceHandler>) {
                             // nothing of ours runs: writes may resume, and
                             // the reconcile needs them (to record the loss).
                             holder.resume();
+                            // The grant may have taken most of the new
+                            // deadline (a channel reconnecting after the
+                            // heal): renew now, so the reconcile does not
+                            // meet a fence at once.
+                            if let Err(e) = holder.renew_once().await {
+                                tracing::warn!("first renewal of the new lease: {e}");
+                            }
                             handler.rejoined().await;
                         }
                         Err(e) => tracing::debug!("still fenced, no new lease: {e}"),
