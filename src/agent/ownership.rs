@@ -120,7 +120,7 @@ impl Agent {
         .into_bytes();
         let holder = LeaseHolder::acquire(
             store.clone(),
-            Arc::new(SystemClock::default()),
+            Arc::new(SystemClock),
             timing,
             crate::coord::node_key(cluster, node),
             value,
