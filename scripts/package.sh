@@ -32,7 +32,7 @@ done
 say() { echo "[package] $*" >&2; }
 
 # The commands a node needs (mosjob and mosbench are test and benchmark tools).
-BINS=(mosixd mosix-init mosctl mosrun mosmake mosmake-sh mos-balance mosmon mosgw)
+BINS=(mosixd mosix-init mosix-watchdog mosctl mosrun mosmake mosmake-sh mos-balance mosmon mosgw)
 
 cd "$ROOT"
 if [ "$BUILD" = 1 ]; then

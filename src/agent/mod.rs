@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod fence_watchdog;
 pub mod launcher;
 pub mod load;
 pub mod metrics;
@@ -729,6 +730,8 @@ impl Agent {
                 },
             );
         }
+        // The watchdog must know of it before anything can stop us.
+        self.publish_fence();
         reaper::watch_child(self.clone(), id.clone(), pid);
     }
 

@@ -25,6 +25,7 @@
 //!    source restores; a failed move is rolled back (the job is restored
 //!    here from the same images).
 
+use super::fence_watchdog::{self, FenceWatch};
 use super::{Agent, AgentError, AgentResult};
 use crate::coord::fencing::FenceTiming;
 use crate::coord::lease::{self, FenceHandler, LeaseHolder};
@@ -49,6 +50,8 @@ pub struct AgentCoord {
     fenced_jobs: Mutex<Vec<JobId>>,
     /// Owner epochs this node holds, as last seen.
     epochs: Mutex<HashMap<JobId, i64>>,
+    /// The fence file and its watchdog process (None only in tests).
+    pub fence: Option<Arc<FenceWatch>>,
 }
 
 impl AgentCoord {
@@ -100,12 +103,15 @@ impl Agent {
 
     /// Take a node lease, close the registry's gate while it is not held,
     /// kill any job this node no longer owns, and start the renewer and the
-    /// watchdog. Runs before the agent serves anything.
+    /// watchdog; with `fence_file`, also the fence watchdog process (see
+    /// [`fence_watchdog`]), the deadline written before it starts. Runs
+    /// before the agent serves anything.
     pub async fn attach_coord(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
         cluster: &str,
         timing: FenceTiming,
+        fence_file: Option<std::path::PathBuf>,
     ) -> Result<(), CoordError> {
         let node = self.cfg.node.as_str();
         let value = serde_json::json!({
@@ -117,12 +123,16 @@ impl Agent {
         .into_bytes();
         let holder = LeaseHolder::acquire(
             store.clone(),
-            Arc::new(SystemClock::default()),
+            Arc::new(SystemClock),
             timing,
             crate::coord::node_key(cluster, node),
             value,
         )
         .await?;
+        let fence = match fence_file {
+            Some(file) => Some(start_fence_watch(node, file, &holder)?),
+            None => None,
+        };
         let gate = Arc::downgrade(&holder);
         self.registry.gate().set(Arc::new(move || {
             gate.upgrade().is_none_or(|h| h.may_write())
@@ -135,7 +145,9 @@ impl Agent {
             cluster: cluster.to_string(),
             fenced_jobs: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
+            fence,
         });
+        let fenced_by_watchdog = c.fence.is_some();
         let _ = self.coord.set(c);
         tracing::info!(
             lease = holder.lease_id(),
@@ -145,6 +157,22 @@ impl Agent {
         );
         self.reconcile_ownership().await?;
         lease::spawn(holder, Arc::new(Handler(Arc::downgrade(self))));
+        if fenced_by_watchdog {
+            // Renewals move the deadline; jobs come and go: keep the file
+            // current (a write only when something changed).
+            let a = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::coord::watchdog::POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tick.tick().await;
+                    match a.upgrade() {
+                        Some(a) => a.publish_fence(),
+                        None => return,
+                    }
+                }
+            });
+        }
         Ok(())
     }
 
@@ -369,6 +397,24 @@ impl Agent {
         );
     }
 
+    /// A job ended by SIGKILL: if this node is fenced, count it among the
+    /// fenced jobs (reconciled at rejoin) and say so.
+    pub(crate) fn note_fenced_exit(&self, id: &JobId) -> bool {
+        let Some(c) = self.coord() else {
+            return false;
+        };
+        if c.holder.may_write() {
+            return false;
+        }
+        if let Ok(mut f) = c.fenced_jobs.lock() {
+            if !f.contains(id) {
+                f.push(id.clone());
+            }
+        }
+        tracing::error!(job = %id, "fenced: job killed while this node could not renew its lease (by the fence watchdog if the agent was stopped)");
+        true
+    }
+
     /// Who owns what, at start or after a fence (see the module doc).
     pub async fn reconcile_ownership(self: &Arc<Self>) -> Result<(), CoordError> {
         let Some(c) = self.coord() else {
@@ -548,6 +594,27 @@ impl Agent {
             ))),
         }
     }
+}
+
+/// The fence file with the new lease's deadline (and the previous agent's
+/// jobs, not yet re-adopted), then the watchdog process.
+fn start_fence_watch(
+    node: &str,
+    file: std::path::PathBuf,
+    holder: &LeaseHolder,
+) -> Result<Arc<FenceWatch>, CoordError> {
+    let binary = fence_watchdog::default_binary().ok_or_else(|| {
+        CoordError::Config(
+            "mosix-watchdog is not installed beside mosixd; with etcd it enforces the fencing deadline while the agent cannot (stopped, hung, killed), and without it a stopped agent's jobs could run twice".into(),
+        )
+    })?;
+    let w = Arc::new(
+        FenceWatch::new(node, file, binary).map_err(|e| CoordError::Config(e.to_string()))?,
+    );
+    w.publish(holder.fence_deadline(), Vec::new())
+        .map_err(|e| CoordError::Config(e.to_string()))?;
+    w.start().map_err(|e| CoordError::Config(e.to_string()))?;
+    Ok(w)
 }
 
 fn alive(pid: i32) -> bool {

@@ -60,7 +60,13 @@ impl Agent {
                 _ => return,
             }
         }
-        self.record_exit(id, pid, status);
+        // SIGKILLed while this node is fenced: the fence watchdog killed it
+        // while the agent was stopped (the reaper can see the end before the
+        // agent's own fence runs). Its loss is recorded at rejoin, like any
+        // fenced job's, not as an ordinary exit (no write is allowed now).
+        if !(status == Some(ExitStatus::Signal(libc::SIGKILL)) && self.note_fenced_exit(id)) {
+            self.record_exit(id, pid, status);
+        }
         // A foreground job's session waits for this (after the record, so
         // whoever hears of the end finds it recorded).
         let watcher = self.exit_watch.lock().ok().and_then(|mut m| m.remove(id));

@@ -114,7 +114,7 @@ impl Leadership {
     ) -> Result<Arc<Self>, CoordError> {
         let holder = LeaseHolder::acquire(
             store.clone(),
-            Arc::new(SystemClock::default()),
+            Arc::new(SystemClock),
             balancer_timing(),
             format!("/mosix/{cluster}/balancer/members/{id}"),
             id.as_bytes().to_vec(),

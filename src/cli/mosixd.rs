@@ -431,7 +431,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     if let Some((cluster, store)) = &store {
         agent
-            .attach_coord(store.clone(), cluster, timing)
+            .attach_coord(
+                store.clone(),
+                cluster,
+                timing,
+                Some(crate::agent::fence_watchdog::default_fence_file(
+                    cluster,
+                    node.as_str(),
+                )),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("taking a node lease in etcd: {e}"))?;
     }
@@ -441,6 +449,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .reconcile_ownership()
             .await
             .map_err(|e| anyhow::anyhow!("checking job ownership in etcd: {e}"))?;
+        agent.fence_adopted_all();
     }
     if let Some(k) = a.slots_per_core {
         if !(k.is_finite() && k > 0.0) {
@@ -501,6 +510,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         agent: agent.clone(),
         local_socket: false,
     });
+    let for_exit = agent.clone();
     let svc = AgentServer::new(AgentService { agent })
         .max_decoding_message_size(crate::api::client::MAX_MESSAGE_BYTES);
     tracing::info!(%node, %listen, criu = %criu_path.display(), tls = tls_files.is_some(), shared_path = is_shared, "mosixd serving");
@@ -512,6 +522,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .serve_with_shutdown(listen, shutdown_signal())
         .await
         .with_context(|| format!("serving on {listen}"))?;
+    for_exit.stop_fence_watchdog();
     Ok(())
 }
 

@@ -24,6 +24,8 @@
 //! The verdict is computed from the clock at every check, not from a flag
 //! a task sets: an agent that was SIGSTOPped past its lease sees "fenced"
 //! on the first check after SIGCONT, before any other work it resumes.
+//! Its jobs do not wait for that: the fence watchdog, a process of its
+//! own, kills them at the same deadline ([`super::watchdog`]).
 
 use std::time::Duration;
 

@@ -105,6 +105,12 @@ impl LeaseHolder {
         .unwrap_or(Verdict::Fence)
     }
 
+    /// The fencing deadline on the holder's clock: the send time of the
+    /// last good renewal + TTL − margin (what the fence file carries).
+    pub fn fence_deadline(&self) -> Duration {
+        self.with(|s| s.clock.deadline()).unwrap_or_default()
+    }
+
     /// Whether the holder may commit a write now. False from the fencing
     /// deadline until a new lease is held and the handler has reconciled.
     pub fn may_write(&self) -> bool {

@@ -18,7 +18,9 @@
 //! A node that cannot renew its lease stops its jobs before etcd can
 //! expire it ([`fencing`] has the timing and the reasoning), and commits
 //! nothing meanwhile ([`lease::LeaseHolder::may_write`]); writes for a job
-//! are checked against its owner epoch ([`ownership::Owners::check`]).
+//! are checked against its owner epoch ([`ownership::Owners::check`]). A
+//! separate process per agent ([`watchdog`]) enforces the same deadline
+//! when the agent itself cannot run (stopped, hung, killed).
 //!
 //! Everything talks to etcd through [`store::Store`], so the rules are unit
 //! tested on an in-memory store with a fake clock; [`etcd::EtcdStore`] is
@@ -31,6 +33,7 @@ pub mod fencing;
 pub mod lease;
 pub mod ownership;
 pub mod store;
+pub mod watchdog;
 
 use std::sync::Arc;
 use std::time::Duration;

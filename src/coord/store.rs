@@ -66,19 +66,16 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Duration;
 }
 
-/// The real monotonic clock.
-#[derive(Debug)]
-pub struct SystemClock(std::time::Instant);
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        Self(std::time::Instant::now())
-    }
-}
+/// The real monotonic clock: CLOCK_MONOTONIC itself (not time since some
+/// `Instant`), so that a deadline computed from it means the same in
+/// another process of this machine: the fence watchdog reads it too (see
+/// [`super::watchdog`]).
+#[derive(Debug, Default)]
+pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Duration {
-        self.0.elapsed()
+        super::watchdog::monotonic_now()
     }
 }
 
