@@ -122,6 +122,44 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Each process of the node with its state, and where each thread of
+/// its agent waits (for a failure's message).
+fn node_threads(cl: &Cluster, node: &str) -> String {
+    let o = Command::new("ip")
+        .args(["netns", "pids", &cl.netns(node)])
+        .output()
+        .unwrap();
+    let mut out = String::new();
+    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        out.push_str(&format!(
+            "{pid}: {}\n",
+            stat.split(' ').take(3).collect::<Vec<_>>().join(" ")
+        ));
+        if stat.contains("(mosixd)") {
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for t in tasks.flatten() {
+                    let p = t.path();
+                    let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+                    let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+                    let st = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+                    let state = st
+                        .rfind(')')
+                        .and_then(|i| st.get(i + 2..i + 3))
+                        .unwrap_or("?")
+                        .to_string();
+                    out.push_str(&format!(
+                        "   task {:?} {} {state} {wchan}\n",
+                        t.file_name(),
+                        comm.trim()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn node_log(cl: &Cluster, node: &str) -> String {
     std::fs::read_to_string(format!("/run/mosix/{}/{node}.log", cl.name)).unwrap_or_default()
 }
@@ -647,10 +685,20 @@ fn after_a_short_partition_the_node_restarts_its_fenced_checkpointed_job() {
     cut_from_etcd(&cl, "node1", true);
     cl.wait_for("node1 to kill its job", 10, || !alive(pid));
     cut_from_etcd(&cl, "node1", false);
-    cl.wait_for("the job to run again on node1", 30, || {
+    let t = Instant::now();
+    while !{
         let r = cl.record(&job);
         r.state == mosix::core::JobState::Running && r.pid != pid && r.pid > 0
-    });
+    } {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the job did not run again on node1: {:?}\n{}\n{}",
+            cl.record(&job),
+            node_log(&cl, "node1"),
+            node_threads(&cl, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let rec = cl.record(&job);
     assert_eq!(rec.node.as_str(), "node1");
     let m = rec.history.last().unwrap();

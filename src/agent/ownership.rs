@@ -412,6 +412,30 @@ impl Agent {
             }
         }
         tracing::error!(job = %id, "fenced: job killed while this node could not renew its lease (by the fence watchdog if the agent was stopped)");
+        // The fence watchdog acted before this agent's own watchdog did:
+        // complete the fence here. A renewal that was in flight during a
+        // partition may still succeed after the heal and move the deadline
+        // back, and the agent would then never pass through its fence and
+        // rejoin, leaving this job recorded running with no process.
+        if c.holder.force_fence() {
+            let rest: Vec<(JobId, i32)> = self
+                .local
+                .lock()
+                .map(|l| l.iter().map(|(id, j)| (id.clone(), j.pid)).collect())
+                .unwrap_or_default();
+            for (other, pid) in &rest {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                tracing::error!(job = %other, pid, "fenced: job killed (this node lost its etcd lease)");
+            }
+            if let Ok(mut f) = c.fenced_jobs.lock() {
+                f.extend(rest.into_iter().map(|(id, _)| id).filter(|j| j != id));
+            }
+            c.holder.fenced_done();
+            tracing::error!("fenced (the fence watchdog acted first): no write is committed until a new lease is held");
+        }
         true
     }
 
