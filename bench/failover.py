@@ -169,6 +169,10 @@ def start_balancer(port, logfile):
     p = subprocess.Popen([B.MOSBAL, "serve", "--listen", f"127.0.0.1:{port}", "--no-auto"],
                          env=B.ENV, stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL)
     B.track(p.pid)
+    time.sleep(0.5)
+    if p.poll() is not None:
+        raise RuntimeError(f"mos-balance serve on port {port} exited at once: "
+                           + Path(logfile).read_text()[-500:])
     return p
 
 
@@ -474,8 +478,12 @@ def phase_faults(res, args):
                 for k, j in enumerate(f.jobs):
                     r = rec(j)
                     if r.get("state") in ("failed", "exited"):
-                        lost.append({"job": j, "state": r.get("state"), "error": r.get("error")})
-                        log(f"  job {j} {r.get('state')}: {r.get('error')}")
+                        lost.append({"job": j, "state": r.get("state"), "error": r.get("error"),
+                                     "after_fault": i + 1})
+                        log(f"  job {j} {r.get('state')}: {r.get('error')}; replaced by a new one")
+                        new = sh / f"failover-fault-r{i}-{k}.txt"
+                        f.files[k] = str(new)
+                        f.jobs[k] = counter(random.choice(f.nodes), new, "1s")
                 for n in f.nodes:
                     if n not in (live_nodes() or set()):
                         try:

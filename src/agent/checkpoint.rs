@@ -427,6 +427,12 @@ impl Agent {
             loop {
                 tokio::time::sleep(TICK).await;
                 let Some(agent) = me.upgrade() else { return };
+                // Fenced: its jobs are being killed and nothing may be
+                // published; a checkpoint would only hold the job busy
+                // while the rejoin wants to restart it.
+                if agent.coord().is_some_and(|c| !c.holder.may_write()) {
+                    continue;
+                }
                 let ids: Vec<JobId> = agent
                     .local
                     .lock()

@@ -26,6 +26,7 @@
 //!    here from the same images).
 
 use super::fence_watchdog::{self, FenceWatch};
+use super::checkpoint::FromCheckpoint;
 use super::{Agent, AgentError, AgentResult};
 use crate::coord::fencing::FenceTiming;
 use crate::coord::lease::{self, FenceHandler, LeaseHolder};
@@ -536,15 +537,26 @@ impl Agent {
         if !recorded || !self.cfg.shared {
             return;
         }
-        match self.restore_checkpoint(&id, None, None).await {
-            Ok(r) => {
-                tracing::warn!(job = %id, "fenced job restarted here from its latest checkpoint: {r:?}")
+        // An operation begun before the fence (a checkpoint of the killed
+        // job) may still hold the job for a moment: wait for it.
+        for _ in 0..40 {
+            match self.restore_checkpoint(&id, None, None).await {
+                Ok(FromCheckpoint::Running { seq, .. }) => {
+                    tracing::warn!(job = %id, seq, "fenced job restarted here from its latest checkpoint");
+                }
+                Ok(FromCheckpoint::Lost(_)) => {}
+                Err(AgentError::FailedPrecondition(e)) if e.contains("under way") => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Err(AgentError::NotFound(e)) => {
+                    tracing::warn!(job = %id, "fenced job not restarted: {e}")
+                }
+                Err(e) => tracing::error!(job = %id, "fenced job not restarted: {e}"),
             }
-            Err(AgentError::NotFound(e)) => {
-                tracing::warn!(job = %id, "fenced job not restarted: {e}")
-            }
-            Err(e) => tracing::error!(job = %id, "fenced job not restarted: {e}"),
+            return;
         }
+        tracing::error!(job = %id, "fenced job not restarted: another operation held it for 10 s");
     }
 
     /// Record a fenced job failed; Ok(false) if its record is not ours to
