@@ -409,16 +409,18 @@ class Faults:
         elif kind == "balancer-kill":
             v = self.victim()
             detail.update(node=v)
-            lead = leading_balancer_pid()
-            which = next((i for i, p in self.bals.items() if p.pid == lead), None)
             offs = [size(l) for l in self.logs]
             self.partition(v, True)
             try:
+                # Whichever balancer leads when the node is found (an etcd
+                # leader change may have moved the leadership meanwhile).
+                wait("a leader to find the node lost", 30, lambda: (self.sample(), any(
+                    log_has(l, o, "node LOST", f"node={v}") for l, o in zip(self.logs, offs)))[1], every=0.1)
+                # Somewhere in the margin or the restore itself.
+                self.hold(random.uniform(0, self.margin + 3))
+                lead = leading_balancer_pid()
+                which = next((i for i, p in self.bals.items() if p.pid == lead), None)
                 if which is not None:
-                    wait("the leader to find the node lost", 30, lambda: (self.sample(), log_has(
-                        self.logs[which], offs[which], "node LOST", f"node={v}"))[1], every=0.1)
-                    # Somewhere in the margin or the restore itself.
-                    self.hold(random.uniform(0, self.margin + 3))
                     B.kill_wait(self.bals[which].pid, signal.SIGKILL)
                     detail["killed_balancer"] = which + 1
                 else:
@@ -508,7 +510,7 @@ def phase_faults(res, args):
         refused = 0
         for n in f.nodes:
             try:
-                refused += len(re.findall(r"not committed|stale epoch|NotOwner|no longer owns",
+                refused += len(re.findall(r"refused: this node is fenced|not publishing the checkpoint|stale balancer leader",
                                           ANSI.sub("", (RUNDIR / f"{n}.log").read_text())))
             except FileNotFoundError:
                 pass

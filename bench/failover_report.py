@@ -44,7 +44,7 @@ def main(path):
         print(f"\n## Injected faults: {f['count']} (lease TTL {f['ttl_s']:g} s, margin {f['margin_s']:g} s; "
               f"4 nodes, 3 etcd members, 2 balancers, 3 checkpointed counters)")
         for k, v in f["by_kind"].items():
-            print(f"  {k:18} {v['n']:4}   did not settle in time: {v['errors']}")
+            print(f"  {k:18} {v['n']:4}   with an error (see failover.json): {v['errors']}")
         print(f"- copies of a job seen at once, max per job: {list(f['max_copies'].values())}; "
               f"samples with a duplicate: {f['duplicate_samples']}")
         print(f"- faults after which a counter had a gap or a repeat: {f['ticks_broken']}")
