@@ -140,12 +140,16 @@ def broken(t):
 
 
 def kill_node(node):
+    """Every process of the node at once, as a power loss: all stopped
+    first, then all killed. Killed one by one, the agent could see its
+    job's SIGKILL before its own and record the job exited."""
     pids = ns_pids(netns(node))
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
     return len(pids)
 
 
@@ -486,6 +490,8 @@ def phase_faults(res, args):
                         new = sh / f"failover-fault-r{i}-{k}.txt"
                         f.files[k] = str(new)
                         f.jobs[k] = counter(random.choice(f.nodes), new, "1s")
+                        wait("the new job's first checkpoint", 60, lambda: (
+                            rec(f.jobs[k]).get("checkpoint") or {}).get("last_seq", 0) >= 1, every=0.2)
                 for n in f.nodes:
                     if n not in (live_nodes() or set()):
                         try:

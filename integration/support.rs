@@ -309,8 +309,13 @@ impl Cluster {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        for &p in &pids {
-            unsafe { libc::kill(p, libc::SIGKILL) };
+        // All stopped first, then all killed, as a power loss: killed one
+        // by one, the agent could see its job's SIGKILL before its own and
+        // record the job exited.
+        for sig in [libc::SIGSTOP, libc::SIGKILL] {
+            for &p in &pids {
+                unsafe { libc::kill(p, sig) };
+            }
         }
         pids.len()
     }
