@@ -25,8 +25,8 @@
 //!    source restores; a failed move is rolled back (the job is restored
 //!    here from the same images).
 
-use super::fence_watchdog::{self, FenceWatch};
 use super::checkpoint::FromCheckpoint;
+use super::fence_watchdog::{self, FenceWatch};
 use super::{Agent, AgentError, AgentResult};
 use crate::coord::fencing::FenceTiming;
 use crate::coord::lease::{self, FenceHandler, LeaseHolder};
@@ -369,8 +369,9 @@ impl Agent {
         }
     }
 
-    /// The fence: SIGKILL every job here and wait (bounded) for them to go.
-    pub(crate) async fn fence_jobs(&self) {
+    /// SIGKILL every job here and count them among the fenced jobs (settled
+    /// at rejoin); returns them.
+    fn kill_every_job(&self) -> Vec<(JobId, i32)> {
         let jobs: Vec<(JobId, i32)> = self
             .local
             .lock()
@@ -385,9 +386,19 @@ impl Agent {
         }
         if let Some(c) = self.coord() {
             if let Ok(mut f) = c.fenced_jobs.lock() {
-                f.extend(jobs.iter().map(|(id, _)| id.clone()));
+                for (id, _) in &jobs {
+                    if !f.contains(id) {
+                        f.push(id.clone());
+                    }
+                }
             }
         }
+        jobs
+    }
+
+    /// The fence: SIGKILL every job here and wait (bounded) for them to go.
+    pub(crate) async fn fence_jobs(&self) {
+        let jobs = self.kill_every_job();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while tokio::time::Instant::now() < deadline && jobs.iter().any(|(_, p)| alive(*p)) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -419,21 +430,7 @@ impl Agent {
         // back, and the agent would then never pass through its fence and
         // rejoin, leaving this job recorded running with no process.
         if c.holder.force_fence() {
-            let rest: Vec<(JobId, i32)> = self
-                .local
-                .lock()
-                .map(|l| l.iter().map(|(id, j)| (id.clone(), j.pid)).collect())
-                .unwrap_or_default();
-            for (other, pid) in &rest {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                tracing::error!(job = %other, pid, "fenced: job killed (this node lost its etcd lease)");
-            }
-            if let Ok(mut f) = c.fenced_jobs.lock() {
-                f.extend(rest.into_iter().map(|(id, _)| id).filter(|j| j != id));
-            }
+            self.kill_every_job();
             c.holder.fenced_done();
             tracing::error!("fenced (the fence watchdog acted first): no write is committed until a new lease is held");
         }
