@@ -8,23 +8,6 @@ use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-fn counter(cl: &Cluster, node: &str, port: &str, file: &Path, extra: &[&str]) -> String {
-    let mut a = vec!["--node", node];
-    a.extend_from_slice(extra);
-    a.extend_from_slice(&[
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
-        port,
-        "--file",
-        file.to_str().unwrap(),
-    ]);
-    let job = cl.mosrun(&a);
-    cl.wait_for("counter to tick", 20, || ticks(file).len() > 3);
-    job
-}
-
 fn last_seq(cl: &Cluster, job: &str) -> u64 {
     cl.record(job).checkpoint.map(|c| c.last_seq).unwrap_or(0)
 }

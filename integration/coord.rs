@@ -168,18 +168,7 @@ fn sleeper(cl: &Cluster, node: &str) -> (String, i32) {
     let file = cl
         .shared
         .join(format!("ticks-{node}-{}.txt", uuid::Uuid::new_v4()));
-    let job = cl.mosrun(&[
-        "--node",
-        node,
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
-        "0",
-        "--file",
-        file.to_str().unwrap(),
-    ]);
-    cl.wait_for("the job to tick", 20, || ticks(&file).len() > 1);
+    let job = counter(cl, node, "0", &file, &[]);
     let pid = cl.record(&job).pid;
     assert!(pid > 0 && alive(pid));
     (job, pid)
@@ -529,19 +518,7 @@ const SHORT_LEASE: &[&str] = &[
 /// A counter job on `node` that checkpoints every second, and its file.
 fn checkpointed_counter(cl: &Cluster, node: &str, port: &str) -> (String, std::path::PathBuf) {
     let file = cl.shared.join(format!("lost-counter-{port}.txt"));
-    let job = cl.mosrun(&[
-        "--node",
-        node,
-        "--checkpoint-every",
-        "1s",
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
-        port,
-        "--file",
-        file.to_str().unwrap(),
-    ]);
+    let job = counter(cl, node, port, &file, &["--checkpoint-every", "1s"]);
     (job, file)
 }
 

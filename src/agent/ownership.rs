@@ -56,6 +56,15 @@ pub struct AgentCoord {
 }
 
 impl AgentCoord {
+    /// Count `job` among the jobs the last fence killed (once).
+    fn note_fenced(&self, job: &JobId) {
+        if let Ok(mut f) = self.fenced_jobs.lock() {
+            if !f.contains(job) {
+                f.push(job.clone());
+            }
+        }
+    }
+
     pub fn epoch(&self, job: &JobId) -> Option<i64> {
         self.epochs.lock().ok()?.get(job).copied()
     }
@@ -385,12 +394,8 @@ impl Agent {
             tracing::error!(job = %id, pid, "fenced: job killed (this node lost its etcd lease)");
         }
         if let Some(c) = self.coord() {
-            if let Ok(mut f) = c.fenced_jobs.lock() {
-                for (id, _) in &jobs {
-                    if !f.contains(id) {
-                        f.push(id.clone());
-                    }
-                }
+            for (id, _) in &jobs {
+                c.note_fenced(id);
             }
         }
         jobs
@@ -418,11 +423,7 @@ impl Agent {
         if c.holder.may_write() {
             return false;
         }
-        if let Ok(mut f) = c.fenced_jobs.lock() {
-            if !f.contains(id) {
-                f.push(id.clone());
-            }
-        }
+        c.note_fenced(id);
         tracing::error!(job = %id, "fenced: job killed while this node could not renew its lease (by the fence watchdog if the agent was stopped)");
         // The fence watchdog acted before this agent's own watchdog did:
         // complete the fence here. A renewal that was in flight during a
