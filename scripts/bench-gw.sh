@@ -23,7 +23,9 @@
 #
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
-#        built if missing), PHASES (default "max,rate,balance,migrate").
+#        built if missing), PHASES (default "max,rate,balance,migrate"),
+#        ONLY (a regex on the proxies' names, e.g. ONLY=mosgw, for tuning;
+#        the rates then come from the last full run's nginx figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -273,6 +275,9 @@ PY
 }
 
 PROXIES=("nginx least_conn:8401" "haproxy leastconn:8402" "haproxy random(2):8403" "mosgw:8404")
+# ONLY=regex keeps the proxies whose names match (tuning runs).
+only() { for p in "$@"; do [[ "${p%:*}" =~ ${ONLY:-.} ]] && printf '%s\n' "$p"; done; return 0; }
+mapfile -t PROXIES < <(only "${PROXIES[@]}")
 if phase max; then
 {
 echo "# mosgw vs nginx vs HAProxy ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, proxy on CPU 0, wrk on CPU 1)"
@@ -290,7 +295,7 @@ for p in "${PROXIES[@]}"; do
     if [ "$port" = 8401 ] && [ "$rps" -gt "$NGINX_MAX" ]; then NGINX_MAX=$rps; fi
   done
 done
-echo "$NGINX_MAX" >"$RUN/nginx-max"
+[ "$NGINX_MAX" -gt 0 ] && echo "$NGINX_MAX" >"$RUN/nginx-max"
 } | tee "$OUT"
 else
   : >"$OUT"
@@ -323,6 +328,7 @@ if phase balance; then
   for _ in 1 2; do BURNERS+=("$($D/mosrun -d --node node2 -- $D/mosjob burn 2>/dev/null)"); done
   sleep 5
   CPU_PROXIES=("nginx least_conn:8411" "haproxy leastconn:8412" "haproxy random(2):8413" "mosgw:8414")
+  mapfile -t CPU_PROXIES < <(only "${CPU_PROXIES[@]}")
   {
   echo
   echo "# balancing quality: service cpu (2 ms of CPU per request), 2 instances on node1 (1.0 core),"
@@ -338,6 +344,7 @@ if phase balance; then
       if [ "$port" = 8411 ] && { [ "$BAL_MIN" = 0 ] || [ "$rps" -lt "$BAL_MIN" ]; }; then BAL_MIN=$rps; fi
     done
   done
+  if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$RUN/bal-min"; else BAL_MIN=$(cat "$RUN/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
   echo "# fixed rate: $rate req/s (60% of nginx's lower max above), oha -c 32, ${SECS}s, three runs each"
   printf "%-26s %8s %10s %9s %9s %7s\n" proxy rate "got req/s" "p50 ms" "p99 ms" errors

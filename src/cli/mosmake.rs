@@ -130,6 +130,47 @@ impl Drop for Scratch {
     }
 }
 
+/// The targets whose recipes go through `mosmake-sh` unless
+/// `MOSMAKE_TARGETS` says otherwise: objects, the only place compiles are
+/// (see [`crate::mosmake`] for why not every recipe).
+pub const DEFAULT_TARGETS: &str = "%.o";
+
+/// make's arguments that hook `mosmake-sh` in: for each target pattern of
+/// `targets` (default [`DEFAULT_TARGETS`]) a pattern-specific
+/// `SHELL` (`--eval`, which make passes on to every sub-make); `all` makes it
+/// every recipe's and every `$(shell …)`'s shell (`SHELL=` on the command
+/// line). A user's own `SHELL=` stays the shell of everything else.
+pub fn hook_args(
+    sh: &Path,
+    targets: Option<&str>,
+    user_shell: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    // Make expands `$` in the value: a literal one is written `$$`.
+    let sh = sh.to_string_lossy().replace('$', "$$");
+    if sh.chars().any(char::is_whitespace) {
+        bail!("mosmake-sh's path {sh:?} contains white space, which make cannot take as a SHELL");
+    }
+    let targets = targets
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or(DEFAULT_TARGETS);
+    if targets == "all" {
+        return Ok(vec![format!("SHELL={sh}")]);
+    }
+    let mut out = Vec::new();
+    for pat in targets.split_whitespace() {
+        if pat.contains([':', '=', '#', ';']) {
+            bail!("MOSMAKE_TARGETS: {pat:?} is not a target pattern (e.g. %.o)");
+        }
+        // `override`: a SHELL= on make's command line would otherwise win.
+        out.push(format!("--eval={pat}: override SHELL := {sh}"));
+    }
+    if let Some(u) = user_shell {
+        out.push(format!("SHELL={u}"));
+    }
+    Ok(out)
+}
+
 /// Run mosmake; returns the exit status to leave with.
 pub fn run(mut args: Vec<String>) -> anyhow::Result<i32> {
     let sh = resolve_program("mosmake-sh", true)
@@ -146,7 +187,13 @@ pub fn run(mut args: Vec<String>) -> anyhow::Result<i32> {
     let make = resolve_program(&make_name, false).with_context(|| {
         format!("cannot find {make_name:?} (install GNU make, or set MOSMAKE_MAKE)")
     })?;
-    let shell = take_shell_override(&mut args).unwrap_or_else(|| "/bin/sh".to_string());
+    let user_shell = take_shell_override(&mut args);
+    let shell = user_shell.clone().unwrap_or_else(|| "/bin/sh".to_string());
+    let hook = hook_args(
+        &sh,
+        std::env::var("MOSMAKE_TARGETS").ok().as_deref(),
+        user_shell.as_deref(),
+    )?;
 
     let jobs_flag = if user_sets_jobs(&args, std::env::var("MAKEFLAGS").ok().as_deref()) {
         "-j as given".to_string()
@@ -177,7 +224,7 @@ pub fn run(mut args: Vec<String>) -> anyhow::Result<i32> {
     let started = Instant::now();
     let mut child = Command::new(&make)
         .args(&args)
-        .arg(format!("SHELL={}", sh.display()))
+        .args(&hook)
         .env(ENV_SHELL, &shell)
         .env(ENV_RUN, run.join("\n"))
         .env(ENV_LOG, &log)
@@ -202,4 +249,37 @@ pub fn run(mut args: Vec<String>) -> anyhow::Result<i32> {
         (None, Some(s)) => 128 + s,
         _ => 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_get_the_hook_and_everything_else_keeps_the_shell() {
+        let sh = Path::new("/usr/lib/mosix/mosmake-sh");
+        assert_eq!(
+            hook_args(sh, None, None).unwrap(),
+            ["--eval=%.o: override SHELL := /usr/lib/mosix/mosmake-sh"]
+        );
+        assert_eq!(
+            hook_args(sh, Some("%.o %.lo"), Some("/bin/bash")).unwrap(),
+            [
+                "--eval=%.o: override SHELL := /usr/lib/mosix/mosmake-sh",
+                "--eval=%.lo: override SHELL := /usr/lib/mosix/mosmake-sh",
+                "SHELL=/bin/bash"
+            ]
+        );
+        assert_eq!(
+            hook_args(sh, Some(" all "), None).unwrap(),
+            ["SHELL=/usr/lib/mosix/mosmake-sh"]
+        );
+        let e = hook_args(sh, Some("%.o: x"), None).unwrap_err();
+        assert!(e.to_string().contains("not a target pattern"), "{e}");
+        assert!(hook_args(Path::new("/a b/mosmake-sh"), None, None).is_err());
+        assert_eq!(
+            hook_args(Path::new("/x$y/sh"), Some("%.o"), None).unwrap(),
+            ["--eval=%.o: override SHELL := /x$$y/sh"]
+        );
+    }
 }

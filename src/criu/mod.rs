@@ -22,6 +22,7 @@
 
 pub mod fake;
 pub mod host;
+pub mod kdat;
 pub mod real;
 pub mod swrk;
 

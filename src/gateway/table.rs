@@ -10,7 +10,8 @@
 //! probability proportional to 1 / cost (see [`p2c_weighted`]), so two slow
 //! instances are seldom the only choice while faster ones are free. Its cost here is
 //! `(in_flight + 1) × peak_ewma_latency × (1 + node load per capacity) /
-//! slow_start_weight`:
+//! slow_start_weight`, where the load term counts only until the instance
+//! has answered (after that its latency carries the load):
 //! - in-flight requests are the fastest signal of a slow instance;
 //! - the peak-EWMA of its response times (linkerd's `PeakEwma`: a slower
 //!   response raises the estimate at once, faster ones pull it down with a
@@ -281,7 +282,18 @@ pub fn choose<'a>(
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
-            let own = i.latency.map_or(typical, |l| l.at(now));
+            let measured = i.latency.map(|l| l.at(now));
+            let own = measured.unwrap_or(typical);
+            // The node's load tells which instance sits on the busier node
+            // before it has answered anything. Once it has, its response
+            // times already carry that load: counting it twice left a
+            // loaded node's instances idle while the others queued (the
+            // balancing bench's maximum rate was 5% below nginx's).
+            let load = if measured.is_some() {
+                0.0
+            } else {
+                i.load_per_capacity
+            };
             // Until its slow start ends an instance is never priced below
             // the typical latency: its first few fast answers must not let
             // it take over before it has warmed up.
@@ -289,7 +301,7 @@ pub fn choose<'a>(
             cost(
                 i.in_flight,
                 if warming { own.max(typical) } else { own },
-                i.load_per_capacity,
+                load,
                 slow_start_weight(now.saturating_duration_since(i.since), slow_start),
             )
         })
@@ -622,6 +634,39 @@ mod tests {
         });
         assert!(slow.latency.unwrap().at(now) < 0.040 / 19.0);
         assert_eq!(pick(&fast, &slow), "slow");
+    }
+
+    #[test]
+    fn node_load_prices_an_instance_only_until_it_has_answered() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let pick = |a: &Instance, b: &Instance| {
+            choose(
+                [a.clone(), b.clone()].iter(),
+                &[],
+                now,
+                Duration::ZERO,
+                |n| rand::random_range(0..n),
+            )
+            .unwrap()
+        };
+        let ewma = |secs| Some(PeakEwma { secs, at: now });
+        // Neither has answered: the one on the busier node loses.
+        let mut calm = Instance::new("calm", "n1", addr(1), old);
+        let mut busy = Instance::new("busy", "n2", addr(2), old);
+        busy.load_per_capacity = 3.0;
+        assert_eq!(pick(&calm, &busy), "calm");
+        // Both have answered, equally fast: the load is already in the
+        // latencies, so it does not count again, and in-flight decides.
+        calm.latency = ewma(0.020);
+        busy.latency = ewma(0.020);
+        calm.in_flight = 1;
+        assert_eq!(pick(&calm, &busy), "busy");
+        // Answered 4× slower than the calm one with 4 queued there: the
+        // idle busy one (cost 4l) beats 5 in flight (cost 5l).
+        busy.latency = ewma(0.080);
+        calm.in_flight = 4;
+        assert_eq!(pick(&calm, &busy), "busy");
     }
 
     #[test]

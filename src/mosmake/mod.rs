@@ -1,10 +1,18 @@
 //! `mosmake`: GNU make whose compile jobs start on the best nodes of the
 //! cluster — the MPMake of the article, for today.
 //!
-//! **How make is hooked: its SHELL.** `mosmake ARGS…` runs
-//! `make ARGS… SHELL=<mosmake-sh>`. Make hands every recipe line (and every
-//! `$(shell …)`) to `$(SHELL) -c LINE`, already expanded; a command-line
-//! variable also reaches every sub-make through `MAKEFLAGS`. `mosmake-sh`
+//! **How make is hooked: the SHELL of object targets.** `mosmake ARGS…`
+//! runs `make ARGS… '--eval=%.o: override SHELL := <mosmake-sh>'`. Make
+//! hands every recipe line of an object target to `$(SHELL) -c LINE`,
+//! already expanded, and passes `--eval` on to every sub-make through
+//! `MAKEFLAGS`. Only object targets: every other recipe line and every
+//! `$(shell …)` keeps `/bin/sh`, and with it make's own fast path (a simple
+//! command is exec'd without any shell). Hooking every line (`SHELL=` on the
+//! command line, as mosmake first did; `MOSMAKE_TARGETS=all` still does)
+//! put one more exec in front of each of the kernel build's ~5,800 local
+//! lines: `perf` showed `mosmake-sh` using more CPU than make and all its
+//! shells together (3.5% of the machine), all of it on the home node, which
+//! is the one that must keep every other node fed. `mosmake-sh`
 //! decides per line ([`classify`]): a compile of a real source file is
 //! exec'd as `mosrun --best --rerun-on-node-loss -- <real shell> -c LINE`,
 //! anything else is exec'd as `<real shell> -c LINE` right here. Why SHELL and
@@ -49,6 +57,8 @@
 //! `MOSMAKE_RUN` (default `mosrun --best --rerun-on-node-loss --nice 10 --`, with the
 //! `mosrun` next to `mosmake` preferred), `MOSMAKE_MAKE` (default `make`),
 //! `MOSMAKE_CC`, `MOSMAKE_STATS` (keep the stats lines in this file),
+//! `MOSMAKE_TARGETS` (target patterns whose recipes may go remote, default
+//! `%.o`; `all` for every recipe line and `$(shell …)`),
 //! `MOSIX_CLUSTER` (as for every command).
 
 pub mod args;
