@@ -127,10 +127,11 @@ def children_cpu():
     return ru.ru_utime + ru.ru_stime
 
 
-def cluster_up(caps):
+def cluster_up(caps, slots_per_core=None):
     run([MOSCTL, "local", "down", "--name", NAME], check=False, timeout=120)
+    extra = ["--slots-per-core", str(slots_per_core)] if slots_per_core else []
     run([MOSCTL, "local", "up", "--name", NAME, "--nodes", str(len(caps)),
-         "--cpu-caps", ",".join(str(c) for c in caps), "--shared", str(SHARED)], timeout=180)
+         "--cpu-caps", ",".join(str(c) for c in caps), "--shared", str(SHARED), *extra], timeout=180)
     # The caps are what the nodes may use; this makes sure they can. Other work
     # on this shared machine (builds, other local clusters, whose groups have
     # the default 1024 shares) otherwise takes its share of the 2 cores while a
@@ -398,6 +399,8 @@ def main():
     ap.add_argument("--local-jobs", type=int, default=2)
     ap.add_argument("--b-jobs", type=int, default=0,
                     help="-j for mosmake in (b) (default: mosmake picks the cluster's total slots)")
+    ap.add_argument("--slots-per-core", type=float, default=None,
+                    help="the agents' slots per core (default: mosctl local up's)")
     ap.add_argument("--variants", default="a,b",
                     help="kernel builds to run; b alone reuses the last run's (a), for tuning only")
     args = ap.parse_args()
@@ -411,7 +414,7 @@ def main():
            "other_clusters": sorted(n for n in os.listdir("/run/mosix") if n != NAME) if os.path.isdir("/run/mosix") else []}
     rc = 0
     try:
-        cluster_up(caps)
+        cluster_up(caps, args.slots_per_core)
         for ph, fn in (("starts", lambda: phase_starts(res, args)),
                        ("burst", lambda: phase_burst(res, args, caps)),
                        ("kernel", lambda: phase_kernel(res, args, caps))):

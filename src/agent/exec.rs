@@ -261,13 +261,22 @@ fn failure_of(e: LaunchFailure, cwd: &str, node: &NodeName) -> Failure {
 struct Tail {
     file: Option<std::fs::File>,
     path: String,
+    /// One read buffer for the session's life. A fresh 256 KiB one per
+    /// read was an mmap and a munmap (with a TLB shootdown on every other
+    /// CPU) per stream per tick: `perf` found it among the agents' top
+    /// costs during a `mosmake` build, where each node runs many sessions.
+    buf: Vec<u8>,
 }
+
+/// Bytes per read of a job's output (below glibc's mmap threshold).
+const READ_BUF: usize = 64 << 10;
 
 impl Tail {
     fn new(path: &str) -> Self {
         Self {
             file: std::fs::File::open(path).ok(),
             path: path.to_string(),
+            buf: Vec::new(),
         }
     }
 
@@ -280,14 +289,13 @@ impl Tail {
         let Some(f) = self.file.as_mut() else {
             return out;
         };
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_BUF.min(CHUNK)];
+        }
         loop {
-            let mut buf = vec![0u8; CHUNK];
-            match f.read(&mut buf) {
+            match f.read(&mut self.buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    out.push(buf);
-                }
+                Ok(n) => out.push(self.buf[..n].to_vec()),
             }
         }
         out

@@ -22,7 +22,10 @@
 //!   which of two instances sits on the busier node before either has
 //!   answered anything (and a new one starts from the service's typical
 //!   latency, not from zero, so it is not flooded);
-//! - a new or returned instance starts at a tenth of its weight (slow start).
+//! - a new or returned instance starts at a tenth of its weight (slow start);
+//! - when every instance has a request in flight (saturated), the cost is
+//!   only the outstanding requests (least outstanding, as HAProxy's
+//!   leastconn), which keeps every instance busy (see [`choose`]).
 
 use super::metrics::InstanceMetrics;
 use std::collections::HashMap;
@@ -279,9 +282,24 @@ pub fn choose<'a>(
         .collect();
     let pool = if fresh.is_empty() { eligible } else { fresh };
     let typical = default_latency(pool.iter(), now);
+    // Saturated: every instance has a request in flight, so none is idle
+    // and the only question is where a request waits least. Then the
+    // least outstanding requests win (HAProxy's leastconn, nginx's
+    // least_conn): it keeps every instance busy, a slower one included.
+    // Latencies would keep a slow instance's queue short on purpose, and
+    // its node then lends it less CPU (a backend's threads compete with the
+    // node's other work): the balancing bench's maximum rate stayed 5%
+    // below least_conn's. With any instance idle, latency decides, which is
+    // what keeps p99 low below saturation.
+    let saturated = pool.iter().all(|i| i.in_flight > 0);
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
+            if saturated {
+                return (f64::from(i.in_flight) + 1.0)
+                    / slow_start_weight(now.saturating_duration_since(i.since), slow_start)
+                        .max(0.01);
+            }
             let measured = i.latency.map(|l| l.at(now));
             let own = measured.unwrap_or(typical);
             // The node's load tells which instance sits on the busier node
@@ -634,6 +652,37 @@ mod tests {
         });
         assert!(slow.latency.unwrap().at(now) < 0.040 / 19.0);
         assert_eq!(pick(&fast, &slow), "slow");
+    }
+
+    #[test]
+    fn saturated_services_go_by_outstanding_requests() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(60);
+        let mut fast = Instance::new("fast", "n1", addr(1), old);
+        let mut slow = Instance::new("slow", "n2", addr(2), old);
+        fast.latency = Some(PeakEwma {
+            secs: 0.004,
+            at: now,
+        });
+        slow.latency = Some(PeakEwma {
+            secs: 0.100,
+            at: now,
+        });
+        let pick = |f: &Instance, s: &Instance| {
+            choose([f.clone(), s.clone()].iter(), &[], now, Duration::ZERO, |n| {
+                rand::random_range(0..n)
+            })
+            .unwrap()
+        };
+        // The slow one idle: latency decides, 5 queued at the fast one
+        // (cost 6 × 4 ms) still beat it (100 ms).
+        fast.in_flight = 5;
+        assert_eq!(pick(&fast, &slow), "fast");
+        // Both busy: the fewer outstanding requests win.
+        slow.in_flight = 1;
+        assert_eq!(pick(&fast, &slow), "slow");
+        slow.in_flight = 6;
+        assert_eq!(pick(&fast, &slow), "fast");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct UpOptions {
     /// The agents' `--lease-ttl` and `--fence-margin` (None: their defaults).
     pub lease_ttl: Option<f64>,
     pub fence_margin: Option<f64>,
+    /// The agents' `--slots-per-core` (None: [`LOCAL_SLOTS_PER_CORE`]).
+    pub slots_per_core: Option<f64>,
 }
 
 /// How the nodes of a local cluster reach their shared directories.
@@ -397,7 +399,11 @@ async fn up_inner(
             .arg("--image-sync")
             .arg("close")
             .arg("--slots-per-core")
-            .arg(LOCAL_SLOTS_PER_CORE.to_string());
+            .arg(
+                opts.slots_per_core
+                    .unwrap_or(LOCAL_SLOTS_PER_CORE)
+                    .to_string(),
+            );
         if let Some(sock) = &n.run_socket {
             cmd.arg("--run-socket").arg(sock);
         }

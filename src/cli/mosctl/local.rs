@@ -64,6 +64,11 @@ pub enum Cmd {
         /// as full copy, as on nodes without userfaultfd).
         #[arg(long)]
         no_post_copy: bool,
+        /// The agents' foreground slots per core of capacity (placement
+        /// and `mosctl slots`) [default: 10, so that fractional-core nodes
+        /// keep their proportions].
+        #[arg(long, value_parser = parse_slots_per_core)]
+        slots_per_core: Option<f64>,
         /// Start the agents without the image key: images are not sealed,
         /// so tampered or corrupt images are NOT detected. Only for
         /// measuring what sealing costs (`make bench` does); never for jobs
@@ -168,6 +173,7 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             insecure,
             criu,
             no_post_copy,
+            slots_per_core,
             unsealed_images,
             etcd_members,
             no_etcd,
@@ -199,6 +205,7 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
                 etcd_members: if no_etcd { 0 } else { etcd_members },
                 lease_ttl,
                 fence_margin,
+                slots_per_core,
             };
             let cf = local::up(&opts, &|s| eprintln!("  {s}")).await?;
             let path = local::cluster_file_path(&name);
@@ -231,5 +238,12 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             println!("cluster {name} is down");
             Ok(())
         }
+    }
+}
+
+fn parse_slots_per_core(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1000.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of slots per core (0 < N <= 1000)")),
     }
 }
