@@ -244,6 +244,8 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
 fn parse_slots_per_core(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 1000.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of slots per core (0 < N <= 1000)")),
+        _ => Err(format!(
+            "{s:?} is not a number of slots per core (0 < N <= 1000)"
+        )),
     }
 }
