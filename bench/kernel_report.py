@@ -168,6 +168,8 @@ def markdown(w):
                 j = next((l for l in kk["b"].get("report", []) if l.startswith("mosmake: -j")), "")
                 if j and "total slots" not in j:
                     note.append(j.replace("mosmake: ", ""))
+                if h.get("note"):
+                    note.append(h["note"])
                 w(f"| {h['date']} | {kk['a']['wall_s']:.1f} | {kk['b']['wall_s']:.1f} | {kk['ideal_s']:.1f} | "
                   f"{kk['ratio_to_ideal']:.2f} | {kk['speedup']:.2f} | {other} | {'; '.join(note)} |")
         w("")

@@ -255,6 +255,26 @@ def ascii_bars(rows, width=50):
 # markdown
 # ---------------------------------------------------------------------------
 
+def hand_written_sections():
+    """The `## …written by hand…` sections of the current BENCHMARKS.md, each
+    up to the next `## ` heading, in order."""
+    try:
+        text = MD.read_text()
+    except OSError:
+        return []
+    out, cur = [], None
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            if cur is not None:
+                out.append("\n".join(cur).rstrip("\n") + "\n")
+            cur = [line] if "written by hand" in line else None
+        elif cur is not None:
+            cur.append(line)
+    if cur is not None:
+        out.append("\n".join(cur).rstrip("\n") + "\n")
+    return out
+
+
 def markdown(r, tg, pngs):
     meta = r.get("meta", {})
     L = []
@@ -483,6 +503,11 @@ def markdown(r, tg, pngs):
         w("")
 
     kernel_report.markdown(w)
+
+    # Sections written by hand (mosgw, node loss) come from other targets'
+    # runs; regenerating this file must not drop them.
+    for sec in hand_written_sections():
+        w(sec)
 
     w("## Notes\n")
     w("- Everything runs on one 2-core VM: the \"cluster\" nodes are network namespaces with cgroup CPU caps; "
