@@ -143,7 +143,7 @@ impl Summary {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "mosmake: makespan {:.1} s ({}); {} compile line(s) sent through mosrun, {} line(s) run locally",
+            "mosmake: makespan {:.1} s ({}); {} compile line(s) sent through mosrun, {} other hooked line(s) run locally",
             self.makespan_s, self.jobs_flag, self.sent_remote, self.ran_local
         );
         let per_node = self
@@ -273,7 +273,7 @@ mod tests {
         );
         assert!(out.contains("p50 9.5 ms"), "{out}");
         assert!(
-            out.contains("4 compile line(s) sent through mosrun, 2 line(s) run locally"),
+            out.contains("4 compile line(s) sent through mosrun, 2 other hooked line(s) run locally"),
             "{out}"
         );
         assert!(!out.contains("waiting for a free slot"), "{out}");
