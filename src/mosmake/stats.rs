@@ -273,7 +273,9 @@ mod tests {
         );
         assert!(out.contains("p50 9.5 ms"), "{out}");
         assert!(
-            out.contains("4 compile line(s) sent through mosrun, 2 other hooked line(s) run locally"),
+            out.contains(
+                "4 compile line(s) sent through mosrun, 2 other hooked line(s) run locally"
+            ),
             "{out}"
         );
         assert!(!out.contains("waiting for a free slot"), "{out}");
