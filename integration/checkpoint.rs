@@ -46,8 +46,9 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
         "8131",
         &file,
         &["--checkpoint-every", "2s", "--checkpoint-keep", "2"],
+        &[],
     );
-    let plain = counter(&cl, "node1", "8132", &other, &[]);
+    let plain = counter(&cl, "node1", "8132", &other, &[], &[]);
     cl.wait_for("two periodic checkpoints", 40, || last_seq(&cl, &job) >= 2);
     let rec = cl.record(&job);
     let st = rec.checkpoint.clone().unwrap();
@@ -153,7 +154,7 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
     }
     let cl = Cluster::up(2, &[]);
     let file = cl.shared.join("tamper-counter.txt");
-    let job = counter(&cl, "node1", "8133", &file, &[]);
+    let job = counter(&cl, "node1", "8133", &file, &[], &[]);
     for want in ["checkpoint 1 of", "checkpoint 2 of"] {
         let o = cl.mosctl(&["checkpoint", &job]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -308,7 +309,7 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
         ],
     );
     let file = common.join("full-counter.txt");
-    let job = counter(&cl, "node1", "8134", &file, &[]);
+    let job = counter(&cl, "node1", "8134", &file, &[], &[]);
     let o = cl.mosctl(&["checkpoint", &job]);
     assert!(o.status.success(), "{}", stderr(&o));
     // Fill the disk.
@@ -362,7 +363,14 @@ fn the_interval_survives_a_migration_and_a_clean_exit_removes_the_checkpoints() 
     }
     let cl = Cluster::up(2, &[]);
     let file = cl.shared.join("moving-counter.txt");
-    let job = counter(&cl, "node1", "8135", &file, &["--checkpoint-every", "1s"]);
+    let job = counter(
+        &cl,
+        "node1",
+        "8135",
+        &file,
+        &["--checkpoint-every", "1s"],
+        &[],
+    );
     cl.wait_for("a checkpoint on node1", 20, || last_seq(&cl, &job) >= 1);
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -168,7 +168,7 @@ fn sleeper(cl: &Cluster, node: &str) -> (String, i32) {
     let file = cl
         .shared
         .join(format!("ticks-{node}-{}.txt", uuid::Uuid::new_v4()));
-    let job = counter(cl, node, "0", &file, &[]);
+    let job = counter(cl, node, "0", &file, &[], &[]);
     let pid = cl.record(&job).pid;
     assert!(pid > 0 && alive(pid));
     (job, pid)
@@ -518,7 +518,7 @@ const SHORT_LEASE: &[&str] = &[
 /// A counter job on `node` that checkpoints every second, and its file.
 fn checkpointed_counter(cl: &Cluster, node: &str, port: &str) -> (String, std::path::PathBuf) {
     let file = cl.shared.join(format!("lost-counter-{port}.txt"));
-    let job = counter(cl, node, port, &file, &["--checkpoint-every", "1s"]);
+    let job = counter(cl, node, port, &file, &["--checkpoint-every", "1s"], &[]);
     (job, file)
 }
 

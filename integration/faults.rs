@@ -75,20 +75,7 @@ fn assert_exactly_once(cl: &Cluster, job: &str, file: &Path, nodes: usize) -> St
 
 fn counter_job(cl: &Cluster, mem_mib: &str, port: &str) -> (String, std::path::PathBuf) {
     let file = cl.shared.join(format!("counter-{port}.txt"));
-    let job = cl.mosrun(&[
-        "--node",
-        "node1",
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
-        port,
-        "--file",
-        file.to_str().unwrap(),
-        "--mem-mib",
-        mem_mib,
-    ]);
-    cl.wait_for("counter to tick", 20, || ticks(&file).len() > 3);
+    let job = counter(cl, "node1", port, &file, &[], &["--mem-mib", mem_mib]);
     (job, file)
 }
 

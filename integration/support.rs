@@ -391,10 +391,17 @@ pub fn query_counter(ip: &str, port: u16) -> Option<(u64, bool)> {
     Some((n, buf.contains("mem=ok")))
 }
 
-/// The tick numbers a counter job wrote to its file.
 /// A `mosjob counter` on `node` writing ticks to `file` (mosrun flags in
-/// `extra`), once it has ticked a few times; its job id.
-pub fn counter(cl: &Cluster, node: &str, port: &str, file: &Path, extra: &[&str]) -> String {
+/// `extra`, more `mosjob counter` arguments in `job_args`), once it has
+/// ticked a few times; its job id.
+pub fn counter(
+    cl: &Cluster,
+    node: &str,
+    port: &str,
+    file: &Path,
+    extra: &[&str],
+    job_args: &[&str],
+) -> String {
     let mut a = vec!["--node", node];
     a.extend_from_slice(extra);
     a.extend_from_slice(&[
@@ -406,11 +413,13 @@ pub fn counter(cl: &Cluster, node: &str, port: &str, file: &Path, extra: &[&str]
         "--file",
         file.to_str().unwrap(),
     ]);
+    a.extend_from_slice(job_args);
     let job = cl.mosrun(&a);
     cl.wait_for("counter to tick", 20, || ticks(file).len() > 3);
     job
 }
 
+/// The tick numbers a counter job wrote to its file.
 pub fn ticks(path: &Path) -> Vec<u64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -276,7 +276,7 @@ impl Tail {
         Self {
             file: std::fs::File::open(path).ok(),
             path: path.to_string(),
-            buf: Vec::new(),
+            buf: vec![0u8; READ_BUF.min(CHUNK)],
         }
     }
 
@@ -289,9 +289,6 @@ impl Tail {
         let Some(f) = self.file.as_mut() else {
             return out;
         };
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; READ_BUF.min(CHUNK)];
-        }
         loop {
             match f.read(&mut self.buf) {
                 Ok(0) | Err(_) => break,

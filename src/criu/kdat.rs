@@ -12,7 +12,7 @@
 //! file itself: it runs `criu check` in a private mount namespace with a
 //! tmpfs on `/run` (there CRIU writes the cache), copies the bytes out and
 //! puts them at `/run/criu.kdat` in its own view. Beside it, a stamp
-//! ([`STAMP`]) records what the cache is valid for: the boot (kernel boot
+//! ([`STAMP_NAME`]) records what the cache is valid for: the boot (kernel boot
 //! id), the kernel release and the CRIU binary (size and mtime). At every
 //! agent start the stamp is compared, and the cache made again when any of
 //! them changed — the refresh CRIU gets from a tmpfs, done explicitly.
@@ -32,12 +32,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Where CRIU (built with its default `RUNDIR`, as `make setup` builds it)
-/// looks for the cache.
-pub const CACHE: &str = "/run/criu.kdat";
-/// What the agent's cache was made for (see the module doc).
-pub const STAMP: &str = "/run/criu.kdat.mosix";
-
-const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// looks for the cache: [`CACHE_NAME`] in this directory.
+pub const RUN_DIR: &str = "/run";
+/// The cache's file name (CRIU's `KERNDAT_CACHE_NAME`).
+pub const CACHE_NAME: &str = "criu.kdat";
+/// Beside the cache: what it was made for (see the module doc).
+pub const STAMP_NAME: &str = "criu.kdat.mosix";
 
 /// What [`ensure`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,15 +54,15 @@ pub enum KdatCache {
 /// (normally `/run`). Blocking: runs `criu check` once when the cache must
 /// be made (a few hundred ms).
 pub fn ensure(criu: &Path) -> Result<KdatCache, String> {
-    ensure_in(criu, Path::new("/run"), &current_stamp(criu)?)
+    ensure_in(criu, Path::new(RUN_DIR), &current_stamp(criu)?)
 }
 
 fn ensure_in(criu: &Path, run: &Path, stamp: &str) -> Result<KdatCache, String> {
     if is_tmpfs(run) {
         return Ok(KdatCache::CriuKeepsIt);
     }
-    let cache = run.join("criu.kdat");
-    let stamp_file = run.join("criu.kdat.mosix");
+    let cache = run.join(CACHE_NAME);
+    let stamp_file = run.join(STAMP_NAME);
     let why = match std::fs::read_to_string(&stamp_file) {
         Ok(old) if old == stamp && cache.metadata().is_ok_and(|m| m.len() > 0) => {
             return Ok(KdatCache::Kept)
@@ -99,18 +99,21 @@ fn current_stamp(criu: &Path) -> Result<String, String> {
 }
 
 fn is_tmpfs(dir: &Path) -> bool {
-    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
 /// Run `criu check` where `/run` is a fresh tmpfs, and return the cache it
 /// wrote there.
 fn probe(criu: &Path) -> Result<Vec<u8>, String> {
     // Prepared before the fork: the child may only make raw syscalls.
-    let (root, run, tmpfs) = (c("/")?, c("/run")?, c("tmpfs")?);
+    let (root, run, tmpfs) = (c("/")?, c(RUN_DIR)?, c("tmpfs")?);
     let opts = c("mode=0700")?;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
-        .arg("\"$0\" check >/dev/null 2>&1; exec cat /run/criu.kdat")
+        .arg(format!(
+            "\"$0\" check >/dev/null 2>&1; exec cat {RUN_DIR}/{CACHE_NAME}"
+        ))
         .arg(criu)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -183,51 +186,57 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// A stand-in for CRIU: `check` writes a cache into /run, as CRIU does
-    /// on a tmpfs.
-    fn fake_criu(dir: &Path, payload: &str) -> PathBuf {
+    /// A stand-in for CRIU running `script`.
+    fn fake_criu(dir: &Path, script: &str) -> PathBuf {
         let p = dir.join("criu");
-        std::fs::write(
-            &p,
-            format!("#!/bin/sh\n[ \"$1\" = check ] && printf '{payload}' > /run/criu.kdat\n"),
-        )
-        .unwrap();
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         p
     }
 
-    fn root() -> bool {
-        nix::unistd::geteuid().is_root()
+    /// One whose `check` writes a cache into /run, as CRIU does on a tmpfs.
+    fn caching_criu(dir: &Path, payload: &str) -> PathBuf {
+        fake_criu(
+            dir,
+            &format!("[ \"$1\" = check ] && printf '{payload}' > /run/{CACHE_NAME}"),
+        )
     }
 
-    #[test]
-    fn made_once_kept_while_the_stamp_holds_and_remade_when_it_changes() {
-        if !root() {
+    /// A scratch directory and the `run` directory in it; None (with a
+    /// SKIP line) without root, which the probe's mount namespace needs.
+    fn scratch() -> Option<(tempfile::TempDir, PathBuf)> {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!("SKIP: needs root (a private mount namespace)");
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
+        Some((dir, run))
+    }
+
+    #[test]
+    fn made_once_kept_while_the_stamp_holds_and_remade_when_it_changes() {
+        let Some((dir, run)) = scratch() else { return };
         if is_tmpfs(&run) {
             eprintln!("SKIP: the temporary directory is on a tmpfs");
             return;
         }
-        let criu = fake_criu(dir.path(), "KDAT1");
+        let criu = caching_criu(dir.path(), "KDAT1");
         let r = ensure_in(&criu, &run, "boot a\n").unwrap();
         assert!(matches!(r, KdatCache::Made(_)), "{r:?}");
-        assert_eq!(std::fs::read(run.join("criu.kdat")).unwrap(), b"KDAT1");
+        assert_eq!(std::fs::read(run.join(CACHE_NAME)).unwrap(), b"KDAT1");
         assert_eq!(ensure_in(&criu, &run, "boot a\n").unwrap(), KdatCache::Kept);
         // Another boot (or kernel, or CRIU): made again.
-        let criu = fake_criu(dir.path(), "KDAT2");
+        let criu = caching_criu(dir.path(), "KDAT2");
         let r = ensure_in(&criu, &run, "boot b\n").unwrap();
         assert_eq!(
             r,
             KdatCache::Made("the boot, the kernel or CRIU changed".into())
         );
-        assert_eq!(std::fs::read(run.join("criu.kdat")).unwrap(), b"KDAT2");
+        assert_eq!(std::fs::read(run.join(CACHE_NAME)).unwrap(), b"KDAT2");
         // CRIU threw the cache away (another build's): made again.
-        std::fs::remove_file(run.join("criu.kdat")).unwrap();
+        std::fs::remove_file(run.join(CACHE_NAME)).unwrap();
         let r = ensure_in(&criu, &run, "boot b\n").unwrap();
         assert_eq!(r, KdatCache::Made("the cache file is missing".into()));
         // The agent's own /run was never touched by the probe's tmpfs.
@@ -236,27 +245,18 @@ mod tests {
 
     #[test]
     fn a_criu_that_writes_no_cache_is_an_error_and_leaves_nothing() {
-        if !root() {
-            eprintln!("SKIP: needs root (a private mount namespace)");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        std::fs::create_dir(&run).unwrap();
-        let criu = dir.path().join("criu");
-        std::fs::write(&criu, "#!/bin/sh\nexit 1\n").unwrap();
-        std::fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let Some((dir, run)) = scratch() else { return };
+        let criu = fake_criu(dir.path(), "exit 1");
         let e = ensure_in(&criu, &run, "boot a\n").unwrap_err();
         assert!(e.contains("left no kernel-feature cache"), "{e}");
-        assert!(!run.join("criu.kdat").exists());
-        assert!(!run.join("criu.kdat.mosix").exists());
+        assert!(!run.join(CACHE_NAME).exists());
+        assert!(!run.join(STAMP_NAME).exists());
     }
 
     #[test]
     fn the_stamp_names_boot_kernel_and_binary() {
         let dir = tempfile::tempdir().unwrap();
-        let criu = fake_criu(dir.path(), "x");
+        let criu = caching_criu(dir.path(), "x");
         let s = current_stamp(&criu).unwrap();
         assert!(s.starts_with("boot ") && s.contains("\nkernel ") && s.contains("bytes, mtime"));
         assert!(current_stamp(&dir.path().join("missing")).is_err());

@@ -173,8 +173,9 @@ impl RealCriu {
                 .name("criu-kdat".into())
                 .spawn(move || match super::kdat::ensure(&criu) {
                     Ok(super::kdat::KdatCache::Made(why)) => tracing::info!(
-                        "made CRIU's kernel-feature cache {} ({why}): saves ~35 ms per dump and restore",
-                        super::kdat::CACHE
+                        "made CRIU's kernel-feature cache {}/{} ({why}): saves ~35 ms per dump and restore",
+                        super::kdat::RUN_DIR,
+                        super::kdat::CACHE_NAME
                     ),
                     Ok(state) => tracing::debug!("CRIU kernel-feature cache: {state:?}"),
                     Err(e) => tracing::warn!(

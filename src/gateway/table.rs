@@ -304,10 +304,9 @@ pub fn choose<'a>(
     let costs: Vec<f64> = pool
         .iter()
         .map(|i| {
+            let weight = slow_start_weight(now.saturating_duration_since(i.since), slow_start);
             if saturated {
-                return (f64::from(i.in_flight) + 1.0)
-                    / slow_start_weight(now.saturating_duration_since(i.since), slow_start)
-                        .max(0.01);
+                return (f64::from(i.in_flight) + 1.0) / weight.max(0.01);
             }
             let measured = i.latency.map(|l| l.at(now));
             let own = measured.unwrap_or(typical);
@@ -329,7 +328,7 @@ pub fn choose<'a>(
                 i.in_flight,
                 if warming { own.max(typical) } else { own },
                 load,
-                slow_start_weight(now.saturating_duration_since(i.since), slow_start),
+                weight,
             )
         })
         .collect();
@@ -630,16 +629,7 @@ mod tests {
             secs: 0.040,
             at: now,
         });
-        let pick = |f: &Instance, s: &Instance| {
-            choose(
-                [f.clone(), s.clone()].iter(),
-                &[],
-                now,
-                Duration::ZERO,
-                |n| rand::random_range(0..n),
-            )
-            .unwrap()
-        };
+        let pick = |a: &Instance, b: &Instance| pick_of_two(a, b, now);
         assert_eq!(pick(&fast, &slow), "fast");
         fast.in_flight = 1;
         assert_eq!(pick(&fast, &slow), "fast");
@@ -663,6 +653,18 @@ mod tests {
         assert_eq!(pick(&fast, &slow), "slow");
     }
 
+    /// `choose` between two instances, with no slow start.
+    fn pick_of_two(a: &Instance, b: &Instance, now: Instant) -> String {
+        choose(
+            [a.clone(), b.clone()].iter(),
+            &[],
+            now,
+            Duration::ZERO,
+            |n| rand::random_range(0..n),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn saturated_services_go_by_outstanding_requests() {
         let now = Instant::now();
@@ -677,16 +679,7 @@ mod tests {
             secs: 0.100,
             at: now,
         });
-        let pick = |f: &Instance, s: &Instance| {
-            choose(
-                [f.clone(), s.clone()].iter(),
-                &[],
-                now,
-                Duration::ZERO,
-                |n| rand::random_range(0..n),
-            )
-            .unwrap()
-        };
+        let pick = |a: &Instance, b: &Instance| pick_of_two(a, b, now);
         // Below 3 in flight per instance on average, latency decides:
         // 4 queued at the fast one (cost 5 × 5 ms) still beat the idle
         // slow one (100 ms), and so does 1 at the slow one.
@@ -705,16 +698,7 @@ mod tests {
     fn node_load_prices_an_instance_only_until_it_has_answered() {
         let now = Instant::now();
         let old = now - Duration::from_secs(60);
-        let pick = |a: &Instance, b: &Instance| {
-            choose(
-                [a.clone(), b.clone()].iter(),
-                &[],
-                now,
-                Duration::ZERO,
-                |n| rand::random_range(0..n),
-            )
-            .unwrap()
-        };
+        let pick = |a: &Instance, b: &Instance| pick_of_two(a, b, now);
         let ewma = |secs| Some(PeakEwma { secs, at: now });
         // Neither has answered: the one on the busier node loses.
         let mut calm = Instance::new("calm", "n1", addr(1), old);
