@@ -209,7 +209,9 @@ mod tests {
             eprintln!("SKIP: needs root (a private mount namespace)");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        // Under target/, not /tmp: a tmpfs /tmp would look like a /run
+        // where CRIU keeps the cache itself, and the test would skip.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
         Some((dir, run))
