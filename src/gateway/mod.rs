@@ -49,7 +49,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use table::{Instance, RetryBudget};
+use table::{Instance, RetryBudget, Saturation};
 use tokio::sync::Notify;
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +187,8 @@ impl Config {
 pub struct ServiceTable {
     pub instances: HashMap<String, Instance>,
     pub budget: RetryBudget,
+    /// Whether the service has been saturated lately (the balancing rule).
+    pub saturation: Saturation,
 }
 
 /// The gateway's shared state.

@@ -451,9 +451,14 @@ async fn pick(
         let now = Instant::now();
         let slow = gw.slow_start();
         let r = gw.with_service(svc, |s| {
-            let choice = table::choose(s.instances.values(), avoid, now, slow, |n| {
-                rand::random_range(0..n)
-            });
+            let choice = table::choose(
+                s.instances.values(),
+                avoid,
+                now,
+                slow,
+                &mut s.saturation,
+                |n| rand::random_range(0..n),
+            );
             match choice.and_then(|j| s.instances.get_mut(&j)) {
                 Some(i) => {
                     i.in_flight += 1;
