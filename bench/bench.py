@@ -1171,6 +1171,32 @@ def pct(xs, p):
     return xs[int(k)]
 
 
+def summarise_crowded(out):
+    """p50/p95 of both kinds of move, their ratios, median per step."""
+    c = [m["frozen_ms"] for m in out["crowded"]]
+    b = [m["frozen_ms"] for m in out["idle"]]
+    for key, xs in (("crowded_frozen_ms", c), ("idle_frozen_ms", b)):
+        out[key] = dict(stats(xs) or {}, p50=pct(xs, 50), p95=pct(xs, 95)) if xs else None
+    if c and b:
+        out["ratio_p50"] = pct(c, 50) / max(pct(b, 50), 1e-9)
+        out["ratio_p95"] = pct(c, 95) / max(pct(b, 95), 1e-9)
+        log(f"crowded: frozen p50 {pct(c, 50)} ms vs idle {pct(b, 50)} ms ({out['ratio_p50']:.2f}x), "
+            f"p95 {pct(c, 95)} vs {pct(b, 95)} ms ({out['ratio_p95']:.2f}x)")
+    # Median per step, crowded vs idle.
+    labels = [lab for _, _, lab in STEP_SPANS] + ["frozen by the traces (answered → target restored)"]
+    ck = ["freezing_us", "frozen_us", "memdump_us", "memwrite_us", "forking_us", "restore_us"]
+    out["steps_median_ms"] = {
+        lab: {side: (statistics.median(v) if (v := [m["spans_ms"][lab] for m in out[side]
+                                                    if lab in m.get("spans_ms", {})]) else None)
+              for side in ("crowded", "idle")}
+        for lab in labels}
+    out["criu_median_ms"] = {
+        k: {side: (statistics.median(v) / 1000 if (v := [m["criu"][k] for m in out[side]
+                                                         if k in m.get("criu", {})]) else None)
+            for side in ("crowded", "idle")}
+        for k in ck}
+
+
 def phase_crowded(res, args):
     """Issue 17: out of a crowded node. node1 (0.5 core) runs 8 pinned
     CPU-bound jobs; a small CPU-bound job started there is moved off by the
@@ -1270,38 +1296,21 @@ def phase_crowded(res, args):
     finally:
         if bal:
             kill_wait(bal.pid)
-        events = agent_events(n)
-        for rec in out["crowded"] + out["idle"]:
-            rec.update(move_steps(events, rec["job"], rec["t_unix"] - 1))
-            cs = criu_stats(rec["job"])
-            if cs:
-                rec["criu"] = cs[-1]
+        try:
+            events = agent_events(n)
+            for rec in out["crowded"] + out["idle"]:
+                rec.update(move_steps(events, rec["job"], rec["t_unix"] - 1))
+                cs = criu_stats(rec["job"])
+                if cs:
+                    rec["criu"] = cs[-1]
+        except Exception as e:  # noqa: BLE001
+            out["failures"].append(f"reading the step traces: {type(e).__name__}: {e}")
         for h in hogs:
             run([MOSCTL, "kill", h], check=False)
         out["loadavg_end"] = loadavg()
         cluster_down()
-    c = [m["frozen_ms"] for m in out["crowded"]]
-    b = [m["frozen_ms"] for m in out["idle"]]
-    for key, xs in (("crowded_frozen_ms", c), ("idle_frozen_ms", b)):
-        out[key] = dict(stats(xs) or {}, p50=pct(xs, 50), p95=pct(xs, 95)) if xs else None
-    if c and b:
-        out["ratio_p50"] = pct(c, 50) / max(pct(b, 50), 1e-9)
-        out["ratio_p95"] = pct(c, 95) / max(pct(b, 95), 1e-9)
-        log(f"crowded: frozen p50 {pct(c, 50)} ms vs idle {pct(b, 50)} ms ({out['ratio_p50']:.2f}x), "
-            f"p95 {pct(c, 95)} vs {pct(b, 95)} ms ({out['ratio_p95']:.2f}x)")
-    # Median per step, crowded vs idle.
-    labels = [lab for _, _, lab in STEP_SPANS] + ["frozen by the traces (answered → target restored)"]
-    ck = ["freezing_us", "frozen_us", "memdump_us", "memwrite_us", "forking_us", "restore_us"]
-    out["steps_median_ms"] = {
-        lab: {side: (statistics.median(v) if (v := [m["spans_ms"][lab] for m in out[side]
-                                                    if lab in m.get("spans_ms", {})]) else None)
-              for side in ("crowded", "idle")}
-        for lab in labels}
-    out["criu_median_ms"] = {
-        k: {side: (statistics.median(v) / 1000 if (v := [m["criu"][k] for m in out[side]
-                                                         if k in m.get("criu", {})]) else None)
-            for side in ("crowded", "idle")}
-        for k in ck}
+        summarise_crowded(out)
+    c, b = out["crowded"], out["idle"]
     if len(c) < args.crowded_moves or len(b) < args.crowded_moves:
         raise RuntimeError(f"crowded: {len(c)} of {args.crowded_moves} balancer moves and {len(b)} of "
                            f"{args.crowded_moves} idle moves measured: {'; '.join(out['failures'])[:1500]}")
