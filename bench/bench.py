@@ -481,9 +481,11 @@ class BareJob:
                               preexec_fn=at_criu_nice)
         track(ps.pid)
         os.close(wr)
-        ready = os.read(rd, 1)
+        import select
+        ready = os.read(rd, 1) if select.select([rd], [], [], 15)[0] else b""
         os.close(rd)
         if not ready:
+            ps.kill()
             ps.wait()
             log_ = dst / "page-server.log"
             raise RuntimeError(f"bare page-server failed: {log_.read_text()[-1500:] if log_.exists() else ''}")
