@@ -1199,6 +1199,15 @@ def summarise_crowded(out):
         for k in ck}
 
 
+def cfs_stat(node):
+    """cpu.stat of a node's cgroup (nr_periods, nr_throttled, throttled_time ns)."""
+    try:
+        text = Path(f"/sys/fs/cgroup/cpu/mosix/{CLUSTER}/{node}/cpu.stat").read_text()
+    except OSError:
+        return None
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines() if len(line.split()) == 2)}
+
+
 def phase_crowded(res, args):
     """Issue 17: out of a crowded node. node1 (0.5 core) runs 8 pinned
     CPU-bound jobs; a small CPU-bound job started there is moved off by the
@@ -1288,7 +1297,17 @@ def phase_crowded(res, args):
         log(f"crowded: baseline, {half} moves between the idle nodes")
         idle_moves(half, "node2")
         log(f"crowded: {args.crowded_moves} balancer moves off node1")
+        thr0 = cfs_stat("node1")
+        t0 = time.monotonic()
         crowded_moves(args.crowded_moves)
+        thr1 = cfs_stat("node1")
+        if thr0 and thr1:
+            # How often node1's cgroup ran out of its quota while the balancer moved jobs off it.
+            out["node1_cfs_during_crowded_moves"] = {
+                "window_s": round(time.monotonic() - t0, 2),
+                "periods": thr1.get("nr_periods", 0) - thr0.get("nr_periods", 0),
+                "throttled_periods": thr1.get("nr_throttled", 0) - thr0.get("nr_throttled", 0),
+                "throttled_s": round((thr1.get("throttled_time", 0) - thr0.get("throttled_time", 0)) / 1e9, 3)}
         log(f"crowded: baseline, {args.crowded_moves - half} more moves between the idle nodes")
         idle_moves(args.crowded_moves - half, "node3")
         # Still crowded at the end? (every hog still running on node1)

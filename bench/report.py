@@ -407,11 +407,21 @@ def md_crowded(w, r):
     if cr.get("failures"):
         w("- failures: " + "; ".join(f"`{f[:300]}`" for f in cr["failures"]))
     w("")
+    cfs = cr.get("node1_cfs_during_crowded_moves")
+    w("Noise: each crowded move starts at whatever moment the balancer's round falls, inside node1's CPU cap "
+      "(10 ms CFS periods, 5 ms of quota each). The agent, CRIU and the job being dumped run in node1's cgroup at "
+      "nice -10 against 8 jobs at nice 0, so by CFS weights (9548 against 8 × 1024) they get about half of its 0.5 "
+      "core, and a period whose quota is spent stalls them until the next one. That, and the rest of the machine's "
+      "load, is the spread below; p95 of a dozen moves is close to their maximum."
+      + (f" While the balancer moved jobs off it, node1's cgroup ran out of quota in {cfs['throttled_periods']} of "
+         f"{cfs['periods']} periods (throttled {cfs['throttled_s']:.1f} s in {cfs['window_s']:.0f} s)." if cfs else "")
+      + "\n")
     steps = cr.get("steps_median_ms") or {}
     if any(v.get("crowded") is not None or v.get("idle") is not None for v in steps.values()):
         w("**Where the frozen time goes** (median ms per step, from the timestamps of the agents' step traces: "
           "source and target agents log on the same host clock; the frozen clock starts right after *target "
-          "answered* and stops at *target restored*):\n")
+          "answered* and stops at *target restored*; medians of the steps need not add up to the median of "
+          "the whole):\n")
         w("| Step | crowded | idle | crowded − idle |")
         w("|---|---|---|---|")
 
