@@ -985,6 +985,18 @@ def noshared_size(mib, runs, next_port):
     return s
 
 
+def agent_log_tail(nodes, lines=25):
+    """The last lines of each agent's log (for a failure's record)."""
+    out = {}
+    for i in range(1, nodes + 1):
+        try:
+            text = ANSI_RE.sub("", Path(f"/run/mosix/{CLUSTER}/node{i}.log").read_text(errors="replace"))
+            out[f"node{i}"] = [line[:400] for line in text.splitlines()[-lines:]]
+        except OSError:
+            pass
+    return out
+
+
 def phase_noshared(res, args):
     """Issue 17: without a shared path, a full copy no slower than CRIU's own
     shared-storage-free migration (page server on the target)."""
@@ -1003,7 +1015,7 @@ def phase_noshared(res, args):
             try:
                 out["sizes"].append(noshared_size(mib, runs, next_port))
             except Exception as e:  # noqa: BLE001
-                out["sizes"].append({"mib": mib, "runs": runs, "error": str(e)})
+                out["sizes"].append({"mib": mib, "runs": runs, "error": str(e), "agent_log_tail": agent_log_tail(2)})
                 log(f"noshared {mib} MiB failed: {e}")
     finally:
         out["loadavg_end"] = loadavg()
