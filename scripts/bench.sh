@@ -10,7 +10,7 @@
 #                    1,000 simulated agents, one balancer round, idle sampling
 #
 # Needs root (local clusters use network namespaces, cgroups and CRIU). Takes
-# about 10-12 minutes on a 2-core machine. Everything it starts is torn down at
+# about 13-16 minutes on a 2-core machine (noshared and crowded add ~3-4). Everything it starts is torn down at
 # the end, also on error or Ctrl-C: the `bench` local cluster, the simulated
 # agents, the balancer, bare-CRIU processes and their images.
 #
