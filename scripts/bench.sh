@@ -10,9 +10,10 @@
 #                    1,000 simulated agents, one balancer round, idle sampling
 #
 # Needs root (local clusters use network namespaces, cgroups and CRIU). Takes
-# about 13-16 minutes on a 2-core machine (noshared and crowded add ~3-4). Everything it starts is torn down at
-# the end, also on error or Ctrl-C: the `bench` local cluster, the simulated
-# agents, the balancer, bare-CRIU processes and their images.
+# about 13-16 minutes on a 2-core machine (noshared and crowded add ~3-4).
+# Everything it starts is torn down at the end, also on error or Ctrl-C: the
+# `bench` local cluster, the simulated agents, the balancer, bare-CRIU
+# processes (page servers too) and their images.
 #
 # Knobs (environment): BENCH_PHASES=plan,round,migration,balance,checkpoint,noshared,crowded
 #                      BENCH_SIZES=64x20,256x16,1024x12  (MiB x round trips)
