@@ -34,8 +34,10 @@ demo-gw: build
 demo-kernel: build
 	@bash scripts/demo-kernel.sh
 
-## Benchmarks: migration vs bare CRIU, post-copy, balancing quality, control-plane scale, the
-## kernel build (bench-kernel) and mosgw against nginx and HAProxy (bench-gw).
+## Benchmarks: migration vs bare CRIU (with a shared path, and without one against CRIU's
+## page-server migration), post-copy, balancing quality, moves off a crowded node (with the
+## agents' step traces), checkpoints, control-plane scale, the kernel build (bench-kernel) and
+## mosgw against nginx and HAProxy (bench-gw).
 bench: setup
 	$(CARGO) build --release --bins
 	@rc=0; bash scripts/bench.sh || rc=$$?; bash scripts/bench-kernel.sh || rc=$$?; \

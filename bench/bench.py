@@ -10,6 +10,13 @@ Phases (all by default; pick some with --phases a,b,...):
              the balancer, against the ideal
   checkpoint frozen time of one checkpoint (`mosctl checkpoint`, the job keeps running) of a
              64 MiB and a 1 GiB job vs the frozen time of a migration of the same job
+  noshared   a 2-node cluster without a shared path (`mosctl local up --no-shared`: the
+             agents stream the images): `mosctl migrate` vs CRIU's own way without shared
+             storage (`criu page-server` on the target, `criu dump --page-server` on the
+             source, the other image files copied, `criu restore` on the target)
+  crowded    3 nodes capped at 0.5 core, 8 pinned CPU-bound jobs on node1; the balancer
+             moves a small job off node1, again and again: its frozen time against the
+             same job's move between the idle nodes, with the agents' step traces
 
 Results go to bench-results/results.json; scripts/bench.sh then runs bench/report.py.
 Everything started here is recorded in bench-results/run/pids so that the shell's
@@ -46,7 +53,7 @@ PIDS = RUN / "pids"
 BARE_DIR = ROOT / "criu-images" / "bench-bare"
 
 ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
-DEFAULT_PHASES = "plan,round,migration,balance,checkpoint"
+DEFAULT_PHASES = "plan,round,migration,balance,checkpoint,noshared,crowded"
 T0 = time.monotonic()
 
 
@@ -213,12 +220,19 @@ def cluster_down():
     run([MOSCTL, "local", "down", "--name", CLUSTER], check=False, timeout=60)
 
 
-def cluster_up(nodes, caps=None, extra=()):
+def cluster_up(nodes, caps=None, extra=(), agent_env=None):
+    """A local cluster named CLUSTER. agent_env: more environment for its
+    agents (they inherit mosctl's), e.g. RUST_LOG for their debug-level step
+    traces in /run/mosix/CLUSTER/NODE.log."""
     cluster_down()
     cmd = [MOSCTL, "local", "up", "--name", CLUSTER, "--nodes", str(nodes), *extra]
+    if "--no-shared" not in extra:
+        # The project this driver belongs to (the binaries' default is the
+        # project they were built in, which is not this one in a worktree).
+        cmd += ["--shared", str(ROOT / "criu-images" / CLUSTER)]
     if caps:
         cmd += ["--cpu-caps", ",".join(str(c) for c in caps)]
-    run(cmd, timeout=120)
+    run(cmd, timeout=120, env=dict(ENV, **agent_env) if agent_env else None)
     cf = json.load(open(CLUSTER_FILE))
     pids = [int(x) for x in open(f"/run/mosix/{CLUSTER}/agents.pids").read().split()]
     return cf, pids
@@ -259,7 +273,7 @@ def last_restore_ms(node, job):
         text = ANSI_RE.sub("", Path(f"/run/mosix/{CLUSTER}/{node}.log").read_text())
     except FileNotFoundError:
         return None
-    m = re.findall(rf"restored job={job} pid=\d+ restore_ms=(\d+)", text)
+    m = re.findall(rf"restored job={job} pid=\d+(?: verify_ms=\d+)? restore_ms=(\d+)", text)
     return int(m[-1]) if m else None
 
 
@@ -269,14 +283,22 @@ def wait_images_gone(job, timeout=30.0):
     CRIU's does (the bench deletes bare images synchronously, untimed)
     instead of sharing the CPU and page allocator with the deletion of the
     previous GiB."""
-    root = Path(json.loads(Path(CLUSTER_FILE).read_text())["shared_root"]) / "images" / job
+    shared = json.loads(Path(CLUSTER_FILE).read_text()).get("shared_root")
+    if shared:
+        roots = [Path(shared) / "images" / job]
+    else:
+        # --no-shared: each node keeps its images in its own state dir.
+        roots = [d / "images" / job for d in Path(f"/run/mosix/{CLUSTER}/nodes").glob("*")]
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+
+    def busy(root):
         try:
             # (Dirs left with only CRIU logs, under MOSIX_KEEP_CRIU_LOGS, count as gone.)
-            if not any(p.is_dir() and any(p.glob("*.img")) for p in root.iterdir()):
-                return
+            return any(p.is_dir() and any(p.glob("*.img")) for p in root.iterdir())
         except FileNotFoundError:
+            return False
+    while time.monotonic() < end:
+        if not any(busy(r) for r in roots):
             return
         time.sleep(0.01)
 
@@ -436,6 +458,91 @@ class BareJob:
         self.node = to
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ready_ms": dumped, "frozen_ms": frozen, "total_ms": total}
+
+    def move_noshared(self, to, port):
+        """CRIU's own migration without shared storage: `criu page-server`
+        in the target node's netns, receiving the pages into the target's
+        image dir; `criu dump --page-server` in the source's, writing the
+        other image files into the source's dir; those copied to the target
+        (a user would scp them); `criu restore` in the target's netns. Total
+        = from starting the page server until the restore returned."""
+        cf = json.loads(Path(CLUSTER_FILE).read_text())
+        dst_ip = next(n["address"] for n in cf["nodes"] if n["name"] == to)
+        src, dst = self.dir / "img-src", self.dir / "img-dst"
+        for d in (src, dst):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+        rd, wr = os.pipe()
+        t = time.monotonic()
+        ps = subprocess.Popen(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "page-server",
+                               "-D", str(dst), "-o", "page-server.log", "-v2",
+                               "--address", dst_ip, "--port", str(port), "--status-fd", str(wr)],
+                              pass_fds=(wr,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=at_criu_nice)
+        track(ps.pid)
+        os.close(wr)
+        import select
+        ready = os.read(rd, 1) if select.select([rd], [], [], 15)[0] else b""
+        os.close(rd)
+        if not ready:
+            ps.kill()
+            ps.wait()
+            log_ = dst / "page-server.log"
+            raise RuntimeError(f"bare page-server failed: {log_.read_text()[-1500:] if log_.exists() else ''}")
+        listening = (time.monotonic() - t) * 1000
+        t_dump = time.monotonic()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{self.node}", CRIU, "dump",
+                            "-t", str(self.pid), "-D", str(src), "-o", "dump.log", *CRIU_COMMON,
+                            "--page-server", "--address", dst_ip, "--port", str(port)],
+                           capture_output=True, text=True, preexec_fn=at_criu_nice)
+        dump = (time.monotonic() - t_dump) * 1000
+        if r.returncode != 0:
+            ps.kill()
+            ps.wait()
+            raise RuntimeError(f"bare dump --page-server failed: {r.stderr.strip()[-1500:]}\n"
+                               f"{(src / 'dump.log').read_text()[-1500:] if (src / 'dump.log').exists() else ''}")
+        # The page server ends when the dump closes its connection.
+        try:
+            ps.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            ps.kill()
+            ps.wait()
+            raise RuntimeError("bare page-server did not exit after the dump")
+        if ps.returncode != 0:
+            raise RuntimeError(f"bare page-server exited {ps.returncode}: "
+                               f"{(dst / 'page-server.log').read_text()[-1500:]}")
+        t_copy = time.monotonic()
+        copied = 0
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".log") and not (dst / f.name).exists():
+                shutil.copy(f, dst / f.name)
+                copied += f.stat().st_size
+        copy = (time.monotonic() - t_copy) * 1000
+        if self.unshare and self.unshare.poll() is None:
+            try:
+                self.unshare.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        reap()
+        pidfile = self.dir / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+        t_rst = time.monotonic()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
+                            "-D", str(dst), "-o", "restore.log", *CRIU_COMMON, "-d",
+                            "--pidfile", str(pidfile)],
+                           capture_output=True, text=True, preexec_fn=at_criu_nice)
+        end = time.monotonic()
+        if r.returncode != 0:
+            raise RuntimeError(f"bare restore (no shared path) failed: {r.stderr.strip()[-1500:]}\n"
+                               f"{(dst / 'restore.log').read_text()[-1500:] if (dst / 'restore.log').exists() else ''}")
+        self.pid = int(pidfile.read_text().strip())
+        track(self.pid)
+        self.node = to
+        received = sum(f.stat().st_size for f in dst.iterdir() if f.is_file() and not f.name.endswith(".log"))
+        for d in (src, dst):
+            shutil.rmtree(d, ignore_errors=True)
+        return {"listen_ms": listening, "dump_ms": dump, "copy_ms": copy, "restore_ms": (end - t_rst) * 1000,
+                "total_ms": (end - t) * 1000, "copied_bytes": copied, "image_bytes": received}
 
     def kill(self):
         if self.pid:
@@ -810,6 +917,438 @@ def phase_balance(res, args):
     b["speedup"] = b["no_balance"]["makespan_s"] / b["balanced"]["makespan_s"]
 
 
+# ---------------------------------------------------------------------------
+# issue 17: without a shared path; out of a crowded node
+# ---------------------------------------------------------------------------
+
+def noshared_size(mib, runs, next_port):
+    """Our `mosctl migrate` (the agents stream the images) against CRIU's
+    page-server migration of an identical process, interleaved; each run a
+    round trip per side, both legs counted, who goes first alternating."""
+    log(f"noshared: {mib} MiB x {runs} runs (ours and bare CRIU page-server, interleaved)")
+    job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
+    bare = None
+    ours_out, ours_back, bares_out, bares_back = [], [], [], []
+    try:
+        wait_file_contains(show(job)["stdout_path"], "ready", 120)
+        bare = BareJob(mib)
+        # One untimed round trip per side first (see warm_up).
+        warm = {"ours": [migrate(job, "node2")["wall_ms"], migrate(job, "node1")["wall_ms"]],
+                "bare": [bare.move_noshared("node2", next_port())["total_ms"],
+                         bare.move_noshared("node1", next_port())["total_ms"]]}
+        log(f"  warm-up (untimed): ours {warm['ours'][0]:.0f}/{warm['ours'][1]:.0f} ms, "
+            f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms")
+        for i in range(runs):
+            def do_ours():
+                ours_out.append(migrate(job, "node2"))
+                ours_back.append(migrate(job, "node1"))
+
+            def do_bare():
+                bares_out.append(bare.move_noshared("node2", next_port()))
+                bares_back.append(bare.move_noshared("node1", next_port()))
+
+            for f in ((do_ours, do_bare) if i % 2 == 0 else (do_bare, do_ours)):
+                f()
+            o, ob, b, bb = ours_out[-1], ours_back[-1], bares_out[-1], bares_back[-1]
+            log(f"  run {i + 1}/{runs}: ours {o['wall_ms']:.0f} + {ob['wall_ms']:.0f} ms "
+                f"(frozen {o['frozen_ms']} + {ob['frozen_ms']}); bare {b['total_ms']:.0f} + {bb['total_ms']:.0f} ms "
+                f"(dump {b['dump_ms']:.0f}, copy {b['copy_ms']:.0f}, restore {b['restore_ms']:.0f}; "
+                f"dump {bb['dump_ms']:.0f}, copy {bb['copy_ms']:.0f}, restore {bb['restore_ms']:.0f})")
+        ok = show(job)["state"] == "running"
+    finally:
+        run([MOSCTL, "kill", job], check=False)
+        if bare:
+            bare.kill()
+    ours, bares = ours_out + ours_back, bares_out + bares_back
+    s = {
+        "mib": mib, "runs": runs, "moves": len(ours), "job_ok_after": ok, "warmup_ms": warm,
+        "ours_frozen_ms": stats([o["frozen_ms"] for o in ours]),
+        "ours_total_ms": stats([o["total_ms"] for o in ours]),
+        "ours_wall_ms": stats([o["wall_ms"] for o in ours]),
+        "ours_criu_restore_ms": stats([o["restore_ms"] for o in ours]),
+        "bare_listen_ms": stats([b["listen_ms"] for b in bares]),
+        "bare_dump_ms": stats([b["dump_ms"] for b in bares]),
+        "bare_copy_ms": stats([b["copy_ms"] for b in bares]),
+        "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
+        "bare_total_ms": stats([b["total_ms"] for b in bares]),
+        # Every move, in order (out, back, out, back, ...), to show every run.
+        "ours_wall_each_ms": [round(x["wall_ms"]) for pair in zip(ours_out, ours_back) for x in pair],
+        "bare_total_each_ms": [round(x["total_ms"]) for pair in zip(bares_out, bares_back) for x in pair],
+        "ours_first": [i % 2 == 0 for i in range(runs)],
+        "ours_images": ours[0]["images"] if ours else None,
+        "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
+        "bare_copied_bytes": bares[0]["copied_bytes"] if bares else None,
+    }
+    s["ratio_total"] = s["ours_wall_ms"]["median"] / s["bare_total_ms"]["median"]
+    log(f"  noshared {mib} MiB: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare "
+        f"{s['bare_total_ms']['median']:.0f} ms -> ratio {s['ratio_total']:.2f}")
+    return s
+
+
+def agent_log_tail(nodes, lines=25):
+    """The last lines of each agent's log (for a failure's record)."""
+    out = {}
+    for i in range(1, nodes + 1):
+        try:
+            text = ANSI_RE.sub("", Path(f"/run/mosix/{CLUSTER}/node{i}.log").read_text(errors="replace"))
+            out[f"node{i}"] = [line[:400] for line in text.splitlines()[-lines:]]
+        except OSError:
+            pass
+    return out
+
+
+def phase_noshared(res, args):
+    """Issue 17: without a shared path, a full copy no slower than CRIU's own
+    shared-storage-free migration (page server on the target)."""
+    log("noshared: 2-node local cluster without a shared path (--no-shared)")
+    out = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
+    res["noshared"] = out
+    cluster_up(2, extra=["--no-shared"])
+    port = [27300]
+
+    def next_port():
+        # A fresh port per move: no wait on a socket of the previous one.
+        port[0] = 27300 + (port[0] - 27300 + 1) % 500
+        return port[0]
+    try:
+        for mib, runs in args.noshared_sizes:
+            try:
+                out["sizes"].append(noshared_size(mib, runs, next_port))
+            except Exception as e:  # noqa: BLE001
+                out["sizes"].append({"mib": mib, "runs": runs, "error": str(e), "agent_log_tail": agent_log_tail(2)})
+                log(f"noshared {mib} MiB failed: {e}")
+    finally:
+        out["loadavg_end"] = loadavg()
+        cluster_down()
+
+
+# The agents' step traces (src/agent/migration.rs, at debug level, and two info
+# lines), in the order a full-copy move with a shared path passes them.
+# (side, how the line is recognised, name)
+STEP_MARKS = [
+    ("src", "step: migrate call received", "call"),
+    ("src", "step: target answered", "answered"),  # the frozen clock starts here
+    ("src", "step: registry updated, dumping", "dumping"),
+    ("src", "step: criu dump returned", "dumped"),
+    ("src", "dumped and sealed", "sealed"),
+    ("src", "step: handed over, calling the target", "handed"),
+    ("dst", "step: restore call received", "rcall"),
+    ("dst", "step: images verified and claimed", "claimed"),
+    ("dst", "step: criu restore returned", "restored_criu"),
+    ("dst", "restored", "recorded"),
+    ("src", "step: target restored", "back"),  # ... and stops here
+]
+# The spans between consecutive marks, as the report names them.
+STEP_SPANS = [
+    ("call", "answered", "ping the target (not frozen)"),
+    ("answered", "dumping", "freeze prep: front ends, registry, priority"),
+    ("dumping", "dumped", "CRIU dump (incl. waiting for the node's CRIU lock)"),
+    ("dumped", "sealed", "seal: hash tail + HMAC manifest"),
+    ("sealed", "handed", "hand-over record (+ owner CAS with etcd)"),
+    ("handed", "rcall", "Restore RPC reaches the target"),
+    ("rcall", "claimed", "target: verify manifest + claim images"),
+    ("claimed", "restored_criu", "CRIU restore (incl. waiting for the CRIU lock)"),
+    ("restored_criu", "recorded", "target: adopt, registry, events"),
+    ("recorded", "back", "Restore reply reaches the source"),
+]
+LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z?\s+(TRACE|DEBUG|INFO|WARN|ERROR)\s+(.*)$")
+
+
+def log_time(ts):
+    """Unix seconds of a tracing timestamp (UTC, up to ns digits)."""
+    import datetime
+    base, _, frac = ts.partition(".")
+    t = datetime.datetime.fromisoformat(base).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return t + (float("0." + frac) if frac else 0.0)
+
+
+def agent_events(nodes):
+    """(unix s, node, level, text) of every agent log line that names a job."""
+    ev = []
+    for i in range(1, nodes + 1):
+        node = f"node{i}"
+        try:
+            text = ANSI_RE.sub("", Path(f"/run/mosix/{CLUSTER}/{node}.log").read_text(errors="replace"))
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            m = LOG_LINE_RE.match(line)
+            if m and "job=" in line:
+                ev.append((log_time(m.group(1)), node, m.group(2), m.group(3)))
+    ev.sort()
+    return ev
+
+
+def move_steps(events, job, after=0.0):
+    """The marks of the first move of `job` after unix time `after`, from
+    the agents' logs: {mark: unix s}, plus the numbers the two info lines
+    carry (dump_ms, seal_us, verify_ms, restore_ms)."""
+    jre = re.compile(rf"\bjob={re.escape(job)}(?![\w.-])")
+    mine = [e for e in events if e[0] >= after and jre.search(e[3])]
+
+    def hit(name, needle, text):
+        if name == "recorded":
+            return re.search(r"(^|: )restored job=", text) is not None
+        return needle in text
+    out, extra = {}, {}
+    prev = after
+    for _side, needle, name in STEP_MARKS:
+        # Each mark: the first line after the previous mark found (a mark
+        # the agent did not log is skipped).
+        for t, _node, _lvl, text in mine:
+            if t >= prev and hit(name, needle, text):
+                out[name] = prev = t
+                for key in ("dump_ms", "seal_us", "verify_ms", "restore_ms", "follow_tail_us"):
+                    m = re.search(rf"\b{key}=(\d+)", text)
+                    if m:
+                        extra[key] = int(m.group(1))
+                break
+    spans = {}
+    for a, b, label in STEP_SPANS:
+        if a in out and b in out:
+            spans[label] = round((out[b] - out[a]) * 1000, 2)
+    if "answered" in out and "back" in out:
+        spans["frozen by the traces (answered → target restored)"] = round((out["back"] - out["answered"]) * 1000, 2)
+    return {"spans_ms": spans, "agent": extra, "marks_found": len(out)}
+
+
+def criu_stats(job):
+    """CRIU's own statistics of `job`'s moves (the agents keep stats-dump and
+    stats-restore with MOSIX_KEEP_CRIU_LOGS): microseconds, per migration."""
+    shared = json.loads(Path(CLUSTER_FILE).read_text()).get("shared_root")
+    if not shared:
+        return []
+    out = []
+    for d in sorted((Path(shared) / "images" / job).glob("*")):
+        rec = {}
+        for name, fields in (("stats-dump", {1: "freezing_us", 2: "frozen_us", 3: "memdump_us", 4: "memwrite_us",
+                                              5: "pages_scanned", 7: "pages_written"}),
+                             ("stats-restore", {3: "forking_us", 4: "restore_us", 5: "pages_restored"})):
+            try:
+                rec.update(decode_stats(d / name, fields))
+            except (OSError, ValueError, IndexError):
+                pass
+        if rec:
+            out.append(rec)
+    return out
+
+
+def decode_stats(path, fields):
+    """CRIU's stats image: two magic u32s, then one u32-length-prefixed
+    stats_entry { optional dump = 1; optional restore = 2 } whose message
+    holds varint fields (stats.proto)."""
+    b = Path(path).read_bytes()[8:]
+    n = int.from_bytes(b[:4], "little")
+    msg = b[4:4 + n]
+
+    def varint(buf, i):
+        v, shift = 0, 0
+        while True:
+            c = buf[i]
+            i += 1
+            v |= (c & 0x7F) << shift
+            shift += 7
+            if not c & 0x80:
+                return v, i
+
+    def fields_of(buf):
+        i, out = 0, {}
+        while i < len(buf):
+            key, i = varint(buf, i)
+            f, wt = key >> 3, key & 7
+            if wt == 0:
+                v, i = varint(buf, i)
+                out[f] = v
+            elif wt == 2:
+                ln, i = varint(buf, i)
+                out[f] = buf[i:i + ln]
+                i += ln
+            else:
+                raise ValueError(f"unexpected wire type {wt}")
+        return out
+    outer = fields_of(msg)
+    inner = fields_of(outer.get(1) or outer.get(2) or b"")
+    return {name: inner[f] for f, name in fields.items() if f in inner}
+
+
+CROWDED_WORK = 10 ** 12  # `mosjob burn --work`: far more than any phase lasts
+BAL_MOVE_RE = re.compile(r"\] (\S+) (\S+) -> (\S+): frozen (\d+) ms")
+BAL_FAIL_RE = re.compile(r"\] (\S+) (\S+) -> (\S+) failed: (.*)")
+
+
+def pct(xs, p):
+    """The p-th percentile (nearest rank) of xs."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    k = max(0, min(len(xs) - 1, -(-len(xs) * p // 100) - 1))
+    return xs[int(k)]
+
+
+def summarise_crowded(out):
+    """p50/p95 of both kinds of move, their ratios, median per step."""
+    c = [m["frozen_ms"] for m in out["crowded"]]
+    b = [m["frozen_ms"] for m in out["idle"]]
+    for key, xs in (("crowded_frozen_ms", c), ("idle_frozen_ms", b)):
+        out[key] = dict(stats(xs) or {}, p50=pct(xs, 50), p95=pct(xs, 95)) if xs else None
+    if c and b:
+        out["ratio_p50"] = pct(c, 50) / max(pct(b, 50), 1e-9)
+        out["ratio_p95"] = pct(c, 95) / max(pct(b, 95), 1e-9)
+        log(f"crowded: frozen p50 {pct(c, 50)} ms vs idle {pct(b, 50)} ms ({out['ratio_p50']:.2f}x), "
+            f"p95 {pct(c, 95)} vs {pct(b, 95)} ms ({out['ratio_p95']:.2f}x)")
+    # Median per step, crowded vs idle.
+    labels = [lab for _, _, lab in STEP_SPANS] + ["frozen by the traces (answered → target restored)"]
+    ck = ["freezing_us", "frozen_us", "memdump_us", "memwrite_us", "forking_us", "restore_us"]
+    out["steps_median_ms"] = {
+        lab: {side: (statistics.median(v) if (v := [m["spans_ms"][lab] for m in out[side]
+                                                    if lab in m.get("spans_ms", {})]) else None)
+              for side in ("crowded", "idle")}
+        for lab in labels}
+    out["criu_median_ms"] = {
+        k: {side: (statistics.median(v) / 1000 if (v := [m["criu"][k] for m in out[side]
+                                                         if k in m.get("criu", {})]) else None)
+            for side in ("crowded", "idle")}
+        for k in ck}
+
+
+def cfs_stat(node):
+    """cpu.stat of a node's cgroup (nr_periods, nr_throttled, throttled_time ns)."""
+    try:
+        text = Path(f"/sys/fs/cgroup/cpu/mosix/{CLUSTER}/{node}/cpu.stat").read_text()
+    except OSError:
+        return None
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines() if len(line.split()) == 2)}
+
+
+def phase_crowded(res, args):
+    """Issue 17: out of a crowded node. node1 (0.5 core) runs 8 pinned
+    CPU-bound jobs; a small CPU-bound job started there is moved off by the
+    balancer, again and again; the same kind of job is moved between the
+    idle nodes (node2 <-> node3) by `mosctl migrate` as the baseline (half
+    before, half after, node1 crowded all along). The agents log at debug
+    level, so every move's frozen time can be split into its steps."""
+    n, cap = 3, 0.5
+    out = {"nodes": n, "caps": [cap] * n, "hogs": args.crowded_hogs, "moves_asked": args.crowded_moves,
+           "job": f"mosjob burn --work {CROWDED_WORK}", "others_running": others_running(),
+           "loadavg_start": loadavg(), "crowded": [], "idle": [], "failures": []}
+    res["crowded"] = out
+    cluster_up(n, [cap] * n, agent_env={"RUST_LOG": "info,mosix::agent=debug", "MOSIX_KEEP_CRIU_LOGS": "1"})
+    hogs = []
+    bal = None
+    blog_path = RUN / "crowded-balancer.log"
+    small = [MOSJOB, "burn", "--work", str(CROWDED_WORK)]
+
+    def idle_moves(count, first_src):
+        for i in range(count):
+            src = first_src if i % 2 == 0 else ("node3" if first_src == "node2" else "node2")
+            dst = "node3" if src == "node2" else "node2"
+            job = mosrun(src, small)
+            try:
+                time.sleep(args.crowded_residence)
+                t = time.time()
+                m = migrate(job, dst)
+                out["idle"].append({"job": job, "from": src, "to": dst, "frozen_ms": m["frozen_ms"],
+                                    "wall_ms": round(m["wall_ms"], 1), "t_unix": t})
+                log(f"  idle {src} -> {dst}: frozen {m['frozen_ms']} ms")
+            except Exception as e:  # noqa: BLE001
+                out["failures"].append(f"idle move of {job}: {e}")
+                log(f"  idle move failed: {e}")
+            finally:
+                run([MOSCTL, "kill", job], check=False)
+                wait_images_gone(job)
+
+    def crowded_moves(count):
+        nonlocal bal
+        blog = open(blog_path, "w")
+        bal = subprocess.Popen([MOSBAL, "serve", "--interval", "1", "--min-residence", "1"],
+                               stdout=blog, stderr=subprocess.STDOUT, env=ENV)
+        track(bal.pid)
+        time.sleep(1.5)
+        if bal.poll() is not None:
+            raise RuntimeError(f"mos-balance serve exited: {blog_path.read_text()[-500:]}")
+        try:
+            for _ in range(count):
+                t = time.time()
+                job = mosrun("node1", small)
+                try:
+                    end = time.monotonic() + args.crowded_timeout
+                    got = None
+                    while time.monotonic() < end and not got:
+                        text = ANSI_RE.sub("", blog_path.read_text(errors="replace"))
+                        for m in BAL_MOVE_RE.finditer(text):
+                            if m.group(1) == job:
+                                got = {"job": job, "from": m.group(2), "to": m.group(3),
+                                       "frozen_ms": int(m.group(4)), "moved_after_s": round(time.time() - t, 2),
+                                       "t_unix": t}
+                        for m in BAL_FAIL_RE.finditer(text):
+                            if m.group(1) == job:
+                                out["failures"].append(f"balancer's move of {job}: {m.group(4)}")
+                        time.sleep(0.1)
+                    if got:
+                        out["crowded"].append(got)
+                        log(f"  crowded {got['from']} -> {got['to']}: frozen {got['frozen_ms']} ms "
+                            f"(moved {got['moved_after_s']} s after its start)")
+                    else:
+                        out["failures"].append(f"{job} was not moved off node1 within {args.crowded_timeout} s")
+                        log(f"  {job} was not moved within {args.crowded_timeout} s")
+                finally:
+                    run([MOSCTL, "kill", job], check=False)
+                    wait_images_gone(job)
+        finally:
+            kill_wait(bal.pid)
+            bal = None
+            out["balancer_log_tail"] = ANSI_RE.sub("", blog_path.read_text(errors="replace"))[-3000:]
+
+    try:
+        log(f"crowded: {args.crowded_hogs} pinned burn jobs on node1 (cap {cap} core)")
+        for _ in range(args.crowded_hogs):
+            r = run([MOSRUN, "-d", "--node", "node1", "--pinned", "--"] + small)
+            hogs.append(r.stdout.strip().split()[0])
+        time.sleep(4)  # the agents' load window (3 samples) fills
+        half = args.crowded_moves // 2
+        log(f"crowded: baseline, {half} moves between the idle nodes")
+        idle_moves(half, "node2")
+        log(f"crowded: {args.crowded_moves} balancer moves off node1")
+        thr0 = cfs_stat("node1")
+        t0 = time.monotonic()
+        crowded_moves(args.crowded_moves)
+        thr1 = cfs_stat("node1")
+        if thr0 and thr1:
+            # How often node1's cgroup ran out of its quota while the balancer moved jobs off it.
+            out["node1_cfs_during_crowded_moves"] = {
+                "window_s": round(time.monotonic() - t0, 2),
+                "periods": thr1.get("nr_periods", 0) - thr0.get("nr_periods", 0),
+                "throttled_periods": thr1.get("nr_throttled", 0) - thr0.get("nr_throttled", 0),
+                "throttled_s": round((thr1.get("throttled_time", 0) - thr0.get("throttled_time", 0)) / 1e9, 3)}
+        log(f"crowded: baseline, {args.crowded_moves - half} more moves between the idle nodes")
+        idle_moves(args.crowded_moves - half, "node3")
+        # Still crowded at the end? (every hog still running on node1)
+        js = {j["id"]: j for j in jobs_all()}
+        out["hogs_running_at_end"] = sum(1 for h in hogs if js.get(h, {}).get("state") == "running"
+                                         and js.get(h, {}).get("node") == "node1")
+    finally:
+        if bal:
+            kill_wait(bal.pid)
+        try:
+            events = agent_events(n)
+            for rec in out["crowded"] + out["idle"]:
+                rec.update(move_steps(events, rec["job"], rec["t_unix"] - 1))
+                cs = criu_stats(rec["job"])
+                if cs:
+                    rec["criu"] = cs[-1]
+        except Exception as e:  # noqa: BLE001
+            out["failures"].append(f"reading the step traces: {type(e).__name__}: {e}")
+        for h in hogs:
+            run([MOSCTL, "kill", h], check=False)
+        out["loadavg_end"] = loadavg()
+        cluster_down()
+        summarise_crowded(out)
+    c, b = out["crowded"], out["idle"]
+    if len(c) < args.crowded_moves or len(b) < args.crowded_moves:
+        raise RuntimeError(f"crowded: {len(c)} of {args.crowded_moves} balancer moves and {len(b)} of "
+                           f"{args.crowded_moves} idle moves measured: {'; '.join(out['failures'])[:1500]}")
+
+
 def parse_sizes(s):
     out = []
     for part in filter(None, s.split(",")):
@@ -828,6 +1367,15 @@ def main():
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")
     ap.add_argument("--ckpt-sizes", default="64x5,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the checkpoint phase")
+    ap.add_argument("--noshared-sizes", default="64x8,1024x4", type=parse_sizes,
+                    help="MiBxRUNS,... for the noshared phase (round trips)")
+    ap.add_argument("--crowded-moves", type=int, default=12,
+                    help="crowded phase: balancer moves off the crowded node (and as many between idle nodes)")
+    ap.add_argument("--crowded-hogs", type=int, default=8, help="crowded phase: pinned CPU-bound jobs on node1")
+    ap.add_argument("--crowded-residence", type=float, default=1.5,
+                    help="crowded phase: seconds an idle-baseline job runs before it is moved")
+    ap.add_argument("--crowded-timeout", type=float, default=60,
+                    help="crowded phase: seconds to wait for the balancer to move a job")
     ap.add_argument("--idle-secs", type=float, default=30)
     ap.add_argument("--plan-runs", type=int, default=11)
     ap.add_argument("--agents", type=int, default=1000)
@@ -854,7 +1402,7 @@ def main():
     })
     durations = res.setdefault("durations_s", {})
     phases = {"plan": phase_plan, "round": phase_round, "migration": phase_migration, "balance": phase_balance,
-              "checkpoint": phase_checkpoint}
+              "checkpoint": phase_checkpoint, "noshared": phase_noshared, "crowded": phase_crowded}
     errors = res.setdefault("errors", {})
     try:
         for name in args.phases.split(","):

@@ -18,6 +18,10 @@ RESULTS = OUT / "results.json"
 MD = ROOT / "BENCHMARKS.md"
 
 
+# Issue 17's full-copy goals (ours ÷ bare CRIU), by size in MiB; other sizes 1.00.
+FULL_COPY_GOAL = {64: 0.85, 256: 1.0, 1024: 1.0}
+
+
 def med(s):
     return None if not s else s["median"]
 
@@ -48,33 +52,42 @@ def targets(r):
     mig = r.get("migration", {})
     sizes = mig.get("sizes", [])
     if not sizes:
-        add("migration", "ours total / bare CRIU total", "not measured", "≤ 1.10 at every size", False,
+        add("migration", "ours total / bare CRIU total", "not measured", "≤ 0.85 at 64 MiB, ≤ 1.00 above", False,
             r.get("errors", {}).get("migration", ""))
     for s in sizes:
+        # Issue 17: faster than bare CRIU where a resident agent's fixed
+        # costs matter (64 MiB), at least parity above.
+        goal = FULL_COPY_GOAL.get(s["mib"], 1.0)
         add("migration", f"{s['mib']} MiB: ours total / bare CRIU total",
             f"{s['ratio_total']:.2f} ({med(s['ours_wall_ms']):.0f} ms vs {med(s['bare_total_ms']):.0f} ms)",
-            "≤ 1.10", s["ratio_total"] <= 1.10)
+            f"≤ {goal:.2f}", s["ratio_total"] <= goal)
 
-    # 2. post-copy
+    # 2. post-copy: frozen 1 GiB ≤ 0.3 s, and (issue 17, replacing the
+    # 1 GiB ÷ 64 MiB ratio) ≤ 0.75 × bare CRIU's lazy-pages frozen time.
     pc = r.get("post_copy")
-    if pc is None:
-        add("post-copy", "frozen time, 1 GiB", "not measured", "≤ 0.3 s", False, r.get("errors", {}).get("migration", ""))
-        add("post-copy", "frozen(1 GiB) / frozen(64 MiB)", "not measured", "≤ 2", False)
-    elif not pc.get("available"):
-        add("post-copy", "frozen time, 1 GiB", "not implemented", "≤ 0.3 s", False, pc.get("error", ""))
-        add("post-copy", "frozen(1 GiB) / frozen(64 MiB)", "not implemented", "≤ 2", False, pc.get("error", ""))
+    pc_sizes = ("64", "1024")
+    if pc is None or not pc.get("available"):
+        why = ("not measured", r.get("errors", {}).get("migration", "")) if pc is None else \
+            ("not implemented", pc.get("error", ""))
+        add("post-copy", "frozen time, 1 GiB", why[0], "≤ 0.3 s", False, why[1])
+        for k in pc_sizes:
+            add("post-copy", f"{k} MiB: ours frozen / bare CRIU lazy-pages frozen", why[0], "≤ 0.75", False, why[1])
     else:
         f1g = (pc.get("1024") or {}).get("frozen_ms")
-        f64 = (pc.get("64") or {}).get("frozen_ms")
         if f1g:
             add("post-copy", "frozen time, 1 GiB", f"{med(f1g) / 1000:.3f} s", "≤ 0.3 s", med(f1g) <= 300)
         else:
             add("post-copy", "frozen time, 1 GiB", "failed", "≤ 0.3 s", False, str(pc.get("1024")))
-        if f1g and f64:
-            ratio = med(f1g) / max(med(f64), 1e-9)
-            add("post-copy", "frozen(1 GiB) / frozen(64 MiB)", f"{ratio:.2f}", "≤ 2", ratio <= 2.0)
-        else:
-            add("post-copy", "frozen(1 GiB) / frozen(64 MiB)", "failed", "≤ 2", False)
+        for k in pc_sizes:
+            d = pc.get(k) or {}
+            what = f"{k} MiB: ours frozen / bare CRIU lazy-pages frozen"
+            if d.get("frozen_ms") and d.get("bare_frozen_ms"):
+                o, b = med(d["frozen_ms"]), med(d["bare_frozen_ms"])
+                ratio = o / max(b, 1e-9)
+                add("post-copy", what, f"{ratio:.2f} ({o:.0f} ms vs {b:.0f} ms)", "≤ 0.75", ratio <= 0.75)
+            else:
+                add("post-copy", what, "not measured" if not d else "failed", "≤ 0.75", False,
+                    d.get("error", "") if d else "size not in --sizes")
 
     # 3. balancing
     b = r.get("balance", {})
@@ -151,6 +164,37 @@ def targets(r):
                 continue
             c, m = med(v["checkpoint_frozen_ms"]), med(v["migration_frozen_ms"])
             add("checkpoint", what, f"{c / max(m, 1e-9):.2f} ({c:.0f} ms vs {m:.0f} ms)", "≤ 1.00", c <= m)
+
+    # 7. issue 17: without a shared path, CRIU's own way as the yardstick
+    ns = r.get("noshared")
+    nerr = r.get("errors", {}).get("noshared", "")
+    if not ns or not ns.get("sizes"):
+        add("no shared path", "ours total / CRIU page-server migration total", "not measured", "≤ 1.00", False,
+            nerr or "phase not run")
+    else:
+        for s in ns["sizes"]:
+            what = f"{s['mib']} MiB: ours total / CRIU page-server migration total"
+            if "error" in s:
+                add("no shared path", what, "failed", "≤ 1.00", False, s["error"][:300])
+                continue
+            add("no shared path", what,
+                f"{s['ratio_total']:.2f} ({med(s['ours_wall_ms']):.0f} ms vs {med(s['bare_total_ms']):.0f} ms)",
+                "≤ 1.00", s["ratio_total"] <= 1.0)
+
+    # 8. issue 17: out of a crowded node
+    cr = r.get("crowded")
+    cerr = r.get("errors", {}).get("crowded", "")
+    if not cr or not cr.get("crowded_frozen_ms") or not cr.get("idle_frozen_ms"):
+        for q, goal in (("p50", "≤ 1.5"), ("p95", "≤ 2.5")):
+            add("crowded node", f"frozen {q}: move off a crowded node / between idle nodes", "not measured",
+                goal, False, (cerr or "phase not run")[:300])
+    else:
+        c, i = cr["crowded_frozen_ms"], cr["idle_frozen_ms"]
+        note = cerr[:300] if cerr else ""
+        add("crowded node", f"frozen p50: balancer's move off a crowded node / move between idle nodes (n={c['n']}/{i['n']})",
+            f"{cr['ratio_p50']:.2f} ({c['p50']} ms vs {i['p50']} ms)", "≤ 1.5", cr["ratio_p50"] <= 1.5, note)
+        add("crowded node", f"frozen p95: balancer's move off a crowded node / move between idle nodes (n={c['n']}/{i['n']})",
+            f"{cr['ratio_p95']:.2f} ({c['p95']} ms vs {i['p95']} ms)", "≤ 2.5", cr["ratio_p95"] <= 2.5, note)
 
     return t
 
@@ -275,6 +319,132 @@ def hand_written_sections():
     return out
 
 
+def bg_note(r, phase):
+    """One sentence on the machine's load when a phase started."""
+    b = (r.get("background") or {}).get(phase) or {}
+    if not b:
+        return ""
+    oc = b.get("other_clusters") or []
+    return (f"Machine load when the phase started: {b.get('busy_cores')} cores busy (of 2), loadavg "
+            f"{' '.join(b.get('loadavg', []))}" + (f"; other local clusters up: {', '.join(oc)}" if oc else "") + ".")
+
+
+def md_noshared(w, r):
+    ns = r.get("noshared")
+    w("## 1b. Migration without a shared path\n")
+    if not ns:
+        w(f"Not measured: {r.get('errors', {}).get('noshared', 'phase not run')}\n")
+        return
+    w("A 2-node local cluster made with `mosctl local up --no-shared`: each node keeps its registry and images in "
+      "its own state dir (`/run/mosix/<cluster>/nodes/<node>`, same disk), and `mosctl migrate` makes the source "
+      "agent dump and seal, stream the images to the target agent over mTLS, and ask it to restore. "
+      "**Bare** is CRIU's own migration without shared storage, on a twin process (as in section 1): "
+      "`criu page-server -D TARGET_DIR --address TARGET_IP --port P` started in the target's netns (timed from its "
+      "start; `--status-fd` says when it listens), `criu dump -t PID -D SOURCE_DIR --page-server --address TARGET_IP "
+      "--port P` in the source's netns (the pages go over TCP into the target's dir), the other image files copied "
+      "from the source's dir into the target's (what a user does with scp; here a local copy), then `criu restore "
+      "-D TARGET_DIR -d` in the target's netns; same CRIU options and priority as section 1. "
+      "Each run is a round trip node1 → node2 → node1 per side, both legs count, runs alternate who goes first, "
+      "after one untimed round trip per side. Median (min–max) in ms. " + bg_note(r, "noshared") + "\n")
+    sizes = ns.get("sizes", [])
+    ok = [s for s in sizes if "error" not in s]
+    if ok:
+        w("| Size | moves | ours frozen | ours total (wall) | bare: page server up | bare: dump | bare: copy rest | "
+          "bare: restore | bare total | ratio ours/bare |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
+        for s in ok:
+            w(f"| {s['mib']} MiB | {s['moves']} | {fmt_ms(s['ours_frozen_ms'])} | {fmt_ms(s['ours_wall_ms'])} | "
+              f"{fmt_ms(s['bare_listen_ms'])} | {fmt_ms(s['bare_dump_ms'])} | {fmt_ms(s['bare_copy_ms'], 1)} | "
+              f"{fmt_ms(s['bare_restore_ms'])} | {fmt_ms(s['bare_total_ms'])} | **{s['ratio_total']:.2f}** |")
+        w("\nEvery move, in order (ms; out and back alternate; *o* = our side went first in that run):\n")
+        for s in ok:
+            firsts = s.get("ours_first") or []
+            w(f"- {s['mib']} MiB, ours: " + ", ".join(
+                f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
+                for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
+            w(f"- {s['mib']} MiB, bare: " + ", ".join(
+                f"{a}/{b}" for a, b in zip(s["bare_total_each_ms"][::2], s["bare_total_each_ms"][1::2])))
+        w("")
+        w("Images: ours " + "; ".join(f"{s['mib']} MiB: {s.get('ours_images')}" for s in ok) + "; bare " +
+          "; ".join(f"{s['mib']} MiB: {(s.get('bare_image_bytes') or 0) / 2**20:.1f} MiB, of which "
+                    f"{(s.get('bare_copied_bytes') or 0) / 2**10:.0f} KiB copied after the dump" for s in ok) + ".\n")
+    for s in sizes:
+        if "error" in s:
+            w(f"- {s['mib']} MiB failed: `{s['error'][:500]}`")
+    if len(ok) != len(sizes):
+        w("")
+
+
+def md_crowded(w, r):
+    cr = r.get("crowded")
+    w("## 3b. Out of a crowded node\n")
+    if not cr:
+        w(f"Not measured: {r.get('errors', {}).get('crowded', 'phase not run')}\n")
+        return
+    w(f"A {cr['nodes']}-node local cluster, every node capped at {cr['caps'][0]} core. node1 runs {cr['hogs']} "
+      "CPU-bound jobs started with `mosrun --pinned` (the balancer may not move them), so it is crowded all along. "
+      f"**Crowded**: a small CPU-bound job (`{cr['job']}`, a few MiB of images) is started on node1 and "
+      "`mos-balance serve --interval 1 --min-residence 1` (as in section 3) moves it off; its frozen time is the one "
+      "the balancer logs (`…: frozen N ms`, the source agent's figure); then it is killed and the next one started. "
+      "**Idle**: the same kind of job started on node2 or node3, left running for a moment, then moved to the other "
+      "with `mosctl migrate` (no balancer): half of these moves before the crowded ones and half after, with node1 "
+      "still crowded, so the only difference is the source node's load. p50/p95 are nearest-rank percentiles. "
+      "The agents run with `RUST_LOG=info,mosix::agent=debug` (their step traces) and `MOSIX_KEEP_CRIU_LOGS=1` "
+      "(CRIU's `stats-dump`/`stats-restore` survive the move). " + bg_note(r, "crowded") + "\n")
+    c, i = cr.get("crowded_frozen_ms"), cr.get("idle_frozen_ms")
+    if c and i:
+        w("| Moves | n | frozen p50 | frozen p95 | min–max |")
+        w("|---|---|---|---|---|")
+        w(f"| off the crowded node (balancer) | {c['n']} | {c['p50']} ms | {c['p95']} ms | {c['min']}–{c['max']} ms |")
+        w(f"| between idle nodes (`mosctl migrate`) | {i['n']} | {i['p50']} ms | {i['p95']} ms | {i['min']}–{i['max']} ms |")
+        w(f"| ratio | | **{cr['ratio_p50']:.2f}** (goal ≤ 1.5) | **{cr['ratio_p95']:.2f}** (goal ≤ 2.5) | |")
+        w("")
+    w("Every move, in order (frozen ms; for the crowded ones also the target and how long after its start the "
+      "balancer moved it):\n")
+    w("- crowded: " + (", ".join(f"{m['frozen_ms']} (→{m['to']}, {m['moved_after_s']} s)" for m in cr.get("crowded", []))
+                       or "none"))
+    w("- idle: " + (", ".join(f"{m['frozen_ms']} ({m['from']}→{m['to']})" for m in cr.get("idle", [])) or "none"))
+    if cr.get("failures"):
+        w("- failures: " + "; ".join(f"`{f[:300]}`" for f in cr["failures"]))
+    w("")
+    cfs = cr.get("node1_cfs_during_crowded_moves")
+    w("Noise: each crowded move starts at whatever moment the balancer's round falls, inside node1's CPU cap "
+      "(10 ms CFS periods, 5 ms of quota each). The agent, CRIU and the job being dumped run in node1's cgroup at "
+      "nice -10 against 8 jobs at nice 0, so by CFS weights (9548 against 8 × 1024) they get about half of its 0.5 "
+      "core, and a period whose quota is spent stalls them until the next one. That, and the rest of the machine's "
+      "load, is the spread below; p95 of a dozen moves is close to their maximum."
+      + (f" While the balancer moved jobs off it, node1's cgroup ran out of quota in {cfs['throttled_periods']} of "
+         f"{cfs['periods']} periods (throttled {cfs['throttled_s']:.1f} s in {cfs['window_s']:.0f} s)." if cfs else "")
+      + "\n")
+    steps = cr.get("steps_median_ms") or {}
+    if any(v.get("crowded") is not None or v.get("idle") is not None for v in steps.values()):
+        w("**Where the frozen time goes** (median ms per step, from the timestamps of the agents' step traces: "
+          "source and target agents log on the same host clock; the frozen clock starts right after *target "
+          "answered* and stops at *target restored*; medians of the steps need not add up to the median of "
+          "the whole):\n")
+        w("| Step | crowded | idle | crowded − idle |")
+        w("|---|---|---|---|")
+
+        def n(x):
+            return "n/a" if x is None else f"{x:.1f}"
+        for lab, v in steps.items():
+            d = (v["crowded"] - v["idle"]) if v.get("crowded") is not None and v.get("idle") is not None else None
+            w(f"| {lab} | {n(v.get('crowded'))} | {n(v.get('idle'))} | {n(d)} |")
+        w("")
+    ck = cr.get("criu_median_ms") or {}
+    if any(v.get("crowded") is not None for v in ck.values()):
+        names = {"freezing_us": "dump: freezing the tree", "frozen_us": "dump: frozen (CRIU's own count)",
+                 "memdump_us": "dump: memory dump", "memwrite_us": "dump: memory write",
+                 "forking_us": "restore: forking", "restore_us": "restore: whole restore"}
+        w("CRIU's own statistics of the same moves (`stats-dump`, `stats-restore`; median ms):\n")
+        w("| CRIU stage | crowded | idle |")
+        w("|---|---|---|")
+        for k, v in ck.items():
+            f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+            w(f"| {names.get(k, k)} | {f(v.get('crowded'))} | {f(v.get('idle'))} |")
+        w("")
+
+
 def markdown(r, tg, pngs):
     meta = r.get("meta", {})
     L = []
@@ -376,6 +546,8 @@ def markdown(r, tg, pngs):
     else:
         w(f"Not measured: {r.get('errors', {}).get('migration', 'phase not run')}\n")
 
+    md_noshared(w, r)
+
     # 2
     w("## 2. Post-copy\n")
     pc = r.get("post_copy")
@@ -451,6 +623,8 @@ def markdown(r, tg, pngs):
             w("```\n")
     else:
         w(f"Not measured: {r.get('errors', {}).get('balance', 'phase not run')}\n")
+
+    md_crowded(w, r)
 
     # 4
     w("## 4. Control plane\n")

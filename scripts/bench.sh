@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make bench: migration vs bare CRIU, post-copy, balancing quality and
+# make bench: migration vs bare CRIU (with and without a shared path),
+# post-copy, balancing quality, moves off a crowded node, checkpoints and
 # control-plane scale, side by side in one run.
 #
 #   bench/bench.py   runs the phases and writes bench-results/results.json
@@ -9,13 +10,15 @@
 #                    1,000 simulated agents, one balancer round, idle sampling
 #
 # Needs root (local clusters use network namespaces, cgroups and CRIU). Takes
-# about 10-12 minutes on a 2-core machine. Everything it starts is torn down at
-# the end, also on error or Ctrl-C: the `bench` local cluster, the simulated
-# agents, the balancer, bare-CRIU processes and their images.
+# about 13-16 minutes on a 2-core machine (noshared and crowded add ~3-4).
+# Everything it starts is torn down at the end, also on error or Ctrl-C: the
+# `bench` local cluster, the simulated agents, the balancer, bare-CRIU
+# processes (page servers too) and their images.
 #
-# Knobs (environment): BENCH_PHASES=plan,round,migration,balance,checkpoint
+# Knobs (environment): BENCH_PHASES=plan,round,migration,balance,checkpoint,noshared,crowded
 #                      BENCH_SIZES=64x20,256x16,1024x12  (MiB x round trips)
-#                      BENCH_ARGS="..."                (more bench.py flags)
+#                      BENCH_ARGS="..."                (more bench.py flags, e.g.
+#                        --noshared-sizes 64x8,1024x4 --crowded-moves 12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -75,7 +78,7 @@ echo "== mosix benchmarks (results: bench-results/results.json, summary: BENCHMA
 bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
-  --phases "${BENCH_PHASES:-plan,round,migration,balance,checkpoint}" \
+  --phases "${BENCH_PHASES:-plan,round,migration,balance,checkpoint,noshared,crowded}" \
   --sizes "${BENCH_SIZES:-64x20,256x16,1024x12}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 
