@@ -555,8 +555,25 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         "--port",
         "8189",
     ]);
+    // An instance that takes 2 s per request (the abandoned request below).
+    cl.mosrun(&[
+        "--node",
+        "node1",
+        "--service",
+        "slow",
+        "--port",
+        "8191",
+        "--",
+        MOSJOB,
+        "http",
+        "--port",
+        "8191",
+        "--work-ms",
+        "2000",
+    ]);
     let raw_listen = format!("raw=127.0.0.1:{}", free_port());
     let empty = format!("empty=127.0.0.1:{}", free_port());
+    let slow = format!("slow=127.0.0.1:{}", free_port());
     let gw = Gw::start(
         &cl,
         &[
@@ -564,6 +581,8 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
             &raw_listen,
             "--service",
             &empty,
+            "--service",
+            &slow,
             "--header-timeout-ms",
             "1000",
             "--body-timeout-ms",
@@ -643,6 +662,33 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A client that gives up mid-request: its request leaves the instance's
+    // in-flight count (it once stayed there for good, and phantom requests
+    // made a calm service look saturated and drains wait their whole bound).
+    let in_flight = |svc: &str| -> Option<u64> {
+        let (code, body) = get(gw.admin, "/status")?;
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v[svc].as_array()?.first()?["in_flight"].as_u64()
+    };
+    let slow_addr: SocketAddr = slow.trim_start_matches("slow=").parse().unwrap();
+    cl.wait_for("the slow instance in the table", 10, || {
+        in_flight("slow") == Some(0)
+    });
+    let mut quitter = TcpStream::connect(slow_addr).unwrap();
+    quitter
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    cl.wait_for("the request to be in flight", 5, || {
+        in_flight("slow") == Some(1)
+    });
+    drop(quitter);
+    cl.wait_for(
+        "the abandoned request to leave the in-flight count",
+        10,
+        || in_flight("slow") == Some(0),
+    );
+    still_serving();
     // A bad service declaration is refused with a reason, and nothing starts.
     for (svc, port, want) in [
         ("a b", "80", "may only hold"),

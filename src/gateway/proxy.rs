@@ -292,8 +292,9 @@ async fn forward_request(
         *out.headers_mut() = headers.clone();
         let sent = Instant::now();
         let job: &str = &m.job;
+        let flight = InFlight::new(gw, svc, &m);
         let r = attempt(gw, job, addr, out).await;
-        finished(gw, svc, &m, r.is_ok().then(|| sent.elapsed()));
+        flight.finish(r.is_ok().then(|| sent.elapsed()));
         match r {
             Ok(resp) => return (resp, Some(m)),
             Err(f) => {
@@ -505,6 +506,48 @@ async fn pick(
     result
 }
 
+/// A request counted in flight at an instance (by [`pick`]) until it ends.
+///
+/// Dropped without [`InFlight::finish`] it still ends the request: hyper
+/// drops a request's future when its client goes away mid-request (a load
+/// generator stopping, a browser tab closed), so code after the `.await`
+/// never runs. Before this guard such requests stayed in flight for good:
+/// the balancing bench's instances kept 10-13 phantom requests each, which
+/// made a calm service look saturated, and a drain before a freeze would
+/// wait its whole bound for requests that no longer existed.
+struct InFlight<'a> {
+    gw: &'a Gateway,
+    svc: &'a str,
+    m: &'a InstanceMetrics,
+    done: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(gw: &'a Gateway, svc: &'a str, m: &'a InstanceMetrics) -> Self {
+        Self {
+            gw,
+            svc,
+            m,
+            done: false,
+        }
+    }
+
+    /// The request ended, answered in `rtt` if it was.
+    fn finish(mut self, rtt: Option<Duration>) {
+        self.done = true;
+        finished(self.gw, self.svc, self.m, rtt);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned: no response time to learn from.
+            finished(self.gw, self.svc, self.m, None);
+        }
+    }
+}
+
 /// A request at `job` ended (answered in `rtt`, if it was): no longer in
 /// flight; its latency feeds the balancer; wake drains and holds.
 fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, rtt: Option<Duration>) {
@@ -547,11 +590,12 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
             Err(_) => return,
         };
         let job: &str = &m.job;
+        let flight = InFlight::new(&gw, &svc, &m);
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(mut backend)) => {
                 let _ = backend.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-                finished(&gw, &svc, &m, None);
+                flight.finish(None);
                 gw.metrics
                     .requests
                     .with_label_values(&[&*svc, job, "tcp"])
@@ -559,7 +603,7 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
                 return;
             }
             _ => {
-                finished(&gw, &svc, &m, None);
+                flight.finish(None);
                 gw.metrics
                     .errors
                     .with_label_values(&[&*svc, job, "connect"])

@@ -23,9 +23,10 @@
 //!   answered anything (and a new one starts from the service's typical
 //!   latency, not from zero, so it is not flooded);
 //! - a new or returned instance starts at a tenth of its weight (slow start);
-//! - when the service has requests queued everywhere (saturated), the cost is
-//!   only the outstanding requests (least outstanding, as HAProxy's
-//!   leastconn), which keeps every instance busy (see [`choose`]).
+//! - when the service has had requests queued everywhere for a while
+//!   (saturated, see [`Saturation`]), the cost is only the outstanding
+//!   requests (least outstanding, as HAProxy's leastconn), which keeps every
+//!   instance busy (see [`choose`]).
 
 use super::metrics::InstanceMetrics;
 use std::collections::HashMap;
