@@ -118,6 +118,34 @@ impl From<&crate::agent::events::JobEvent> for pb::JobEvent {
     }
 }
 
+/// A job's own address on the wire: none when the address is empty.
+fn job_net(
+    address: &str,
+    prefix: u32,
+    gateway: &str,
+    mac: String,
+) -> Result<Option<crate::core::JobNet>, InvalidRequest> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let ip = address.parse().map_err(|_| {
+        InvalidRequest::new("address", format!("{address:?} is not an IPv4 address"))
+    })?;
+    let gateway = gateway.parse().map_err(|_| {
+        InvalidRequest::new("gateway", format!("{gateway:?} is not an IPv4 address"))
+    })?;
+    let prefix = u8::try_from(prefix)
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| InvalidRequest::new("address_prefix", format!("{prefix} is not 0-32")))?;
+    Ok(Some(crate::core::JobNet {
+        ip,
+        prefix,
+        gateway,
+        mac,
+    }))
+}
+
 /// A declared service on the wire: none when the name is empty.
 pub(crate) fn service_decl(name: &str, port: u32) -> Result<Option<ServiceDecl>, InvalidRequest> {
     if name.is_empty() {
@@ -156,6 +184,17 @@ impl TryFrom<pb::LaunchRequest> for AgentAction {
                 r.checkpoint_every_ms,
                 r.checkpoint_keep,
             )?,
+            own_net: match r.net.as_str() {
+                "" => None,
+                "own" => Some(true),
+                "node" => Some(false),
+                other => {
+                    return Err(InvalidRequest::new(
+                        "net",
+                        format!("{other:?} is neither \"own\" nor \"node\""),
+                    ))
+                }
+            },
         }))
     }
 }
@@ -410,6 +449,14 @@ impl From<&JobRecord> for pb::Job {
                 .unwrap_or_default(),
             port: r.service.as_ref().map(|s| u32::from(s.port)).unwrap_or(0),
             checkpoint: r.checkpoint.as_ref().map(pb::CheckpointStatus::from),
+            address: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
+            address_prefix: r.net.as_ref().map_or(0, |n| u32::from(n.prefix)),
+            gateway: r
+                .net
+                .as_ref()
+                .map(|n| n.gateway.to_string())
+                .unwrap_or_default(),
+            mac: r.net.as_ref().map(|n| n.mac.clone()).unwrap_or_default(),
         }
     }
 }
@@ -460,6 +507,7 @@ impl TryFrom<pb::Job> for JobRecord {
             generation: j.generation,
             service: service_decl(&j.service, j.port)?,
             checkpoint: j.checkpoint.map(crate::core::CheckpointStatus::from),
+            net: job_net(&j.address, j.address_prefix, &j.gateway, j.mac)?,
         })
     }
 }
