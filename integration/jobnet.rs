@@ -527,11 +527,11 @@ fn node_network_job_with_a_connection_is_refused_and_addresses_are_shown() {
     let own = cl.mosrun(&["--node", "node1", "--net", "own", "--", PY, "-c", &client]);
     let net = cl.record(&own).net.expect("own address");
     let jobs = stdout(&cl.mosctl(&["jobs"]));
-    assert!(
-        jobs.lines()
-            .any(|l| l.starts_with(&own) && l.contains(&format!("[address {}]", net.ip))),
-        "{jobs}"
-    );
+    assert!(jobs.contains(&format!("[address {}]", net.ip)), "{jobs}");
+    let listed = cl.jobs_json();
+    let entry = listed.iter().find(|j| j["id"] == own.as_str()).unwrap();
+    assert_eq!(entry["address"], net.ip.to_string());
+    assert_eq!(entry["mac"], net.mac);
     let show = stdout(&cl.mosctl(&["show", &own]));
     assert!(
         show.contains(&format!("address  {}/24 mac {}", net.ip, net.mac)),

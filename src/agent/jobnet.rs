@@ -106,7 +106,7 @@ impl JobNetConfig {
     /// Whether this node can give a job its own namespace now (its bridge
     /// exists in the agent's namespace).
     pub fn available(&self) -> bool {
-        Path::new("/sys/class/net").join(&self.bridge).exists()
+        link_exists(&self.bridge)
     }
 
     /// Claim a free address for `job`, starting at a place derived from the
@@ -228,9 +228,20 @@ pub fn plumb(pid: i32, veth: &str, bridge: &str, net: &JobNet) -> Result<(), Job
     result
 }
 
+/// Whether this process's network namespace has a link `name`. Not
+/// `/sys/class/net`: an agent in a node's namespace sees the sysfs of
+/// whoever mounted it, i.e. the host's links.
+pub fn link_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 /// Delete a link of this node by name (a job's host veth); Ok if absent.
 pub fn delete_link(name: &str) -> Result<(), JobNetError> {
-    if !Path::new("/sys/class/net").join(name).exists() {
+    if !link_exists(name) {
         return Ok(());
     }
     run(
@@ -242,7 +253,7 @@ pub fn delete_link(name: &str) -> Result<(), JobNetError> {
 /// Cut a stopped post-copy source off the network (up = false) or put it
 /// back after a failed move (up = true).
 pub fn set_link(name: &str, up: bool) {
-    if Path::new("/sys/class/net").join(name).exists() {
+    if link_exists(name) {
         let _ = Command::new("ip")
             .args(["link", "set", name, if up { "up" } else { "down" }])
             .stdin(Stdio::null())
@@ -594,7 +605,7 @@ impl super::Agent {
             .job_net
             .as_ref()
             .map_or(DEFAULT_BRIDGE, |c| c.bridge.as_str());
-        if !Path::new("/sys/class/net").join(bridge).exists() {
+        if !link_exists(bridge) {
             return Err(AgentError::FailedPrecondition(format!(
                 "job {job} has its own address {} but {} has no job bridge {bridge} to restore it on",
                 net.ip, self.cfg.node
