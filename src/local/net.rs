@@ -77,7 +77,19 @@ pub fn make_node(cluster: &str, i: usize, addr: &str, k: u8) -> anyhow::Result<(
 fn make_job_bridge(ns: &str, addr: &str, k: u8) -> anyhow::Result<()> {
     let br = crate::agent::jobnet::DEFAULT_BRIDGE;
     let cidr = format!("{addr}/24");
-    ip(&["-n", ns, "link", "add", br, "type", "bridge"])?;
+    // The bridge keeps eth0's MAC for good: left to itself it takes the
+    // lowest MAC of its ports, so a job veth attached later would change
+    // the node's MAC under every neighbour's ARP cache.
+    let link = ip(&["-n", ns, "-o", "link", "show", "eth0"])?;
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .context("eth0 has no MAC address")?
+        .to_string();
+    ip(&[
+        "-n", ns, "link", "add", br, "address", &mac, "type", "bridge",
+    ])?;
     ip(&["-n", ns, "addr", "del", &cidr, "dev", "eth0"])?;
     ip(&["-n", ns, "link", "set", "eth0", "master", br])?;
     ip(&["-n", ns, "addr", "add", &cidr, "dev", br])?;
