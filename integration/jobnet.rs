@@ -169,6 +169,51 @@ fn migrate(cl: &Cluster, job: &str, to: &str, extra: &[&str]) {
     assert_eq!(cl.record(job).node.as_str(), to);
 }
 
+/// 40 MiB of pseudo-random bytes, 64 KiB every 10 ms, to the first
+/// client; then their digest on stdout.
+const TRANSFER_SERVER: &str = r#"
+import socket,hashlib,random,time
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9600));s.listen()
+print('listening',flush=True)
+c,_=s.accept();r=random.Random(18);h=hashlib.sha256()
+for i in range(640):
+    b=r.randbytes(65536);h.update(b);c.sendall(b);time.sleep(0.01)
+c.shutdown(socket.SHUT_WR);print(h.hexdigest(),flush=True);c.recv(1)
+"#;
+
+/// The job: downloads from the peer through one connection, writes the
+/// digest and the byte count.
+const TRANSFER_CLIENT: &str = r#"
+import socket,hashlib
+c=socket.create_connection(('PEER',9600));h=hashlib.sha256();n=0
+while True:
+    b=c.recv(65536)
+    if not b: break
+    h.update(b);n+=len(b)
+open('RESULT','w').write('%s %d' % (h.hexdigest(),n))
+"#;
+
+const ECHO_SERVER: &str = r#"
+import socket
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9700));s.listen()
+while True:
+    c,_=s.accept()
+    while True:
+        d=c.recv(4096)
+        if not d: break
+        c.sendall(d)
+"#;
+
+/// The peer's client: a line in, the same line back, on one connection;
+/// it exits (and the test fails) on any error.
+const ECHO_CLIENT: &str = r#"
+import socket,sys
+c=socket.create_connection(('ADDR',9700));f=c.makefile('rwb')
+for line in sys.stdin:
+    f.write(line.encode());f.flush();back=f.readline().decode()
+    print('ok' if back==line else 'BAD '+repr(back),flush=True)
+"#;
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -315,13 +360,7 @@ fn outbound_transfer_keeps_its_checksum_across_full_and_post_copy_moves() {
     let peer = Peer::new(&cl);
     // The server: 40 MiB of pseudo-random bytes, 64 KiB every 10 ms, then
     // its digest on stdout.
-    let server = "import socket,hashlib,random,time,sys\n\
-s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9600));s.listen()\n\
-print('listening',flush=True)\n\
-c,_=s.accept();r=random.Random(18);h=hashlib.sha256()\n\
-for i in range(640):\n\
-    b=r.randbytes(65536);h.update(b);c.sendall(b);time.sleep(0.01)\n\
-c.shutdown(socket.SHUT_WR);print(h.hexdigest(),flush=True);c.recv(1)\n";
+    let server = TRANSFER_SERVER;
     let mut srv = Killed(
         peer.cmd(PY)
             .args(["-c", server])
@@ -334,17 +373,9 @@ c.shutdown(socket.SHUT_WR);print(h.hexdigest(),flush=True);c.recv(1)\n";
     srv_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "listening");
     let result = cl.shared.join("transfer.sha256");
-    let client = format!(
-        "import socket,hashlib\n\
-c=socket.create_connection(('{}',9600));h=hashlib.sha256();n=0\n\
-while True:\n\
-    b=c.recv(65536)\n\
-    if not b: break\n\
-    h.update(b);n+=len(b)\n\
-open('{}','w').write('%s %d' % (h.hexdigest(),n))\n",
-        peer.ip,
-        result.display()
-    );
+    let client = TRANSFER_CLIENT
+        .replace("PEER", &peer.ip)
+        .replace("RESULT", &result.display().to_string());
     let job = cl.mosrun(&["--node", "node1", "--net", "own", "--", PY, "-c", &client]);
     std::thread::sleep(Duration::from_millis(800));
     migrate(&cl, &job, "node2", &["--full-copy"]);
@@ -382,25 +413,12 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
     }
     let cl = Cluster::up(2, &["--no-shared"]);
     let peer = Peer::new(&cl);
-    let server = "import socket\n\
-s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9700));s.listen()\n\
-while True:\n\
-    c,_=s.accept()\n\
-    while True:\n\
-        d=c.recv(4096)\n\
-        if not d: break\n\
-        c.sendall(d)\n";
+    let server = ECHO_SERVER;
     let job = cl.mosrun(&["--node", "node1", "--net", "own", "--", PY, "-c", server]);
     let ip = address_of(&cl, &job);
     // The peer's client: a line in, the same line back, on one connection;
     // it exits (and the test fails) on any error.
-    let client = format!(
-        "import socket,sys\n\
-c=socket.create_connection(('{ip}',9700));f=c.makefile('rwb')\n\
-for line in sys.stdin:\n\
-    f.write(line.encode());f.flush();back=f.readline().decode()\n\
-    print('ok' if back==line else 'BAD '+repr(back),flush=True)\n"
-    );
+    let client = ECHO_CLIENT.replace("ADDR", &ip);
     let mut cli = None;
     cl.wait_for("the echo server to answer", 20, || {
         let mut c = peer
