@@ -28,6 +28,8 @@
 //! jobs their own namespace: such a launch falls back to the node's network
 //! and the agent says so.
 
+use super::{AgentError, AgentResult};
+use crate::core::{JobId, JobRecord};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -456,6 +458,128 @@ pub fn has_own_netns(pid: i32) -> bool {
     }
 }
 
+/// This node no longer runs `job`: delete its veth, or (`keep`, a stopped
+/// post-copy source that may still take the job back) only take it down.
+pub fn left_here(job: &JobId, keep: bool) {
+    let veth = host_veth(job.as_str());
+    if keep {
+        set_link(&veth, false);
+    } else if let Err(e) = delete_link(&veth) {
+        tracing::warn!(job = %job, "{e}");
+    }
+}
+
+impl super::Agent {
+    /// The address a new job gets: its own (claimed from the pool) when it
+    /// asked for one or the node's default says so and this node has the
+    /// bridge; else None, the node's network, with a warning when it asked.
+    pub(crate) fn job_net_for(
+        &self,
+        id: &JobId,
+        asked: Option<bool>,
+    ) -> AgentResult<Option<JobNet>> {
+        let Some(c) = &self.cfg.job_net else {
+            if asked == Some(true) {
+                tracing::warn!(job = %id, node = %self.cfg.node, "no job address pool on this node (mosixd --job-net-pool): the job uses the node's network");
+            }
+            return Ok(None);
+        };
+        if !asked.unwrap_or(c.default_own) {
+            return Ok(None);
+        }
+        if !c.available() {
+            tracing::warn!(job = %id, node = %self.cfg.node, bridge = %c.bridge, "the job bridge does not exist on this node: the job uses the node's network, and its connections cannot move with it");
+            return Ok(None);
+        }
+        c.claim(id.as_str()).map(Some).map_err(|e| match e {
+            JobNetError::PoolExhausted(_) => AgentError::ResourceExhausted(e.to_string()),
+            other => AgentError::Internal(other.to_string()),
+        })
+    }
+
+    /// Give a job's address back to the pool (its end, or a failed launch).
+    pub(crate) fn release_address(&self, id: &JobId, net: &JobNet) {
+        if let Some(c) = &self.cfg.job_net {
+            c.release(id.as_str(), net.ip);
+        }
+    }
+
+    /// Refuse, before anything is frozen, a move that would break a TCP
+    /// connection: one held by a job in its node's network namespace (its
+    /// address stays behind, and CRIU cannot dump it).
+    pub(crate) fn check_connections_can_move(&self, rec: &JobRecord, pid: i32) -> AgentResult<()> {
+        if rec.net.is_some() && has_own_netns(pid) {
+            return Ok(());
+        }
+        let conns = established_connections(pid);
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = conns.iter().take(8).map(|c| c.to_string()).collect();
+        Err(AgentError::FailedPrecondition(format!(
+            "job {} holds {} established TCP connection(s) ({}{}) and uses its node's network, so they cannot move with it; start it with `mosrun -d --net own` to give it an address that moves; it keeps running on {}",
+            rec.id,
+            conns.len(),
+            shown.join(", "),
+            if conns.len() > shown.len() { ", …" } else { "" },
+            self.cfg.node
+        )))
+    }
+
+    /// [`check_connections_can_move`](Self::check_connections_can_move)
+    /// for a service instance, after its front ends were told it is about
+    /// to be frozen and let go of their pooled connections (nothing is
+    /// frozen yet); a refusal tells them it runs on here.
+    pub(crate) fn check_service_connections(&self, rec: &JobRecord, pid: i32) -> AgentResult<()> {
+        if rec.service.is_none() {
+            return Ok(());
+        }
+        self.check_connections_can_move(rec, pid).inspect_err(|_| {
+            self.events.running(rec, &self.cfg.node);
+        })
+    }
+
+    /// Before restoring `job` here: if it has its own address, this node's
+    /// end of its veth (stale links of the same name removed) and the
+    /// bridge, as CRIU's `external` entry, plus the address.
+    pub(crate) fn prepare_job_net(&self, job: &JobId) -> AgentResult<Option<(String, JobNet)>> {
+        let Some(net) = self.registry.get(job)?.net else {
+            return Ok(None);
+        };
+        let bridge = self
+            .cfg
+            .job_net
+            .as_ref()
+            .map_or(DEFAULT_BRIDGE, |c| c.bridge.as_str());
+        if !link_exists(bridge) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} has its own address {} but {} has no job bridge {bridge} to restore it on",
+                net.ip, self.cfg.node
+            )));
+        }
+        let veth = host_veth(job.as_str());
+        delete_link(&veth).map_err(|e| AgentError::Internal(e.to_string()))?;
+        Ok(Some((external_veth(&veth, bridge), net)))
+    }
+
+    /// A restore here failed: nothing of the job's interface may stay.
+    pub(crate) fn job_net_failed(&self, job: &JobId, net: Option<&(String, JobNet)>) {
+        if net.is_some() {
+            left_here(job, false);
+        }
+    }
+
+    /// The job runs here now, its sockets restored: announce its address.
+    pub(crate) fn job_net_arrived(&self, job: &JobId, pid: i32, net: Option<&(String, JobNet)>) {
+        if let Some((_, n)) = net {
+            match announce(pid, n) {
+                Ok(()) => tracing::debug!(job = %job, ip = %n.ip, "address announced"),
+                Err(e) => tracing::warn!(job = %job, ip = %n.ip, "{e}"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,117 +643,5 @@ mod tests {
         assert_eq!(&f[12..14], &[8, 6]);
         assert_eq!(&f[28..32], &[10, 77, 1, 100]);
         assert_eq!(&f[38..42], &[10, 77, 1, 100]);
-    }
-}
-
-/// This node no longer runs `job`: delete its veth, or (`keep`, a stopped
-/// post-copy source that may still take the job back) only take it down.
-pub fn left_here(job: &crate::core::JobId, keep: bool) {
-    let veth = host_veth(job.as_str());
-    if keep {
-        set_link(&veth, false);
-    } else if let Err(e) = delete_link(&veth) {
-        tracing::warn!(job = %job, "{e}");
-    }
-}
-
-use super::{AgentError, AgentResult};
-use crate::core::{JobId, JobRecord};
-
-impl super::Agent {
-    /// The address a new job gets: its own (claimed from the pool) when it
-    /// asked for one or the node's default says so and this node has the
-    /// bridge; else None, the node's network, with a warning when it asked.
-    pub(crate) fn job_net_for(
-        &self,
-        id: &JobId,
-        asked: Option<bool>,
-    ) -> AgentResult<Option<JobNet>> {
-        let Some(c) = &self.cfg.job_net else {
-            if asked == Some(true) {
-                tracing::warn!(job = %id, node = %self.cfg.node, "no job address pool on this node (mosixd --job-net-pool): the job uses the node's network");
-            }
-            return Ok(None);
-        };
-        if !asked.unwrap_or(c.default_own) {
-            return Ok(None);
-        }
-        if !c.available() {
-            tracing::warn!(job = %id, node = %self.cfg.node, bridge = %c.bridge, "the job bridge does not exist on this node: the job uses the node's network, and its connections cannot move with it");
-            return Ok(None);
-        }
-        c.claim(id.as_str()).map(Some).map_err(|e| match e {
-            JobNetError::PoolExhausted(_) => AgentError::ResourceExhausted(e.to_string()),
-            other => AgentError::Internal(other.to_string()),
-        })
-    }
-
-    /// Give a job's address back to the pool (its end, or a failed launch).
-    pub(crate) fn release_address(&self, id: &JobId, net: &JobNet) {
-        if let Some(c) = &self.cfg.job_net {
-            c.release(id.as_str(), net.ip);
-        }
-    }
-
-    /// Refuse, before anything is frozen, a move that would break a TCP
-    /// connection: one held by a job in its node's network namespace (its
-    /// address stays behind, and CRIU cannot dump it).
-    pub(crate) fn check_connections_can_move(&self, rec: &JobRecord, pid: i32) -> AgentResult<()> {
-        if rec.net.is_some() && has_own_netns(pid) {
-            return Ok(());
-        }
-        let conns = established_connections(pid);
-        if conns.is_empty() {
-            return Ok(());
-        }
-        let shown: Vec<String> = conns.iter().take(8).map(|c| c.to_string()).collect();
-        Err(AgentError::FailedPrecondition(format!(
-            "job {} holds {} established TCP connection(s) ({}{}) and uses its node's network, so they cannot move with it; start it with `mosrun -d --net own` to give it an address that moves; it keeps running on {}",
-            rec.id,
-            conns.len(),
-            shown.join(", "),
-            if conns.len() > shown.len() { ", …" } else { "" },
-            self.cfg.node
-        )))
-    }
-
-    /// Before restoring `job` here: if it has its own address, this node's
-    /// end of its veth (stale links of the same name removed) and the
-    /// bridge, as CRIU's `external` entry, plus the address.
-    pub(crate) fn prepare_job_net(&self, job: &JobId) -> AgentResult<Option<(String, JobNet)>> {
-        let Some(net) = self.registry.get(job)?.net else {
-            return Ok(None);
-        };
-        let bridge = self
-            .cfg
-            .job_net
-            .as_ref()
-            .map_or(DEFAULT_BRIDGE, |c| c.bridge.as_str());
-        if !link_exists(bridge) {
-            return Err(AgentError::FailedPrecondition(format!(
-                "job {job} has its own address {} but {} has no job bridge {bridge} to restore it on",
-                net.ip, self.cfg.node
-            )));
-        }
-        let veth = host_veth(job.as_str());
-        delete_link(&veth).map_err(|e| AgentError::Internal(e.to_string()))?;
-        Ok(Some((external_veth(&veth, bridge), net)))
-    }
-
-    /// A restore here failed: nothing of the job's interface may stay.
-    pub(crate) fn job_net_failed(&self, job: &JobId, net: Option<&(String, JobNet)>) {
-        if net.is_some() {
-            left_here(job, false);
-        }
-    }
-
-    /// The job runs here now, its sockets restored: announce its address.
-    pub(crate) fn job_net_arrived(&self, job: &JobId, pid: i32, net: Option<&(String, JobNet)>) {
-        if let Some((_, n)) = net {
-            match announce(pid, n) {
-                Ok(()) => tracing::debug!(job = %job, ip = %n.ip, "address announced"),
-                Err(e) => tracing::warn!(job = %job, ip = %n.ip, "{e}"),
-            }
-        }
     }
 }

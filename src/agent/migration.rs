@@ -318,6 +318,7 @@ impl Agent {
         let started = now_unix_ms();
         if !leave_running {
             self.announce_freeze(rec, pid, to.as_ref()).await;
+            self.check_service_connections(rec, pid)?;
             rec.state = JobState::Migrating;
             rec.pending = Some(PendingMigration {
                 id: mig.clone(),
@@ -987,8 +988,11 @@ impl Agent {
             )));
         }
         // Connections that cannot move with it (see `jobnet`), also
-        // before anything is frozen.
-        self.check_connections_can_move(&rec, pid)?;
+        // before anything is frozen. A service instance is checked once
+        // its front ends have let go of it (`checkpoint_onto`).
+        if rec.service.is_none() {
+            self.check_connections_can_move(&rec, pid)?;
+        }
         // What a lazy restore cannot take over while the source still holds
         // it (see `postcopy::blockers`), looked at before anything is frozen.
         let wants_post_copy = matches!(

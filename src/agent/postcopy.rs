@@ -112,6 +112,7 @@ impl Agent {
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
         let rss_bytes = crate::core::procfs::tree_rss_bytes(pid);
         self.announce_freeze(rec, pid, Some(to)).await;
+        self.check_service_connections(rec, pid)?;
         rec.state = JobState::Migrating;
         rec.pending = Some(PendingMigration {
             id: mig.clone(),

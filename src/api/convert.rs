@@ -114,6 +114,7 @@ impl From<&crate::agent::events::JobEvent> for pb::JobEvent {
                 .as_ref()
                 .map(|n| n.to_string())
                 .unwrap_or_default(),
+            address: e.address.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 }
