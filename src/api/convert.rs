@@ -833,6 +833,43 @@ mod tests {
     }
 
     #[test]
+    fn a_jobs_own_address_and_its_net_choice_cross_the_wire() {
+        let mut rec = crate::core::registry::tests::sample("j1");
+        rec.net = Some(crate::core::JobNet::new(
+            "10.77.1.120".parse().unwrap(),
+            24,
+            "10.77.1.1".parse().unwrap(),
+        ));
+        let wire = pb::Job::from(&rec);
+        assert_eq!(wire.address, "10.77.1.120");
+        assert_eq!(wire.mac, "02:6d:0a:4d:01:78");
+        assert_eq!(JobRecord::try_from(wire).unwrap().net, rec.net);
+        rec.net = None;
+        let wire = pb::Job::from(&rec);
+        assert!(wire.address.is_empty());
+        assert_eq!(JobRecord::try_from(wire).unwrap().net, None);
+        let bad = pb::Job {
+            address: "10.77.1.300".into(),
+            ..pb::Job::from(&rec)
+        };
+        assert_eq!(JobRecord::try_from(bad).unwrap_err().field, "address");
+        let launch = |net: &str| {
+            AgentAction::try_from(pb::LaunchRequest {
+                argv: vec!["true".into()],
+                net: net.into(),
+                ..Default::default()
+            })
+        };
+        for (net, want) in [("", None), ("own", Some(true)), ("node", Some(false))] {
+            match launch(net).unwrap() {
+                AgentAction::Launch(r) => assert_eq!(r.own_net, want, "{net:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(launch("bridge").unwrap_err().field, "net");
+    }
+
+    #[test]
     fn restore_image_dir_is_derived_not_trusted() {
         let e = RestoreCall::try_from(pb::RestoreRequest {
             job_id: "j1".into(),
