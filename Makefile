@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export MOSIX_REQUIRE_PRIVILEGED ?= 1
 
-.PHONY: setup build test unit integration demo demo-gw demo-kernel bench bench-gw bench-kernel failover soak up down fmt clippy clean package
+.PHONY: setup build test unit integration demo demo-gw demo-kernel bench bench-gw bench-kernel bench-jobnet failover soak up down fmt clippy clean package
 
 ## Install what mosix needs (packages, CRIU >= 4.2 built into .cache/criu). Idempotent.
 setup:
@@ -52,6 +52,12 @@ bench-kernel: setup
 bench-gw: setup
 	$(CARGO) build --release --bins
 	@bash scripts/bench-gw.sh
+
+## Jobs with their own address (issue 18): extra frozen time at 1/100/1000 connections vs none,
+## the peer's stall, resets over 100 moves.
+bench-jobnet: setup
+	$(CARGO) build --release --bins
+	@bash scripts/bench-jobnet.sh
 
 ## Node loss (issue 16): detection and restart after a node's death, work lost, checkpoint frozen
 ## time, and 200 injected faults with the duplicates counted. About 30 minutes.

@@ -12,6 +12,7 @@ mod coord;
 mod faults;
 mod foreground;
 mod gateway;
+mod jobnet;
 mod migration;
 mod mosmake;
 mod noshared;

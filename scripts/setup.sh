@@ -27,7 +27,10 @@ PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc
       sshfs openssh-server
       # etcd 3.4 (Debian 12): leases, ownership and fencing (src/coord);
       # `mosctl local up` starts it; etcdctl is for people.
-      etcd-server etcd-client)
+      etcd-server etcd-client
+      # Jobs with their own address (issue 18): nft to check that no CRIU
+      # network lock is left behind; redis for its migration test.
+      nftables redis-server redis-tools)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -176,6 +176,7 @@ impl Agent {
                 crate::core::procfs::tree_rss_bytes(pid),
             )),
             post_dump: Some(hook),
+            own_net: rec.net.is_some(),
         };
         let fsync = self.cfg.image_sync == super::ImageSync::Fsync;
         let follower = self

@@ -1571,6 +1571,7 @@ mod tests {
             post_copy: false,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
+            job_net: None,
         }
     }
 
@@ -1612,6 +1613,7 @@ mod tests {
             generation: 3,
             service: None,
             checkpoint: None,
+            net: None,
         }
     }
 

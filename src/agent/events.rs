@@ -59,6 +59,8 @@ pub struct JobEvent {
     pub generation: u64,
     pub unix_ms: u64,
     pub to_node: Option<NodeName>,
+    /// The job's own address, if it has one (see `agent::jobnet`).
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 impl JobEvent {
@@ -73,6 +75,7 @@ impl JobEvent {
             generation: rec.generation,
             unix_ms: now_unix_ms(),
             to_node: None,
+            address: rec.net.as_ref().map(|n| n.ip),
         }
     }
 }

@@ -424,6 +424,8 @@ impl Agent {
             // A foreground job streams through its mosrun's pipes, which
             // no checkpoint can bring back.
             checkpoint: None,
+            // A foreground job stays where it started: no address to move.
+            own_net: Some(false),
         };
         let extras = LaunchExtras {
             stdin: Some(std::os::fd::AsRawFd::as_raw_fd(&rd)),

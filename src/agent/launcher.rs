@@ -39,6 +39,10 @@ pub struct LaunchSpec {
     pub stdin: Option<std::os::fd::RawFd>,
     /// The caller's umask (None: the agent's).
     pub umask: Option<u32>,
+    /// Clone the job into a new, empty network namespace too
+    /// (`CLONE_NEWNET`); it waits before exec until [`launch_then`]'s
+    /// `setup` has given it an interface (see [`super::jobnet`]).
+    pub own_netns: bool,
 }
 
 /// `mosix-init`, next to the running binary.
@@ -67,6 +71,8 @@ pub enum LaunchError {
     Exec(String, std::io::Error),
     #[error("launch pipe: {0}")]
     Pipe(std::io::Error),
+    #[error("{0}")]
+    Network(String),
 }
 
 /// The executable for `cmd`, as a shell in `cwd` would find it: a path
@@ -104,6 +110,16 @@ fn open_output(path: &Path, uid: u32, gid: u32) -> Result<OwnedFd, LaunchError> 
 /// a close-on-exec pipe, so "command not found" is an error here, not a job
 /// that dies at once.
 pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
+    launch_then(spec, &|_| Ok(()))
+}
+
+/// [`launch`], calling `setup(pid)` after the clone and before the job may
+/// exec (with [`LaunchSpec::own_netns`], the job waits for it). A failed
+/// setup kills the child and fails the launch.
+pub fn launch_then(
+    spec: &LaunchSpec,
+    setup: &dyn Fn(i32) -> Result<(), String>,
+) -> Result<i32, LaunchError> {
     let first = spec.argv.first().ok_or(LaunchError::EmptyCommand)?;
     let path_var = spec
         .env
@@ -172,6 +188,10 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     let err = open_output(&spec.stderr, spec.uid, spec.gid)?;
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| LaunchError::Pipe(e.into()))?;
+    // The parent's go-ahead after `setup` (a byte, or EOF: give up).
+    let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| LaunchError::Pipe(e.into()))?;
+    let (fd_go, fd_go_wr, wait_go) = (go_rd.as_raw_fd(), go_wr.as_raw_fd(), spec.own_netns);
 
     let umask = spec.umask.map(|m| (m & 0o777) as libc::mode_t);
     let (fd_in, fd_out, fd_err, fd_wr) = (
@@ -192,6 +212,13 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
                 libc::write(fd_wr, word.as_ptr().cast(), std::mem::size_of_val(&word));
                 libc::_exit(127)
             };
+            if wait_go {
+                libc::close(fd_go_wr);
+                let mut b = 0u8;
+                if libc::read(fd_go, (&mut b as *mut u8).cast(), 1) != 1 {
+                    libc::_exit(126);
+                }
+            }
             if libc::setsid() < 0 {
                 return fail(1);
             }
@@ -231,12 +258,26 @@ pub fn launch(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         nix::sched::clone(
             child,
             &mut stack,
-            CloneFlags::CLONE_NEWPID,
+            if spec.own_netns {
+                CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNET
+            } else {
+                CloneFlags::CLONE_NEWPID
+            },
             Some(libc::SIGCHLD),
         )
     }
     .map_err(LaunchError::Clone)?;
     drop(wr);
+    drop(go_rd);
+    if let Err(why) = setup(pid.as_raw()) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(LaunchError::Network(why));
+    }
+    if spec.own_netns {
+        let _ = nix::unistd::write(&go_wr, &[1u8]);
+    }
+    drop(go_wr);
 
     let mut word = [0i32; 2];
     let n = nix::unistd::read(&rd, bytemuck_slice(&mut word)).unwrap_or(0);
@@ -291,6 +332,7 @@ mod tests {
             nice: 0,
             stdin: None,
             umask: None,
+            own_netns: false,
         };
         assert!(matches!(launch(&spec), Err(LaunchError::EmptyCommand)));
     }

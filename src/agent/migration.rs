@@ -318,6 +318,7 @@ impl Agent {
         let started = now_unix_ms();
         if !leave_running {
             self.announce_freeze(rec, pid, to.as_ref()).await;
+            self.check_service_connections(rec, pid)?;
             rec.state = JobState::Migrating;
             rec.pending = Some(PendingMigration {
                 id: mig.clone(),
@@ -347,6 +348,7 @@ impl Agent {
                 crate::criu::CriuCall::Dump,
                 crate::core::procfs::tree_rss_bytes(pid),
             )),
+            own_net: rec.net.is_some(),
         };
         // Hash (and start flushing) the page images while CRIU writes them,
         // so sealing after the dump only has the tail left to do.
@@ -388,6 +390,10 @@ impl Agent {
             if let Ok(mut l) = self.local.lock() {
                 l.remove(&rec.id);
             }
+        }
+        if !leave_running && rec.net.is_some() {
+            // Its namespace is gone with it; its veth must not linger here.
+            crate::agent::jobnet::left_here(&rec.id, false);
         }
         let t_seal = Instant::now();
         self.seal(&dir, &rec.id, mig, precomputed).await?;
@@ -709,6 +715,15 @@ impl Agent {
                 )));
             }
         }
+        // A job with its own address: this node's end of its veth (see
+        // `jobnet`), before anything of it runs here.
+        let net_here = match self.prepare_job_net(job) {
+            Ok(n) => n,
+            Err(e) => {
+                release(&dir);
+                return Err(e);
+            }
+        };
         let t0 = Instant::now();
         let mut daemon = None;
         if let Some(ps) = lazy_from.clone() {
@@ -717,6 +732,7 @@ impl Agent {
                 Ok(child) => daemon = Some(Arc::new(Mutex::new(child))),
                 Err(e) => {
                     release(&dir);
+                    self.job_net_failed(job, net_here.as_ref());
                     let e = AgentError::from(e).context(&format!(
                         "post-copy restore of job {job} on {} failed",
                         self.cfg.node
@@ -746,6 +762,7 @@ impl Agent {
                 dir_bytes(&dir),
             )),
             abort_if,
+            external_veth: net_here.as_ref().map(|(v, _)| v.clone()),
         };
         let result = if lazy_from.is_some() {
             // Not under the CRIU lock: pages come from another node, and
@@ -769,6 +786,7 @@ impl Agent {
             Ok(o) => o,
             Err(e) => {
                 kill_daemon(daemon);
+                self.job_net_failed(job, net_here.as_ref());
                 // Release the claim so the source can roll back.
                 release(&dir);
                 let e = AgentError::from(e)
@@ -800,6 +818,7 @@ impl Agent {
             }
         }
         self.adopt_child(job, outcome.pid);
+        self.job_net_arrived(job, outcome.pid, net_here.as_ref());
         if let Some(d) = daemon {
             self.watch_lazy_daemon(job.clone(), outcome.pid, d, dir.clone());
         }
@@ -967,6 +986,12 @@ impl Agent {
                 self.cfg.node.as_str(),
                 &private,
             )));
+        }
+        // Connections that cannot move with it (see `jobnet`), also
+        // before anything is frozen. A service instance is checked once
+        // its front ends have let go of it (`checkpoint_onto`).
+        if rec.service.is_none() {
+            self.check_connections_can_move(&rec, pid)?;
         }
         // What a lazy restore cannot take over while the source still holds
         // it (see `postcopy::blockers`), looked at before anything is frozen.
@@ -1234,6 +1259,9 @@ impl Agent {
                         rec.pid = 0;
                         rec.error = msg.clone();
                         let _ = self.registry.put(&mut rec);
+                        if let Some(n) = &rec.net {
+                            self.release_address(&rec.id, n);
+                        }
                     }
                 }
                 Err(AgentError::Aborted(msg))

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod exec;
 pub mod fence_watchdog;
+pub mod jobnet;
 pub mod launcher;
 pub mod load;
 pub mod metrics;
@@ -78,6 +79,9 @@ pub struct AgentConfig {
     /// and `jobs_dir` (`mosixd --common-dir`): files open there do not pin
     /// a job to its node (see [`portable`]).
     pub common_dirs: Vec<PathBuf>,
+    /// Jobs with their own address (`mosixd --job-net-pool …`); None: every
+    /// job uses the node's network (see [`jobnet`]).
+    pub job_net: Option<jobnet::JobNetConfig>,
 }
 
 /// How the images of a dump are made durable before the target restores
@@ -195,6 +199,9 @@ pub struct LaunchRequest {
     pub service: Option<crate::core::ServiceDecl>,
     /// Periodic checkpoints (`mosrun --checkpoint-every`), if any.
     pub checkpoint: Option<crate::core::CheckpointStatus>,
+    /// Its own network namespace and address (`mosrun --net own`): Some(true);
+    /// the node's network: Some(false); None: the node's default.
+    pub own_net: Option<bool>,
 }
 
 /// A job process on this node that the agent watches.
@@ -643,7 +650,13 @@ impl Agent {
             }),
             stdin: extras.stdin,
             umask: extras.umask,
+            own_netns: false,
         };
+        let net = self
+            .job_net_for(&id, req.own_net)
+            .map_err(LaunchFailure::Agent)?;
+        let mut spec = spec;
+        spec.own_netns = net.is_some();
         // Watch for the exit before the process exists: a `true` can end
         // before `launch` returns.
         if let Some(w) = extras.watch {
@@ -651,9 +664,17 @@ impl Agent {
                 m.insert(id.clone(), w);
             }
         }
-        let pid = launcher::launch(&spec).map_err(|e| {
+        let plumb = |pid: i32| match (&net, &self.cfg.job_net) {
+            (Some(n), Some(c)) => jobnet::plumb(pid, &jobnet::host_veth(id.as_str()), &c.bridge, n)
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        };
+        let pid = launcher::launch_then(&spec, &plumb).map_err(|e| {
             if let Ok(mut m) = self.exit_watch.lock() {
                 m.remove(&id);
+            }
+            if let Some(n) = &net {
+                self.release_address(&id, n);
             }
             LaunchFailure::Launch(e)
         })?;
@@ -682,6 +703,7 @@ impl Agent {
             generation: 0,
             service: req.service,
             checkpoint: req.checkpoint,
+            net,
         };
         self.adopt_child(&id, pid);
         if let Err(e) = self.registry.put(&mut rec) {

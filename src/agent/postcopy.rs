@@ -112,6 +112,7 @@ impl Agent {
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
         let rss_bytes = crate::core::procfs::tree_rss_bytes(pid);
         self.announce_freeze(rec, pid, Some(to)).await;
+        self.check_service_connections(rec, pid)?;
         rec.state = JobState::Migrating;
         rec.pending = Some(PendingMigration {
             id: mig.clone(),
@@ -140,6 +141,7 @@ impl Agent {
             // by the wait just below.
             deadline: None,
             post_dump: None,
+            own_net: rec.net.is_some(),
         };
         let t0 = Instant::now();
         let handle = tokio::task::spawn_blocking(move || {
@@ -194,6 +196,11 @@ impl Agent {
             )));
         }
         let frozen_ms = t0.elapsed().as_millis() as u64;
+        if rec.net.is_some() {
+            // The stopped source must not answer for the address the
+            // target is about to take (its link comes back on a rollback).
+            crate::agent::jobnet::left_here(&rec.id, true);
+        }
         self.seal(&dir, &rec.id, mig, Default::default()).await?;
         Ok((
             DumpResult {
@@ -236,6 +243,7 @@ impl Agent {
             nix::unistd::Pid::from_raw(lazy.pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+        crate::agent::jobnet::left_here(job, false);
         if ok {
             return Ok(());
         }
@@ -315,6 +323,7 @@ impl Agent {
         let exited = self.set_dumping(job, false);
         let alive = exited.is_none() && reaper::is_pidns_init(lazy.pid);
         if alive {
+            crate::agent::jobnet::set_link(&crate::agent::jobnet::host_veth(job.as_str()), true);
             signal_tree(lazy.pid, nix::sys::signal::Signal::SIGCONT);
             return Some(lazy.pid);
         }
@@ -372,6 +381,9 @@ impl Agent {
             rec.pending = None;
             rec.error = msg.clone();
             let _ = self.registry.put(&mut rec);
+            if let Some(n) = &rec.net {
+                self.release_address(&rec.id, n);
+            }
             tracing::error!(job = %job, "{msg}");
             return AgentError::Aborted(msg);
         };
@@ -576,6 +588,9 @@ impl Agent {
                             dir.join(LAZY_LOG).display()
                         );
                         let _ = agent.registry.put(&mut rec);
+                        if let Some(n) = &rec.net {
+                            agent.release_address(&rec.id, n);
+                        }
                     }
                 }
                 drop(verdict);

@@ -673,6 +673,7 @@ mod agent_tests {
             post_copy: false,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
+            job_net: None,
         };
         let src_engine = Arc::new(src_engine);
         let dst_engine = Arc::new(FakeEngine::default());
@@ -726,6 +727,7 @@ mod agent_tests {
                 generation: 0,
                 service: None,
                 checkpoint: None,
+                net: None,
             };
             self.src.registry.put(&mut rec).unwrap();
             self.src.adopt_child(&id, pid);

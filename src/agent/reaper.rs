@@ -97,6 +97,11 @@ impl Agent {
         }
         self.events.ended(&rec, &self.cfg.node);
         tracing::info!(job = %id, pid, ?status, "job ended");
+        if let Some(n) = &rec.net {
+            // Its address goes back to the pool, its veth with its namespace.
+            self.release_address(id, n);
+            super::jobnet::left_here(id, false);
+        }
         if rec.exit_code == Some(0) && self.cfg.shared {
             // A job that finished its work needs no restart: its
             // checkpoints go (other ends keep them for a person).

@@ -114,8 +114,37 @@ impl From<&crate::agent::events::JobEvent> for pb::JobEvent {
                 .as_ref()
                 .map(|n| n.to_string())
                 .unwrap_or_default(),
+            address: e.address.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
+}
+
+/// A job's own address on the wire: none when the address is empty.
+fn job_net(
+    address: &str,
+    prefix: u32,
+    gateway: &str,
+    mac: String,
+) -> Result<Option<crate::core::JobNet>, InvalidRequest> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let ip = address.parse().map_err(|_| {
+        InvalidRequest::new("address", format!("{address:?} is not an IPv4 address"))
+    })?;
+    let gateway = gateway.parse().map_err(|_| {
+        InvalidRequest::new("gateway", format!("{gateway:?} is not an IPv4 address"))
+    })?;
+    let prefix = u8::try_from(prefix)
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| InvalidRequest::new("address_prefix", format!("{prefix} is not 0-32")))?;
+    Ok(Some(crate::core::JobNet {
+        ip,
+        prefix,
+        gateway,
+        mac,
+    }))
 }
 
 /// A declared service on the wire: none when the name is empty.
@@ -156,6 +185,17 @@ impl TryFrom<pb::LaunchRequest> for AgentAction {
                 r.checkpoint_every_ms,
                 r.checkpoint_keep,
             )?,
+            own_net: match r.net.as_str() {
+                "" => None,
+                "own" => Some(true),
+                "node" => Some(false),
+                other => {
+                    return Err(InvalidRequest::new(
+                        "net",
+                        format!("{other:?} is neither \"own\" nor \"node\""),
+                    ))
+                }
+            },
         }))
     }
 }
@@ -410,6 +450,14 @@ impl From<&JobRecord> for pb::Job {
                 .unwrap_or_default(),
             port: r.service.as_ref().map(|s| u32::from(s.port)).unwrap_or(0),
             checkpoint: r.checkpoint.as_ref().map(pb::CheckpointStatus::from),
+            address: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
+            address_prefix: r.net.as_ref().map_or(0, |n| u32::from(n.prefix)),
+            gateway: r
+                .net
+                .as_ref()
+                .map(|n| n.gateway.to_string())
+                .unwrap_or_default(),
+            mac: r.net.as_ref().map(|n| n.mac.clone()).unwrap_or_default(),
         }
     }
 }
@@ -460,6 +508,7 @@ impl TryFrom<pb::Job> for JobRecord {
             generation: j.generation,
             service: service_decl(&j.service, j.port)?,
             checkpoint: j.checkpoint.map(crate::core::CheckpointStatus::from),
+            net: job_net(&j.address, j.address_prefix, &j.gateway, j.mac)?,
         })
     }
 }
@@ -781,6 +830,43 @@ mod tests {
         };
         let back = MigrationRecord::try_from(pb::Migration::from(&m)).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn a_jobs_own_address_and_its_net_choice_cross_the_wire() {
+        let mut rec = crate::core::registry::tests::sample("j1");
+        rec.net = Some(crate::core::JobNet::new(
+            "10.77.1.120".parse().unwrap(),
+            24,
+            "10.77.1.1".parse().unwrap(),
+        ));
+        let wire = pb::Job::from(&rec);
+        assert_eq!(wire.address, "10.77.1.120");
+        assert_eq!(wire.mac, "02:6d:0a:4d:01:78");
+        assert_eq!(JobRecord::try_from(wire).unwrap().net, rec.net);
+        rec.net = None;
+        let wire = pb::Job::from(&rec);
+        assert!(wire.address.is_empty());
+        assert_eq!(JobRecord::try_from(wire).unwrap().net, None);
+        let bad = pb::Job {
+            address: "10.77.1.300".into(),
+            ..pb::Job::from(&rec)
+        };
+        assert_eq!(JobRecord::try_from(bad).unwrap_err().field, "address");
+        let launch = |net: &str| {
+            AgentAction::try_from(pb::LaunchRequest {
+                argv: vec!["true".into()],
+                net: net.into(),
+                ..Default::default()
+            })
+        };
+        for (net, want) in [("", None), ("own", Some(true)), ("node", Some(false))] {
+            match launch(net).unwrap() {
+                AgentAction::Launch(r) => assert_eq!(r.own_net, want, "{net:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(launch("bridge").unwrap_err().field, "net");
     }
 
     #[test]

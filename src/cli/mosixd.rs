@@ -122,6 +122,30 @@ pub struct Args {
     /// [default: 5].
     #[arg(long)]
     pub etcd_wait: Option<f64>,
+    /// Addresses for jobs with their own network namespace, FIRST-LAST
+    /// (e.g. 10.77.1.100-10.77.1.239): such a job keeps its address, and
+    /// its TCP connections, when it moves (`mosrun -d --net own`). Without
+    /// it every job uses the node's network.
+    #[arg(long)]
+    pub job_net_pool: Option<String>,
+    /// The jobs' default route (the gateway on the bridge's network).
+    #[arg(long)]
+    pub job_net_gateway: Option<std::net::Ipv4Addr>,
+    /// Prefix length of the jobs' network [default: 24].
+    #[arg(long)]
+    pub job_net_prefix: Option<u8>,
+    /// The bridge job veths attach to on this node [default: mbr0]. A node
+    /// without it runs every job in its own network, and says so.
+    #[arg(long)]
+    pub job_net_bridge: Option<String>,
+    /// Where address claims live, a directory every node sees
+    /// [default: <shared>/jobnet/addrs].
+    #[arg(long)]
+    pub job_net_claims: Option<PathBuf>,
+    /// Whether jobs get their own address unless they ask otherwise
+    /// (`own`) or only when they ask (`node`, the default).
+    #[arg(long, value_parser = ["own", "node"])]
+    pub job_net_default: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,7 +241,53 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         lease_ttl: a.lease_ttl.or(f.lease_ttl),
         fence_margin: a.fence_margin.or(f.fence_margin),
         etcd_wait: a.etcd_wait.or(f.etcd_wait),
+        job_net_pool: a.job_net_pool,
+        job_net_gateway: a.job_net_gateway,
+        job_net_prefix: a.job_net_prefix,
+        job_net_bridge: a.job_net_bridge,
+        job_net_claims: a.job_net_claims,
+        job_net_default: a.job_net_default,
     })
+}
+
+/// The job network settings from the flags (see `agent::jobnet`).
+fn job_net_config(
+    a: &Args,
+    root: &std::path::Path,
+    shared: bool,
+) -> anyhow::Result<Option<crate::agent::jobnet::JobNetConfig>> {
+    let Some(pool) = &a.job_net_pool else {
+        return Ok(None);
+    };
+    let (first, last) = crate::agent::jobnet::JobNetConfig::parse_pool(pool)?;
+    let gateway = a
+        .job_net_gateway
+        .context("--job-net-pool needs --job-net-gateway (the jobs' default route)")?;
+    let claims = match (&a.job_net_claims, shared) {
+        (Some(c), _) => c.clone(),
+        (None, true) => root.join("jobnet/addrs"),
+        (None, false) => bail!(
+            "--job-net-pool without a shared path needs --job-net-claims DIR, a directory every node sees"
+        ),
+    };
+    let c = crate::agent::jobnet::JobNetConfig {
+        bridge: a
+            .job_net_bridge
+            .clone()
+            .unwrap_or_else(|| crate::agent::jobnet::DEFAULT_BRIDGE.to_string()),
+        first,
+        last,
+        prefix: a.job_net_prefix.unwrap_or(24),
+        gateway,
+        claims,
+        default_own: a.job_net_default.as_deref() == Some("own"),
+    };
+    if c.available() {
+        tracing::info!(pool = %c.pool_text(), bridge = %c.bridge, default_own = c.default_own, "jobs may have their own address");
+    } else {
+        tracing::warn!(bridge = %c.bridge, "no job bridge {} on this node: jobs here use the node's network, and their TCP connections cannot move with them", c.bridge);
+    }
+    Ok(Some(c))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -396,6 +466,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ImageSyncArg::Auto => ImageSync::Fsync,
     };
     tracing::info!(?image_sync, "image durability");
+    let job_net = job_net_config(&a, &shared, is_shared)?;
     let cfg = AgentConfig {
         node: node.clone(),
         shared_root: shared,
@@ -408,6 +479,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         post_copy: !a.no_post_copy,
         image_sync,
         common_dirs: a.common_dir.clone(),
+        job_net,
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     // With etcd: a lease first (or a clear error), then recovery, then the

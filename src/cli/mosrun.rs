@@ -127,6 +127,14 @@ pub struct Args {
         value_parser = clap::value_parser!(u32).range(1..=1000)
     )]
     pub checkpoint_keep: Option<u32>,
+    /// `own`: the job gets its own network namespace and address, which
+    /// move with it, so its established TCP connections survive migration
+    /// (on a node whose agent has a job address pool and bridge; elsewhere
+    /// it falls back to the node's network and mosrun says so). `node`: the
+    /// node's network. Default: the node's default (see `mosixd
+    /// --job-net-default`). Needs -d.
+    #[arg(long, value_parser = ["own", "node"], requires = "detach")]
+    pub net: Option<String>,
     /// The command and its arguments (after --).
     #[arg(required = true, num_args = 1..)]
     pub command: Vec<String>,
@@ -199,14 +207,29 @@ async fn detached(a: Args) -> anyhow::Result<()> {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
             checkpoint_keep: a.checkpoint_keep.unwrap_or(0),
+            net: a.net.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| status_err(&format!("launching on {node}"), s))?
         .into_inner();
     eprintln!(
-        "started {} on {} (pid {}); output: {}",
-        job.id, job.node, job.pid, job.stdout_path
+        "started {} on {} (pid {}); output: {}{}",
+        job.id,
+        job.node,
+        job.pid,
+        job.stdout_path,
+        if job.address.is_empty() {
+            String::new()
+        } else {
+            format!("; address {}", job.address)
+        }
     );
+    if a.net.as_deref() == Some("own") && job.address.is_empty() {
+        eprintln!(
+            "mosrun: note: {} cannot give jobs their own address (no job address pool or bridge there); {} uses the node's network, and its TCP connections cannot move with it",
+            job.node, job.id
+        );
+    }
     println!("{}", job.id);
     Ok(())
 }

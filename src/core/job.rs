@@ -171,6 +171,10 @@ pub struct JobRecord {
     /// checkpointed and no interval).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointStatus>,
+    /// The job's own address (its own network namespace), which moves with
+    /// it; None: it uses its node's network (see `agent::jobnet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::core::JobNet>,
 }
 
 /// A job's declaration that it serves a named service on a TCP port.

@@ -4,11 +4,13 @@
 pub mod cluster_file;
 pub mod ids;
 pub mod job;
+pub mod jobnet;
 pub mod procfs;
 pub mod registry;
 
 pub use ids::{JobId, MigrationId, NodeName};
 pub use job::{CheckpointStatus, JobRecord, JobState, MigrationRecord, ServiceDecl};
+pub use jobnet::JobNet;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -285,6 +285,7 @@ pub(crate) mod tests {
             generation: 0,
             service: None,
             checkpoint: None,
+            net: None,
         }
     }
 

@@ -83,6 +83,11 @@ pub struct DumpSpec {
     /// here, so they match the images exactly. An `Err` fails the dump
     /// (and CRIU resumes the tree).
     pub post_dump: Option<PostDumpHook>,
+    /// The job has its own network namespace (see `agent::jobnet`): dump it
+    /// with its established TCP connections (`tcp_established`), the whole
+    /// namespace locked with nftables while frozen (this machine has no
+    /// iptables, and a namespace lock leaves no per-connection table).
+    pub own_net: bool,
 }
 
 /// See [`DumpSpec::post_dump`].
@@ -134,6 +139,10 @@ pub struct RestoreSpec {
     /// passed deadline. Post-copy passes "the lazy-pages daemon exited":
     /// without it, the restored tasks would wait for their pages forever.
     pub abort_if: Option<AbortCheck>,
+    /// A job with its own network namespace: CRIU's `external` entry that
+    /// re-creates its interface here (`veth[eth0]:HOSTVETH@BRIDGE`, same MAC
+    /// and address), with `tcp_established` and the nftables lock.
+    pub external_veth: Option<String>,
 }
 
 /// See [`RestoreSpec::abort_if`].

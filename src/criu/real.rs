@@ -371,6 +371,13 @@ impl RealCriu {
         if spec.leave_running {
             args.push("--leave-running".into());
         }
+        if spec.own_net {
+            args.extend([
+                "--tcp-established".into(),
+                "--network-lock".into(),
+                "nftables".into(),
+            ]);
+        }
         let deadline = spec
             .deadline
             .unwrap_or_else(|| super::deadline_for(super::CriuCall::Dump, 0));
@@ -490,6 +497,10 @@ impl CheckpointEngine for RealCriu {
         if spec.post_dump.is_some() {
             opts.set_notify_scripts(true);
         }
+        if spec.own_net {
+            opts.set_tcp_established(true);
+            opts.set_network_lock(rpc::Criu_network_lock_method::NFTABLES);
+        }
         let watch = Watch {
             deadline: spec.deadline.map(|d| std::time::Instant::now() + d),
             abort_if: None,
@@ -543,6 +554,11 @@ impl CheckpointEngine for RealCriu {
         opts.set_notify_scripts(true);
         if spec.lazy_from.is_some() {
             opts.set_lazy_pages(true);
+        }
+        if let Some(ext) = &spec.external_veth {
+            opts.set_tcp_established(true);
+            opts.set_network_lock(rpc::Criu_network_lock_method::NFTABLES);
+            opts.external.push(ext.clone());
         }
         let mut restored = 0;
         let mut refusal = None;

@@ -40,9 +40,14 @@ pub fn start(gw: Arc<Gateway>, cf: ClusterFile, tls: Option<ClientTls>, subscrib
     tokio::spawn(probe_loop(gw));
 }
 
-fn addr_of(gw: &Gateway, node: &str, port: u32) -> Option<SocketAddr> {
-    let ip = gw.node_addrs.get(node)?;
-    Some(SocketAddr::new(*ip, u16::try_from(port).ok()?))
+/// Where an instance answers: its job's own address (issue 18: it moves
+/// with the job) if it has one, else its node's.
+fn addr_of(gw: &Gateway, node: &str, job_address: &str, port: u32) -> Option<SocketAddr> {
+    let ip = match job_address.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => *gw.node_addrs.get(node)?,
+    };
+    Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
 }
 
 async fn list_jobs(cf: &ClusterFile, tls: Option<&ClientTls>) -> Option<Vec<pb::Job>> {
@@ -100,7 +105,7 @@ fn sightings(gw: &Gateway, jobs: &[pb::Job], service: &str) -> Vec<Sighting> {
             Some(Sighting {
                 job: j.id.clone(),
                 node: j.node.clone(),
-                addr: addr_of(gw, &j.node, j.port)?,
+                addr: addr_of(gw, &j.node, &j.address, j.port)?,
                 running,
                 generation: j.generation,
             })
@@ -210,7 +215,7 @@ fn on_event(
             });
         }
         Ok(pb::JobEventKind::Running) if ours => {
-            let Some(addr) = addr_of(gw, &ev.node, ev.port) else {
+            let Some(addr) = addr_of(gw, &ev.node, &ev.address, ev.port) else {
                 return;
             };
             let s = Sighting {

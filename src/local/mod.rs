@@ -407,6 +407,14 @@ async fn up_inner(
         if let Some(sock) = &n.run_socket {
             cmd.arg("--run-socket").arg(sock);
         }
+        // Jobs may have their own address (`mosrun -d --net own`), from a
+        // pool of the bridge's subnet, routed through the host's bridge.
+        cmd.arg("--job-net-pool")
+            .arg(net::job_pool(k))
+            .arg("--job-net-gateway")
+            .arg(format!("10.77.{k}.1"))
+            .arg("--job-net-claims")
+            .arg(sd.join("jobnet/addrs"));
         for c in &opts.common {
             cmd.arg("--common-dir").arg(c);
         }

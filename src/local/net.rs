@@ -66,13 +66,49 @@ pub fn make_bridge(cluster: &str, k: u8) -> anyhow::Result<()> {
 }
 
 pub fn make_node(cluster: &str, i: usize, addr: &str, k: u8) -> anyhow::Result<()> {
-    make_ns(
-        cluster,
-        &netns_name(cluster, i),
-        &host_veth(cluster, i),
-        addr,
-        k,
-    )
+    let ns = netns_name(cluster, i);
+    make_ns(cluster, &ns, &host_veth(cluster, i), addr, k)?;
+    make_job_bridge(&ns, addr, k)
+}
+
+/// The node's job bridge (see `agent::jobnet`): `mbr0` takes the node's
+/// address and `eth0` becomes its port, so a job's veth on `mbr0` is on
+/// the cluster's network with an address of its own.
+fn make_job_bridge(ns: &str, addr: &str, k: u8) -> anyhow::Result<()> {
+    let br = crate::agent::jobnet::DEFAULT_BRIDGE;
+    let cidr = format!("{addr}/24");
+    // The bridge keeps eth0's MAC for good: left to itself it takes the
+    // lowest MAC of its ports, so a job veth attached later would change
+    // the node's MAC under every neighbour's ARP cache.
+    let link = ip(&["-n", ns, "-o", "link", "show", "eth0"])?;
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .context("eth0 has no MAC address")?
+        .to_string();
+    ip(&[
+        "-n", ns, "link", "add", br, "address", &mac, "type", "bridge",
+    ])?;
+    ip(&["-n", ns, "addr", "del", &cidr, "dev", "eth0"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "master", br])?;
+    ip(&["-n", ns, "addr", "add", &cidr, "dev", br])?;
+    ip(&["-n", ns, "link", "set", br, "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "replace",
+        "default",
+        "via",
+        &format!("10.77.{k}.1"),
+    ])?;
+    Ok(())
+}
+
+/// The job address pool of a local cluster on 10.77.`k`.0/24: FIRST-LAST.
+pub fn job_pool(k: u8) -> String {
+    format!("10.77.{k}.100-10.77.{k}.239")
 }
 
 /// A network namespace `ns` on the cluster's bridge through the host-side

@@ -38,6 +38,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
                     "argv": j.argv, "migrations": j.history.len(),
                     "exit_code": j.exit_code, "exit_signal": j.exit_signal, "error": j.error,
                     "service": j.service, "port": j.port,
+                    "address": j.address, "mac": j.mac,
                 })
             })
             .collect();
@@ -69,6 +70,11 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
             String::new()
         } else {
             format!("  [service {}:{}]", j.service, j.port)
+        };
+        let service = if j.address.is_empty() {
+            service
+        } else {
+            format!("{service}  [address {}]", j.address)
         };
         println!(
             "{:<13} {:<8} {:<10} {:>7} {:>5}  {}{service}",

@@ -28,6 +28,14 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     if !j.service.is_empty() {
         println!("service  {} on port {}", j.service, j.port);
     }
+    if j.address.is_empty() {
+        println!("address  the node's (its connections cannot move with it)");
+    } else {
+        println!(
+            "address  {}/{} mac {} via {} (its own: moves with the job)",
+            j.address, j.address_prefix, j.mac, j.gateway
+        );
+    }
     println!("stdout   {}", j.stdout_path);
     if let Some(c) = j.exit_code {
         println!("exit     code {c}");

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""make bench-jobnet: what moving a job's address costs (issue 18).
+
+A job with its own address (`mosrun -d --net own`) serving N established TCP
+connections from a peer namespace on the cluster's bridge moves node1 <->
+node2. Measured per N (0 = the same job with no connection: the baseline):
+  - frozen time of each move, as `mosctl migrate` reports it; the extra
+    frozen time is median(N) - median(0);
+  - the peer's stall: the longest gap between answers on one connection
+    that sends a byte every 5 ms and waits for its echo, per move;
+  - resets: the peer namespace's TCP EstabResets + OutRsts, and any
+    connection error the peer saw, over all moves.
+Targets (issue 18): extra frozen <= 5 / 20 / 150 ms at 1 / 100 / 1000
+connections; stall <= frozen + 200 ms; 0 resets over 100 moves.
+
+Run by scripts/bench-jobnet.sh, which brings the cluster up and down.
+Env: MOSCTL, MOSRUN, CLUSTER (name), PEER_NS, PEER_IP, CONNS (e.g.
+"0,1,100,1000"), MOVES (per N), OUT.
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+MOSCTL = os.environ["MOSCTL"]
+MOSRUN = os.environ["MOSRUN"]
+PEER_NS = os.environ["PEER_NS"]
+CONNS = [int(c) for c in os.environ.get("CONNS", "0,1,100,1000").split(",")]
+MOVES = int(os.environ.get("MOVES", "20"))
+RESET_MOVES = int(os.environ.get("RESET_MOVES", "100"))
+OUT = os.environ.get("OUT", "bench-results/jobnet.txt")
+PY = "/usr/bin/python3"
+
+SERVER = r"""
+import resource,selectors,socket
+s,h=resource.getrlimit(resource.RLIMIT_NOFILE);resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))
+sel=selectors.DefaultSelector();l=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+l.bind(('0.0.0.0',9900));l.listen(2048);sel.register(l,selectors.EVENT_READ)
+while True:
+    for k,_ in sel.select():
+        if k.fileobj is l:
+            c,_=l.accept();sel.register(c,selectors.EVENT_READ)
+        else:
+            d=k.fileobj.recv(4096)
+            if d: k.fileobj.sendall(d)
+            else: sel.unregister(k.fileobj);k.fileobj.close()
+"""
+
+# The peer: N connections; the first one probes (a byte every 5 ms). On
+# "m" it starts a window, on "r" it prints the window's longest gap (ms) and
+# the errors seen so far.
+CLIENT = r"""
+import resource,socket,sys,threading,time
+s,h=resource.getrlimit(resource.RLIMIT_NOFILE);resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))
+ip,n=sys.argv[1],int(sys.argv[2])
+conns=[socket.create_connection((ip,9900)) for _ in range(n)]
+print('ready',flush=True)
+state={'gap':0.0,'errors':0,'last':time.time()}
+def probe():
+    c=conns[0]
+    while True:
+        try:
+            c.sendall(b'x');b=c.recv(1)
+            if b!=b'x': raise OSError('closed')
+        except OSError:
+            state['errors']+=1;return
+        now=time.time();state['gap']=max(state['gap'],now-state['last']);state['last']=now
+        time.sleep(0.005)
+if n: threading.Thread(target=probe,daemon=True).start()
+for line in sys.stdin:
+    if line.startswith('m'): state['gap']=0.0
+    else: print('%.1f %d'%(state['gap']*1000,state['errors']),flush=True)
+"""
+
+
+def sh(*args):
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def peer_resets():
+    t = sh("nsenter", f"--net=/run/netns/{PEER_NS}", "cat", "/proc/net/snmp").stdout
+    rows = [l.split() for l in t.splitlines() if l.startswith("Tcp:")]
+    get = lambda k: int(rows[1][rows[0].index(k)])
+    return get("EstabResets") + get("OutRsts")
+
+
+def one(n, moves):
+    o = sh(MOSRUN, "-d", "--node", "node1", "--net", "own", "--", PY, "-c", SERVER)
+    if o.returncode != 0:
+        sys.exit(f"mosrun: {o.stderr}")
+    job = o.stdout.strip()
+    ip = re.search(r"address (\S+)", o.stderr).group(1)
+    time.sleep(1)
+    cli = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{PEER_NS}", PY, "-c", CLIENT, ip, str(n)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert cli.stdout.readline().strip() == "ready"
+    before = peer_resets()
+    frozen, stalls, errors = [], [], 0
+    here = "node1"
+    for i in range(moves):
+        to = "node2" if here == "node1" else "node1"
+        cli.stdin.write("m\n"); cli.stdin.flush()
+        r = sh(MOSCTL, "migrate", job, to)
+        if r.returncode != 0:
+            sys.exit(f"move {i} of the {n}-connection job failed: {r.stderr}")
+        frozen.append(int(re.search(r"frozen (\d+) ms", r.stdout + r.stderr).group(1)))
+        here = to
+        time.sleep(0.3)
+        cli.stdin.write("r\n"); cli.stdin.flush()
+        gap, errors = cli.stdout.readline().split()
+        stalls.append(float(gap))
+        errors = int(errors)
+    resets = peer_resets() - before
+    cli.kill(); cli.wait()
+    sh(MOSCTL, "kill", job)
+    return frozen, stalls, resets + errors
+
+
+def main():
+    lines = [f"# make bench-jobnet {time.strftime('%Y-%m-%d %H:%M')}: {MOVES} moves per N "
+             f"(node1 <-> node2), N = established connections of the moved job"]
+    base = None
+    fmt = "{:>6} {:>12} {:>12} {:>14} {:>16} {:>7}"
+    lines.append(fmt.format("N", "frozen p50", "extra p50", "stall p50/max", "stall-frozen max", "resets"))
+    for n in CONNS:
+        moves = RESET_MOVES if n == 1 else MOVES
+        frozen, stalls, resets = one(n, moves)
+        med = statistics.median(frozen)
+        if n == 0:
+            base = med
+        extra = "" if base is None or n == 0 else f"{med - base:.0f} ms"
+        st = "" if n == 0 else f"{statistics.median(stalls):.0f}/{max(stalls):.0f} ms"
+        over = "" if n == 0 else f"{max(s - f for s, f in zip(stalls, frozen)):.0f} ms"
+        lines.append(fmt.format(n, f"{med:.0f} ms", extra, st, over, resets))
+        print(lines[-1], flush=True)
+    lines.append("targets: extra <= 5 / 20 / 150 ms at 1 / 100 / 1000; stall - frozen <= 200 ms; "
+                 f"0 resets ({RESET_MOVES} moves at N=1)")
+    os.makedirs(os.path.dirname(OUT) or ".", exist_ok=True)
+    with open(OUT, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

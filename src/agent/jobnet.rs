@@ -1,0 +1,647 @@
+//! Jobs with their own address: a network namespace per job, so that its
+//! established TCP connections survive a migration (issue 18).
+//!
+//! Why: a job in its node's network namespace answers at the node's
+//! address, so on another node every connection it had points at the wrong
+//! IP, and CRIU refuses to dump it at all. A job with its own namespace and
+//! its own address (from a cluster pool, on a veth to the node's bridge
+//! `mbr0`, with a MAC derived from the address) can take that address with
+//! it: CRIU dumps the whole namespace (`tcp_established`, the namespace
+//! locked with nftables while frozen, so no per-connection `inet CRIU-<id>`
+//! table is left anywhere), and the target restores the interface with the
+//! same MAC and IP as `external veth[eth0]:HOSTVETH@mbr0`, attached to its
+//! own bridge. Only once the restored sockets exist is the address announced
+//! (a gratuitous ARP from inside the job's namespace, so the bridges learn
+//! the MAC's new port): anything answering for the IP earlier would reset
+//! the peer's connections.
+//!
+//! What is promised: connections between the job and any other address of
+//! the cluster's network (other jobs, the gateway, the world behind it).
+//! Not promised: connections to a node's own address or localhost, which
+//! are the node's and stay there; a job in its node's namespace with an
+//! established TCP connection is refused before anything is frozen, naming
+//! the connections ([`established_connections`]).
+//!
+//! Addresses are claimed with `O_EXCL` files under `<claims>/<ip>` (on the
+//! shared path, or a directory every node sees) holding the job id; a job
+//! releases its claim when it ends. A node without the bridge cannot give
+//! jobs their own namespace: such a launch falls back to the node's network
+//! and the agent says so.
+
+use super::{AgentError, AgentResult};
+use crate::core::{JobId, JobRecord};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The interface name inside every job's namespace.
+pub const JOB_IFACE: &str = "eth0";
+
+/// The bridge jobs' veths attach to unless configured otherwise.
+pub const DEFAULT_BRIDGE: &str = "mbr0";
+
+pub use crate::core::jobnet::{mac_for, JobNet};
+
+/// The host side of a job's veth on whatever node runs it: derived from the
+/// job id, so every node (and a rollback) names it the same way.
+pub fn host_veth(job: &str) -> String {
+    let mut s = String::from("mj");
+    s.extend(job.chars().filter(|c| c.is_ascii_alphanumeric()).take(13));
+    s
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobNetError {
+    #[error("no free address left in the job address pool {0}")]
+    PoolExhausted(String),
+    #[error("address claims under {0}: {1}")]
+    Claims(PathBuf, std::io::Error),
+    #[error("setting up the job's network: {0}")]
+    Setup(String),
+    #[error("bad job network setting: {0}")]
+    Config(String),
+}
+
+/// A node's job network settings (`mosixd --job-net-*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobNetConfig {
+    /// The bridge in the node's namespace that job veths attach to.
+    pub bridge: String,
+    /// First and last address of the pool (inclusive).
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    /// Where address claims live: a directory every node sees.
+    pub claims: PathBuf,
+    /// Jobs get their own namespace unless they ask for the node's.
+    pub default_own: bool,
+}
+
+impl JobNetConfig {
+    /// `FIRST-LAST` (e.g. `10.77.1.100-10.77.1.239`).
+    pub fn parse_pool(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), JobNetError> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| JobNetError::Config(format!("pool {s:?} is not FIRST-LAST")))?;
+        let a: Ipv4Addr = a
+            .trim()
+            .parse()
+            .map_err(|_| JobNetError::Config(format!("pool start {a:?} is not an IPv4 address")))?;
+        let b: Ipv4Addr = b
+            .trim()
+            .parse()
+            .map_err(|_| JobNetError::Config(format!("pool end {b:?} is not an IPv4 address")))?;
+        if u32::from(b) < u32::from(a) {
+            return Err(JobNetError::Config(format!(
+                "pool {s:?} ends before it starts"
+            )));
+        }
+        Ok((a, b))
+    }
+
+    pub fn pool_text(&self) -> String {
+        format!("{}-{}", self.first, self.last)
+    }
+
+    /// Whether this node can give a job its own namespace now (its bridge
+    /// exists in the agent's namespace).
+    pub fn available(&self) -> bool {
+        link_exists(&self.bridge)
+    }
+
+    /// Claim a free address for `job`, starting at a place derived from the
+    /// job id so that concurrent launches rarely race for the same file.
+    pub fn claim(&self, job: &str) -> Result<JobNet, JobNetError> {
+        std::fs::create_dir_all(&self.claims)
+            .map_err(|e| JobNetError::Claims(self.claims.clone(), e))?;
+        let (a, b) = (u32::from(self.first), u32::from(self.last));
+        let n = b - a + 1;
+        let start = job
+            .bytes()
+            .fold(0u32, |h, c| h.wrapping_mul(31).wrapping_add(u32::from(c)))
+            % n;
+        for i in 0..n {
+            let ip = Ipv4Addr::from(a + (start + i) % n);
+            let path = self.claims.join(ip.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(job.as_bytes())
+                        .map_err(|e| JobNetError::Claims(path.clone(), e))?;
+                    return Ok(JobNet::new(ip, self.prefix, self.gateway));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(JobNetError::Claims(path, e)),
+            }
+        }
+        Err(JobNetError::PoolExhausted(self.pool_text()))
+    }
+
+    /// Give `ip` back if `job` holds it (never another job's claim).
+    pub fn release(&self, job: &str, ip: Ipv4Addr) {
+        release_claim(&self.claims, job, ip)
+    }
+}
+
+/// See [`JobNetConfig::release`].
+pub fn release_claim(claims: &Path, job: &str, ip: Ipv4Addr) {
+    let path = claims.join(ip.to_string());
+    if std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == job) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), JobNetError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| JobNetError::Setup(format!("{what}: {e}")))?;
+    if !out.status.success() {
+        return Err(JobNetError::Setup(format!(
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Give the freshly cloned job `pid` (in a new, empty network namespace)
+/// its interface: a veth whose host side `veth` is on `bridge`, and inside
+/// `eth0` with the fixed MAC, the address, loopback and the default route.
+pub fn plumb(pid: i32, veth: &str, bridge: &str, net: &JobNet) -> Result<(), JobNetError> {
+    let _ = delete_link(veth);
+    run(
+        Command::new("ip").args([
+            "link",
+            "add",
+            veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            JOB_IFACE,
+            "address",
+            &net.mac,
+            "netns",
+            &pid.to_string(),
+        ]),
+        "creating the job's veth",
+    )?;
+    let inside = format!(
+        "addr add {}/{} dev {JOB_IFACE}\nlink set lo up\nlink set {JOB_IFACE} up\nroute add default via {}\n",
+        net.ip, net.prefix, net.gateway
+    );
+    let result = (|| {
+        run(
+            Command::new("ip").args(["link", "set", veth, "master", bridge, "up"]),
+            "attaching the job's veth to the bridge",
+        )?;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["ip", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(inside.as_bytes())
+                .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
+        if !out.status.success() {
+            return Err(JobNetError::Setup(format!(
+                "configuring the job's interface: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = delete_link(veth);
+    }
+    result
+}
+
+/// Whether this process's network namespace has a link `name`. Not
+/// `/sys/class/net`: an agent in a node's namespace sees the sysfs of
+/// whoever mounted it, i.e. the host's links.
+pub fn link_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Delete a link of this node by name (a job's host veth); Ok if absent.
+pub fn delete_link(name: &str) -> Result<(), JobNetError> {
+    if !link_exists(name) {
+        return Ok(());
+    }
+    run(
+        Command::new("ip").args(["link", "del", name]),
+        "deleting the job's veth",
+    )
+}
+
+/// Cut a stopped post-copy source off the network (up = false) or put it
+/// back after a failed move (up = true).
+pub fn set_link(name: &str, up: bool) {
+    if link_exists(name) {
+        let _ = Command::new("ip")
+            .args(["link", "set", name, if up { "up" } else { "down" }])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// CRIU's `external` entry that restores the job's interface on this node.
+pub fn external_veth(veth: &str, bridge: &str) -> String {
+    format!("veth[{JOB_IFACE}]:{veth}@{bridge}")
+}
+
+/// One gratuitous ARP frame (an ARP request for `ip` from `ip`, broadcast).
+fn garp_frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    // target MAC stays zero
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    v.try_into().ok()
+}
+
+/// Announce the job's address from inside its namespace, now that its
+/// sockets exist: the bridges on the way learn the MAC's new port. Runs on a
+/// thread of its own (it enters the job's namespace, which a pooled thread
+/// must never do).
+pub fn announce(pid: i32, net: &JobNet) -> Result<(), JobNetError> {
+    let mac = parse_mac(&net.mac).ok_or_else(|| JobNetError::Config(net.mac.clone()))?;
+    let frame = garp_frame(mac, net.ip);
+    let ns = format!("/proc/{pid}/ns/net");
+    std::thread::spawn(move || -> Result<(), JobNetError> {
+        let f = std::fs::File::open(&ns).map_err(|e| JobNetError::Setup(format!("{ns}: {e}")))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| JobNetError::Setup(format!("setns {ns}: {e}")))?;
+        let iface =
+            std::ffi::CString::new(JOB_IFACE).map_err(|e| JobNetError::Setup(e.to_string()))?;
+        // SAFETY: plain syscalls on values owned here; the fd is closed below.
+        unsafe {
+            let idx = libc::if_nametoindex(iface.as_ptr());
+            if idx == 0 {
+                return Err(JobNetError::Setup(format!(
+                    "no {JOB_IFACE} in the job's namespace"
+                )));
+            }
+            let proto = (libc::ETH_P_ARP as u16).to_be();
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            if fd < 0 {
+                return Err(JobNetError::Setup(format!(
+                    "packet socket: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = idx as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            let mut err = None;
+            for _ in 0..2 {
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if n < 0 {
+                    err = Some(std::io::Error::last_os_error());
+                }
+            }
+            libc::close(fd);
+            match err {
+                Some(e) => Err(JobNetError::Setup(format!("gratuitous ARP: {e}"))),
+                None => Ok(()),
+            }
+        }
+    })
+    .join()
+    .map_err(|_| JobNetError::Setup("gratuitous ARP thread panicked".into()))?
+}
+
+/// An established TCP connection of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub pid: i32,
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {} (pid {})", self.local, self.remote, self.pid)
+    }
+}
+
+fn parse_addr(hex: &str) -> Option<std::net::SocketAddr> {
+    let (a, p) = hex.split_once(':')?;
+    let port = u16::from_str_radix(p, 16).ok()?;
+    let ip: std::net::IpAddr = match a.len() {
+        8 => Ipv4Addr::from(u32::from_be(u32::from_str_radix(a, 16).ok()?)).into(),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, chunk) in b.chunks_mut(4).enumerate() {
+                let w = u32::from_str_radix(&a[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(b);
+            v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Established TCP sockets (inode → local, remote) in a `/proc/net/tcp*`
+/// table's text.
+fn established_in(text: &str) -> Vec<(u64, std::net::SocketAddr, std::net::SocketAddr)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "01" {
+                return None;
+            }
+            Some((f[9].parse().ok()?, parse_addr(f[1])?, parse_addr(f[2])?))
+        })
+        .collect()
+}
+
+/// The established TCP connections held by the process tree rooted at
+/// `root` (its fds' socket inodes looked up in its namespace's tables).
+pub fn established_connections(root: i32) -> Vec<Connection> {
+    let mut table = Vec::new();
+    for t in ["tcp", "tcp6"] {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{root}/net/{t}")) {
+            table.extend(established_in(&s));
+        }
+    }
+    let mut out = Vec::new();
+    for pid in crate::core::procfs::tree_pids(root) {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if let Some((_, l, r)) = table.iter().find(|(i, _, _)| *i == inode) {
+                let c = Connection {
+                    pid,
+                    local: *l,
+                    remote: *r,
+                };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` lives in another network namespace than this process.
+pub fn has_own_netns(pid: i32) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/{pid}/ns/net")),
+        std::fs::read_link("/proc/self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
+/// This node no longer runs `job`: delete its veth, or (`keep`, a stopped
+/// post-copy source that may still take the job back) only take it down.
+pub fn left_here(job: &JobId, keep: bool) {
+    let veth = host_veth(job.as_str());
+    if keep {
+        set_link(&veth, false);
+    } else if let Err(e) = delete_link(&veth) {
+        tracing::warn!(job = %job, "{e}");
+    }
+}
+
+impl super::Agent {
+    /// The address a new job gets: its own (claimed from the pool) when it
+    /// asked for one or the node's default says so and this node has the
+    /// bridge; else None, the node's network, with a warning when it asked.
+    pub(crate) fn job_net_for(
+        &self,
+        id: &JobId,
+        asked: Option<bool>,
+    ) -> AgentResult<Option<JobNet>> {
+        let Some(c) = &self.cfg.job_net else {
+            if asked == Some(true) {
+                tracing::warn!(job = %id, node = %self.cfg.node, "no job address pool on this node (mosixd --job-net-pool): the job uses the node's network");
+            }
+            return Ok(None);
+        };
+        if !asked.unwrap_or(c.default_own) {
+            return Ok(None);
+        }
+        if !c.available() {
+            tracing::warn!(job = %id, node = %self.cfg.node, bridge = %c.bridge, "the job bridge does not exist on this node: the job uses the node's network, and its connections cannot move with it");
+            return Ok(None);
+        }
+        c.claim(id.as_str()).map(Some).map_err(|e| match e {
+            JobNetError::PoolExhausted(_) => AgentError::ResourceExhausted(e.to_string()),
+            other => AgentError::Internal(other.to_string()),
+        })
+    }
+
+    /// Give a job's address back to the pool (its end, or a failed launch).
+    pub(crate) fn release_address(&self, id: &JobId, net: &JobNet) {
+        if let Some(c) = &self.cfg.job_net {
+            c.release(id.as_str(), net.ip);
+        }
+    }
+
+    /// Refuse, before anything is frozen, a move that would break a TCP
+    /// connection: one held by a job in its node's network namespace (its
+    /// address stays behind, and CRIU cannot dump it).
+    pub(crate) fn check_connections_can_move(&self, rec: &JobRecord, pid: i32) -> AgentResult<()> {
+        if rec.net.is_some() && has_own_netns(pid) {
+            return Ok(());
+        }
+        let conns = established_connections(pid);
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = conns.iter().take(8).map(|c| c.to_string()).collect();
+        Err(AgentError::FailedPrecondition(format!(
+            "job {} holds {} established TCP connection(s) ({}{}) and uses its node's network, so they cannot move with it; start it with `mosrun -d --net own` to give it an address that moves; it keeps running on {}",
+            rec.id,
+            conns.len(),
+            shown.join(", "),
+            if conns.len() > shown.len() { ", …" } else { "" },
+            self.cfg.node
+        )))
+    }
+
+    /// [`check_connections_can_move`](Self::check_connections_can_move)
+    /// for a service instance, after its front ends were told it is about
+    /// to be frozen and let go of their pooled connections (nothing is
+    /// frozen yet); a refusal tells them it runs on here.
+    pub(crate) fn check_service_connections(&self, rec: &JobRecord, pid: i32) -> AgentResult<()> {
+        if rec.service.is_none() {
+            return Ok(());
+        }
+        self.check_connections_can_move(rec, pid).inspect_err(|_| {
+            self.events.running(rec, &self.cfg.node);
+        })
+    }
+
+    /// Before restoring `job` here: if it has its own address, this node's
+    /// end of its veth (stale links of the same name removed) and the
+    /// bridge, as CRIU's `external` entry, plus the address.
+    pub(crate) fn prepare_job_net(&self, job: &JobId) -> AgentResult<Option<(String, JobNet)>> {
+        let Some(net) = self.registry.get(job)?.net else {
+            return Ok(None);
+        };
+        let bridge = self
+            .cfg
+            .job_net
+            .as_ref()
+            .map_or(DEFAULT_BRIDGE, |c| c.bridge.as_str());
+        if !link_exists(bridge) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} has its own address {} but {} has no job bridge {bridge} to restore it on",
+                net.ip, self.cfg.node
+            )));
+        }
+        let veth = host_veth(job.as_str());
+        delete_link(&veth).map_err(|e| AgentError::Internal(e.to_string()))?;
+        Ok(Some((external_veth(&veth, bridge), net)))
+    }
+
+    /// A restore here failed: nothing of the job's interface may stay.
+    pub(crate) fn job_net_failed(&self, job: &JobId, net: Option<&(String, JobNet)>) {
+        if net.is_some() {
+            left_here(job, false);
+        }
+    }
+
+    /// The job runs here now, its sockets restored: announce its address.
+    pub(crate) fn job_net_arrived(&self, job: &JobId, pid: i32, net: Option<&(String, JobNet)>) {
+        if let Some((_, n)) = net {
+            match announce(pid, n) {
+                Ok(()) => tracing::debug!(job = %job, ip = %n.ip, "address announced"),
+                Err(e) => tracing::warn!(job = %job, ip = %n.ip, "{e}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_and_veth_names_are_fixed() {
+        assert_eq!(mac_for(Ipv4Addr::new(10, 77, 1, 100)), "02:6d:0a:4d:01:64");
+        assert_eq!(host_veth("j87c872429e"), "mjj87c872429e");
+        assert!(host_veth("jabcdefabcdefabcdef").len() <= 15);
+        assert_eq!(
+            parse_mac("02:6d:0a:4d:01:64"),
+            Some([2, 0x6d, 10, 77, 1, 100])
+        );
+        assert_eq!(
+            external_veth("mjx", "mbr0"),
+            "veth[eth0]:mjx@mbr0".to_string()
+        );
+    }
+
+    #[test]
+    fn pool_claims_are_exclusive_and_released_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, last) = JobNetConfig::parse_pool("10.9.0.100-10.9.0.101").unwrap();
+        let cfg = JobNetConfig {
+            bridge: "mbr0".into(),
+            first,
+            last,
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 9, 0, 1),
+            claims: dir.path().join("addrs"),
+            default_own: false,
+        };
+        let a = cfg.claim("ja").unwrap();
+        let b = cfg.claim("jb").unwrap();
+        assert_ne!(a.ip, b.ip);
+        assert!(matches!(
+            cfg.claim("jc"),
+            Err(JobNetError::PoolExhausted(_))
+        ));
+        cfg.release("jc", a.ip); // not its claim: kept
+        assert!(cfg.claim("jc").is_err());
+        cfg.release("ja", a.ip);
+        assert_eq!(cfg.claim("jc").unwrap().ip, a.ip);
+        assert!(JobNetConfig::parse_pool("10.9.0.5-10.9.0.1").is_err());
+        assert!(JobNetConfig::parse_pool("nonsense").is_err());
+    }
+
+    #[test]
+    fn proc_net_tcp_lines_parse() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:26F9 0100007F:B4C2 01 00000000:00000000 00:00000000 00000000     0        0 12345 1 0 20 4 30 10 -1\n   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1\n";
+        let e = established_in(text);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].0, 12345);
+        assert_eq!(e[0].1.to_string(), "127.0.0.1:9977");
+    }
+
+    #[test]
+    fn garp_frame_announces_the_address() {
+        let f = garp_frame([2, 0x6d, 10, 77, 1, 100], Ipv4Addr::new(10, 77, 1, 100));
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[12..14], &[8, 6]);
+        assert_eq!(&f[28..32], &[10, 77, 1, 100]);
+        assert_eq!(&f[38..42], &[10, 77, 1, 100]);
+    }
+}
