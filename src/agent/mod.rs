@@ -14,6 +14,7 @@ pub mod exec;
 pub mod fence_watchdog;
 pub mod launcher;
 pub mod load;
+pub mod loadfeed;
 pub mod metrics;
 pub mod migration;
 pub mod ownership;
