@@ -13,7 +13,7 @@
 # the end, also on error or Ctrl-C: the `bench` local cluster, the simulated
 # agents, the balancer, bare-CRIU processes and their images.
 #
-# Knobs (environment): BENCH_PHASES=plan,round,migration,balance,checkpoint
+# Knobs (environment): BENCH_PHASES=plan,round,scale,migration,balance,checkpoint
 #                      BENCH_SIZES=64x20,256x16,1024x12  (MiB x round trips)
 #                      BENCH_ARGS="..."                (more bench.py flags)
 set -euo pipefail
@@ -75,7 +75,7 @@ echo "== mosix benchmarks (results: bench-results/results.json, summary: BENCHMA
 bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
-  --phases "${BENCH_PHASES:-plan,round,migration,balance,checkpoint}" \
+  --phases "${BENCH_PHASES:-plan,round,scale,migration,balance,checkpoint}" \
   --sizes "${BENCH_SIZES:-64x20,256x16,1024x12}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 

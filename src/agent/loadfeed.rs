@@ -136,11 +136,15 @@ impl Pacer {
 /// Something that wakes the feed early (a job started, ended or moved).
 pub type Pokes = Pin<Box<dyn Stream<Item = ()> + Send>>;
 
+/// One look at the node's state (a future, so that an agent can read its
+/// registry off the async threads).
+pub type Sample = futures::future::BoxFuture<'static, NodeLoad>;
+
 /// The feed as a stream: looks at `sample()` every [`CHECK_EVERY`] and at
 /// once when `pokes` yields, and passes on what the [`Pacer`] decides.
 pub fn stream<F>(sample: F, pokes: Option<Pokes>, seed: u64) -> impl Stream<Item = Update>
 where
-    F: FnMut() -> NodeLoad + Send + 'static,
+    F: FnMut() -> Sample + Send + 'static,
 {
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -164,8 +168,8 @@ where
                     tick.tick().await;
                 }
             }
+            let current = (st.3)().await;
             let now_ms = start.elapsed().as_millis() as u64;
-            let current = (st.3)();
             if let Some(u) = st.0.next(now_ms, current) {
                 return Some((u, st));
             }
@@ -230,40 +234,49 @@ impl super::Agent {
     pub fn load_feed(self: &std::sync::Arc<Self>) -> impl Stream<Item = Update> {
         let agent = self.clone();
         let start = std::time::Instant::now();
-        let mut cache = FlagCache::new();
-        let sample = move || {
-            let mut nl = agent.node_load();
-            let now_ms = start.elapsed().as_millis() as u64;
-            let busy = agent.busy.lock().map(|b| b.clone()).unwrap_or_default();
-            cache.fill(
-                now_ms,
-                &mut nl,
-                |id| {
-                    let id = crate::core::JobId::parse(id).ok()?;
-                    let r = agent.registry.get(&id).ok()?;
-                    Some(JobFlags {
-                        arrived_unix_ms: r.arrived_unix_ms,
-                        pinned: r.pinned,
-                        non_migratable: r.non_migratable,
-                        post_copy_failed: r.history.last().is_some_and(|m| m.post_copy && !m.ok),
-                        busy: false,
-                        unsampled: false,
-                    })
-                },
-                |id| busy.iter().any(|b| b.as_str() == id),
-            );
-            nl
+        let cache = std::sync::Arc::new(std::sync::Mutex::new(FlagCache::new()));
+        let sample = move || -> Sample {
+            let (agent, cache) = (agent.clone(), cache.clone());
+            // Off the async threads: the registry may be a network file system.
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut nl = agent.node_load();
+                    let now_ms = start.elapsed().as_millis() as u64;
+                    let busy = agent.busy.lock().map(|b| b.clone()).unwrap_or_default();
+                    if let Ok(mut cache) = cache.lock() {
+                        cache.fill(
+                            now_ms,
+                            &mut nl,
+                            |id| {
+                                let id = crate::core::JobId::parse(id).ok()?;
+                                let r = agent.registry.get(&id).ok()?;
+                                Some(JobFlags {
+                                    arrived_unix_ms: r.arrived_unix_ms,
+                                    pinned: r.pinned,
+                                    non_migratable: r.non_migratable,
+                                    post_copy_failed: r
+                                        .history
+                                        .last()
+                                        .is_some_and(|m| m.post_copy && !m.ok),
+                                    busy: false,
+                                    unsampled: false,
+                                })
+                            },
+                            |id| busy.iter().any(|b| b.as_str() == id),
+                        );
+                    }
+                    nl
+                })
+                .await
+                .unwrap_or_default()
+            })
         };
         let sub = self.events.subscribe("");
+        // Any job event (lagging behind counts too) is a reason to look now.
         let pokes: Pokes = Box::pin(futures::stream::unfold(sub, |mut sub| async move {
-            loop {
-                match sub.rx.recv().await {
-                    Ok(_) => return Some(((), sub)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        return Some(((), sub))
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
+            match sub.rx.recv().await {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some(((), sub)),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
             }
         }));
         let seed = crate::core::now_unix_ms() ^ u64::from(std::process::id());
@@ -413,7 +426,14 @@ mod tests {
         let pokes: Pokes = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|()| ((), rx))
         }));
-        let s = stream(move || l.lock().unwrap().clone(), Some(pokes), 3);
+        let s = stream(
+            move || -> Sample {
+                let n = l.lock().unwrap().clone();
+                Box::pin(async move { n })
+            },
+            Some(pokes),
+            3,
+        );
         futures::pin_mut!(s);
         assert!(matches!(s.next().await, Some(Update::Full(_))));
         *load.lock().unwrap() = node(2.0, &["j1"]);

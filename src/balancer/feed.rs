@@ -188,9 +188,12 @@ impl Drop for Feed {
     }
 }
 
+/// A node's name, and its latest state or why it is down.
+pub type NodeEntry = (Arc<str>, Result<Arc<NodeState>, String>);
+
 /// One round's view of the feed: a pointer per node, nothing copied.
 pub struct FeedView {
-    pub nodes: Vec<(Arc<str>, Result<Arc<NodeState>, String>)>,
+    pub nodes: Vec<NodeEntry>,
     pub taken: Instant,
 }
 

@@ -331,10 +331,10 @@ impl Agent for SimAgent {
         // The agent's own feed code, sampling the simulated state.
         use futures::StreamExt;
         let load = self.load.clone();
-        let sample = move || {
+        let sample = move || -> loadfeed::Sample {
             let mut l = load.lock().map(|l| l.clone()).unwrap_or_default();
             l.timestamp_unix_ms = mosix::core::now_unix_ms();
-            l
+            Box::pin(async move { l })
         };
         let s = loadfeed::stream(sample, None, self.seed).map(|u| Ok(pb::LoadReport::from(&u)));
         Ok(Response::new(Box::pin(s)))
