@@ -117,6 +117,29 @@ fn raise_nofile(want: u64) {
     }
 }
 
+/// Each simulated agent holds two descriptors (its listener and the
+/// balancer's connection): say so when the limit cannot hold them all (a
+/// container may refuse to raise the hard limit), since the last agents
+/// would then never answer.
+fn warn_if_short_of_fds(count: usize) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    let need = 2 * count as u64 + 64;
+    if r.rlim_cur < need {
+        eprintln!(
+            "mosbench sim-agents: WARNING: open-file limit {} < {need} needed for {count} agents (a listener and a connection each); about {} agents will not answer. Split the agents over several processes.",
+            r.rlim_cur,
+            need.saturating_sub(r.rlim_cur) / 2 + 1
+        );
+    }
+}
+
 /// user + system CPU seconds of this process (all threads).
 /// CPU seconds used by the calling thread.
 fn thread_cpu_secs() -> f64 {
@@ -447,6 +470,7 @@ fn write_sim_pki(
 async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let count: usize = arg(args, "--count", 1000);
     raise_nofile(3 * count as u64 + 1024);
+    warn_if_short_of_fds(count);
     let churn_pct: f64 = arg(args, "--churn-pct", 1.0);
     let base_port: u16 = arg(args, "--base-port", 20000);
     let jobs_per_node: usize = arg(args, "--jobs-per-node", 10);
