@@ -4,6 +4,8 @@
 Phases (all by default; pick some with --phases a,b,...):
   plan       policy::plan on 10,000 nodes / 100,000 jobs       (mosbench plan)
   round      one balancer round against 1,000 simulated agents (mosbench sim-agents + round)
+  scale      push (load feeds) vs poll at 100 / 1,000 / 10,000 simulated agents with mTLS
+             (--scale-agents), round time and balancer CPU per 3 s interval
   migration  idle mosixd CPU/RSS, then migration vs bare CRIU at 64 MiB / 256 MiB / 1 GiB,
              then the post-copy check, on a 2-node local cluster
   balance    makespan of K CPU-bound jobs on a capped 4-node cluster, with and without
@@ -53,7 +55,7 @@ PIDS = RUN / "pids"
 BARE_DIR = ROOT / "criu-images" / "bench-bare"
 
 ENV = dict(os.environ, MOSIX_CLUSTER=CLUSTER_FILE)
-DEFAULT_PHASES = "plan,round,migration,balance,checkpoint,noshared,crowded"
+DEFAULT_PHASES = "plan,round,scale,migration,balance,checkpoint,noshared,crowded"
 T0 = time.monotonic()
 
 
@@ -564,11 +566,15 @@ def phase_plan(res, args):
     res["plan"] = json.loads(r.stdout)
 
 
-def start_sim(count, base_port, cluster_out, tls_dir=None):
+def start_sim(count, base_port, cluster_out, tls_dir=None, churn_pct=None):
     for attempt in range(5):
-        port = base_port + attempt * 2500
+        port = base_port + attempt * (count + 500)
+        if port + count > 65000:
+            port = 20000 + attempt * 97
         cmd = [MOSBENCH, "sim-agents", "--count", str(count), "--base-port", str(port),
                "--jobs-per-node", "10", "--cluster-out", str(cluster_out)]
+        if churn_pct is not None:
+            cmd += ["--churn-pct", str(churn_pct)]
         if tls_dir:
             cmd += ["--tls-dir", str(tls_dir)]
         errf = open(RUN / "sim-agents.err", "w")
@@ -601,6 +607,41 @@ def phase_round(res, args):
             kill_wait(sim.pid)
             shutil.rmtree(RUN / "sim-pki", ignore_errors=True)
     res["round"] = out
+
+
+def phase_scale(res, args):
+    """The control plane at 100, 1,000 and 10,000 simulated agents, with mTLS:
+    `mos-balance serve`'s default (following the agents' pushed load feeds,
+    `mosbench round --feed`) and the old polling (`mosbench round`), side by
+    side. Push: the round time is taking the view and planning; CPU is the
+    balancer process's over each whole 3 s interval (receiving reports
+    included), once the feeds are open. Poll: a round's time and CPU.
+    Each simulated node's load moves by 15-50% of capacity about once per
+    100 s (--churn-pct 1), so the feed carries real reports, not only
+    heartbeats."""
+    rows = []
+    for count in args.scale_agents:
+        cf = RUN / f"sim-cluster-scale-{count}.json"
+        log(f"scale: {count} simulated agents (mTLS), push and poll")
+        sim, info = start_sim(count, 20000, cf, RUN / "sim-pki", churn_pct=args.churn_pct)
+        try:
+            for mode in ("push", "poll"):
+                cmd = [MOSBENCH, "round", "--cluster", str(cf), "--rounds", str(args.rounds)]
+                if mode == "push":
+                    cmd += ["--feed", "--interval", "3"]
+                r = run(cmd, timeout=600)
+                sys.stderr.write(r.stderr)
+                d = json.loads(r.stdout)
+                d["push"] = mode == "push"
+                d["sim_jobs"] = info["jobs"]
+                d["churn_pct"] = args.churn_pct
+                d["cpu_fraction_of_interval"] = d["cpu_median_s"] / 3.0
+                d["agents_up_min"] = min(x["agents_up"] for x in d["rounds"])
+                rows.append(d)
+        finally:
+            kill_wait(sim.pid)
+            shutil.rmtree(RUN / "sim-pki", ignore_errors=True)
+    res["round_scale"] = rows
 
 
 def warm_up(job, bare, extra=()):
@@ -1380,6 +1421,11 @@ def main():
     ap.add_argument("--plan-runs", type=int, default=11)
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--scale-agents", default="100,1000,10000",
+                    type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="agent counts of the control-plane scale runs (push vs poll, mTLS)")
+    ap.add_argument("--churn-pct", type=float, default=1.0,
+                    help="%% of simulated nodes whose load moves each second")
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--single-secs", type=float, default=10.0)
     args = ap.parse_args()
@@ -1401,8 +1447,9 @@ def main():
         "others_running_at_start": others_running(), "loadavg_start": loadavg(),
     })
     durations = res.setdefault("durations_s", {})
-    phases = {"plan": phase_plan, "round": phase_round, "migration": phase_migration, "balance": phase_balance,
-              "checkpoint": phase_checkpoint, "noshared": phase_noshared, "crowded": phase_crowded}
+    phases = {"plan": phase_plan, "round": phase_round, "scale": phase_scale, "migration": phase_migration,
+              "balance": phase_balance, "checkpoint": phase_checkpoint, "noshared": phase_noshared,
+              "crowded": phase_crowded}
     errors = res.setdefault("errors", {})
     try:
         for name in args.phases.split(","):

@@ -6,6 +6,7 @@ available; ASCII plots in the markdown otherwise) and a printed summary."""
 import datetime
 import os
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -140,6 +141,22 @@ def targets(r):
             f"connections ({d['rounds'][0]['cpu_s']:.3f} CPU-s, {d['rounds'][0]['wall_s']:.3f} s) and later "
             "rounds reuse them")
 
+    # 4b'. push vs poll at scale (mTLS)
+    sc = r.get("round_scale") or []
+    big = [d for d in sc if d.get("push") and d["agents"] >= 10000]
+    if big:
+        d = big[0]
+        add("control plane", f"one balancer round, {d['agents']} agents, mTLS, load feeds (serve's default): wall time",
+            f"{d['wall_median_s']:.3f} s median", "< 1 s", d["wall_median_s"] < 1.0,
+            f"{d['agents_up_min']} of {d['agents']} agents up in every round")
+        add("control plane", f"one balancer round, {d['agents']} agents, mTLS, load feeds: CPU per 3 s interval",
+            f"{100 * d['cpu_fraction_of_interval']:.1f}% ({d['cpu_median_s']:.3f} CPU-s per interval, reports received included)",
+            "≤ 10% of a core", d["cpu_fraction_of_interval"] <= 0.10,
+            f"opening the {d['agents']} feeds took {d['open_s']:.1f} s and {d['open_cpu_s']:.1f} CPU-s, once")
+    elif "round_scale" in r or r.get("errors", {}).get("scale"):
+        add("control plane", "one balancer round, 10,000 agents, mTLS", "not measured", "< 1 s, ≤ 10% of a core", False,
+            r.get("errors", {}).get("scale", ""))
+
     # 4c. idle agent
     idle = r.get("idle", {}).get("procs", [])
     if idle:
@@ -263,6 +280,32 @@ def plots(r):
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = OUT / "frozen.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    sc = r.get("round_scale") or []
+    if sc:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for push, label, color in ((True, "push (load feeds)", "#2c6fb0"), (False, "poll", "#c0561b")):
+            rows = sorted((d for d in sc if d.get("push") == push), key=lambda d: d["agents"])
+            if not rows:
+                continue
+            xs = [d["agents"] for d in rows]
+            axes[0].plot(xs, [d["wall_median_s"] for d in rows], "o-", label=label, color=color)
+            axes[1].plot(xs, [100 * d["cpu_fraction_of_interval"] for d in rows], "o-", label=label, color=color)
+        axes[0].axhline(1.0, color="k", ls="--", lw=1, label="target < 1 s")
+        axes[1].axhline(10, color="k", ls="--", lw=1, label="target ≤ 10%")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("simulated agents (mTLS)")
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("round time (s, median)")
+        axes[1].set_ylabel("balancer CPU, % of a core per 3 s interval")
+        axes[0].set_title("Round time")
+        axes[1].set_title("Balancer CPU")
+        fig.tight_layout()
+        p = OUT / "control_plane.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         made.append(p)
@@ -664,6 +707,33 @@ def markdown(r, tg, pngs):
               f"{d['cpu_median_s']:.3f} s ({d['cpu_min_s']:.3f}–{d['cpu_max_s']:.3f}) | "
               f"{100 * d['cpu_fraction_of_interval']:.1f}% |")
         w("")
+    sc = r.get("round_scale") or []
+    if sc:
+        w("### 4b'. Push vs poll at 100, 1,000 and 10,000 agents (mTLS)\n")
+        w("The same simulated agents (one `mosbench sim-agents` process, mTLS, 10 jobs per node on average; "
+          f"{sc[0].get('churn_pct', 1)}% of the nodes' loads move by 15–50% of capacity each second, so the feeds carry "
+          "reports, not only heartbeats). **push** is `mos-balance serve`'s default: `mosbench round --feed` follows every "
+          "agent's `WatchLoad` stream (`balancer::feed`, the agents' own `agent::loadfeed` code) and every 3 s plans "
+          "straight from the latest reports; *round* is taking the view and planning, *CPU* is the balancer process's "
+          "over the whole 3 s interval, receiving reports included, once the feeds are open (opening them is shown "
+          "apart). **poll** is `serve --poll` and the one-shot tools: GetLoad from every agent plus one ListJobs per round "
+          "(CPU per round ÷ 3 s). Both processes share the machine's 2 cores.\n")
+        w("| agents | mode | agents up (min) | round median (min–max) | CPU per interval median (min–max) | ÷ 3 s | reports / heartbeats per interval | opening the feeds |")
+        w("|---|---|---|---|---|---|---|---|")
+        for d in sorted(sc, key=lambda d: (d["agents"], not d.get("push"))):
+            rp = "—"
+            op = "—"
+            if d.get("push"):
+                rs = d["rounds"]
+                rp = f"{statistics.median([x['reports'] for x in rs]):.0f} / {statistics.median([x['heartbeats'] for x in rs]):.0f}"
+                op = f"{d['open_s']:.1f} s, {d['open_cpu_s']:.2f} CPU-s"
+            w(f"| {d['agents']} | {'push' if d.get('push') else 'poll'} | {d['agents_up_min']} | "
+              f"{d['wall_median_s']:.4f} s ({d['wall_min_s']:.4f}–{d['wall_max_s']:.4f}) | "
+              f"{d['cpu_median_s']:.3f} s ({d['cpu_min_s']:.3f}–{d['cpu_max_s']:.3f}) | "
+              f"{100 * d['cpu_fraction_of_interval']:.1f}% | {rp} | {op} |")
+        w("")
+        if (OUT / "control_plane.png").exists():
+            w("![round time and balancer CPU against agents](bench-results/control_plane.png)\n")
     idle = r.get("idle", {}).get("procs", [])
     if idle:
         w("### 4c. Idle `mosixd`\n")

@@ -286,3 +286,130 @@ fn balancer_service_answers_schedulers_and_serves_metrics() {
         stdout(&o)
     );
 }
+
+/// Issue 17: agents push their load (`WatchLoad`): a complete report first,
+/// then news at once when a job starts. `mos-balance serve` follows those
+/// feeds and balances from them; restarted, it rebuilds its view from the
+/// agents' opening reports; a node that dies is down at once (its feed
+/// breaks), so nothing is placed there.
+#[test]
+fn pushed_loads_reach_the_balancer_it_balances_from_them_and_a_restart_rebuilds_the_view() {
+    if !privileged() {
+        return;
+    }
+    use mosix::api::pb;
+    let cl = Cluster::up(2, &[]);
+    let cf = mosix::core::cluster_file::ClusterFile::load(&cl.file).unwrap();
+    let tls = mosix::api::client::ClientTls::from_cluster(&cf).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let node1 = cf.nodes[0].endpoint.clone();
+    let first_job = rt.block_on(async {
+        let mut c = mosix::api::client::agent(&node1, tls.as_ref(), Duration::from_secs(3))
+            .await
+            .unwrap();
+        let mut s = c
+            .watch_load(pb::WatchLoadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        assert!(first.heartbeat_bound_ms > 0);
+        let l = first.load.expect("the first report is complete");
+        assert_eq!(l.node, "node1");
+        assert!(l.jobs.is_empty(), "{l:?}");
+        let job = cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]);
+        let t = Instant::now();
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(3), s.message())
+                .await
+                .expect("a new job is news within 3 s")
+                .unwrap()
+                .unwrap();
+            if let Some(l) = r.load {
+                if let Some(u) = l.jobs.iter().find(|u| u.job_id == job) {
+                    assert!(u.arrived_unix_ms > 0 && !u.pinned && !u.non_migratable);
+                    break;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(3));
+        }
+        job
+    });
+    let mut jobs = vec![first_job];
+    for _ in 0..3 {
+        jobs.push(cl.mosrun(&["--node", "node1", "--", MOSJOB, "burn"]));
+    }
+    let bal_ep = cf.balancer.clone().expect("local cluster names a balancer");
+    let log = cl.node_tmp("node1").join("balancer.log");
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--min-residence", "2"];
+        args.extend_from_slice(extra);
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        Kill(
+            std::process::Command::new(MOSBALANCE)
+                .args(&args)
+                .env("MOSIX_CLUSTER", &cl.file)
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let bal = serve(&["--interval", "1"]);
+    cl.wait_for("the balancer to spread the jobs 2 + 2", 60, || {
+        let c = per_node(&nodes_of_jobs(&cl));
+        c.get("node1") == Some(&2) && c.get("node2") == Some(&2)
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("frozen"), "moves were the balancer's: {text}");
+    drop(bal);
+    // A new balancer (no rounds of its own) sees the balanced cluster from
+    // the agents' opening reports.
+    let _bal = serve(&["--no-auto"]);
+    let plan = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut b = mosix::api::client::balancer(&bal_ep, tls.as_ref(), Duration::from_secs(3))
+                .await
+                .ok()?;
+            let p = b.get_plan(pb::GetPlanRequest {}).await.ok()?.into_inner();
+            let place = b
+                .place(pb::PlaceRequest {
+                    rss_bytes: 1 << 20,
+                    cpu_cores: 1.0,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            Some((p, place.node))
+        })
+    };
+    let mut got = None;
+    cl.wait_for("the restarted balancer to answer", 20, || {
+        got = plan(&rt);
+        got.is_some()
+    });
+    let (p, _) = got.unwrap();
+    assert!(p.moves.is_empty(), "balanced already: {p:?}");
+    assert!(p.imbalance_before < 1.5, "both nodes reported: {p:?}");
+    // Two more jobs on node2 (nobody rebalances now): news at once, so a
+    // new job belongs on node1...
+    for _ in 0..2 {
+        cl.mosrun(&["--node", "node2", "--", MOSJOB, "burn"]);
+    }
+    cl.wait_for("the feed to show node2 heavier", 10, || {
+        plan(&rt).is_some_and(|(_, node)| node == "node1")
+    });
+    // ...until node1 dies: its feed breaks and it is down at once, long
+    // before a heartbeat bound.
+    assert!(cl.kill_node_processes("node1") > 0);
+    cl.wait_for("node1 to be seen down", 5, || {
+        plan(&rt).is_some_and(|(_, node)| node == "node2")
+    });
+}

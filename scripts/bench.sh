@@ -15,7 +15,7 @@
 # `bench` local cluster, the simulated agents, the balancer, bare-CRIU
 # processes (page servers too) and their images.
 #
-# Knobs (environment): BENCH_PHASES=plan,round,migration,balance,checkpoint,noshared,crowded
+# Knobs (environment): BENCH_PHASES=plan,round,scale,migration,balance,checkpoint,noshared,crowded
 #                      BENCH_SIZES=64x20,256x16,1024x12  (MiB x round trips)
 #                      BENCH_ARGS="..."                (more bench.py flags, e.g.
 #                        --noshared-sizes 64x8,1024x4 --crowded-moves 12)
@@ -78,7 +78,7 @@ echo "== mosix benchmarks (results: bench-results/results.json, summary: BENCHMA
 bench_rc=0
 # shellcheck disable=SC2086
 python3 bench/bench.py \
-  --phases "${BENCH_PHASES:-plan,round,migration,balance,checkpoint,noshared,crowded}" \
+  --phases "${BENCH_PHASES:-plan,round,scale,migration,balance,checkpoint,noshared,crowded}" \
   --sizes "${BENCH_SIZES:-64x20,256x16,1024x12}" \
   ${BENCH_ARGS:-} || bench_rc=$?
 

@@ -22,6 +22,22 @@ pub struct JobUsage {
     pub cpu_cores: f64,
     pub runnable: u32,
     pub demand: f64,
+    /// What the load feed adds from the job's record (see
+    /// [`super::loadfeed`]); GetLoad leaves them at their defaults.
+    pub flags: JobFlags,
+}
+
+/// A job's record, as far as the balancer plans from it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFlags {
+    pub arrived_unix_ms: u64,
+    pub pinned: bool,
+    pub non_migratable: bool,
+    pub post_copy_failed: bool,
+    /// A dump, migration, freeze or thaw of it is under way.
+    pub busy: bool,
+    /// Not sampled yet: its demand is unknown.
+    pub unsampled: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -249,6 +265,7 @@ impl LoadSampler {
                     cpu_cores: cpu,
                     runnable,
                     demand,
+                    flags: JobFlags::default(),
                 },
             );
         }
@@ -307,6 +324,10 @@ impl LoadSampler {
             .map(|(id, _)| {
                 st.usage.get(id).cloned().unwrap_or(JobUsage {
                     job_id: id.to_string(),
+                    flags: JobFlags {
+                        unsampled: true,
+                        ..Default::default()
+                    },
                     ..Default::default()
                 })
             })

@@ -15,6 +15,7 @@ pub mod fence_watchdog;
 pub mod jobnet;
 pub mod launcher;
 pub mod load;
+pub mod loadfeed;
 pub mod metrics;
 pub mod migration;
 pub mod ownership;

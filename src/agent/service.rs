@@ -96,6 +96,17 @@ impl AgentApi for AgentService {
         Ok(Response::new(Box::pin(s)))
     }
 
+    type WatchLoadStream = OutStream<pb::LoadReport>;
+
+    async fn watch_load(
+        &self,
+        _r: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        use futures::StreamExt;
+        let s = self.agent.load_feed().map(|u| Ok(pb::LoadReport::from(&u)));
+        Ok(Response::new(Box::pin(s)))
+    }
+
     async fn ack_freeze(
         &self,
         r: Request<pb::AckFreezeRequest>,

@@ -535,6 +535,12 @@ impl From<&NodeLoad> for pb::NodeLoad {
                     runnable: u.runnable,
                     demand: u.demand,
                     residence_secs: 0.0,
+                    arrived_unix_ms: u.flags.arrived_unix_ms,
+                    pinned: u.flags.pinned,
+                    non_migratable: u.flags.non_migratable,
+                    post_copy_failed: u.flags.post_copy_failed,
+                    busy: u.flags.busy,
+                    unsampled: u.flags.unsampled,
                 })
                 .collect(),
             timestamp_unix_ms: l.timestamp_unix_ms,
@@ -542,6 +548,18 @@ impl From<&NodeLoad> for pb::NodeLoad {
             supports_pre_copy: l.supports_pre_copy,
             blocked: l.blocked,
             speed: l.speed,
+        }
+    }
+}
+
+impl From<&crate::agent::loadfeed::Update> for pb::LoadReport {
+    fn from(u: &crate::agent::loadfeed::Update) -> Self {
+        match u {
+            crate::agent::loadfeed::Update::Full(l) => pb::LoadReport {
+                load: Some(pb::NodeLoad::from(l)),
+                heartbeat_bound_ms: crate::agent::loadfeed::HEARTBEAT_BOUND.as_millis() as u64,
+            },
+            crate::agent::loadfeed::Update::Heartbeat => pb::LoadReport::default(),
         }
     }
 }

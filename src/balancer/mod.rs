@@ -7,6 +7,7 @@
 //! nodes' leases.
 
 pub mod drain;
+pub mod feed;
 pub mod leader;
 pub mod orchestrator;
 pub mod policy;

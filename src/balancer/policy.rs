@@ -216,10 +216,20 @@ pub fn place(
     rss_bytes: u64,
     cpu_demand: f64,
 ) -> Option<String> {
+    place_among(snapshot.nodes.iter(), config, rss_bytes, cpu_demand)
+}
+
+/// [`place`] among nodes held by reference (see [`NodeRef`]).
+pub fn place_among<'a>(
+    nodes: impl Iterator<Item = &'a NodeSnapshot>,
+    config: &PolicyConfig,
+    rss_bytes: u64,
+    cpu_demand: f64,
+) -> Option<String> {
     let demand = sane_amount(cpu_demand);
     let reserve = effective_reserve(config);
     let mut best: Option<(f64, &str)> = None;
-    for node in snapshot.nodes.iter().filter(|n| is_usable(n) && !n.blocked) {
+    for node in nodes.filter(|n| is_usable(n) && !n.blocked) {
         if !fits(
             node.mem_available_bytes,
             node.mem_total_bytes,
@@ -264,8 +274,62 @@ pub fn place(
 ///   (the smallest under a total order of all fields), so garbage input can
 ///   neither move a job twice nor make the plan depend on input order.
 pub fn plan(snapshot: &ClusterSnapshot, config: &PolicyConfig) -> Plan {
-    let mut state = State::new(snapshot);
-    let ctx = Ctx::new(snapshot, config);
+    let jobs: Vec<(&JobSnapshot, f64)> = snapshot.jobs.iter().map(|j| (j, 0.0)).collect();
+    plan_inner(
+        snapshot.nodes.iter(),
+        &jobs,
+        snapshot.bandwidth_bytes_per_sec,
+        config,
+    )
+}
+
+/// One node and its jobs, by reference: what a caller that keeps the
+/// cluster's state per node (the balancer's load feed) plans from, so that a
+/// round neither copies nor rebuilds 10,000 nodes' state.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeRef<'a> {
+    pub node: &'a NodeSnapshot,
+    /// Jobs on this node (their `node` is this node's name).
+    pub jobs: &'a [JobSnapshot],
+    /// Seconds since the jobs' `residence_secs` were measured: added to them.
+    pub age_secs: f64,
+}
+
+/// [`plan`] over nodes held by reference: the same decisions as [`plan`] on
+/// a snapshot of the same nodes and jobs (with residence advanced by each
+/// node's `age_secs`).
+pub fn plan_nodes(
+    nodes: &[NodeRef<'_>],
+    bandwidth_bytes_per_sec: f64,
+    config: &PolicyConfig,
+) -> Plan {
+    let jobs: Vec<(&JobSnapshot, f64)> = nodes
+        .iter()
+        .flat_map(|n| {
+            let age = if n.age_secs.is_finite() && n.age_secs > 0.0 {
+                n.age_secs
+            } else {
+                0.0
+            };
+            n.jobs.iter().map(move |j| (j, age))
+        })
+        .collect();
+    plan_inner(
+        nodes.iter().map(|n| n.node),
+        &jobs,
+        bandwidth_bytes_per_sec,
+        config,
+    )
+}
+
+fn plan_inner<'a>(
+    nodes: impl Iterator<Item = &'a NodeSnapshot>,
+    jobs: &[(&'a JobSnapshot, f64)],
+    bandwidth_bytes_per_sec: f64,
+    config: &PolicyConfig,
+) -> Plan {
+    let mut state = State::new(nodes, jobs);
+    let ctx = Ctx::new(bandwidth_bytes_per_sec, config);
     let imbalance_before = state.imbalance();
     let mut moves = Vec::new();
     usher_memory(&mut state, &ctx, &mut moves);
@@ -406,10 +470,10 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(snapshot: &ClusterSnapshot, config: &PolicyConfig) -> Self {
+    fn new(bandwidth_bytes_per_sec: f64, config: &PolicyConfig) -> Self {
         let usable_bw = |b: f64| b.is_finite() && b > 0.0;
-        let bandwidth = if usable_bw(snapshot.bandwidth_bytes_per_sec) {
-            snapshot.bandwidth_bytes_per_sec
+        let bandwidth = if usable_bw(bandwidth_bytes_per_sec) {
+            bandwidth_bytes_per_sec
         } else if usable_bw(config.default_bandwidth_bytes_per_sec) {
             config.default_bandwidth_bytes_per_sec
         } else {
@@ -512,15 +576,20 @@ struct State<'a> {
     job_node: Vec<usize>,
     job_demand: Vec<f64>,
     moved: Vec<bool>,
+    /// Residence of each job in seconds, as of now.
+    residence: Vec<f64>,
     /// Job indices per node, in load-balancing preference order:
     /// highest demand, then smallest rss, then id.
     jobs_on: Vec<Vec<usize>>,
 }
 
 impl<'a> State<'a> {
-    fn new(snapshot: &'a ClusterSnapshot) -> Self {
-        let mut nodes: Vec<&NodeSnapshot> =
-            snapshot.nodes.iter().filter(|n| is_usable(n)).collect();
+    /// `jobs`: each with the seconds to add to its residence.
+    fn new(
+        all_nodes: impl Iterator<Item = &'a NodeSnapshot>,
+        jobs_in: &[(&'a JobSnapshot, f64)],
+    ) -> Self {
+        let mut nodes: Vec<&NodeSnapshot> = all_nodes.filter(|n| is_usable(n)).collect();
         nodes.sort_by(|a, b| cmp_nodes(a, b));
         // Keep one entry per name (the first in the total order) so that
         // duplicates cannot make the result depend on input order.
@@ -534,10 +603,10 @@ impl<'a> State<'a> {
         // Deduplicate jobs by id: id -> position in the snapshot. The winner
         // of each id is fixed by `cmp_jobs`, not by input order.
         let mut winner: FastMap<&str, usize> =
-            FastMap::with_capacity_and_hasher(snapshot.jobs.len(), Default::default());
+            FastMap::with_capacity_and_hasher(jobs_in.len(), Default::default());
         // Node index of every job that lives on a usable node.
-        let mut node_of: Vec<Option<usize>> = Vec::with_capacity(snapshot.jobs.len());
-        for (pos, job) in snapshot.jobs.iter().enumerate() {
+        let mut node_of: Vec<Option<usize>> = Vec::with_capacity(jobs_in.len());
+        for (pos, &(job, _)) in jobs_in.iter().enumerate() {
             let node = index.get(job.node.as_str()).copied();
             node_of.push(node);
             if node.is_none() {
@@ -548,14 +617,14 @@ impl<'a> State<'a> {
                     e.insert(pos);
                 }
                 Entry::Occupied(mut e) => {
-                    if cmp_jobs(job, &snapshot.jobs[*e.get()]) == Ordering::Less {
+                    if cmp_jobs(job, jobs_in[*e.get()].0) == Ordering::Less {
                         e.insert(pos);
                     }
                 }
             }
         }
         // Flagging winners is order-independent, so walking the map is fine.
-        let mut keep = vec![false; snapshot.jobs.len()];
+        let mut keep = vec![false; jobs_in.len()];
         for &pos in winner.values() {
             if let Some(k) = keep.get_mut(pos) {
                 *k = true;
@@ -566,11 +635,13 @@ impl<'a> State<'a> {
         let mut job_node = Vec::with_capacity(winner.len());
         let mut job_demand = Vec::with_capacity(winner.len());
         let mut job_rss = Vec::with_capacity(winner.len());
+        let mut residence = Vec::with_capacity(winner.len());
         let mut jobs_on: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
-        for ((job, node), keep) in snapshot.jobs.iter().zip(node_of).zip(keep) {
+        for ((&(job, age), node), keep) in jobs_in.iter().zip(node_of).zip(keep) {
             if let (Some(node), true) = (node, keep) {
                 let j = jobs.len();
                 jobs.push(job);
+                residence.push(job.residence_secs + age);
                 job_node.push(node);
                 job_demand.push(sane_amount(job.cpu_demand));
                 job_rss.push(job.rss_bytes);
@@ -594,6 +665,7 @@ impl<'a> State<'a> {
             avail: nodes.iter().map(|n| n.mem_available_bytes).collect(),
             conc: nodes.iter().map(|n| n.migrations_in_flight).collect(),
             moved: vec![false; jobs.len()],
+            residence,
             nodes,
             jobs,
             job_node,
@@ -661,7 +733,7 @@ impl<'a> State<'a> {
         !self.moved[j]
             && job.migratable
             && !job.pinned
-            && job.residence_secs >= ctx.min_residence_secs
+            && self.residence[j] >= ctx.min_residence_secs
             && self.job_demand[j] > 0.0
     }
 

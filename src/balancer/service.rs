@@ -1,7 +1,11 @@
-//! The balancer service: polls the agents, plans with the policy, carries the
-//! plan out, and serves the cluster view, the plan, the history, placement
-//! and "rebalance now" over gRPC (`mos-balance serve`).
+//! The balancer service: follows the agents' load feeds (or polls them),
+//! plans with the policy, carries the plan out, and serves the cluster view,
+//! the plan, the history, placement and "rebalance now" over gRPC
+//! (`mos-balance serve`). With a [`Feed`] a round plans straight from the
+//! latest pushed reports; without one (one-shot runs, `serve --poll`) it
+//! polls every agent.
 
+use super::feed::Feed;
 use super::orchestrator::{self, GrpcMigrator, Outcome};
 use super::policy::{self, Plan, PolicyConfig};
 use super::view::{self, ClusterView};
@@ -62,11 +66,12 @@ pub struct Balancer {
     round_lock: Mutex<()>,
     /// With etcd: the election among balancers; only the leader moves jobs.
     pub leadership: std::sync::OnceLock<Arc<super::leader::Leadership>>,
+    /// The agents' load feeds, when rounds plan from them (see [`Feed`]).
+    pub feed: std::sync::OnceLock<Arc<Feed>>,
 }
 
 #[derive(Default)]
 struct State {
-    view: ClusterView,
     plan: Option<Plan>,
     history: VecDeque<pb::Migration>,
 }
@@ -74,7 +79,10 @@ struct State {
 /// What one round did.
 #[derive(Debug, Clone)]
 pub struct RoundReport {
+    /// The polled view; empty when the round planned from the feed.
     pub view: ClusterView,
+    /// Nodes that were down, with why.
+    pub down: Vec<(String, String)>,
     pub plan: Plan,
     pub outcomes: Vec<Outcome>,
 }
@@ -130,12 +138,27 @@ impl Balancer {
             state: Mutex::new(State::default()),
             round_lock: Mutex::new(()),
             leadership: std::sync::OnceLock::new(),
+            feed: std::sync::OnceLock::new(),
         })
     }
 
+    /// Follow the agents' load feeds from now on, and plan from them.
+    pub fn follow_feeds(&self) {
+        let _ = self.feed.set(Feed::start(&self.cf, self.tls.clone()));
+    }
+
     pub async fn poll(&self) -> ClusterView {
-        let v = view::poll(&self.cf, self.tls.as_ref(), self.poll_deadline).await;
-        self.state.lock().await.view = v.clone();
+        view::poll(&self.cf, self.tls.as_ref(), self.poll_deadline).await
+    }
+
+    /// The feed's view of the cluster now (LOST nodes marked down, as the
+    /// polled view marks them), once every node answered or failed once.
+    async fn feed_view(&self, feed: &Feed) -> super::feed::FeedView {
+        feed.wait_settled(self.poll_deadline).await;
+        let mut v = feed.view();
+        if let Some(live) = view::live_nodes(&self.cf).await {
+            v.retain_live(&live);
+        }
         v
     }
 
@@ -151,8 +174,28 @@ impl Balancer {
     ) -> RoundReport {
         let _one = self.round_lock.lock().await;
         self.metrics.rounds.inc();
-        let view = self.poll().await;
-        let plan = self.plan_for(&view);
+        let (view, plan, down) = match self.feed.get() {
+            Some(feed) => {
+                let fv = self.feed_view(feed).await;
+                let plan = fv.plan(&self.config);
+                let down = fv
+                    .down()
+                    .into_iter()
+                    .map(|(n, e)| (n.to_string(), e.to_string()))
+                    .collect();
+                (ClusterView::default(), plan, down)
+            }
+            None => {
+                let view = self.poll().await;
+                let plan = self.plan_for(&view);
+                let down = view
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.load.as_ref().err().map(|e| (n.name.clone(), e.clone())))
+                    .collect();
+                (view, plan, down)
+            }
+        };
         self.state.lock().await.plan = Some(plan.clone());
         // With an election, only a confirmed leader acts, and its moves
         // carry its leadership revision (agents refuse a stale one).
@@ -210,6 +253,7 @@ impl Balancer {
         }
         RoundReport {
             view,
+            down,
             plan,
             outcomes,
         }
@@ -238,13 +282,7 @@ impl Balancer {
                     ),
                 })
                 .await;
-            let down: Vec<&str> = r
-                .view
-                .nodes
-                .iter()
-                .filter(|n| n.load.is_err())
-                .map(|n| n.name.as_str())
-                .collect();
+            let down: Vec<&str> = r.down.iter().map(|(n, _)| n.as_str()).collect();
             if !down.is_empty() {
                 tracing::warn!("nodes down: {}", down.join(", "));
             }
@@ -288,6 +326,10 @@ impl BalancerApi for BalancerService {
         &self,
         _r: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::Plan>, Status> {
+        if let Some(feed) = self.balancer.feed.get() {
+            let v = self.balancer.feed_view(feed).await;
+            return Ok(Response::new(plan_to_pb(&v.plan(&self.balancer.config))));
+        }
         let v = self.balancer.poll().await;
         Ok(Response::new(plan_to_pb(&self.balancer.plan_for(&v))))
     }
@@ -317,11 +359,29 @@ impl BalancerApi for BalancerService {
                 r.cpu_cores
             )));
         }
-        let v = self.balancer.poll().await;
         let cores = if r.cpu_cores == 0.0 { 1.0 } else { r.cpu_cores };
-        let node = policy::place(&v.snapshot(0.0), &self.balancer.config, r.rss_bytes, cores)
-            .ok_or_else(|| Status::resource_exhausted("no node is up with memory for this job"))?;
-        let endpoint = v.endpoint(&node).unwrap_or_default().to_string();
+        let none = || Status::resource_exhausted("no node is up with memory for this job");
+        let node = match self.balancer.feed.get() {
+            Some(feed) => self
+                .balancer
+                .feed_view(feed)
+                .await
+                .place(&self.balancer.config, r.rss_bytes, cores)
+                .ok_or_else(none)?,
+            None => {
+                let v = self.balancer.poll().await;
+                policy::place(&v.snapshot(0.0), &self.balancer.config, r.rss_bytes, cores)
+                    .ok_or_else(none)?
+            }
+        };
+        let endpoint = self
+            .balancer
+            .cf
+            .nodes
+            .iter()
+            .find(|n| n.name.as_str() == node)
+            .map(|n| n.endpoint.clone())
+            .unwrap_or_default();
         Ok(Response::new(pb::PlaceResponse { node, endpoint }))
     }
 

@@ -124,10 +124,27 @@ pub async fn mark_lost_loads(
     cf: &ClusterFile,
     loads: &mut [(String, &mut Result<pb::NodeLoad, String>)],
 ) {
+    let Some(live) = live_nodes(cf).await else {
+        return;
+    };
+    for (name, load) in loads.iter_mut() {
+        if !live.contains(name.as_str()) {
+            let why = match &**load {
+                Ok(_) => "its agent answers, but it holds no etcd lease (cut off from etcd: it has fenced its jobs)".to_string(),
+                Err(e) => format!("its etcd lease expired and its agent does not answer ({e})"),
+            };
+            **load = Err(format!("{LOST}: {why}"));
+        }
+    }
+}
+
+/// With etcd: the nodes holding a live lease (None without etcd, or if it
+/// cannot be asked: then nobody is marked LOST).
+pub async fn live_nodes(cf: &ClusterFile) -> Option<std::collections::BTreeSet<String>> {
     static STORE: std::sync::Mutex<Option<std::sync::Arc<dyn crate::coord::store::Store>>> =
         std::sync::Mutex::new(None);
     if cf.etcd.is_empty() {
-        return;
+        return None;
     }
     let cached = STORE.lock().ok().and_then(|s| s.clone());
     let store = match cached {
@@ -141,22 +158,11 @@ pub async fn mark_lost_loads(
             }
             Err(e) => {
                 tracing::debug!("node leases unknown: {e}");
-                return;
+                return None;
             }
         },
     };
-    let Ok(live) = crate::coord::live_nodes(&*store, &cf.name).await else {
-        return;
-    };
-    for (name, load) in loads.iter_mut() {
-        if !live.contains(name.as_str()) {
-            let why = match &**load {
-                Ok(_) => "its agent answers, but it holds no etcd lease (cut off from etcd: it has fenced its jobs)".to_string(),
-                Err(e) => format!("its etcd lease expired and its agent does not answer ({e})"),
-            };
-            **load = Err(format!("{LOST}: {why}"));
-        }
-    }
+    crate::coord::live_nodes(&*store, &cf.name).await.ok()
 }
 
 impl ClusterView {

@@ -7,11 +7,17 @@
 //!   everything else is Unimplemented) and write a cluster file listing them.
 //! - `round`: one balancer round without migrations (`view::poll` +
 //!   `snapshot` + `policy::plan`) against a cluster file, timed in wall clock
-//!   and in CPU time of this process (getrusage).
+//!   and in CPU time of this process (getrusage). With `--feed`, rounds as
+//!   `mos-balance serve` runs them: follow the agents' load feeds and plan
+//!   from them every `--interval`; CPU is then per interval.
+//! - `sim-agents` also serves `WatchLoad` with the agent's own feed code;
+//!   `--churn-pct P` moves P% of the nodes' loads by 15-50% each second.
 //! - `proc-sample`: CPU (utime+stime) and VmRSS of a process over a window.
 //!
 //! Every subcommand prints one JSON object on stdout.
 
+use mosix::agent::load::{JobFlags, JobUsage, NodeLoad};
+use mosix::agent::loadfeed;
 use mosix::api::pb;
 use mosix::api::pb::agent_server::{Agent, AgentServer};
 use mosix::balancer::policy::{self, ClusterSnapshot, JobSnapshot, NodeSnapshot, PolicyConfig};
@@ -77,17 +83,60 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         })
 }
 
-fn raise_nofile() {
+/// Raise this process's open-file limit to `want` (soft and, as root, hard:
+/// 10,000 simulated agents need 10,000 listening sockets plus one accepted
+/// connection each, more than the usual hard limit of 20,000 leaves room
+/// for); at least to the hard limit otherwise.
+fn raise_nofile(want: u64) {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        if r.rlim_max < want {
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(want);
+            let raised = libc::rlimit {
+                rlim_cur: want.min(nr_open),
+                rlim_max: want.min(nr_open),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return;
+            }
+        }
+        if r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
+    }
+}
+
+/// Each simulated agent holds two descriptors (its listener and the
+/// balancer's connection): say so when the limit cannot hold them all (a
+/// container may refuse to raise the hard limit), since the last agents
+/// would then never answer.
+fn warn_if_short_of_fds(count: usize) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return;
+    }
+    let need = 2 * count as u64 + 64;
+    if r.rlim_cur < need {
+        eprintln!(
+            "mosbench sim-agents: WARNING: open-file limit {} < {need} needed for {count} agents (a listener and a connection each); about {} agents will not answer. Split the agents over several processes.",
+            r.rlim_cur,
+            need.saturating_sub(r.rlim_cur) / 2 + 1
+        );
     }
 }
 
@@ -224,8 +273,10 @@ struct Shared {
 }
 
 struct SimAgent {
-    load: pb::NodeLoad,
+    /// The node's state, which the churn task changes now and then.
+    load: Arc<std::sync::Mutex<NodeLoad>>,
     shared: Arc<Shared>,
+    seed: u64,
 }
 
 #[tonic::async_trait]
@@ -286,9 +337,30 @@ impl Agent for SimAgent {
         &self,
         _r: Request<pb::GetLoadRequest>,
     ) -> Result<Response<pb::NodeLoad>, Status> {
-        let mut l = self.load.clone();
+        let mut l = self
+            .load
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .clone();
         l.timestamp_unix_ms = mosix::core::now_unix_ms();
-        Ok(Response::new(l))
+        Ok(Response::new(pb::NodeLoad::from(&l)))
+    }
+    type WatchLoadStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LoadReport, Status>> + Send>>;
+    async fn watch_load(
+        &self,
+        _r: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        // The agent's own feed code, sampling the simulated state.
+        use futures::StreamExt;
+        let load = self.load.clone();
+        let sample = move || -> loadfeed::Sample {
+            let mut l = load.lock().map(|l| l.clone()).unwrap_or_default();
+            l.timestamp_unix_ms = mosix::core::now_unix_ms();
+            Box::pin(async move { l })
+        };
+        let s = loadfeed::stream(sample, None, self.seed).map(|u| Ok(pb::LoadReport::from(&u)));
+        Ok(Response::new(Box::pin(s)))
     }
     async fn launch(&self, _r: Request<pb::LaunchRequest>) -> Result<Response<pb::Job>, Status> {
         Err(Status::unimplemented("simulated agent"))
@@ -396,8 +468,10 @@ fn write_sim_pki(
 }
 
 async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
-    raise_nofile();
     let count: usize = arg(args, "--count", 1000);
+    raise_nofile(3 * count as u64 + 1024);
+    warn_if_short_of_fds(count);
+    let churn_pct: f64 = arg(args, "--churn-pct", 1.0);
     let base_port: u16 = arg(args, "--base-port", 20000);
     let jobs_per_node: usize = arg(args, "--jobs-per-node", 10);
     let out: PathBuf = arg_opt(args, "--cluster-out")
@@ -408,7 +482,7 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let mut rng = Lcg(7);
 
     // Uneven load: every 10th node is hot (3x the jobs), some are idle.
-    let mut per_node: Vec<Vec<pb::JobUsage>> = Vec::with_capacity(count);
+    let mut per_node: Vec<Vec<JobUsage>> = Vec::with_capacity(count);
     let mut all = Vec::new();
     for i in 0..count {
         let name = format!("sim{i:04}");
@@ -423,13 +497,16 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
             let demand = 0.25 + rng.below(100) as f64 / 100.0;
             let rss = (16 + rng.below(512)) * MIB;
             let arrived = now - 5_000 - rng.below(600_000);
-            usage.push(pb::JobUsage {
+            usage.push(JobUsage {
                 job_id: id.clone(),
                 rss_bytes: rss,
                 cpu_cores: demand.min(1.0),
                 runnable: 1,
                 demand,
-                residence_secs: (now - arrived) as f64 / 1000.0,
+                flags: JobFlags {
+                    arrived_unix_ms: arrived,
+                    ..Default::default()
+                },
             });
             all.push(pb::Job {
                 id,
@@ -493,28 +570,32 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
     };
     cf.save(&out)?;
 
+    let mut states = Vec::with_capacity(count);
     for (i, l) in listeners.into_iter().enumerate() {
         let usage = std::mem::take(&mut per_node[i]);
         let load: f64 = usage.iter().map(|u| u.demand).sum();
+        let state = Arc::new(std::sync::Mutex::new(NodeLoad {
+            node: format!("sim{i:04}"),
+            load,
+            capacity: [1.0, 2.0, 4.0, 8.0][i % 4],
+            cpu_usage: load.min(4.0),
+            mem_total_bytes: 64 * GIB,
+            mem_available_bytes: 48 * GIB,
+            jobs_running: usage.len() as u32,
+            migrations_in_flight: 0,
+            migration_bandwidth_bps: 400e6,
+            jobs: usage,
+            timestamp_unix_ms: now,
+            supports_post_copy: true,
+            supports_pre_copy: true,
+            blocked: false,
+            speed: 1.0,
+        }));
+        states.push(state.clone());
         let agent = SimAgent {
-            load: pb::NodeLoad {
-                node: format!("sim{i:04}"),
-                load,
-                capacity: [1.0, 2.0, 4.0, 8.0][i % 4],
-                cpu_usage: load.min(4.0),
-                mem_total_bytes: 64 * GIB,
-                mem_available_bytes: 48 * GIB,
-                jobs_running: usage.len() as u32,
-                migrations_in_flight: 0,
-                migration_bandwidth_bps: 400e6,
-                jobs: usage,
-                timestamp_unix_ms: now,
-                supports_post_copy: true,
-                supports_pre_copy: true,
-                blocked: false,
-                speed: 1.0,
-            },
+            load: state,
             shared: shared.clone(),
+            seed: i as u64,
         };
         let mut b = tonic::transport::Server::builder();
         if let Some(t) = &server_tls {
@@ -529,9 +610,38 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
             }
         });
     }
+    // Churn: every second, churn_pct% of the nodes see their load move by
+    // 15-50% of capacity (each such move is news for the load feed), back
+    // and forth around where it started.
+    if churn_pct > 0.0 {
+        let states = states.clone();
+        tokio::spawn(async move {
+            let mut rng = Lcg(11);
+            let base: Vec<f64> = states
+                .iter()
+                .map(|s| s.lock().map(|l| l.load).unwrap_or(0.0))
+                .collect();
+            let per_sec = ((states.len() as f64 * churn_pct / 100.0).round() as usize).max(1);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                for _ in 0..per_sec {
+                    let i = rng.below(states.len() as u64) as usize;
+                    if let Ok(mut l) = states[i].lock() {
+                        let step = l.capacity * (0.15 + rng.below(36) as f64 / 100.0);
+                        l.load = if l.load > base[i] {
+                            base[i]
+                        } else {
+                            base[i] + step
+                        };
+                    }
+                }
+            }
+        });
+    }
     println!(
         "{}",
-        json!({"ready": count, "cluster": out, "jobs": shared.all_jobs.jobs.len(), "tls": tls_dir.is_some()})
+        json!({"ready": count, "cluster": out, "jobs": shared.all_jobs.jobs.len(), "tls": tls_dir.is_some(), "churn_pct": churn_pct})
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -549,15 +659,19 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
 // ---------------------------------------------------------------------------
 
 async fn cmd_round(args: &[String]) -> anyhow::Result<serde_json::Value> {
-    raise_nofile();
     let path: PathBuf = arg_opt(args, "--cluster")
         .map(PathBuf::from)
         .ok_or_else(|| anyhow::anyhow!("--cluster FILE is required"))?;
     let rounds: usize = arg(args, "--rounds", 5);
     let deadline = Duration::from_millis(arg(args, "--deadline-ms", 2000));
     let cf = ClusterFile::load(&path)?;
+    raise_nofile(2 * cf.nodes.len() as u64 + 1024);
     let tls = mosix::api::client::ClientTls::from_cluster(&cf)?;
     let cfg = PolicyConfig::default();
+    if args.iter().any(|a| a == "--feed") {
+        let interval = Duration::from_secs_f64(arg(args, "--interval", 3.0));
+        return feed_rounds(&cf, tls, &cfg, rounds, interval).await;
+    }
     let mut per = Vec::new();
     for r in 0..rounds {
         let c0 = cpu_secs();
@@ -595,7 +709,81 @@ async fn cmd_round(args: &[String]) -> anyhow::Result<serde_json::Value> {
     let (wlo, whi) = min_max(&walls);
     let (clo, chi) = min_max(&cpus);
     Ok(json!({
-        "agents": cf.nodes.len(), "tls": cf.tls.is_some(), "rounds": per,
+        "mode": "poll", "agents": cf.nodes.len(), "tls": cf.tls.is_some(), "rounds": per,
+        "wall_median_s": median(&walls), "wall_min_s": wlo, "wall_max_s": whi,
+        "cpu_median_s": median(&cpus), "cpu_min_s": clo, "cpu_max_s": chi,
+    }))
+}
+
+/// Rounds as `mos-balance serve` runs them by default: follow every agent's
+/// load feed, and every `interval` plan from the latest reports. The round
+/// time is taking the view and planning; the CPU is this process's over the
+/// whole interval (receiving reports included), after the feeds opened.
+async fn feed_rounds(
+    cf: &ClusterFile,
+    tls: Option<mosix::api::client::ClientTls>,
+    cfg: &PolicyConfig,
+    rounds: usize,
+    interval: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    use mosix::balancer::feed::Feed;
+    let c0 = cpu_secs();
+    let t0 = Instant::now();
+    let feed = Feed::start(cf, tls);
+    // Open: every node reported (or 60 s passed).
+    while t0.elapsed() < Duration::from_secs(60) {
+        if feed.view().up().count() == cf.nodes.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open_s = t0.elapsed().as_secs_f64();
+    let open_cpu = cpu_secs() - c0;
+    eprintln!(
+        "feed: {} of {} agents reporting after {open_s:.2} s ({open_cpu:.2} CPU-s)",
+        feed.view().up().count(),
+        cf.nodes.len()
+    );
+    let mut per = Vec::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    for r in 0..rounds {
+        let (hb0, full0) = feed.reports();
+        let c = cpu_secs();
+        let t = Instant::now();
+        let v = feed.view();
+        let p = v.plan(cfg);
+        let wall = t.elapsed().as_secs_f64();
+        let round_cpu = cpu_secs() - c;
+        let up = v.up().count();
+        let jobs: usize = v.up().map(|n| n.jobs.len()).sum();
+        let first_err = v.down().first().map(|(n, e)| format!("{n}: {e}"));
+        drop(v);
+        tick.tick().await;
+        let cpu = cpu_secs() - c;
+        let (hb1, full1) = feed.reports();
+        eprintln!(
+            "round {r}: {up}/{} agents up, {jobs} jobs, {} moves, wall {wall:.4} s (round CPU {round_cpu:.4} s), CPU over the {:.0} s interval {cpu:.3} s; {} reports + {} heartbeats in it{}",
+            cf.nodes.len(),
+            p.moves.len(),
+            interval.as_secs_f64(),
+            full1 - full0,
+            hb1 - hb0,
+            first_err.as_deref().map(|e| format!(" (first down: {e})")).unwrap_or_default()
+        );
+        per.push(json!({
+            "wall_s": wall, "round_cpu_s": round_cpu, "cpu_s": cpu, "agents_up": up,
+            "agents": cf.nodes.len(), "jobs": jobs, "moves": p.moves.len(),
+            "reports": full1 - full0, "heartbeats": hb1 - hb0, "first_error": first_err,
+        }));
+    }
+    let walls: Vec<f64> = per.iter().filter_map(|r| r["wall_s"].as_f64()).collect();
+    let cpus: Vec<f64> = per.iter().filter_map(|r| r["cpu_s"].as_f64()).collect();
+    let (wlo, whi) = min_max(&walls);
+    let (clo, chi) = min_max(&cpus);
+    Ok(json!({
+        "mode": "feed", "agents": cf.nodes.len(), "tls": cf.tls.is_some(), "rounds": per,
+        "interval_s": interval.as_secs_f64(), "open_s": open_s, "open_cpu_s": open_cpu,
         "wall_median_s": median(&walls), "wall_min_s": wlo, "wall_max_s": whi,
         "cpu_median_s": median(&cpus), "cpu_min_s": clo, "cpu_max_s": chi,
     }))
@@ -693,7 +881,7 @@ async fn main() -> std::process::ExitCode {
         Some("seal") => cmd_seal(&args),
         _ => {
             eprintln!(
-                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS]\n       mosbench proc-sample --pids P1,P2 [--secs S]\n       mosbench seal --dir IMAGE_DIR"
+                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR] [--churn-pct P]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS] [--feed [--interval S]]\n       mosbench proc-sample --pids P1,P2 [--secs S]\n       mosbench seal --dir IMAGE_DIR"
             );
             return std::process::ExitCode::from(2);
         }

@@ -76,6 +76,12 @@ impl PolicyArgs {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Run the balancer service: rebalance every --interval and serve gRPC.
+    ///
+    /// By default it follows every agent's load feed (WatchLoad): agents
+    /// push a complete report when their load moves by more than 10% of
+    /// capacity or their jobs change, and a heartbeat every ~10 s; a round
+    /// plans from the latest reports without asking anyone. A node whose
+    /// feed breaks, or stays silent for 25 s, is down until it reports again.
     Serve {
         /// gRPC listen address [default: the cluster file's balancer address].
         #[arg(long)]
@@ -92,6 +98,10 @@ pub enum Cmd {
         /// Allow a non-loopback listen address without TLS.
         #[arg(long)]
         insecure: bool,
+        /// Poll every agent (GetLoad, ListJobs) each round instead of
+        /// following their load feeds: for agents too old to push.
+        #[arg(long)]
+        poll: bool,
     },
 }
 
@@ -196,9 +206,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             no_auto,
             metrics,
             insecure,
+            poll,
         }) => {
             serve(
-                cf, tls, config, listen, interval, no_auto, metrics, insecure,
+                cf, tls, config, listen, interval, no_auto, metrics, insecure, poll,
             )
             .await
         }
@@ -274,6 +285,7 @@ async fn serve(
     no_auto: bool,
     metrics: Option<SocketAddr>,
     insecure: bool,
+    poll: bool,
 ) -> anyhow::Result<()> {
     use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
     if !interval.is_finite() || interval <= 0.0 {
@@ -311,6 +323,9 @@ async fn serve(
     // The leader restarts a lost node's checkpointed jobs (balancer::restart).
     let on_node_lost = crate::balancer::restart::restart_from_checkpoints(cf.clone(), tls.clone());
     let balancer = Arc::new(Balancer::new(cf, tls, config)?);
+    if !poll {
+        balancer.follow_feeds();
+    }
     if let Some((cluster, eps)) = etcd {
         // Several balancers may serve: one leads (see balancer::leader).
         let store = crate::coord::connect_within(&eps, Duration::from_secs(5))
