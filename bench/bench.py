@@ -370,27 +370,8 @@ class BareJob:
             raise RuntimeError(f"bare criu dump failed: {r.stderr.strip()[-1500:]}\n"
                                f"{(img / 'dump.log').read_text()[-1500:] if (img / 'dump.log').exists() else ''}")
         image_bytes = sum(f.stat().st_size for f in img.iterdir() if f.is_file())
-        # The dump killed the tree; collect the unshare parent of the first run.
-        if self.unshare and self.unshare.poll() is None:
-            try:
-                self.unshare.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        reap()
-        pidfile = self.dir / "restored.pid"
-        pidfile.unlink(missing_ok=True)
-        t = time.monotonic()
-        r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
-                            "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d",
-                            "--pidfile", str(pidfile)],
-                           capture_output=True, text=True, preexec_fn=at_criu_nice)
-        restore = (time.monotonic() - t) * 1000
-        if r.returncode != 0:
-            raise RuntimeError(f"bare criu restore failed: {r.stderr.strip()[-1500:]}\n"
-                               f"{(img / 'restore.log').read_text()[-1500:] if (img / 'restore.log').exists() else ''}")
-        self.pid = int(pidfile.read_text().strip())
-        track(self.pid)
-        self.node = to
+        self.collect_dumped()
+        restore = self.restore(to, img, "bare criu restore")
         # Diagnostic only (not part of bare total): the CPU the agent's seal
         # (hash + HMAC manifest) and verify (hash again) need on these images.
         # Measured after the restore, so that bare CRIU's restore follows its
@@ -449,12 +430,7 @@ class BareJob:
         dump.wait(timeout=600)
         total = (time.monotonic() - t) * 1000
         daemon.wait(timeout=60)
-        if self.unshare and self.unshare.poll() is None:
-            try:
-                self.unshare.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        reap()
+        self.collect_dumped()
         self.pid = int(pidfile.read_text().strip())
         track(self.pid)
         self.node = to
@@ -520,31 +496,42 @@ class BareJob:
                 shutil.copy(f, dst / f.name)
                 copied += f.stat().st_size
         copy = (time.monotonic() - t_copy) * 1000
+        self.collect_dumped()
+        restore = self.restore(to, dst, "bare restore (no shared path)")
+        end = time.monotonic()
+        received = sum(f.stat().st_size for f in dst.iterdir() if f.is_file() and not f.name.endswith(".log"))
+        for d in (src, dst):
+            shutil.rmtree(d, ignore_errors=True)
+        return {"listen_ms": listening, "dump_ms": dump, "copy_ms": copy, "restore_ms": restore,
+                "total_ms": (end - t) * 1000, "copied_bytes": copied, "image_bytes": received}
+
+    def collect_dumped(self):
+        """The dump killed the tree; collect the unshare parent of the first run."""
         if self.unshare and self.unshare.poll() is None:
             try:
                 self.unshare.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         reap()
+
+    def restore(self, to, img, what):
+        """`criu restore -d` of `img` in node `to`'s network namespace; the
+        restored tree becomes this job. Returns the restore's wall ms."""
         pidfile = self.dir / "restored.pid"
         pidfile.unlink(missing_ok=True)
-        t_rst = time.monotonic()
+        t = time.monotonic()
         r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "restore",
-                            "-D", str(dst), "-o", "restore.log", *CRIU_COMMON, "-d",
+                            "-D", str(img), "-o", "restore.log", *CRIU_COMMON, "-d",
                             "--pidfile", str(pidfile)],
                            capture_output=True, text=True, preexec_fn=at_criu_nice)
-        end = time.monotonic()
+        ms = (time.monotonic() - t) * 1000
         if r.returncode != 0:
-            raise RuntimeError(f"bare restore (no shared path) failed: {r.stderr.strip()[-1500:]}\n"
-                               f"{(dst / 'restore.log').read_text()[-1500:] if (dst / 'restore.log').exists() else ''}")
+            raise RuntimeError(f"{what} failed: {r.stderr.strip()[-1500:]}\n"
+                               f"{(img / 'restore.log').read_text()[-1500:] if (img / 'restore.log').exists() else ''}")
         self.pid = int(pidfile.read_text().strip())
         track(self.pid)
         self.node = to
-        received = sum(f.stat().st_size for f in dst.iterdir() if f.is_file() and not f.name.endswith(".log"))
-        for d in (src, dst):
-            shutil.rmtree(d, ignore_errors=True)
-        return {"listen_ms": listening, "dump_ms": dump, "copy_ms": copy, "restore_ms": (end - t_rst) * 1000,
-                "total_ms": (end - t) * 1000, "copied_bytes": copied, "image_bytes": received}
+        return ms
 
     def kill(self):
         if self.pid:
