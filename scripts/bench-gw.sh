@@ -295,7 +295,9 @@ for p in "${PROXIES[@]}"; do
     if [ "$port" = 8401 ] && [ "$rps" -gt "$NGINX_MAX" ]; then NGINX_MAX=$rps; fi
   done
 done
-[ "$NGINX_MAX" -gt 0 ] && echo "$NGINX_MAX" >"$RUN/nginx-max"
+# (an if, not &&: a false test as the block's last command would end the
+# script under set -e when ONLY= leaves nginx out)
+if [ "$NGINX_MAX" -gt 0 ]; then echo "$NGINX_MAX" >"$RUN/nginx-max"; fi
 } | tee "$OUT"
 else
   : >"$OUT"
