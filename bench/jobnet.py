@@ -71,7 +71,10 @@ def probe():
 if n: threading.Thread(target=probe,daemon=True).start()
 for line in sys.stdin:
     if line.startswith('m'): state['gap']=0.0
-    else: print('%.1f %d'%(state['gap']*1000,state['errors']),flush=True)
+    # A probe still waiting for its echo is in a gap that has not ended:
+    # count it too (a stall longer than the move plus the pause before "r"
+    # would read as 0 otherwise).
+    else: print('%.1f %d'%(max(state['gap'],time.time()-state['last'])*1000,state['errors']),flush=True)
 """
 
 
