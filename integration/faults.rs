@@ -312,6 +312,18 @@ fn full_shared_disk_fails_cleanly_and_loses_nothing() {
     let threads = nice_by_ns_pid(cl.record(&job).pid);
     assert!(threads.len() >= 2, "{threads:?}");
     assert!(threads.iter().all(|&(_, nice)| nice == 0), "{threads:?}");
+    // The dump lifted the job out of node1's jobs cgroup (CRIU's parasite
+    // runs in its threads); the failed dump must have put it back.
+    let want = format!("/mosix/{}/node1/jobs", cl.name);
+    let pids = mosix::core::procfs::tree_pids(cl.record(&job).pid);
+    assert!(pids.len() >= 2, "{pids:?}");
+    for p in pids {
+        assert_eq!(
+            mosix::core::cgroup::cpu_cgroup_of(p).as_deref(),
+            Some(want.as_str()),
+            "process {p} of {job}"
+        );
+    }
     let _ = std::fs::remove_file(&file);
 }
 

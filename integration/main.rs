@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod balancer;
+mod cgroups;
 mod checkpoint;
 mod coord;
 mod faults;

@@ -43,6 +43,11 @@ pub struct LaunchSpec {
     /// (`CLONE_NEWNET`); it waits before exec until [`launch_then`]'s
     /// `setup` has given it an interface (see [`super::jobnet`]).
     pub own_netns: bool,
+    /// An open `cgroup.procs` of the node's jobs group
+    /// ([`crate::core::cgroup`]): the child joins it before it execs, so
+    /// nothing of the job ever runs beside the agent. None: the agent's
+    /// cgroup. The caller keeps it open until `launch` returns.
+    pub cgroup_procs: Option<std::os::fd::RawFd>,
 }
 
 /// `mosix-init`, next to the running binary.
@@ -73,6 +78,8 @@ pub enum LaunchError {
     Pipe(std::io::Error),
     #[error("{0}")]
     Network(String),
+    #[error("joining the node's jobs cgroup: {0}")]
+    Cgroup(std::io::Error),
 }
 
 /// The executable for `cmd`, as a shell in `cwd` would find it: a path
@@ -202,6 +209,7 @@ pub fn launch_then(
     );
     let switch_user = unsafe { libc::geteuid() } == 0 && (uid != 0 || gid != 0);
     let nice = spec.nice;
+    let cgroup_procs = spec.cgroup_procs;
 
     let child = Box::new(move || -> isize {
         // SAFETY: only async-signal-safe libc calls on memory prepared above.
@@ -217,6 +225,13 @@ pub fn launch_then(
                 let mut b = 0u8;
                 if libc::read(fd_go, (&mut b as *mut u8).cast(), 1) != 1 {
                     libc::_exit(126);
+                }
+            }
+            // "0" is the writer itself; its threads and every later child
+            // follow it. Before the user switch: it needs root.
+            if let Some(fd) = cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return fail(6);
                 }
             }
             if libc::setsid() < 0 {
@@ -287,6 +302,7 @@ pub fn launch_then(
         let io = std::io::Error::from_raw_os_error(word[1]);
         let what = match word[0] {
             4 => return Err(LaunchError::Cwd(spec.cwd.clone(), io)),
+            6 => return Err(LaunchError::Cgroup(io)),
             3 => format!("{first} (switching to uid {uid} gid {gid})"),
             _ => first.clone(),
         };
@@ -333,6 +349,7 @@ mod tests {
             stdin: None,
             umask: None,
             own_netns: false,
+            cgroup_procs: None,
         };
         assert!(matches!(launch(&spec), Err(LaunchError::EmptyCommand)));
     }

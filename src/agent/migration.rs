@@ -32,12 +32,11 @@ pub mod postcopy;
 
 pub(crate) use postcopy::LazyDump;
 
-use super::{io_error, portable, priority, Agent, AgentError, AgentResult};
+use super::{io_error, portable, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
-use crate::criu::swrk::WORKER_NICE;
 use crate::criu::{
     AbortCheck, DumpSpec, PageServer, RestoreSpec, ResumeGate, DUMP_LOG, LAZY_LOG, RESTORE_LOG,
 };
@@ -328,7 +327,7 @@ impl Agent {
                 image_dir: rel.clone(),
                 started_unix_ms: started,
                 post_copy: lazy.is_some(),
-                nice_before_dump: priority::raise(pid, WORKER_NICE),
+                nice_before_dump: self.before_dump(pid),
             });
             self.record_dumping(rec, pid)?;
         }
@@ -357,6 +356,9 @@ impl Agent {
             .then(|| crate::security::follow::FollowHasher::start(&dir, fsync));
         let result = {
             let _one = self.criu_lock.lock().await;
+            // Only for a dump that takes the job away: a checkpoint's job
+            // stays, and nothing here is worth stopping the others for.
+            let _squeeze = (!leave_running).then(|| self.squeeze_jobs()).flatten();
             Self::blocking(move || engine.dump(&spec)).await?
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
@@ -428,13 +430,13 @@ impl Agent {
     }
 
     /// Record the dump that is about to stop the job (its pending migration
-    /// carries the nice values [`priority::raise`] changed). If the record
+    /// carries the nice values [`super::priority::raise`] changed). If the record
     /// cannot be written (a full disk), nothing is dumped and the job keeps
     /// running here as it was, its priority included.
     fn record_dumping(&self, rec: &mut JobRecord, pid: i32) -> AgentResult<()> {
         if let Err(e) = self.registry.put(rec) {
             if let Some(p) = rec.pending.take() {
-                priority::put_back(pid, &p.nice_before_dump);
+                self.after_dump(pid, &p.nice_before_dump);
             }
             rec.state = JobState::Running;
             self.events.running(rec, &self.cfg.node);
@@ -452,7 +454,7 @@ impl Agent {
         remove_images_keep_logs(dir);
         let exited = self.set_dumping(&rec.id, false);
         if let Some(p) = rec.pending.take() {
-            priority::put_back(pid, &p.nice_before_dump);
+            self.after_dump(pid, &p.nice_before_dump);
         }
         rec.state = JobState::Running;
         self.registry.put(rec)?;
@@ -763,6 +765,7 @@ impl Agent {
             )),
             abort_if,
             external_veth: net_here.as_ref().map(|(v, _)| v.clone()),
+            jobs_cgroup: self.jobs_group.as_ref().map(|g| g.jobs_procs()),
         };
         let result = if lazy_from.is_some() {
             // Not under the CRIU lock: pages come from another node, and
@@ -823,8 +826,11 @@ impl Agent {
             self.watch_lazy_daemon(job.clone(), outcome.pid, d, dir.clone());
         }
         let mut rec = self.registry.get(job)?;
-        if let Some(p) = &rec.pending {
-            priority::put_back(outcome.pid, &p.nice_before_dump);
+        match &rec.pending {
+            Some(p) => self.after_dump(outcome.pid, &p.nice_before_dump),
+            // CRIU put it in the jobs group at pre-resume already; this
+            // covers an engine without that step.
+            None => self.place_in_jobs_group(outcome.pid),
         }
         let now = now_unix_ms();
         let started = rec

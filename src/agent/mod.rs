@@ -252,6 +252,10 @@ pub struct Agent {
     /// Lease, ownership and fencing on etcd, when configured (see
     /// [`ownership`]); set once at start, before the agent serves.
     pub(crate) coord: std::sync::OnceLock<Arc<ownership::AgentCoord>>,
+    /// The node cgroup's child that holds the jobs, below the agent and its
+    /// CRIU workers (see [`crate::core::cgroup`]); None without a node
+    /// cgroup: jobs then share the agent's.
+    pub(crate) jobs_group: Option<crate::core::cgroup::JobsGroup>,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -306,6 +310,7 @@ impl Agent {
         let runner = runner::Runner::new(names);
         let metrics = metrics::AgentMetrics::new(cfg.node.as_str())
             .map_err(|e| AgentError::Internal(format!("metrics: {e}")))?;
+        let jobs_group = Self::jobs_group_for(cfg.cgroup_scope.as_deref());
         Ok(Arc::new(Self {
             cfg,
             registry,
@@ -324,7 +329,83 @@ impl Agent {
             events: events::Events::default(),
             admin,
             coord: std::sync::OnceLock::new(),
+            jobs_group,
         }))
+    }
+
+    /// The jobs group under the node cgroup `scope` (made if missing). Not
+    /// fatal without one: jobs then share the agent's cgroup, as they did
+    /// before the group existed, and a move off a crowded node is slower.
+    fn jobs_group_for(scope: Option<&str>) -> Option<crate::core::cgroup::JobsGroup> {
+        let Some(scope) = scope else {
+            tracing::info!(
+                "no node cgroup (--cgroup): jobs share the agent's cgroup, so a move off a crowded node competes with them for the CPU"
+            );
+            return None;
+        };
+        match crate::core::cgroup::JobsGroup::for_node(scope) {
+            Ok(g) => {
+                tracing::info!(
+                    jobs = %g.jobs_dir().display(),
+                    shares = crate::core::cgroup::JOBS_SHARES,
+                    "jobs run in a child cgroup of the node's, below the agent and CRIU"
+                );
+                Some(g)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no jobs cgroup under {scope} ({e}): jobs share the agent's cgroup, so a move off a crowded node competes with them for the CPU"
+                );
+                None
+            }
+        }
+    }
+
+    /// Before the dump that moves the job rooted at `pid`: lift it to the
+    /// agent's cgroup level and raise its threads to the CRIU worker's nice
+    /// (CRIU's parasite runs in them). Returns what [`Self::after_dump`]
+    /// puts back (the nice values; the cgroup is always the jobs group).
+    pub(crate) fn before_dump(&self, pid: i32) -> Vec<(i32, i32)> {
+        if let Some(g) = &self.jobs_group {
+            if let Err(e) = g.lift_tree(pid) {
+                tracing::warn!(
+                    pid,
+                    "could not lift the job out of the jobs cgroup for its dump: {e}"
+                );
+            }
+        }
+        priority::raise(pid, crate::criu::swrk::WORKER_NICE)
+    }
+
+    /// The job rooted at `pid` runs here again after a dump (CRIU resumed
+    /// it, or restored it): its nice values back, and into the jobs group.
+    pub(crate) fn after_dump(&self, pid: i32, nice_before_dump: &[(i32, i32)]) {
+        priority::put_back(pid, nice_before_dump);
+        self.place_in_jobs_group(pid);
+    }
+
+    /// For the dump that moves a job off this node: on a node with a CPU
+    /// cap, the other jobs get 1% of a core until the guard is dropped, so
+    /// that CRIU (and its parasite in the lifted job) get the node's quota
+    /// nearly whole. Shares alone cannot do that: they weigh tasks on one
+    /// CPU, while the cap is one quota for all of them, and the jobs on the
+    /// other CPUs used it up in every period (see [`crate::core::cgroup`]).
+    /// `MOSIX_JOBS_SQUEEZE=0` turns it off (to measure what it buys).
+    pub(crate) fn squeeze_jobs(&self) -> Option<crate::core::cgroup::Squeeze> {
+        if std::env::var("MOSIX_JOBS_SQUEEZE").as_deref() == Ok("0") {
+            return None;
+        }
+        self.jobs_group.as_ref()?.squeeze()
+    }
+
+    /// Put the job tree rooted at `pid` in the jobs group (a no-op without
+    /// one, or if it is there already).
+    pub(crate) fn place_in_jobs_group(&self, pid: i32) {
+        if let Some(g) = &self.jobs_group {
+            if let Err(e) = g.place_tree(pid) {
+                tracing::warn!(pid, "could not put the job in the jobs cgroup: {e}");
+            }
+        }
     }
 
     /// Carry out one action.
@@ -652,12 +733,32 @@ impl Agent {
             stdin: extras.stdin,
             umask: extras.umask,
             own_netns: false,
+            cgroup_procs: None,
         };
         let net = self
             .job_net_for(&id, req.own_net)
             .map_err(LaunchFailure::Agent)?;
         let mut spec = spec;
         spec.own_netns = net.is_some();
+        // Opened here, written by the child before exec (see the launcher).
+        let cgroup_procs = match &self.jobs_group {
+            Some(g) => Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(g.jobs_procs())
+                    .map_err(|e| {
+                        LaunchFailure::Agent(io_error(
+                            &format!("opening {}", g.jobs_procs().display()),
+                            e,
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        spec.cgroup_procs = cgroup_procs.as_ref().map(|f| {
+            use std::os::fd::AsRawFd;
+            f.as_raw_fd()
+        });
         // Watch for the exit before the process exists: a `true` can end
         // before `launch` returns.
         if let Some(w) = extras.watch {
@@ -881,9 +982,9 @@ impl LaunchFailure {
                 {
                     AgentError::ResourceExhausted(e.to_string())
                 }
-                launcher::LaunchError::Clone(_) | launcher::LaunchError::Pipe(_) => {
-                    AgentError::Internal(e.to_string())
-                }
+                launcher::LaunchError::Clone(_)
+                | launcher::LaunchError::Pipe(_)
+                | launcher::LaunchError::Cgroup(_) => AgentError::Internal(e.to_string()),
                 _ => AgentError::InvalidArgument(e.to_string()),
             },
         }

@@ -41,12 +41,11 @@
 pub mod blockers;
 
 use super::{image_rel, DumpResult, CLAIM_FILE};
-use crate::agent::{io_error, priority, reaper, Agent, AgentError, AgentResult};
+use crate::agent::{io_error, reaper, Agent, AgentError, AgentResult};
 use crate::core::job::{MigrationPhase, PendingMigration};
 use crate::core::{
     now_unix_ms, JobId, JobRecord, JobState, MigrationId, MigrationRecord, NodeName,
 };
-use crate::criu::swrk::WORKER_NICE;
 use crate::criu::{deadline_for, CriuCall, DumpSpec, PageServer, LAZY_LOG};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -122,7 +121,7 @@ impl Agent {
             image_dir: rel.clone(),
             started_unix_ms: now_unix_ms(),
             post_copy: true,
-            nice_before_dump: priority::raise(pid, WORKER_NICE),
+            nice_before_dump: self.before_dump(pid),
         });
         self.record_dumping(rec, pid)?;
         let (rd, wr) = nix::unistd::pipe().map_err(|e| io_error("status pipe", e.into()))?;
@@ -144,6 +143,8 @@ impl Agent {
             own_net: rec.net.is_some(),
         };
         let t0 = Instant::now();
+        // Until the page server is up (the frozen part), as in a full copy.
+        let squeeze = self.squeeze_jobs();
         let handle = tokio::task::spawn_blocking(move || {
             let r = engine.dump(&spec);
             drop(wr);
@@ -182,6 +183,7 @@ impl Agent {
         .await?;
         // The parasite work is over once the page server listens; serving
         // pages must not hold up the node's other migrations.
+        drop(squeeze);
         drop(guard);
         if !ready {
             let err = match handle.await {
@@ -388,7 +390,7 @@ impl Agent {
             return AgentError::Aborted(msg);
         };
         if let Some(p) = &rec.pending {
-            priority::put_back(pid, &p.nice_before_dump);
+            self.after_dump(pid, &p.nice_before_dump);
         }
         let started_unix_ms = rec
             .pending

@@ -180,7 +180,7 @@ impl Agent {
             tracing::info!(job = %rec.id, pid, "migration {} found complete on restart", p.id);
             // Restored here, or resumed by CRIU after a failed dump: either
             // way its threads may still carry the dump's raised priority.
-            super::priority::put_back(pid, &p.nice_before_dump);
+            self.after_dump(pid, &p.nice_before_dump);
             if p.to.as_ref() == Some(&me) {
                 rec.history.push(MigrationRecord {
                     id: p.id.clone(),

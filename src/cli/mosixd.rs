@@ -54,6 +54,10 @@ pub struct Args {
     pub criu: Option<PathBuf>,
     /// cgroup v1 path of this node (e.g. mosix/local/node1); load and capacity
     /// are then measured from it. Needed when several nodes share one host.
+    /// Jobs then run in its child `jobs` (cpu.shares 2, made at start), below
+    /// the agent and CRIU: start mosixd inside this cgroup (a systemd unit's
+    /// `Slice=`, or `echo $$ > .../cgroup.procs`). Without it jobs share the
+    /// agent's cgroup.
     #[arg(long)]
     pub cgroup: Option<String>,
     /// Relative CPU speed of this node.

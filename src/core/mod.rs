@@ -1,6 +1,7 @@
 //! Core model of mosix: identifiers, job records, errors. Free of transport
 //! types so the agent, the balancer and the CLIs share one vocabulary.
 
+pub mod cgroup;
 pub mod cluster_file;
 pub mod ids;
 pub mod job;

@@ -143,6 +143,11 @@ pub struct RestoreSpec {
     /// re-creates its interface here (`veth[eth0]:HOSTVETH@BRIDGE`, same MAC
     /// and address), with `tcp_established` and the nftables lock.
     pub external_veth: Option<String>,
+    /// The `cgroup.procs` of the node's jobs group: at `pre-resume` the
+    /// restored tree (which CRIU puts in the restoring worker's cgroup, the
+    /// agent's) is moved there before any of it runs (see
+    /// [`crate::core::cgroup`]). None: it stays in the worker's cgroup.
+    pub jobs_cgroup: Option<PathBuf>,
 }
 
 /// See [`RestoreSpec::abort_if`].

@@ -581,6 +581,18 @@ impl CheckpointEngine for RealCriu {
                         refusal = Some(why);
                         return false;
                     }
+                    // Every task exists and none runs yet: whatever it
+                    // forks later is born in the jobs group too. A failure
+                    // leaves it at the agent's level, still under the
+                    // node's cap: worth a warning, not the job.
+                    if let (Some(procs), true) = (&spec.jobs_cgroup, restored > 0) {
+                        if let Err(e) = crate::core::cgroup::move_tree(procs, restored) {
+                            tracing::warn!(
+                                pid = restored,
+                                "restored job left out of the jobs cgroup: {e}"
+                            );
+                        }
+                    }
                 }
                 true
             },

@@ -776,14 +776,20 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// The processes in a node's cpu cgroup (its agent, CRIU and jobs; not the
-/// `ip netns exec` helpers that only share its network namespace).
+/// The processes in a node's cpu cgroup and its jobs group (its agent, CRIU
+/// and jobs; not the `ip netns exec` helpers that only share its network
+/// namespace).
 fn node_cgroup_pids(cluster: &str, node: &str) -> Vec<i32> {
-    let p = format!(
-        "/sys/fs/cgroup/cpu/{}/cgroup.procs",
-        cgroup_rel(cluster, node)
-    );
-    std::fs::read_to_string(p)
+    let base = PathBuf::from(format!("/sys/fs/cgroup/cpu/{}", cgroup_rel(cluster, node)));
+    cgroup_tree(&base)
+        .iter()
+        .flat_map(|d| procs_in(d))
+        .collect()
+}
+
+/// The live processes listed in a cgroup directory's `cgroup.procs`.
+fn procs_in(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse::<i32>().ok())
@@ -791,50 +797,79 @@ fn node_cgroup_pids(cluster: &str, node: &str) -> Vec<i32> {
         .collect()
 }
 
-fn cgroup_pids(cluster: &str) -> Vec<i32> {
+/// A cgroup directory and every cgroup below it, deepest first (the order
+/// `rmdir` needs: a cgroup with children cannot be removed). A node's
+/// cgroup has a child of its own, the agent's jobs group
+/// ([`crate::core::cgroup`]).
+fn cgroup_tree(base: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for c in CGROUP_CONTROLLERS {
-        let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/mosix/{cluster}"));
-        let Ok(rd) = std::fs::read_dir(&base) else {
-            continue;
-        };
-        let mut dirs: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
-        dirs.push(base);
-        for d in dirs {
-            if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                out.extend(
-                    s.lines()
-                        .filter_map(|l| l.trim().parse::<i32>().ok())
-                        .filter(|p| alive(*p)),
-                );
+    if let Ok(rd) = std::fs::read_dir(base) {
+        for e in rd.flatten() {
+            // Cgroup directories hold only files and child cgroups.
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(cgroup_tree(&e.path()));
             }
         }
     }
+    if base.is_dir() {
+        out.push(base.to_path_buf());
+    }
     out
+}
+
+fn cgroup_pids(cluster: &str) -> Vec<i32> {
+    CGROUP_CONTROLLERS
+        .iter()
+        .flat_map(|c| cgroup_tree(Path::new(&format!("/sys/fs/cgroup/{c}/mosix/{cluster}"))))
+        .flat_map(|d| procs_in(&d))
+        .collect()
 }
 
 fn remove_cgroups(cluster: &str) -> anyhow::Result<usize> {
     let mut n = 0;
     for c in CGROUP_CONTROLLERS {
         let base = PathBuf::from(format!("/sys/fs/cgroup/{c}/mosix/{cluster}"));
-        if let Ok(rd) = std::fs::read_dir(&base) {
-            for e in rd.flatten() {
-                if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
-                    n += 1;
-                }
-            }
-        }
-        if base.is_dir() {
-            std::fs::remove_dir(&base)
-                .with_context(|| format!("removing cgroup {}", base.display()))?;
+        // Deepest first: a node's jobs group before the node, the nodes
+        // before the cluster's own group.
+        for d in cgroup_tree(&base) {
+            std::fs::remove_dir(&d).with_context(|| format!("removing cgroup {}", d.display()))?;
             n += 1;
         }
         // The shared parent goes when the last cluster is gone.
         let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/mosix"));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cgroup_tree_lists_children_before_their_parents() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base = tmp.path().join("c");
+        for d in ["c/node1/jobs", "c/node2/jobs", "c/node2/other"] {
+            std::fs::create_dir_all(tmp.path().join(d)).expect("mkdir");
+        }
+        std::fs::write(base.join("node1/cgroup.procs"), "1\n").expect("write");
+        let tree = cgroup_tree(&base);
+        assert_eq!(tree.len(), 6, "{tree:?}");
+        assert_eq!(tree.last(), Some(&base));
+        let pos = |p: &str| {
+            tree.iter()
+                .position(|d| d == &tmp.path().join(p))
+                .expect("listed")
+        };
+        assert!(pos("c/node1/jobs") < pos("c/node1"));
+        assert!(pos("c/node2/jobs") < pos("c/node2"));
+        assert!(pos("c/node2/other") < pos("c/node2"));
+        assert!(pos("c/node2") < pos("c"));
+        // Removing in that order works (as rmdir on cgroupfs needs).
+        for d in &tree {
+            let _ = std::fs::remove_file(d.join("cgroup.procs"));
+            std::fs::remove_dir(d).expect("children were removed first");
+        }
+        assert!(cgroup_tree(&base).is_empty());
+    }
 }
