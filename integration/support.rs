@@ -198,6 +198,23 @@ impl Cluster {
         stdout(&o).trim().to_string()
     }
 
+    /// Which node a process belongs to: the node whose cpu cgroup holds it
+    /// (a job with its own address is in no node's network namespace, but
+    /// always in its node's cgroup: its agent's, or its restorer's).
+    pub fn node_of_pid(&self, pid: i32) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let prefix = format!("/mosix/{}/", self.name);
+        text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            if !ctl.split(',').any(|c| c == "cpu") {
+                return None;
+            }
+            let node = path.strip_prefix(&prefix)?;
+            (!node.contains('/')).then(|| node.to_string())
+        })
+    }
+
     /// Where a detached job answers: its own address if it has one (the
     /// default on a local cluster), else the address of the node it runs on.
     pub fn job_ip(&self, job: &str) -> String {

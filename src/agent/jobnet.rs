@@ -268,6 +268,32 @@ pub fn set_link(name: &str, up: bool) {
     }
 }
 
+/// Take CRIU's network lock off a job that resumes where it was dumped
+/// without a restore (a post-copy source taking its stopped tree back).
+/// A dump that did not leave the tree running keeps its `inet CRIU…` table
+/// in the job's namespace for the restore to remove; with no restore it
+/// would drop every packet of the job for good.
+pub fn unlock(pid: i32) -> Result<(), JobNetError> {
+    let ns = format!("--net=/proc/{pid}/ns/net");
+    let out = Command::new("nsenter")
+        .args([ns.as_str(), "nft", "list", "tables"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| JobNetError::Setup(format!("nft list tables: {e}")))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let ["table", family, name] = f[..] {
+            if name.starts_with("CRIU") {
+                run(
+                    Command::new("nsenter").args([ns.as_str(), "nft", "delete", "table", family, name]),
+                    "removing CRIU's network lock",
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CRIU's `external` entry that restores the job's interface on this node.
 pub fn external_veth(veth: &str, bridge: &str) -> String {
     format!("veth[{JOB_IFACE}]:{veth}@{bridge}")
