@@ -285,7 +285,14 @@ pub fn unlock(pid: i32) -> Result<(), JobNetError> {
         if let ["table", family, name] = f[..] {
             if name.starts_with("CRIU") {
                 run(
-                    Command::new("nsenter").args([ns.as_str(), "nft", "delete", "table", family, name]),
+                    Command::new("nsenter").args([
+                        ns.as_str(),
+                        "nft",
+                        "delete",
+                        "table",
+                        family,
+                        name,
+                    ]),
                     "removing CRIU's network lock",
                 )?;
             }
