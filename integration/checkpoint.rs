@@ -24,9 +24,17 @@ fn checkpoint_dirs(cl: &Cluster, job: &str) -> Vec<String> {
     v
 }
 
-/// The job's port answers on `node`: it runs there.
-fn answers(cl: &Cluster, node: &str, port: u16) -> Option<u64> {
-    query_counter(&cl.node_ip(node), port).map(|(n, ok)| {
+/// The job's port answers on `node`: it runs there. A job with its own
+/// address (the default) answers at it wherever it runs, so the record must
+/// also place it on `node`; one in its node's network answers at `node`'s.
+fn answers(cl: &Cluster, job: &str, node: &str, port: u16) -> Option<u64> {
+    let rec = cl.record(job);
+    let ip = match &rec.net {
+        Some(n) if rec.node.as_str() == node => n.ip.to_string(),
+        Some(_) => return None,
+        None => cl.node_ip(node),
+    };
+    query_counter(&ip, port).map(|(n, ok)| {
         assert!(ok, "memory checksum broken");
         n
     })
@@ -65,6 +73,10 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
     let show = stdout(&cl.mosctl(&["show", &job]));
     assert!(show.contains("ckpt") && show.contains("keep 2"), "{show}");
 
+    // Both have their own address (the default on a local cluster).
+    let net_before = cl.record(&job).net;
+    assert!(net_before.is_some() && cl.record(&plain).net.is_some());
+
     // The node dies: every process of it, agent included.
     std::thread::sleep(Duration::from_millis(800));
     assert!(cl.kill_node_processes("node1") > 0);
@@ -90,6 +102,7 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
         m.restored_from_checkpoint >= seq_before && m.from.as_str() == "node1",
         "{m:?}"
     );
+    assert_eq!(rec.net, net_before, "restarted with the same address");
     let node = rec.node.to_string();
     cl.wait_for("the counter to go on", 20, || {
         ticks(&file).len() > ticks_at_death + 5
@@ -97,7 +110,7 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
     // No gap and no repeat: the file was put back as it was at the
     // checkpoint, and the counter went on from the checkpoint's value.
     assert_contiguous(&ticks(&file));
-    let n = answers(&cl, &node, 8131).expect("the restored job answers on its new node");
+    let n = answers(&cl, &job, &node, 8131).expect("the restored job answers on its new node");
     assert!(n as usize >= ticks_at_death, "{n} < {ticks_at_death}");
     let show = stdout(&cl.mosctl(&["show", &job]));
     assert!(
@@ -112,6 +125,12 @@ fn node_death_restarts_checkpointed_job_and_reports_the_other_lost() {
         lost.error.starts_with("lost:") && lost.error.contains("no checkpoint"),
         "{}",
         lost.error
+    );
+    let lost_ip = lost.net.as_ref().expect("its address is still recorded").ip;
+    let claim = std::path::PathBuf::from(format!("/run/mosix/{}/jobnet/addrs/{lost_ip}", cl.name));
+    assert!(
+        !claim.exists(),
+        "the lost job's address went back to the pool"
     );
 
     // The interval went with the job: its new node checkpoints it.
@@ -211,7 +230,8 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
         (before.node.clone(), before.state)
     );
     assert!(
-        answers(&cl, "node2", 8133).is_none(),
+        query_counter(&cl.job_ip(&job), 8133).is_none()
+            && query_counter(&cl.node_ip("node2"), 8133).is_none(),
         "a refused restore left the job running"
     );
     // A tampered metadata file (the output files' list) is refused too.
@@ -250,7 +270,7 @@ fn tampered_missing_and_unknown_checkpoints_are_refused_and_nothing_runs() {
     let n0 = ticks(&file).len();
     cl.wait_for("the counter to go on", 20, || ticks(&file).len() > n0 + 3);
     assert_contiguous(&ticks(&file));
-    assert!(answers(&cl, "node2", 8133).is_some());
+    assert!(answers(&cl, &job, "node2", 8133).is_some());
     // No staged image is left behind (the refused restores keep their
     // restore.log for a person, as failed migrations do).
     cl.wait_for("staged images removed", 10, || {
@@ -346,7 +366,7 @@ fn full_disk_during_a_checkpoint_keeps_the_previous_latest_and_the_job() {
     // The job runs on, where it was.
     let n = ticks(&file).len();
     cl.wait_for("the counter to go on", 10, || ticks(&file).len() > n + 3);
-    assert!(answers(&cl, "node1", 8134).is_some());
+    assert!(answers(&cl, &job, "node1", 8134).is_some());
     assert_eq!(cl.record(&job).state, mosix::core::JobState::Running);
     // Room again: the next checkpoint is 2.
     std::fs::remove_file(&filler).unwrap();

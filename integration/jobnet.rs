@@ -34,6 +34,32 @@ impl Peer {
         Peer { ns, ip }
     }
 
+    /// A cluster of `nodes` (with `flags`) and a peer on its bridge: how
+    /// every test here begins.
+    fn with_cluster(nodes: usize, flags: &[&str]) -> (Cluster, Peer) {
+        let cl = Cluster::up(nodes, flags);
+        let peer = Peer::new(&cl);
+        (cl, peer)
+    }
+
+    /// Run a python `script` in the peer's namespace and wait for its first
+    /// line, which must be `listening`; the rest of its stdout is returned.
+    fn serve(&self, script: &str) -> (Killed, BufReader<std::process::ChildStdout>) {
+        let mut srv = Killed(
+            self.cmd(PY)
+                .args(["-c", script])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut out = BufReader::new(srv.0.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "listening", "the peer's server did not start");
+        (srv, out)
+    }
+
     fn cmd(&self, prog: &str) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.ns)).arg(prog);
@@ -227,8 +253,7 @@ fn redis_client_keeps_its_connection_over_20_moves() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(3, &[]);
-    let peer = Peer::new(&cl);
+    let (cl, peer) = Peer::with_cluster(3, &[]);
     let o = run(
         MOSRUN,
         &[
@@ -356,22 +381,10 @@ fn outbound_transfer_keeps_its_checksum_across_full_and_post_copy_moves() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
-    let peer = Peer::new(&cl);
+    let (cl, peer) = Peer::with_cluster(2, &[]);
     // The server: 40 MiB of pseudo-random bytes, 64 KiB every 10 ms, then
     // its digest on stdout.
-    let server = TRANSFER_SERVER;
-    let mut srv = Killed(
-        peer.cmd(PY)
-            .args(["-c", server])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut srv_out = BufReader::new(srv.0.stdout.take().unwrap());
-    let mut line = String::new();
-    srv_out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "listening");
+    let (mut srv, mut srv_out) = peer.serve(TRANSFER_SERVER);
     let result = cl.shared.join("transfer.sha256");
     let client = TRANSFER_CLIENT
         .replace("PEER", &peer.ip)
@@ -411,8 +424,7 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &["--no-shared"]);
-    let peer = Peer::new(&cl);
+    let (cl, peer) = Peer::with_cluster(2, &["--no-shared"]);
     let server = ECHO_SERVER;
     let job = cl.mosrun(&["--node", "node1", "--net", "own", "--", PY, "-c", server]);
     let ip = address_of(&cl, &job);
@@ -500,27 +512,15 @@ fn node_network_job_with_a_connection_is_refused_and_addresses_are_shown() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &[]);
-    let peer = Peer::new(&cl);
-    let mut srv = Killed(
-        peer.cmd(PY)
-            .args([
-                "-c",
-                "import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9800));s.listen()\nprint('listening',flush=True)\nc,_=s.accept();time.sleep(600)\n",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (cl, peer) = Peer::with_cluster(2, &[]);
+    let _srv = peer.serve(
+        "import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9800));s.listen()\nprint('listening',flush=True)\nc,_=s.accept();time.sleep(600)\n",
     );
-    let mut line = String::new();
-    BufReader::new(srv.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
     let client = format!(
         "import socket,time\nc=socket.create_connection(('{}',9800))\ntime.sleep(600)\n",
         peer.ip
     );
-    let plain = cl.mosrun(&["--node", "node1", "--", PY, "-c", &client]);
+    let plain = cl.mosrun(&["--node", "node1", "--net", "node", "--", PY, "-c", &client]);
     assert!(cl.record(&plain).net.is_none());
     std::thread::sleep(Duration::from_millis(800));
     let o = cl.mosctl(&["migrate", &plain, "node2"]);
@@ -563,4 +563,86 @@ fn node_network_job_with_a_connection_is_refused_and_addresses_are_shown() {
     assert_no_leftovers(&cl, &own, "node2");
     let o = cl.mosctl(&["kill", &plain]);
     assert!(o.status.success());
+}
+
+/// Own addresses are the default where a node has a pool and a bridge, and
+/// `--net node` opts out; a node without the bridge falls back to its own
+/// network and says so (mosrun's note), and such a job still migrates (it
+/// holds no connection) and answers at each node's address.
+#[test]
+fn a_node_without_the_bridge_falls_back_to_its_network_and_says_so() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &[]);
+    let sleeper = [PY, "-c", "import time;time.sleep(600)"];
+    let mut a = vec!["--node", "node1", "--"];
+    a.extend_from_slice(&sleeper);
+    let dflt = cl.mosrun(&a);
+    assert!(
+        cl.record(&dflt).net.is_some(),
+        "a detached job gets its own address by default"
+    );
+    let mut a = vec!["--node", "node1", "--net", "node", "--"];
+    a.extend_from_slice(&sleeper);
+    let opted_out = cl.mosrun(&a);
+    assert!(cl.record(&opted_out).net.is_none(), "--net node opts out");
+
+    // node2's agent now looks for a bridge that does not exist.
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node2",
+        "--name",
+        &cl.name,
+        "--agent-arg=--job-net-bridge=nosuchbr",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::thread::sleep(Duration::from_secs(1));
+    let o = run(
+        MOSRUN,
+        &[
+            "-d", "--node", "node2", "--net", "own", "--", MOSJOB, "counter", "--port", "8191",
+        ],
+        Some(&cl),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let job = stdout(&o).trim().to_string();
+    let err = stderr(&o);
+    assert!(
+        err.contains("note: node2 cannot give jobs their own address")
+            && err.contains(&format!("{job} uses the node's network")),
+        "mosrun says so: {err}"
+    );
+    let rec = cl.record(&job);
+    assert!(rec.net.is_none(), "{:?}", rec.net);
+    assert_eq!(rec.node.as_str(), "node2");
+    let show = stdout(&cl.mosctl(&["show", &job]));
+    assert!(show.contains("address  the node's"), "{show}");
+    let ip2 = cl.node_ip("node2");
+    cl.wait_for("the job to answer at node2's address", 10, || {
+        query_counter(&ip2, 8191).is_some()
+    });
+    // Without --net, node2 also uses its network, silently (the agent's
+    // log has the warning).
+    let mut a = vec!["--node", "node2", "--"];
+    a.extend_from_slice(&sleeper);
+    assert!(cl.record(&cl.mosrun(&a)).net.is_none());
+
+    // It holds no connection: it moves, and answers at node1's address.
+    migrate(&cl, &job, "node1", &[]);
+    let (_, ok) = query_counter(&cl.node_ip("node1"), 8191).expect("answers on node1");
+    assert!(ok);
+    assert!(cl.record(&job).net.is_none());
+    // A job with its own address cannot be restored where there is no
+    // bridge: refused, and it keeps running on node1 with its address.
+    let o = cl.mosctl(&["migrate", &dflt, "node2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nosuchbr"), "{}", stderr(&o));
+    let rec = cl.record(&dflt);
+    assert_eq!(
+        (rec.node.as_str(), rec.state),
+        ("node1", mosix::core::JobState::Running)
+    );
+    assert_no_leftovers(&cl, &dflt, "node1");
 }

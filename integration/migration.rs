@@ -8,25 +8,32 @@ fn counter_with_file_and_socket_migrates_a_b_a() {
     if !privileged() {
         return;
     }
-    counter_with_file_and_socket_migrates_a_b_a_with(&[]);
+    // The default on a local cluster: the job has its own address, and
+    // answers at it on every node.
+    counter_with_file_and_socket_migrates_a_b_a_with(&[], &[]);
 }
 
 /// The same with the shared directories served over sshfs from a
-/// file-server namespace (a real network file system).
+/// file-server namespace (a real network file system), and the job in its
+/// node's network (`--net node`): its listening socket is re-created on
+/// each node and answers at that node's address.
 #[test]
 fn counter_migrates_a_b_a_over_sshfs() {
     if !privileged() || !sshfs_capable() {
         return;
     }
-    counter_with_file_and_socket_migrates_a_b_a_with(&["--shared-over", "sshfs"]);
+    counter_with_file_and_socket_migrates_a_b_a_with(
+        &["--shared-over", "sshfs"],
+        &["--net", "node"],
+    );
 }
 
-fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
+fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str], net: &[&str]) {
     let cl = Cluster::up(2, extra);
     let file = cl.shared.join("counter.txt");
-    let job = cl.mosrun(&[
-        "--node",
-        "node1",
+    let mut args = vec!["--node", "node1"];
+    args.extend_from_slice(net);
+    args.extend_from_slice(&[
         "--",
         MOSJOB,
         "counter",
@@ -35,12 +42,22 @@ fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
         "--file",
         file.to_str().unwrap(),
     ]);
+    let job = cl.mosrun(&args);
+    let own = cl.record(&job).net.is_some();
+    assert_eq!(own, net.is_empty(), "own address unless --net node");
     let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    // Where the job answers on node1, and on node2 after the move: its own
+    // address on both, or each node's.
+    let (at1, at2) = if own {
+        (cl.job_ip(&job), cl.job_ip(&job))
+    } else {
+        (ip1.clone(), ip2.clone())
+    };
     cl.wait_for("counter to answer on node1", 10, || {
-        query_counter(&ip1, 8080).is_some()
+        query_counter(&at1, 8080).is_some()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (before, ok) = query_counter(&ip1, 8080).unwrap();
+    let (before, ok) = query_counter(&at1, 8080).unwrap();
     assert!(ok);
 
     let o = cl.mosctl(&["migrate", &job, "node2"]);
@@ -49,8 +66,9 @@ fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
         stdout(&o).contains("frozen"),
         "migrate reports the frozen time"
     );
-    // The socket now answers at node2's address, and no longer at node1's.
-    let (after, ok) = query_counter(&ip2, 8080).expect("counter answers on node2");
+    // The socket now answers on node2, and nothing answers at node1's
+    // address.
+    let (after, ok) = query_counter(&at2, 8080).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
     assert!(
         after >= before,
@@ -59,6 +77,11 @@ fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
     assert!(
         query_counter(&ip1, 8080).is_none(),
         "nothing answers on node1 any more"
+    );
+    assert_eq!(
+        cl.job_ip(&job),
+        at2,
+        "the job's address as the API shows it"
     );
     assert_eq!(cl.record(&job).node.as_str(), "node2");
     assert_eq!(cl.job_json(&job)["node"], "node2");
@@ -70,7 +93,7 @@ fn counter_with_file_and_socket_migrates_a_b_a_with(extra: &[&str]) {
     std::thread::sleep(Duration::from_millis(500));
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (back, ok) = query_counter(&ip1, 8080).expect("counter answers on node1 again");
+    let (back, ok) = query_counter(&at1, 8080).expect("counter answers on node1 again");
     assert!(
         ok && back > before,
         "counter kept counting: {before} -> {after} -> {back}"
@@ -160,7 +183,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert_eq!(after.state, before.state);
     assert!(after.history.is_empty(), "no migration was recorded");
     assert!(
-        query_counter(&cl.node_ip("node1"), 8081).is_some(),
+        query_counter(&cl.job_ip(&job), 8081).is_some(),
         "job still running on node1"
     );
 }
@@ -291,15 +314,16 @@ fn post_copy_moves_the_job_with_all_its_memory() {
         "--mem-mib",
         "256",
     ]);
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
-    cl.wait_for("counter", 20, || query_counter(&ip1, 8087).is_some());
-    let (before, _) = query_counter(&ip1, 8087).unwrap();
+    // Its own address (the default), the same on both nodes.
+    let ip = cl.job_ip(&job);
+    cl.wait_for("counter", 20, || query_counter(&ip, 8087).is_some());
+    let (before, _) = query_counter(&ip, 8087).unwrap();
     let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("post-copy"), "{}", stdout(&o));
     // Every query checks a checksum over all 256 MiB, so each page must have
     // come over from node1's page server intact.
-    let (after, mem_ok) = query_counter(&ip2, 8087).expect("answers on node2");
+    let (after, mem_ok) = query_counter(&ip, 8087).expect("answers on node2");
     assert!(mem_ok, "memory intact after post-copy");
     assert!(after >= before);
     let rec = cl.record(&job);
@@ -312,7 +336,7 @@ fn post_copy_moves_the_job_with_all_its_memory() {
     // And back, full copy this time, from the memory post-copy brought over.
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (_, mem_ok) = query_counter(&ip1, 8087).expect("answers on node1");
+    let (_, mem_ok) = query_counter(&ip, 8087).expect("answers on node1");
     assert!(mem_ok);
     std::thread::sleep(Duration::from_millis(300));
     assert_contiguous(&ticks(&file));
@@ -338,8 +362,8 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
         "--mem-mib",
         "256",
     ]);
-    let ip1 = cl.node_ip("node1");
-    cl.wait_for("counter", 30, || query_counter(&ip1, 8088).is_some());
+    let ip = cl.job_ip(&job);
+    cl.wait_for("counter", 30, || query_counter(&ip, 8088).is_some());
     // Slow node1's link to 100 Mbit/s, so the 256 MiB cannot all have
     // arrived (about 20 s) when node1 dies right after the restore.
     cl.throttle_egress("node1", "100mbit");
@@ -368,9 +392,8 @@ fn post_copy_source_death_mid_transfer_fails_the_job_never_runs_it_corrupt() {
     assert_eq!(rec.state, mosix::core::JobState::Failed, "{rec:?}");
     assert!(rec.error.contains("post-copy"), "{}", rec.error);
     // Not left running on missing memory anywhere.
-    let ip2 = cl.node_ip("node2");
     assert!(
-        query_counter(&ip2, 8088).is_none(),
+        query_counter(&ip, 8088).is_none() && query_counter(&cl.node_ip("node2"), 8088).is_none(),
         "no half-copied job answers"
     );
     let o = cl.mosctl(&["show", &job]);
@@ -396,12 +419,12 @@ fn post_copy_request_falls_back_to_full_copy_where_unavailable() {
         "--mem-mib",
         "64",
     ]);
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
-    cl.wait_for("counter", 20, || query_counter(&ip1, 8089).is_some());
-    let (before, _) = query_counter(&ip1, 8089).unwrap();
+    let ip = cl.job_ip(&job);
+    cl.wait_for("counter", 20, || query_counter(&ip, 8089).is_some());
+    let (before, _) = query_counter(&ip, 8089).unwrap();
     let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (after, mem_ok) = query_counter(&ip2, 8089).expect("answers on node2");
+    let (after, mem_ok) = query_counter(&ip, 8089).expect("answers on node2");
     assert!(mem_ok && after >= before);
     let rec = cl.record(&job);
     assert_eq!(rec.node.as_str(), "node2");

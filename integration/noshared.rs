@@ -198,11 +198,12 @@ fn no_shared_a_b_a(extra: &[&str]) {
     let watch = ImageWatch::start(&cl);
     let (job, file) = counter(&cl, "8181", "64");
     let id = JobId::parse(&job).unwrap();
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    // The job's own address (the default), the same on every node.
+    let ip = cl.job_ip(&job);
     cl.wait_for("counter to answer on node1", 10, || {
-        query_counter(&ip1, 8181).is_some()
+        query_counter(&ip, 8181).is_some()
     });
-    let (before, ok) = query_counter(&ip1, 8181).unwrap();
+    let (before, ok) = query_counter(&ip, 8181).unwrap();
     assert!(ok);
     // The job is recorded on node1 only.
     assert!(cl.node_registry("node1").exists(&id));
@@ -211,12 +212,12 @@ fn no_shared_a_b_a(extra: &[&str]) {
     let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("frozen"), "{}", stdout(&o));
-    let (after, ok) = query_counter(&ip2, 8181).expect("counter answers on node2");
+    let (after, ok) = query_counter(&ip, 8181).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
     assert!(after >= before, "counter continued ({before} -> {after})");
     assert!(
-        query_counter(&ip1, 8181).is_none(),
-        "nothing answers on node1"
+        query_counter(&cl.node_ip("node1"), 8181).is_none(),
+        "nothing answers at node1's address"
     );
 
     // The record travelled with the job: node2 has it, node1 not any more.
@@ -261,7 +262,7 @@ fn no_shared_a_b_a(extra: &[&str]) {
     std::thread::sleep(Duration::from_millis(500));
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (back, ok) = query_counter(&ip1, 8181).expect("counter answers on node1 again");
+    let (back, ok) = query_counter(&ip, 8181).expect("counter answers on node1 again");
     assert!(ok && back > before, "{before} -> {after} -> {back}");
     let rec = cl.record(&job);
     assert_eq!(rec.node.as_str(), "node1");
@@ -283,15 +284,16 @@ fn no_shared_path_post_copy_moves_all_memory() {
     let cl = Cluster::up(2, &["--no-shared"]);
     let watch = ImageWatch::start(&cl);
     let (job, file) = counter(&cl, "8182", "256");
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
-    cl.wait_for("counter", 20, || query_counter(&ip1, 8182).is_some());
-    let (before, _) = query_counter(&ip1, 8182).unwrap();
+    // The job's own address (the default), the same on every node.
+    let ip = cl.job_ip(&job);
+    cl.wait_for("counter", 20, || query_counter(&ip, 8182).is_some());
+    let (before, _) = query_counter(&ip, 8182).unwrap();
     let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("post-copy"), "{}", stdout(&o));
     // Each query checksums all 256 MiB: every page came from node1's page
     // server, the rest of the images through the push.
-    let (after, mem_ok) = query_counter(&ip2, 8182).expect("answers on node2");
+    let (after, mem_ok) = query_counter(&ip, 8182).expect("answers on node2");
     assert!(mem_ok, "memory intact after post-copy");
     assert!(after >= before);
     let rec = cl.record(&job);
@@ -310,7 +312,7 @@ fn no_shared_path_post_copy_moves_all_memory() {
     // And back as a full copy, from the memory post-copy brought over.
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (_, mem_ok) = query_counter(&ip1, 8182).expect("answers on node1");
+    let (_, mem_ok) = query_counter(&ip, 8182).expect("answers on node1");
     assert!(mem_ok);
     std::thread::sleep(Duration::from_millis(300));
     assert_contiguous(&ticks(&file));
@@ -327,7 +329,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     let watch = ImageWatch::start(&cl);
     let (job, file) = counter(&cl, "8183", "16");
     let id = JobId::parse(&job).unwrap();
-    let ip1 = cl.node_ip("node1");
+    let ip = cl.job_ip(&job);
     // node2's agent gets a CRIU that fails every call: it receives the
     // images, and its restore fails.
     let o = cl.mosctl(&[
@@ -341,7 +343,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     std::thread::sleep(Duration::from_secs(1));
-    let (before, _) = query_counter(&ip1, 8183).unwrap();
+    let (before, _) = query_counter(&ip, 8183).unwrap();
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -349,7 +351,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
         err.contains("restored on node1"),
         "says where the job is: {err}"
     );
-    let (now, mem_ok) = query_counter(&ip1, 8183).expect("the job answers on node1");
+    let (now, mem_ok) = query_counter(&ip, 8183).expect("the job answers on node1");
     assert!(mem_ok && now >= before, "{before} -> {now}");
     let rec = cl.node_registry("node1").get(&id).unwrap();
     assert_eq!(rec.node.as_str(), "node1");
@@ -373,7 +375,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (_, mem_ok) = query_counter(&cl.node_ip("node2"), 8183).expect("answers on node2");
+    let (_, mem_ok) = query_counter(&cl.job_ip(&job), 8183).expect("answers on node2");
     assert!(mem_ok);
     std::thread::sleep(Duration::from_millis(300));
     assert_contiguous(&ticks(&file));
@@ -389,7 +391,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     let cl = Cluster::up(2, &["--no-shared"]);
     let (job, file) = counter(&cl, "8184", "256");
     let id = JobId::parse(&job).unwrap();
-    let ip1 = cl.node_ip("node1");
+    let ip = cl.job_ip(&job);
     // 100 Mbit/s out of node1: the 256 MiB push takes about 20 s.
     cl.throttle_egress("node1", "100mbit");
     let m = std::process::Command::new(MOSCTL)
@@ -418,7 +420,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     eprintln!("$ mosctl migrate --full-copy {job} node2\n{err}");
     assert!(err.contains("sending the images to node2"), "{err}");
     assert!(err.contains("restored on node1"), "{err}");
-    let (_, mem_ok) = query_counter(&ip1, 8184).expect("the job answers on node1");
+    let (_, mem_ok) = query_counter(&ip, 8184).expect("the job answers on node1");
     assert!(mem_ok);
     let rec = cl.node_registry("node1").get(&id).unwrap();
     assert_eq!(rec.state, JobState::Running);
@@ -566,7 +568,7 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
     assert!(job_images(&cl, "node2", &job).is_empty());
     let after = cl.node_registry("node1").get(&id).unwrap();
     assert_eq!(after, before, "the job's record is untouched");
-    let (_, ok) = query_counter(&cl.node_ip("node1"), 8185).expect("still running on node1");
+    let (_, ok) = query_counter(&cl.job_ip(&job), 8185).expect("still running on node1");
     assert!(ok);
 }
 

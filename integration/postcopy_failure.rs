@@ -66,7 +66,6 @@ fn forced_post_copy_of_a_fifo_a_lock_and_a_lease_fails_fast_and_the_job_runs_on(
         return;
     }
     let cl = Cluster::up(2, &[]);
-    let ip1 = cl.node_ip("node1");
     // A plain job on the same node: it must move right after each failure.
     let plain = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", "8301"]);
     // (kind, port, what the target's failure shows: CRIU's error line, or
@@ -95,7 +94,7 @@ fn forced_post_copy_of_a_fifo_a_lock_and_a_lease_fails_fast_and_the_job_runs_on(
             &spec,
         ]);
         cl.wait_for(kind, 20, || {
-            ask(&ip1, port).is_some_and(|a| a.contains("hold=ok"))
+            ask(&cl.job_ip(&job), port).is_some_and(|a| a.contains("hold=ok"))
         });
 
         // Asked for plainly, post-copy is refused, naming the reason, and
@@ -118,7 +117,7 @@ fn forced_post_copy_of_a_fifo_a_lock_and_a_lease_fails_fast_and_the_job_runs_on(
         );
 
         // Forced: it fails, within a few seconds, and says where the job is.
-        let before = counter_of(&ask(&ip1, port).expect("answers"));
+        let before = counter_of(&ask(&cl.job_ip(&job), port).expect("answers"));
         let t0 = Instant::now();
         let o = cl.mosctl(&["migrate", "--post-copy", "--force", &job, "node2"]);
         let took = t0.elapsed();
@@ -150,7 +149,7 @@ fn forced_post_copy_of_a_fifo_a_lock_and_a_lease_fails_fast_and_the_job_runs_on(
 
         // State intact: memory checksum, the FIFO's data, the lock, the
         // lease; and the counter went on.
-        let a = ask(&ip1, port).expect("answers on node1");
+        let a = ask(&cl.job_ip(&job), port).expect("answers on node1");
         assert!(a.contains("mem=ok") && a.contains("hold=ok"), "{kind}: {a}");
         assert!(counter_of(&a) >= before, "{kind}: {a}");
 
@@ -197,7 +196,7 @@ fn forced_post_copy_of_a_fifo_a_lock_and_a_lease_fails_fast_and_the_job_runs_on(
         // And the job itself still moves, by full copy, with its state.
         let o = cl.mosctl(&["migrate", &job, "node2"]);
         assert!(o.status.success(), "{kind}: full copy: {}", stderr(&o));
-        let a = ask(&cl.node_ip("node2"), port).expect("answers on node2");
+        let a = ask(&cl.job_ip(&job), port).expect("answers on node2");
         assert!(a.contains("mem=ok") && a.contains("hold=ok"), "{kind}: {a}");
         let _ = cl.mosctl(&["kill", &job]);
     }
@@ -209,7 +208,6 @@ fn the_balancer_moves_jobs_holding_a_fifo_or_a_lock_by_full_copy() {
         return;
     }
     let cl = Cluster::up(2, &[]);
-    let ip1 = cl.node_ip("node1");
     let mut jobs = Vec::new();
     for (kind, port) in [("fifo", 8311u16), ("lock", 8312)] {
         let spec = format!("{kind}:{}", cl.shared.join(format!("b-{kind}")).display());
@@ -229,7 +227,7 @@ fn the_balancer_moves_jobs_holding_a_fifo_or_a_lock_by_full_copy() {
             &spec,
         ]);
         cl.wait_for(kind, 20, || {
-            ask(&ip1, port).is_some_and(|a| a.contains("hold=ok"))
+            ask(&cl.job_ip(&job), port).is_some_and(|a| a.contains("hold=ok"))
         });
         jobs.push((job, port));
     }
@@ -255,7 +253,7 @@ fn the_balancer_moves_jobs_holding_a_fifo_or_a_lock_by_full_copy() {
     for (job, port) in moved {
         let m = cl.record(job).history.last().cloned().expect("history");
         assert!(m.ok && !m.post_copy, "moved by full copy: {m:?}");
-        let a = ask(&cl.node_ip("node2"), *port).expect("answers on node2");
+        let a = ask(&cl.job_ip(job), *port).expect("answers on node2");
         assert!(a.contains("mem=ok") && a.contains("hold=ok"), "{a}");
     }
 }
@@ -296,7 +294,6 @@ fn a_target_restore_that_hangs_is_stopped_and_the_job_runs_on_its_source() {
         wrapper.to_str().expect("utf-8 path"),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let ip1 = cl.node_ip("node1");
     let job = cl.mosrun(&[
         "--node",
         "node1",
@@ -308,8 +305,8 @@ fn a_target_restore_that_hangs_is_stopped_and_the_job_runs_on_its_source() {
         "--mem-mib",
         "64",
     ]);
-    cl.wait_for("counter", 20, || ask(&ip1, 8321).is_some());
-    let before = counter_of(&ask(&ip1, 8321).expect("answers"));
+    cl.wait_for("counter", 20, || ask(&cl.job_ip(&job), 8321).is_some());
+    let before = counter_of(&ask(&cl.job_ip(&job), 8321).expect("answers"));
     let t0 = Instant::now();
     let o = cl.mosctl(&["migrate", "--post-copy", &job, "node2"]);
     let took = t0.elapsed();
@@ -329,11 +326,11 @@ fn a_target_restore_that_hangs_is_stopped_and_the_job_runs_on_its_source() {
     assert_eq!(rec.state, mosix::core::JobState::Running, "{rec:?}");
     let m = rec.history.last().expect("history");
     assert!(!m.ok && m.post_copy, "{m:?}");
-    let a = ask(&ip1, 8321).expect("answers on node1");
+    let a = ask(&cl.job_ip(&job), 8321).expect("answers on node1");
     assert!(a.contains("mem=ok"), "{a}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        counter_of(&ask(&ip1, 8321).expect("answers")) > before,
+        counter_of(&ask(&cl.job_ip(&job), 8321).expect("answers")) > before,
         "the counter goes on"
     );
 }

@@ -48,12 +48,13 @@ fn pre_copy_migration_moves_a_counter_intact_or_falls_back_to_full_copy() {
         "--file",
         file.to_str().unwrap(),
     ]);
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    // Its own address (the default), the same on both nodes.
+    let ip = cl.job_ip(&job);
     cl.wait_for("counter to answer on node1", 10, || {
-        query_counter(&ip1, 8090).is_some()
+        query_counter(&ip, 8090).is_some()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (before, ok) = query_counter(&ip1, 8090).unwrap();
+    let (before, ok) = query_counter(&ip, 8090).unwrap();
     assert!(ok);
 
     let o = cl.mosctl(&["migrate", "--pre-copy", &job, "node2"]);
@@ -76,12 +77,12 @@ fn pre_copy_migration_moves_a_counter_intact_or_falls_back_to_full_copy() {
 
     // Moved intact either way: same counter, memory checksum good, the
     // socket re-bound on node2 only, the file continued without a gap.
-    let (after, ok) = query_counter(&ip2, 8090).expect("counter answers on node2");
+    let (after, ok) = query_counter(&ip, 8090).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
     assert!(after >= before, "counter continued ({before} -> {after})");
     assert!(
-        query_counter(&ip1, 8090).is_none(),
-        "nothing answers on node1"
+        query_counter(&cl.node_ip("node1"), 8090).is_none(),
+        "nothing answers at node1's address"
     );
     let rec = cl.record(&job);
     assert_eq!(rec.node.as_str(), "node2");

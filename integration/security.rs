@@ -410,7 +410,8 @@ fn tampered_or_extended_images_are_refused_and_the_job_stays_frozen() {
     }
     let cl = Cluster::up(2, &[]);
     let job = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", "8082"]);
-    let ip1 = cl.node_ip("node1");
+    // Its own address (the default), wherever it runs.
+    let ip1 = cl.job_ip(&job);
     cl.wait_for("counter to answer on node1", 10, || {
         query_counter(&ip1, 8082).is_some()
     });
@@ -1192,7 +1193,15 @@ fn a_freeze_or_migration_whose_caller_gives_up_still_completes() {
     use mosix::core::JobState;
     let cl = Cluster::up(2, &[]);
     let job = cl.mosrun(&["--node", "node1", "--", MOSJOB, "counter", "--port", "8084"]);
-    let ip = |n: &str| cl.node_ip(n);
+    // Its own address (the default) wherever it runs, else the node's.
+    let own = cl.job_ip(&job);
+    let ip = |n: &str| {
+        if cl.record(&job).net.is_some() {
+            own.clone()
+        } else {
+            cl.node_ip(n)
+        }
+    };
     cl.wait_for("counter to answer on node1", 10, || {
         query_counter(&ip("node1"), 8084).is_some()
     });

@@ -198,6 +198,33 @@ impl Cluster {
         stdout(&o).trim().to_string()
     }
 
+    /// Which node a process belongs to: the node whose cpu cgroup holds it
+    /// (a job with its own address is in no node's network namespace, but
+    /// always in its node's cgroup: its agent's, or its restorer's).
+    pub fn node_of_pid(&self, pid: i32) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let prefix = format!("/mosix/{}/", self.name);
+        text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            if !ctl.split(',').any(|c| c == "cpu") {
+                return None;
+            }
+            let node = path.strip_prefix(&prefix)?;
+            (!node.contains('/')).then(|| node.to_string())
+        })
+    }
+
+    /// Where a detached job answers: its own address if it has one (the
+    /// default on a local cluster), else the address of the node it runs on.
+    pub fn job_ip(&self, job: &str) -> String {
+        let rec = self.record(job);
+        match rec.net {
+            Some(n) => n.ip.to_string(),
+            None => self.node_ip(rec.node.as_str()),
+        }
+    }
+
     pub fn node_ip(&self, node: &str) -> String {
         let cf = mosix::core::cluster_file::ClusterFile::load(&self.file).unwrap();
         cf.node(node).unwrap().address.clone()
@@ -298,17 +325,28 @@ impl Cluster {
         assert!(o.status.success(), "tc: {}", stderr(&o));
     }
 
-    /// SIGKILL every process in a node's network namespace (agent, CRIU,
-    /// jobs): the node dies. Returns how many were killed.
+    /// SIGKILL every process of a node (agent, CRIU, jobs): the node dies.
+    /// Its processes are those in its network namespace and those in its
+    /// cpu cgroup: a job with its own address lives in a network namespace
+    /// of its own, but in its node's cgroup (its agent's, or its restorer's).
+    /// Returns how many were killed.
     pub fn kill_node_processes(&self, node: &str) -> usize {
         let o = Command::new("ip")
             .args(["netns", "pids", &self.netns(node)])
             .output()
             .unwrap();
-        let pids: Vec<i32> = String::from_utf8_lossy(&o.stdout)
+        let cg = std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/cpu/mosix/{}/{node}/cgroup.procs",
+            self.name
+        ))
+        .unwrap_or_default();
+        let mut pids: Vec<i32> = String::from_utf8_lossy(&o.stdout)
             .lines()
+            .chain(cg.lines())
             .filter_map(|l| l.trim().parse().ok())
             .collect();
+        pids.sort_unstable();
+        pids.dedup();
         // All stopped first, then all killed, as a power loss: killed one
         // by one, the agent could see its job's SIGKILL before its own and
         // record the job exited.

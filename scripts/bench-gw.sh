@@ -90,10 +90,17 @@ IP1=$(python3 -c "import json;print(json.load(open('$MOSIX_CLUSTER'))['nodes'][0
 IP2=$(python3 -c "import json;print(json.load(open('$MOSIX_CLUSTER'))['nodes'][1]['address'])")
 DETACH=""
 if $D/mosrun --help | grep -q -- '--detach'; then DETACH=-d; fi
+# The backends run in their nodes' network (`--net node`), as when these
+# figures were first kept: nginx and HAProxy reach them at the node
+# addresses below, and a job with its own address (the default since issue
+# 18, with a pool) would answer elsewhere and pay its own launch and move.
+# Older mosruns have no --net and only that network.
+NETNODE=""
+if $D/mosrun --help | grep -q -- '--net '; then NETNODE="--net node"; fi
 JOBS=()
 for spec in node1:8301 node1:8302 node2:8303 node2:8304; do
   node=${spec%:*}; port=${spec#*:}
-  JOBS+=("$($D/mosrun $DETACH --node "$node" --service web --port "$port" -- \
+  JOBS+=("$($D/mosrun $DETACH $NETNODE --node "$node" --service web --port "$port" -- \
     $D/mosjob http --port "$port" --work-ms 0 2>/dev/null)")
 done
 BACKENDS="$IP1:8301 $IP1:8302 $IP2:8303 $IP2:8304"
@@ -101,12 +108,12 @@ BACKENDS="$IP1:8301 $IP1:8302 $IP2:8303 $IP2:8304"
 CPUJOBS=()
 for spec in node1:8311 node1:8312 node2:8313 node2:8314; do
   node=${spec%:*}; port=${spec#*:}
-  CPUJOBS+=("$($D/mosrun $DETACH --node "$node" --service cpu --port "$port" -- \
+  CPUJOBS+=("$($D/mosrun $DETACH $NETNODE --node "$node" --service cpu --port "$port" -- \
     $D/mosjob http --port "$port" --cpu-ms 2 2>/dev/null)")
 done
 CPU_BACKENDS="$IP1:8311 $IP1:8312 $IP2:8313 $IP2:8314"
 # One more service with a single instance: its requests must be held while it moves.
-SOLO=$($D/mosrun $DETACH --node node1 --service solo --port 8309 -- \
+SOLO=$($D/mosrun $DETACH $NETNODE --node node1 --service solo --port 8309 -- \
   $D/mosjob http --port 8309 --work-ms 0 2>/dev/null)
 
 # --- proxies ---------------------------------------------------------------
@@ -327,7 +334,7 @@ if phase balance; then
   echo 10000 >"$CG/node1/cpu.cfs_period_us"; echo 10000 >"$CG/node1/cpu.cfs_quota_us"
   echo 10000 >"$CG/node2/cpu.cfs_period_us"; echo 5000 >"$CG/node2/cpu.cfs_quota_us"
   BURNERS=()
-  for _ in 1 2; do BURNERS+=("$($D/mosrun -d --node node2 -- $D/mosjob burn 2>/dev/null)"); done
+  for _ in 1 2; do BURNERS+=("$($D/mosrun -d $NETNODE --node node2 -- $D/mosjob burn 2>/dev/null)"); done
   sleep 5
   CPU_PROXIES=("nginx least_conn:8411" "haproxy leastconn:8412" "haproxy random(2):8413" "mosgw:8414")
   mapfile -t CPU_PROXIES < <(only "${CPU_PROXIES[@]}")

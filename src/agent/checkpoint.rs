@@ -410,6 +410,11 @@ impl Agent {
         );
         self.registry.put(&mut rec)?;
         tracing::warn!(job = %job, "{}", rec.error);
+        if let Some(n) = &rec.net {
+            // Nothing will ever restore it: its address goes back to the
+            // pool (a job with a checkpoint keeps its claim until restarted).
+            self.release_address(job, n);
+        }
         Ok(rec)
     }
 

@@ -157,10 +157,28 @@ pub fn release_claim(claims: &Path, job: &str, ip: Ipv4Addr) {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), JobNetError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| JobNetError::Setup(format!("{what}: {e}")))?;
+    run_with_input(cmd, None, what)
+}
+
+/// Run `cmd` to its end, `input` (if any) on its stdin; its stderr names
+/// the failure.
+fn run_with_input(cmd: &mut Command, input: Option<&str>, what: &str) -> Result<(), JobNetError> {
+    let fail = |e: std::io::Error| JobNetError::Setup(format!("{what}: {e}"));
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(fail)?;
+    if let (Some(text), Some(mut i)) = (input, child.stdin.take()) {
+        // Dropped at the end of this block: the child sees end of input.
+        i.write_all(text.as_bytes()).map_err(fail)?;
+    }
+    let out = child.wait_with_output().map_err(fail)?;
     if !out.status.success() {
         return Err(JobNetError::Setup(format!(
             "{what}: {}",
@@ -201,28 +219,13 @@ pub fn plumb(pid: i32, veth: &str, bridge: &str, net: &JobNet) -> Result<(), Job
             Command::new("ip").args(["link", "set", veth, "master", bridge, "up"]),
             "attaching the job's veth to the bridge",
         )?;
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/proc/{pid}/ns/net"))
-            .args(["ip", "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
-        if let Some(mut i) = child.stdin.take() {
-            i.write_all(inside.as_bytes())
-                .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| JobNetError::Setup(format!("nsenter ip: {e}")))?;
-        if !out.status.success() {
-            return Err(JobNetError::Setup(format!(
-                "configuring the job's interface: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        run_with_input(
+            Command::new("nsenter")
+                .arg(format!("--net=/proc/{pid}/ns/net"))
+                .args(["ip", "-batch", "-"]),
+            Some(&inside),
+            "configuring the job's interface",
+        )
     })();
     if result.is_err() {
         let _ = delete_link(veth);
@@ -263,6 +266,39 @@ pub fn set_link(name: &str, up: bool) {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Take CRIU's network lock off a job that resumes where it was dumped
+/// without a restore (a post-copy source taking its stopped tree back).
+/// A dump that did not leave the tree running keeps its `inet CRIU…` table
+/// in the job's namespace for the restore to remove; with no restore it
+/// would drop every packet of the job for good.
+pub fn unlock(pid: i32) -> Result<(), JobNetError> {
+    let ns = format!("--net=/proc/{pid}/ns/net");
+    let out = Command::new("nsenter")
+        .args([ns.as_str(), "nft", "list", "tables"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| JobNetError::Setup(format!("nft list tables: {e}")))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let ["table", family, name] = f[..] {
+            if name.starts_with("CRIU") {
+                run(
+                    Command::new("nsenter").args([
+                        ns.as_str(),
+                        "nft",
+                        "delete",
+                        "table",
+                        family,
+                        name,
+                    ]),
+                    "removing CRIU's network lock",
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// CRIU's `external` entry that restores the job's interface on this node.
@@ -517,7 +553,7 @@ impl super::Agent {
         }
         let shown: Vec<String> = conns.iter().take(8).map(|c| c.to_string()).collect();
         Err(AgentError::FailedPrecondition(format!(
-            "job {} holds {} established TCP connection(s) ({}{}) and uses its node's network, so they cannot move with it; start it with `mosrun -d --net own` to give it an address that moves; it keeps running on {}",
+            "job {} holds {} established TCP connection(s) ({}{}) and uses its node's network, so they cannot move with it; start it with an address that moves (`mosrun -d --net own`, the default where nodes have a job address pool); it keeps running on {}",
             rec.id,
             conns.len(),
             shown.join(", "),

@@ -325,6 +325,11 @@ impl Agent {
         let exited = self.set_dumping(job, false);
         let alive = exited.is_none() && reaper::is_pidns_init(lazy.pid);
         if alive {
+            if crate::agent::jobnet::has_own_netns(lazy.pid) {
+                if let Err(e) = crate::agent::jobnet::unlock(lazy.pid) {
+                    tracing::warn!(job = %job, "{e}");
+                }
+            }
             crate::agent::jobnet::set_link(&crate::agent::jobnet::host_veth(job.as_str()), true);
             signal_tree(lazy.pid, nix::sys::signal::Signal::SIGCONT);
             return Some(lazy.pid);
@@ -424,6 +429,16 @@ impl Agent {
         rec.error.clear();
         if let Err(e) = self.registry.put(&mut rec) {
             tracing::error!(job = %job, "cannot record the job back on {}: {e}", self.cfg.node);
+        }
+        if let Some(n) = &rec.net {
+            // The target's restore had the same MAC on its own bridge, and
+            // the bridges on the way may have learnt that port: announce the
+            // address from here again, or it stays unreachable until their
+            // entries age out (seen: a job that never answered again).
+            match crate::agent::jobnet::announce(pid, n) {
+                Ok(()) => tracing::debug!(job = %job, ip = %n.ip, "address announced again"),
+                Err(e) => tracing::warn!(job = %job, ip = %n.ip, "{e}"),
+            }
         }
         self.events.running(&rec, &self.cfg.node);
         let _ = std::fs::remove_dir_all(&dir);

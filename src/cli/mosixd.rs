@@ -128,8 +128,8 @@ pub struct Args {
     pub etcd_wait: Option<f64>,
     /// Addresses for jobs with their own network namespace, FIRST-LAST
     /// (e.g. 10.77.1.100-10.77.1.239): such a job keeps its address, and
-    /// its TCP connections, when it moves (`mosrun -d --net own`). Without
-    /// it every job uses the node's network.
+    /// its TCP connections, when it moves (detached jobs get one by default:
+    /// see --job-net-default). Without it every job uses the node's network.
     #[arg(long)]
     pub job_net_pool: Option<String>,
     /// The jobs' default route (the gateway on the bridge's network).
@@ -146,8 +146,10 @@ pub struct Args {
     /// [default: <shared>/jobnet/addrs].
     #[arg(long)]
     pub job_net_claims: Option<PathBuf>,
-    /// Whether jobs get their own address unless they ask otherwise
-    /// (`own`) or only when they ask (`node`, the default).
+    /// Whether detached jobs get their own address unless they ask
+    /// otherwise (`own`, the default when a pool is given) or only when they
+    /// ask with `mosrun -d --net own` (`node`). Foreground jobs always use
+    /// the node's network.
     #[arg(long, value_parser = ["own", "node"])]
     pub job_net_default: Option<String>,
 }
@@ -182,6 +184,30 @@ pub struct FileConfig {
     pub lease_ttl: Option<f64>,
     pub fence_margin: Option<f64>,
     pub etcd_wait: Option<f64>,
+    /// The file forms of the `--job-net-*` flags (see `agent::jobnet`).
+    pub job_net_pool: Option<String>,
+    pub job_net_gateway: Option<std::net::Ipv4Addr>,
+    pub job_net_prefix: Option<u8>,
+    pub job_net_bridge: Option<String>,
+    pub job_net_claims: Option<PathBuf>,
+    pub job_net_default: Option<JobNetDefault>,
+}
+
+/// `job_net_default` in a config file: the values `--job-net-default` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobNetDefault {
+    Own,
+    Node,
+}
+
+impl JobNetDefault {
+    fn as_flag(self) -> String {
+        match self {
+            JobNetDefault::Own => "own".into(),
+            JobNetDefault::Node => "node".into(),
+        }
+    }
 }
 
 impl FileConfig {
@@ -245,12 +271,14 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         lease_ttl: a.lease_ttl.or(f.lease_ttl),
         fence_margin: a.fence_margin.or(f.fence_margin),
         etcd_wait: a.etcd_wait.or(f.etcd_wait),
-        job_net_pool: a.job_net_pool,
-        job_net_gateway: a.job_net_gateway,
-        job_net_prefix: a.job_net_prefix,
-        job_net_bridge: a.job_net_bridge,
-        job_net_claims: a.job_net_claims,
-        job_net_default: a.job_net_default,
+        job_net_pool: a.job_net_pool.or(f.job_net_pool),
+        job_net_gateway: a.job_net_gateway.or(f.job_net_gateway),
+        job_net_prefix: a.job_net_prefix.or(f.job_net_prefix),
+        job_net_bridge: a.job_net_bridge.or(f.job_net_bridge),
+        job_net_claims: a.job_net_claims.or(f.job_net_claims),
+        job_net_default: a
+            .job_net_default
+            .or(f.job_net_default.map(JobNetDefault::as_flag)),
     })
 }
 
@@ -284,7 +312,9 @@ fn job_net_config(
         prefix: a.job_net_prefix.unwrap_or(24),
         gateway,
         claims,
-        default_own: a.job_net_default.as_deref() == Some("own"),
+        // Own by default once a pool is configured (issue 18: each job gets
+        // its own address); `node` keeps the pre-issue-18 behaviour.
+        default_own: a.job_net_default.as_deref() != Some("node"),
     };
     if c.available() {
         tracing::info!(pool = %c.pool_text(), bridge = %c.bridge, default_own = c.default_own, "jobs may have their own address");
@@ -694,12 +724,121 @@ mod tests {
         );
         assert!(c.tls_ca.is_some() && c.tls_cert.is_none());
         assert!(
+            c.job_net_pool.is_none(),
+            "own addresses are opt-in per cluster"
+        );
+        // The commented job network example is valid once uncommented.
+        let uncommented: String = include_str!("../../packaging/mosixd.toml")
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.starts_with("job_net_"))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let j = FileConfig::parse_toml(&uncommented).unwrap();
+        assert!(j.job_net_pool.is_some() && j.job_net_gateway.is_some());
+        assert!(j.job_net_bridge.is_some() && j.job_net_default.is_some());
+        assert!(
             FileConfig::parse_toml("nodee = \"x\"").is_err(),
             "typos are errors"
         );
         let p = std::path::Path::new("a.toml");
         assert!(FileConfig::parse_path(p, b"node = \"n1\"").is_ok());
         assert!(FileConfig::parse_path(std::path::Path::new("a.json"), b"node = 1").is_err());
+    }
+
+    #[test]
+    fn job_net_settings_come_from_the_file_unless_a_flag_overrides_them() {
+        use super::{merge, Args, JobNetDefault};
+        use clap::Parser;
+        let toml = "job_net_pool = \"10.0.0.100-10.0.0.239\"\njob_net_gateway = \"10.0.0.1\"\njob_net_prefix = 16\njob_net_bridge = \"br9\"\njob_net_claims = \"/srv/claims\"\njob_net_default = \"node\"\n";
+        let c = FileConfig::parse_toml(toml).unwrap();
+        assert_eq!(c.job_net_pool.as_deref(), Some("10.0.0.100-10.0.0.239"));
+        assert_eq!(
+            c.job_net_gateway,
+            Some(std::net::Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(c.job_net_prefix, Some(16));
+        assert_eq!(c.job_net_bridge.as_deref(), Some("br9"));
+        assert_eq!(
+            c.job_net_claims.as_deref(),
+            Some(std::path::Path::new("/srv/claims"))
+        );
+        assert_eq!(c.job_net_default, Some(JobNetDefault::Node));
+        let j = FileConfig::parse(
+            br#"{"job_net_pool":"10.1.0.2-10.1.0.9","job_net_gateway":"10.1.0.1","job_net_default":"own"}"#,
+        )
+        .unwrap();
+        assert_eq!(j.job_net_default, Some(JobNetDefault::Own));
+        assert!(
+            FileConfig::parse(br#"{"job_net_default":"both"}"#).is_err(),
+            "only own or node"
+        );
+        assert!(FileConfig::parse(br#"{"job_net_gateway":"not an ip"}"#).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mosixd.toml");
+        std::fs::write(&path, toml).unwrap();
+        let from_file = merge(Args::parse_from([
+            "mosixd",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(
+            from_file.job_net_pool.as_deref(),
+            Some("10.0.0.100-10.0.0.239")
+        );
+        assert_eq!(from_file.job_net_prefix, Some(16));
+        assert_eq!(from_file.job_net_bridge.as_deref(), Some("br9"));
+        assert_eq!(from_file.job_net_default.as_deref(), Some("node"));
+        let flags_win = merge(Args::parse_from([
+            "mosixd",
+            "--config",
+            path.to_str().unwrap(),
+            "--job-net-default",
+            "own",
+            "--job-net-bridge",
+            "mbr0",
+        ]))
+        .unwrap();
+        assert_eq!(flags_win.job_net_default.as_deref(), Some("own"));
+        assert_eq!(flags_win.job_net_bridge.as_deref(), Some("mbr0"));
+        assert_eq!(
+            flags_win.job_net_gateway,
+            Some(std::net::Ipv4Addr::new(10, 0, 0, 1))
+        );
+    }
+
+    #[test]
+    fn a_pool_makes_own_addresses_the_default_unless_node_is_asked() {
+        use super::{job_net_config, Args};
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |extra: &[&str]| {
+            let mut v = vec![
+                "mosixd",
+                "--job-net-pool",
+                "10.0.0.100-10.0.0.101",
+                "--job-net-gateway",
+                "10.0.0.1",
+            ];
+            v.extend_from_slice(extra);
+            job_net_config(&Args::parse_from(v), dir.path(), true)
+                .unwrap()
+                .unwrap()
+        };
+        assert!(cfg(&[]).default_own);
+        assert!(cfg(&["--job-net-default", "own"]).default_own);
+        assert!(!cfg(&["--job-net-default", "node"]).default_own);
+        assert!(
+            job_net_config(&Args::parse_from(["mosixd"]), dir.path(), true)
+                .unwrap()
+                .is_none(),
+            "no pool, no own addresses"
+        );
     }
 
     #[test]

@@ -131,8 +131,10 @@ pub struct Args {
     /// move with it, so its established TCP connections survive migration
     /// (on a node whose agent has a job address pool and bridge; elsewhere
     /// it falls back to the node's network and mosrun says so). `node`: the
-    /// node's network. Default: the node's default (see `mosixd
-    /// --job-net-default`). Needs -d.
+    /// node's network (the opt-out). Default: the node's default, `own`
+    /// where its agent has a job address pool (see `mosixd
+    /// --job-net-default`). Needs -d: a foreground job always uses the
+    /// node's network.
     #[arg(long, value_parser = ["own", "node"], requires = "detach")]
     pub net: Option<String>,
     /// The command and its arguments (after --).

@@ -599,13 +599,15 @@ pub fn agent_pid(cluster: &str, node: &str) -> Option<i32> {
 }
 
 /// Restart one node's agent with the arguments it was started with (a new
-/// CRIU path may be given, e.g. to test a failing CRIU). Jobs keep running;
-/// the new agent re-adopts them and finishes any half-done migration.
+/// CRIU path may be given, e.g. to test a failing CRIU, and `extra`
+/// arguments for this start only). Jobs keep running; the new agent
+/// re-adopts them and finishes any half-done migration.
 pub fn restart_agent(
     cluster: &str,
     node: &str,
     criu: Option<&Path>,
     kill_only: bool,
+    extra: &[String],
 ) -> anyhow::Result<Option<i32>> {
     validate_name(cluster)?;
     let n = NodeName::parse(node)?;
@@ -653,7 +655,9 @@ pub fn restart_agent(
         .map(|d| d.join("mosixd"))
         .context("locating mosixd")?;
     let mut cmd = Command::new(mosixd);
-    cmd.args(&args);
+    // Not written back to the args file: a later restart starts the agent
+    // as `up` did.
+    cmd.args(&args).args(extra);
     let mounts = match mnt_ns {
         Some(f) => NodeMounts::Enter(f),
         None => {

@@ -108,6 +108,16 @@ pub enum Cmd {
         /// Only kill it (simulates a crashed agent).
         #[arg(long)]
         kill_only: bool,
+        /// One more argument for this start of the agent only (repeatable),
+        /// after those it was started with, e.g.
+        /// `--agent-arg=--job-net-bridge=nosuchbr` for a node without a job
+        /// bridge. The next plain restart drops it.
+        #[arg(
+            long = "agent-arg",
+            allow_hyphen_values = true,
+            conflicts_with = "kill_only"
+        )]
+        agent_args: Vec<String>,
     },
     /// Remove every namespace, link, cgroup and process of a local cluster.
     /// Works after a crash too.
@@ -224,9 +234,10 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             name,
             criu,
             kill_only,
+            agent_args,
         } => {
             let name = resolve_name(cluster, name)?;
-            match local::restart_agent(&name, &node, criu.as_deref(), kill_only)? {
+            match local::restart_agent(&name, &node, criu.as_deref(), kill_only, &agent_args)? {
                 Some(pid) => println!("agent on {node} restarted (pid {pid})"),
                 None => println!("agent on {node} killed"),
             }
