@@ -335,11 +335,18 @@ impl Cluster {
             .args(["netns", "pids", &self.netns(node)])
             .output()
             .unwrap();
-        let cg = std::fs::read_to_string(format!(
-            "/sys/fs/cgroup/cpu/mosix/{}/{node}/cgroup.procs",
-            self.name
-        ))
-        .unwrap_or_default();
+        // The node's cgroup and its jobs group below it (see
+        // `core::cgroup`): own-address jobs are in no node namespace.
+        let cg: String = ["", "/jobs"]
+            .iter()
+            .map(|sub| {
+                std::fs::read_to_string(format!(
+                    "/sys/fs/cgroup/cpu/mosix/{}/{node}{sub}/cgroup.procs",
+                    self.name
+                ))
+                .unwrap_or_default()
+            })
+            .collect();
         let mut pids: Vec<i32> = String::from_utf8_lossy(&o.stdout)
             .lines()
             .chain(cg.lines())
