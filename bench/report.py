@@ -452,10 +452,12 @@ def md_crowded(w, r):
     w("")
     cfs = cr.get("node1_cfs_during_crowded_moves")
     w("Noise: each crowded move starts at whatever moment the balancer's round falls, inside node1's CPU cap "
-      "(10 ms CFS periods, 5 ms of quota each). The agent, CRIU and the job being dumped run in node1's cgroup at "
-      "nice -10 against 8 jobs at nice 0, so by CFS weights (9548 against 8 × 1024) they get about half of its 0.5 "
-      "core, and a period whose quota is spent stalls them until the next one. That, and the rest of the machine's "
-      "load, is the spread below; p95 of a dozen moves is close to their maximum."
+      "(10 ms CFS periods, 5 ms of quota each). The node's jobs run in its child cgroup `jobs` (cpu.shares 2) below "
+      "the agent and CRIU; the job being dumped is lifted beside CRIU (its parasite runs in the job's threads), and "
+      "for the dump the other jobs are squeezed to 1% of a core, so CRIU gets the node's quota nearly whole "
+      "(`core::cgroup`, ARCHITECTURE.md \"Priorities on a crowded node\"). A period whose quota the crowd spent "
+      "before the dump began still stalls it until the next one. That, and the rest of the machine's load, is the "
+      "spread below; p95 of a dozen moves is close to their maximum."
       + (f" While the balancer moved jobs off it, node1's cgroup ran out of quota in {cfs['throttled_periods']} of "
          f"{cfs['periods']} periods (throttled {cfs['throttled_s']:.1f} s in {cfs['window_s']:.0f} s)." if cfs else "")
       + "\n")
