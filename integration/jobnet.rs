@@ -635,11 +635,24 @@ fn a_node_without_the_bridge_falls_back_to_its_network_and_says_so() {
     assert!(ok);
     assert!(cl.record(&job).net.is_none());
     // A job with its own address cannot be restored where there is no
-    // bridge: refused, and it keeps running on node1 with its address.
+    // bridge: refused before it is frozen (the target's ping says so; no
+    // failed attempt in its history), and it keeps running on node1 with
+    // its address.
+    let pid_before = cl.record(&dflt).pid;
     let o = cl.mosctl(&["migrate", &dflt, "node2"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("nosuchbr"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("node2 cannot give jobs their own address"),
+        "{}",
+        stderr(&o)
+    );
     let rec = cl.record(&dflt);
+    assert!(
+        rec.history.iter().all(|m| m.to.as_str() != "node2"),
+        "refused before the freeze, so no attempt is recorded: {:?}",
+        rec.history
+    );
+    assert_eq!(rec.pid, pid_before);
     assert_eq!(
         (rec.node.as_str(), rec.state),
         ("node1", mosix::core::JobState::Running)

@@ -1981,7 +1981,7 @@ mod tests {
         fn ping<'a>(
             &'a self,
             _: &'a NodeName,
-        ) -> futures::future::BoxFuture<'a, AgentResult<bool>> {
+        ) -> futures::future::BoxFuture<'a, AgentResult<crate::agent::peers::TargetInfo>> {
             Box::pin(async { Err(AgentError::Unavailable("no peers".into())) })
         }
         fn restore<'a>(
@@ -2119,8 +2119,11 @@ mod tests {
             let m = self.agents.lock().unwrap();
             m.keys().map(|n| n.to_string()).collect()
         }
-        fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
-            Box::pin(async move { self.get(node).map(|_| false) })
+        fn ping<'a>(
+            &'a self,
+            node: &'a NodeName,
+        ) -> BoxFuture<'a, AgentResult<crate::agent::peers::TargetInfo>> {
+            Box::pin(async move { self.get(node).map(|_| Default::default()) })
         }
         fn restore<'a>(
             &'a self,

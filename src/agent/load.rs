@@ -55,6 +55,9 @@ pub struct NodeLoad {
     pub timestamp_unix_ms: u64,
     pub supports_post_copy: bool,
     pub supports_pre_copy: bool,
+    /// The node can give a job its own address (pool and bridge; see
+    /// `agent::jobnet`), so a job with one may move here.
+    pub job_addresses: bool,
     /// `mosctl block`: no new job or migration in.
     pub blocked: bool,
     /// The relative speed factor (capacity includes it).

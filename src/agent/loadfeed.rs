@@ -73,6 +73,7 @@ pub fn worth_sending(last: &NodeLoad, now: &NodeLoad) -> bool {
         || now.speed != last.speed
         || now.supports_post_copy != last.supports_post_copy
         || now.supports_pre_copy != last.supports_pre_copy
+        || now.job_addresses != last.job_addresses
         || now.jobs.len() != last.jobs.len()
     {
         return true;

@@ -1030,11 +1030,21 @@ impl Agent {
         }
         let mig = mig.unwrap_or_else(MigrationId::generate);
         // Nothing is frozen until the target has answered.
-        let target_post_copy = self
+        let answer = self
             .peers
             .ping(target)
             .await
             .map_err(|e| e.context(&format!("job {job} was not touched")))?;
+        // A job with its own address needs a target that can re-create its
+        // interface (the bridge): else the restore would fail after the
+        // freeze and the move roll back. Refused here, before anything.
+        if let Some(net) = rec.net.as_ref().filter(|_| !answer.job_addresses) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "job {job} has its own address {}, and {target} cannot give jobs their own address (no job address pool there, or its bridge is missing; see its agent's log); it keeps running on {}",
+                net.ip, self.cfg.node
+            )));
+        }
+        let target_post_copy = answer.post_copy;
         tracing::debug!(job = %job, "step: target answered");
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();

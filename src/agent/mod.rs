@@ -585,6 +585,7 @@ impl Agent {
         let f = self.engine.features();
         nl.supports_post_copy = f.lazy_pages;
         nl.supports_pre_copy = f.mem_dirty_track;
+        nl.job_addresses = self.cfg.job_net.as_ref().is_some_and(|c| c.available());
         nl
     }
 

@@ -16,15 +16,25 @@ use std::time::Duration;
 /// margin.
 pub const POST_COPY_RESTORE_CALL: Duration = Duration::from_secs(30);
 
+/// What a migration's target answered to the ping before anything is
+/// frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TargetInfo {
+    /// It can take a post-copy migration (userfaultfd).
+    pub post_copy: bool,
+    /// It can give a job its own address, so a job with one may move there.
+    pub job_addresses: bool,
+}
+
 pub trait Peers: Send + Sync + 'static {
     /// Whether `node` is part of the cluster.
     fn knows(&self, node: &NodeName) -> bool;
     /// Names of every node, for error messages.
     fn names(&self) -> Vec<String>;
-    /// Cheap liveness check before the job is frozen; answers whether the
-    /// node can take a post-copy migration (userfaultfd). A blocked node
-    /// (`mosctl block`) is FailedPrecondition, naming the block.
-    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>>;
+    /// Cheap liveness check before the job is frozen; answers what the
+    /// node can take ([`TargetInfo`]). A blocked node (`mosctl block`) is
+    /// FailedPrecondition, naming the block.
+    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<TargetInfo>>;
     /// Ask `node` to restore from images.
     fn restore<'a>(
         &'a self,
@@ -151,7 +161,7 @@ impl GrpcPeers {
         Ok((ep, c))
     }
 
-    async fn get_load(&self, node: &NodeName, ep: &str) -> AgentResult<bool> {
+    async fn get_load(&self, node: &NodeName, ep: &str) -> AgentResult<TargetInfo> {
         let mut c = client::pooled_agent(ep, self.tls.as_ref(), self.ping_timeout)
             .await
             .map_err(|e| AgentError::Unavailable(format!("{node} unreachable: {e:#}")))?;
@@ -169,7 +179,10 @@ impl GrpcPeers {
                 super::admin::blocked_message(node.as_str()),
             ));
         }
-        Ok(load.supports_post_copy)
+        Ok(TargetInfo {
+            post_copy: load.supports_post_copy,
+            job_addresses: load.job_addresses,
+        })
     }
 
     fn endpoint(&self, node: &NodeName) -> AgentResult<&str> {
@@ -189,7 +202,7 @@ impl Peers for GrpcPeers {
         self.endpoints.keys().map(|n| n.to_string()).collect()
     }
 
-    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
+    fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<TargetInfo>> {
         Box::pin(async move {
             let ep = self.endpoint(node)?;
             // Over the pooled channel (a TLS handshake saved on every

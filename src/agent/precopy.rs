@@ -601,8 +601,11 @@ mod agent_tests {
                 .map(|m| m.keys().map(|n| n.to_string()).collect())
                 .unwrap_or_default()
         }
-        fn ping<'a>(&'a self, node: &'a NodeName) -> BoxFuture<'a, AgentResult<bool>> {
-            Box::pin(async move { self.get(node).map(|_| false) })
+        fn ping<'a>(
+            &'a self,
+            node: &'a NodeName,
+        ) -> BoxFuture<'a, AgentResult<crate::agent::peers::TargetInfo>> {
+            Box::pin(async move { self.get(node).map(|_| Default::default()) })
         }
         fn restore<'a>(
             &'a self,

@@ -546,6 +546,7 @@ impl From<&NodeLoad> for pb::NodeLoad {
             timestamp_unix_ms: l.timestamp_unix_ms,
             supports_post_copy: l.supports_post_copy,
             supports_pre_copy: l.supports_pre_copy,
+            job_addresses: l.job_addresses,
             blocked: l.blocked,
             speed: l.speed,
         }

@@ -588,6 +588,7 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
             timestamp_unix_ms: now,
             supports_post_copy: true,
             supports_pre_copy: true,
+            job_addresses: false,
             blocked: false,
             speed: 1.0,
         }));
