@@ -210,8 +210,10 @@ impl Cluster {
             if !ctl.split(',').any(|c| c == "cpu") {
                 return None;
             }
-            let node = path.strip_prefix(&prefix)?;
-            (!node.contains('/')).then(|| node.to_string())
+            // `node1`, or `node1/jobs` (the node's jobs group, see
+            // `core::cgroup`): the node is the first part.
+            let node = path.strip_prefix(&prefix)?.split('/').next()?;
+            (!node.is_empty()).then(|| node.to_string())
         })
     }
 
