@@ -155,10 +155,8 @@ fn a_blocked_node_gets_nothing_from_placement_balancer_or_migrate_even_after_a_r
     assert!(stdout(&o).contains("node3: speed 2"), "{}", stdout(&o));
 
     // Both settings outlive an agent restart.
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = cl.mosctl(&["local", "restart-agent", "node3", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &[]);
+    cl.restart_agent("node3", &[]);
     cl.wait_for("node2 back, still blocked", 20, || {
         load_line(&cl, "node2").ends_with("BLOCKED")
     });

@@ -339,21 +339,12 @@ fn a_restarted_agent_kills_a_job_it_no_longer_owns() {
     let cl = Cluster::up(2, ETCD);
     let (job, pid) = sleeper(&cl, "node1");
     let (kept, kept_pid) = sleeper(&cl, "node1");
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node1",
-        "--kill-only",
-        "--name",
-        &cl.name,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node1", &["--kill-only"]);
     // While node1's agent is gone, the job is taken over elsewhere.
     let before = owner(&cl, &job).unwrap();
     let moved = set_owner(&cl, &job, &before, "node2");
     assert!(moved.epoch > before.epoch);
-    let o = cl.mosctl(&["local", "restart-agent", "node1", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node1", &[]);
     cl.wait_for("the stale copy to be killed", 15, || !alive(pid));
     assert!(alive(kept_pid), "a job it still owns keeps running");
     assert_eq!(owner(&cl, &kept).unwrap().node, "node1");

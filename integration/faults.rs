@@ -86,8 +86,7 @@ fn kill9_of_source_agent_during_dump() {
     let (job, file) = counter_job(&cl, "768", "8091");
     let mut m = spawn_migrate(&cl, &job, "node2");
     std::thread::sleep(Duration::from_millis(250));
-    let o = cl.mosctl(&["local", "restart-agent", "node1", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node1", &[]);
     let _ = m.wait();
     assert_exactly_once(&cl, &job, &file, 2);
 }
@@ -122,8 +121,7 @@ fn kill9_of_target_agent_during_restore_with(extra: &[&str]) {
             .unwrap_or(true)
     });
     std::thread::sleep(Duration::from_millis(100));
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &[]);
     let _ = m.wait();
     assert_exactly_once(&cl, &job, &file, 2);
 }
@@ -160,16 +158,7 @@ fn target_restore_failure_rolls_back_to_source() {
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8093");
     // node2's agent gets a CRIU that fails every call.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--criu",
-        "/bin/false",
-    ]);
-    assert!(o.status.success());
+    cl.restart_agent("node2", &["--criu", "/bin/false"]);
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
@@ -216,16 +205,7 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8095");
     // CRIU missing on the source.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node1",
-        "--name",
-        &cl.name,
-        "--criu",
-        "/nonexistent/criu",
-    ]);
-    assert!(o.status.success());
+    cl.restart_agent("node1", &["--criu", "/nonexistent/criu"]);
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
@@ -234,8 +214,7 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     // A job in its node's network holding an established TCP connection:
     // refused before anything is frozen, the connection named (issue 18;
     // it used to be CRIU's own refusal), and the job runs on.
-    let o = cl.mosctl(&["local", "restart-agent", "node1", "--name", &cl.name]);
-    assert!(o.status.success());
+    cl.restart_agent("node1", &[]);
     std::thread::sleep(Duration::from_secs(1));
     let py = cl.mosrun(&[
         "--node", "node1", "--net", "node", "--", "python3", "-c",

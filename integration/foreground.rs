@@ -489,8 +489,7 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     // node2's agent is killed (and started again): the job's session died
     // with it, so the new agent kills the copy it finds rather than adopt
     // an orphan.
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &[]);
     let (code, out, err) = c.finish(40);
     assert_eq!((code, out.as_str()), (0, "start\ndone\n"), "{err}");
     assert!(
@@ -591,15 +590,7 @@ fn a_job_whose_node_is_lost_is_rerun_only_when_asked() {
     cl.wait_for("the job on node2", 20, || {
         running_job(&cl, &marker).is_some_and(|j| j.1 == "node2")
     });
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node1",
-        "--name",
-        &cl.name,
-        "--kill-only",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node1", &["--kill-only"]);
     let (code, out, err) = c.finish(40);
     assert_eq!((code, out.as_str()), (0, "in1\nstart\ndone\n"), "{err}");
     assert!(

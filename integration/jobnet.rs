@@ -485,16 +485,7 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--criu",
-        wrapper.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &["--criu", wrapper.to_str().unwrap()]);
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success(), "the restore on node2 must fail");
@@ -589,15 +580,7 @@ fn a_node_without_the_bridge_falls_back_to_its_network_and_says_so() {
     assert!(cl.record(&opted_out).net.is_none(), "--net node opts out");
 
     // node2's agent now looks for a bridge that does not exist.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--agent-arg=--job-net-bridge=nosuchbr",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &["--agent-arg=--job-net-bridge=nosuchbr"]);
     std::thread::sleep(Duration::from_secs(1));
     let o = run(
         MOSRUN,

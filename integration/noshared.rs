@@ -332,16 +332,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     let ip = cl.job_ip(&job);
     // node2's agent gets a CRIU that fails every call: it receives the
     // images, and its restore fails.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--criu",
-        "/bin/false",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &["--criu", "/bin/false"]);
     std::thread::sleep(Duration::from_secs(1));
     let (before, _) = query_counter(&ip, 8183).unwrap();
     let o = cl.mosctl(&["migrate", &job, "node2"]);
@@ -370,8 +361,7 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     assert_contiguous(&ticks(&file));
 
     // With a working CRIU again, the same job moves.
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &[]);
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -405,15 +395,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     cl.wait_for("the push to start", 60, || incoming.is_dir());
     std::thread::sleep(Duration::from_secs(1));
     // node2's agent dies in the middle of the stream.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--kill-only",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &["--kill-only"]);
     let out = m.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -430,8 +412,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
         "the job runs exactly once"
     );
     // node2 comes back and keeps nothing of the broken push.
-    let o = cl.mosctl(&["local", "restart-agent", "node2", "--name", &cl.name]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &[]);
     cl.wait_for("node2 to drop the partial push", 20, || {
         job_images(&cl, "node2", &job).is_empty()
     });

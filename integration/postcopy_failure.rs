@@ -284,16 +284,7 @@ fn a_target_restore_that_hangs_is_stopped_and_the_job_runs_on_its_source() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node2",
-        "--name",
-        &cl.name,
-        "--criu",
-        wrapper.to_str().expect("utf-8 path"),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cl.restart_agent("node2", &["--criu", wrapper.to_str().expect("utf-8 path")]);
     let job = cl.mosrun(&[
         "--node",
         "node1",

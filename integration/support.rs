@@ -198,6 +198,16 @@ impl Cluster {
         stdout(&o).trim().to_string()
     }
 
+    /// Restart `node`'s agent (`mosctl local restart-agent NODE --name …`)
+    /// with `extra` flags for that start (`--criu PATH`, `--kill-only`,
+    /// `--agent-arg=…`), and insist that it worked.
+    pub fn restart_agent(&self, node: &str, extra: &[&str]) {
+        let mut a = vec!["local", "restart-agent", node, "--name", &self.name];
+        a.extend_from_slice(extra);
+        let o = self.mosctl(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
     /// Which node a process belongs to: the node whose cpu cgroup holds it
     /// (a job with its own address is in no node's network namespace, but
     /// always in its node's cgroup: its agent's, or its restorer's).
