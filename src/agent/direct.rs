@@ -69,7 +69,7 @@ use std::time::{Duration, Instant};
 /// Largest `data` of one chunk the receiver accepts.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// Chunk size the sender uses.
-pub const SEND_CHUNK_BYTES: usize = 4 << 20;
+pub const SEND_CHUNK_BYTES: usize = 1 << 20;
 /// Upper bound of one push, whatever the free space says.
 pub const MAX_PUSH_BYTES: u64 = 1 << 40;
 /// Most files in one push (a CRIU image directory has tens).
