@@ -283,6 +283,39 @@ def last_restore_ms(node, job):
     return int(m[-1]) if m else None
 
 
+def last_move_numbers(job):
+    """What the agents logged (info level) of `job`'s last move: the source's
+    CRIU dump and seal ("dumped and sealed dump_ms= seal_us="), its push of
+    the images without a shared path ("images pushed push_ms="), and the
+    target's restore ("restored verify_ms= restore_ms="). Each the last such
+    line in any node's log; None where a line is missing."""
+    out = {"agent_dump_ms": None, "agent_seal_ms": None, "agent_push_ms": None, "agent_restore_ms": None}
+    best = {}
+    pats = {
+        "sealed": rf"dumped and sealed job={re.escape(job)} dump_ms=(\d+)(?: follow_tail_us=\d+)? seal_us=(\d+)",
+        "pushed": rf"images pushed job={re.escape(job)} .*?push_ms=(\d+)",
+        "restored": rf"restored job={re.escape(job)} pid=\d+(?: verify_ms=\d+)? restore_ms=(\d+)",
+    }
+    for log in Path(f"/run/mosix/{CLUSTER}").glob("node*.log"):
+        try:
+            lines = ANSI_RE.sub("", log.read_text(errors="replace")).splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            for key, pat in pats.items():
+                m = re.search(pat, line)
+                if m and (key not in best or line[:30] > best[key][0]):
+                    best[key] = (line[:30], m.groups())
+    if "sealed" in best:
+        out["agent_dump_ms"] = int(best["sealed"][1][0])
+        out["agent_seal_ms"] = int(best["sealed"][1][1]) / 1000
+    if "pushed" in best:
+        out["agent_push_ms"] = int(best["pushed"][1][0])
+    if "restored" in best:
+        out["agent_restore_ms"] = int(best["restored"][1][0])
+    return out
+
+
 def wait_images_gone(job, timeout=30.0):
     """The agent deletes a move's images on a background thread after it
     replied. Wait until that is done, so each timed move starts as bare
@@ -973,7 +1006,9 @@ def noshared_size(mib, runs, next_port):
         for i in range(runs):
             def do_ours():
                 ours_out.append(migrate(job, "node2"))
+                ours_out[-1].update(last_move_numbers(job))
                 ours_back.append(migrate(job, "node1"))
+                ours_back[-1].update(last_move_numbers(job))
 
             def do_bare():
                 bares_out.append(bare.move_noshared("node2", next_port()))
@@ -998,6 +1033,10 @@ def noshared_size(mib, runs, next_port):
         "ours_total_ms": stats([o["total_ms"] for o in ours]),
         "ours_wall_ms": stats([o["wall_ms"] for o in ours]),
         "ours_criu_restore_ms": stats([o["restore_ms"] for o in ours]),
+        # Where our time goes, from the agents' info lines (see last_move_numbers).
+        "ours_steps_ms": {k: stats([o[k] for o in ours if o.get(k) is not None])
+                          for k in ("agent_dump_ms", "agent_seal_ms", "agent_push_ms", "agent_restore_ms")
+                          if any(o.get(k) is not None for o in ours)},
         "bare_listen_ms": stats([b["listen_ms"] for b in bares]),
         "bare_dump_ms": stats([b["dump_ms"] for b in bares]),
         "bare_copy_ms": stats([b["copy_ms"] for b in bares]),

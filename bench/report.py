@@ -399,6 +399,20 @@ def md_noshared(w, r):
             w(f"| {s['mib']} MiB | {s['moves']} | {fmt_ms(s['ours_frozen_ms'])} | {fmt_ms(s['ours_wall_ms'])} | "
               f"{fmt_ms(s['bare_listen_ms'])} | {fmt_ms(s['bare_dump_ms'])} | {fmt_ms(s['bare_copy_ms'], 1)} | "
               f"{fmt_ms(s['bare_restore_ms'])} | {fmt_ms(s['bare_total_ms'])} | **{s['ratio_total']:.2f}** |")
+        steps = [s for s in ok if s.get("ours_steps_ms")]
+        if steps:
+            w("\nWhere our time goes (medians (min–max) in ms, from the agents' info lines of each move): the "
+              "source's CRIU dump into its own dir (page hashing alongside), the seal after it (hash tail + HMAC "
+              "manifest), the push of every image file to the target over mTLS (starts when the seal is done), and "
+              "the target's CRIU restore (page verification alongside). The rest of *ours total* is the CLI, the "
+              "ping, the registry writes and the RPCs.\n")
+            w("| Size | dump | seal | push | restore | bare: dump (pages over TCP) | bare: restore |")
+            w("|---|---|---|---|---|---|---|")
+            for s in steps:
+                st = s["ours_steps_ms"]
+                cell = lambda k, d=0: fmt_ms(st[k], d) if k in st else "–"  # noqa: E731
+                w(f"| {s['mib']} MiB | {cell('agent_dump_ms')} | {cell('agent_seal_ms', 1)} | {cell('agent_push_ms')} | "
+                  f"{cell('agent_restore_ms')} | {fmt_ms(s['bare_dump_ms'])} | {fmt_ms(s['bare_restore_ms'])} |")
         w("\nEvery move, in order (ms; out and back alternate; *o* = our side went first in that run):\n")
         for s in ok:
             firsts = s.get("ours_first") or []
