@@ -352,7 +352,7 @@ fn a_restarted_agent_kills_a_job_it_no_longer_owns() {
 }
 
 #[test]
-fn a_migration_moves_ownership_and_the_epoch_grows() {
+fn a_migration_moves_ownership_the_epoch_grows_and_the_record_goes_with_the_job() {
     if !privileged() {
         return;
     }
@@ -370,6 +370,13 @@ fn a_migration_moves_ownership_and_the_epoch_grows() {
     let c = owner(&cl, &job).unwrap();
     assert_eq!(c.node, "node1");
     assert!(c.epoch > b.epoch);
+    // A job that has ended owns nothing: its record goes, so a node that is
+    // later switched off is not taken for a lost node with jobs.
+    let o = cl.mosctl(&["kill", &job]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    cl.wait_for("the ended job's owner record to go", 10, || {
+        owner(&cl, &job).is_none()
+    });
 }
 
 #[test]

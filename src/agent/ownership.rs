@@ -53,6 +53,9 @@ pub struct AgentCoord {
     epochs: Mutex<HashMap<JobId, i64>>,
     /// The fence file and its watchdog process (None only in tests).
     pub fence: Option<Arc<FenceWatch>>,
+    /// The agent's runtime: a job's end may be seen on a plain thread (an
+    /// adopted job's pidfd watcher), and its owner record is dropped here.
+    rt: tokio::runtime::Handle,
 }
 
 impl AgentCoord {
@@ -128,6 +131,9 @@ impl Agent {
             "node": node,
             "pid": std::process::id(),
             "ttl_s": timing.ttl.as_secs(),
+            // The leading balancer waits this long again after the lease
+            // expires before it restarts the node's jobs elsewhere.
+            "margin_ms": u64::try_from(timing.margin.as_millis()).unwrap_or(u64::MAX),
         })
         .to_string()
         .into_bytes();
@@ -156,6 +162,7 @@ impl Agent {
             fenced_jobs: Mutex::new(Vec::new()),
             epochs: Mutex::new(HashMap::new()),
             fence,
+            rt: tokio::runtime::Handle::current(),
         });
         let fenced_by_watchdog = c.fence.is_some();
         let _ = self.coord.set(c);
@@ -220,6 +227,27 @@ impl Agent {
             }
             _ => Ok(()),
         }
+    }
+
+    /// A job that ended here needs no owner any more: drop its record, in
+    /// the background and best effort (only if this node still owns it).
+    /// A record left behind would make a node that is later switched off
+    /// look lost with jobs, and send the leading balancer after them.
+    pub(crate) fn release_owner(&self, job: &JobId) {
+        let Some(c) = self.coord() else {
+            return;
+        };
+        let (c, me, id) = (c.clone(), self.cfg.node.to_string(), job.clone());
+        c.rt.clone().spawn(async move {
+            match c.owners.get(id.as_str()).await {
+                Ok(Some(o)) if o.node == me => match c.owners.release(id.as_str(), &o).await {
+                    Ok(_) => c.set_epoch(&id, None),
+                    Err(e) => tracing::debug!(job = %id, "dropping the owner record: {e}"),
+                },
+                Ok(_) => c.set_epoch(&id, None),
+                Err(e) => tracing::debug!(job = %id, "reading the owner record: {e}"),
+            }
+        });
     }
 
     /// Record this node as the owner of a job it just started.

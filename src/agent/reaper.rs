@@ -97,6 +97,7 @@ impl Agent {
         }
         self.events.ended(&rec, &self.cfg.node);
         tracing::info!(job = %id, pid, ?status, "job ended");
+        self.release_owner(id);
         if let Some(n) = &rec.net {
             // Its address goes back to the pool, its veth with its namespace.
             self.release_address(id, n);

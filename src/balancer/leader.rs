@@ -185,19 +185,28 @@ impl Leadership {
     async fn watch_nodes_forever(self: Arc<Self>) {
         let owners = Owners::new(self.store.clone(), &self.cluster);
         let mut dead: BTreeMap<String, Dead> = BTreeMap::new();
+        let mut margins: BTreeMap<String, Duration> = BTreeMap::new();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(rev) = self.leading() else {
                 dead.clear();
                 continue;
             };
-            let live = match crate::coord::live_nodes(&*self.store, &self.cluster).await {
+            let live = match crate::coord::live_node_margins(&*self.store, &self.cluster).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!("watching node leases: {e}");
                     continue;
                 }
             };
+            // Each agent says its own margin (`mosixd --fence-margin`);
+            // remembered while its lease lives, since the key goes with it.
+            for (node, m) in &live {
+                if let Some(m) = m {
+                    margins.insert(node.clone(), *m);
+                }
+            }
+            let live: BTreeSet<String> = live.into_keys().collect();
             let owned = match owners.list().await {
                 Ok(o) => o,
                 Err(e) => {
@@ -215,8 +224,14 @@ impl Leadership {
                     // it; wait the margin again for a node whose clock ran
                     // slow (a new leader cannot know when the lease
                     // expired, so it counts from now: later, never sooner).
+                    // A leader that never saw the node alive uses the
+                    // default margin.
+                    let margin = margins
+                        .get(&node)
+                        .copied()
+                        .unwrap_or_else(|| self.node_timing.takeover_delay());
                     Dead {
-                        next: Some(now + self.node_timing.takeover_delay()),
+                        next: Some(now + margin),
                         run: None,
                     }
                 });

@@ -91,6 +91,29 @@ pub async fn connect_within(
     }
 }
 
+/// The nodes that hold a live lease now, each with the fencing margin its
+/// agent advertises in its node key (`margin_ms`; None from an agent that
+/// does not say, or an unreadable value).
+pub async fn live_node_margins(
+    store: &dyn store::Store,
+    cluster: &str,
+) -> Result<std::collections::BTreeMap<String, Option<Duration>>, CoordError> {
+    let prefix = nodes_prefix(cluster);
+    Ok(store
+        .list(prefix.clone())
+        .await?
+        .into_iter()
+        .filter_map(|(k, e)| {
+            let node = k.strip_prefix(&prefix)?.to_string();
+            let margin = serde_json::from_slice::<serde_json::Value>(&e.value)
+                .ok()
+                .and_then(|v| v.get("margin_ms")?.as_u64())
+                .map(Duration::from_millis);
+            Some((node, margin))
+        })
+        .collect())
+}
+
 /// Which nodes hold a live lease now (their key exists).
 pub async fn live_nodes(
     store: &dyn store::Store,
@@ -103,4 +126,29 @@ pub async fn live_nodes(
         .into_iter()
         .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store::{FakeClock, MemStore, Store};
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn live_nodes_carry_the_margin_their_agents_advertise() {
+        let s = MemStore::new(Arc::new(FakeClock::default()));
+        let put = |node: &str, v: &str| s.cas(node_key("c", node), 0, v.as_bytes().to_vec(), 0);
+        put("n1", r#"{"node":"n1","ttl_s":10,"margin_ms":1500}"#)
+            .await
+            .unwrap();
+        put("n2", r#"{"node":"n2","ttl_s":10}"#).await.unwrap();
+        put("n3", "not json").await.unwrap();
+        let m = live_node_margins(&s, "c").await.unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m["n1"], Some(Duration::from_millis(1500)));
+        assert_eq!(m["n2"], None);
+        assert_eq!(m["n3"], None);
+        let live = live_nodes(&s, "c").await.unwrap();
+        assert_eq!(live.len(), 3);
+    }
 }
