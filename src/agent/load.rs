@@ -38,6 +38,9 @@ pub struct JobFlags {
     pub busy: bool,
     /// Not sampled yet: its demand is unknown.
     pub unsampled: bool,
+    /// It has its own address: only a node that can give jobs theirs may
+    /// take it.
+    pub own_address: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -261,6 +261,7 @@ impl super::Agent {
                                         .is_some_and(|m| m.post_copy && !m.ok),
                                     busy: false,
                                     unsampled: false,
+                                    own_address: r.net.is_some(),
                                 })
                             },
                             |id| busy.iter().any(|b| b.as_str() == id),

@@ -541,6 +541,7 @@ impl From<&NodeLoad> for pb::NodeLoad {
                     post_copy_failed: u.flags.post_copy_failed,
                     busy: u.flags.busy,
                     unsampled: u.flags.unsampled,
+                    own_address: u.flags.own_address,
                 })
                 .collect(),
             timestamp_unix_ms: l.timestamp_unix_ms,

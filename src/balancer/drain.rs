@@ -73,7 +73,16 @@ impl DrainPlanner {
         } else {
             1.0
         };
-        let to = place(&self.snapshot, &self.config, job.rss_bytes, demand)?;
+        let to = if job.own_address {
+            // Only a node that can give it its own address may take it.
+            let mut s = self.snapshot.clone();
+            for n in s.nodes.iter_mut().filter(|n| !n.job_addresses) {
+                n.blocked = true;
+            }
+            place(&s, &self.config, job.rss_bytes, demand)?
+        } else {
+            place(&self.snapshot, &self.config, job.rss_bytes, demand)?
+        };
         if let Some(n) = self.snapshot.nodes.iter_mut().find(|n| n.name == to) {
             n.load += demand;
             n.mem_available_bytes = n.mem_available_bytes.saturating_sub(job.rss_bytes);
@@ -121,6 +130,7 @@ mod tests {
             pinned: false,
             migratable: true,
             post_copy_failed: false,
+            own_address: false,
         }
     }
 

@@ -79,6 +79,7 @@ impl NodeState {
                 pinned: u.pinned,
                 migratable: !u.non_migratable,
                 post_copy_failed: u.post_copy_failed,
+                own_address: u.own_address,
             });
         }
         NodeState {
@@ -95,6 +96,7 @@ impl NodeState {
                     l.migrations_in_flight
                 },
                 blocked: l.blocked,
+                job_addresses: l.job_addresses,
             },
             jobs,
             bandwidth_bps: l.migration_bandwidth_bps,

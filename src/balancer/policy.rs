@@ -89,6 +89,10 @@ pub struct NodeSnapshot {
     /// nothing is ever placed or moved onto it
     #[serde(default)]
     pub blocked: bool,
+    /// it can give a job its own address (network namespace on the job
+    /// bridge): the only kind of node an own-address job may move to
+    #[serde(default)]
+    pub job_addresses: bool,
 }
 
 /// State of one job as seen by the policy.
@@ -109,6 +113,10 @@ pub struct JobSnapshot {
     /// the next move is a full copy, whatever its size
     #[serde(default)]
     pub post_copy_failed: bool,
+    /// it has its own address, which only a node with `job_addresses` can
+    /// host (elsewhere the agent refuses the move before the freeze)
+    #[serde(default)]
+    pub own_address: bool,
 }
 
 /// Everything the policy needs to know about the cluster at one instant.
@@ -702,6 +710,11 @@ impl<'a> State<'a> {
         !self.nodes[i].blocked && self.has_conc_room(i, ctx)
     }
 
+    /// Whether node `t` can host job `j` at all (its own address).
+    fn may_host(&self, t: usize, j: usize) -> bool {
+        !self.jobs[j].own_address || self.nodes[t].job_addresses
+    }
+
     fn fits(&self, t: usize, rss: u64, ctx: &Ctx) -> bool {
         fits(
             self.avail[t],
@@ -825,7 +838,7 @@ fn usher_memory(state: &mut State<'_>, ctx: &Ctx, moves: &mut Vec<Move>) {
                 if avail < rss {
                     break; // sorted by available memory: nobody further can fit it
                 }
-                if t != src && state.fits(t, rss, ctx) {
+                if t != src && state.fits(t, rss, ctx) && state.may_host(t, j) {
                     target = Some(t);
                     break;
                 }
@@ -947,21 +960,21 @@ fn best_move_from(
     // (= name), then the job earlier in try order (highest demand, smallest
     // rss, then id): with equal gain the smaller job is the cheaper migration.
     let mut best: Option<(f64, usize, usize)> = None;
-    let mut prev_class: Option<(u64, u64)> = None;
+    let mut prev_class: Option<(u64, u64, bool)> = None;
     for &j in &candidates {
         let d = state.job_demand[j];
         let rss = state.jobs[j].rss_bytes;
         // Jobs with equal demand and rss behave identically; the list is
         // sorted so the first of them has the smallest id and would win any
         // tie, so the rest need not be evaluated.
-        let class = (d.to_bits(), rss);
+        let class = (d.to_bits(), rss, state.jobs[j].own_address);
         if prev_class == Some(class) {
             continue;
         }
         prev_class = Some(class);
         let cost = ctx.cost_secs(rss);
         for &t in &chosen_targets {
-            if !state.fits(t, rss, ctx) {
+            if !state.fits(t, rss, ctx) || !state.may_host(t, j) {
                 continue;
             }
             let gain = state.gain(s, t, d);
@@ -1011,6 +1024,7 @@ pub(crate) mod tests {
             mem_available_bytes: 12 * GIB,
             migrations_in_flight: 0,
             blocked: false,
+            job_addresses: true,
         }
     }
 
@@ -1024,6 +1038,7 @@ pub(crate) mod tests {
             pinned: false,
             migratable: true,
             post_copy_failed: false,
+            own_address: false,
         }
     }
 
@@ -1739,6 +1754,64 @@ pub(crate) mod tests {
             assert!(count > 0);
         }
     }
+    #[test]
+    fn own_address_jobs_only_go_to_nodes_that_can_host_them() {
+        let cfg = PolicyConfig::default();
+        let bare = |n: NodeSnapshot| NodeSnapshot {
+            job_addresses: false,
+            ..n
+        };
+        let own = |j: JobSnapshot| JobSnapshot {
+            own_address: true,
+            ..j
+        };
+        // b is the lightest and biggest, but has no job bridge: the
+        // own-address jobs go to c, the plain ones may still go to b.
+        let mut jobs: Vec<JobSnapshot> = jobs_on("o", "a", 3).into_iter().map(own).collect();
+        jobs.extend(jobs_on("p", "a", 3));
+        let s = snap(
+            vec![
+                node("a", 1.0, 6.0),
+                bare(node("b", 4.0, 0.0)),
+                node("c", 1.0, 0.0),
+            ],
+            jobs,
+        );
+        let p = plan(&s, &cfg);
+        assert!(
+            p.moves.iter().any(|m| m.job_id.starts_with('o')),
+            "{:?}",
+            p.moves
+        );
+        for m in &p.moves {
+            if m.job_id.starts_with('o') {
+                assert_eq!(m.to, "c", "{m:?}");
+            }
+        }
+        assert!(p.moves.iter().any(|m| m.to == "b"), "{:?}", p.moves);
+        // Only bridge-less targets: an own-address job stays.
+        let s = snap(
+            vec![node("a", 1.0, 4.0), bare(node("b", 4.0, 0.0))],
+            jobs_on("o", "a", 4).into_iter().map(own).collect(),
+        );
+        assert!(plan(&s, &cfg).moves.is_empty());
+        // Draining picks a node that can host it, or none.
+        let s = snap(
+            vec![
+                node("a", 1.0, 1.0),
+                bare(node("b", 4.0, 0.0)),
+                node("c", 1.0, 0.5),
+            ],
+            vec![],
+        );
+        let mut d = crate::balancer::drain::DrainPlanner::new(s.clone(), "a");
+        assert_eq!(
+            d.next_target(&own(job("o", "a", 1.0))).as_deref(),
+            Some("c")
+        );
+        assert_eq!(d.next_target(&job("p", "a", 1.0)).as_deref(), Some("b"));
+    }
+
     #[test]
     fn blocked_nodes_receive_nothing_but_may_shed_load() {
         let cfg = PolicyConfig::default();

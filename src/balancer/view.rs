@@ -193,6 +193,7 @@ impl ClusterView {
                         mem_available_bytes: l.mem_available_bytes,
                         migrations_in_flight: l.migrations_in_flight,
                         blocked: l.blocked,
+                        job_addresses: l.job_addresses,
                     })
                 }
                 Err(_) => nodes.push(NodeSnapshot {
@@ -204,6 +205,7 @@ impl ClusterView {
                     mem_available_bytes: 0,
                     migrations_in_flight: 0,
                     blocked: false,
+                    job_addresses: false,
                 }),
             }
         }
@@ -233,6 +235,7 @@ impl ClusterView {
                 pinned: j.pinned,
                 migratable: !j.non_migratable,
                 post_copy_failed: j.history.last().is_some_and(|m| m.post_copy && !m.ok),
+                own_address: !j.address.is_empty(),
             });
         }
         for n in nodes.iter_mut().filter(|n| n.up) {

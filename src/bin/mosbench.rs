@@ -192,6 +192,7 @@ fn synthetic_cluster(n_nodes: usize, n_jobs: usize, hot: usize) -> ClusterSnapsh
                     pinned: false,
                     migratable: true,
                     post_copy_failed: false,
+                    own_address: false,
                 });
             }
         }
@@ -204,6 +205,7 @@ fn synthetic_cluster(n_nodes: usize, n_jobs: usize, hot: usize) -> ClusterSnapsh
             mem_available_bytes: 200 * GIB,
             migrations_in_flight: rng.below(2) as u32,
             blocked: false,
+            job_addresses: true,
         });
     }
     ClusterSnapshot {

@@ -93,6 +93,7 @@ pub fn unseen_job(id: &str, node: &str) -> JobSnapshot {
         pinned: false,
         migratable: true,
         post_copy_failed: false,
+        own_address: false,
     }
 }
 
@@ -220,6 +221,7 @@ mod tests {
             mem_available_bytes: 8 << 30,
             migrations_in_flight: 0,
             blocked: false,
+            job_addresses: true,
         }
     }
 
