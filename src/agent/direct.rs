@@ -1569,6 +1569,7 @@ mod tests {
             image_key: None,
             page_server_ip: None,
             post_copy: false,
+            jobs_squeeze: true,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,

@@ -73,6 +73,10 @@ pub struct AgentConfig {
     /// Even when allowed, they need userfaultfd and big pipes on both ends
     /// (see `criu::host`); otherwise requests for post-copy run as full copy.
     pub post_copy: bool,
+    /// Squeeze the node's other jobs during a dump that moves a job off a
+    /// capped node (`mosixd --no-jobs-squeeze` turns it off; see
+    /// [`Agent::squeeze_jobs`]).
+    pub jobs_squeeze: bool,
     /// How sealed images are made durable before the hand-over; registry
     /// records follow the same choice.
     pub image_sync: ImageSync,
@@ -390,9 +394,9 @@ impl Agent {
     /// nearly whole. Shares alone cannot do that: they weigh tasks on one
     /// CPU, while the cap is one quota for all of them, and the jobs on the
     /// other CPUs used it up in every period (see [`crate::core::cgroup`]).
-    /// `MOSIX_JOBS_SQUEEZE=0` turns it off (to measure what it buys).
+    /// `mosixd --no-jobs-squeeze` turns it off (to measure what it buys).
     pub(crate) fn squeeze_jobs(&self) -> Option<crate::core::cgroup::Squeeze> {
-        if std::env::var("MOSIX_JOBS_SQUEEZE").as_deref() == Ok("0") {
+        if !self.cfg.jobs_squeeze {
             return None;
         }
         self.jobs_group.as_ref()?.squeeze()

@@ -674,6 +674,7 @@ mod agent_tests {
             image_key: Some(key.clone()),
             page_server_ip: None,
             post_copy: false,
+            jobs_squeeze: true,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,

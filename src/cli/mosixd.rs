@@ -89,6 +89,12 @@ pub struct Args {
     /// userfaultfd (the agent raises fs.pipe-max-size to 4 MiB for CRIU).
     #[arg(long)]
     pub no_post_copy: bool,
+    /// With --cgroup and a CPU cap on the node: do not squeeze the node's
+    /// other jobs to 1% of a core while a job is dumped to leave it (the
+    /// squeeze makes moves off a crowded node about as fast as between idle
+    /// nodes; see ARCHITECTURE.md, "Priorities on a crowded node").
+    #[arg(long)]
+    pub no_jobs_squeeze: bool,
     /// How dumped images are made durable before the target restores them:
     /// `fsync` every file; `close` relies on the file system committing
     /// files when CRIU closes them (NFS does: close-to-open); `auto` picks
@@ -176,6 +182,8 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     /// `false` is the file form of `--no-post-copy`.
     pub post_copy: Option<bool>,
+    /// `false`: the file form of `--no-jobs-squeeze`.
+    pub jobs_squeeze: Option<bool>,
     pub image_sync: Option<ImageSyncArg>,
     pub run_socket: Option<PathBuf>,
     pub slots_per_core: Option<f64>,
@@ -260,6 +268,7 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         image_key: a.image_key.or(f.image_key),
         metrics: a.metrics.or(f.metrics),
         no_post_copy: a.no_post_copy || f.post_copy == Some(false),
+        no_jobs_squeeze: a.no_jobs_squeeze || f.jobs_squeeze == Some(false),
         image_sync: a.image_sync.or(f.image_sync),
         run_socket: a.run_socket.or(f.run_socket),
         slots_per_core: a.slots_per_core.or(f.slots_per_core),
@@ -511,6 +520,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_key,
         page_server_ip: (!listen.ip().is_unspecified()).then(|| listen.ip()),
         post_copy: !a.no_post_copy,
+        jobs_squeeze: !a.no_jobs_squeeze,
         image_sync,
         common_dirs: a.common_dir.clone(),
         job_net,
@@ -747,6 +757,25 @@ mod tests {
         let p = std::path::Path::new("a.toml");
         assert!(FileConfig::parse_path(p, b"node = \"n1\"").is_ok());
         assert!(FileConfig::parse_path(std::path::Path::new("a.json"), b"node = 1").is_err());
+    }
+
+    #[test]
+    fn the_jobs_squeeze_is_on_unless_a_flag_or_the_file_turns_it_off() {
+        use super::{merge, Args};
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let args = |extra: &[&str], file: &str| {
+            let path = dir.path().join("m.toml");
+            std::fs::write(&path, file).unwrap();
+            let mut v = vec!["mosixd", "--config", path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            merge(Args::parse_from(v)).unwrap()
+        };
+        assert!(!args(&[], "").no_jobs_squeeze);
+        assert!(!args(&[], "jobs_squeeze = true").no_jobs_squeeze);
+        assert!(args(&[], "jobs_squeeze = false").no_jobs_squeeze);
+        assert!(args(&["--no-jobs-squeeze"], "").no_jobs_squeeze);
+        assert!(FileConfig::parse_toml("jobs_squeeze = 0").is_err());
     }
 
     #[test]
