@@ -94,6 +94,13 @@ fn claims_dir(cl: &Cluster) -> std::path::PathBuf {
     Path::new(&format!("/run/mosix/{}/jobnet/addrs", cl.name)).to_path_buf()
 }
 
+/// Wait (10 s) until no address of the pool is claimed any more.
+fn wait_pool_empty(cl: &Cluster, what: &str) {
+    cl.wait_for(what, 10, || {
+        std::fs::read_dir(claims_dir(cl)).unwrap().count() == 0
+    });
+}
+
 /// The network namespaces of every process on the machine that have `ip`
 /// on an interface, as (a pid in it).
 fn namespaces_with(ip: &str) -> Vec<i32> {
@@ -368,9 +375,7 @@ fn redis_client_keeps_its_connection_over_20_moves() {
     drop(cli);
     let o = cl.mosctl(&["kill", &job]);
     assert!(o.status.success());
-    cl.wait_for("the address to go back to the pool", 10, || {
-        std::fs::read_dir(claims_dir(&cl)).unwrap().count() == 0
-    });
+    wait_pool_empty(&cl, "the address to go back to the pool");
 }
 
 /// A job's own outbound connection, to a server outside the cluster's jobs,
@@ -411,9 +416,7 @@ fn outbound_transfer_keeps_its_checksum_across_full_and_post_copy_moves() {
     let got = std::fs::read_to_string(&result).unwrap();
     assert_eq!(got, format!("{} {}", digest.trim(), 640 * 65536));
     let _ = srv.0.stdin.take();
-    cl.wait_for("the job to end and give its address back", 10, || {
-        std::fs::read_dir(claims_dir(&cl)).unwrap().count() == 0
-    });
+    wait_pool_empty(&cl, "the job to end and give its address back");
 }
 
 /// Without a shared path (images pushed agent to agent), an echo

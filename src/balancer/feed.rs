@@ -369,49 +369,33 @@ async fn follow(
             let _permit = sem.acquire().await;
             tokio::time::timeout(CONNECT_TIMEOUT, open(&slot.endpoint, tls.as_ref())).await
         };
-        let mut stream = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                client::forget(&slot.endpoint);
-                if let Ok(mut g) = slot.state.lock() {
-                    g.broken(e);
-                }
-                mark_settled(&mut first);
-                tokio::time::sleep(jitter(backoff, seed)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-            Err(_) => {
-                client::forget(&slot.endpoint);
-                if let Ok(mut g) = slot.state.lock() {
-                    g.broken(format!("no load report within {CONNECT_TIMEOUT:?}"));
-                }
-                mark_settled(&mut first);
-                tokio::time::sleep(jitter(backoff, seed)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        let why = loop {
-            let bound = slot
-                .state
-                .lock()
-                .ok()
-                .and_then(|g| g.bound)
-                .unwrap_or(DEFAULT_BOUND);
-            match tokio::time::timeout(bound, stream.message()).await {
-                Ok(Ok(Some(r))) => {
-                    reports[usize::from(r.load.is_some())].fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut g) = slot.state.lock() {
-                        g.apply(&slot.name, r, Instant::now());
+        // One way down for every failure: open, or the stream after it.
+        let why = match opened {
+            Ok(Ok(mut stream)) => loop {
+                let bound = slot
+                    .state
+                    .lock()
+                    .ok()
+                    .and_then(|g| g.bound)
+                    .unwrap_or(DEFAULT_BOUND);
+                match tokio::time::timeout(bound, stream.message()).await {
+                    Ok(Ok(Some(r))) => {
+                        reports[usize::from(r.load.is_some())].fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut g) = slot.state.lock() {
+                            g.apply(&slot.name, r, Instant::now());
+                        }
+                        mark_settled(&mut first);
+                        backoff = MIN_BACKOFF;
                     }
-                    mark_settled(&mut first);
-                    backoff = MIN_BACKOFF;
+                    Ok(Ok(None)) => break "its load feed ended".to_string(),
+                    Ok(Err(s)) => {
+                        break format!("its load feed failed: {}", client::status_text(&s))
+                    }
+                    Err(_) => break format!("its load feed was silent for {bound:?}"),
                 }
-                Ok(Ok(None)) => break "its load feed ended".to_string(),
-                Ok(Err(s)) => break format!("its load feed failed: {}", client::status_text(&s)),
-                Err(_) => break format!("its load feed was silent for {bound:?}"),
-            }
+            },
+            Ok(Err(e)) => e,
+            Err(_) => format!("no load report within {CONNECT_TIMEOUT:?}"),
         };
         client::forget(&slot.endpoint);
         if let Ok(mut g) = slot.state.lock() {
