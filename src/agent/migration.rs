@@ -326,7 +326,9 @@ impl Agent {
                     us = t.elapsed().as_micros() as u64,
                     "tcp-stream images created before the freeze"
                 ),
-                Err(e) => tracing::warn!(job = %rec.id, "creating tcp-stream images before the freeze: {e}; CRIU creates them while the job is frozen"),
+                Err(e) => {
+                    tracing::warn!(job = %rec.id, "creating tcp-stream images before the freeze: {e}; CRIU creates them while the job is frozen")
+                }
             }
         }
         let started = now_unix_ms();

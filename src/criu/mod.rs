@@ -423,6 +423,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tcp_stream_images_are_made_empty_and_existing_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(tcp_stream_image(0x5c06a8), "tcp-stream-5c06a8.img");
+        std::fs::write(dir.path().join("tcp-stream-1f.img"), b"kept").unwrap();
+        assert_eq!(
+            precreate_tcp_stream_images(dir.path(), &[31, 32]).unwrap(),
+            1
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("tcp-stream-1f.img")).unwrap(),
+            b"kept"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("tcp-stream-20.img"))
+                .unwrap()
+                .len(),
+            0
+        );
+        assert!(precreate_tcp_stream_images(&dir.path().join("missing"), &[1]).is_err());
+    }
+
+    #[test]
     fn excerpt_prefers_error_lines() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dump.log");
