@@ -442,15 +442,24 @@ fn established_in(text: &str) -> Vec<(u64, std::net::SocketAddr, std::net::Socke
         .collect()
 }
 
-/// The established TCP connections held by the process tree rooted at
-/// `root` (its fds' socket inodes looked up in its namespace's tables).
-pub fn established_connections(root: i32) -> Vec<Connection> {
-    let mut table = Vec::new();
+/// Established TCP sockets (inode → local, remote) of `root`'s network
+/// namespace, by inode.
+fn established_table(
+    root: i32,
+) -> std::collections::HashMap<u64, (std::net::SocketAddr, std::net::SocketAddr)> {
+    let mut table = std::collections::HashMap::new();
     for t in ["tcp", "tcp6"] {
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{root}/net/{t}")) {
-            table.extend(established_in(&s));
+            table.extend(established_in(&s).into_iter().map(|(i, l, r)| (i, (l, r))));
         }
     }
+    table
+}
+
+/// The socket inodes open in the process tree rooted at `root`, with the
+/// pid holding each (a socket shared by several fds or tasks appears once
+/// per holder).
+fn tree_socket_inodes(root: i32) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
     for pid in crate::core::procfs::tree_pids(root) {
         let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -461,25 +470,49 @@ pub fn established_connections(root: i32) -> Vec<Connection> {
                 continue;
             };
             let t = target.to_string_lossy();
-            let Some(inode) = t
+            if let Some(inode) = t
                 .strip_prefix("socket:[")
                 .and_then(|s| s.strip_suffix(']'))
                 .and_then(|s| s.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if let Some((_, l, r)) = table.iter().find(|(i, _, _)| *i == inode) {
-                let c = Connection {
-                    pid,
-                    local: *l,
-                    remote: *r,
-                };
-                if !out.contains(&c) {
-                    out.push(c);
-                }
+            {
+                out.push((pid, inode));
             }
         }
     }
+    out
+}
+
+/// The established TCP connections held by the process tree rooted at
+/// `root` (its fds' socket inodes looked up in its namespace's tables).
+pub fn established_connections(root: i32) -> Vec<Connection> {
+    let table = established_table(root);
+    let mut out = Vec::new();
+    for (pid, inode) in tree_socket_inodes(root) {
+        if let Some((l, r)) = table.get(&inode) {
+            let c = Connection {
+                pid,
+                local: *l,
+                remote: *r,
+            };
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The inodes of the established TCP sockets the tree rooted at `root`
+/// holds, each once: the sockets CRIU writes a `tcp-stream` image for.
+pub fn established_inodes(root: i32) -> Vec<u64> {
+    let table = established_table(root);
+    let mut out: Vec<u64> = tree_socket_inodes(root)
+        .into_iter()
+        .map(|(_, i)| i)
+        .filter(|i| table.contains_key(i))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 

@@ -314,6 +314,23 @@ impl Agent {
         // Recovery reads this file as "the dump finished"; one left by an
         // earlier attempt under the same migration id must not say so.
         let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
+        if rec.net.is_some() {
+            // Its connections' image files, made while it still runs, so
+            // the freeze does not pay for them (see the function).
+            let t = Instant::now();
+            let inodes = crate::agent::jobnet::established_inodes(pid);
+            match crate::criu::precreate_tcp_stream_images(&dir, &inodes) {
+                Ok(n) => tracing::debug!(
+                    job = %rec.id,
+                    files = n,
+                    us = t.elapsed().as_micros() as u64,
+                    "tcp-stream images created before the freeze"
+                ),
+                Err(e) => {
+                    tracing::warn!(job = %rec.id, "creating tcp-stream images before the freeze: {e}; CRIU creates them while the job is frozen")
+                }
+            }
+        }
         let started = now_unix_ms();
         if !leave_running {
             self.announce_freeze(rec, pid, to.as_ref()).await;
