@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("mosix_v1_descriptor.bin"))
+        // Image chunks: decoded as slices of the received buffer, not copied.
+        .bytes(".mosix.v1.FileData.data")
         .compile_protos(
             &[
                 "proto/mosix/v1/agent.proto",

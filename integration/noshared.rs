@@ -463,7 +463,7 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
             name: name.into(),
             area: pb::FileArea::Image as i32,
             offset: 0,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             size,
         })),
     };

@@ -68,6 +68,9 @@ use std::time::{Duration, Instant};
 
 /// Largest `data` of one chunk the receiver accepts.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+/// Chunks received but not yet written that a push may hold (4 MiB with the
+/// sender's 1 MiB chunks).
+const WRITE_AHEAD_CHUNKS: usize = 4;
 /// Chunk size the sender uses.
 pub const SEND_CHUNK_BYTES: usize = 1 << 20;
 /// Upper bound of one push, whatever the free space says.
@@ -126,7 +129,7 @@ pub struct FileChunk {
     pub offset: u64,
     /// Size of the whole file.
     pub size: u64,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 /// Last message of a push: what the sender sent.
@@ -224,8 +227,18 @@ impl Iterator for PlanReader {
                 if cur.first || cur.offset < cur.plan.size {
                     cur.first = false;
                     let want = (cur.plan.size - cur.offset).min(self.chunk as u64) as usize;
-                    let mut data = vec![0u8; want];
-                    if let Err(e) = cur.file.read_exact(&mut data) {
+                    // Read into fresh, unzeroed memory: the chunk's bytes
+                    // are handed on, not copied again.
+                    let mut data = Vec::with_capacity(want);
+                    let got = (&mut cur.file).take(want as u64).read_to_end(&mut data);
+                    let got = got.and_then(|n| {
+                        if n == want {
+                            Ok(())
+                        } else {
+                            Err(std::io::ErrorKind::UnexpectedEof.into())
+                        }
+                    });
+                    if let Err(e) = got {
                         self.finished = true;
                         return Some(Err(io_error(
                             &format!(
@@ -240,7 +253,7 @@ impl Iterator for PlanReader {
                         area: cur.plan.area,
                         offset: cur.offset,
                         size: cur.plan.size,
-                        data,
+                        data: data.into(),
                     };
                     cur.offset += want as u64;
                     self.sent_bytes += want as u64;
@@ -885,39 +898,75 @@ impl Agent {
         };
         let cfg = self.cfg.clone();
         let t0 = Instant::now();
-        let mut rx =
+        let rx =
             Self::blocking(move || PushReceiver::start(&cfg, begin, existing.as_ref(), limits))
                 .await??;
+        // Chunks are written on a thread of their own, a few behind the
+        // network, so that writing one (the page cache copy is the largest
+        // cost of a push) overlaps receiving and decrypting the next. The
+        // writer hands the receiver back when the channel closes, or stops at
+        // the first bad chunk with its error.
+        let (tx, mut chunks) = tokio::sync::mpsc::channel::<FileChunk>(WRITE_AHEAD_CHUNKS);
+        let writer = tokio::task::spawn_blocking(move || -> AgentResult<PushReceiver> {
+            let mut rx = rx;
+            while let Some(c) = chunks.blocking_recv() {
+                rx.accept(c)?;
+            }
+            Ok(rx)
+        });
+        // What the writer says once the sending side is done with it.
+        let written = |writer: tokio::task::JoinHandle<AgentResult<PushReceiver>>| async move {
+            writer
+                .await
+                .map_err(|e| AgentError::Internal(format!("image writer failed: {e}")))?
+        };
+        // The push ends early: a bad chunk the writer already refused came
+        // first, so its error is the answer; otherwise `why`. The receiver,
+        // dropped with the writer, removes what it wrote.
+        let stop_early = |tx: tokio::sync::mpsc::Sender<FileChunk>,
+                          writer: tokio::task::JoinHandle<AgentResult<PushReceiver>>,
+                          why: AgentError| async move {
+            drop(tx);
+            match written(writer).await {
+                Err(e) => e,
+                Ok(_) => why,
+            }
+        };
         loop {
             let part = match parts.next().await {
                 Some(Ok(p)) => p,
                 Some(Err(e)) => {
-                    return Err(e.context(&format!(
+                    let why = e.context(&format!(
                         "receiving the images of job {job} from {from}; nothing was kept"
-                    )))
+                    ));
+                    return Err(stop_early(tx, writer, why).await);
                 }
                 None => {
-                    return Err(AgentError::Aborted(format!(
+                    let why = AgentError::Aborted(format!(
                         "the images of job {job} from {from} ended before their end marker (the source stopped or the connection broke); nothing was kept"
-                    )))
+                    ));
+                    return Err(stop_early(tx, writer, why).await);
                 }
             };
             match part {
                 PushPart::File(c) => {
-                    let (back, r) = Self::blocking(move || {
-                        let r = rx.accept(c);
-                        (rx, r)
-                    })
-                    .await?;
-                    r?;
-                    rx = back;
+                    if tx.send(c).await.is_err() {
+                        // The writer stopped: at a bad chunk, which it names.
+                        let why = AgentError::Internal(
+                            "the image writer stopped without saying why; nothing was kept".into(),
+                        );
+                        return Err(stop_early(tx, writer, why).await);
+                    }
                 }
                 PushPart::Begin(_) => {
-                    return Err(AgentError::InvalidArgument(format!(
+                    let why = AgentError::InvalidArgument(format!(
                         "push of job {job}: a second begin message; nothing was kept"
-                    )))
+                    ));
+                    return Err(stop_early(tx, writer, why).await);
                 }
                 PushPart::End(end) => {
+                    drop(tx);
+                    let rx = written(writer).await?;
                     let registry = self.registry.clone();
                     let summary = Self::blocking(move || rx.complete(end, &registry)).await??;
                     tracing::info!(
@@ -1641,7 +1690,7 @@ mod tests {
             area: FileArea::Image,
             offset,
             size,
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
         }
     }
 
@@ -1903,7 +1952,7 @@ mod tests {
             nothing_kept(root);
         }
         let mut big = chunk("a.img", 0, 10 << 20, &[]);
-        big.data = vec![0; MAX_CHUNK_BYTES + 1];
+        big.data = vec![0; MAX_CHUNK_BYTES + 1].into();
         let mut rx = start(20 << 20);
         assert!(rx.accept(big).is_err());
         drop(rx);
@@ -2036,6 +2085,30 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("nothing was kept"), "{e}");
         nothing_kept(root);
+        // A bad chunk stops the writer: its error is the answer, whether
+        // more chunks or the end marker follow it.
+        for tail in [
+            vec![],
+            vec![Ok(PushPart::File(chunk("core-1.img", 3, 4, b"e")))],
+            vec![Err(AgentError::Unavailable("connection reset".into()))],
+            vec![Ok(PushPart::End(PushEnd {
+                files: 1,
+                total_bytes: 4,
+            }))],
+        ] {
+            let mut parts = vec![
+                Ok(PushPart::Begin(begin_for(&rec, 4))),
+                Ok(PushPart::File(chunk("core-1.img", 0, 4, b"co"))),
+                Ok(PushPart::File(chunk("core-1.img", 3, 4, b"r"))),
+            ];
+            parts.extend(tail);
+            let e = a
+                .receive_push(futures::stream::iter(parts))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("at offset 3, expected 2"), "{e}");
+            nothing_kept(root);
+        }
 
         let parts = vec![
             Ok(PushPart::Begin(begin_for(&rec, 4))),

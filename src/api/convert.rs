@@ -918,7 +918,7 @@ mod tests {
                 name: name.into(),
                 area: pb::FileArea::Image as i32,
                 offset,
-                data,
+                data: data.into(),
                 size,
             })),
         };
