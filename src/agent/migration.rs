@@ -314,22 +314,10 @@ impl Agent {
         // Recovery reads this file as "the dump finished"; one left by an
         // earlier attempt under the same migration id must not say so.
         let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
-        if rec.net.is_some() {
-            // Its connections' image files, made while it still runs, so
-            // the freeze does not pay for them (see the function).
-            let t = Instant::now();
-            let inodes = crate::agent::jobnet::established_inodes(pid);
-            match crate::criu::precreate_tcp_stream_images(&dir, &inodes) {
-                Ok(n) => tracing::debug!(
-                    job = %rec.id,
-                    files = n,
-                    us = t.elapsed().as_micros() as u64,
-                    "tcp-stream images created before the freeze"
-                ),
-                Err(e) => {
-                    tracing::warn!(job = %rec.id, "creating tcp-stream images before the freeze: {e}; CRIU creates them while the job is frozen")
-                }
-            }
+        if to.is_none() {
+            // A checkpoint. A migration made them before its frozen clock
+            // started (`migrate`).
+            self.precreate_connection_images(rec, pid, &dir);
         }
         let started = now_unix_ms();
         if !leave_running {
@@ -428,6 +416,29 @@ impl Agent {
             image_bytes: dir_bytes(&dir),
             frozen_ms,
         })
+    }
+
+    /// An own-address job's connections' image files, made empty while it
+    /// still runs, so that the freeze does not pay for creating them (see
+    /// [`crate::criu::precreate_tcp_stream_images`]). Best effort: without
+    /// them CRIU creates the files itself, while the job is frozen.
+    fn precreate_connection_images(&self, rec: &JobRecord, pid: i32, dir: &Path) {
+        if rec.net.is_none() {
+            return;
+        }
+        let t = Instant::now();
+        let inodes = crate::agent::jobnet::established_inodes(pid);
+        match crate::criu::precreate_tcp_stream_images(dir, &inodes) {
+            Ok(n) => tracing::debug!(
+                job = %rec.id,
+                files = n,
+                us = t.elapsed().as_micros() as u64,
+                "tcp-stream images created before the freeze"
+            ),
+            Err(e) => {
+                tracing::warn!(job = %rec.id, "creating tcp-stream images before the freeze: {e}; CRIU creates them while the job is frozen")
+            }
+        }
     }
 
     /// Tell front ends that `rec` is about to be frozen and, for a service
@@ -1063,6 +1074,14 @@ impl Agent {
         }
         let target_post_copy = answer.post_copy;
         tracing::debug!(job = %job, "step: target answered");
+        // Made while the job still runs, so before the frozen clock starts:
+        // at 1,000 connections on an ext4 without a journal this took
+        // longer than the freeze itself (BENCHMARKS.md, section 8).
+        let mig_dir = self.image_dir(&image_rel(job, &mig));
+        let precreated = rec.net.is_some() && std::fs::create_dir_all(&mig_dir).is_ok();
+        if precreated {
+            self.precreate_connection_images(&rec, pid, &mig_dir);
+        }
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();
         let post_copy = wants_post_copy
@@ -1096,7 +1115,13 @@ impl Agent {
         let mut pid = pid;
         let pre = self
             .pre_copy_if_asked(mode, &mut rec, &mut pid, &mig)
-            .await?;
+            .await
+            .inspect_err(|_| {
+                if precreated {
+                    // Nothing was dumped: only the empty files made above.
+                    let _ = std::fs::remove_dir_all(&mig_dir);
+                }
+            })?;
         let frozen_since = pre.frozen_since(started);
         let dumped = self
             .checkpoint_onto(
