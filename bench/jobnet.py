@@ -13,10 +13,17 @@ node2. Measured per N (0 = the same job with no connection: the baseline):
 Targets (issue 18): extra frozen <= 5 / 20 / 150 ms at 1 / 100 / 1000
 connections; stall <= frozen + 200 ms; 0 resets over 100 moves.
 
+With STEPS=1 the agents log their steps (debug), and the frozen time of
+each N is split into them from the agents' logs: where the extra time of
+many connections goes (CRIU's dump and restore, our seal and verification,
+the address's hand-over).
+
 Run by scripts/bench-jobnet.sh, which brings the cluster up and down.
-Env: MOSCTL, MOSRUN, CLUSTER (name), PEER_NS, PEER_IP, CONNS (e.g.
-"0,1,100,1000"), MOVES (per N), OUT.
+Env: MOSCTL, MOSRUN, PEER_NS, PEER_IP, CONNS (e.g. "0,1,100,1000"), MOVES
+(per N), OUT, STEPS, MOSIX_CLUSTER (the cluster file; the agents' logs are
+beside it).
 """
+import datetime
 import os
 import re
 import statistics
@@ -31,6 +38,8 @@ CONNS = [int(c) for c in os.environ.get("CONNS", "0,1,100,1000").split(",")]
 MOVES = int(os.environ.get("MOVES", "20"))
 RESET_MOVES = int(os.environ.get("RESET_MOVES", "100"))
 OUT = os.environ.get("OUT", "bench-results/jobnet.txt")
+STEPS = os.environ.get("STEPS") == "1"
+LOGS = os.path.dirname(os.environ.get("MOSIX_CLUSTER", ""))
 PY = "/usr/bin/python3"
 
 SERVER = r"""
@@ -119,7 +128,97 @@ def one(n, moves):
     resets = peer_resets() - before
     cli.kill(); cli.wait()
     sh(MOSCTL, "kill", job)
-    return frozen, stalls, resets + errors
+    return frozen, stalls, resets + errors, job
+
+
+# The agents' log lines that mark a move's steps, in order. The frozen clock
+# (what `mosctl migrate` reports) runs from "images made" (the connections'
+# image files, made while the job still runs) to "back".
+MARKS = [
+    ("answered", "step: target answered"),
+    ("images made", "tcp-stream images created before the freeze"),
+    ("dumping", "step: registry updated, dumping"),
+    ("dumped", "step: criu dump returned"),
+    ("sealed", "dumped and sealed"),
+    ("handed", "step: handed over, calling the target"),
+    ("target called", "step: restore call received"),
+    ("verified", "step: images verified and claimed"),
+    ("restored", "step: criu restore returned"),
+    ("announced", "address announced"),
+    ("recorded", "restored job="),
+    ("back", "step: target restored"),
+]
+SPAN_NAMES = {
+    "images made": "connections' image files (job running)",
+    "dumping": "freeze prep (front ends, registry)",
+    "dumped": "CRIU dump",
+    "sealed": "seal (hash tail, manifest)",
+    "handed": "hand-over record",
+    "target called": "Restore RPC",
+    "verified": "target: verify manifest, claim",
+    "restored": "CRIU restore",
+    "announced": "address up + gratuitous ARP",
+    "recorded": "target: registry, events",
+    "back": "reply to the source",
+}
+
+
+def log_unix(ts):
+    base, _, frac = ts.rstrip("Z").partition(".")
+    t = datetime.datetime.fromisoformat(base).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return t + (float("0." + frac) if frac else 0.0)
+
+
+def step_spans(job):
+    """{span: [ms per move]} of `job`'s moves, from both agents' logs."""
+    ev = []
+    for node in ("node1", "node2"):
+        try:
+            text = open(os.path.join(LOGS, f"{node}.log"), errors="replace").read()
+        except OSError:
+            continue
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+            m = re.match(r"(\S+)\s+\w+\s+(.*)$", line)
+            if m and re.search(rf"\bjob={job}\b", line):
+                ev.append((log_unix(m.group(1)), m.group(2)))
+    ev.sort()
+    moves, cur = [], None
+    for t, text in ev:
+        if "step: migrate call received" in text:
+            cur = {}
+            moves.append(cur)
+        elif cur is not None:
+            for name, needle in MARKS:
+                if needle in text and name not in cur:
+                    cur[name] = t
+                    break
+    spans = {}
+    names = [n for n, _ in MARKS]
+    for m in moves:
+        if "back" not in m:
+            continue
+        prev = None
+        for name in names:
+            if name in m:
+                if prev is not None:
+                    spans.setdefault(name, []).append((m[name] - m[prev]) * 1000)
+                prev = name
+    return spans
+
+
+def steps_table(per_n):
+    """Median per step and N, and each N's difference from N=0."""
+    ns = list(per_n)
+    fmt = "{:<42}" + " {:>9}" * len(ns)
+    out = ["# where the frozen time goes (p50 per step, ms, from the agents' logs; the frozen",
+           "# clock starts after the first row):",
+           "# " + fmt.format("step", *[f"N={n}" for n in ns])]
+    for name, label in SPAN_NAMES.items():
+        row = [statistics.median(per_n[n][name]) if per_n[n].get(name) else None for n in ns]
+        if all(v is None for v in row):
+            continue
+        out.append("# " + fmt.format(label, *["" if v is None else f"{v:.1f}" for v in row]))
+    return out
 
 
 def main():
@@ -128,9 +227,12 @@ def main():
     base = None
     fmt = "{:>6} {:>12} {:>12} {:>14} {:>16} {:>7}"
     lines.append(fmt.format("N", "frozen p50", "extra p50", "stall p50/max", "stall-frozen max", "resets"))
+    per_n = {}
     for n in CONNS:
         moves = RESET_MOVES if n == 1 else MOVES
-        frozen, stalls, resets = one(n, moves)
+        frozen, stalls, resets, job = one(n, moves)
+        if STEPS:
+            per_n[n] = step_spans(job)
         med = statistics.median(frozen)
         if n == 0:
             base = med
@@ -141,6 +243,8 @@ def main():
         print(lines[-1], flush=True)
     lines.append("targets: extra <= 5 / 20 / 150 ms at 1 / 100 / 1000; stall - frozen <= 200 ms; "
                  f"0 resets ({RESET_MOVES} moves at N=1)")
+    if STEPS:
+        lines += steps_table(per_n)
     os.makedirs(os.path.dirname(OUT) or ".", exist_ok=True)
     with open(OUT, "w") as f:
         f.write("\n".join(lines) + "\n")

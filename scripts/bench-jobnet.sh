@@ -7,7 +7,9 @@
 # Knobs: CONNS (default 0,1,100,1000), MOVES (per N, default 20),
 #        RESET_MOVES (moves of the 1-connection job, default 100),
 #        BIN (binaries, default target/release, built if missing),
-#        OUT (default bench-results/jobnet.txt).
+#        OUT (default bench-results/jobnet.txt),
+#        STEPS=1: the agents log their steps (debug) and the script keeps
+#        their logs beside OUT (OUT.node1.log, OUT.node2.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,9 +22,16 @@ if [ ! -x "$BIN/mosctl" ]; then
 fi
 export MOSIX_CLUSTER=/run/mosix/$NAME/cluster.json
 
-cleanup() { "$BIN/mosctl" local down --name $NAME >/dev/null 2>&1 || true; }
+OUT=${OUT:-$ROOT/bench-results/jobnet.txt}
+cleanup() {
+  if [ "${STEPS:-0}" = 1 ]; then
+    for n in node1 node2; do cp "/run/mosix/$NAME/$n.log" "$OUT.$n.log" 2>/dev/null || true; done
+  fi
+  "$BIN/mosctl" local down --name $NAME >/dev/null 2>&1 || true
+}
 trap cleanup EXIT INT TERM
 cleanup
+if [ "${STEPS:-0}" = 1 ]; then export RUST_LOG=info,mosix::agent=debug; fi
 "$BIN/mosctl" local up --name $NAME --nodes 2 --no-etcd >/dev/null
 
 # The peer: a namespace on the cluster's bridge (named so that `local down`
@@ -39,4 +48,4 @@ ip -n "$PEER_NS" link set eth0 up
 ip -n "$PEER_NS" link set lo up
 
 MOSCTL=$BIN/mosctl MOSRUN=$BIN/mosrun PEER_NS=$PEER_NS PEER_IP=$PEER_IP \
-  OUT=${OUT:-$ROOT/bench-results/jobnet.txt} python3 bench/jobnet.py
+  OUT=$OUT python3 bench/jobnet.py
