@@ -3,9 +3,13 @@
 
 A job with its own address (`mosrun -d --net own`) serving N established TCP
 connections from a peer namespace on the cluster's bridge moves node1 <->
-node2. Measured per N (0 = the same job with no connection: the baseline):
+node2. A baseline job, the same server with no connection, moves too: once
+before each measured move, so that both see the same machine (this VM's
+speed drifts over minutes). Measured per N:
   - frozen time of each move, as `mosctl migrate` reports it; the extra
-    frozen time is median(N) - median(0);
+    frozen time is median(N) - median(the baseline's moves in N's window).
+    N=0 is a control: a second job with no connection, whose extra shows
+    the noise floor;
   - the peer's stall: the longest gap between answers on one connection
     that sends a byte every 5 ms and waits for its echo, per move;
   - resets: the peer namespace's TCP EstabResets + OutRsts, and any
@@ -98,28 +102,46 @@ def peer_resets():
     return get("EstabResets") + get("OutRsts")
 
 
-def one(n, moves):
+def start_job():
+    """A detached own-address echo server on node1: (job id, its address)."""
     o = sh(MOSRUN, "-d", "--node", "node1", "--net", "own", "--", PY, "-c", SERVER)
     if o.returncode != 0:
         sys.exit(f"mosrun: {o.stderr}")
-    job = o.stdout.strip()
-    ip = re.search(r"address (\S+)", o.stderr).group(1)
+    return o.stdout.strip(), re.search(r"address (\S+)", o.stderr).group(1)
+
+
+class Mover:
+    """One job moving node1 <-> node2; `move()` returns its frozen ms."""
+
+    def __init__(self, job, what):
+        self.job, self.what, self.here, self.moves = job, what, "node1", 0
+
+    def move(self):
+        to = "node2" if self.here == "node1" else "node1"
+        r = sh(MOSCTL, "migrate", self.job, to)
+        if r.returncode != 0:
+            sys.exit(f"move {self.moves} of the {self.what} failed: {r.stderr}")
+        self.here, self.moves = to, self.moves + 1
+        return int(re.search(r"frozen (\d+) ms", r.stdout + r.stderr).group(1))
+
+
+def one(n, moves, base):
+    """`moves` moves of a new job with n connections, each after a move of
+    the baseline job (no connections), so that both see the same machine:
+    the extra frozen time is measured against moves made seconds apart."""
+    job, ip = start_job()
     time.sleep(1)
     cli = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{PEER_NS}", PY, "-c", CLIENT, ip, str(n)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert cli.stdout.readline().strip() == "ready"
     before = peer_resets()
-    frozen, stalls, errors = [], [], 0
-    here = "node1"
-    for i in range(moves):
-        to = "node2" if here == "node1" else "node1"
+    frozen, stalls, baseline, errors = [], [], [], 0
+    it = Mover(job, f"{n}-connection job")
+    for _ in range(moves):
+        baseline.append(base.move())
         cli.stdin.write("m\n"); cli.stdin.flush()
-        r = sh(MOSCTL, "migrate", job, to)
-        if r.returncode != 0:
-            sys.exit(f"move {i} of the {n}-connection job failed: {r.stderr}")
-        frozen.append(int(re.search(r"frozen (\d+) ms", r.stdout + r.stderr).group(1)))
-        here = to
+        frozen.append(it.move())
         time.sleep(0.3)
         cli.stdin.write("r\n"); cli.stdin.flush()
         gap, errors = cli.stdout.readline().split()
@@ -128,7 +150,7 @@ def one(n, moves):
     resets = peer_resets() - before
     cli.kill(); cli.wait()
     sh(MOSCTL, "kill", job)
-    return frozen, stalls, resets + errors, job
+    return frozen, baseline, stalls, resets + errors, job
 
 
 # The agents' log lines that mark a move's steps, in order. The frozen clock
@@ -210,9 +232,10 @@ def steps_table(per_n):
     """Median per step and N, and each N's difference from N=0."""
     ns = list(per_n)
     fmt = "{:<42}" + " {:>9}" * len(ns)
+    heads = ["baseline" if n == "base" else f"N={n}" for n in ns]
     out = ["# where the frozen time goes (p50 per step, ms, from the agents' logs; the frozen",
            "# clock starts after the first row):",
-           "# " + fmt.format("step", *[f"N={n}" for n in ns])]
+           "# " + fmt.format("step", *heads)]
     for name, label in SPAN_NAMES.items():
         row = [statistics.median(per_n[n][name]) if per_n[n].get(name) else None for n in ns]
         if all(v is None for v in row):
@@ -223,24 +246,30 @@ def steps_table(per_n):
 
 def main():
     lines = [f"# make bench-jobnet {time.strftime('%Y-%m-%d %H:%M')}: {MOVES} moves per N "
-             f"(node1 <-> node2), N = established connections of the moved job"]
-    base = None
-    fmt = "{:>6} {:>12} {:>12} {:>14} {:>16} {:>7}"
-    lines.append(fmt.format("N", "frozen p50", "extra p50", "stall p50/max", "stall-frozen max", "resets"))
+             f"(node1 <-> node2), N = established connections of the moved job; each move follows "
+             f"one of the baseline job (N=0), whose moves in that window are the N's baseline"]
+    fmt = "{:>6} {:>12} {:>14} {:>12} {:>14} {:>16} {:>7}"
+    lines.append(fmt.format("N", "frozen p50", "baseline p50", "extra p50", "stall p50/max",
+                            "stall-frozen max", "resets"))
+    base_job, _ = start_job()
+    base = Mover(base_job, "baseline job (no connections)")
     per_n = {}
     for n in CONNS:
         moves = RESET_MOVES if n == 1 else MOVES
-        frozen, stalls, resets, job = one(n, moves)
+        frozen, baseline, stalls, resets, job = one(n, moves, base)
         if STEPS:
             per_n[n] = step_spans(job)
-        med = statistics.median(frozen)
-        if n == 0:
-            base = med
-        extra = "" if base is None or n == 0 else f"{med - base:.0f} ms"
+        med, bmed = statistics.median(frozen), statistics.median(baseline)
         st = "" if n == 0 else f"{statistics.median(stalls):.0f}/{max(stalls):.0f} ms"
         over = "" if n == 0 else f"{max(s - f for s, f in zip(stalls, frozen)):.0f} ms"
-        lines.append(fmt.format(n, f"{med:.0f} ms", extra, st, over, resets))
+        lines.append(fmt.format(n, f"{med:.0f} ms", f"{bmed:.0f} ms", f"{med - bmed:.0f} ms", st, over,
+                                resets))
         print(lines[-1], flush=True)
+        lines.append(f"#   frozen, each move: {' '.join(map(str, frozen))}")
+        lines.append(f"#   baseline, each move: {' '.join(map(str, baseline))}")
+    sh(MOSCTL, "kill", base_job)
+    if STEPS:
+        per_n["base"] = step_spans(base_job)
     lines.append("targets: extra <= 5 / 20 / 150 ms at 1 / 100 / 1000; stall - frozen <= 200 ms; "
                  f"0 resets ({RESET_MOVES} moves at N=1)")
     if STEPS:
