@@ -12,6 +12,12 @@ pub const CLUSTER_TLS_NAME: &str = "mosix.cluster";
 
 /// Largest gRPC message we accept (job lists of a big cluster fit).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// HTTP/2 receive window of an agent's server per stream (its connection
+/// window is twice this): room for a few image chunks of a push in flight.
+pub const PUSH_WINDOW_BYTES: u32 = 16 << 20;
+/// Largest HTTP/2 frame an agent's server accepts (the protocol's default is
+/// 16 KiB): fewer frames, and fewer headers to parse, per image chunk.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ClientTls {

@@ -610,7 +610,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // whole life, and a home agent multiplexes all its jobs on a node
         // (and its GetSlots samples) over one connection: 64 would stall
         // the 65th compile and then the samples.
-        .concurrency_limit_per_connection(1024);
+        .concurrency_limit_per_connection(1024)
+        // A pushed image (migration without a shared path) arrives in
+        // chunks of `direct::SEND_CHUNK_BYTES`. With hyper's default 1 MiB
+        // receive window the sender stops after each chunk until this side
+        // has read it and said so (a WINDOW_UPDATE round trip per MiB);
+        // wider windows keep a few chunks in flight. That bought nothing
+        // while the receiver wrote each chunk before reading the next; with
+        // its writer thread it took the push of 1 GiB from 1.3-1.6 s to
+        // 1.0-1.1 s (BENCHMARKS.md 1b).
+        .initial_stream_window_size(Some(crate::api::client::PUSH_WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * crate::api::client::PUSH_WINDOW_BYTES))
+        .max_frame_size(Some(crate::api::client::MAX_FRAME_BYTES));
     if let Some((ca, cert, key)) = &tls_files {
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(
