@@ -27,13 +27,15 @@ Env: MOSCTL, MOSRUN, PEER_NS, PEER_IP, CONNS (e.g. "0,1,100,1000"), MOVES
 (per N), OUT, STEPS, MOSIX_CLUSTER (the cluster file; the agents' logs are
 beside it).
 """
-import datetime
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+
+# The agents' log format, read as the main bench reads it.
+from bench import ANSI_RE, LOG_LINE_RE, log_time
 
 MOSCTL = os.environ["MOSCTL"]
 MOSRUN = os.environ["MOSRUN"]
@@ -185,12 +187,6 @@ SPAN_NAMES = {
 }
 
 
-def log_unix(ts):
-    base, _, frac = ts.rstrip("Z").partition(".")
-    t = datetime.datetime.fromisoformat(base).replace(tzinfo=datetime.timezone.utc).timestamp()
-    return t + (float("0." + frac) if frac else 0.0)
-
-
 def step_spans(job):
     """{span: [ms per move]} of `job`'s moves, from both agents' logs."""
     ev = []
@@ -199,10 +195,10 @@ def step_spans(job):
             text = open(os.path.join(LOGS, f"{node}.log"), errors="replace").read()
         except OSError:
             continue
-        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
-            m = re.match(r"(\S+)\s+\w+\s+(.*)$", line)
+        for line in ANSI_RE.sub("", text).splitlines():
+            m = LOG_LINE_RE.match(line)
             if m and re.search(rf"\bjob={job}\b", line):
-                ev.append((log_unix(m.group(1)), m.group(2)))
+                ev.append((log_time(m.group(1)), m.group(3)))
     ev.sort()
     moves, cur = [], None
     for t, text in ev:

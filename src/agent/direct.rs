@@ -914,71 +914,64 @@ impl Agent {
             }
             Ok(rx)
         });
-        // What the writer says once the sending side is done with it.
-        let written = |writer: tokio::task::JoinHandle<AgentResult<PushReceiver>>| async move {
-            writer
-                .await
-                .map_err(|e| AgentError::Internal(format!("image writer failed: {e}")))?
-        };
-        // The push ends early: a bad chunk the writer already refused came
-        // first, so its error is the answer; otherwise `why`. The receiver,
-        // dropped with the writer, removes what it wrote.
-        let stop_early = |tx: tokio::sync::mpsc::Sender<FileChunk>,
-                          writer: tokio::task::JoinHandle<AgentResult<PushReceiver>>,
-                          why: AgentError| async move {
-            drop(tx);
-            match written(writer).await {
-                Err(e) => e,
-                Ok(_) => why,
-            }
-        };
-        loop {
-            let part = match parts.next().await {
-                Some(Ok(p)) => p,
-                Some(Err(e)) => {
-                    let why = e.context(&format!(
-                        "receiving the images of job {job} from {from}; nothing was kept"
-                    ));
-                    return Err(stop_early(tx, writer, why).await);
-                }
-                None => {
-                    let why = AgentError::Aborted(format!(
-                        "the images of job {job} from {from} ended before their end marker (the source stopped or the connection broke); nothing was kept"
-                    ));
-                    return Err(stop_early(tx, writer, why).await);
-                }
-            };
-            match part {
-                PushPart::File(c) => {
-                    if tx.send(c).await.is_err() {
-                        // The writer stopped: at a bad chunk, which it names.
-                        let why = AgentError::Internal(
-                            "the image writer stopped without saying why; nothing was kept".into(),
-                        );
-                        return Err(stop_early(tx, writer, why).await);
+        // Feed the writer until the end marker, or say why the push stops
+        // early.
+        let fed = async {
+            loop {
+                let part = match parts.next().await {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        return Err(e.context(&format!(
+                            "receiving the images of job {job} from {from}; nothing was kept"
+                        )))
                     }
+                    None => {
+                        return Err(AgentError::Aborted(format!(
+                            "the images of job {job} from {from} ended before their end marker (the source stopped or the connection broke); nothing was kept"
+                        )))
+                    }
+                };
+                match part {
+                    PushPart::File(c) => {
+                        if tx.send(c).await.is_err() {
+                            // The writer stopped at a bad chunk: it says why.
+                            return Err(AgentError::Internal(
+                                "the image writer stopped without saying why; nothing was kept"
+                                    .into(),
+                            ));
+                        }
+                    }
+                    PushPart::Begin(_) => {
+                        return Err(AgentError::InvalidArgument(format!(
+                            "push of job {job}: a second begin message; nothing was kept"
+                        )))
+                    }
+                    PushPart::End(end) => return Ok(end),
                 }
-                PushPart::Begin(_) => {
-                    let why = AgentError::InvalidArgument(format!(
-                        "push of job {job}: a second begin message; nothing was kept"
-                    ));
-                    return Err(stop_early(tx, writer, why).await);
-                }
-                PushPart::End(end) => {
-                    drop(tx);
-                    let rx = written(writer).await?;
-                    let registry = self.registry.clone();
-                    let summary = Self::blocking(move || rx.complete(end, &registry)).await??;
-                    tracing::info!(
-                        job = %job,
-                        from = %from,
-                        files = summary.files,
-                        bytes = summary.bytes,
-                        ms = t0.elapsed().as_millis() as u64,
-                        "images received"
-                    );
-                    return Ok(summary);
-                }
+            }
+        }
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| AgentError::Internal(format!("image writer failed: {e}")))?;
+        // A bad chunk the writer refused came before whatever ended the
+        // stream, so its error is the answer. A receiver dropped here
+        // removes what it wrote.
+        match (fed, written) {
+            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+            (Ok(end), Ok(rx)) => {
+                let registry = self.registry.clone();
+                let summary = Self::blocking(move || rx.complete(end, &registry)).await??;
+                tracing::info!(
+                    job = %job,
+                    from = %from,
+                    files = summary.files,
+                    bytes = summary.bytes,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "images received"
+                );
+                Ok(summary)
             }
         }
     }
