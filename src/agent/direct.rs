@@ -1612,6 +1612,7 @@ mod tests {
             page_server_ip: None,
             post_copy: false,
             jobs_squeeze: true,
+            cgroup_favordynmods: false,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,

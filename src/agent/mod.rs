@@ -77,6 +77,11 @@ pub struct AgentConfig {
     /// capped node (`mosixd --no-jobs-squeeze` turns it off; see
     /// [`Agent::squeeze_jobs`]).
     pub jobs_squeeze: bool,
+    /// With a jobs group: turn on cgroup2's `favordynmods` at start, so that
+    /// putting a job in or out of the group waits for no RCU grace period
+    /// (`mosixd --no-cgroup-favordynmods` leaves the mount alone; see
+    /// [`crate::core::cgroup`]).
+    pub cgroup_favordynmods: bool,
     /// How sealed images are made durable before the hand-over; registry
     /// records follow the same choice.
     pub image_sync: ImageSync,
@@ -314,7 +319,7 @@ impl Agent {
         let runner = runner::Runner::new(names);
         let metrics = metrics::AgentMetrics::new(cfg.node.as_str())
             .map_err(|e| AgentError::Internal(format!("metrics: {e}")))?;
-        let jobs_group = Self::jobs_group_for(cfg.cgroup_scope.as_deref());
+        let jobs_group = Self::jobs_group_for(cfg.cgroup_scope.as_deref(), cfg.cgroup_favordynmods);
         Ok(Arc::new(Self {
             cfg,
             registry,
@@ -340,7 +345,10 @@ impl Agent {
     /// The jobs group under the node cgroup `scope` (made if missing). Not
     /// fatal without one: jobs then share the agent's cgroup, as they did
     /// before the group existed, and a move off a crowded node is slower.
-    fn jobs_group_for(scope: Option<&str>) -> Option<crate::core::cgroup::JobsGroup> {
+    fn jobs_group_for(
+        scope: Option<&str>,
+        favordynmods: bool,
+    ) -> Option<crate::core::cgroup::JobsGroup> {
         let Some(scope) = scope else {
             tracing::info!(
                 "no node cgroup (--cgroup): jobs share the agent's cgroup, so a move off a crowded node competes with them for the CPU"
@@ -354,6 +362,9 @@ impl Agent {
                     shares = crate::core::cgroup::JOBS_SHARES,
                     "jobs run in a child cgroup of the node's, below the agent and CRIU"
                 );
+                if favordynmods {
+                    Self::favor_dynmods();
+                }
                 Some(g)
             }
             Err(e) => {
@@ -362,6 +373,29 @@ impl Agent {
                 );
                 None
             }
+        }
+    }
+
+    /// Turn on cgroup2's `favordynmods` (see [`crate::core::cgroup`]): a
+    /// move writes the job's pids into `cgroup.procs` twice, and each write
+    /// otherwise waits for an RCU grace period. Not fatal: moves still work,
+    /// ~10 ms slower.
+    fn favor_dynmods() {
+        use crate::core::cgroup::DynMods;
+        match crate::core::cgroup::favor_dynmods() {
+            Ok(DynMods::AlreadyOn(at)) => {
+                tracing::debug!(mount = %at.display(), "cgroup2 has favordynmods already")
+            }
+            Ok(DynMods::TurnedOn(at)) => tracing::info!(
+                mount = %at.display(),
+                "remounted cgroup2 with favordynmods: moving a job in or out of the jobs cgroup no longer waits for an RCU grace period (--no-cgroup-favordynmods leaves the mount alone)"
+            ),
+            Ok(DynMods::NoCgroup2) => tracing::info!(
+                "no cgroup2 mount to set favordynmods on: each move of a job in or out of the jobs cgroup waits for an RCU grace period (a few ms)"
+            ),
+            Err(e) => tracing::warn!(
+                "could not set favordynmods on cgroup2 ({e}): each move of a job in or out of the jobs cgroup waits for an RCU grace period (a few ms)"
+            ),
         }
     }
 

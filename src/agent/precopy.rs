@@ -675,6 +675,7 @@ mod agent_tests {
             page_server_ip: None,
             post_copy: false,
             jobs_squeeze: true,
+            cgroup_favordynmods: false,
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,
