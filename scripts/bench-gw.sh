@@ -22,8 +22,10 @@
 # 10 minutes on 2 cores); Debian 12 has no fixed-rate HTTP generator.
 #
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
+#        RATE_RUNS (rounds of the fixed-rate phase, default 3),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
-#        built if missing), PHASES (default "max,rate,balance,migrate"),
+#        built if missing), MOSGW_B (a second mosgw binary, run beside the
+#        first as "mosgw B" in the max and rate phases, to compare builds), PHASES (default "max,rate,balance,migrate"),
 #        ONLY (a regex on the proxies' names, e.g. ONLY=mosgw, for tuning;
 #        the rates then come from the last full run's nginx figures).
 set -euo pipefail
@@ -39,6 +41,7 @@ OHA=$ROOT/.cache/oha/bin/oha
 SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
+RATE_RUNS=${RATE_RUNS:-3}
 RUN=/run/mosix/$NAME-bench
 OUT=${OUT:-$ROOT/bench-results/gw.txt}
 export MOSIX_CLUSTER=/run/mosix/$NAME/cluster.json
@@ -229,6 +232,13 @@ $PRIO taskset -c 0 "$MOSGW" --service web=127.0.0.1:8404 --service solo=127.0.0.
   --service cpu=127.0.0.1:8414 \
   --admin 127.0.0.1:9404 >"$RUN/mosgw.log" 2>&1 &
 GW_PID=$!; PIDS+=($GW_PID)
+# MOSGW_B: a second mosgw build beside the first, for the web service only
+# (port 8404 + 100), to compare two builds in the same minutes.
+if [ -n "${MOSGW_B:-}" ]; then
+  $PRIO taskset -c 0 "$MOSGW_B" --service web=127.0.0.1:8504 --admin 127.0.0.1:9504 \
+    >"$RUN/mosgw-b.log" 2>&1 &
+  PIDS+=($!)
+fi
 up=""
 for _ in $(seq 100); do
   if curl -sf 127.0.0.1:8401/ >/dev/null && curl -sf 127.0.0.1:8402/ >/dev/null \
@@ -282,6 +292,10 @@ PY
 }
 
 PROXIES=("nginx least_conn:8401" "haproxy leastconn:8402" "haproxy random(2):8403" "mosgw:8404")
+if [ -n "${MOSGW_B:-}" ]; then
+  PROXIES+=("mosgw B:8504")
+  for _ in $(seq 100); do curl -sf 127.0.0.1:8504/ >/dev/null && break; sleep 0.1; done
+fi
 # ONLY=regex keeps the proxies whose names match (tuning runs).
 only() { for p in "$@"; do [[ "${p%:*}" =~ ${ONLY:-.} ]] && printf '%s\n' "$p"; done; return 0; }
 mapfile -t PROXIES < <(only "${PROXIES[@]}")
@@ -314,16 +328,33 @@ if phase rate; then
   NGINX_MAX=$(cat "$RUN/nginx-max" 2>/dev/null || echo 10000)
   {
   echo
-  echo "# latency at fixed rates (oha -q, latency corrected, -c $CONNS, ${SECS}s), % of nginx's best rate ($NGINX_MAX req/s)"
+  echo "# latency at fixed rates (oha -q, latency corrected, -c $CONNS, ${SECS}s, $RATE_RUNS rounds), % of nginx's best rate ($NGINX_MAX req/s)"
   printf "%-26s %6s %8s %10s %9s %9s %7s\n" proxy "%max" "rate" "got req/s" "p50 ms" "p99 ms" errors
+  : >"$RUN/rate-p99"
   for pct in 50 80; do
     rate=$((NGINX_MAX * pct / 100))
-    for p in "${PROXIES[@]}"; do
-      name=${p%:*}; port=${p##*:}
-      read -r rps p50 p99 err < <(oha_run "$port" "$rate" "$SECS" "$CONNS")
-      printf "%-26s %6s %8s %10s %9s %9s %7s\n" "$name" "$pct" "$rate" "$rps" "$p50" "$p99" "$err"
+    # RATE_RUNS rounds, the proxies interleaved in each: a p99 here is made
+    # by the VM's stalls as much as by the proxy, so one 10 s run each is
+    # not enough to tell two proxies apart.
+    for r in $(seq "$RATE_RUNS"); do
+      for p in "${PROXIES[@]}"; do
+        name=${p%:*}; port=${p##*:}
+        read -r rps p50 p99 err < <(oha_run "$port" "$rate" "$SECS" "$CONNS")
+        printf "%-26s %6s %8s %10s %9s %9s %7s\n" "$name" "$pct" "$rate" "$rps" "$p50" "$p99" "$err"
+        echo "$name|$pct|$p99" >>"$RUN/rate-p99"
+      done
     done
   done
+  echo "# median p99 over the $RATE_RUNS runs (ms)"
+  python3 - "$RUN/rate-p99" <<'PY'
+import statistics, sys
+rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
+for pct in ("50", "80"):
+    for name in dict.fromkeys(r[0] for r in rows):
+        v = [float(r[2]) for r in rows if r[0] == name and r[1] == pct]
+        if v:
+            print(f"{name:<26} {pct:>6} {statistics.median(v):>9.2f}   ({', '.join(f'{x:.2f}' for x in v)})")
+PY
   } | tee -a "$OUT"
 fi
 
