@@ -25,7 +25,7 @@
 //! target in between: see [`direct`].
 
 // A child module, so it can call this protocol's steps as they are.
-#[path = "direct.rs"]
+#[path = "direct/mod.rs"]
 pub mod direct;
 #[path = "postcopy.rs"]
 pub mod postcopy;
