@@ -268,7 +268,12 @@ pub fn claim_shared_path(
             let _ = std::fs::remove_file(&tmp);
             match linked {
                 Ok(()) => SharedClaim::Created,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // sshfs reports a link onto an existing name as EPERM (SFTP's
+                // hardlink extension answers a generic failure), not EEXIST:
+                // two agents of a cluster starting at once over sshfs made
+                // the loser fail its start. A marker that exists now is the
+                // winner's either way.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists || marker_path.exists() => {
                     return claim_shared_path(shared, cluster, ca_sha256, node);
                 }
                 Err(e) => return Err(write_err(&marker_path)(e)),
