@@ -543,9 +543,9 @@ pub fn write_manifest_with(
             blake3: hex::encode(digest),
         });
     }
-    sync_all_parallel(dir, to_sync)?;
-    // Make the directory entries of the image files durable as well.
+    // Make the image files and their directory entries durable.
     if fsync {
+        sync_all_parallel(dir, to_sync)?;
         for k in 1..=rounds {
             let sub = dir.join(round_dir_name(k));
             sync_dir(&sub).map_err(io_err(&sub))?;
@@ -1125,7 +1125,6 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// fsync a directory so that renames/creations inside it survive a crash.
 /// Threads that fsync a dump's files at once (see [`sync_all_parallel`]).
 const SYNC_THREADS: usize = 16;
 
@@ -1172,6 +1171,7 @@ fn sync_all_parallel(dir: &Path, names: Vec<&str>) -> Result<(), ManifestError> 
     })
 }
 
+/// fsync a directory so that renames/creations inside it survive a crash.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
