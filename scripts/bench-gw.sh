@@ -25,7 +25,8 @@
 #        RATE_RUNS (rounds of the fixed-rate phase, default 3),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
-#        first as "mosgw B" in the max and rate phases, to compare builds), PHASES (default "max,rate,balance,migrate"),
+#        first as "mosgw B" in the max and rate phases, to compare builds),
+#        PHASES (default "max,rate,balance,migrate"),
 #        ONLY (a regex on the proxies' names, e.g. ONLY=mosgw, for tuning;
 #        the rates then come from the last full run's nginx figures).
 set -euo pipefail
@@ -239,14 +240,17 @@ if [ -n "${MOSGW_B:-}" ]; then
     >"$RUN/mosgw-b.log" 2>&1 &
   PIDS+=($!)
 fi
+UP_PORTS="8401 8402 8404"
+if [ -n "${MOSGW_B:-}" ]; then UP_PORTS+=" 8504"; fi
 up=""
 for _ in $(seq 100); do
-  if curl -sf 127.0.0.1:8401/ >/dev/null && curl -sf 127.0.0.1:8402/ >/dev/null \
-    && curl -sf 127.0.0.1:8404/ >/dev/null; then up=1; break; fi
+  up=1
+  for port in $UP_PORTS; do curl -sf "127.0.0.1:$port/" >/dev/null || { up=""; break; }; done
+  [ -n "$up" ] && break
   sleep 0.1
 done
 if [ -z "$up" ]; then
-  echo "bench-gw: a proxy did not come up; see $RUN/{nginx.err,haproxy.log,mosgw.log}" >&2
+  echo "bench-gw: a proxy did not come up; see $RUN/{nginx.err,haproxy.log,mosgw.log,mosgw-b.log}" >&2
   exit 1
 fi
 sleep 1
@@ -292,10 +296,7 @@ PY
 }
 
 PROXIES=("nginx least_conn:8401" "haproxy leastconn:8402" "haproxy random(2):8403" "mosgw:8404")
-if [ -n "${MOSGW_B:-}" ]; then
-  PROXIES+=("mosgw B:8504")
-  for _ in $(seq 100); do curl -sf 127.0.0.1:8504/ >/dev/null && break; sleep 0.1; done
-fi
+if [ -n "${MOSGW_B:-}" ]; then PROXIES+=("mosgw B:8504"); fi
 # ONLY=regex keeps the proxies whose names match (tuning runs).
 only() { for p in "$@"; do [[ "${p%:*}" =~ ${ONLY:-.} ]] && printf '%s\n' "$p"; done; return 0; }
 mapfile -t PROXIES < <(only "${PROXIES[@]}")
