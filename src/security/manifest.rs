@@ -521,7 +521,7 @@ pub fn write_manifest_with(
         .collect();
     // Digests the follower computed during the dump, where they still
     // describe the file; the rest are hashed now, several files at a time.
-    let mut known: Vec<Option<(u64, [u8; 32])>> = Vec::with_capacity(listed.len());
+    let mut known: Vec<Option<Digest>> = Vec::with_capacity(listed.len());
     for (name, meta) in &listed {
         let reuse = precomputed
             .get(*name)
@@ -757,7 +757,7 @@ fn check_file(dir: &Path, f: &ManifestFile, meta: &Metadata) -> Result<(), Manif
 }
 
 /// Compare a file's size and digest, as read, with its manifest entry.
-fn compare_file(f: &ManifestFile, (size, digest): (u64, [u8; 32])) -> Result<(), ManifestError> {
+fn compare_file(f: &ManifestFile, (size, digest): Digest) -> Result<(), ManifestError> {
     // The file may have changed size between stat and read.
     if size != f.size {
         return Err(ManifestError::SizeMismatch {
@@ -1129,6 +1129,9 @@ fn hash_file(
     Ok((total, hasher.finalize().into(), file))
 }
 
+/// A file's size and BLAKE3 digest, as read.
+type Digest = (u64, [u8; 32]);
+
 /// Files that one hashing thread takes before more threads are worth it.
 const HASH_FILES_PER_THREAD: usize = 64;
 /// Most threads hashing a directory's files at once.
@@ -1143,7 +1146,7 @@ const HASH_THREADS: usize = 4;
 fn hash_files_parallel(
     dir: &Path,
     files: &[(&str, &Metadata)],
-) -> Vec<Result<(u64, [u8; 32]), ManifestError>> {
+) -> Vec<Result<Digest, ManifestError>> {
     let one = |(name, meta): &(&str, &Metadata)| {
         hash_file(dir, name, meta).map(|(size, digest, _file)| (size, digest))
     };
@@ -1156,7 +1159,7 @@ fn hash_files_parallel(
         return files.iter().map(one).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<Result<(u64, [u8; 32]), ManifestError>>> =
+    let mut out: Vec<Option<Result<Digest, ManifestError>>> =
         (0..files.len()).map(|_| None).collect();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
