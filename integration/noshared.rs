@@ -214,6 +214,17 @@ fn no_shared_a_b_a(extra: &[&str]) {
     assert!(stdout(&o).contains("frozen"), "{}", stdout(&o));
     let (after, ok) = query_counter(&ip, 8181).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
+    // The pages went while CRIU wrote them (an early push), not after.
+    let log = std::fs::read_to_string(format!("/run/mosix/{}/node1.log", cl.name)).unwrap();
+    // The log's fields are coloured: `early` ESC[0m ESC[2m = ESC[0m `true`.
+    let plain = |l: &str| l.replace("\u{1b}[0m", "").replace("\u{1b}[2m", "");
+    assert!(
+        log.lines()
+            .map(plain)
+            .any(|l| l.contains("images pushed") && l.contains("early=true")),
+        "no early push in node1's log:\n{log}"
+    );
+    assert!(!log.contains("the early push failed"), "{log}");
     assert!(after >= before, "counter continued ({before} -> {after})");
     assert!(
         query_counter(&cl.node_ip("node1"), 8181).is_none(),
@@ -456,6 +467,7 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
             from_node: "node1".into(),
             total_bytes: total,
             record_json: record,
+            early: false,
         })),
     };
     let file = |name: &str, size: u64, data: &[u8]| pb::ImageChunk {
@@ -465,12 +477,14 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
             offset: 0,
             data: data.to_vec().into(),
             size,
+            growing: false,
         })),
     };
     let end = |files: u32, total: u64| pb::ImageChunk {
         part: Some(Part::End(pb::PushEnd {
             files,
             total_bytes: total,
+            ..Default::default()
         })),
     };
     let cases: Vec<(&str, Vec<pb::ImageChunk>, tonic::Code, &str)> = vec![

@@ -89,6 +89,9 @@ pub struct RestoreCall {
     pub image_bytes: u64,
 }
 
+/// See [`Agent::checkpoint_calling`].
+pub(super) type OnDumping<'a> = Box<dyn FnOnce(&JobRecord) + Send + 'a>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DumpResult {
     pub image_dir: String,
@@ -291,7 +294,22 @@ impl Agent {
         leave_running: bool,
         lazy: Option<PageServer>,
     ) -> AgentResult<DumpResult> {
-        self.checkpoint_onto(rec, pid, mig, to, leave_running, lazy, None)
+        self.checkpoint_onto(rec, pid, mig, to, leave_running, lazy, None, None)
+            .await
+    }
+
+    /// [`Self::checkpoint`] of a job leaving for `to`, calling `on_dumping`
+    /// with the record once it says `dumping`, just before CRIU starts (an
+    /// early push starts there: see [`direct::early`]).
+    pub(super) async fn checkpoint_calling(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        pid: i32,
+        mig: &MigrationId,
+        to: NodeName,
+        on_dumping: OnDumping<'_>,
+    ) -> AgentResult<DumpResult> {
+        self.checkpoint_onto(rec, pid, mig, Some(to), false, None, None, Some(on_dumping))
             .await
     }
 
@@ -306,6 +324,7 @@ impl Agent {
         leave_running: bool,
         lazy: Option<PageServer>,
         pre: Option<&super::precopy::Chain>,
+        on_dumping: Option<OnDumping<'_>>,
     ) -> AgentResult<DumpResult> {
         self.engine.available()?;
         let rel = image_rel(&rec.id, mig);
@@ -335,6 +354,9 @@ impl Agent {
                 nice_before_dump: self.before_dump(pid),
             });
             self.record_dumping(rec, pid)?;
+            if let Some(f) = on_dumping {
+                f(rec);
+            }
         }
         tracing::debug!(job = %rec.id, "step: registry updated, dumping");
         let t0 = Instant::now();
@@ -1132,6 +1154,7 @@ impl Agent {
                 false,
                 None,
                 pre.chain(),
+                None,
             )
             .await
             .inspect_err(|_| {

@@ -2,7 +2,7 @@
 //! protocol can be unit-tested with in-process fakes; [`GrpcPeers`] is the
 //! real one over tonic.
 
-use super::direct::{PushPlan, PushSummary, Resolution};
+use super::direct::{PushPart, PushSummary, Resolution};
 use super::migration::RestoreCall;
 use super::{AgentError, AgentResult};
 use crate::api::client::{self, ClientTls};
@@ -67,11 +67,13 @@ pub trait Peers: Send + Sync + 'static {
     ) -> BoxFuture<'a, AgentResult<Vec<JobRecord>>> {
         Box::pin(async move { Err(unsupported(node)) })
     }
-    /// Stream a migration's images and record to `node`.
+    /// Stream a migration's images and record to `node`: the messages
+    /// `parts` yields, until it closes. The sender reads the files; if it
+    /// stops before the end marker, the target keeps nothing.
     fn push_images<'a>(
         &'a self,
         node: &'a NodeName,
-        _plan: PushPlan,
+        _parts: tokio::sync::mpsc::Receiver<PushPart>,
     ) -> BoxFuture<'a, AgentResult<PushSummary>> {
         Box::pin(async move { Err(unsupported(node)) })
     }
@@ -317,30 +319,16 @@ impl Peers for GrpcPeers {
     fn push_images<'a>(
         &'a self,
         node: &'a NodeName,
-        plan: PushPlan,
+        parts: tokio::sync::mpsc::Receiver<PushPart>,
     ) -> BoxFuture<'a, AgentResult<PushSummary>> {
         Box::pin(async move {
+            use tokio_stream::StreamExt;
             let (ep, mut c) = self.client(node).await?;
-            // Files are read on a blocking thread, a few chunks ahead of the
-            // network. If reading fails, the stream ends without its end
-            // marker and the target keeps nothing.
-            let (tx, rx) = tokio::sync::mpsc::channel::<crate::api::pb::ImageChunk>(4);
-            let reader = tokio::task::spawn_blocking(move || -> AgentResult<()> {
-                for part in plan.into_parts(super::direct::SEND_CHUNK_BYTES) {
-                    if tx.blocking_send(part?.into()).is_err() {
-                        // The call ended (the target refused): it says why.
-                        break;
-                    }
-                }
-                Ok(())
-            });
-            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let stream = tokio_stream::wrappers::ReceiverStream::new(parts)
+                .map(crate::api::pb::ImageChunk::from);
+            let mut req = tonic::Request::new(stream);
             req.set_timeout(self.push_timeout);
             let sent = c.push_images(req).await;
-            let read = reader
-                .await
-                .map_err(|e| AgentError::Internal(format!("image reader failed: {e}")))?;
-            read?;
             match sent {
                 Ok(r) => Ok(r.into_inner().into()),
                 Err(s) => {

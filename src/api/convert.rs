@@ -636,6 +636,7 @@ impl TryFrom<pb::ImageChunk> for PushPart {
                     from: node("begin.from_node", &b.from_node)?,
                     total_bytes: b.total_bytes,
                     record_json: b.record_json,
+                    early: b.early,
                 }))
             }
             Some(Part::File(f)) => {
@@ -659,7 +660,16 @@ impl TryFrom<pb::ImageChunk> for PushPart {
                     ));
                 }
                 let end = f.offset.checked_add(f.data.len() as u64);
-                if end.is_none_or(|e| e > f.size) {
+                // A growing file's size is not known yet; its end marker
+                // gives it.
+                let size = if f.growing { u64::MAX } else { f.size };
+                if f.growing && f.size != 0 {
+                    return Err(InvalidRequest::new(
+                        "file.size",
+                        format!("{name} is growing, so its size must be 0, not {}", f.size),
+                    ));
+                }
+                if end.is_none_or(|e| e > size) {
                     return Err(InvalidRequest::new(
                         "file.offset",
                         format!(
@@ -676,12 +686,32 @@ impl TryFrom<pb::ImageChunk> for PushPart {
                     offset: f.offset,
                     size: f.size,
                     data: f.data,
+                    growing: f.growing,
                 }))
             }
-            Some(Part::End(e)) => Ok(PushPart::End(PushEnd {
-                files: e.files,
-                total_bytes: e.total_bytes,
-            })),
+            Some(Part::End(e)) => {
+                if e.record_json.len() > MAX_RECORD_JSON_BYTES {
+                    return Err(InvalidRequest::new(
+                        "end.record_json",
+                        format!("larger than {MAX_RECORD_JSON_BYTES} bytes"),
+                    ));
+                }
+                let grown = e
+                    .grown
+                    .into_iter()
+                    .map(|g| {
+                        PlainFileName::parse(&g.name)
+                            .map(|n| (n, g.size))
+                            .map_err(|err| InvalidRequest::new("end.grown.name", err))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(PushPart::End(PushEnd {
+                    files: e.files,
+                    total_bytes: e.total_bytes,
+                    record_json: e.record_json,
+                    grown,
+                }))
+            }
             None => Err(InvalidRequest::new("part", "empty message")),
         }
     }
@@ -697,6 +727,7 @@ impl From<PushPart> for pb::ImageChunk {
                 from_node: b.from.to_string(),
                 total_bytes: b.total_bytes,
                 record_json: b.record_json,
+                early: b.early,
             }),
             PushPart::File(f) => Part::File(pb::FileData {
                 name: f.name.to_string(),
@@ -707,10 +738,20 @@ impl From<PushPart> for pb::ImageChunk {
                 offset: f.offset,
                 data: f.data,
                 size: f.size,
+                growing: f.growing,
             }),
             PushPart::End(e) => Part::End(pb::PushEnd {
                 files: e.files,
                 total_bytes: e.total_bytes,
+                record_json: e.record_json,
+                grown: e
+                    .grown
+                    .into_iter()
+                    .map(|(name, size)| pb::GrownFile {
+                        name: name.to_string(),
+                        size,
+                    })
+                    .collect(),
             }),
         };
         pb::ImageChunk { part: Some(part) }
@@ -920,6 +961,7 @@ mod tests {
                 offset,
                 data: data.into(),
                 size,
+                growing: false,
             })),
         };
         for bad in ["../x", "a/b", "..", ".hidden", "", "x\0y", "/etc/passwd"] {
@@ -951,6 +993,7 @@ mod tests {
                 from_node: "node1".into(),
                 total_bytes: 1,
                 record_json: vec![],
+                early: false,
             })),
         };
         assert_eq!(

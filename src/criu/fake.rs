@@ -16,6 +16,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
+/// The page image a fake dump writes, and in how many 4 KiB pieces.
+pub const FAKE_PAGES: &str = "pages-1.img";
+pub const FAKE_PAGE_PIECES: usize = 16;
+
 /// What one scripted pre-dump round does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FakeRound {
@@ -119,6 +123,23 @@ impl CheckpointEngine for FakeEngine {
                 op: "dump",
                 source: e,
             }
+        })?;
+        // Memory pages, written in pieces as CRIU does, so that whatever
+        // follows a dump's page images (hashing, an early push) sees them
+        // grow.
+        let pages = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(spec.image_dir.join(FAKE_PAGES))?;
+            for i in 0..FAKE_PAGE_PIECES {
+                f.write_all(&[i as u8; 4096])?;
+                f.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(())
+        };
+        pages().map_err(|e| CriuError::Io {
+            op: "dump",
+            source: e,
         })?;
         if let Some(h) = &spec.post_dump {
             h.run()

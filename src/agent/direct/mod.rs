@@ -51,6 +51,7 @@
 //! [`push`] holds the stream itself: its messages, the source's reader and
 //! the target's staging receiver; this file, the protocol around it.
 
+pub mod early;
 pub mod push;
 pub use push::*;
 
@@ -514,9 +515,31 @@ impl Agent {
                 from: self.cfg.node.clone(),
                 total_bytes: files.iter().map(|f| f.size).sum(),
                 record_json,
+                early: false,
             },
             files,
         })
+    }
+
+    /// The usual push: `plan`'s files, read on a blocking thread a few
+    /// chunks ahead of the network. If reading fails, the stream ends
+    /// without its end marker and the target keeps nothing.
+    async fn push(&self, target: &NodeName, plan: PushPlan) -> AgentResult<PushSummary> {
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITE_AHEAD_CHUNKS);
+        let reader = tokio::task::spawn_blocking(move || -> AgentResult<()> {
+            for part in plan.into_parts(SEND_CHUNK_BYTES) {
+                if tx.blocking_send(part?).is_err() {
+                    // The call ended (the target refused): it says why.
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let sent = self.peers.push_images(target, rx).await;
+        reader
+            .await
+            .map_err(|e| AgentError::Internal(format!("image reader failed: {e}")))??;
+        sent
     }
 
     /// Migrate without a shared path (see the module doc): dump and seal
@@ -565,6 +588,8 @@ impl Agent {
                 .with_label_values(&[stage])
                 .inc()
         };
+        // A full copy's pages start for the target as CRIU writes them.
+        let mut early: Option<early::EarlyPush> = None;
         let (dumped, lazy) = if post_copy {
             let (d, ps, l) = self
                 .checkpoint_lazy(&mut rec, pid, &mig, target)
@@ -572,8 +597,21 @@ impl Agent {
                 .inspect_err(|_| failed("dump"))?;
             (d, Some((ps, l)))
         } else {
+            let (peers, to, from) = (self.peers.clone(), target.clone(), self.cfg.node.clone());
+            let dir = self.image_dir(&image_rel(&rec.id, &mig));
+            let slot = &mut early;
+            let m = mig.clone();
+            let on_dumping: super::OnDumping<'_> = Box::new(move |r: &JobRecord| {
+                let est = early::estimate(pid, &[&r.stdout_path, &r.stderr_path]);
+                match early::EarlyPush::start(peers, to, r, &m, from, &dir, est) {
+                    Ok(e) => *slot = Some(e),
+                    Err(e) => {
+                        tracing::warn!(job = %r.id, "pushing pages during the dump: {e}; they go after it")
+                    }
+                }
+            });
             let d = self
-                .checkpoint(&mut rec, pid, &mig, Some(target.clone()), false, None)
+                .checkpoint_calling(&mut rec, pid, &mig, target.clone(), on_dumping)
                 .await
                 .inspect_err(|_| failed("dump"))?;
             (d, None)
@@ -584,9 +622,23 @@ impl Agent {
             .await?;
         let dir = self.image_dir(&dumped.image_dir);
         let t_push = Instant::now();
-        let pushed = match self.push_plan(&rec, &dir, &mig) {
-            Ok(plan) => self.peers.push_images(target, plan).await,
-            Err(e) => Err(e),
+        // Whether the pages went during the dump (for the log).
+        let mut pushed_early = false;
+        let pushed = match (self.push_plan(&rec, &dir, &mig), early) {
+            (Ok(plan), Some(e)) => match e.finish(plan.clone()).await {
+                Ok(s) => {
+                    pushed_early = true;
+                    Ok(s)
+                }
+                Err(why) => {
+                    // The target kept nothing of it: push the sealed
+                    // images the usual way.
+                    tracing::warn!(job = %job, to = %target, "the early push failed ({why}); pushing again after the dump");
+                    self.push(target, plan).await
+                }
+            },
+            (Ok(plan), None) => self.push(target, plan).await,
+            (Err(e), _) => Err(e),
         };
         let summary = match pushed {
             Ok(s) => s,
@@ -607,6 +659,7 @@ impl Agent {
             files = summary.files,
             bytes = summary.bytes,
             push_ms = t_push.elapsed().as_millis() as u64,
+            early = pushed_early,
             "images pushed"
         );
         call.frozen_before_ms = started.elapsed().as_millis() as u64;
@@ -1027,6 +1080,7 @@ mod tests {
             from: NodeName::parse("node1").unwrap(),
             total_bytes: total,
             record_json: serde_json::to_vec(rec).unwrap(),
+            early: false,
         }
     }
 
@@ -1044,6 +1098,7 @@ mod tests {
             offset,
             size,
             data: bytes::Bytes::copy_from_slice(data),
+            growing: false,
         }
     }
 
@@ -1233,6 +1288,147 @@ mod tests {
 
     /// Every malformed stream is refused with a clear error, and whatever
     /// was written is gone once the receiver is dropped.
+    /// An early push: page images arrive while they grow, interleaved, and
+    /// the end marker brings their sizes and the sealed record; every way
+    /// of getting that wrong is refused and leaves nothing.
+    #[test]
+    fn an_early_push_takes_growing_pages_and_the_sealed_record_at_its_end() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let c2 = cfg(root, "node2");
+        let reg = Registry::open(&c2.shared_root).unwrap();
+        let sealed = record(root, "node2");
+        let mut dumping = sealed.clone();
+        dumping.pending.as_mut().unwrap().phase = MigrationPhase::Dumping;
+        dumping.generation = 2;
+        let begin = |r: &JobRecord, early: bool| PushBegin {
+            early,
+            ..begin_for(r, 10)
+        };
+        let grow = |name: &str, offset: u64, data: &[u8]| FileChunk {
+            growing: true,
+            ..chunk(name, offset, 0, data)
+        };
+        let end = |files: u32, total: u64, r: &JobRecord, grown: &[(&str, u64)]| PushEnd {
+            files,
+            total_bytes: total,
+            record_json: serde_json::to_vec(r).unwrap(),
+            grown: grown
+                .iter()
+                .map(|(n, s)| (PlainFileName::parse(n).unwrap(), *s))
+                .collect(),
+        };
+        let start = |r: &JobRecord, early: bool| {
+            PushReceiver::start(&c2, begin(r, early), None, limits()).unwrap()
+        };
+
+        let mut rx = start(&dumping, true);
+        rx.accept(grow("pages-1.img", 0, b"ab")).unwrap();
+        rx.accept(grow("pages-2.img", 0, b"x")).unwrap();
+        rx.accept(grow("pages-1.img", 2, b"cd")).unwrap();
+        rx.accept(chunk("core-1.img", 0, 4, b"core")).unwrap();
+        let grown = [("pages-1.img", 4), ("pages-2.img", 1)];
+        let s = rx.complete(end(3, 9, &sealed, &grown), &reg).unwrap();
+        assert_eq!(s, PushSummary { files: 3, bytes: 9 });
+        let images = c2.shared_root.join("images").join(JOB).join(MIG);
+        assert_eq!(fs::read(images.join("pages-1.img")).unwrap(), b"abcd");
+        assert_eq!(fs::read(images.join("pages-2.img")).unwrap(), b"x");
+        assert_eq!(fs::read(images.join("core-1.img")).unwrap(), b"core");
+        let kept = reg.get(&sealed.id).unwrap();
+        assert_eq!(kept.pending.unwrap().phase, MigrationPhase::Dumped);
+        fs::remove_dir_all(c2.shared_root.join("images")).unwrap();
+        reg.remove(&sealed.id).unwrap();
+        nothing_kept(root);
+
+        // An early begin whose record is already sealed, or not early at all
+        // while dumping: the phase must match.
+        for (r, early) in [(&sealed, true), (&dumping, false)] {
+            let e = PushReceiver::start(&c2, begin(r, early), None, limits())
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("not migrating in phase"), "{e}");
+        }
+        type Case = (&'static str, bool, Vec<FileChunk>, PushEnd);
+        let one = [("pages-1.img", 2)];
+        let cases: Vec<Case> = vec![
+            (
+                "growing in a push that is not early",
+                false,
+                vec![grow("pages-1.img", 0, b"ab")],
+                end(1, 2, &sealed, &[]),
+            ),
+            (
+                "only page images may be sent while they grow",
+                true,
+                vec![grow("core-1.img", 0, b"ab")],
+                end(1, 2, &sealed, &[]),
+            ),
+            (
+                "starts at offset 2",
+                true,
+                vec![grow("pages-1.img", 2, b"ab")],
+                end(1, 2, &sealed, &one),
+            ),
+            (
+                "expected 2",
+                true,
+                vec![grow("pages-1.img", 0, b"ab"), grow("pages-1.img", 3, b"c")],
+                end(1, 3, &sealed, &one),
+            ),
+            (
+                "both growing and whole",
+                true,
+                vec![
+                    grow("pages-1.img", 0, b"ab"),
+                    chunk("pages-1.img", 0, 2, b"ab"),
+                ],
+                end(1, 2, &sealed, &one),
+            ),
+            (
+                "gives no final size",
+                true,
+                vec![grow("pages-1.img", 0, b"ab")],
+                end(1, 2, &sealed, &[]),
+            ),
+            (
+                "ended after 2 of its 5 bytes",
+                true,
+                vec![grow("pages-1.img", 0, b"ab")],
+                end(1, 2, &sealed, &[("pages-1.img", 5)]),
+            ),
+            (
+                "not sent growing",
+                true,
+                vec![grow("pages-1.img", 0, b"ab")],
+                end(2, 2, &sealed, &[("pages-1.img", 2), ("pages-2.img", 0)]),
+            ),
+            (
+                "not migrating in phase Dumped",
+                true,
+                vec![grow("pages-1.img", 0, b"ab")],
+                end(1, 2, &dumping, &one),
+            ),
+        ];
+        for (why, early, chunks, e) in cases {
+            let r = if early { &dumping } else { &sealed };
+            let mut rx = start(r, early);
+            let got = chunks
+                .into_iter()
+                .try_for_each(|c| rx.accept(c))
+                .and_then(|()| rx.complete(e, &reg).map(|_| ()));
+            let err = got.expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+            nothing_kept(root);
+        }
+        // A push that is not early, with an early push's end marker.
+        let mut rx = start(&sealed, false);
+        rx.accept(chunk("core-1.img", 0, 10, b"0123456789"))
+            .unwrap();
+        let e = rx.complete(end(1, 10, &sealed, &[]), &reg).unwrap_err();
+        assert!(e.to_string().contains("early push's fields"), "{e}");
+        nothing_kept(root);
+    }
+
     #[test]
     fn refuses_bad_chunks_and_keeps_nothing() {
         let t = tempfile::tempdir().unwrap();
@@ -1318,6 +1514,7 @@ mod tests {
                 PushEnd {
                     files: 2,
                     total_bytes: 2,
+                    ..Default::default()
                 },
                 &reg,
             )
@@ -1331,6 +1528,7 @@ mod tests {
                 PushEnd {
                     files: 1,
                     total_bytes: 2,
+                    ..Default::default()
                 },
                 &reg,
             )
@@ -1447,6 +1645,7 @@ mod tests {
             vec![Ok(PushPart::End(PushEnd {
                 files: 1,
                 total_bytes: 4,
+                ..Default::default()
             }))],
         ] {
             let mut parts = vec![
@@ -1469,6 +1668,7 @@ mod tests {
             Ok(PushPart::End(PushEnd {
                 files: 1,
                 total_bytes: 4,
+                ..Default::default()
             })),
         ];
         let s = a.receive_push(futures::stream::iter(parts)).await.unwrap();
@@ -1526,6 +1726,8 @@ mod tests {
         lose_restore_reply: AtomicBool,
         /// The stream breaks off after this many messages.
         cut_push_after: Mutex<Option<usize>>,
+        /// Each push seen: (early, growing chunks).
+        pushes: Mutex<Vec<(bool, usize)>>,
     }
 
     impl Direct {
@@ -1578,16 +1780,21 @@ mod tests {
         fn push_images<'a>(
             &'a self,
             node: &'a NodeName,
-            plan: PushPlan,
+            mut rx: tokio::sync::mpsc::Receiver<PushPart>,
         ) -> BoxFuture<'a, AgentResult<PushSummary>> {
             Box::pin(async move {
                 let target = self.get(node)?;
-                let mut parts: Vec<AgentResult<PushPart>> =
-                    tokio::task::spawn_blocking(move || {
-                        plan.into_parts(SEND_CHUNK_BYTES).collect()
-                    })
-                    .await
-                    .unwrap();
+                let mut parts: Vec<AgentResult<PushPart>> = Vec::new();
+                let (mut early, mut growing) = (false, 0);
+                while let Some(p) = rx.recv().await {
+                    match &p {
+                        PushPart::Begin(b) => early = b.early,
+                        PushPart::File(c) if c.growing => growing += 1,
+                        _ => {}
+                    }
+                    parts.push(Ok(p));
+                }
+                self.pushes.lock().unwrap().push((early, growing));
                 if let Some(n) = *self.cut_push_after.lock().unwrap() {
                     parts.truncate(n);
                 }
@@ -1717,6 +1924,8 @@ mod tests {
         assert_eq!(rec.node, n("node2"));
         assert_eq!(rec.state, JobState::Running);
         assert!(m.ok && m.from == n("node1") && m.to == n("node2"), "{m:?}");
+        // One push, opened as the dump started, the pages sent growing.
+        assert_eq!(*p.peers.pushes.lock().unwrap(), [(true, 1)]);
         assert!(m.image_bytes > 0 && m.fallback.is_empty(), "{m:?}");
         assert!(!p.src.registry.exists(&job), "the record left with the job");
         let there = p.dst.registry.get(&job).unwrap();

@@ -11,7 +11,7 @@ use crate::core::ids::PlainFileName;
 use crate::core::job::MigrationPhase;
 use crate::core::registry::Registry;
 use crate::core::{JobId, JobRecord, JobState, MigrationId, NodeName};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -55,10 +55,14 @@ pub struct PushBegin {
     pub job: JobId,
     pub migration: MigrationId,
     pub from: NodeName,
-    /// Bytes of all files to follow.
+    /// Bytes of all files to follow (an early push: the source's estimate).
     pub total_bytes: u64,
     /// The job's record, in the registry's JSON format.
     pub record_json: Vec<u8>,
+    /// Opened when the dump started: page images come as growing chunks
+    /// while CRIU writes them, and the sealed record comes with the end
+    /// marker (see [`super::early`]).
+    pub early: bool,
 }
 
 /// A piece of one file.
@@ -67,16 +71,23 @@ pub struct FileChunk {
     pub name: PlainFileName,
     pub area: FileArea,
     pub offset: u64,
-    /// Size of the whole file.
+    /// Size of the whole file (0 for a growing one).
     pub size: u64,
     pub data: bytes::Bytes,
+    /// A page image still being written (early pushes only): its size comes
+    /// with the end marker.
+    pub growing: bool,
 }
 
 /// Last message of a push: what the sender sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PushEnd {
     pub files: u32,
     pub total_bytes: u64,
+    /// An early push's sealed record (empty otherwise).
+    pub record_json: Vec<u8>,
+    /// An early push's growing files and their final sizes.
+    pub grown: Vec<(PlainFileName, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +205,7 @@ impl Iterator for PlanReader {
                         offset: cur.offset,
                         size: cur.plan.size,
                         data: data.into(),
+                        growing: false,
                     };
                     cur.offset += want as u64;
                     self.sent_bytes += want as u64;
@@ -225,6 +237,7 @@ impl Iterator for PlanReader {
                     return Some(Ok(PushPart::End(PushEnd {
                         files: self.sent_files,
                         total_bytes: self.sent_bytes,
+                        ..Default::default()
                     })));
                 }
             }
@@ -248,6 +261,96 @@ struct Receiving {
     file: File,
 }
 
+/// Check a pushed record against this node, the push and what this node
+/// knows of the job (`existing`); the job must be migrating here in
+/// `phase`. Returns the record and where this node keeps the job's output.
+fn check_record(
+    cfg: &AgentConfig,
+    begin: &PushBegin,
+    record_json: &[u8],
+    existing: Option<&JobRecord>,
+    phase: MigrationPhase,
+) -> AgentResult<(JobRecord, PathBuf)> {
+    let me = &cfg.node;
+    let refuse = |why: String| {
+        AgentError::FailedPrecondition(format!(
+            "refusing the images of job {} (migration {}) from {}: {why}",
+            begin.job, begin.migration, begin.from
+        ))
+    };
+    if record_json.len() > MAX_RECORD_JSON_BYTES {
+        return Err(AgentError::InvalidArgument(format!(
+            "the pushed job record is larger than {MAX_RECORD_JSON_BYTES} bytes"
+        )));
+    }
+    let record = crate::core::registry::parse_record(Path::new("pushed record"), record_json)
+        .map_err(|e| {
+            AgentError::InvalidArgument(format!("the pushed job record is not valid: {e}"))
+        })?;
+    if record.id != begin.job {
+        return Err(AgentError::InvalidArgument(format!(
+            "the pushed record is of job {}, the push of job {}",
+            record.id, begin.job
+        )));
+    }
+    let Some(p) = record.pending.as_ref() else {
+        return Err(refuse("the job has no migration under way".into()));
+    };
+    if p.id != begin.migration {
+        return Err(refuse(format!("the job's migration under way is {}", p.id)));
+    }
+    if p.to.as_ref() != Some(me) {
+        return Err(refuse(format!(
+            "the job is not migrating to this node ({me}) but to {}",
+            p.to.as_ref()
+                .map(|n| n.as_str())
+                .unwrap_or("no node (a freeze)")
+        )));
+    }
+    if p.from != begin.from || record.node != begin.from || p.from == *me {
+        return Err(refuse(format!(
+            "the job is on {} and leaving {}, not coming from {}",
+            record.node, p.from, begin.from
+        )));
+    }
+    if record.state != JobState::Migrating || p.phase != phase {
+        return Err(refuse(format!(
+            "the job is {} (phase {:?}), not migrating in phase {phase:?}",
+            record.state.as_str(),
+            p.phase
+        )));
+    }
+    // CRIU reopens the job's output by path: it must be where this node
+    // keeps job output, never a path chosen by the sender.
+    let output_dir = cfg.jobs_dir.join(begin.job.as_str());
+    for (name, path) in [
+        ("stdout", &record.stdout_path),
+        ("stderr", &record.stderr_path),
+    ] {
+        if Path::new(path) != output_dir.join(name) {
+            return Err(refuse(format!(
+                "its {name} is {path}, but {me} keeps job output in {}; without a shared path every node needs the same --jobs-dir",
+                cfg.jobs_dir.display()
+            )));
+        }
+    }
+    if let Some(old) = existing {
+        if old.node == *me && !old.state.is_finished() {
+            return Err(refuse(format!(
+                "the job is already recorded on this node, {}",
+                old.state.as_str()
+            )));
+        }
+        if old.generation >= record.generation {
+            return Err(refuse(format!(
+                "this node has a record of the job as new or newer (generation {} >= {}): a stale or replayed push",
+                old.generation, record.generation
+            )));
+        }
+    }
+    Ok((record, output_dir))
+}
+
 pub(super) fn area_dir(a: FileArea) -> &'static str {
     match a {
         FileArea::Image => "images",
@@ -261,8 +364,14 @@ pub(super) fn area_dir(a: FileArea) -> &'static str {
 /// everything it wrote.
 pub struct PushReceiver {
     node: NodeName,
+    /// For checking an early push's sealed record at its end.
+    cfg: AgentConfig,
+    existing: Option<JobRecord>,
     begin: PushBegin,
     record: JobRecord,
+    /// Most bytes this push may bring: what a push that is not early
+    /// announced; for an early one, what the limits and free space allow.
+    cap: u64,
     require_manifest: bool,
     /// `<root>/incoming/<job>/<migration>`
     staging: PathBuf,
@@ -271,6 +380,8 @@ pub struct PushReceiver {
     /// `<jobs_dir>/<job>`
     output_dir: PathBuf,
     current: Option<Receiving>,
+    /// An early push's page images still being written, by name.
+    growing: BTreeMap<String, Receiving>,
     done: BTreeSet<(FileArea, String)>,
     received: u64,
 }
@@ -290,83 +401,14 @@ impl PushReceiver {
                 "{me} uses a shared path; images are not pushed to it"
             )));
         }
-        let refuse = |why: String| {
-            AgentError::FailedPrecondition(format!(
-                "refusing the images of job {} (migration {}) from {}: {why}",
-                begin.job, begin.migration, begin.from
-            ))
+        // An early push starts while the job is being dumped; its sealed
+        // record, checked the same way, comes with the end marker.
+        let phase = if begin.early {
+            MigrationPhase::Dumping
+        } else {
+            MigrationPhase::Dumped
         };
-        if begin.record_json.len() > MAX_RECORD_JSON_BYTES {
-            return Err(AgentError::InvalidArgument(format!(
-                "the pushed job record is larger than {MAX_RECORD_JSON_BYTES} bytes"
-            )));
-        }
-        let record =
-            crate::core::registry::parse_record(Path::new("pushed record"), &begin.record_json)
-                .map_err(|e| {
-                    AgentError::InvalidArgument(format!("the pushed job record is not valid: {e}"))
-                })?;
-        if record.id != begin.job {
-            return Err(AgentError::InvalidArgument(format!(
-                "the pushed record is of job {}, the push of job {}",
-                record.id, begin.job
-            )));
-        }
-        let Some(p) = record.pending.as_ref() else {
-            return Err(refuse("the job has no migration under way".into()));
-        };
-        if p.id != begin.migration {
-            return Err(refuse(format!("the job's migration under way is {}", p.id)));
-        }
-        if p.to.as_ref() != Some(me) {
-            return Err(refuse(format!(
-                "the job is not migrating to this node ({me}) but to {}",
-                p.to.as_ref()
-                    .map(|n| n.as_str())
-                    .unwrap_or("no node (a freeze)")
-            )));
-        }
-        if p.from != begin.from || record.node != begin.from || p.from == *me {
-            return Err(refuse(format!(
-                "the job is on {} and leaving {}, not coming from {}",
-                record.node, p.from, begin.from
-            )));
-        }
-        if record.state != JobState::Migrating || p.phase != MigrationPhase::Dumped {
-            return Err(refuse(format!(
-                "the job is {} (phase {:?}), not migrating with its images sealed",
-                record.state.as_str(),
-                p.phase
-            )));
-        }
-        // CRIU reopens the job's output by path: it must be where this node
-        // keeps job output, never a path chosen by the sender.
-        let output_dir = cfg.jobs_dir.join(begin.job.as_str());
-        for (name, path) in [
-            ("stdout", &record.stdout_path),
-            ("stderr", &record.stderr_path),
-        ] {
-            if Path::new(path) != output_dir.join(name) {
-                return Err(refuse(format!(
-                    "its {name} is {path}, but {me} keeps job output in {}; without a shared path every node needs the same --jobs-dir",
-                    cfg.jobs_dir.display()
-                )));
-            }
-        }
-        if let Some(old) = existing {
-            if old.node == *me && !old.state.is_finished() {
-                return Err(refuse(format!(
-                    "the job is already recorded on this node, {}",
-                    old.state.as_str()
-                )));
-            }
-            if old.generation >= record.generation {
-                return Err(refuse(format!(
-                    "this node has a record of the job as new or newer (generation {} >= {}): a stale or replayed push",
-                    old.generation, record.generation
-                )));
-            }
-        }
+        let (record, output_dir) = check_record(cfg, &begin, &begin.record_json, existing, phase)?;
         if begin.total_bytes > limits.max_bytes {
             return Err(AgentError::ResourceExhausted(format!(
                 "images of job {} are {} bytes, more than the {} a push may carry",
@@ -397,15 +439,27 @@ impl PushReceiver {
         let images = cfg
             .shared_root
             .join(image_rel(&begin.job, &begin.migration));
+        let cap = if begin.early {
+            let free = limits
+                .free_bytes
+                .map_or(u64::MAX, |f| f.saturating_sub(FREE_SPACE_MARGIN));
+            limits.max_bytes.min(free)
+        } else {
+            begin.total_bytes
+        };
         Ok(Self {
             node: me.clone(),
+            cfg: cfg.clone(),
+            existing: existing.cloned(),
             require_manifest: cfg.image_key.is_some(),
             begin,
             record,
+            cap,
             staging,
             images,
             output_dir,
             current: None,
+            growing: BTreeMap::new(),
             done: BTreeSet::new(),
             received: 0,
         })
@@ -420,7 +474,13 @@ impl PushReceiver {
 
     /// Write one chunk.
     pub fn accept(&mut self, c: FileChunk) -> AgentResult<()> {
+        if c.growing {
+            return self.accept_growing(c);
+        }
         let name = c.name.as_str().to_string();
+        if self.growing.contains_key(&name) && c.area == FileArea::Image {
+            return Err(self.bad(format!("{name} was sent both growing and whole")));
+        }
         match c.area {
             FileArea::Image if NOT_PUSHABLE.contains(&name.as_str()) => {
                 return Err(self.bad(format!("{name:?} is not an image file")));
@@ -468,7 +528,7 @@ impl PushReceiver {
                 file,
             });
         }
-        let announced = self.begin.total_bytes;
+        let announced = self.cap;
         let received = self.received;
         let Some(cur) = self.current.as_mut() else {
             return Err(AgentError::Internal("push receiver lost its file".into()));
@@ -490,7 +550,9 @@ impl PushReceiver {
                 cur.size
             ))
         } else if received.saturating_add(len) > announced {
-            Some(format!("more bytes than the {announced} announced"))
+            Some(format!(
+                "more bytes than the {announced} announced or room for"
+            ))
         } else {
             None
         };
@@ -502,6 +564,125 @@ impl PushReceiver {
             .map_err(|e| io_error(&format!("writing pushed image {name}"), e))?;
         cur.written += len;
         self.received += len;
+        Ok(())
+    }
+
+    /// Write one chunk of a page image CRIU is still writing (an early
+    /// push): chunks of each such file come in order, possibly interleaved
+    /// with other growing files', and its size comes with the end marker.
+    fn accept_growing(&mut self, c: FileChunk) -> AgentResult<()> {
+        let name = c.name.as_str().to_string();
+        if !self.begin.early {
+            return Err(self.bad(format!(
+                "{name} was sent growing in a push that is not early"
+            )));
+        }
+        if c.area != FileArea::Image || !crate::security::follow::is_page_image(&name) {
+            return Err(self.bad(format!(
+                "only page images may be sent while they grow, not {name}"
+            )));
+        }
+        if c.data.len() > MAX_CHUNK_BYTES {
+            return Err(self.bad(format!(
+                "a chunk of {name} has {} bytes, more than {MAX_CHUNK_BYTES}",
+                c.data.len()
+            )));
+        }
+        let whole = self.current.as_ref().is_some_and(|f| f.name == name)
+            || self.done.contains(&(FileArea::Image, name.clone()));
+        if whole {
+            return Err(self.bad(format!("{name} was sent both growing and whole")));
+        }
+        let len = c.data.len() as u64;
+        if self.received.saturating_add(len) > self.cap {
+            return Err(self.bad(format!(
+                "more bytes than the {} this node has room for",
+                self.cap
+            )));
+        }
+        if !self.growing.contains_key(&name) {
+            if c.offset != 0 {
+                return Err(self.bad(format!("{name} starts at offset {}, not 0", c.offset)));
+            }
+            if self.done.len() + self.growing.len() >= MAX_PUSH_FILES {
+                return Err(self.bad(format!("more than {MAX_PUSH_FILES} files")));
+            }
+            let path = self.staging.join(area_dir(FileArea::Image)).join(&name);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_error(&format!("creating {}", path.display()), e))?;
+            self.growing.insert(
+                name.clone(),
+                Receiving {
+                    area: FileArea::Image,
+                    name: name.clone(),
+                    size: 0,
+                    written: 0,
+                    file,
+                },
+            );
+        }
+        let written = self.growing.get(&name).map_or(0, |f| f.written);
+        if c.offset != written {
+            return Err(self.bad(format!(
+                "a chunk of {name} is at offset {}, expected {written} (chunks come in order, without gaps)",
+                c.offset
+            )));
+        }
+        let Some(cur) = self.growing.get_mut(&name) else {
+            return Err(AgentError::Internal("push receiver lost its file".into()));
+        };
+        cur.file
+            .write_all(&c.data)
+            .map_err(|e| io_error(&format!("writing pushed image {name}"), e))?;
+        cur.written += len;
+        self.received += len;
+        Ok(())
+    }
+
+    /// An early push's end: the growing files' final sizes and the sealed
+    /// record, checked as a begin's record is in a push that is not early.
+    fn settle_early(&mut self, end: &PushEnd) -> AgentResult<()> {
+        if !self.begin.early {
+            if !end.grown.is_empty() || !end.record_json.is_empty() {
+                return Err(self.bad(
+                    "its end marker carries an early push's fields in a push that is not early"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        for (name, size) in &end.grown {
+            let Some(f) = self.growing.remove(name.as_str()) else {
+                return Err(self.bad(format!(
+                    "the end marker gives {name} a final size, but it was not sent growing"
+                )));
+            };
+            if f.written != *size {
+                return Err(self.bad(format!(
+                    "{name} ended after {} of its {size} bytes",
+                    f.written
+                )));
+            }
+            self.done.insert((FileArea::Image, f.name));
+        }
+        if let Some(name) = self.growing.keys().next() {
+            return Err(self.bad(format!(
+                "{name} was sent growing, but the end marker gives no final size for it"
+            )));
+        }
+        let (record, _) = check_record(
+            &self.cfg,
+            &self.begin,
+            &end.record_json,
+            self.existing.as_ref(),
+            MigrationPhase::Dumped,
+        )
+        .map_err(|e| e.context("the sealed record at the end of an early push"))?;
+        self.record = record;
         Ok(())
     }
 
@@ -526,6 +707,7 @@ impl PushReceiver {
     /// runs here, so a crash of this node loses nothing.
     pub fn complete(mut self, end: PushEnd, registry: &Registry) -> AgentResult<PushSummary> {
         self.close_current()?;
+        self.settle_early(&end)?;
         let files = self.done.len();
         if end.files as usize != files || end.total_bytes != self.received {
             return Err(self.bad(format!(
@@ -533,7 +715,7 @@ impl PushReceiver {
                 end.files, end.total_bytes, self.received
             )));
         }
-        if self.received != self.begin.total_bytes {
+        if !self.begin.early && self.received != self.begin.total_bytes {
             return Err(self.bad(format!(
                 "{} bytes were announced, {} arrived",
                 self.begin.total_bytes, self.received
