@@ -161,7 +161,11 @@ impl Drop for EarlyPush {
     fn drop(&mut self) {
         // A dump that failed: the follower must not follow forever, and the
         // stream ends without its end marker (the target keeps nothing).
+        // Aborting the call also frees a follower blocked on a full queue.
         self.stop.store(true, Ordering::Release);
+        if let Some(call) = self.call.take() {
+            call.abort();
+        }
     }
 }
 

@@ -12,7 +12,9 @@
 //! only when the stream ended with an end marker matching what arrived, moves
 //! them into `images/<job>/<migration>/` and the record into its registry.
 //! Then the source asks for the `Restore` as usual; the target verifies the
-//! manifest and restores from its own disk.
+//! manifest and restores from its own disk. The stream opens when the dump
+//! starts, and the pages travel while CRIU writes them ([`early`]); if that
+//! fails, the whole push runs after the seal.
 //!
 //! **Why pages go through the agent, not CRIU's page server.** A page server
 //! would send memory straight into the *target's* image directory while the
