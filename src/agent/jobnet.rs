@@ -250,7 +250,7 @@ pub fn link_exists(name: &str) -> bool {
 /// it just dumped while the job is frozen, and forking and running `ip`
 /// took ~15 ms of that here, the request itself well under one.
 pub fn delete_link(name: &str) -> Result<(), JobNetError> {
-    match rtnl_delete_link(name) {
+    match rtnl_delete_link(Link::Name(name)) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
         Err(e) => Err(JobNetError::Setup(format!(
@@ -259,20 +259,37 @@ pub fn delete_link(name: &str) -> Result<(), JobNetError> {
     }
 }
 
-/// RTM_DELLINK of the interface named `name` in this process's network
-/// namespace, and the kernel's answer (an errno, or 0).
-fn rtnl_delete_link(name: &str) -> std::io::Result<()> {
+/// An interface, by name or by index.
+#[derive(Debug, Clone, Copy)]
+enum Link<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
+/// RTM_DELLINK of one interface in this process's network namespace, and
+/// the kernel's answer (an errno, or 0).
+fn rtnl_delete_link(link: Link<'_>) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
-        return Err(Error::new(ErrorKind::InvalidInput, "not an interface name"));
-    }
-    // nlmsghdr (16 bytes), ifinfomsg (16, all zero: by name, not index),
-    // then one attribute IFLA_IFNAME: rtattr (4) + the name + NUL, padded.
+    // nlmsghdr (16 bytes), ifinfomsg (16: the index, or 0 and then one
+    // attribute IFLA_IFNAME, rtattr (4) + the name + NUL, padded).
     const HDR: usize = 16;
     const IFINFO: usize = 16;
-    let attr_len = 4 + bytes.len() + 1;
+    let (index, name) = match link {
+        Link::Index(i) => (i, &[][..]),
+        Link::Name(n) => {
+            let bytes = n.as_bytes();
+            if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+                return Err(Error::new(ErrorKind::InvalidInput, "not an interface name"));
+            }
+            (0, bytes)
+        }
+    };
+    let attr_len = if name.is_empty() {
+        0
+    } else {
+        4 + name.len() + 1
+    };
     let total = HDR + IFINFO + ((attr_len + 3) & !3);
     let mut msg = vec![0u8; total];
     msg[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
@@ -280,10 +297,14 @@ fn rtnl_delete_link(name: &str) -> std::io::Result<()> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     msg[6..8].copy_from_slice(&flags.to_ne_bytes());
     msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    let a = HDR + IFINFO;
-    msg[a..a + 2].copy_from_slice(&(attr_len as u16).to_ne_bytes());
-    msg[a + 2..a + 4].copy_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
-    msg[a + 4..a + 4 + bytes.len()].copy_from_slice(bytes);
+    // ifinfomsg: family, pad, type (u16), then the index (i32).
+    msg[HDR + 4..HDR + 8].copy_from_slice(&(index as i32).to_ne_bytes());
+    if !name.is_empty() {
+        let a = HDR + IFINFO;
+        msg[a..a + 2].copy_from_slice(&(attr_len as u16).to_ne_bytes());
+        msg[a + 2..a + 4].copy_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
+        msg[a + 4..a + 4 + name.len()].copy_from_slice(name);
+    }
     // SAFETY: plain syscalls on a socket this function owns, with buffers
     // that outlive them.
     let fd = unsafe {
@@ -605,6 +626,43 @@ pub fn has_own_netns(pid: i32) -> bool {
     }
 }
 
+/// A job just dumped away from this node: delete its veth on a thread of
+/// its own, off the frozen path.
+///
+/// Why: deleting a network device waits for RCU grace periods in the
+/// kernel (`unregister_netdevice`), 15-20 ms here, and the job is frozen
+/// until its target restores it. Nothing needs the veth gone first: the
+/// job's namespace is gone with its processes, so nothing answers through
+/// it, and the target's gratuitous ARP moves the MAC on every bridge.
+/// By index, not name: a rollback here makes a new veth of the same name,
+/// which a late deletion must not take (a rollback's restore deletes a
+/// stale one by name first, as every restore does).
+pub fn left_here_soon(job: &JobId) {
+    let veth = host_veth(job.as_str());
+    let Ok(c) = std::ffi::CString::new(veth.as_str()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        // Gone already (the kernel deletes a veth whose peer's namespace
+        // died).
+        return;
+    }
+    let job = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name("veth-delete".into())
+        .spawn(move || match rtnl_delete_link(Link::Index(index)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(e) => tracing::warn!(job = %job, "deleting the job's veth {veth}: {e}"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("deleting a job's veth: no thread ({e}); deleting it now");
+        let _ = rtnl_delete_link(Link::Index(index));
+    }
+}
+
 /// This node no longer runs `job`: delete its veth, or (`keep`, a stopped
 /// post-copy source that may still take the job back) only take it down.
 pub fn left_here(job: &JobId, keep: bool) {
@@ -777,6 +835,21 @@ mod tests {
             assert!(!link_exists("mjdeltest") && !link_exists("mjdeltestp"));
             // Already gone: nothing to do.
             delete_link("mjdeltest").unwrap();
+            // By index, as a job's leaving does in the background: that
+            // link only, never a new one of the same name.
+            assert!(ip(&add).success());
+            let c = std::ffi::CString::new("mjdeltest").unwrap();
+            // SAFETY: a NUL-terminated name.
+            let old = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            delete_link("mjdeltest").unwrap();
+            assert!(ip(&add).success());
+            let e = rtnl_delete_link(Link::Index(old)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+            assert!(link_exists("mjdeltest"), "the new link of that name stays");
+            // SAFETY: as above.
+            let new = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            rtnl_delete_link(Link::Index(new)).unwrap();
+            assert!(!link_exists("mjdeltest"));
             let e = delete_link("an-interface-name-too-long").unwrap_err();
             assert!(e.to_string().contains("not an interface name"), "{e}");
             // The loopback cannot be deleted: the kernel's refusal comes back.

@@ -422,7 +422,7 @@ impl Agent {
         }
         if !leave_running && rec.net.is_some() {
             // Its namespace is gone with it; its veth must not linger here.
-            crate::agent::jobnet::left_here(&rec.id, false);
+            crate::agent::jobnet::left_here_soon(&rec.id);
         }
         let t_seal = Instant::now();
         self.seal(&dir, &rec.id, mig, precomputed).await?;
