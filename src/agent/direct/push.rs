@@ -507,19 +507,7 @@ impl PushReceiver {
             if self.done.contains(&(c.area, name.clone())) {
                 return Err(self.bad(format!("{name} was sent twice")));
             }
-            if self.done.len() >= MAX_PUSH_FILES {
-                return Err(self.bad(format!("more than {MAX_PUSH_FILES} files")));
-            }
-            if c.offset != 0 {
-                return Err(self.bad(format!("{name} starts at offset {}, not 0", c.offset)));
-            }
-            let path = self.staging.join(area_dir(c.area)).join(&name);
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| io_error(&format!("creating {}", path.display()), e))?;
+            let file = self.new_file(c.area, &name, c.offset)?;
             self.current = Some(Receiving {
                 area: c.area,
                 name: name.clone(),
@@ -567,6 +555,23 @@ impl PushReceiver {
         Ok(())
     }
 
+    /// Create the staged file a file's first chunk (at `offset`) starts.
+    fn new_file(&self, area: FileArea, name: &str, offset: u64) -> AgentResult<File> {
+        if offset != 0 {
+            return Err(self.bad(format!("{name} starts at offset {offset}, not 0")));
+        }
+        if self.done.len() + self.growing.len() >= MAX_PUSH_FILES {
+            return Err(self.bad(format!("more than {MAX_PUSH_FILES} files")));
+        }
+        let path = self.staging.join(area_dir(area)).join(name);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(&format!("creating {}", path.display()), e))
+    }
+
     /// Write one chunk of a page image CRIU is still writing (an early
     /// push): chunks of each such file come in order, possibly interleaved
     /// with other growing files', and its size comes with the end marker.
@@ -601,19 +606,7 @@ impl PushReceiver {
             )));
         }
         if !self.growing.contains_key(&name) {
-            if c.offset != 0 {
-                return Err(self.bad(format!("{name} starts at offset {}, not 0", c.offset)));
-            }
-            if self.done.len() + self.growing.len() >= MAX_PUSH_FILES {
-                return Err(self.bad(format!("more than {MAX_PUSH_FILES} files")));
-            }
-            let path = self.staging.join(area_dir(FileArea::Image)).join(&name);
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| io_error(&format!("creating {}", path.display()), e))?;
+            let file = self.new_file(FileArea::Image, &name, c.offset)?;
             self.growing.insert(
                 name.clone(),
                 Receiving {
