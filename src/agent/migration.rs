@@ -1196,18 +1196,24 @@ impl Agent {
                     .with_label_values(&["restore"])
                     .inc();
                 let r = self.roll_back(job, target, &mig, started, e).await;
-                let outcome = if self.local_pid(job).is_some() {
-                    "rolled_back"
-                } else {
-                    "failed"
-                };
-                self.metrics
-                    .migration_seconds
-                    .with_label_values(&["total", outcome])
-                    .observe(started.elapsed().as_secs_f64());
+                self.observe_failed_total(job, started);
                 r
             }
         }
+    }
+
+    /// A move that did not land: its whole duration, as `rolled_back` if
+    /// the job runs here again, else `failed`.
+    pub(super) fn observe_failed_total(&self, job: &JobId, started: Instant) {
+        let outcome = if self.local_pid(job).is_some() {
+            "rolled_back"
+        } else {
+            "failed"
+        };
+        self.metrics
+            .migration_seconds
+            .with_label_values(&["total", outcome])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// The images are sealed: record phase `dumped` and build the target's

@@ -871,15 +871,7 @@ impl Agent {
                 .resume_after_failed_post_copy(job, target, mig, started, cause, l)
                 .await),
         };
-        let outcome = if self.local_pid(job).is_some() {
-            "rolled_back"
-        } else {
-            "failed"
-        };
-        self.metrics
-            .migration_seconds
-            .with_label_values(&["total", outcome])
-            .observe(started.elapsed().as_secs_f64());
+        self.observe_failed_total(job, started);
         r
     }
 

@@ -261,6 +261,17 @@ struct Receiving {
     file: File,
 }
 
+impl Receiving {
+    /// Append a chunk's bytes (checked by the caller).
+    fn write(&mut self, data: &[u8]) -> AgentResult<()> {
+        self.file
+            .write_all(data)
+            .map_err(|e| io_error(&format!("writing pushed image {}", self.name), e))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
+
 /// Check a pushed record against this node, the push and what this node
 /// knows of the job (`existing`); the job must be migrating here in
 /// `phase`. Returns the record and where this node keeps the job's output.
@@ -547,10 +558,7 @@ impl PushReceiver {
         if let Some(why) = why {
             return Err(self.bad(why));
         }
-        cur.file
-            .write_all(&c.data)
-            .map_err(|e| io_error(&format!("writing pushed image {name}"), e))?;
-        cur.written += len;
+        cur.write(&c.data)?;
         self.received += len;
         Ok(())
     }
@@ -628,10 +636,7 @@ impl PushReceiver {
         let Some(cur) = self.growing.get_mut(&name) else {
             return Err(AgentError::Internal("push receiver lost its file".into()));
         };
-        cur.file
-            .write_all(&c.data)
-            .map_err(|e| io_error(&format!("writing pushed image {name}"), e))?;
-        cur.written += len;
+        cur.write(&c.data)?;
         self.received += len;
         Ok(())
     }
