@@ -263,6 +263,8 @@ def main():
         print(lines[-1], flush=True)
         lines.append(f"#   frozen, each move: {' '.join(map(str, frozen))}")
         lines.append(f"#   baseline, each move: {' '.join(map(str, baseline))}")
+        if n:
+            lines.append(f"#   peer's stall, each move: {' '.join(f'{s:.0f}' for s in stalls)}")
     sh(MOSCTL, "kill", base_job)
     if STEPS:
         per_n["base"] = step_spans(base_job)

@@ -32,7 +32,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 cleanup
 if [ "${STEPS:-0}" = 1 ]; then export RUST_LOG=info,mosix::agent=debug; fi
-"$BIN/mosctl" local up --name $NAME --nodes 2 --no-etcd >/dev/null
+"$BIN/mosctl" local up --name $NAME --nodes 2 --no-etcd ${SHARED:+--shared "$SHARED"} >/dev/null
 
 # The peer: a namespace on the cluster's bridge (named so that `local down`
 # removes it), at .250 of the cluster's subnet.

@@ -329,11 +329,12 @@ impl Agent {
         self.engine.available()?;
         let rel = image_rel(&rec.id, mig);
         let dir = self.image_dir(&rel);
-        std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
+        let spread =
+            crate::criu::create_image_dir(&dir).map_err(|e| io_error("create image dir", e))?;
         // Recovery reads this file as "the dump finished"; one left by an
         // earlier attempt under the same migration id must not say so.
         let _ = std::fs::remove_file(dir.join(crate::criu::DUMP_STATS));
-        if to.is_none() {
+        if to.is_none() && !spread {
             // A checkpoint. A migration made them before its frozen clock
             // started (`migrate`).
             self.precreate_connection_images(rec, pid, &dir);
@@ -1100,10 +1101,17 @@ impl Agent {
         // at 1,000 connections on an ext4 without a journal this took
         // longer than the freeze itself (BENCHMARKS.md, section 8).
         let mig_dir = self.image_dir(&image_rel(job, &mig));
-        let precreated = rec.net.is_some() && std::fs::create_dir_all(&mig_dir).is_ok();
-        if precreated {
-            self.precreate_connection_images(&rec, pid, &mig_dir);
-        }
+        let precreated = rec.net.is_some()
+            && match crate::criu::create_image_dir(&mig_dir) {
+                // A directory in block groups of its own: CRIU's creates
+                // there are cheap, and made files would cost more.
+                Ok(true) => true,
+                Ok(false) => {
+                    self.precreate_connection_images(&rec, pid, &mig_dir);
+                    true
+                }
+                Err(_) => false,
+            };
         let _f = InFlight::new(&self.stats);
         let started = Instant::now();
         let post_copy = wants_post_copy

@@ -108,7 +108,7 @@ impl Agent {
         };
         let rel = image_rel(&rec.id, mig);
         let dir = self.image_dir(&rel);
-        std::fs::create_dir_all(&dir).map_err(|e| io_error("create image dir", e))?;
+        crate::criu::create_image_dir(&dir).map_err(|e| io_error("create image dir", e))?;
         let rss_bytes = crate::core::procfs::tree_rss_bytes(pid);
         self.announce_freeze(rec, pid, Some(to)).await;
         self.check_service_connections(rec, pid)?;

@@ -339,6 +339,64 @@ pub fn precreate_tcp_stream_images(dir: &Path, inodes: &[u64]) -> std::io::Resul
     Ok(made)
 }
 
+/// ext4's "top of a directory hierarchy" inode flag (`chattr +T`,
+/// `FS_TOPDIR_FL` in `linux/fs.h`).
+const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+
+/// Create a move's image directory, `<job dir>/<migration>`, first marking
+/// the job's directory (its parent) as the top of a hierarchy where the file
+/// system has such a mark (ext4's `+T`). Returns whether it has: the new
+/// directory then starts in block groups of its own, and [`precreate_tcp_stream_images`]
+/// is not needed.
+///
+/// Why: ext4 allocates a new file's inode in its directory's block group,
+/// scanning the group's inode bitmap from its start, and without a journal
+/// (this project's machines) it skips, with a look at the inode table,
+/// every inode freed less than 60 s ago (6 min while that table block is
+/// dirty): `find_inode_bit` → `recently_deleted`. Every move deletes the
+/// previous move's images, which sit in that same group, so a job with
+/// 1,000 connections, whose dump makes 1,000 `tcp-stream` files, paid that
+/// scan a thousand times inside the freeze. Making the files before the
+/// freeze avoided the scan but had a cost of its own there: CRIU opens them
+/// `O_TRUNC`, and truncating an ext4 file to 0 marks it to be written back
+/// at close (`auto_da_alloc`), 1,000 block-I/O submissions while frozen
+/// (perf, BENCHMARKS.md section 8). Under a `+T` directory ext4 places each
+/// new subdirectory with its Orlov allocator in a block group with few
+/// directories, chosen from a hash of its name, away from the last move's
+/// freed inodes; CRIU's own creates are then cheap. Best effort: on another
+/// file system (NFS, tmpfs, FUSE) the flag is refused and nothing changes.
+pub fn create_image_dir(dir: &Path) -> std::io::Result<bool> {
+    let spread = match dir.parent() {
+        Some(parent) => {
+            std::fs::create_dir_all(parent)?;
+            mark_top_dir(parent)
+        }
+        None => false,
+    };
+    std::fs::create_dir_all(dir)?;
+    Ok(spread)
+}
+
+/// Set [`FS_TOPDIR_FL`] on `dir` if it lacks it; whether it has it now.
+fn mark_top_dir(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(dir) else {
+        return false;
+    };
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which
+    // points at a live local; the fd is open for the whole call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+        return false;
+    }
+    if flags & FS_TOPDIR_FL != 0 {
+        return true;
+    }
+    flags |= FS_TOPDIR_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, as above.
+    unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) == 0 }
+}
+
 pub fn page_image_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -442,6 +500,56 @@ mod tests {
             0
         );
         assert!(precreate_tcp_stream_images(&dir.path().join("missing"), &[1]).is_err());
+    }
+
+    /// The inode flags of `dir`, read by `lsattr` rather than by the code
+    /// under test; `None` where the file system has none.
+    fn lsattr_has_top_dir(dir: &Path) -> Option<bool> {
+        let out = std::process::Command::new("lsattr")
+            .arg("-d")
+            .arg(dir)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let attrs = text.split_whitespace().next()?;
+        out.status.success().then(|| attrs.contains('T'))
+    }
+
+    #[test]
+    fn image_dirs_spread_where_the_file_system_can() {
+        let root = tempfile::tempdir().unwrap();
+        let job = root.path().join("job-1");
+        let dir = job.join("mig-1");
+        let spread = create_image_dir(&dir).unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(lsattr_has_top_dir(&job).unwrap_or(false), spread);
+        // ext4, the file system of this project's machines and of CI, has
+        // the flag: there it must be set.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(root.path().as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+        if st.f_type == libc::EXT4_SUPER_MAGIC {
+            assert!(spread, "ext4 refused +T on {}", job.display());
+        } else {
+            eprintln!(
+                "note: {} is not ext4; +T not required",
+                root.path().display()
+            );
+        }
+        // A second move of the same job: the flag is there already.
+        assert_eq!(create_image_dir(&job.join("mig-2")).unwrap(), spread);
+        // A file system without the flag (tmpfs): the dir is made all the same.
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let t = tempfile::tempdir_in(shm).unwrap();
+            let d = t.path().join("job").join("mig");
+            let spread = create_image_dir(&d).unwrap();
+            assert!(d.is_dir());
+            assert_eq!(
+                lsattr_has_top_dir(&t.path().join("job")).unwrap_or(false),
+                spread
+            );
+        }
     }
 
     #[test]

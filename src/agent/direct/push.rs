@@ -443,6 +443,10 @@ impl PushReceiver {
             .join(begin.migration.as_str());
         // Left over from an interrupted earlier attempt.
         remove_dir_if_any(&staging).map_err(|e| io_error("clearing the push staging dir", e))?;
+        // In block groups of its own, as a dump's dir: the pushed files are
+        // created while the job is frozen.
+        crate::criu::create_image_dir(&staging)
+            .map_err(|e| io_error("creating the push staging dir", e))?;
         for a in [FileArea::Image, FileArea::JobOutput] {
             fs::create_dir_all(staging.join(area_dir(a)))
                 .map_err(|e| io_error("creating the push staging dir", e))?;
