@@ -129,16 +129,23 @@
 //! storage should verify a private copy, or restore from a directory only
 //! they can write.
 
+mod files;
+mod key;
+mod scan;
+
+pub(crate) use files::write_file_atomic;
+use files::*;
+pub use key::ClusterKey;
+use scan::*;
+
 use std::collections::BTreeMap;
-use std::fmt;
-use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
@@ -163,13 +170,6 @@ pub const PARENT_LINK: &str = "parent";
 /// Manifests larger than this are refused without being parsed, so a hostile
 /// file on shared storage cannot make a node allocate unbounded memory.
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
-
-/// A key file is 64 hex chars plus a newline; anything much larger is not a
-/// key file, and reading it whole would be pointless.
-const MAX_KEY_FILE_BYTES: u64 = 256;
-
-/// Image files can be gigabytes (memory pages), so they are hashed in chunks.
-const HASH_BUF_BYTES: usize = 1024 * 1024;
 
 /// Domain-separation tag at the start of the canonical MAC input.
 const MAC_DOMAIN_TAG: &[u8] = b"mosix-image-manifest-v2\0";
@@ -241,83 +241,6 @@ pub enum ManifestError {
 fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ManifestError {
     let path = path.into();
     move |source| ManifestError::Io { path, source }
-}
-
-/// The 32-byte cluster secret used to authenticate image manifests.
-///
-/// Deliberately not `PartialEq` (a naive comparison would not be constant
-/// time) and its `Debug` output never contains the key material.
-#[derive(Clone)]
-pub struct ClusterKey([u8; 32]);
-
-impl fmt::Debug for ClusterKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClusterKey(<redacted>)")
-    }
-}
-
-impl ClusterKey {
-    /// Generates a fresh random key.
-    ///
-    /// Uses `rand`'s thread-local CSPRNG (ChaCha, seeded and periodically
-    /// reseeded from the OS), which is suitable for key generation. If the OS
-    /// RNG is unusable, `rand` panics rather than returning weak bytes; that
-    /// is the only reason this signature can be infallible.
-    pub fn generate() -> ClusterKey {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        ClusterKey(bytes)
-    }
-
-    /// Loads a key file (see the module docs for the format).
-    pub fn load(path: &Path) -> Result<ClusterKey, ManifestError> {
-        let file = File::open(path).map_err(io_err(path))?;
-        // Check the mode of the file we actually opened (fstat), not of the
-        // path, so a swap between check and read cannot bypass it. Following
-        // a symlink here is fine: the mode that matters is the target's.
-        let meta = file.metadata().map_err(io_err(path))?;
-        if !meta.is_file() {
-            return Err(ManifestError::KeyMalformed {
-                path: path.to_path_buf(),
-                reason: "not a regular file".into(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(ManifestError::KeyPermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let mut text = Vec::new();
-        file.take(MAX_KEY_FILE_BYTES)
-            .read_to_end(&mut text)
-            .map_err(io_err(path))?;
-        let malformed = |reason: &str| ManifestError::KeyMalformed {
-            path: path.to_path_buf(),
-            reason: reason.to_string(),
-        };
-        let hex_part = text.strip_suffix(b"\n").unwrap_or(&text);
-        if hex_part.len() != 64 {
-            return Err(malformed(
-                "expected exactly 64 hex characters (optionally followed by a newline)",
-            ));
-        }
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut bytes)
-            .map_err(|_| malformed("contains non-hex characters"))?;
-        Ok(ClusterKey(bytes))
-    }
-
-    /// Writes the key as 64 lowercase hex chars plus newline, mode `0600`.
-    ///
-    /// Atomic (temp file + fsync + rename + directory fsync) so a crash never
-    /// leaves a truncated key that would make every node reject every image.
-    pub fn save(&self, path: &Path) -> Result<(), ManifestError> {
-        let mut text = hex::encode(self.0);
-        text.push('\n');
-        write_file_atomic(path, text.as_bytes(), 0o600).map_err(io_err(path))
-    }
 }
 
 /// One image file entry in a [`Manifest`].
@@ -978,363 +901,11 @@ fn compute_mac(key: &ClusterKey, m: &Manifest, path: &Path) -> Result<HmacSha256
     Ok(mac)
 }
 
-/// What [`scan_tree`] found: regular files by relative name, `parent`
-/// links with their (unfollowed) targets, and round directories.
-struct Scan {
-    files: BTreeMap<String, Metadata>,
-    links: BTreeMap<String, String>,
-    rounds: std::collections::BTreeSet<u32>,
-}
-
-/// Lists the directory (not following symlinks) and returns every entry
-/// except the manifest itself, refusing anything that is not a regular file.
-/// With `chain`, `parent` symlinks and `pre-<k>` round directories (one
-/// level, holding regular files and their own `parent` link) are collected
-/// too, for [`check_chain_shape`]; links are read, never followed.
-fn scan_tree(dir: &Path, chain: bool) -> Result<Scan, ManifestError> {
-    let mut scan = Scan {
-        files: BTreeMap::new(),
-        links: BTreeMap::new(),
-        rounds: Default::default(),
-    };
-    scan_level(dir, "", chain, &mut scan)?;
-    Ok(scan)
-}
-
-fn scan_level(dir: &Path, prefix: &str, chain: bool, scan: &mut Scan) -> Result<(), ManifestError> {
-    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let name =
-            entry
-                .file_name()
-                .into_string()
-                .map_err(|os| ManifestError::InvalidFileName {
-                    name: format!("{prefix}{}", os.to_string_lossy()),
-                })?;
-        if prefix.is_empty() && name == MANIFEST_FILE_NAME {
-            continue;
-        }
-        let rel = format!("{prefix}{name}");
-        // DirEntry::metadata does not follow symlinks (lstat semantics).
-        let meta = entry.metadata().map_err(io_err(entry.path()))?;
-        let ft = meta.file_type();
-        // Excluded names are checked too: CRIU later *writes* its log there,
-        // and a planted symlink would redirect that write anywhere.
-        if ft.is_file() {
-            scan.files.insert(rel, meta);
-        } else if chain && ft.is_symlink() && name == PARENT_LINK {
-            let target = fs::read_link(entry.path()).map_err(io_err(entry.path()))?;
-            let target =
-                target
-                    .into_os_string()
-                    .into_string()
-                    .map_err(|t| ManifestError::BadChain {
-                        reason: format!("link {rel:?} has a non-UTF-8 target {t:?}"),
-                    })?;
-            scan.links.insert(rel, target);
-        } else if chain && ft.is_dir() && prefix.is_empty() && parse_round_dir(&name).is_some() {
-            if let Some(k) = parse_round_dir(&name) {
-                scan.rounds.insert(k);
-            }
-            scan_level(&entry.path(), &format!("{name}/"), chain, scan)?;
-        } else {
-            return Err(ManifestError::NotRegularFile { name: rel });
-        }
-    }
-    Ok(())
-}
-
-/// The number of rounds of the chain `scan` found (0 for a flat directory),
-/// after checking it has exactly the layout of the module docs: rounds
-/// `pre-1..pre-N` all present and every link exactly as expected. Done on
-/// the write side too, so a malformed chain is never signed.
-fn check_chain_shape(scan: &Scan) -> Result<u32, ManifestError> {
-    let n = scan.rounds.len() as u32;
-    if n == 0 && scan.links.is_empty() {
-        return Ok(0);
-    }
-    if scan.rounds.iter().copied().ne(1..=n) {
-        return Err(ManifestError::BadChain {
-            reason: format!(
-                "round directories {:?} are not pre-1..pre-{n}",
-                scan.rounds
-                    .iter()
-                    .map(|k| round_dir_name(*k))
-                    .collect::<Vec<_>>()
-            ),
-        });
-    }
-    let found: Vec<ManifestLink> = scan
-        .links
-        .iter()
-        .map(|(name, target)| ManifestLink {
-            name: name.clone(),
-            target: target.clone(),
-        })
-        .collect();
-    let expected = chain_links(n);
-    if found != expected {
-        let differs = expected
-            .iter()
-            .find(|l| !found.contains(l))
-            .map(|l| format!("expected link {:?} -> {:?}", l.name, l.target))
-            .or_else(|| {
-                found
-                    .iter()
-                    .find(|l| !expected.contains(l))
-                    .map(|l| format!("unexpected link {:?} -> {:?}", l.name, l.target))
-            })
-            .unwrap_or_default();
-        return Err(ManifestError::BadChain {
-            reason: format!(
-                "a {n}-round chain must link parent -> pre-{n} -> ... -> pre-1: {differs}"
-            ),
-        });
-    }
-    Ok(n)
-}
-
-/// Streams `dir/name` through BLAKE3. `lmeta` is the lstat result from the
-/// directory scan; the opened file must be that same inode, so a file
-/// swapped for a symlink after the scan is caught. Returns the open file so
-/// the caller can fsync it without reopening.
-fn hash_file(
-    dir: &Path,
-    name: &str,
-    lmeta: &Metadata,
-) -> Result<(u64, [u8; 32], File), ManifestError> {
-    let path = dir.join(name);
-    let mut file = open_same(dir, name, lmeta)?;
-    let mut hasher = blake3::Hasher::new();
-    // Sized to the file: most image files are a few hundred bytes (one per
-    // connection of an own-address job), and zeroing a 1 MiB buffer for
-    // each of a thousand of them cost more than hashing them (the +1 lets
-    // a file of exactly that size reach EOF in one read).
-    let want = usize::try_from(lmeta.len())
-        .unwrap_or(usize::MAX)
-        .saturating_add(1)
-        .clamp(4096, HASH_BUF_BYTES);
-    let mut buf = vec![0u8; want];
-    let mut total: u64 = 0;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((total, hasher.finalize().into(), file))
-}
-
-/// A file's size and BLAKE3 digest, as read.
-type Digest = (u64, [u8; 32]);
-
-/// Files that one hashing thread takes before more threads are worth it.
-const HASH_FILES_PER_THREAD: usize = 64;
-/// Most threads hashing a directory's files at once.
-const HASH_THREADS: usize = 4;
-
-/// [`hash_file`] of each file, in order, several files at a time when there
-/// are many. Why: a job with its own address dumps one small
-/// `tcp-stream-*.img` per connection, and at 1,000 connections hashing them
-/// one after the other (open, read, close each) was ~17 ms of frozen time
-/// when sealing and again when verifying. Files are handed out one by one
-/// from a shared counter, so one large file does not hold up the rest.
-fn hash_files_parallel(
-    dir: &Path,
-    files: &[(&str, &Metadata)],
-) -> Vec<Result<Digest, ManifestError>> {
-    let one = |(name, meta): &(&str, &Metadata)| {
-        hash_file(dir, name, meta).map(|(size, digest, _file)| (size, digest))
-    };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(HASH_THREADS)
-        .min(files.len() / HASH_FILES_PER_THREAD);
-    if threads <= 1 {
-        return files.iter().map(one).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<Result<Digest, ManifestError>>> =
-        (0..files.len()).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(f) = files.get(i) else { break };
-                        mine.push((i, one(f)));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        for w in workers {
-            // A worker that panicked leaves its files as None, reported
-            // below as an error rather than a missing digest.
-            if let Ok(mine) = w.join() {
-                for (i, r) in mine {
-                    out[i] = Some(r);
-                }
-            }
-        }
-    });
-    out.into_iter()
-        .zip(files)
-        .map(|(r, (name, _))| {
-            r.unwrap_or_else(|| {
-                Err(ManifestError::Io {
-                    path: dir.join(name),
-                    source: io::Error::other("a hashing thread panicked"),
-                })
-            })
-        })
-        .collect()
-}
-
-/// Open `dir/name`, insisting it is the regular file `lmeta` described.
-fn open_same(dir: &Path, name: &str, lmeta: &Metadata) -> Result<File, ManifestError> {
-    let path = dir.join(name);
-    let file = File::open(&path).map_err(io_err(&path))?;
-    let fmeta = file.metadata().map_err(io_err(&path))?;
-    if !fmeta.is_file() || !same_inode(lmeta, &fmeta) {
-        return Err(ManifestError::NotRegularFile {
-            name: name.to_string(),
-        });
-    }
-    Ok(file)
-}
-
-fn same_inode(a: &Metadata, b: &Metadata) -> bool {
-    a.dev() == b.dev() && a.ino() == b.ino()
-}
-
-fn temp_path_for(path: &Path) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".tmp");
-    Ok(path.with_file_name(tmp_name))
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Threads that fsync a dump's files at once (see [`sync_all_parallel`]).
-const SYNC_THREADS: usize = 16;
-
-/// fsync every file, several at a time. A dump can hold a thousand small
-/// files (one `tcp-stream-*.img` per established connection of a job with
-/// its own address), and one after the other each fsync waits for its own
-/// device cache flush (and, on a journaling file system, its own commit):
-/// 1,000 freshly written 300-byte files took 100-108 ms here one by one,
-/// 25-29 ms from 16 threads (64 threads: 44-47 ms), because concurrent
-/// flushes and commits are merged by the block layer and the journal.
-/// `syncfs` would be faster still (3-5 ms) but waits for every dirty page of
-/// the whole file system, other jobs' included: unbounded.
-fn sync_all_parallel(dir: &Path, names: Vec<&str>) -> Result<(), ManifestError> {
-    let sync = |name: &str| {
-        let path = dir.join(name);
-        File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(path))
-    };
-    if names.len() <= 1 {
-        return names.into_iter().try_for_each(sync);
-    }
-    let threads = names.len().min(SYNC_THREADS);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let mine: Vec<&str> = names.iter().skip(t).step_by(threads).copied().collect();
-                s.spawn(move || mine.into_iter().try_for_each(sync))
-            })
-            .collect();
-        let mut first = Ok(());
-        for w in workers {
-            let r = w.join().unwrap_or_else(|_| {
-                Err(ManifestError::Io {
-                    path: dir.to_path_buf(),
-                    source: io::Error::other("an fsync thread panicked"),
-                })
-            });
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
-    })
-}
-
-/// fsync a directory so that renames/creations inside it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Atomically replaces `path` with `bytes`: write a temp file (created with
-/// `mode`, never wider) in the same directory, fsync it, rename it over
-/// `path`, fsync the directory. Readers see either the old or the new file,
-/// never a partial one, even across a crash.
-///
-/// The temp name is fixed (`.<name>.tmp`) rather than random so a crash
-/// leaves at most one stale temp file, which the next call removes.
-pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_file_atomic_with(path, bytes, mode, true)
-}
-
-/// [`write_file_atomic`], with the fsyncs only if `durable`: still atomic
-/// for readers, but a crash may leave the old file.
-fn write_file_atomic_with(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
-    let tmp = temp_path_for(path)?;
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let result = (|| {
-        // create_new: never write through a pre-existing file or symlink
-        // that someone planted at the temp name.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The mode passed to open is filtered by the umask; set it
-        // explicitly so the result does not depend on the caller's umask.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        drop(f);
-        fs::rename(&tmp, path)?;
-        if durable {
-            sync_dir(parent_dir(path))?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        // Best effort: do not leave a half-written temp file behind.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::PermissionsExt;
     use tempfile::TempDir;
 
     const EXCLUDE: &[&str] = &["dump.log", "restore.log"];
