@@ -26,7 +26,6 @@ pub mod priority;
 pub mod reaper;
 pub mod recovery;
 pub mod runner;
-pub mod service;
 
 pub use error::{AgentError, AgentResult};
 /// Migration without a shared path (a child of [`migration`], whose steps it

@@ -1,11 +1,15 @@
 //! The `mosix.v1` gRPC API: generated types ([`pb`]), the one place where
-//! proto and core types meet ([`convert`]), and client helpers ([`client`]).
+//! proto and core types meet ([`convert`]), client helpers ([`client`]),
+//! and the agent's transport: its gRPC services ([`server`]) and how it
+//! reaches other agents ([`peers`]). This folder imports `agent`, never the
+//! other way round.
 
 pub mod client;
 pub mod convert;
 pub mod convert_checkpoint;
 pub mod convert_exec;
-pub mod restart_ops;
+pub mod peers;
+pub mod server;
 
 /// Generated from `proto/mosix/v1/*.proto`.
 #[allow(clippy::all, missing_docs)]

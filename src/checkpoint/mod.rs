@@ -79,7 +79,6 @@
 
 pub mod duration;
 pub mod outputs;
-pub mod restart;
 pub mod store;
 
 pub use store::{CheckpointError, Meta, OutputFile, Store};

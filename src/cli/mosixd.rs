@@ -1,10 +1,10 @@
 //! `mosixd`: the agent on every node.
 
-use crate::agent::peers::GrpcPeers;
-use crate::agent::service::{AgentService, RunnerService};
 use crate::agent::{Agent, AgentConfig, ImageSync};
 use crate::api::client::ClientTls;
 use crate::api::pb::agent_server::AgentServer;
+use crate::api::peers::GrpcPeers;
+use crate::api::server::{AgentService, RunnerService};
 use crate::core::cluster_file::ClusterFile;
 use crate::core::NodeName;
 use crate::criu::{CheckpointEngine, RealCriu};

@@ -1,12 +1,12 @@
 //! `mosctl restore JOB [--checkpoint N] [--node NODE]` and
 //! `mosctl restore --node-is-down NODE`: bring jobs back from their
 //! checkpoints. The logic for a whole node is the library's
-//! (`checkpoint::restart::restart_node_jobs`); this file only reaches the
+//! (`balancer::restart::plan::restart_node_jobs`); this file only reaches the
 //! agents and prints.
 
 use crate::api::pb;
-use crate::api::restart_ops::GrpcRestartOps;
-use crate::checkpoint::restart::{self, Outcome};
+use crate::balancer::restart::grpc::GrpcRestartOps;
+use crate::balancer::restart::plan::{self as restart, Outcome};
 use crate::cli::common::{status_err, Ctx};
 use crate::core::JobRecord;
 use anyhow::{anyhow, bail, Context};

@@ -1,7 +1,8 @@
-//! The agent's gRPC service: converts requests into [`AgentAction`]s (via
-//! `api::convert`) and replies back. No logic lives here.
+//! The agent's gRPC services (`Agent`, `Runner`): convert requests into
+//! [`AgentAction`]s (via [`super::convert`]) and replies back. No logic
+//! lives here: the agent itself has no transport types.
 
-use super::{Agent, AgentAction, AgentReply};
+use crate::agent::{Agent, AgentAction, AgentReply};
 use crate::api::convert::{agent_error_to_status, InvalidRequest};
 use crate::api::convert_exec::{ExecInput, RunInput};
 use crate::api::pb;
@@ -200,7 +201,7 @@ impl AgentApi for AgentService {
     }
 
     async fn restore(&self, r: Request<pb::RestoreRequest>) -> Result<Response<pb::Job>, Status> {
-        let call = super::migration::RestoreCall::try_from(r.into_inner())?;
+        let call = crate::agent::migration::RestoreCall::try_from(r.into_inner())?;
         self.job(AgentAction::Restore(call)).await
     }
 
@@ -262,8 +263,8 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::PushImagesResponse>, Status> {
         let parts = r.into_inner().map(|m| match m {
             Ok(c) => crate::agent::direct::PushPart::try_from(c)
-                .map_err(|e| super::AgentError::InvalidArgument(e.to_string())),
-            Err(s) => Err(super::AgentError::Unavailable(format!(
+                .map_err(|e| crate::agent::AgentError::InvalidArgument(e.to_string())),
+            Err(s) => Err(crate::agent::AgentError::Unavailable(format!(
                 "the sender's stream broke: {}",
                 s.message()
             ))),

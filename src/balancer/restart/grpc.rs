@@ -1,11 +1,11 @@
 //! [`RestartOps`] over gRPC: how `mosctl restore --node-is-down` and the
 //! balancer's leader (after a node's lease expired) ask a node to restore
 //! a job from its latest checkpoint. The restart logic itself is
-//! transport-free (`checkpoint::restart`); this is only the call.
+//! transport-free ([`super::plan`]); this is only the call.
 
-use super::client::{self, status_text, ClientTls};
-use super::pb;
-use crate::checkpoint::restart::{RestartOps, RestoreFailure, Restored};
+use super::plan::{RestartOps, RestoreFailure, Restored};
+use crate::api::client::{self, status_text, ClientTls};
+use crate::api::pb;
 use crate::core::cluster_file::ClusterFile;
 use futures::future::BoxFuture;
 use std::time::Duration;

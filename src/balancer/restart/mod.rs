@@ -8,17 +8,20 @@
 //! by the leader's revision (a leader that lost its leadership meanwhile is
 //! refused) and by the job's owner record, moved from the lost node to the
 //! target with one compare-and-set (two restarts of one job cannot both
-//! win). The restart logic is `checkpoint::restart`'s, shared with
+//! win). The restart logic is [`plan`]'s, shared with
 //! `mosctl restore --node-is-down`; jobs without a checkpoint are recorded
 //! lost, and every outcome is logged.
+
+pub mod grpc;
+pub mod plan;
 
 use super::leader::{NodeLost, NodeLostHook};
 use crate::api::client::{self, ClientTls};
 use crate::api::pb;
-use crate::api::restart_ops::GrpcRestartOps;
-use crate::checkpoint::restart::{restart_node_jobs, Outcome};
 use crate::core::cluster_file::ClusterFile;
 use crate::core::JobRecord;
+use grpc::GrpcRestartOps;
+use plan::{restart_node_jobs, Outcome};
 use std::sync::Arc;
 use std::time::Duration;
 
