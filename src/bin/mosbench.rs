@@ -707,8 +707,9 @@ async fn cmd_round(args: &[String]) -> anyhow::Result<serde_json::Value> {
         }));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let walls: Vec<f64> = per.iter().map(|r| r["wall_s"].as_f64().unwrap()).collect();
-    let cpus: Vec<f64> = per.iter().map(|r| r["cpu_s"].as_f64().unwrap()).collect();
+    // Read back from the rows just written above, where both are numbers.
+    let walls: Vec<f64> = per.iter().filter_map(|r| r["wall_s"].as_f64()).collect();
+    let cpus: Vec<f64> = per.iter().filter_map(|r| r["cpu_s"].as_f64()).collect();
     let (wlo, whi) = min_max(&walls);
     let (clo, chi) = min_max(&cpus);
     Ok(json!({
