@@ -372,6 +372,22 @@ fn redis_client_keeps_its_connection_over_20_moves() {
     );
     assert_eq!(peer.resets(), before, "the peer saw resets");
     assert_eq!(cl.record(&job).history.len(), 20);
+    // The client's INCRs that reached the job while it was frozen were kept
+    // by the source and sent on once it ran (`agent::replay`): on some of
+    // the 20 moves at least, and (the counter above) never counted twice.
+    let resent = (1..=3)
+        .map(|n| std::fs::read_to_string(format!("/run/mosix/{}/node{n}.log", cl.name)).unwrap())
+        .flat_map(|log| {
+            log.lines()
+                .filter(|l| l.contains("frames that reached it while frozen sent again"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .count();
+    assert!(
+        resent > 0,
+        "no move sent on the frames kept during its freeze"
+    );
     drop(cli);
     let o = cl.mosctl(&["kill", &job]);
     assert!(o.status.success());

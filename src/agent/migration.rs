@@ -317,6 +317,9 @@ impl Agent {
             self.precreate_connection_images(rec, pid, &dir);
         }
         let started = now_unix_ms();
+        // A move, not a freeze to disk: frames reaching the job meanwhile
+        // are kept for it (see `replay`).
+        let moving = !leave_running && to.is_some();
         if !leave_running {
             self.announce_freeze(rec, pid, to.as_ref()).await;
             self.check_service_connections(rec, pid)?;
@@ -364,6 +367,9 @@ impl Agent {
             // Only for a dump that takes the job away: a checkpoint's job
             // stays, and nothing here is worth stopping the others for.
             let _squeeze = (!leave_running).then(|| self.squeeze_jobs()).flatten();
+            if moving {
+                self.hold_frames(rec);
+            }
             Self::blocking(move || engine.dump(&spec)).await?
         };
         let frozen_ms = t0.elapsed().as_millis() as u64;
@@ -385,6 +391,8 @@ impl Agent {
             if leave_running {
                 remove_images_keep_logs(&dir);
             } else {
+                // CRIU resumed it here: what reached it meanwhile is due.
+                self.resend_held(&rec.id);
                 self.dump_failed(rec, pid, &dir)?;
             }
             return Err(AgentError::from(e).context(&format!(
@@ -889,6 +897,8 @@ impl Agent {
         frozen_ms: u64,
         post_copy: bool,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
+        // The target answered that the job runs there.
+        self.resend_held(job);
         let landed = self.registry.get(job)?;
         if landed.node != *target || landed.state != JobState::Running {
             return Err(AgentError::Aborted(format!(
@@ -959,6 +969,7 @@ impl Agent {
         };
         match self.restore_here(job, mig, None, arrival).await {
             Ok(_) => {
+                self.resend_held(job);
                 let _ = std::fs::remove_dir_all(self.image_dir(&image_rel(job, mig)));
                 Err(AgentError::Aborted(format!(
                     "migration of job {job} to {target} failed: {cause}; the job was restored on {} and keeps running there",

@@ -25,6 +25,7 @@ pub mod precopy;
 pub mod priority;
 pub mod reaper;
 pub mod recovery;
+pub mod replay;
 pub mod runner;
 
 pub use error::{AgentError, AgentResult};
@@ -264,6 +265,9 @@ pub struct Agent {
     /// CRIU workers (see [`crate::core::cgroup`]); None without a node
     /// cgroup: jobs then share the agent's.
     pub(crate) jobs_group: Option<crate::core::cgroup::JobsGroup>,
+    /// Frames that reach a moving job's own address while it is frozen,
+    /// kept to be sent on once it runs again (see [`replay`]).
+    pub(crate) held_frames: replay::Held,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -332,6 +336,7 @@ impl Agent {
             criu_lock: Arc::new(tokio::sync::Mutex::new(())),
             verdict_lock: Mutex::new(()),
             exit_watch: Mutex::new(Default::default()),
+            held_frames: Mutex::new(Default::default()),
             slots: exec::SlotCounter::default(),
             runner,
             events: events::Events::default(),

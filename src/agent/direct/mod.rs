@@ -840,6 +840,7 @@ impl Agent {
                 r
             }
         };
+        self.resend_held(job);
         self.record_landed(&mut m, frozen_ms, total_ms, post_copy);
         tracing::info!(job = %job, to = %target, frozen_ms, total_ms, post_copy, "migrated without a shared path");
         Ok((landed, m))
