@@ -14,6 +14,10 @@
 //! from the bridge ([`resend`]): the restored socket takes the data, ACKs
 //! it, and the peer goes on without waiting for its timer.
 //!
+//! A full copy keeps frames, with a shared path or without; a post-copy
+//! move (its own dump path, `postcopy`) does not yet, and its peers wait for
+//! their timers as before.
+//!
 //! Safe by TCP's own rules: a segment the job did take before the lock is a
 //! duplicate, which its kernel drops with a duplicate ACK. Only IPv4 TCP
 //! frames addressed to the job's IP are kept, at most [`MAX_FRAMES`] and
