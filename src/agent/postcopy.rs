@@ -143,6 +143,9 @@ impl Agent {
             own_net: rec.net.is_some(),
         };
         let t0 = Instant::now();
+        // Frames reaching it from here on are sent on once it runs on the
+        // target (`confirm_and_clean`), as in a full copy (see `replay`).
+        self.hold_frames(rec);
         // Until the page server is up (the frozen part), as in a full copy.
         let squeeze = self.squeeze_jobs();
         let handle = tokio::task::spawn_blocking(move || {

@@ -14,9 +14,8 @@
 //! from the bridge ([`resend`]): the restored socket takes the data, ACKs
 //! it, and the peer goes on without waiting for its timer.
 //!
-//! A full copy keeps frames, with a shared path or without; a post-copy
-//! move (its own dump path, `postcopy`) does not yet, and its peers wait for
-//! their timers as before.
+//! Every kind of move keeps frames: full copy and post-copy, with a shared
+//! path or without.
 //!
 //! Safe by TCP's own rules: a segment the job did take before the lock is a
 //! duplicate, which its kernel drops with a duplicate ACK. Only IPv4 TCP
