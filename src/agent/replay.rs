@@ -204,7 +204,7 @@ fn keep(fd: OwnedFd, ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Vec<Vec<u8>> {
             }
         }
         let frame = &buf[..n as usize];
-        if from.sll_pkttype == libc::PACKET_OUTGOING as u8
+        if from.sll_pkttype == libc::PACKET_OUTGOING
             && is_tcp_to(frame, ip)
             && frames.len() < MAX_FRAMES
             && bytes + frame.len() <= MAX_BYTES
