@@ -822,17 +822,9 @@ mod tests {
 
     #[test]
     fn a_link_is_deleted_by_name_and_a_missing_one_is_no_error() {
-        // SAFETY: a plain query.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: needs root (a network namespace of its own)");
-            return;
-        }
         // In a network namespace of the test's own thread (and of the `ip`
         // it runs), so the machine's links are never touched.
-        std::thread::spawn(|| {
-            // SAFETY: changes only this thread's network namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        crate::agent::in_own_netns(|| {
             let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap();
             // A veth pair, like a job's (this kernel has no dummy links).
             let add = [
@@ -870,9 +862,7 @@ mod tests {
             assert!(e.to_string().contains("not an interface name"), "{e}");
             // The loopback cannot be deleted: the kernel's refusal comes back.
             assert!(delete_link("lo").is_err());
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]

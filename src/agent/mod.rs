@@ -1041,3 +1041,24 @@ pub(crate) fn io_error(what: &str, e: std::io::Error) -> AgentError {
         AgentError::Internal(format!("{what}: {e}"))
     }
 }
+
+/// Run `f` in a network namespace of its own, on a thread of its own, so a
+/// test's links and bridges never touch the machine's; false (and a loud
+/// SKIPPED) where that needs root and the test lacks it.
+#[cfg(test)]
+pub(crate) fn in_own_netns(f: impl FnOnce() + Send + 'static) -> bool {
+    // SAFETY: a plain query.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root (a network namespace of its own)");
+        return false;
+    }
+    std::thread::spawn(move || {
+        // SAFETY: changes only this thread's network namespace.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap();
+    true
+}

@@ -243,27 +243,7 @@ pub fn resend(bridge: &str, frames: &[Vec<u8>]) -> std::io::Result<usize> {
         let mut frame = f.clone();
         frame[6..12].copy_from_slice(&mac);
         set_tcp_checksum(&mut frame);
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = ETH_P_IP.to_be();
-        to.sll_ifindex = ifindex;
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: sends our own buffer, with its length, to a sockaddr_ll
-        // of the size given.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        send_frame(&fd, ifindex, &frame)?;
         sent += 1;
     }
     Ok(sent)
@@ -310,6 +290,32 @@ fn set_tcp_checksum(frame: &mut [u8]) {
     }
     let check = !(sum as u16);
     frame[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Send one whole Ethernet frame out of the link `ifindex`.
+fn send_frame(fd: &OwnedFd, ifindex: i32, frame: &[u8]) -> std::io::Result<()> {
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_IP.to_be();
+    to.sll_ifindex = ifindex;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: sends our own buffer, with its length, to a sockaddr_ll of
+    // the size given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn packet_socket() -> std::io::Result<OwnedFd> {
@@ -463,40 +469,15 @@ mod tests {
 
     /// Send one raw frame out of `link`.
     fn inject(link: &str, f: &[u8]) {
-        let fd = packet_socket().unwrap();
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_ifindex = if_index(link).unwrap();
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&f[..6]);
-        // SAFETY: our own buffer and a sockaddr_ll of the size given.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+        send_frame(&packet_socket().unwrap(), if_index(link).unwrap(), f).unwrap();
     }
 
     #[test]
     fn frames_held_during_a_freeze_reach_the_job_where_it_runs_now() {
-        // SAFETY: a plain query.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: needs root (a network namespace of its own)");
-            return;
-        }
         // A bridge with a peer's port and a job's veth, in a network
         // namespace of the test's own thread: the machine's links are never
         // touched.
-        std::thread::spawn(|| {
-            // SAFETY: changes only this thread's network namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        crate::agent::in_own_netns(|| {
             let ip = |args: &str| {
                 let ok = std::process::Command::new("ip")
                     .args(args.split_whitespace())
@@ -578,8 +559,6 @@ mod tests {
             assert_eq!(tcp_sum_of(&got), 0, "a whole TCP checksum");
             assert_eq!(resend("rbr", &[]).unwrap(), 0);
             assert!(Capture::start("no-such-link", job).is_err());
-        })
-        .join()
-        .unwrap();
+        });
     }
 }
