@@ -32,6 +32,7 @@ use super::{AgentError, AgentResult};
 use crate::core::{JobId, JobRecord};
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -237,11 +238,37 @@ pub fn plumb(pid: i32, veth: &str, bridge: &str, net: &JobNet) -> Result<(), Job
 /// `/sys/class/net`: an agent in a node's namespace sees the sysfs of
 /// whoever mounted it, i.e. the host's links.
 pub fn link_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
+    link_index(name).is_ok()
+}
+
+/// The index of the link `name` in this thread's network namespace.
+pub(crate) fn link_index(name: &str) -> std::io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a link name"))?;
+    // SAFETY: a NUL-terminated name that outlives the call; it only reads it.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+/// A raw packet socket for `protocol` (an `ETH_P_*` in network order; 0:
+/// none, so that nothing is received until `bind` names a link and a
+/// protocol).
+pub(crate) fn packet_socket(protocol: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain socket(2) call; the fd is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol),
+        )
     };
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Delete a link of this node by name (a job's host veth); Ok if absent.
@@ -445,13 +472,11 @@ pub fn announce(pid: i32, net: &JobNet) -> Result<(), JobNetError> {
     let ns = format!("/proc/{pid}/ns/net");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut fd = -1;
-        let sent = send_garp(&ns, &frame, &mut fd);
+        let mut socket = None;
+        let sent = send_garp(&ns, &frame, &mut socket);
         let _ = tx.send(sent);
-        if fd >= 0 {
-            // SAFETY: the packet socket opened by send_garp, closed once.
-            unsafe { libc::close(fd) };
-        }
+        // Closed only now (see above).
+        drop(socket);
     });
     rx.recv().map_err(|_| {
         JobNetError::Setup("the gratuitous ARP thread ended without an answer".into())
@@ -459,53 +484,46 @@ pub fn announce(pid: i32, net: &JobNet) -> Result<(), JobNetError> {
 }
 
 /// Enter the namespace `ns` (this thread only), open a packet socket on its
-/// interface into `fd` (left open for the caller to close) and send `frame`
-/// twice.
-fn send_garp(ns: &str, frame: &[u8; 42], fd: &mut i32) -> Result<(), JobNetError> {
+/// interface into `socket` (left open for the caller to close) and send
+/// `frame` twice.
+fn send_garp(ns: &str, frame: &[u8; 42], socket: &mut Option<OwnedFd>) -> Result<(), JobNetError> {
     let f = std::fs::File::open(ns).map_err(|e| JobNetError::Setup(format!("{ns}: {e}")))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| JobNetError::Setup(format!("setns {ns}: {e}")))?;
-    let iface = std::ffi::CString::new(JOB_IFACE).map_err(|e| JobNetError::Setup(e.to_string()))?;
-    // SAFETY: plain syscalls on values owned here; the caller closes the fd.
-    unsafe {
-        let idx = libc::if_nametoindex(iface.as_ptr());
-        if idx == 0 {
-            return Err(JobNetError::Setup(format!(
-                "no {JOB_IFACE} in the job's namespace"
-            )));
-        }
-        let proto = (libc::ETH_P_ARP as u16).to_be();
-        *fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-        if *fd < 0 {
-            return Err(JobNetError::Setup(format!(
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = idx as i32;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        let mut err = None;
-        for _ in 0..2 {
-            let n = libc::sendto(
-                *fd,
+    let idx = link_index(JOB_IFACE)
+        .map_err(|e| JobNetError::Setup(format!("no {JOB_IFACE} in the job's namespace: {e}")))?;
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    let fd = socket.insert(
+        packet_socket(proto).map_err(|e| JobNetError::Setup(format!("packet socket: {e}")))?,
+    );
+    // SAFETY: an all-zero sockaddr_ll is valid; its fields are set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = idx as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let mut err = None;
+    for _ in 0..2 {
+        // SAFETY: sends our own buffer, with its length, to a sockaddr_ll
+        // of the size given.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
                 (&sll as *const libc::sockaddr_ll).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if n < 0 {
-                err = Some(std::io::Error::last_os_error());
-            }
+            )
+        };
+        if n < 0 {
+            err = Some(std::io::Error::last_os_error());
         }
-        match err {
-            Some(e) => Err(JobNetError::Setup(format!("gratuitous ARP: {e}"))),
-            None => Ok(()),
-        }
+    }
+    match err {
+        Some(e) => Err(JobNetError::Setup(format!("gratuitous ARP: {e}"))),
+        None => Ok(()),
     }
 }
 
@@ -655,16 +673,11 @@ pub fn has_own_netns(pid: i32) -> bool {
 /// stale one by name first, as every restore does).
 pub fn left_here_soon(job: &JobId) {
     let veth = host_veth(job.as_str());
-    let Ok(c) = std::ffi::CString::new(veth.as_str()) else {
-        return;
-    };
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
+    let Ok(index) = link_index(&veth) else {
         // Gone already (the kernel deletes a veth whose peer's namespace
         // died).
         return;
-    }
+    };
     let job = job.clone();
     let spawned = std::thread::Builder::new()
         .name("veth-delete".into())
@@ -846,16 +859,13 @@ mod tests {
             // By index, as a job's leaving does in the background: that
             // link only, never a new one of the same name.
             assert!(ip(&add).success());
-            let c = std::ffi::CString::new("mjdeltest").unwrap();
-            // SAFETY: a NUL-terminated name.
-            let old = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            let old = link_index("mjdeltest").unwrap();
             delete_link("mjdeltest").unwrap();
             assert!(ip(&add).success());
             let e = rtnl_delete_link(Link::Index(old)).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
             assert!(link_exists("mjdeltest"), "the new link of that name stays");
-            // SAFETY: as above.
-            let new = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            let new = link_index("mjdeltest").unwrap();
             rtnl_delete_link(Link::Index(new)).unwrap();
             assert!(!link_exists("mjdeltest"));
             let e = delete_link("an-interface-name-too-long").unwrap_err();

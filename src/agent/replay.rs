@@ -115,7 +115,7 @@ impl Capture {
     /// them.
     pub fn start(veth: &str, ip: Ipv4Addr) -> std::io::Result<Capture> {
         let ifindex = if_index(veth)?;
-        let fd = packet_socket()?;
+        let fd = jobnet::packet_socket(0)?;
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = ETH_P_ALL.to_be();
@@ -234,7 +234,7 @@ pub fn resend(bridge: &str, frames: &[Vec<u8>]) -> std::io::Result<usize> {
     }
     let ifindex = if_index(bridge)?;
     let mac = read_mac(bridge)?;
-    let fd = packet_socket()?;
+    let fd = jobnet::packet_socket(0)?;
     let mut sent = 0;
     for f in frames {
         if f.len() < ETH_HDR {
@@ -318,26 +318,9 @@ fn send_frame(fd: &OwnedFd, ifindex: i32, frame: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn packet_socket() -> std::io::Result<OwnedFd> {
-    // Protocol 0 at first: nothing is received until `bind` names the
-    // device, so frames of other interfaces never reach the queue.
-    // SAFETY: a plain socket(2) call; the fd is owned from here on.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
+/// A link's index as `sockaddr_ll` wants it.
 fn if_index(name: &str) -> std::io::Result<i32> {
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a link name"))?;
-    // SAFETY: a NUL-terminated name that outlives the call.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(std::io::Error::last_os_error()),
-        i => Ok(i as i32),
-    }
+    jobnet::link_index(name).map(|i| i as i32)
 }
 
 /// The MAC of `name`, asked of the kernel (SIOCGIFHWADDR) in the caller's
@@ -469,7 +452,12 @@ mod tests {
 
     /// Send one raw frame out of `link`.
     fn inject(link: &str, f: &[u8]) {
-        send_frame(&packet_socket().unwrap(), if_index(link).unwrap(), f).unwrap();
+        send_frame(
+            &jobnet::packet_socket(0).unwrap(),
+            if_index(link).unwrap(),
+            f,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -518,7 +506,7 @@ mod tests {
             ip("link add rjob2 type veth peer name rjob2x");
             ip("link set rjob2 master rbr up");
             ip("link set rjob2x up");
-            let rx = packet_socket().unwrap();
+            let rx = jobnet::packet_socket(0).unwrap();
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = ETH_P_ALL.to_be();
