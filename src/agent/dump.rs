@@ -38,7 +38,7 @@ impl Agent {
 
     /// [`Self::checkpoint`] of a job leaving for `to`, calling `on_dumping`
     /// with the record once it says `dumping`, just before CRIU starts (an
-    /// early push starts there: see [`direct::early`]).
+    /// early push starts there: see [`super::direct::early`]).
     pub(super) async fn checkpoint_calling(
         self: &Arc<Self>,
         rec: &mut JobRecord,
