@@ -159,9 +159,17 @@ def loadavg():
 
 def others_running():
     """Other local mosix clusters on this machine (e.g. integration tests of
-    other sessions) compete for the same 2 cores; record them."""
+    other sessions) compete for the same 2 cores; record them. Up means an
+    agent of its `agents.pids` is alive: a directory alone may be a stale
+    one or another bench's scratch files (`make bench-gw`'s)."""
+    def up(name):
+        try:
+            pids = open(f"/run/mosix/{name}/agents.pids").read().split()
+        except OSError:
+            return False
+        return any(p.isdigit() and os.path.exists(f"/proc/{p}") for p in pids)
     try:
-        return sorted(n for n in os.listdir("/run/mosix") if n != CLUSTER)
+        return sorted(n for n in os.listdir("/run/mosix") if n != CLUSTER and up(n))
     except FileNotFoundError:
         return []
 
