@@ -496,35 +496,51 @@ fn send_garp(ns: &str, frame: &[u8; 42], socket: &mut Option<OwnedFd>) -> Result
     let fd = socket.insert(
         packet_socket(proto).map_err(|e| JobNetError::Setup(format!("packet socket: {e}")))?,
     );
-    // SAFETY: an all-zero sockaddr_ll is valid; its fields are set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = idx as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     let mut err = None;
     for _ in 0..2 {
-        // SAFETY: sends our own buffer, with its length, to a sockaddr_ll
-        // of the size given.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n < 0 {
-            err = Some(std::io::Error::last_os_error());
+        if let Err(e) = send_link_frame(fd, idx as i32, proto, [0xff; 6], frame) {
+            err = Some(e);
         }
     }
     match err {
         Some(e) => Err(JobNetError::Setup(format!("gratuitous ARP: {e}"))),
         None => Ok(()),
     }
+}
+
+/// Send one whole Ethernet `frame` out of the link `ifindex` to `dest`, as
+/// `protocol` (an `ETH_P_*` in network order): the gratuitous ARP here, and
+/// the frames `replay` sends again.
+pub(crate) fn send_link_frame(
+    fd: &OwnedFd,
+    ifindex: i32,
+    protocol: u16,
+    dest: [u8; 6],
+    frame: &[u8],
+) -> std::io::Result<()> {
+    // SAFETY: an all-zero sockaddr_ll is valid; its fields are set below.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = protocol;
+    to.sll_ifindex = ifindex;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&dest);
+    // SAFETY: sends our own buffer, with its length, to a sockaddr_ll of
+    // the size given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An established TCP connection of a job.

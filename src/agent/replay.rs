@@ -292,30 +292,12 @@ fn set_tcp_checksum(frame: &mut [u8]) {
     frame[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
 }
 
-/// Send one whole Ethernet frame out of the link `ifindex`.
+/// Send one whole Ethernet frame out of the link `ifindex`, to the MAC it
+/// names.
 fn send_frame(fd: &OwnedFd, ifindex: i32, frame: &[u8]) -> std::io::Result<()> {
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_protocol = ETH_P_IP.to_be();
-    to.sll_ifindex = ifindex;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: sends our own buffer, with its length, to a sockaddr_ll of
-    // the size given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&to as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    let mut dest = [0u8; 6];
+    dest.copy_from_slice(&frame[..6]);
+    jobnet::send_link_frame(fd, ifindex, ETH_P_IP.to_be(), dest, frame)
 }
 
 /// A link's index as `sockaddr_ll` wants it.
