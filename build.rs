@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("mosix_v1_descriptor.bin"))
         // Image chunks: decoded as slices of the received buffer, not copied.
         .bytes(".mosix.v1.FileData.data")
+        .bytes(".mosix.v1.PageStreamIn")
+        .bytes(".mosix.v1.PageStreamOut")
         .compile_protos(
             &[
                 "proto/mosix/v1/agent.proto",

@@ -128,6 +128,7 @@ fn job_images(cl: &Cluster, node: &str, job: &str) -> Vec<PathBuf> {
     let d = cl.node_dir(node);
     walk(&d.join("images").join(job), &mut v);
     walk(&d.join("incoming").join(job), &mut v);
+    walk(&d.join("incoming-pages").join(job), &mut v);
     v
 }
 
@@ -285,6 +286,185 @@ fn no_shared_a_b_a(extra: &[&str]) {
     let seen = watch.stop();
     assert!(!seen.is_empty(), "the watcher saw the images");
     assert_no_shared_storage(&cl, &seen);
+}
+
+/// A counter in its node's network (no address of its own): the jobs whose
+/// full copies stream their pages (see `agent::direct::stream`).
+fn counter_in_node_net(cl: &Cluster, port: &str, mem_mib: &str) -> (String, PathBuf) {
+    let file = cl.shared.join(format!("counter-{port}.txt"));
+    let job = cl.mosrun(&[
+        "--node",
+        "node1",
+        "--net",
+        "node",
+        "--",
+        MOSJOB,
+        "counter",
+        "--port",
+        port,
+        "--file",
+        file.to_str().unwrap(),
+        "--mem-mib",
+        mem_mib,
+    ]);
+    cl.wait_for("counter to tick", 30, || ticks(&file).len() > 2);
+    (job, file)
+}
+
+fn node_log(cl: &Cluster, node: &str) -> String {
+    let log = std::fs::read_to_string(format!("/run/mosix/{}/{node}.log", cl.name)).unwrap();
+    // The log's fields are coloured.
+    log.replace("\u{1b}[0m", "").replace("\u{1b}[2m", "")
+}
+
+fn is_page_file(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("pages-"))
+}
+
+/// A full copy streams the job's memory into the target's page server: the
+/// pages are written on the target only, never on the source; the memory
+/// arrives whole; and the source's stopped copy of the job is gone once the
+/// target runs it. Then back the same way.
+#[test]
+fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter_in_node_net(&cl, "8186", "64");
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter to answer on node1", 10, || {
+        query_counter(&ip1, 8186).is_some()
+    });
+    let (before, _) = query_counter(&ip1, 8186).unwrap();
+    let watch = ImageWatch::start(&cl);
+    let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seen = watch.stop();
+    let (after, ok) = query_counter(&ip2, 8186).expect("counter answers on node2");
+    assert!(ok, "memory checksum intact");
+    assert!(after >= before, "{before} -> {after}");
+    let log1 = node_log(&cl, "node1");
+    assert!(
+        log1.lines()
+            .any(|l| l.contains("images pushed") && l.contains("streamed=true")),
+        "no page stream in node1's log:\n{log1}"
+    );
+    assert!(
+        node_log(&cl, "node2").contains("pages received over the page stream"),
+        "node2 took no page stream"
+    );
+    let (d1, d2) = (cl.node_dir("node1"), cl.node_dir("node2"));
+    let on = |d: &Path| {
+        seen.iter()
+            .filter(|p| p.starts_with(d) && is_page_file(p))
+            .count()
+    };
+    assert_eq!(on(&d1), 0, "page images written on the source: {seen:?}");
+    assert!(on(&d2) > 0, "no page images seen on the target: {seen:?}");
+    let rec = cl.record(&job);
+    let m = rec.history.last().unwrap();
+    assert!(m.ok && !m.post_copy, "{m:?}");
+    assert!(m.image_bytes >= 64 << 20, "the pages count: {m:?}");
+    cl.wait_for("the source's stopped copy to end", 10, || {
+        instances(&rec.stdout_path).len() == 1
+    });
+    assert_no_shared_storage(&cl, &seen);
+
+    let o = cl.mosctl(&["migrate", &job, "node1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (back, ok) = query_counter(&ip1, 8186).expect("counter answers on node1 again");
+    assert!(ok && back > before, "{before} -> {after} -> {back}");
+    cl.wait_for("one instance, images cleaned up", 20, || {
+        instances(&rec.stdout_path).len() == 1
+            && job_images(&cl, "node1", &job).is_empty()
+            && job_images(&cl, "node2", &job).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_contiguous(&ticks(&file));
+}
+
+/// The pages were streamed and the push went through, but the target's
+/// restore fails: the source's stopped tree runs on, with all its memory,
+/// and nothing of it is left on the target. A target whose page server
+/// fails makes the dump fail: the job runs on too.
+#[test]
+fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter_in_node_net(&cl, "8187", "32");
+    let id = JobId::parse(&job).unwrap();
+    let ip1 = cl.node_ip("node1");
+    cl.wait_for("counter", 10, || query_counter(&ip1, 8187).is_some());
+    // node2's CRIU serves pages but fails every `swrk` call: its restore.
+    let wrapper = cl.shared.join("criu-no-swrk.sh");
+    let criu = mosix::criu::default_criu_path();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = swrk ] && exit 1\nexec {} \"$@\"\n",
+            criu.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", wrapper.to_str().unwrap()])
+        .status()
+        .unwrap();
+    cl.restart_agent("node2", &["--criu", wrapper.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, _) = query_counter(&ip1, 8187).unwrap();
+    let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("resumed on node1"),
+        "says where the job is: {err}"
+    );
+    assert!(
+        node_log(&cl, "node1")
+            .lines()
+            .any(|l| l.contains("images pushed") && l.contains("streamed=true")),
+        "the pages were streamed"
+    );
+    let (now, ok) = query_counter(&ip1, 8187).expect("the job answers on node1");
+    assert!(ok && now >= before, "{before} -> {now}");
+    let rec = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(rec.state, JobState::Running);
+    assert_eq!(rec.node.as_str(), "node1");
+    assert!(!rec.history.last().unwrap().ok, "failed attempt recorded");
+    assert!(!cl.node_registry("node2").exists(&id));
+    assert_eq!(instances(&rec.stdout_path).len(), 1, "runs exactly once");
+    cl.wait_for("node2 to drop its copy", 20, || {
+        job_images(&cl, "node2", &job).is_empty()
+    });
+
+    // A page server that cannot run: the dump fails, the job runs on.
+    cl.restart_agent("node2", &["--criu", "/bin/false"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let (again, ok) = query_counter(&ip1, 8187).expect("the job answers on node1");
+    assert!(ok && again >= now);
+    assert_eq!(instances(&rec.stdout_path).len(), 1, "runs exactly once");
+    assert_eq!(
+        cl.node_registry("node1").get(&id).unwrap().state,
+        JobState::Running
+    );
+
+    // And with a working CRIU again, it moves.
+    cl.restart_agent("node2", &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let o = cl.mosctl(&["migrate", &job, "node2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, ok) = query_counter(&cl.node_ip("node2"), 8187).expect("answers on node2");
+    assert!(ok);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_contiguous(&ticks(&file));
 }
 
 #[test]
@@ -468,6 +648,7 @@ fn no_shared_path_push_refuses_bad_input_and_changes_nothing() {
             total_bytes: total,
             record_json: record,
             early: false,
+            pages_streamed: false,
         })),
     };
     let file = |name: &str, size: u64, data: &[u8]| pb::ImageChunk {

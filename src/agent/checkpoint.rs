@@ -165,6 +165,7 @@ impl Agent {
         };
         let spec = DumpSpec {
             pid,
+            page_socket: None,
             image_dir: tmp.clone(),
             leave_running: true,
             lazy: None,

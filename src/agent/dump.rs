@@ -32,13 +32,15 @@ impl Agent {
         leave_running: bool,
         lazy: Option<PageServer>,
     ) -> AgentResult<DumpResult> {
-        self.checkpoint_onto(rec, pid, mig, to, leave_running, lazy, None, None)
+        self.checkpoint_onto(rec, pid, mig, to, leave_running, lazy, None, None, None)
             .await
     }
 
     /// [`Self::checkpoint`] of a job leaving for `to`, calling `on_dumping`
     /// with the record once it says `dumping`, just before CRIU starts (an
-    /// early push starts there: see [`super::direct::early`]).
+    /// early push starts there: see [`super::direct::early`]). With
+    /// `page_socket`, the pages go into it and the tree is left stopped
+    /// (see [`super::direct::stream`]).
     pub(super) async fn checkpoint_calling(
         self: &Arc<Self>,
         rec: &mut JobRecord,
@@ -46,9 +48,20 @@ impl Agent {
         mig: &MigrationId,
         to: NodeName,
         on_dumping: OnDumping<'_>,
+        page_socket: Option<std::os::fd::RawFd>,
     ) -> AgentResult<DumpResult> {
-        self.checkpoint_onto(rec, pid, mig, Some(to), false, None, None, Some(on_dumping))
-            .await
+        self.checkpoint_onto(
+            rec,
+            pid,
+            mig,
+            Some(to),
+            false,
+            None,
+            None,
+            Some(on_dumping),
+            page_socket,
+        )
+        .await
     }
 
     /// [`Self::checkpoint`], on top of pre-copy rounds if `pre` has some.
@@ -63,6 +76,7 @@ impl Agent {
         lazy: Option<PageServer>,
         pre: Option<&crate::agent::precopy::Chain>,
         on_dumping: Option<OnDumping<'_>>,
+        page_socket: Option<std::os::fd::RawFd>,
     ) -> AgentResult<DumpResult> {
         self.engine.available()?;
         let rel = image_rel(&rec.id, mig);
@@ -105,12 +119,13 @@ impl Agent {
         let engine = self.engine.clone();
         let spec = DumpSpec {
             pid,
+            page_socket,
             image_dir: dir.clone(),
             leave_running,
             lazy,
             status_fd: None,
             prev_images_dir: pre.map(|c| c.parent_rel()),
-            keep_stopped: false,
+            keep_stopped: page_socket.is_some(),
             post_dump: None,
             deadline: Some(crate::criu::deadline_for(
                 crate::criu::CriuCall::Dump,
@@ -121,8 +136,9 @@ impl Agent {
         // Hash (and start flushing) the page images while CRIU writes them,
         // so sealing after the dump only has the tail left to do.
         let fsync = self.cfg.image_sync == crate::agent::ImageSync::Fsync;
-        let follower = (self.cfg.image_key.is_some() && spec.lazy.is_none())
-            .then(|| crate::security::follow::FollowHasher::start(&dir, fsync));
+        let follower =
+            (self.cfg.image_key.is_some() && spec.lazy.is_none() && spec.page_socket.is_none())
+                .then(|| crate::security::follow::FollowHasher::start(&dir, fsync));
         let result = {
             let _one = self.criu_lock.lock().await;
             // Only for a dump that takes the job away: a checkpoint's job
@@ -161,13 +177,16 @@ impl Agent {
                 rec.id, self.cfg.node
             )));
         }
-        if !leave_running {
+        // Left stopped (streamed pages), the process is still ours until
+        // the target runs the job (see `direct::stream`).
+        let stopped = page_socket.is_some();
+        if !leave_running && !stopped {
             // The process is gone; it is no longer ours to reap.
             if let Ok(mut l) = self.local.lock() {
                 l.remove(&rec.id);
             }
         }
-        if !leave_running && rec.net.is_some() {
+        if !leave_running && !stopped && rec.net.is_some() {
             // Its namespace is gone with it; its veth must not linger here.
             crate::agent::jobnet::left_here_soon(&rec.id);
         }

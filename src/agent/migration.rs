@@ -62,6 +62,9 @@ pub const UNSEALED: &[&str] = &[
     // once all pages are served; the lazy-pages daemon's socket).
     crate::criu::DUMP_STATS,
     "lazy-pages.socket",
+    // A move whose pages were streamed: the source's stopped tree, for its
+    // recovery (see `direct::stream`); never leaves the source.
+    super::direct::stream::STOPPED_TREE,
 ];
 pub const CLAIM_FILE: &str = "CLAIM";
 
@@ -474,6 +477,7 @@ impl Agent {
                 false,
                 None,
                 pre.chain(),
+                None,
                 None,
             )
             .await

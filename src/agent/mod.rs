@@ -164,6 +164,9 @@ pub struct Agent {
     /// Frames that reach a moving job's own address while it is frozen,
     /// kept to be sent on once it runs again (see [`replay`]).
     pub(crate) held_frames: replay::Held,
+    /// Page images received over a page stream, waiting for the push of
+    /// the same migration (see [`direct::stream`]).
+    pub(crate) streamed_pages: direct::stream::Received,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -233,6 +236,7 @@ impl Agent {
             verdict_lock: Mutex::new(()),
             exit_watch: Mutex::new(Default::default()),
             held_frames: Mutex::new(Default::default()),
+            streamed_pages: Default::default(),
             slots: exec::SlotCounter::default(),
             runner,
             events: events::Events::default(),

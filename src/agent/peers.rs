@@ -75,6 +75,17 @@ pub trait Peers: Send + Sync + 'static {
     ) -> BoxFuture<'a, AgentResult<PushSummary>> {
         Box::pin(async move { Err(unsupported(node)) })
     }
+    /// Open a page stream to `node` (see `direct::stream`): `open`, then
+    /// whatever `data` yields, until it closes; the answers come back as
+    /// they arrive.
+    fn stream_pages<'a>(
+        &'a self,
+        node: &'a NodeName,
+        _open: super::direct::stream::PageStreamOpen,
+        _data: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> BoxFuture<'a, AgentResult<super::direct::stream::PageOutStream>> {
+        Box::pin(async move { Err(unsupported(node)) })
+    }
     /// Ask `node` whether a pushed migration landed there (if not, it drops
     /// its copy).
     fn resolve_migration<'a>(

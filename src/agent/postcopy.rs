@@ -129,6 +129,7 @@ impl Agent {
         let engine = self.engine.clone();
         let spec = DumpSpec {
             pid,
+            page_socket: None,
             image_dir: dir.clone(),
             leave_running: false,
             lazy: Some(ps.clone()),
@@ -325,25 +326,78 @@ impl Agent {
         if !why.is_empty() {
             tracing::info!(job = %job, "post-copy page server ended: {why}");
         }
+        self.release_stopped_tree(job, lazy.pid)
+    }
+
+    /// A tree a dump left stopped, that CRIU no longer holds: let it run on
+    /// here. Returns the job's pid if it is alive.
+    pub(crate) fn release_stopped_tree(&self, job: &JobId, pid: i32) -> Option<i32> {
         let exited = self.set_dumping(job, false);
-        let alive = exited.is_none() && reaper::is_pidns_init(lazy.pid);
+        let alive = exited.is_none() && reaper::is_pidns_init(pid);
         if alive {
-            if crate::agent::jobnet::has_own_netns(lazy.pid) {
-                if let Err(e) = crate::agent::jobnet::unlock(lazy.pid) {
+            if crate::agent::jobnet::has_own_netns(pid) {
+                if let Err(e) = crate::agent::jobnet::unlock(pid) {
                     tracing::warn!(job = %job, "{e}");
                 }
             }
             crate::agent::jobnet::set_link(&crate::agent::jobnet::host_veth(job.as_str()), true);
-            signal_tree(lazy.pid, nix::sys::signal::Signal::SIGCONT);
-            return Some(lazy.pid);
+            signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
+            return Some(pid);
         }
         if let Ok(mut l) = self.local.lock() {
             l.remove(job);
         }
         if let Some(st) = exited {
-            self.record_exit(job, lazy.pid, Some(st));
+            self.record_exit(job, pid, Some(st));
         }
         None
+    }
+
+    /// A move whose pages were streamed (see `direct::stream`) landed: the
+    /// stopped tree here is not the job any more.
+    pub(crate) fn drop_stopped_tree(&self, job: &JobId, tree: &super::direct::stream::StoppedTree) {
+        let _ = self.set_dumping(job, false);
+        if let Ok(mut l) = self.local.lock() {
+            l.remove(job);
+        }
+        tree.kill();
+    }
+
+    /// A move whose pages were streamed failed, and the target does not
+    /// and will not run the job: let its stopped tree run on here.
+    pub(crate) async fn resume_after_failed_stream(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: &MigrationId,
+        started: Instant,
+        cause: AgentError,
+        tree: super::direct::stream::StoppedTree,
+    ) -> AgentError {
+        if let Err(e) = self.take_owner_back(job).await {
+            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
+        }
+        let pid = if tree.is_there() {
+            self.release_stopped_tree(job, tree.pid)
+        } else {
+            None
+        };
+        let adopt = pid.is_some()
+            && self
+                .local
+                .lock()
+                .map(|l| !l.contains_key(job))
+                .unwrap_or(false);
+        let err = self
+            .resumed_here(job, target, mig, started, cause, pid, false)
+            .await;
+        if let (true, Some(pid), Ok(rec)) = (adopt, pid, self.registry.get(job)) {
+            // Stopped under an agent that has restarted since: watch it anew.
+            if rec.state == JobState::Running {
+                self.adopt_orphan(&rec, pid);
+            }
+        }
+        err
     }
 
     /// The target does not run the job and never will: take it back.
@@ -358,31 +412,54 @@ impl Agent {
         cause: AgentError,
         lazy: LazyDump,
     ) -> AgentError {
-        let dir = self.image_dir(&image_rel(job, mig));
-        let image_bytes = super::dir_bytes(&dir);
         // With etcd the target became the owner before its restore: the
         // job resumes here, so the ownership comes back here too.
         if let Err(e) = self.take_owner_back(job).await {
             tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
         }
         let pid = self.abort_lazy(job, lazy).await;
+        self.resumed_here(job, target, mig, started, cause, pid, true)
+            .await
+    }
+
+    /// The end of a failed move whose source kept the job's tree stopped
+    /// (post-copy, or streamed pages): record the truth, running here with
+    /// all its memory (`pid`), or failed if the tree is gone.
+    #[allow(clippy::too_many_arguments)]
+    async fn resumed_here(
+        self: &Arc<Self>,
+        job: &JobId,
+        target: &NodeName,
+        mig: &MigrationId,
+        started: Instant,
+        cause: AgentError,
+        pid: Option<i32>,
+        post_copy: bool,
+    ) -> AgentError {
+        let what = if post_copy {
+            "post-copy migration"
+        } else {
+            "migration"
+        };
+        let dir = self.image_dir(&image_rel(job, mig));
+        let image_bytes = super::dir_bytes(&dir);
         let frozen_ms = started.elapsed().as_millis() as u64;
         let mut rec = match self.registry.get(job) {
             Ok(r) => r,
             Err(e) => {
                 return AgentError::Aborted(format!(
-                    "post-copy migration of job {job} to {target} failed ({cause}), and its record cannot be read ({e})"
+                    "{what} of job {job} to {target} failed ({cause}), and its record cannot be read ({e})"
                 ))
             }
         };
         let Some(pid) = pid else {
             if rec.state == JobState::Exited {
                 return AgentError::Aborted(format!(
-                    "post-copy migration of job {job} to {target} failed ({cause}); the job had ended meanwhile"
+                    "{what} of job {job} to {target} failed ({cause}); the job had ended meanwhile"
                 ));
             }
             let msg = format!(
-                "post-copy migration of job {job} to {target} failed ({cause}) and its processes on {} were gone when it was taken back; images and CRIU logs are kept in {}",
+                "{what} of job {job} to {target} failed ({cause}) and its processes on {} were gone when it was taken back; images and CRIU logs are kept in {}",
                 self.cfg.node,
                 dir.display()
             );
@@ -419,7 +496,7 @@ impl Agent {
             ok: false,
             error: error.clone(),
             image_bytes,
-            post_copy: true,
+            post_copy,
             pre_copy_rounds: 0,
             pre_copy_bytes: 0,
             fallback: String::new(),
@@ -445,9 +522,14 @@ impl Agent {
         }
         self.events.running(&rec, &self.cfg.node);
         let _ = std::fs::remove_dir_all(&dir);
-        tracing::warn!(job = %job, to = %target, frozen_ms, "post-copy migration failed; the job resumed here: {cause}");
+        tracing::warn!(job = %job, to = %target, frozen_ms, "{what} failed; the job resumed here: {cause}");
+        let next = if post_copy {
+            " (its next automatic move will be a full copy)"
+        } else {
+            ""
+        };
         AgentError::Aborted(format!(
-            "post-copy migration of job {job} to {target} failed: {cause}; the job resumed on {} with all its memory after {frozen_ms} ms frozen (its next automatic move will be a full copy)",
+            "{what} of job {job} to {target} failed: {cause}; the job resumed on {} with all its memory after {frozen_ms} ms frozen{next}",
             self.cfg.node
         ))
     }

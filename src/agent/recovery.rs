@@ -120,7 +120,7 @@ impl Agent {
         }
     }
 
-    fn adopt_orphan(self: &Arc<Self>, rec: &JobRecord, pid: i32) {
+    pub(crate) fn adopt_orphan(self: &Arc<Self>, rec: &JobRecord, pid: i32) {
         if let Ok(mut l) = self.local.lock() {
             l.insert(
                 rec.id.clone(),
@@ -175,6 +175,9 @@ impl Agent {
         let me = self.cfg.node.clone();
         let rel = image_rel(&rec.id, &p.id);
         let dir = self.image_dir(&rel);
+        if self.recover_streamed(&rec, &p) {
+            return;
+        }
         if let Some(pid) = find_job_process(&rec) {
             // The job runs here: whatever step was last, it completed.
             tracing::info!(job = %rec.id, pid, "migration {} found complete on restart", p.id);

@@ -637,6 +637,7 @@ impl TryFrom<pb::ImageChunk> for PushPart {
                     total_bytes: b.total_bytes,
                     record_json: b.record_json,
                     early: b.early,
+                    pages_streamed: b.pages_streamed,
                 }))
             }
             Some(Part::File(f)) => {
@@ -728,6 +729,7 @@ impl From<PushPart> for pb::ImageChunk {
                 total_bytes: b.total_bytes,
                 record_json: b.record_json,
                 early: b.early,
+                pages_streamed: b.pages_streamed,
             }),
             PushPart::File(f) => Part::File(pb::FileData {
                 name: f.name.to_string(),
@@ -811,6 +813,79 @@ impl TryFrom<pb::ResolveMigrationResponse> for Resolution {
         Ok(Resolution::Landed(
             r.job.map(JobRecord::try_from).transpose()?.map(Box::new),
         ))
+    }
+}
+
+// ---------------------------------------------------------------- page stream
+
+impl From<crate::agent::direct::stream::PageStreamIn> for pb::PageStreamIn {
+    fn from(m: crate::agent::direct::stream::PageStreamIn) -> Self {
+        use crate::agent::direct::stream::PageStreamIn;
+        use pb::page_stream_in::Msg;
+        let msg = match m {
+            PageStreamIn::Open(o) => Msg::Open(pb::PageStreamOpen {
+                job_id: o.job.to_string(),
+                migration_id: o.migration.to_string(),
+                from_node: o.from.to_string(),
+                estimate_bytes: o.estimate_bytes,
+            }),
+            PageStreamIn::Data(b) => Msg::Data(b),
+        };
+        pb::PageStreamIn { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<pb::PageStreamIn> for crate::agent::direct::stream::PageStreamIn {
+    type Error = InvalidRequest;
+    fn try_from(m: pb::PageStreamIn) -> Result<Self, InvalidRequest> {
+        use crate::agent::direct::stream::{PageStreamIn, PageStreamOpen};
+        use pb::page_stream_in::Msg;
+        match m.msg {
+            Some(Msg::Open(o)) => Ok(PageStreamIn::Open(PageStreamOpen {
+                job: job_id("open.job_id", &o.job_id)?,
+                migration: mig_opt("open.migration_id", &o.migration_id)?
+                    .ok_or_else(|| InvalidRequest::new("open.migration_id", "must not be empty"))?,
+                from: node("open.from_node", &o.from_node)?,
+                estimate_bytes: o.estimate_bytes,
+            })),
+            Some(Msg::Data(b)) => Ok(PageStreamIn::Data(b)),
+            None => Err(InvalidRequest::new("msg", "must be set")),
+        }
+    }
+}
+
+impl From<crate::agent::direct::stream::PageStreamOut> for pb::PageStreamOut {
+    fn from(m: crate::agent::direct::stream::PageStreamOut) -> Self {
+        use crate::agent::direct::stream::PageStreamOut;
+        use pb::page_stream_out::Msg;
+        let msg = match m {
+            PageStreamOut::Ready => Msg::Ready(true),
+            PageStreamOut::Data(b) => Msg::Data(b),
+            PageStreamOut::Done(d) => Msg::Done(pb::PageStreamDone {
+                ok: d.ok,
+                error: d.error,
+                bytes: d.bytes,
+            }),
+        };
+        pb::PageStreamOut { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<pb::PageStreamOut> for crate::agent::direct::stream::PageStreamOut {
+    type Error = InvalidRequest;
+    fn try_from(m: pb::PageStreamOut) -> Result<Self, InvalidRequest> {
+        use crate::agent::direct::stream::{PageStreamDone, PageStreamOut};
+        use pb::page_stream_out::Msg;
+        match m.msg {
+            Some(Msg::Ready(_)) => Ok(PageStreamOut::Ready),
+            Some(Msg::Data(b)) => Ok(PageStreamOut::Data(b)),
+            Some(Msg::Done(d)) => Ok(PageStreamOut::Done(PageStreamDone {
+                ok: d.ok,
+                error: d.error,
+                bytes: d.bytes,
+            })),
+            None => Err(InvalidRequest::new("msg", "must be set")),
+        }
     }
 }
 
@@ -994,6 +1069,7 @@ mod tests {
                 total_bytes: 1,
                 record_json: vec![],
                 early: false,
+                pages_streamed: false,
             })),
         };
         assert_eq!(

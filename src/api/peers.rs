@@ -239,6 +239,45 @@ impl Peers for GrpcPeers {
         })
     }
 
+    fn stream_pages<'a>(
+        &'a self,
+        node: &'a NodeName,
+        open: crate::agent::direct::stream::PageStreamOpen,
+        data: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> BoxFuture<'a, AgentResult<crate::agent::direct::stream::PageOutStream>> {
+        use crate::agent::direct::stream::{PageStreamIn, PageStreamOut};
+        use futures::StreamExt;
+        Box::pin(async move {
+            let first = crate::api::pb::PageStreamIn::from(PageStreamIn::Open(open));
+            let rest = tokio_stream::wrappers::ReceiverStream::new(data)
+                .map(|b| crate::api::pb::PageStreamIn::from(PageStreamIn::Data(b)));
+            let reqs = futures::stream::iter([first]).chain(rest);
+            let (ep, mut c) = self.client(node).await?;
+            let resp = match c.stream_pages(reqs).await {
+                Ok(r) => r,
+                Err(s) => {
+                    use tonic::Code;
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) {
+                        client::forget(ep);
+                    }
+                    return Err(crate::api::convert::status_to_agent_error(s));
+                }
+            };
+            let node = node.clone();
+            Ok(resp
+                .into_inner()
+                .map(move |m| match m {
+                    Ok(o) => PageStreamOut::try_from(o)
+                        .map_err(|e| AgentError::Internal(format!("from {node}: {e}"))),
+                    Err(s) => Err(crate::api::convert::status_to_agent_error(s)),
+                })
+                .boxed())
+        })
+    }
+
     fn resolve_migration<'a>(
         &'a self,
         node: &'a NodeName,

@@ -279,6 +279,45 @@ impl AgentApi for AgentService {
         Ok(Response::new(pb::PushImagesResponse::from(&summary)))
     }
 
+    type StreamPagesStream = OutStream<pb::PageStreamOut>;
+
+    async fn stream_pages(
+        &self,
+        r: Request<Streaming<pb::PageStreamIn>>,
+    ) -> Result<Response<Self::StreamPagesStream>, Status> {
+        use crate::agent::direct::stream::PageStreamIn;
+        let mut inbound = r.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty StreamPages stream"))?;
+        let PageStreamIn::Open(open) = PageStreamIn::try_from(first)? else {
+            return Err(Status::invalid_argument(
+                "the first PageStreamIn must be `open`",
+            ));
+        };
+        let data = inbound
+            .map(|m| match m.map(PageStreamIn::try_from) {
+                Ok(Ok(PageStreamIn::Data(b))) => Ok(b),
+                Ok(Ok(PageStreamIn::Open(_))) => Err(crate::agent::AgentError::InvalidArgument(
+                    "a second `open` in a page stream".into(),
+                )),
+                Ok(Err(e)) => Err(crate::agent::AgentError::InvalidArgument(e.to_string())),
+                Err(s) => Err(crate::agent::AgentError::Unavailable(format!(
+                    "the sender's stream broke: {}",
+                    s.message()
+                ))),
+            })
+            .boxed();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.agent.clone().serve_page_stream(open, data, tx));
+        let outs = tokio_stream::wrappers::ReceiverStream::new(rx).map(|o| match o {
+            Ok(o) => Ok(pb::PageStreamOut::from(o)),
+            Err(e) => Err(agent_error_to_status(e)),
+        });
+        Ok(Response::new(Box::pin(outs)))
+    }
+
     async fn set_node_admin(
         &self,
         r: Request<pb::SetNodeAdminRequest>,

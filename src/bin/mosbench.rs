@@ -329,6 +329,14 @@ impl Agent for SimAgent {
     ) -> Result<Response<Self::ExecStream>, Status> {
         Err(Status::unimplemented("simulated agent"))
     }
+    type StreamPagesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PageStreamOut, Status>> + Send>>;
+    async fn stream_pages(
+        &self,
+        _r: Request<tonic::Streaming<pb::PageStreamIn>>,
+    ) -> Result<Response<Self::StreamPagesStream>, Status> {
+        Err(Status::unimplemented("simulated agent"))
+    }
     async fn get_slots(
         &self,
         _r: Request<pb::GetSlotsRequest>,

@@ -38,6 +38,16 @@ pub fn nice(tid: i32) -> Option<i32> {
         .ok()
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of its
+/// `stat`): with the pid, it names one process for good, whatever reuses
+/// the pid later.
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat_fields(&format!("/proc/{pid}/stat"))?
+        .get(19)?
+        .parse()
+        .ok()
+}
+
 /// The id of process or thread `tid` in its innermost PID namespace (the
 /// last field of `NSpid`).
 pub fn ns_pid(tid: i32) -> Option<i32> {

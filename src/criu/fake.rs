@@ -113,6 +113,12 @@ impl CheckpointEngine for FakeEngine {
             });
         }
         Self::alive("dump", spec.pid)?;
+        if spec.page_socket.is_some() {
+            return Err(CriuError::Failed {
+                op: "dump",
+                detail: "the fake CRIU has no page server to send pages to".into(),
+            });
+        }
         self.dumps.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut p) = self.dump_parents.lock() {
             p.push(spec.prev_images_dir.clone());

@@ -56,6 +56,13 @@ pub struct DumpSpec {
     pub leave_running: bool,
     /// Post-copy: serve memory from this page server instead of writing it.
     pub lazy: Option<PageServer>,
+    /// Send the memory pages into this connected socket, to a `criu
+    /// page-server` at its other end (CRIU's `--page-server --ps-socket`),
+    /// instead of writing them into `image_dir`: see
+    /// `agent::direct::stream`. The caller keeps it open until the dump
+    /// returns. Not combinable with `lazy` or `prev_images_dir`; pair it
+    /// with `keep_stopped`, since the pages are then nowhere on this node.
+    pub page_socket: Option<std::os::fd::RawFd>,
     /// CRIU writes a byte here once everything but memory is dumped and the
     /// page server listens (post-copy). Must be inheritable (no CLOEXEC).
     pub status_fd: Option<i32>,
@@ -284,6 +291,24 @@ pub trait CheckpointEngine: Send + Sync + 'static {
         image_dir: &Path,
         from: &PageServer,
     ) -> Result<std::process::Child, CriuError>;
+    /// A full copy without a shared path, target side: start `criu
+    /// page-server`, writing the page images it is sent over `socket` (a
+    /// connected stream socket of ours, inherited under the same number)
+    /// into `image_dir`, its log into `log`. It ends by itself once the
+    /// dumping CRIU closes the transfer. See `agent::direct::stream`. The
+    /// default: this engine cannot.
+    fn page_server(
+        &self,
+        image_dir: &Path,
+        socket: std::os::fd::RawFd,
+        log: &Path,
+    ) -> Result<std::process::Child, CriuError> {
+        let _ = (image_dir, socket, log);
+        Err(CriuError::Failed {
+            op: "page-server",
+            detail: "this checkpoint engine has no page server".into(),
+        })
+    }
     /// Whether the engine is usable at all (binary present).
     fn available(&self) -> Result<(), CriuError>;
     /// One pre-copy round: write the job's memory (all of it in the first

@@ -468,11 +468,60 @@ impl CheckpointEngine for RealCriu {
         Ok(child)
     }
 
+    fn page_server(
+        &self,
+        image_dir: &Path,
+        socket: std::os::fd::RawFd,
+        log: &Path,
+    ) -> Result<std::process::Child, CriuError> {
+        use std::os::unix::process::CommandExt;
+        self.available()?;
+        let mut cmd = Command::new(&self.path);
+        cmd.args(["page-server", "--ps-socket"])
+            .arg(socket.to_string())
+            .arg("-D")
+            .arg(image_dir)
+            .arg("-o")
+            .arg(log)
+            .arg(format!("-v{}", log_level()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let flags = libc::fcntl(socket, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(socket, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| CriuError::Io {
+            op: "page-server",
+            source: e,
+        })?;
+        // Above the jobs, as a dump's worker: it writes a moving job's memory.
+        crate::core::set_nice(child.id() as i32, super::swrk::WORKER_NICE);
+        Ok(child)
+    }
+
     fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError> {
         if let Some(prev) = &spec.prev_images_dir {
             return self.dump_onto_parent(spec, prev);
         }
-        let worker = self.worker("dump")?;
+        let worker = match spec.page_socket {
+            Some(fd) => {
+                self.available()?;
+                let w = Worker::spawn_with_fd(&self.path, fd).map_err(|e| CriuError::Failed {
+                    op: "dump",
+                    detail: e.to_string(),
+                })?;
+                crate::core::set_nice(w.pid(), super::swrk::WORKER_NICE);
+                w
+            }
+            None => self.worker("dump")?,
+        };
         let dir = std::fs::File::open(&spec.image_dir).map_err(|e| CriuError::Io {
             op: "dump",
             source: e,
@@ -489,6 +538,11 @@ impl CheckpointEngine for RealCriu {
             let mut info = rpc::Criu_page_server_info::new();
             info.set_address(ps.address.clone());
             info.set_port(i32::from(ps.port));
+            opts.ps = protobuf::MessageField::some(info);
+        }
+        if let Some(fd) = spec.page_socket {
+            let mut info = rpc::Criu_page_server_info::new();
+            info.set_fd(fd);
             opts.ps = protobuf::MessageField::some(info);
         }
         if let Some(fd) = spec.status_fd {

@@ -128,6 +128,21 @@ pub struct Worker {
 impl Worker {
     /// Start `criu swrk` (at the calling thread's priority).
     pub fn spawn(criu: &Path) -> Result<Self, SwrkError> {
+        Self::spawn_inheriting(criu, None)
+    }
+
+    /// A worker for one call that uses a file descriptor of ours by number:
+    /// a page server's socket (`Criu_page_server_info.fd`), which CRIU takes
+    /// only from a worker that inherited it (it cannot reopen a socket
+    /// through `/proc/<peer>/fd`, as it does an image dir). Costs the ~3 ms
+    /// of a cold start that a spare saves, on a call that moves a job's
+    /// whole memory. `fd` stays CLOEXEC in the agent; only the child keeps
+    /// it, under the same number.
+    pub fn spawn_with_fd(criu: &Path, fd: std::os::fd::RawFd) -> Result<Self, SwrkError> {
+        Self::spawn_inheriting(criu, Some(fd))
+    }
+
+    fn spawn_inheriting(criu: &Path, extra: Option<std::os::fd::RawFd>) -> Result<Self, SwrkError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -150,9 +165,11 @@ impl Worker {
         // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(io::Error::last_os_error());
+                for fd in std::iter::once(fd).chain(extra) {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

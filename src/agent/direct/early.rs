@@ -83,6 +83,7 @@ impl EarlyPush {
             total_bytes: estimate,
             record_json,
             early: true,
+            pages_streamed: false,
         };
         tx.try_send(PushPart::Begin(begin))
             .map_err(|_| AgentError::Internal("the early push's queue refused its begin".into()))?;
@@ -351,6 +352,7 @@ mod tests {
                 total_bytes: 0,
                 record_json: b"{sealed}".to_vec(),
                 early: false,
+                pages_streamed: false,
             },
             files: files
                 .iter()

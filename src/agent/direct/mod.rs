@@ -59,6 +59,7 @@ pub mod early;
 mod listing;
 pub mod push;
 mod receive;
+pub mod stream;
 pub use listing::merge_records;
 pub use push::*;
 
@@ -82,6 +83,18 @@ const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 /// How long the background task keeps asking before it freezes the job on
 /// the source for a person to decide.
 const BACKGROUND_PATIENCE: Duration = Duration::from_secs(24 * 3600);
+
+/// What the source keeps of a job while its target may or may not run it
+/// (see the safety rule above).
+pub(crate) enum SourceCopy {
+    /// Its sealed images, here.
+    Images,
+    /// Post-copy: the frozen tree, still serving its pages.
+    Lazy(PageServer, LazyDump),
+    /// Its pages were streamed (see [`stream`]): the tree, left stopped,
+    /// and the rest of its images here.
+    Stopped(stream::StoppedTree),
+}
 
 /// What the source learned from the target after a failed Restore.
 enum Answer {
@@ -143,6 +156,7 @@ impl Agent {
                 total_bytes: files.iter().map(|f| f.size).sum(),
                 record_json,
                 early: false,
+                pages_streamed: false,
             },
             files,
         })
@@ -215,14 +229,63 @@ impl Agent {
                 .with_label_values(&[stage])
                 .inc()
         };
-        // A full copy's pages start for the target as CRIU writes them.
+        // A full copy's pages start for the target as CRIU writes them:
+        // into its page server if it takes a page stream, else in an early
+        // push.
         let mut early: Option<early::EarlyPush> = None;
-        let (dumped, lazy) = if post_copy {
+        let tunnel = if !post_copy && stream::wanted(rec.net.is_some()) {
+            self.open_page_stream(&rec, pid, &mig, target).await
+        } else {
+            None
+        };
+        let (dumped, copy) = if post_copy {
             let (d, ps, l) = self
                 .checkpoint_lazy(&mut rec, pid, &mig, target)
                 .await
                 .inspect_err(|_| failed("dump"))?;
-            (d, Some((ps, l)))
+            (d, SourceCopy::Lazy(ps, l))
+        } else if let Some(tunnel) = tunnel {
+            let tree = stream::StoppedTree::of(pid).ok_or_else(|| {
+                AgentError::FailedPrecondition(format!("job {job} ended before its dump"))
+            })?;
+            let dir = self.image_dir(&image_rel(&rec.id, &mig));
+            let on_dumping: super::OnDumping<'_> = Box::new(move |r: &JobRecord| {
+                if let Err(e) = tree.record(&dir) {
+                    tracing::warn!(job = %r.id, "recording the tree to be left stopped: {e}");
+                }
+            });
+            let mut d = self
+                .checkpoint_calling(
+                    &mut rec,
+                    pid,
+                    &mig,
+                    target.clone(),
+                    on_dumping,
+                    Some(tunnel.criu_fd()),
+                )
+                .await
+                .inspect_err(|_| failed("dump"))?;
+            match tunnel.finish().await {
+                Ok(bytes) => d.image_bytes += bytes,
+                Err(e) => {
+                    // The target lost the pages: it has no record and can
+                    // never run the job. Let the stopped tree go on here.
+                    failed("push");
+                    self.spawn_resolve(target, &job, &mig);
+                    let cause = e.context(&format!("streaming the pages to {target}"));
+                    return self
+                        .undo_direct(
+                            &job,
+                            target,
+                            &mig,
+                            started,
+                            cause,
+                            SourceCopy::Stopped(tree),
+                        )
+                        .await;
+                }
+            }
+            (d, SourceCopy::Stopped(tree))
         } else {
             let (peers, to, from) = (self.peers.clone(), target.clone(), self.cfg.node.clone());
             let dir = self.image_dir(&image_rel(&rec.id, &mig));
@@ -238,12 +301,16 @@ impl Agent {
                 }
             });
             let d = self
-                .checkpoint_calling(&mut rec, pid, &mig, target.clone(), on_dumping)
+                .checkpoint_calling(&mut rec, pid, &mig, target.clone(), on_dumping, None)
                 .await
                 .inspect_err(|_| failed("dump"))?;
-            (d, None)
+            (d, SourceCopy::Images)
         };
-        let ps = lazy.as_ref().map(|(ps, _)| ps.clone());
+        let ps = match &copy {
+            SourceCopy::Lazy(ps, _) => Some(ps.clone()),
+            _ => None,
+        };
+        let streamed = matches!(copy, SourceCopy::Stopped(_));
         let mut call = self
             .hand_over(&mut rec, &mig, started, dumped.image_bytes, ps, target)
             .await?;
@@ -251,7 +318,11 @@ impl Agent {
         let t_push = Instant::now();
         // Whether the pages went during the dump (for the log).
         let mut pushed_early = false;
-        let pushed = match (self.push_plan(&rec, &dir, &mig), early) {
+        let plan = self.push_plan(&rec, &dir, &mig).map(|mut p| {
+            p.begin.pages_streamed = streamed;
+            p
+        });
+        let pushed = match (plan, early) {
             (Ok(plan), Some(e)) => match e.finish(plan.clone()).await {
                 Ok(s) => {
                     pushed_early = true;
@@ -276,7 +347,7 @@ impl Agent {
                 self.spawn_resolve(target, &job, &mig);
                 let cause = e.context(&format!("sending the images to {target}"));
                 return self
-                    .undo_direct(&job, target, &mig, started, cause, lazy)
+                    .undo_direct(&job, target, &mig, started, cause, copy)
                     .await;
             }
         };
@@ -287,11 +358,11 @@ impl Agent {
             bytes = summary.bytes,
             push_ms = t_push.elapsed().as_millis() as u64,
             early = pushed_early,
+            streamed,
             "images pushed"
         );
         call.frozen_before_ms = started.elapsed().as_millis() as u64;
         let image_bytes = dumped.image_bytes;
-        let lazy_dump = |l: Option<(PageServer, LazyDump)>| l.map(|(_, d)| d);
         match self.peers.restore(target, call).await {
             Ok(landed) => {
                 let frozen_ms = started.elapsed().as_millis() as u64;
@@ -303,7 +374,7 @@ impl Agent {
                     started,
                     frozen_ms,
                     image_bytes,
-                    lazy_dump(lazy),
+                    copy,
                 )
                 .await
             }
@@ -322,12 +393,12 @@ impl Agent {
                             started,
                             frozen_ms,
                             image_bytes,
-                            lazy_dump(lazy),
+                            copy,
                         )
                         .await
                     }
                     Answer::Abandoned => {
-                        self.undo_direct(&job, target, &mig, started, cause, lazy)
+                        self.undo_direct(&job, target, &mig, started, cause, copy)
                             .await
                     }
                     Answer::Unknown(why) => {
@@ -345,7 +416,7 @@ impl Agent {
                             mig.clone(),
                             started,
                             image_bytes,
-                            lazy,
+                            copy,
                         );
                         Err(AgentError::Aborted(format!(
                             "migration of job {job} to {target}: the outcome is not known yet. The job is not lost: {msg}, and it is settled (restored here, or confirmed there) as soon as {target} answers"
@@ -410,19 +481,24 @@ impl Agent {
         started: Instant,
         frozen_ms: u64,
         image_bytes: u64,
-        lazy: Option<LazyDump>,
+        copy: SourceCopy,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
-        let post_copy = lazy.is_some();
+        let post_copy = matches!(copy, SourceCopy::Lazy(..));
         let ours = self.registry.get(job).ok();
-        if let Some(l) = lazy {
-            if let Err(e) = self.finish_lazy(job, l).await {
-                // The target has the job (and records it failed).
-                self.forget_here(job, mig);
-                return Err(e);
+        match copy {
+            SourceCopy::Lazy(_, l) => {
+                if let Err(e) = self.finish_lazy(job, l).await {
+                    // The target has the job (and records it failed).
+                    self.forget_here(job, mig);
+                    return Err(e);
+                }
+                self.spawn_resolve(target, job, mig);
             }
-            self.spawn_resolve(target, job, mig);
-        } else {
-            self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0);
+            SourceCopy::Stopped(tree) => {
+                self.drop_stopped_tree(job, &tree);
+                self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0);
+            }
+            SourceCopy::Images => self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0),
         }
         self.forget_here(job, mig);
         let total_ms = started.elapsed().as_millis() as u64;
@@ -489,12 +565,15 @@ impl Agent {
         mig: &MigrationId,
         started: Instant,
         cause: AgentError,
-        lazy: Option<(PageServer, LazyDump)>,
+        copy: SourceCopy,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
-        let r = match lazy {
-            None => self.roll_back(job, target, mig, started, cause).await,
-            Some((_, l)) => Err(self
+        let r = match copy {
+            SourceCopy::Images => self.roll_back(job, target, mig, started, cause).await,
+            SourceCopy::Lazy(_, l) => Err(self
                 .resume_after_failed_post_copy(job, target, mig, started, cause, l)
+                .await),
+            SourceCopy::Stopped(tree) => Err(self
+                .resume_after_failed_stream(job, target, mig, started, cause, tree)
                 .await),
         };
         self.observe_failed_total(job, started);
@@ -511,7 +590,7 @@ impl Agent {
         mig: MigrationId,
         started: Instant,
         image_bytes: u64,
-        lazy: Option<(PageServer, LazyDump)>,
+        copy: SourceCopy,
     ) {
         let agent = self.clone();
         tokio::spawn(async move {
@@ -521,7 +600,7 @@ impl Agent {
             {
                 Answer::Landed(r) => {
                     let frozen_ms = started.elapsed().as_millis() as u64;
-                    let (r, lazy) = (r.map(|b| *b), lazy.map(|(_, l)| l));
+                    let r = r.map(|b| *b);
                     match agent
                         .finish_direct(
                             &job,
@@ -531,7 +610,7 @@ impl Agent {
                             started,
                             frozen_ms,
                             image_bytes,
-                            lazy,
+                            copy,
                         )
                         .await
                     {
@@ -544,7 +623,7 @@ impl Agent {
                         "{target} did not answer the restore, and then dropped its copy"
                     ));
                     match agent
-                        .undo_direct(&job, &target, &mig, started, cause, lazy)
+                        .undo_direct(&job, &target, &mig, started, cause, copy)
                         .await
                     {
                         Ok(_) => {}
@@ -574,10 +653,49 @@ impl Agent {
         if self.cfg.shared {
             return;
         }
-        match remove_dir_if_any(&self.cfg.shared_root.join(INCOMING)) {
-            Ok(()) => {}
-            Err(e) => tracing::warn!("cannot clear interrupted pushes: {e}"),
+        for d in [INCOMING, stream::INCOMING_PAGES] {
+            match remove_dir_if_any(&self.cfg.shared_root.join(d)) {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("cannot clear interrupted pushes: {e}"),
+            }
         }
+    }
+
+    /// Recovery after a restart, before anything else looks at the job: a
+    /// move from here whose pages were streamed (see [`stream`]) left the
+    /// job's tree stopped here, which must not be taken for the job running
+    /// here again. Returns true if it took the job over.
+    /// - The push had begun (phase `dumped`): the target may run the job;
+    ///   ask it, as after an unanswered Restore, with the stopped tree as
+    ///   our copy.
+    /// - It had not: the target has no record and never will run the job.
+    ///   The tree runs on (SIGCONT), and the usual recovery finds it running
+    ///   here.
+    pub(crate) fn recover_streamed(
+        self: &Arc<Self>,
+        rec: &JobRecord,
+        p: &PendingMigration,
+    ) -> bool {
+        if self.cfg.shared || p.from != self.cfg.node {
+            return false;
+        }
+        let dir = self.image_dir(&image_rel(&rec.id, &p.id));
+        let Some(tree) = stream::StoppedTree::read(&dir) else {
+            return false;
+        };
+        if p.phase == MigrationPhase::Dumped {
+            return self.recover_direct(rec, p);
+        }
+        if tree.is_there() {
+            tracing::info!(job = %rec.id, pid = tree.pid, "migration {} stopped before its push; the job runs on here", p.id);
+            for pid in crate::core::procfs::tree_pids(tree.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
+        }
+        false
     }
 
     /// Recovery after a restart, for migrations without a shared path.
@@ -600,13 +718,18 @@ impl Agent {
                 return false;
             };
             tracing::info!(job = %rec.id, "migration {} to {target} was under way when this agent stopped; asking {target}", p.id);
+            let dir = self.image_dir(&image_rel(&rec.id, &p.id));
+            let copy = match stream::StoppedTree::read(&dir) {
+                Some(tree) => SourceCopy::Stopped(tree),
+                None => SourceCopy::Images,
+            };
             self.spawn_settle(
                 rec.id.clone(),
                 target,
                 p.id.clone(),
                 Instant::now(),
                 0,
-                None,
+                copy,
             );
             return true;
         }
@@ -702,6 +825,7 @@ mod tests {
             total_bytes: total,
             record_json: serde_json::to_vec(rec).unwrap(),
             early: false,
+            pages_streamed: false,
         }
     }
 
@@ -797,7 +921,7 @@ mod tests {
             match p {
                 PushPart::File(c) => rx.accept(c).unwrap(),
                 PushPart::End(e) => {
-                    let s = rx.complete(e, &reg).unwrap();
+                    let s = rx.complete(e, &reg, None).unwrap();
                     assert_eq!(s.files, 4);
                     break;
                 }
@@ -949,7 +1073,7 @@ mod tests {
         rx.accept(grow("pages-1.img", 2, b"cd")).unwrap();
         rx.accept(chunk("core-1.img", 0, 4, b"core")).unwrap();
         let grown = [("pages-1.img", 4), ("pages-2.img", 1)];
-        let s = rx.complete(end(3, 9, &sealed, &grown), &reg).unwrap();
+        let s = rx.complete(end(3, 9, &sealed, &grown), &reg, None).unwrap();
         assert_eq!(s, PushSummary { files: 3, bytes: 9 });
         let images = c2.shared_root.join("images").join(JOB).join(MIG);
         assert_eq!(fs::read(images.join("pages-1.img")).unwrap(), b"abcd");
@@ -1036,7 +1160,7 @@ mod tests {
             let got = chunks
                 .into_iter()
                 .try_for_each(|c| rx.accept(c))
-                .and_then(|()| rx.complete(e, &reg).map(|_| ()));
+                .and_then(|()| rx.complete(e, &reg, None).map(|_| ()));
             let err = got.expect_err(why);
             assert!(err.to_string().contains(why), "{why}: {err}");
             nothing_kept(root);
@@ -1045,7 +1169,9 @@ mod tests {
         let mut rx = start(&sealed, false);
         rx.accept(chunk("core-1.img", 0, 10, b"0123456789"))
             .unwrap();
-        let e = rx.complete(end(1, 10, &sealed, &[]), &reg).unwrap_err();
+        let e = rx
+            .complete(end(1, 10, &sealed, &[]), &reg, None)
+            .unwrap_err();
         assert!(e.to_string().contains("early push's fields"), "{e}");
         nothing_kept(root);
     }
@@ -1138,6 +1264,7 @@ mod tests {
                     ..Default::default()
                 },
                 &reg,
+                None,
             )
             .unwrap_err();
         assert!(e.to_string().contains("sent 2 files"), "{e}");
@@ -1152,6 +1279,7 @@ mod tests {
                     ..Default::default()
                 },
                 &reg,
+                None,
             )
             .unwrap_err();
         assert!(e.to_string().contains("5 bytes were announced"), "{e}");

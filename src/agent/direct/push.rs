@@ -63,6 +63,10 @@ pub struct PushBegin {
     /// while CRIU writes them, and the sealed record comes with the end
     /// marker (see [`super::early`]).
     pub early: bool,
+    /// The memory pages came before, over a page stream of the same
+    /// migration (see [`super::stream`]): the receiver adds them to the
+    /// images and seals the whole directory anew.
+    pub pages_streamed: bool,
 }
 
 /// A piece of one file.
@@ -707,7 +711,12 @@ impl PushReceiver {
     ///
     /// Nothing here is fsynced: the source keeps its own copy until the job
     /// runs here, so a crash of this node loses nothing.
-    pub fn complete(mut self, end: PushEnd, registry: &Registry) -> AgentResult<PushSummary> {
+    pub fn complete(
+        mut self,
+        end: PushEnd,
+        registry: &Registry,
+        streamed: Option<super::stream::StreamedPages>,
+    ) -> AgentResult<PushSummary> {
         self.close_current()?;
         self.settle_early(&end)?;
         let files = self.done.len();
@@ -742,6 +751,9 @@ impl PushReceiver {
             fs::create_dir_all(parent).map_err(|e| io_error("creating the image dir", e))?;
         }
         let staged = self.staging.join(area_dir(FileArea::Image));
+        if let Some(pages) = streamed {
+            self.add_streamed_pages(&staged, pages)?;
+        }
         fs::rename(&staged, &self.images)
             .map_err(|e| io_error("moving pushed images into place", e))?;
         let placed = self.place_outputs().and_then(|()| {
@@ -757,6 +769,52 @@ impl PushReceiver {
             files: files as u32,
             bytes: self.received,
         })
+    }
+
+    /// A push whose pages were streamed: check the source's manifest of
+    /// what it pushed, add the pages, and seal the whole directory anew with
+    /// the cluster key, using the digests taken while the pages were written.
+    /// Without a key (no manifests in this cluster) the pages are only added.
+    fn add_streamed_pages(
+        &self,
+        staged: &Path,
+        pages: super::stream::StreamedPages,
+    ) -> AgentResult<()> {
+        use crate::security::manifest;
+        let (job, mig) = (self.begin.job.as_str(), self.begin.migration.as_str());
+        if let Some(key) = &self.cfg.image_key {
+            manifest::verify_manifest(staged, key, job, super::super::UNSEALED).map_err(|e| {
+                AgentError::DataLoss(format!(
+                    "images of job {job} from {}: {e}; refused",
+                    self.begin.from
+                ))
+            })?;
+        }
+        let rd = fs::read_dir(&pages.dir).map_err(|e| io_error("listing the streamed pages", e))?;
+        for e in rd {
+            let e = e.map_err(|e| io_error("listing the streamed pages", e))?;
+            let dest = staged.join(e.file_name());
+            if dest.exists() {
+                return Err(self.bad(format!(
+                    "{:?} came both in the push and over the page stream",
+                    e.file_name()
+                )));
+            }
+            fs::rename(e.path(), &dest).map_err(|e| io_error("adding the streamed pages", e))?;
+        }
+        if let Some(key) = &self.cfg.image_key {
+            manifest::write_manifest_with(
+                staged,
+                key,
+                job,
+                mig,
+                super::super::UNSEALED,
+                &pages.hashes,
+                false,
+            )
+            .map_err(|e| AgentError::Internal(format!("sealing the received images: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The job's output dir (its init's cwd) must exist; its files replace

@@ -65,6 +65,17 @@ impl Agent {
         };
         let (job, from) = (begin.job.clone(), begin.from.clone());
         let _busy = self.claim(&job)?;
+        // The pages came first, over a page stream (see [`super::stream`]).
+        let streamed = if begin.pages_streamed {
+            Some(self.streamed_pages.take(&job, &begin.migration).ok_or_else(|| {
+                AgentError::FailedPrecondition(format!(
+                    "push of job {job} from {from}: its pages were streamed, but {} holds no pages of migration {} (it restarted since, or they expired); nothing was kept",
+                    self.cfg.node, begin.migration
+                ))
+            })?)
+        } else {
+            None
+        };
         let existing = match self.registry.get(&job) {
             Ok(r) => Some(r),
             Err(RegistryError::NotFound(_)) => None,
@@ -140,7 +151,8 @@ impl Agent {
             (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
             (Ok(end), Ok(rx)) => {
                 let registry = self.registry.clone();
-                let summary = Self::blocking(move || rx.complete(end, &registry)).await??;
+                let summary =
+                    Self::blocking(move || rx.complete(end, &registry, streamed)).await??;
                 tracing::info!(
                     job = %job,
                     from = %from,

@@ -1,0 +1,640 @@
+//! A full copy's memory pages, streamed: written once, on the target.
+//!
+//! Why: without a shared path, a full copy used to write every page twice,
+//! once into the source's image dir (CRIU's dump) and once into the
+//! target's (the push), and read it once in between. CRIU's own migration
+//! without shared storage writes it once: `criu dump --page-server` sends
+//! the pages over a socket to a `criu page-server` that writes them on the
+//! target. On this project's test VM, whose host takes freed memory back,
+//! each page-cache write of a GiB can cost seconds (BENCHMARKS.md, 1b), so
+//! the second write was most of the gap to bare CRIU.
+//!
+//! How: the same two CRIU halves, with the agents' mTLS connection between
+//! them instead of a plain TCP port:
+//!
+//! ```text
+//! source                                         target
+//! criu swrk (dump, leave stopped)                criu page-server -D incoming-pages/<job>/<mig>
+//!   │ ps socket (a socket pair)                    │ --ps-socket (a socket pair)
+//! agent ── StreamPages: open, data ⇄ data, done ── agent (+ the seal's follower hashing)
+//! ```
+//!
+//! The agents carry CRIU's page-server protocol byte for byte and never
+//! parse it. Neither side listens on a port, so nothing else on either node
+//! can feed pages in.
+//!
+//! 1. Before the freeze, the source opens the stream ([`PageTunnel::open`]);
+//!    the target starts its page server and answers `ready`. A target that
+//!    cannot (an older agent, no CRIU, not enough space) fails the call and
+//!    the move goes the usual way, pages in the push.
+//! 2. CRIU dumps with the page socket and `leave_stopped`: every other image
+//!    file lands in the source's dir as before, the pages only on the
+//!    target. The job's stopped tree is the source's complete copy now, as
+//!    in post-copy: SIGKILL once the target runs the job, SIGCONT if it
+//!    does not (see the parent module's safety rule, which is unchanged).
+//! 3. The target's page server ends when CRIU closes the transfer; the
+//!    target answers `done` and keeps the pages and their digests (hashed
+//!    while they were written, as the source's follower does) for the push.
+//! 4. The push (`pages_streamed`) brings the rest. The target checks the
+//!    source's manifest over what it pushed, adds the pages, and seals the
+//!    whole directory anew with the cluster key; the Restore then verifies
+//!    that manifest as always.
+//!
+//! Not for a job with its own address: a tree left stopped keeps CRIU's
+//! network lock and its connections in TCP repair mode, which only a
+//! restore undoes, so such a job keeps the images on the source. Set
+//! `MOSIX_PAGE_STREAM=off` on an agent to turn the stream off there.
+
+use crate::agent::peers::Peers;
+use crate::agent::{io_error, Agent, AgentError, AgentResult};
+use crate::core::{JobId, MigrationId, NodeName};
+use crate::security::manifest::Precomputed;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Staging of streamed pages, under the state dir:
+/// `incoming-pages/<job>/<migration>/`, its page server's log beside it.
+pub(crate) const INCOMING_PAGES: &str = "incoming-pages";
+/// Bytes read from a page-server socket per message.
+const CHUNK: usize = 1 << 20;
+/// Messages queued towards the network.
+const QUEUE: usize = 8;
+/// How long the source waits for the target's `ready`.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+/// How long, once the dump returned, the source waits for `done`.
+const DONE_WITHIN: Duration = Duration::from_secs(30);
+/// How long the target waits for the source between two messages. The
+/// source's dump has a deadline of its own; this only bounds a source that
+/// neither sends nor hangs up.
+const SILENCE_LIMIT: Duration = Duration::from_secs(300);
+/// How long a target's page server gets to end after its input ended.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+/// How long received pages wait for their push before they are dropped.
+const KEEP_FOR: Duration = Duration::from_secs(600);
+
+/// First message of a page stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageStreamOpen {
+    pub job: JobId,
+    pub migration: MigrationId,
+    pub from: NodeName,
+    /// The source's estimate of the pages' bytes, for the free-space check.
+    pub estimate_bytes: u64,
+}
+
+/// What the source sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PageStreamIn {
+    Open(PageStreamOpen),
+    Data(Bytes),
+}
+
+/// What the target answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PageStreamOut {
+    /// The page server runs: the dump may start.
+    Ready,
+    Data(Bytes),
+    Done(PageStreamDone),
+}
+
+/// The target's last word on a page stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageStreamDone {
+    pub ok: bool,
+    pub error: String,
+    pub bytes: u64,
+}
+
+/// The target's answers, as they arrive at the source.
+pub type PageOutStream = BoxStream<'static, AgentResult<PageStreamOut>>;
+
+/// Whether a move of a job may stream its pages (see the module doc).
+pub(crate) fn wanted(own_address: bool) -> bool {
+    !own_address
+        && !matches!(
+            std::env::var("MOSIX_PAGE_STREAM").ok().as_deref(),
+            Some("off" | "0" | "no" | "false")
+        )
+}
+
+// ------------------------------------------------------------ source side
+
+/// In a streamed move's image dir on the source, written before the dump:
+/// `<pid> <start time>` of the job's tree, left stopped by the dump. It is
+/// the source's copy of the job, so a restarted agent must find it (see
+/// `recovery`). Not sealed, never pushed.
+pub(crate) const STOPPED_TREE: &str = "stopped-tree";
+
+/// A job's tree left stopped by a streamed dump: its init, named for good
+/// by pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoppedTree {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl StoppedTree {
+    pub(crate) fn of(pid: i32) -> Option<Self> {
+        Some(Self {
+            pid,
+            start: crate::core::procfs::start_time(pid)?,
+        })
+    }
+
+    /// Still the same process (not ended, its pid not reused).
+    pub(crate) fn is_there(&self) -> bool {
+        crate::core::procfs::start_time(self.pid) == Some(self.start)
+    }
+
+    pub(crate) fn record(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::write(
+            dir.join(STOPPED_TREE),
+            format!("{} {}\n", self.pid, self.start),
+        )
+    }
+
+    pub(crate) fn read(dir: &Path) -> Option<Self> {
+        let s = std::fs::read_to_string(dir.join(STOPPED_TREE)).ok()?;
+        let mut f = s.split_whitespace();
+        Some(Self {
+            pid: f.next()?.parse().ok()?,
+            start: f.next()?.parse().ok()?,
+        })
+    }
+
+    /// The job runs elsewhere now: end this copy. SIGKILL to the init of a
+    /// PID namespace ends every process in it; its sockets, still in the
+    /// state the dump left them, close without a word to their peers.
+    pub(crate) fn kill(&self) {
+        if self.is_there() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// An open page stream, source side: one end of a socket pair for CRIU, the
+/// other pumped to and from the target.
+pub(crate) struct PageTunnel {
+    criu_end: Option<UnixStream>,
+    pump: tokio::task::JoinHandle<AgentResult<u64>>,
+}
+
+impl PageTunnel {
+    /// Open the stream to `target` and wait until its page server runs.
+    pub(crate) async fn open(
+        peers: &Arc<dyn Peers>,
+        target: &NodeName,
+        open: PageStreamOpen,
+    ) -> AgentResult<Self> {
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
+        let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+        let ready = async {
+            let mut back = peers.stream_pages(target, open, rx).await?;
+            match back.next().await {
+                Some(Ok(PageStreamOut::Ready)) => Ok(back),
+                Some(Ok(o)) => Err(AgentError::Internal(format!(
+                    "{target} answered a page stream with {o:?} before it was ready"
+                ))),
+                Some(Err(e)) => Err(e),
+                None => Err(AgentError::Unavailable(format!(
+                    "{target} ended the page stream before it was ready"
+                ))),
+            }
+        };
+        let mut back = tokio::time::timeout(READY_WITHIN, ready)
+            .await
+            .map_err(|_| {
+                AgentError::Unavailable(format!(
+                    "{target} did not start a page server within {READY_WITHIN:?}"
+                ))
+            })??;
+        ours.set_nonblocking(true)
+            .map_err(|e| io_error("making the page socket", e))?;
+        let sock = tokio::net::UnixStream::from_std(ours)
+            .map_err(|e| io_error("making the page socket", e))?;
+        let (mut rd, mut wr) = sock.into_split();
+        let pump = tokio::spawn(async move {
+            // CRIU → target, until CRIU and we have both closed its end.
+            let up = async move {
+                loop {
+                    let mut b = BytesMut::with_capacity(CHUNK);
+                    match rd.read_buf(&mut b).await {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {
+                            if tx.send(b.freeze()).await.is_err() {
+                                return Err(AgentError::Aborted(
+                                    "the page stream closed under CRIU".into(),
+                                ));
+                            }
+                        }
+                        Err(e) => return Err(io_error("reading CRIU's pages", e)),
+                    }
+                }
+            };
+            // Target → CRIU (its page server's few answers), then `done`.
+            let down = async move {
+                while let Some(m) = back.next().await {
+                    match m? {
+                        PageStreamOut::Data(b) => wr
+                            .write_all(&b)
+                            .await
+                            .map_err(|e| io_error("answering CRIU", e))?,
+                        PageStreamOut::Done(d) if d.ok => return Ok(d.bytes),
+                        PageStreamOut::Done(d) => {
+                            return Err(AgentError::Aborted(format!(
+                                "the target's page server failed: {}",
+                                d.error
+                            )))
+                        }
+                        PageStreamOut::Ready => {
+                            return Err(AgentError::Internal(
+                                "a page stream said ready twice".into(),
+                            ))
+                        }
+                    }
+                }
+                Err(AgentError::Aborted(
+                    "the page stream ended before the target said how it went".into(),
+                ))
+            };
+            let (up, down) = tokio::join!(up, down);
+            let bytes = down?;
+            up.map(|()| bytes)
+        });
+        Ok(Self {
+            criu_end: Some(theirs),
+            pump,
+        })
+    }
+
+    /// CRIU's end, by number (see [`crate::criu::DumpSpec::page_socket`]).
+    pub(crate) fn criu_fd(&self) -> RawFd {
+        self.criu_end.as_ref().map_or(-1, |s| s.as_raw_fd())
+    }
+
+    /// After the dump: close CRIU's end and wait for the target's `done`.
+    /// Returns the bytes of page images the target wrote.
+    pub(crate) async fn finish(mut self) -> AgentResult<u64> {
+        drop(self.criu_end.take());
+        match tokio::time::timeout(DONE_WITHIN, &mut self.pump).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(AgentError::Internal(format!("page stream task: {e}"))),
+            Err(_) => Err(AgentError::Aborted(format!(
+                "the target did not confirm the pages within {DONE_WITHIN:?}"
+            ))),
+        }
+    }
+}
+
+impl Drop for PageTunnel {
+    fn drop(&mut self) {
+        // Dropped unfinished (a failed dump): the stream ends, and the
+        // target drops what it wrote.
+        self.pump.abort();
+    }
+}
+
+// ------------------------------------------------------------ target side
+
+/// Pages a target received, waiting for the push of the same migration.
+pub struct StreamedPages {
+    pub dir: PathBuf,
+    /// Digests taken while the page server wrote (empty without a key).
+    pub hashes: BTreeMap<String, Precomputed>,
+    at: Instant,
+}
+
+impl Drop for StreamedPages {
+    fn drop(&mut self) {
+        // Taken by a push, its files have moved into the images; else they
+        // are of no use any more.
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// The target's received page streams, by job and migration.
+#[derive(Default)]
+pub(crate) struct Received(Mutex<HashMap<(JobId, MigrationId), StreamedPages>>);
+
+impl Received {
+    fn put(&self, job: JobId, mig: MigrationId, pages: StreamedPages) {
+        let Ok(mut m) = self.0.lock() else { return };
+        // A source that never pushed (it rolled back, or died): drop them.
+        m.retain(|_, p| p.at.elapsed() < KEEP_FOR);
+        m.insert((job, mig), pages);
+    }
+
+    /// The pages of one migration, for its push.
+    pub(crate) fn take(&self, job: &JobId, mig: &MigrationId) -> Option<StreamedPages> {
+        self.0.lock().ok()?.remove(&(job.clone(), mig.clone()))
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let pick = if lines.is_empty() {
+        text.lines().rev().take(3).collect::<Vec<_>>()
+    } else {
+        lines.into_iter().rev().take(3).collect()
+    };
+    pick.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+impl Agent {
+    /// Source side: open a page stream for `rec`'s move to `target`, or say
+    /// why not and return None (its pages then go in the push).
+    pub(crate) async fn open_page_stream(
+        &self,
+        rec: &crate::core::JobRecord,
+        pid: i32,
+        mig: &MigrationId,
+        target: &NodeName,
+    ) -> Option<PageTunnel> {
+        let open = PageStreamOpen {
+            job: rec.id.clone(),
+            migration: mig.clone(),
+            from: self.cfg.node.clone(),
+            estimate_bytes: crate::core::procfs::tree_rss_bytes(pid),
+        };
+        match PageTunnel::open(&self.peers, target, open).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::info!(job = %rec.id, to = %target, "the pages go in the push: no page stream to {target} ({e})");
+                None
+            }
+        }
+    }
+
+    /// StreamPages, target side (see the module doc): everything the
+    /// source's CRIU sends goes to a page server of ours, its answers back;
+    /// `out` gets `ready`, the answers, and `done` (or the error that
+    /// stopped it before `ready`).
+    pub async fn serve_page_stream(
+        self: Arc<Self>,
+        open: PageStreamOpen,
+        input: BoxStream<'static, AgentResult<Bytes>>,
+        out: mpsc::Sender<AgentResult<PageStreamOut>>,
+    ) {
+        let (job, from) = (open.job.clone(), open.from.clone());
+        let t0 = Instant::now();
+        match self.page_stream(open, input, &out).await {
+            Ok(done) => {
+                if done.ok {
+                    tracing::info!(job = %job, from = %from, bytes = done.bytes, ms = t0.elapsed().as_millis() as u64, "pages received over the page stream");
+                } else {
+                    tracing::warn!(job = %job, from = %from, "page stream failed: {}", done.error);
+                }
+                let _ = out.send(Ok(PageStreamOut::Done(done))).await;
+            }
+            Err(e) => {
+                tracing::info!(job = %job, from = %from, "page stream refused: {e}");
+                let _ = out.send(Err(e)).await;
+            }
+        }
+    }
+
+    async fn page_stream(
+        self: &Arc<Self>,
+        open: PageStreamOpen,
+        mut input: BoxStream<'static, AgentResult<Bytes>>,
+        out: &mpsc::Sender<AgentResult<PageStreamOut>>,
+    ) -> AgentResult<PageStreamDone> {
+        let me = &self.cfg.node;
+        if self.cfg.shared {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{me} uses a shared path; pages are not streamed to it"
+            )));
+        }
+        if open.from == *me || !self.peers.knows(&open.from) {
+            return Err(AgentError::InvalidArgument(format!(
+                "a page stream from {:?}, which is not another node of this cluster",
+                open.from.as_str()
+            )));
+        }
+        self.check_not_blocked()?;
+        if let Some(free) = super::push::free_bytes(&self.cfg.shared_root) {
+            if open
+                .estimate_bytes
+                .saturating_add(super::push::FREE_SPACE_MARGIN)
+                > free
+            {
+                return Err(AgentError::ResourceExhausted(format!(
+                    "{me} has {free} bytes free in {}, not enough for the ~{} bytes of pages of job {}",
+                    self.cfg.shared_root.display(),
+                    open.estimate_bytes,
+                    open.job
+                )));
+            }
+        }
+        let _busy = self.claim(&open.job)?;
+        let parent = self
+            .cfg
+            .shared_root
+            .join(INCOMING_PAGES)
+            .join(open.job.as_str());
+        let dir = parent.join(open.migration.as_str());
+        let log = parent.join(format!("{}.log", open.migration.as_str()));
+        // Left over from an earlier attempt of the same migration.
+        drop(self.streamed_pages.take(&open.job, &open.migration));
+        super::push::remove_dir_if_any(&dir)
+            .map_err(|e| io_error("clearing the page staging dir", e))?;
+        crate::criu::create_image_dir(&dir)
+            .map_err(|e| io_error("creating the page staging dir", e))?;
+        let cleanup = |dir: &Path, log: &Path| {
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_file(log);
+            let _ = std::fs::remove_dir(parent.as_path());
+        };
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
+        let mut child = match self.engine.page_server(&dir, theirs.as_raw_fd(), &log) {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup(&dir, &log);
+                return Err(AgentError::from(e));
+            }
+        };
+        drop(theirs);
+        let follower = self
+            .cfg
+            .image_key
+            .is_some()
+            .then(|| crate::security::follow::FollowHasher::start(&dir, false));
+        let pumped = async {
+            if out.send(Ok(PageStreamOut::Ready)).await.is_err() {
+                return Err("the source hung up before the dump".to_string());
+            }
+            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+            let (mut rd, mut wr) = sock.into_split();
+            // Page server → source: its answers, until it exits.
+            let up = async move {
+                loop {
+                    let mut b = BytesMut::with_capacity(4096);
+                    match rd.read_buf(&mut b).await {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {
+                            if out.send(Ok(PageStreamOut::Data(b.freeze()))).await.is_err() {
+                                return Err("the source hung up".to_string());
+                            }
+                        }
+                        Err(e) => return Err(format!("reading the page server: {e}")),
+                    }
+                }
+            };
+            // Source → page server, until the source's CRIU is done. Its
+            // end (or a broken stream) closes our side, so that a page
+            // server still waiting ends too.
+            let down = async move {
+                let r = loop {
+                    match tokio::time::timeout(SILENCE_LIMIT, input.next()).await {
+                        Ok(Some(Ok(b))) => {
+                            if let Err(e) = wr.write_all(&b).await {
+                                break Err(format!("writing to the page server: {e}"));
+                            }
+                        }
+                        Ok(Some(Err(e))) => break Err(format!("the source's stream broke: {e}")),
+                        Ok(None) => break Ok(()),
+                        Err(_) => {
+                            break Err(format!("the source was silent for {SILENCE_LIMIT:?}"))
+                        }
+                    }
+                };
+                let _ = wr.shutdown().await;
+                r
+            };
+            let (up, down) = tokio::join!(up, down);
+            down.and(up)
+        }
+        .await;
+        // The page server ends by itself once CRIU closed the transfer (or
+        // its input did); one that does not is killed.
+        let status = Self::blocking(move || {
+            let until = Instant::now() + EXIT_GRACE;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => return Some(st),
+                    Ok(None) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return None;
+                    }
+                }
+            }
+        })
+        .await?;
+        let hashes = match follower {
+            Some(f) => Self::blocking(move || f.finish()).await?,
+            None => BTreeMap::new(),
+        };
+        let why = match (&pumped, status) {
+            (Ok(()), Some(st)) if st.success() => None,
+            (Err(e), _) => Some(e.clone()),
+            (Ok(()), Some(st)) => Some(format!("criu page-server {st}: {}", log_tail(&log))),
+            (Ok(()), None) => Some(format!(
+                "criu page-server did not end within {EXIT_GRACE:?} and was killed"
+            )),
+        };
+        if let Some(error) = why {
+            cleanup(&dir, &log);
+            return Ok(PageStreamDone {
+                ok: false,
+                error,
+                bytes: 0,
+            });
+        }
+        let _ = std::fs::remove_file(&log);
+        let bytes = dir_bytes(&dir);
+        self.streamed_pages.put(
+            open.job.clone(),
+            open.migration.clone(),
+            StreamedPages {
+                dir,
+                hashes,
+                at: Instant::now(),
+            },
+        );
+        Ok(PageStreamDone {
+            ok: true,
+            error: String::new(),
+            bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_jobs_in_their_node_network_stream_their_pages() {
+        // The variable is read at each call; this test only leaves it unset.
+        if std::env::var_os("MOSIX_PAGE_STREAM").is_none() {
+            assert!(wanted(false));
+        }
+        assert!(!wanted(true));
+    }
+
+    #[test]
+    fn received_pages_are_taken_once_and_their_dir_goes_with_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("j1").join("m1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pages-1.img"), b"x").unwrap();
+        let r = Received::default();
+        let (job, mig) = (
+            JobId::parse("j1").unwrap(),
+            MigrationId::parse("m1").unwrap(),
+        );
+        r.put(
+            job.clone(),
+            mig.clone(),
+            StreamedPages {
+                dir: dir.clone(),
+                hashes: BTreeMap::new(),
+                at: Instant::now(),
+            },
+        );
+        let p = r.take(&job, &mig).expect("kept for the push");
+        assert!(r.take(&job, &mig).is_none(), "taken once");
+        assert!(dir.join("pages-1.img").exists());
+        drop(p);
+        assert!(!dir.exists(), "an unused copy is removed");
+    }
+}
