@@ -16,13 +16,14 @@
 //! starts, and the pages travel while CRIU writes them ([`early`]); if that
 //! fails, the whole push runs after the seal.
 //!
-//! **Why pages go through the agent, not CRIU's page server.** A page server
-//! would send memory straight into the *target's* image directory while the
-//! source's CRIU dumps, so the only complete copy of the job's memory would
-//! sit on a node that has not restored it yet, and a failed restore there
-//! could not be rolled back on the source. Streamed from the source's own
-//! sealed images instead, the source keeps every byte until the target says
-//! the job runs: nothing is ever lost.
+//! **Pages written once ([`stream`]).** A job in its node's network does
+//! better: its dump sends the pages through the agents into a `criu
+//! page-server` on the target, as CRIU's own migration without shared
+//! storage does, and leaves the job's tree stopped. The source's complete
+//! copy is then that tree, not its image files: SIGKILL once the target runs
+//! the job, SIGCONT if it does not and never will ([`SourceCopy`]). The
+//! push after it carries only the other image files. Jobs with their own
+//! address keep their pages on the source as above (see [`stream`] for why).
 //!
 //! **Post-copy.** Memory already travels over CRIU's page server (lazy pages,
 //! `checkpoint_lazy` / `start_lazy_daemon`), from the source's frozen copy;
