@@ -389,7 +389,8 @@ fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
 /// The pages were streamed and the push went through, but the target's
 /// restore fails: the source's stopped tree runs on, with all its memory,
 /// and nothing of it is left on the target. A target whose page server
-/// fails makes the dump fail: the job runs on too.
+/// cannot start refuses the stream, and the move falls back to pushing the
+/// images, whose restore fails there too: the job is restored here.
 #[test]
 fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
     if !privileged() {
@@ -443,11 +444,16 @@ fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
         job_images(&cl, "node2", &job).is_empty()
     });
 
-    // A page server that cannot run: the dump fails, the job runs on.
+    // A page server that cannot start: no stream, the images go in the
+    // push, and the restore there fails too.
     cl.restart_agent("node2", &["--criu", "/bin/false"]);
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
     assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        node_log(&cl, "node1").contains("the pages go in the push: no page stream to node2"),
+        "the stream was refused up front"
+    );
     let (again, ok) = query_counter(&ip1, 8187).expect("the job answers on node1");
     assert!(ok && again >= now);
     assert_eq!(instances(&rec.stdout_path).len(), 1, "runs exactly once");

@@ -294,9 +294,9 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     /// A full copy without a shared path, target side: start `criu
     /// page-server`, writing the page images it is sent over `socket` (a
     /// connected stream socket of ours, inherited under the same number)
-    /// into `image_dir`, its log into `log`. It ends by itself once the
-    /// dumping CRIU closes the transfer. See `agent::direct::stream`. The
-    /// default: this engine cannot.
+    /// into `image_dir`, its log into `log`; returns once it serves. It ends
+    /// by itself once the dumping CRIU closes the transfer. See
+    /// `agent::direct::stream`. The default: this engine cannot.
     fn page_server(
         &self,
         image_dir: &Path,

@@ -474,11 +474,22 @@ impl CheckpointEngine for RealCriu {
         socket: std::os::fd::RawFd,
         log: &Path,
     ) -> Result<std::process::Child, CriuError> {
+        use std::io::Read;
         use std::os::unix::process::CommandExt;
         self.available()?;
+        let io = |e: std::io::Error| CriuError::Io {
+            op: "page-server",
+            source: e,
+        };
+        // CRIU writes a byte here once it serves (`--status-fd`): its start
+        // (~20 ms) then happens before the dump, not inside the freeze.
+        let (mut ready, status) = std::io::pipe().map_err(io)?;
+        let status_fd = status.as_raw_fd();
         let mut cmd = Command::new(&self.path);
         cmd.args(["page-server", "--ps-socket"])
             .arg(socket.to_string())
+            .arg("--status-fd")
+            .arg(status_fd.to_string())
             .arg("-D")
             .arg(image_dir)
             .arg("-o")
@@ -490,20 +501,39 @@ impl CheckpointEngine for RealCriu {
         // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                let flags = libc::fcntl(socket, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(socket, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                for fd in [socket, status_fd] {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| CriuError::Io {
-            op: "page-server",
-            source: e,
-        })?;
+        let mut child = cmd.spawn().map_err(io)?;
+        drop(status);
         // Above the jobs, as a dump's worker: it writes a moving job's memory.
         crate::core::set_nice(child.id() as i32, super::swrk::WORKER_NICE);
-        Ok(child)
+        // One byte when it serves; EOF if it exited first. Bounded: CRIU
+        // reads nothing but its own start-up here.
+        let mut byte = [0u8; 1];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = std::thread::Builder::new()
+            .name("ps-status".into())
+            .spawn(move || {
+                let _ = tx.send(ready.read(&mut byte).map(|n| n == 1));
+            });
+        let why = match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(Ok(true)) => return Ok(child),
+            Ok(_) => format!("it exited at start: {}", log_excerpt(log)),
+            Err(_) => "it did not start within 10 s".to_string(),
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(CriuError::Failed {
+            op: "page-server",
+            detail: why,
+        })
     }
 
     fn dump(&self, spec: &DumpSpec) -> Result<(), CriuError> {

@@ -220,7 +220,7 @@ impl Agent {
         pid: i32,
         target: &NodeName,
         mig: MigrationId,
-        started: Instant,
+        mut started: Instant,
         post_copy: bool,
     ) -> AgentResult<(JobRecord, MigrationRecord)> {
         let job = rec.id.clone();
@@ -235,7 +235,11 @@ impl Agent {
         // push.
         let mut early: Option<early::EarlyPush> = None;
         let tunnel = if !post_copy && stream::wanted(rec.net.is_some()) {
-            self.open_page_stream(&rec, pid, &mig, target).await
+            let t = self.open_page_stream(&rec, pid, &mig, target).await;
+            // The job ran while the target started its page server: the
+            // frozen clock starts now.
+            started = Instant::now();
+            t
         } else {
             None
         };

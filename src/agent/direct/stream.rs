@@ -359,20 +359,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Error") || l.contains("error"))
-        .collect();
-    let pick = if lines.is_empty() {
-        text.lines().rev().take(3).collect::<Vec<_>>()
-    } else {
-        lines.into_iter().rev().take(3).collect()
-    };
-    pick.into_iter().rev().collect::<Vec<_>>().join(" | ")
-}
-
 impl Agent {
     /// Source side: open a page stream for `rec`'s move to `target`, or say
     /// why not and return None (its pages then go in the push).
@@ -480,14 +466,19 @@ impl Agent {
         };
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
-        let mut child = match self.engine.page_server(&dir, theirs.as_raw_fd(), &log) {
+        let started = {
+            let (engine, dir, log) = (self.engine.clone(), dir.clone(), log.clone());
+            let fd = theirs.as_raw_fd();
+            Self::blocking(move || engine.page_server(&dir, fd, &log)).await?
+        };
+        drop(theirs);
+        let mut child = match started {
             Ok(c) => c,
             Err(e) => {
                 cleanup(&dir, &log);
                 return Err(AgentError::from(e));
             }
         };
-        drop(theirs);
         let follower = self
             .cfg
             .image_key
@@ -566,7 +557,10 @@ impl Agent {
         let why = match (&pumped, status) {
             (Ok(()), Some(st)) if st.success() => None,
             (Err(e), _) => Some(e.clone()),
-            (Ok(()), Some(st)) => Some(format!("criu page-server {st}: {}", log_tail(&log))),
+            (Ok(()), Some(st)) => Some(format!(
+                "criu page-server {st}: {}",
+                crate::criu::log_excerpt(&log)
+            )),
             (Ok(()), None) => Some(format!(
                 "criu page-server did not end within {EXIT_GRACE:?} and was killed"
             )),
