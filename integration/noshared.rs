@@ -473,6 +473,55 @@ fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
     assert_contiguous(&ticks(&file));
 }
 
+/// The source's agent dies in the middle of a streamed move, its dump
+/// under way and the pages on their way: its CRIU fails the dump and lets
+/// the job go, and the agent, back, finds the job running here, with all
+/// its memory, exactly once; the target keeps nothing.
+#[test]
+fn no_shared_path_source_dying_mid_stream_keeps_the_job() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter_in_node_net(&cl, "8188", "256");
+    let id = JobId::parse(&job).unwrap();
+    let ip1 = cl.node_ip("node1");
+    cl.wait_for("counter", 10, || query_counter(&ip1, 8188).is_some());
+    let (before, _) = query_counter(&ip1, 8188).unwrap();
+    // 100 Mbit/s out of node1: the 256 MiB stream takes about 20 s.
+    cl.throttle_egress("node1", "100mbit");
+    let m = std::process::Command::new(MOSCTL)
+        .args(["migrate", "--full-copy", &job, "node2"])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let staging = cl.node_dir("node2").join("incoming-pages").join(&job);
+    cl.wait_for("the page stream to start", 60, || staging.is_dir());
+    std::thread::sleep(Duration::from_secs(1));
+    // node1's agent dies in the middle of the stream.
+    cl.restart_agent("node1", &["--kill-only"]);
+    let out = m.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    cl.restart_agent("node1", &[]);
+    cl.wait_for("the job to answer on node1", 60, || {
+        query_counter(&ip1, 8188).is_some_and(|(_, ok)| ok)
+    });
+    let (now, _) = query_counter(&ip1, 8188).unwrap();
+    assert!(now >= before, "{before} -> {now}");
+    let rec = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(rec.state, JobState::Running, "{rec:?}");
+    assert_eq!(rec.node.as_str(), "node1");
+    assert_eq!(instances(&rec.stdout_path).len(), 1, "runs exactly once");
+    assert!(!cl.node_registry("node2").exists(&id));
+    cl.wait_for("node2 to drop the streamed pages", 30, || {
+        job_images(&cl, "node2", &job).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+}
+
 #[test]
 fn no_shared_path_post_copy_moves_all_memory() {
     if !privileged() || !post_copy_capable() {
