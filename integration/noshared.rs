@@ -522,6 +522,83 @@ fn no_shared_path_source_dying_mid_stream_keeps_the_job() {
     assert_contiguous(&ticks(&file));
 }
 
+/// The source's agent dies once the pages were streamed and the rest
+/// pushed, while the target restores: the source's copy is then its stopped
+/// tree. Back, the agent asks the target and either ends that tree (the job
+/// landed) or lets it run on (it did not): either way the job runs exactly
+/// once, with all its memory, and one node records it.
+#[test]
+fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter_in_node_net(&cl, "8189", "256");
+    let id = JobId::parse(&job).unwrap();
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter", 10, || query_counter(&ip1, 8189).is_some());
+    let (before, _) = query_counter(&ip1, 8189).unwrap();
+    let m = std::process::Command::new(MOSCTL)
+        .args(["migrate", "--full-copy", &job, "node2"])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Caught between the push and the Restore's answer: node2's agent is
+    // stopped as soon as node1 has pushed, node1's is killed, then node2
+    // goes on (and restores, or has) while node1 comes back.
+    let node2 = mosix::local::agent_pid(&cl.name, "node2").expect("node2's agent");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !node_log(&cl, "node1")
+        .lines()
+        .any(|l| l.contains("images pushed") && l.contains("streamed=true"))
+    {
+        assert!(std::time::Instant::now() < until, "no push in node1's log");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let signal = |pid: i32, s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+    signal(node2, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    cl.restart_agent("node1", &["--kill-only"]);
+    let _ = m.wait_with_output().unwrap();
+    signal(node2, nix::sys::signal::Signal::SIGCONT).unwrap();
+    cl.restart_agent("node1", &[]);
+    let rec_now = || cl.record(&job);
+    cl.wait_for("the job to settle on one node", 60, || {
+        let r = rec_now();
+        r.state == JobState::Running && r.pending.is_none()
+    });
+    let rec = rec_now();
+    let ip = if rec.node.as_str() == "node1" {
+        &ip1
+    } else {
+        &ip2
+    };
+    let (now, ok) = query_counter(ip, 8189).expect("the job answers where it is recorded");
+    assert!(ok && now >= before, "{before} -> {now}");
+    cl.wait_for("exactly one instance", 20, || {
+        instances(&rec.stdout_path).len() == 1
+    });
+    let other = if rec.node.as_str() == "node1" {
+        "node2"
+    } else {
+        "node1"
+    };
+    assert!(
+        !cl.node_registry(other).exists(&id),
+        "{other} still records the job"
+    );
+    // Which way it went, for the log: killed before the move ended, the
+    // restarted agent asked the target.
+    assert!(
+        node_log(&cl, "node1").contains("was under way when this agent stopped"),
+        "the restarted source did not have to ask node2"
+    );
+    eprintln!("settled on {}", rec.node);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+}
+
 #[test]
 fn no_shared_path_post_copy_moves_all_memory() {
     if !privileged() || !post_copy_capable() {
