@@ -292,23 +292,26 @@ fn no_shared_a_b_a(extra: &[&str]) {
 /// full copies stream their pages (see `agent::direct::stream`).
 fn counter_in_node_net(cl: &Cluster, port: &str, mem_mib: &str) -> (String, PathBuf) {
     let file = cl.shared.join(format!("counter-{port}.txt"));
-    let job = cl.mosrun(&[
-        "--node",
+    let job = crate::support::counter(
+        cl,
         "node1",
-        "--net",
-        "node",
-        "--",
-        MOSJOB,
-        "counter",
-        "--port",
         port,
-        "--file",
-        file.to_str().unwrap(),
-        "--mem-mib",
-        mem_mib,
-    ]);
-    cl.wait_for("counter to tick", 30, || ticks(&file).len() > 2);
+        &file,
+        &["--net", "node"],
+        &["--mem-mib", mem_mib],
+    );
     (job, file)
+}
+
+/// `mosctl migrate --full-copy JOB NODE`, started in the background.
+fn migrate_in_background(cl: &Cluster, job: &str, node: &str) -> std::process::Child {
+    std::process::Command::new(MOSCTL)
+        .args(["migrate", "--full-copy", job, node])
+        .env("MOSIX_CLUSTER", &cl.file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn node_log(cl: &Cluster, node: &str) -> String {
@@ -490,13 +493,7 @@ fn no_shared_path_source_dying_mid_stream_keeps_the_job() {
     let (before, _) = query_counter(&ip1, 8188).unwrap();
     // 100 Mbit/s out of node1: the 256 MiB stream takes about 20 s.
     cl.throttle_egress("node1", "100mbit");
-    let m = std::process::Command::new(MOSCTL)
-        .args(["migrate", "--full-copy", &job, "node2"])
-        .env("MOSIX_CLUSTER", &cl.file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let m = migrate_in_background(&cl, &job, "node2");
     let staging = cl.node_dir("node2").join("incoming-pages").join(&job);
     cl.wait_for("the page stream to start", 60, || staging.is_dir());
     std::thread::sleep(Duration::from_secs(1));
@@ -538,13 +535,7 @@ fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
     let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
     cl.wait_for("counter", 10, || query_counter(&ip1, 8189).is_some());
     let (before, _) = query_counter(&ip1, 8189).unwrap();
-    let m = std::process::Command::new(MOSCTL)
-        .args(["migrate", "--full-copy", &job, "node2"])
-        .env("MOSIX_CLUSTER", &cl.file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let m = migrate_in_background(&cl, &job, "node2");
     // Caught between the push and the Restore's answer: node2's agent is
     // stopped as soon as node1 has pushed, node1's is killed, then node2
     // goes on (and restores, or has) while node1 comes back.
@@ -707,13 +698,7 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     let ip = cl.job_ip(&job);
     // 100 Mbit/s out of node1: the 256 MiB push takes about 20 s.
     cl.throttle_egress("node1", "100mbit");
-    let m = std::process::Command::new(MOSCTL)
-        .args(["migrate", "--full-copy", &job, "node2"])
-        .env("MOSIX_CLUSTER", &cl.file)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let m = migrate_in_background(&cl, &job, "node2");
     let incoming = cl.node_dir("node2").join("incoming").join(&job);
     cl.wait_for("the push to start", 60, || incoming.is_dir());
     std::thread::sleep(Duration::from_secs(1));

@@ -347,18 +347,6 @@ impl Received {
     }
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 impl Agent {
     /// Source side: open a page stream for `rec`'s move to `target`, or say
     /// why not and return None (its pages then go in the push).
@@ -574,7 +562,7 @@ impl Agent {
             });
         }
         let _ = std::fs::remove_file(&log);
-        let bytes = dir_bytes(&dir);
+        let bytes = super::super::dir_bytes(&dir);
         self.streamed_pages.put(
             open.job.clone(),
             open.migration.clone(),
