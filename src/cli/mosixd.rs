@@ -18,10 +18,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// Read from the agent's environment (`--help` prints it).
+const ENVIRONMENT: &str = "\
+Environment:
+  MOSIX_CRIU=PATH            CRIU to use when neither --criu nor the config names one
+  MOSIX_CRIU_LOG_LEVEL=0-4   CRIU's log level (default 2; 4 for debugging)
+  MOSIX_KEEP_CRIU_LOGS=1     keep dump.log/restore.log of successful moves too
+  MOSIX_PAGE_STREAM=off      without a shared path, send a full copy's pages in the image
+                             push instead of streaming them into the target's page server
+  RUST_LOG=mosix=debug       the agent's own log level (default info), with every step's timing";
+
 /// mosixd: the mosix agent. One runs on every node. It launches migratable
 /// jobs, reports load, and dumps/restores/migrates jobs with CRIU.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = ENVIRONMENT)]
 pub struct Args {
     /// Config file, TOML if its name ends in .toml (the packaged
     /// /etc/mosix/mosixd.toml), else JSON; flags given on the command line
