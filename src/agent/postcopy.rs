@@ -77,7 +77,8 @@ enum Settled {
     Ours,
 }
 
-fn signal_tree(root: i32, sig: nix::sys::signal::Signal) {
+/// Send `sig` to every process of the tree rooted at `root`.
+pub(crate) fn signal_tree(root: i32, sig: nix::sys::signal::Signal) {
     for pid in crate::core::procfs::tree_pids(root) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
@@ -374,9 +375,7 @@ impl Agent {
         cause: AgentError,
         tree: super::direct::stream::StoppedTree,
     ) -> AgentError {
-        if let Err(e) = self.take_owner_back(job).await {
-            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
-        }
+        self.own_again_before_resuming(job, target).await;
         let pid = if tree.is_there() {
             self.release_stopped_tree(job, tree.pid)
         } else {
@@ -412,14 +411,19 @@ impl Agent {
         cause: AgentError,
         lazy: LazyDump,
     ) -> AgentError {
-        // With etcd the target became the owner before its restore: the
-        // job resumes here, so the ownership comes back here too.
-        if let Err(e) = self.take_owner_back(job).await {
-            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
-        }
+        self.own_again_before_resuming(job, target).await;
         let pid = self.abort_lazy(job, lazy).await;
         self.resumed_here(job, target, mig, started, cause, pid, true)
             .await
+    }
+
+    /// Before a tree left stopped here runs on: with etcd the target became
+    /// the job's owner before its restore, so the ownership comes back here
+    /// too (logged, not fatal, as the tree is the job's only copy).
+    async fn own_again_before_resuming(&self, job: &JobId, target: &NodeName) {
+        if let Err(e) = self.take_owner_back(job).await {
+            tracing::error!(job = %job, "the job resumes here but its ownership could not be taken back from {target}: {e}");
+        }
     }
 
     /// The end of a failed move whose source kept the job's tree stopped

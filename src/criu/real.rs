@@ -475,7 +475,6 @@ impl CheckpointEngine for RealCriu {
         log: &Path,
     ) -> Result<std::process::Child, CriuError> {
         use std::io::Read;
-        use std::os::unix::process::CommandExt;
         self.available()?;
         let io = |e: std::io::Error| CriuError::Io {
             op: "page-server",
@@ -498,18 +497,7 @@ impl CheckpointEngine for RealCriu {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in [socket, status_fd] {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        super::swrk::inherit_fds(&mut cmd, vec![socket, status_fd]);
         let mut child = cmd.spawn().map_err(io)?;
         drop(status);
         // Above the jobs, as a dump's worker: it writes a moving job's memory.

@@ -162,18 +162,7 @@ impl Worker {
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
-        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in std::iter::once(fd).chain(extra) {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        inherit_fds(&mut cmd, std::iter::once(fd).chain(extra).collect());
         let child = cmd.spawn().map_err(|source| SwrkError::Spawn {
             path: criu.display().to_string(),
             source,
@@ -238,6 +227,24 @@ impl Worker {
             tracing::warn!("cannot start a thread to collect CRIU's exit: {e}");
         }
         result
+    }
+}
+
+/// Let the child of `cmd` keep `fds` across exec, under the same numbers.
+/// They stay CLOEXEC in the agent, so no other child it starts meanwhile
+/// inherits them; only this one, between fork and exec, clears the flag.
+pub(crate) fn inherit_fds(cmd: &mut Command, fds: Vec<std::os::fd::RawFd>) {
+    // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

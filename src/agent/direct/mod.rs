@@ -693,12 +693,7 @@ impl Agent {
         }
         if tree.is_there() {
             tracing::info!(job = %rec.id, pid = tree.pid, "migration {} stopped before its push; the job runs on here", p.id);
-            for pid in crate::core::procfs::tree_pids(tree.pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGCONT,
-                );
-            }
+            super::postcopy::signal_tree(tree.pid, nix::sys::signal::Signal::SIGCONT);
         }
         false
     }
