@@ -241,7 +241,7 @@ while True:
 /// it exits (and the test fails) on any error.
 const ECHO_CLIENT: &str = r#"
 import socket,sys
-c=socket.create_connection(('ADDR',9700));f=c.makefile('rwb')
+c=socket.create_connection(('ADDR',9700));c.settimeout(20);f=c.makefile('rwb')
 for line in sys.stdin:
     f.write(line.encode());f.flush();back=f.readline().decode()
     print('ok' if back==line else 'BAD '+repr(back),flush=True)
@@ -437,7 +437,9 @@ fn outbound_transfer_keeps_its_checksum_across_full_and_post_copy_moves() {
 
 /// Without a shared path (images pushed agent to agent), an echo
 /// connection survives moves both ways, and a move whose restore fails on
-/// the target rolls back to the source with the connection intact.
+/// the target rolls back to the source with the connection intact: a full
+/// copy (restored from its images) and a post-copy move (its stopped tree
+/// resumed).
 #[test]
 fn echo_connection_survives_direct_moves_and_a_rollback() {
     if !privileged() {
@@ -511,6 +513,17 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
     assert_eq!(cl.record(&job).node.as_str(), "node1");
     echo("rollback");
     assert_no_leftovers(&cl, &job, "node1");
+    if post_copy_capable() {
+        // Post-copy keeps the source's tree stopped instead of restoring
+        // it from images: taking it back must undo what the dump left on
+        // its connections (TCP repair mode, CRIU's lock), or the echo
+        // below never comes back.
+        let o = cl.mosctl(&["migrate", &job, "node2", "--post-copy"]);
+        assert!(!o.status.success(), "the post-copy restore on node2 must fail");
+        assert_eq!(cl.record(&job).node.as_str(), "node1");
+        echo("post-copy rollback");
+        assert_no_leftovers(&cl, &job, "node1");
+    }
     assert_eq!(peer.resets(), before, "the peer saw resets");
 }
 

@@ -395,7 +395,8 @@ pub fn set_link(name: &str, up: bool) {
 }
 
 /// Take CRIU's network lock off a job that resumes where it was dumped
-/// without a restore (a post-copy source taking its stopped tree back).
+/// without a restore (a post-copy source taking its stopped tree back);
+/// after [`repair_off`].
 /// A dump that did not leave the tree running keeps its `inet CRIU…` table
 /// in the job's namespace for the restore to remove; with no restore it
 /// would drop every packet of the job for good.
@@ -425,6 +426,123 @@ pub fn unlock(pid: i32) -> Result<(), JobNetError> {
         }
     }
     Ok(())
+}
+
+/// Take the job's established TCP connections out of repair mode: the
+/// other half of what a dump that left its tree stopped (post-copy, or
+/// streamed pages) did to them, for a tree that resumes here without a
+/// restore. Returns how many sockets were in repair mode.
+///
+/// Why here: CRIU puts each established socket in repair mode to read its
+/// state, and takes it out again only when the dump leaves the tree
+/// running; a tree left stopped is the target's to restore, so its sockets
+/// stay in repair mode, where the kernel sends nothing and the peer sees a
+/// connection that never answers again. The flag belongs to the socket, so
+/// a copy of the job's descriptor (`pidfd_getfd`, which needs what ptrace
+/// does: root) clears it. Turning repair off sends the peer a window probe,
+/// as CRIU's own `TCP_REPAIR_OFF` does. Call it before [`unlock`], in the
+/// order CRIU itself undoes a dump.
+pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cleared = 0;
+    let mut failed = Vec::new();
+    for pid in crate::core::procfs::tree_pids(root) {
+        // SAFETY: pidfd_open has no memory-safety preconditions.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if raw < 0 {
+            // Gone since the listing: its descriptors went with it.
+            continue;
+        }
+        // SAFETY: raw is a descriptor pidfd_open just gave us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in fds.flatten() {
+            let Some(num) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(link) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy().into_owned();
+            // A socket shared by several descriptors or processes is
+            // cleared once.
+            if !link.starts_with("socket:[") || !seen.insert(link) {
+                continue;
+            }
+            // SAFETY: pidfd_getfd has no memory-safety preconditions.
+            let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) }
+                as i32;
+            if dup < 0 {
+                failed.push(format!("pid {pid} fd {num}: {}", std::io::Error::last_os_error()));
+                continue;
+            }
+            // SAFETY: dup is a descriptor pidfd_getfd just gave us.
+            let sock = unsafe { OwnedFd::from_raw_fd(dup) };
+            match clear_repair(&sock) {
+                Ok(true) => cleared += 1,
+                Ok(false) => {}
+                Err(e) => failed.push(format!("pid {pid} fd {num}: {e}")),
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(cleared)
+    } else {
+        Err(JobNetError::Setup(format!(
+            "taking the job's connections out of TCP repair mode ({cleared} done): {}",
+            failed.join("; ")
+        )))
+    }
+}
+
+/// One socket: if it is TCP and in repair mode, take it out. Returns
+/// whether it was.
+fn clear_repair(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<bool> {
+    let get = |level: i32, opt: i32| -> std::io::Result<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid for the kernel to write an int into.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(v)
+        }
+    };
+    if get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+        return Ok(false);
+    }
+    if get(libc::SOL_TCP, libc::TCP_REPAIR)? != 1 {
+        return Ok(false);
+    }
+    // TCP_REPAIR_OFF (0): unlike _NO_WP, the kernel probes the peer's
+    // window at once, as after CRIU's restore.
+    let off: libc::c_int = 0;
+    // SAFETY: off is a valid int for the kernel to read.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_REPAIR,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 /// CRIU's `external` entry that restores the job's interface on this node.
