@@ -519,7 +519,10 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
         // its connections (TCP repair mode, CRIU's lock), or the echo
         // below never comes back.
         let o = cl.mosctl(&["migrate", &job, "node2", "--post-copy"]);
-        assert!(!o.status.success(), "the post-copy restore on node2 must fail");
+        assert!(
+            !o.status.success(),
+            "the post-copy restore on node2 must fail"
+        );
         assert_eq!(cl.record(&job).node.as_str(), "node1");
         echo("post-copy rollback");
         assert_no_leftovers(&cl, &job, "node1");

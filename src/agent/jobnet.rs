@@ -296,6 +296,18 @@ enum Link<'a> {
 /// RTM_DELLINK of one interface in this process's network namespace, and
 /// the kernel's answer (an errno, or 0).
 fn rtnl_delete_link(link: Link<'_>) -> std::io::Result<()> {
+    rtnl_link(libc::RTM_DELLINK, link, 0, 0)
+}
+
+/// Set one interface up or down (RTM_NEWLINK on IFF_UP).
+fn rtnl_set_up(link: Link<'_>, up: bool) -> std::io::Result<()> {
+    let flags = if up { libc::IFF_UP as u32 } else { 0 };
+    rtnl_link(libc::RTM_NEWLINK, link, flags, libc::IFF_UP as u32)
+}
+
+/// One rtnetlink request about one interface (`kind`, with the ifinfomsg's
+/// `flags` and `change` mask), and the kernel's answer (an errno, or 0).
+fn rtnl_link(kind: u16, link: Link<'_>, flags: u32, change: u32) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // nlmsghdr (16 bytes), ifinfomsg (16: the index, or 0 and then one
@@ -320,12 +332,14 @@ fn rtnl_delete_link(link: Link<'_>) -> std::io::Result<()> {
     let total = HDR + IFINFO + ((attr_len + 3) & !3);
     let mut msg = vec![0u8; total];
     msg[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
-    msg[4..6].copy_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+    msg[4..6].copy_from_slice(&kind.to_ne_bytes());
+    let nl_flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    msg[6..8].copy_from_slice(&nl_flags.to_ne_bytes());
     msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // ifinfomsg: family, pad, type (u16), then the index (i32).
+    // ifinfomsg: family, pad, type (u16), the index (i32), flags, change.
     msg[HDR + 4..HDR + 8].copy_from_slice(&(index as i32).to_ne_bytes());
+    msg[HDR + 8..HDR + 12].copy_from_slice(&flags.to_ne_bytes());
+    msg[HDR + 12..HDR + 16].copy_from_slice(&change.to_ne_bytes());
     if !name.is_empty() {
         let a = HDR + IFINFO;
         msg[a..a + 2].copy_from_slice(&(attr_len as u16).to_ne_bytes());
@@ -381,16 +395,19 @@ fn rtnl_delete_link(link: Link<'_>) -> std::io::Result<()> {
     }
 }
 
-/// Cut a stopped post-copy source off the network (up = false) or put it
-/// back after a failed move (up = true).
+/// Cut a stopped source (post-copy, or streamed pages) off the network
+/// (up = false) or put it back after a failed move (up = true).
+///
+/// Through rtnetlink, not `ip link set`: a source takes the link down
+/// while the job is frozen (see [`delete_link`]).
 pub fn set_link(name: &str, up: bool) {
-    if link_exists(name) {
-        let _ = Command::new("ip")
-            .args(["link", "set", name, if up { "up" } else { "down" }])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+    match rtnl_set_up(Link::Name(name), up) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+        Err(e) => tracing::warn!(
+            "setting the job's veth {name} {}: {e}",
+            if up { "up" } else { "down" }
+        ),
     }
 }
 
@@ -473,10 +490,13 @@ pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
                 continue;
             }
             // SAFETY: pidfd_getfd has no memory-safety preconditions.
-            let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) }
-                as i32;
+            let dup =
+                unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) } as i32;
             if dup < 0 {
-                failed.push(format!("pid {pid} fd {num}: {}", std::io::Error::last_os_error()));
+                failed.push(format!(
+                    "pid {pid} fd {num}: {}",
+                    std::io::Error::last_os_error()
+                ));
                 continue;
             }
             // SAFETY: dup is a descriptor pidfd_getfd just gave us.
@@ -965,6 +985,42 @@ mod tests {
             external_veth("mjx", "mbr0"),
             "veth[eth0]:mjx@mbr0".to_string()
         );
+    }
+
+    #[test]
+    fn a_link_is_set_down_and_up_and_a_missing_one_is_no_error() {
+        crate::agent::in_own_netns(|| {
+            let ip = |args: &[&str]| Command::new("ip").args(args).output().unwrap();
+            let add = [
+                "link",
+                "add",
+                "mjuptest",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "mjuptestp",
+            ];
+            assert!(ip(&add).status.success());
+            let is_up = || {
+                let o = ip(&["-o", "link", "show", "mjuptest"]);
+                let l = String::from_utf8_lossy(&o.stdout).into_owned();
+                let flags = l
+                    .split('<')
+                    .nth(1)
+                    .and_then(|f| f.split('>').next())
+                    .unwrap_or("");
+                flags.split(',').any(|f| f == "UP")
+            };
+            assert!(!is_up(), "a new veth starts down");
+            set_link("mjuptest", true);
+            assert!(is_up());
+            set_link("mjuptest", false);
+            assert!(!is_up());
+            delete_link("mjuptest").unwrap();
+            // Gone: nothing to do, and no panic.
+            set_link("mjuptest", true);
+        });
     }
 
     #[test]

@@ -339,7 +339,9 @@ impl Agent {
             if crate::agent::jobnet::has_own_netns(pid) {
                 match crate::agent::jobnet::repair_off(pid) {
                     Ok(0) => {}
-                    Ok(n) => tracing::debug!(job = %job, "{n} connection(s) out of TCP repair mode"),
+                    Ok(n) => {
+                        tracing::debug!(job = %job, "{n} connection(s) out of TCP repair mode")
+                    }
                     Err(e) => tracing::warn!(job = %job, "{e}"),
                 }
                 if let Err(e) = crate::agent::jobnet::unlock(pid) {
