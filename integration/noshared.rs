@@ -179,23 +179,37 @@ fn no_shared_path_counter_migrates_a_b_a_with_memory_and_socket() {
     if !privileged() {
         return;
     }
-    no_shared_a_b_a(&[]);
+    no_shared_a_b_a(&[], Pages::Streamed);
 }
 
 /// The same with the test's own directory (the counter's file) served to
-/// the nodes over sshfs.
+/// the nodes over sshfs, and the page stream turned off: the pages go in
+/// the early push, while CRIU writes them on the source.
 #[test]
 fn no_shared_path_counter_migrates_a_b_a_over_sshfs() {
     if !privileged() || !sshfs_capable() {
         return;
     }
-    no_shared_a_b_a(&["--shared-over", "sshfs"]);
+    no_shared_a_b_a(&["--shared-over", "sshfs"], Pages::EarlyPush);
 }
 
-fn no_shared_a_b_a(extra: &[&str]) {
+/// How a full copy's pages reach the target.
+#[derive(PartialEq)]
+enum Pages {
+    /// Into its page server (`direct::stream`), the default.
+    Streamed,
+    /// In a push that starts during the dump (`MOSIX_PAGE_STREAM=off`).
+    EarlyPush,
+}
+
+fn no_shared_a_b_a(extra: &[&str], pages: Pages) {
     let mut flags = vec!["--no-shared"];
     flags.extend_from_slice(extra);
-    let cl = Cluster::up(2, &flags);
+    let env: &[(&str, &str)] = match pages {
+        Pages::Streamed => &[],
+        Pages::EarlyPush => &[("MOSIX_PAGE_STREAM", "off")],
+    };
+    let cl = Cluster::up_env(2, &flags, env);
     let watch = ImageWatch::start(&cl);
     let (job, file) = counter(&cl, "8181", "64");
     let id = JobId::parse(&job).unwrap();
@@ -215,15 +229,20 @@ fn no_shared_a_b_a(extra: &[&str]) {
     assert!(stdout(&o).contains("frozen"), "{}", stdout(&o));
     let (after, ok) = query_counter(&ip, 8181).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
-    // The pages went while CRIU wrote them (an early push), not after.
+    // The pages went while CRIU wrote them (streamed, or in an early
+    // push), not after.
     let log = std::fs::read_to_string(format!("/run/mosix/{}/node1.log", cl.name)).unwrap();
     // The log's fields are coloured: `early` ESC[0m ESC[2m = ESC[0m `true`.
     let plain = |l: &str| l.replace("\u{1b}[0m", "").replace("\u{1b}[2m", "");
+    let how = match pages {
+        Pages::Streamed => "streamed=true",
+        Pages::EarlyPush => "early=true",
+    };
     assert!(
         log.lines()
             .map(plain)
-            .any(|l| l.contains("images pushed") && l.contains("early=true")),
-        "no early push in node1's log:\n{log}"
+            .any(|l| l.contains("images pushed") && l.contains(how)),
+        "no {how} push in node1's log:\n{log}"
     );
     assert!(!log.contains("the early push failed"), "{log}");
     assert!(after >= before, "counter continued ({before} -> {after})");
@@ -692,7 +711,8 @@ fn no_shared_path_target_dying_mid_push_leaves_job_on_source() {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &["--no-shared"]);
+    // The push, not the page stream (which the mid-stream tests cover).
+    let cl = Cluster::up_env(2, &["--no-shared"], &[("MOSIX_PAGE_STREAM", "off")]);
     let (job, file) = counter(&cl, "8184", "256");
     let id = JobId::parse(&job).unwrap();
     let ip = cl.job_ip(&job);

@@ -64,8 +64,19 @@ fn unique_name() -> String {
 }
 
 pub fn run(cmd: &str, args: &[&str], cluster: Option<&Cluster>) -> Output {
+    run_env(cmd, args, cluster, &[])
+}
+
+/// [`run`], with `env` added to the command's environment.
+pub fn run_env(
+    cmd: &str,
+    args: &[&str],
+    cluster: Option<&Cluster>,
+    env: &[(&str, &str)],
+) -> Output {
     let mut c = Command::new(cmd);
     c.args(args);
+    c.envs(env.iter().copied());
     if let Some(cl) = cluster {
         c.env("MOSIX_CLUSTER", &cl.file);
     }
@@ -89,6 +100,12 @@ pub fn stderr(o: &Output) -> String {
 
 impl Cluster {
     pub fn up(nodes: usize, extra: &[&str]) -> Cluster {
+        Self::up_env(nodes, extra, &[])
+    }
+
+    /// [`Cluster::up`], with `env` in every agent's environment (for
+    /// example `MOSIX_PAGE_STREAM=off`).
+    pub fn up_env(nodes: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let name = unique_name();
         let shared = std::env::temp_dir().join(format!("mosix-it-{name}"));
         let n = nodes.to_string();
@@ -148,7 +165,7 @@ impl Cluster {
             std::fs::create_dir_all(&cl.shared).unwrap();
         }
         let over_sshfs = args.windows(2).any(|w| w == ["--shared-over", "sshfs"]);
-        let o = run(MOSCTL, &args, None);
+        let o = run_env(MOSCTL, &args, None, env);
         assert!(o.status.success(), "local up failed: {}", stderr(&o));
         if over_sshfs {
             cl.assert_nodes_mount_over_sshfs();

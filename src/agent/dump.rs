@@ -186,9 +186,17 @@ impl Agent {
                 l.remove(&rec.id);
             }
         }
-        if !leave_running && !stopped && rec.net.is_some() {
-            // Its namespace is gone with it; its veth must not linger here.
-            crate::agent::jobnet::left_here_soon(&rec.id);
+        if !leave_running && rec.net.is_some() {
+            if stopped {
+                // The stopped tree must not answer for the address the
+                // target is about to take (ARP is not under CRIU's lock):
+                // its link comes back if the move fails, as in post-copy.
+                crate::agent::jobnet::left_here(&rec.id, true);
+            } else {
+                // Its namespace is gone with it; its veth must not linger
+                // here.
+                crate::agent::jobnet::left_here_soon(&rec.id);
+            }
         }
         let t_seal = Instant::now();
         self.seal(&dir, &rec.id, mig, precomputed).await?;

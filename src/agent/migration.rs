@@ -302,6 +302,11 @@ impl Agent {
                 )))
             }
         };
+        // A move whose pages were streamed keeps no pages here: the job is
+        // its stopped tree, which runs on instead.
+        if let Some(r) = self.thaw_streamed(job, &pending).await {
+            return r;
+        }
         self.restore_here(job, &pending.id, None, Arrival::Thawed)
             .await
     }

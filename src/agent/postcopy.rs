@@ -84,6 +84,25 @@ pub(crate) fn signal_tree(root: i32, sig: nix::sys::signal::Signal) {
     }
 }
 
+/// Let a tree that a dump left stopped here run on, without a restore:
+/// undo what the dump did to a job with its own address (its connections
+/// in TCP repair mode, CRIU's lock, its link taken down), in the order
+/// CRIU undoes a dump, then SIGCONT.
+pub(crate) fn resume_stopped_tree(job: &JobId, pid: i32) {
+    if crate::agent::jobnet::has_own_netns(pid) {
+        match crate::agent::jobnet::repair_off(pid) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(job = %job, "{n} connection(s) out of TCP repair mode"),
+            Err(e) => tracing::warn!(job = %job, "{e}"),
+        }
+        if let Err(e) = crate::agent::jobnet::unlock(pid) {
+            tracing::warn!(job = %job, "{e}");
+        }
+    }
+    crate::agent::jobnet::set_link(&crate::agent::jobnet::host_veth(job.as_str()), true);
+    signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
+}
+
 impl Agent {
     /// Post-copy, source side: dump everything but memory, then serve the
     /// memory from a CRIU page server. Returns once the page server listens.
@@ -336,20 +355,7 @@ impl Agent {
         let exited = self.set_dumping(job, false);
         let alive = exited.is_none() && reaper::is_pidns_init(pid);
         if alive {
-            if crate::agent::jobnet::has_own_netns(pid) {
-                match crate::agent::jobnet::repair_off(pid) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::debug!(job = %job, "{n} connection(s) out of TCP repair mode")
-                    }
-                    Err(e) => tracing::warn!(job = %job, "{e}"),
-                }
-                if let Err(e) = crate::agent::jobnet::unlock(pid) {
-                    tracing::warn!(job = %job, "{e}");
-                }
-            }
-            crate::agent::jobnet::set_link(&crate::agent::jobnet::host_veth(job.as_str()), true);
-            signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
+            resume_stopped_tree(job, pid);
             return Some(pid);
         }
         if let Ok(mut l) = self.local.lock() {
@@ -369,6 +375,8 @@ impl Agent {
             l.remove(job);
         }
         tree.kill();
+        // A job with its own address: its veth goes too (a no-op without).
+        crate::agent::jobnet::left_here_soon(job);
     }
 
     /// A move whose pages were streamed failed, and the target does not

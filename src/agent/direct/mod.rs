@@ -234,7 +234,7 @@ impl Agent {
         // into its page server if it takes a page stream, else in an early
         // push.
         let mut early: Option<early::EarlyPush> = None;
-        let tunnel = if !post_copy && stream::wanted(rec.net.is_some()) {
+        let tunnel = if !post_copy && stream::wanted() {
             let t = self.open_page_stream(&rec, pid, &mig, target).await;
             // The job ran while the target started its page server: the
             // frozen clock starts now.
@@ -636,20 +636,52 @@ impl Agent {
                     }
                 }
                 Answer::Unknown(why) => {
-                    tracing::error!(job = %job, "{target} never said whether it restored migration {mig} ({why}); the job is recorded frozen here with its images");
+                    // Streamed pages: the copy here is the stopped tree, not
+                    // images, and thaw lets it run on (`thaw_streamed`).
+                    let (copy_here, thaw_does) = match copy {
+                        SourceCopy::Stopped(_) => ("its stopped processes", "resumes"),
+                        _ => ("its images", "restores"),
+                    };
+                    tracing::error!(job = %job, "{target} never said whether it restored migration {mig} ({why}); the job is recorded frozen here with {copy_here}");
                     if let Ok(mut r) = agent.registry.get(&job) {
                         r.state = JobState::Frozen;
                         if let Some(p) = r.pending.as_mut() {
                             p.phase = MigrationPhase::Frozen;
                         }
                         r.error = format!(
-                            "{target} never said whether it restored migration {mig}; if {target} is gone for good, `mosctl thaw {job}` restores the job here"
+                            "{target} never said whether it restored migration {mig}; if {target} is gone for good, `mosctl thaw {job}` {thaw_does} the job here"
                         );
                         let _ = agent.registry.put(&mut r);
                     }
                 }
             }
         });
+    }
+
+    /// `mosctl thaw` of a job frozen here after a move whose pages were
+    /// streamed went unanswered: there are no pages here to restore, and
+    /// the job is its stopped tree, which runs on (as after a failed
+    /// stream). None if the move did not stream.
+    pub(crate) async fn thaw_streamed(
+        self: &Arc<Self>,
+        job: &JobId,
+        p: &PendingMigration,
+    ) -> Option<AgentResult<JobRecord>> {
+        let dir = self.image_dir(&image_rel(job, &p.id));
+        let tree = stream::StoppedTree::read(&dir)?;
+        let target = p.to.clone().unwrap_or_else(|| self.cfg.node.clone());
+        let cause = AgentError::Aborted(format!(
+            "{target} never said whether it restored the job, and it was thawed on {} by hand",
+            self.cfg.node
+        ));
+        let err = self
+            .resume_after_failed_stream(job, &target, &p.id, Instant::now(), cause, tree)
+            .await;
+        Some(match self.registry.get(job) {
+            Ok(r) if r.state == JobState::Running && r.node == self.cfg.node => Ok(r),
+            // The tree was gone: recorded failed, and the error says so.
+            _ => Err(err),
+        })
     }
 
     /// At start, before serving: pushes that were being received when the
@@ -688,12 +720,14 @@ impl Agent {
         let Some(tree) = stream::StoppedTree::read(&dir) else {
             return false;
         };
-        if p.phase == MigrationPhase::Dumped {
+        if matches!(p.phase, MigrationPhase::Dumped | MigrationPhase::Frozen) {
+            // Pushed (the target may run the job), or frozen here after the
+            // target never answered: ask it again, never resume blindly.
             return self.recover_direct(rec, p);
         }
         if tree.is_there() {
             tracing::info!(job = %rec.id, pid = tree.pid, "migration {} stopped before its push; the job runs on here", p.id);
-            super::postcopy::signal_tree(tree.pid, nix::sys::signal::Signal::SIGCONT);
+            super::postcopy::resume_stopped_tree(&rec.id, tree.pid);
         }
         false
     }
@@ -713,7 +747,9 @@ impl Agent {
             return false;
         }
         let me = &self.cfg.node;
-        if p.from == *me && p.phase == MigrationPhase::Dumped {
+        // Frozen with a target: a move whose outcome its target never told
+        // (see `spawn_settle`); the target may still run the job.
+        if p.from == *me && matches!(p.phase, MigrationPhase::Dumped | MigrationPhase::Frozen) {
             let Some(target) = p.to.clone().filter(|t| t != me) else {
                 return false;
             };
@@ -1716,6 +1752,36 @@ mod tests {
         assert!(!rec.history.last().unwrap().ok);
         assert_eq!(p.src_engine.restores.load(Ordering::SeqCst), 1);
         p.nothing_on_target(&job);
+    }
+
+    /// A move whose target never said whether it restored the job was
+    /// recorded frozen on its source (`spawn_settle`). A restarted source
+    /// asks the target again, and never restores its own copy meanwhile:
+    /// the target may run the job.
+    #[tokio::test]
+    async fn a_move_frozen_for_an_unanswered_target_is_asked_about_again() {
+        let p = pair();
+        let mut rec = record(p.dir.path(), "node2");
+        rec.state = JobState::Frozen;
+        rec.pending.as_mut().unwrap().phase = MigrationPhase::Frozen;
+        p.src.registry.put(&mut rec).unwrap();
+        let pending = rec.pending.clone().unwrap();
+        // node2 still does not answer.
+        p.peers.agents.lock().unwrap().remove(&n("node2"));
+        assert!(
+            p.src.recover_direct(&rec, &pending),
+            "the source must take the move over and ask"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(p.src_engine.restores.load(Ordering::SeqCst), 0);
+        assert_eq!(p.src.registry.get(&rec.id).unwrap().state, JobState::Frozen);
+        // A freeze by hand (no target) is not a move: left to the usual
+        // recovery.
+        let mut frozen = rec.clone();
+        frozen.pending.as_mut().unwrap().to = None;
+        assert!(!p
+            .src
+            .recover_direct(&frozen, frozen.pending.as_ref().unwrap()));
     }
 
     /// The Restore happened but its reply was lost: the source must learn

@@ -40,9 +40,12 @@
 //!    whole directory anew with the cluster key; the Restore then verifies
 //!    that manifest as always.
 //!
-//! Not for a job with its own address: a tree left stopped keeps CRIU's
-//! network lock and its connections in TCP repair mode, which only a
-//! restore undoes, so such a job keeps the images on the source. Set
+//! A job with its own address streams too. Its stopped tree keeps CRIU's
+//! network lock and its connections in TCP repair mode, which a restore
+//! undoes on the target; on the source its link goes down after the dump
+//! (nothing may answer for the address the target takes), and if the tree
+//! runs on after all, the source undoes all three itself
+//! (`postcopy::resume_stopped_tree`, shared with post-copy). Set
 //! `MOSIX_PAGE_STREAM=off` on an agent to turn the stream off there.
 
 use crate::agent::peers::Peers;
@@ -119,12 +122,11 @@ pub struct PageStreamDone {
 pub type PageOutStream = BoxStream<'static, AgentResult<PageStreamOut>>;
 
 /// Whether a move of a job may stream its pages (see the module doc).
-pub(crate) fn wanted(own_address: bool) -> bool {
-    !own_address
-        && !matches!(
-            std::env::var("MOSIX_PAGE_STREAM").ok().as_deref(),
-            Some("off" | "0" | "no" | "false")
-        )
+pub(crate) fn wanted() -> bool {
+    !matches!(
+        std::env::var("MOSIX_PAGE_STREAM").ok().as_deref(),
+        Some("off" | "0" | "no" | "false")
+    )
 }
 
 // ------------------------------------------------------------ source side
@@ -585,12 +587,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_jobs_in_their_node_network_stream_their_pages() {
+    fn pages_stream_unless_turned_off() {
         // The variable is read at each call; this test only leaves it unset.
         if std::env::var_os("MOSIX_PAGE_STREAM").is_none() {
-            assert!(wanted(false));
+            assert!(wanted());
         }
-        assert!(!wanted(true));
     }
 
     #[test]
