@@ -131,6 +131,26 @@ pub(crate) fn wanted() -> bool {
 
 // ------------------------------------------------------------ source side
 
+/// Bytes a page socket may hold each way. Why: a Unix socket's default
+/// (~208 KiB) made CRIU's page writer wait on the agent's reads many times
+/// per MiB; with room for a few of the tunnel's chunks, CRIU and the agent
+/// run side by side.
+const PAGE_SOCKET_BUFFER: usize = 4 << 20;
+
+/// The socket pair between an agent and its CRIU (the dump's page sender,
+/// or the target's page server), with room for [`PAGE_SOCKET_BUFFER`].
+fn page_socket_pair() -> AgentResult<(UnixStream, UnixStream)> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let (a, b) = UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
+    for s in [&a, &b] {
+        // Best effort: the FORCE variants pass the system's cap as root;
+        // without them the default buffer still works, only slower.
+        let _ = setsockopt(s, sockopt::SndBufForce, &PAGE_SOCKET_BUFFER);
+        let _ = setsockopt(s, sockopt::RcvBufForce, &PAGE_SOCKET_BUFFER);
+    }
+    Ok((a, b))
+}
+
 /// In a streamed move's image dir on the source, written before the dump:
 /// `<pid> <start time>` of the job's tree, left stopped by the dump. It is
 /// the source's copy of the job, so a restarted agent must find it (see
@@ -201,8 +221,7 @@ impl PageTunnel {
         target: &NodeName,
         open: PageStreamOpen,
     ) -> AgentResult<Self> {
-        let (ours, theirs) =
-            UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
+        let (ours, theirs) = page_socket_pair()?;
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let ready = async {
             let mut back = peers.stream_pages(target, open, rx).await?;
@@ -454,8 +473,7 @@ impl Agent {
             let _ = std::fs::remove_file(log);
             let _ = std::fs::remove_dir(parent.as_path());
         };
-        let (ours, theirs) =
-            UnixStream::pair().map_err(|e| io_error("making the page socket", e))?;
+        let (ours, theirs) = page_socket_pair()?;
         let started = {
             let (engine, dir, log) = (self.engine.clone(), dir.clone(), log.clone());
             let fd = theirs.as_raw_fd();
