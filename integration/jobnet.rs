@@ -438,8 +438,8 @@ fn outbound_transfer_keeps_its_checksum_across_full_and_post_copy_moves() {
 /// Without a shared path (images pushed agent to agent), an echo
 /// connection survives moves both ways, and a move whose restore fails on
 /// the target rolls back to the source with the connection intact: a full
-/// copy (restored from its images) and a post-copy move (its stopped tree
-/// resumed).
+/// copy (pages streamed, so its stopped tree resumed) and a post-copy move
+/// (the same).
 #[test]
 fn echo_connection_survives_direct_moves_and_a_rollback() {
     if !privileged() {
@@ -510,6 +510,14 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
     std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success(), "the restore on node2 must fail");
+    // Its pages were streamed (node2's page server is not its RPC worker),
+    // so node1's copy was the stopped tree, not images: resumed, not
+    // restored, and its connection taken out of repair mode by the agent.
+    assert!(
+        stderr(&o).contains("resumed on node1 with all its memory"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(cl.record(&job).node.as_str(), "node1");
     echo("rollback");
     assert_no_leftovers(&cl, &job, "node1");
