@@ -1784,6 +1784,117 @@ mod tests {
             .recover_direct(&frozen, frozen.pending.as_ref().unwrap()));
     }
 
+    /// The init of a PID namespace (as a job's is), stopped as a streamed
+    /// dump leaves it: `unshare --pid --fork sleep`'s child. None without
+    /// the privilege to make one.
+    fn stopped_pidns_init() -> Option<(std::process::Child, i32)> {
+        let mut u = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "60"])
+            .current_dir("/")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let until = Instant::now() + Duration::from_secs(5);
+        let init = loop {
+            let kids = fs::read_to_string(format!("/proc/{}/task/{}/children", u.id(), u.id()))
+                .unwrap_or_default();
+            if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                if crate::agent::reaper::is_pidns_init(p) {
+                    break p;
+                }
+            }
+            if Instant::now() > until || u.try_wait().ok().flatten().is_some() {
+                let _ = u.kill();
+                let _ = u.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(init),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .ok()?;
+        // Stopped once the signal is taken, a moment later.
+        while proc_state(init) != Some('T') && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some((u, init))
+    }
+
+    /// `/proc/<pid>/stat`'s state letter.
+    fn proc_state(pid: i32) -> Option<char> {
+        let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .next()?
+            .chars()
+            .next()
+    }
+
+    /// `mosctl thaw` of a job frozen after a streamed move went unanswered:
+    /// its source holds no pages, only the stopped tree, which must run on
+    /// (not a restore of images without pages); with the tree gone, the job
+    /// is recorded failed, saying so.
+    #[tokio::test]
+    async fn thaw_after_an_unanswered_stream_resumes_the_stopped_tree() {
+        let Some((mut unshare, init)) = stopped_pidns_init() else {
+            eprintln!("SKIPPED: cannot make a PID namespace here (needs root)");
+            return;
+        };
+        assert_eq!(proc_state(init), Some('T'), "the tree starts stopped");
+        let p = pair();
+        let frozen = |id: &str| {
+            let mut rec = record(p.dir.path(), "node2");
+            rec.id = JobId::parse(id).unwrap();
+            rec.state = JobState::Frozen;
+            let rel = image_rel(&rec.id, &rec.pending.as_ref().unwrap().id);
+            let pm = rec.pending.as_mut().unwrap();
+            pm.phase = MigrationPhase::Frozen;
+            pm.image_dir = rel.clone();
+            p.src.registry.put(&mut rec).unwrap();
+            let dir = p.src.image_dir(&rel);
+            fs::create_dir_all(&dir).unwrap();
+            (rec, dir)
+        };
+        let (rec, dir) = frozen("jthawstream1");
+        stream::StoppedTree::of(init).unwrap().record(&dir).unwrap();
+        let back = p.src.thaw(&rec.id).await.unwrap();
+        assert_eq!(
+            (back.node.clone(), back.state),
+            (n("node1"), JobState::Running)
+        );
+        assert_eq!(back.pid, init);
+        assert_ne!(proc_state(init), Some('T'), "the tree runs on");
+        assert_eq!(
+            p.src_engine.restores.load(Ordering::SeqCst),
+            0,
+            "nothing restored"
+        );
+        let m = back.history.last().unwrap();
+        assert!(!m.ok && m.error.contains("thawed"), "{m:?}");
+        // The tree is gone: failed, and the error says so.
+        let _ = unshare.kill();
+        let _ = unshare.wait();
+        let (rec2, dir2) = frozen("jthawstream2");
+        stream::StoppedTree {
+            pid: init,
+            start: 1,
+        }
+        .record(&dir2)
+        .unwrap();
+        let e = p.src.thaw(&rec2.id).await.unwrap_err();
+        assert!(e.to_string().contains("gone"), "{e}");
+        assert_eq!(
+            p.src.registry.get(&rec2.id).unwrap().state,
+            JobState::Failed
+        );
+        assert_eq!(p.src_engine.restores.load(Ordering::SeqCst), 0);
+    }
+
     /// The Restore happened but its reply was lost: the source must learn
     /// that from the target and never restore its own copy as well.
     #[tokio::test]
