@@ -9,8 +9,7 @@ use super::*;
 /// without a restore (a source taking its stopped tree back), after
 /// [`repair_off`]. A dump that did not leave the tree running keeps its
 /// `inet CRIU…` table in the job's namespace for the restore to remove;
-/// with no restore it
-/// would drop every packet of the job for good.
+/// with no restore it would drop every packet of the job for good.
 pub fn unlock(pid: i32) -> Result<(), JobNetError> {
     let ns = format!("--net=/proc/{pid}/ns/net");
     let out = Command::new("nsenter")
