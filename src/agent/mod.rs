@@ -77,7 +77,7 @@ pub struct AgentConfig {
     pub post_copy: bool,
     /// Squeeze the node's other jobs during a dump that moves a job off a
     /// capped node (`mosixd --no-jobs-squeeze` turns it off; see
-    /// [`Agent::squeeze_jobs`]).
+    /// `Agent::squeeze_jobs`).
     pub jobs_squeeze: bool,
     /// With a jobs group: turn on cgroup2's `favordynmods` at start, so that
     /// putting a job in or out of the group waits for no RCU grace period

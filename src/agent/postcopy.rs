@@ -13,7 +13,7 @@
 //!   once (CRIU still holds them; the signal waits, so however CRIU lets go
 //!   of them, they never run again), then SIGKILL when the transfer ends;
 //! - the target does not run it (its restore failed, hung or went
-//!   unanswered): the page server is aborted ([`Agent::abort_lazy`]), CRIU
+//!   unanswered): the page server is aborted (`Agent::abort_lazy`), CRIU
 //!   lets go of the tree, the tasks get SIGCONT and the job runs on here
 //!   with all its memory. The record and the history say so, with the
 //!   target's CRIU error lines; the balancer's next move of it is a full
@@ -26,7 +26,7 @@
 //!
 //! **Target.** The restore runs with a deadline ([`CriuCall::LazyRestore`])
 //! and is stopped as soon as the lazy-pages daemon fails; the daemon is
-//! watched afterwards too ([`Agent::watch_lazy_daemon`]).
+//! watched afterwards too (`Agent::watch_lazy_daemon`).
 //!
 //! **Not walking into it.** Some things a lazy restore cannot rebuild while
 //! the source still holds them: a FIFO with unread data (the restore's

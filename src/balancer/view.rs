@@ -119,7 +119,7 @@ async fn mark_lost(cf: &ClusterFile, nodes: &mut [NodeState]) {
     mark_lost_loads(cf, &mut loads).await;
 }
 
-/// [`mark_lost`] on (node, load) pairs (`mosctl load` polls that way).
+/// `mark_lost` on (node, load) pairs (`mosctl load` polls that way).
 pub async fn mark_lost_loads(
     cf: &ClusterFile,
     loads: &mut [(String, &mut Result<pb::NodeLoad, String>)],

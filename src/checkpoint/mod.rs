@@ -69,7 +69,7 @@
 //! `mosctl restore JOB` restores one job from a checkpoint on a node; it
 //! is refused while the job is recorded running anywhere, unless the
 //! operator asserts that node is down (`--node-is-down`, like Kubernetes'
-//! out-of-service taint). [`restart::restart_node_jobs`] does it for every
+//! out-of-service taint). `balancer::restart` (`restart_node_jobs`) does it for every
 //! job of a node that is down: each one with a checkpoint is restored on
 //! the node the placement policy picks; each one without is recorded
 //! lost (`FAILED`, error `lost: …`). Fencing (making sure a node that was

@@ -45,7 +45,7 @@ pub fn open_for_writing(root: i32) -> Vec<(String, String)> {
     out
 }
 
-/// The `flags:` line of /proc/<pid>/fdinfo/<fd> (octal).
+/// The `flags:` line of `/proc/<pid>/fdinfo/<fd>` (octal).
 pub fn flags_of_fdinfo(s: &str) -> Option<u32> {
     s.lines()
         .find_map(|l| l.strip_prefix("flags:"))

@@ -54,7 +54,7 @@ pub struct Args {
     /// target agent. Every node of the cluster must be configured this way.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Where jobs' stdout/stderr live [default: <root>/jobs]. CRIU reopens
+    /// Where jobs' stdout/stderr live [default: ROOT/jobs]. CRIU reopens
     /// them by path after a migration, so without a shared path give every
     /// node the same path (on its own disk); migrations carry the files.
     #[arg(long)]
@@ -166,7 +166,7 @@ pub struct Args {
     #[arg(long)]
     pub job_net_bridge: Option<String>,
     /// Where address claims live, a directory every node sees
-    /// [default: <shared>/jobnet/addrs].
+    /// [default: SHARED/jobnet/addrs].
     #[arg(long)]
     pub job_net_claims: Option<PathBuf>,
     /// Whether detached jobs get their own address unless they ask

@@ -13,7 +13,7 @@
 //! 2. A thread follows the page images as CRIU appends to them, as
 //!    [`crate::security::follow`] does to hash them, and sends what is new
 //!    as *growing* chunks ([`FileChunk::growing`]), a megabyte at a time.
-//! 3. After the dump and the seal ([`EarlyPush::finish`]), the thread
+//! 3. After the dump and the seal (`EarlyPush::finish`), the thread
 //!    sends the page images' tails; then the other files go, and the end
 //!    marker with the sealed record (phase `dumped`) and each page image's
 //!    final size, which must be what the seal saw.

@@ -21,7 +21,7 @@
 //! page-server` on the target, as CRIU's own migration without shared
 //! storage does, and leaves the job's tree stopped. The source's complete
 //! copy is then that tree, not its image files: SIGKILL once the target runs
-//! the job, SIGCONT if it does not and never will ([`SourceCopy`]). The
+//! the job, SIGCONT if it does not and never will (`SourceCopy`). The
 //! push after it carries only the other image files. Jobs with their own
 //! address keep their pages on the source as above (see [`stream`] for why).
 //!

@@ -23,7 +23,7 @@
 //! parse it. Neither side listens on a port, so nothing else on either node
 //! can feed pages in.
 //!
-//! 1. Before the freeze, the source opens the stream ([`PageTunnel::open`]);
+//! 1. Before the freeze, the source opens the stream (`PageTunnel::open`);
 //!    the target starts its page server and answers `ready`. A target that
 //!    cannot (an older agent, no CRIU, not enough space) fails the call and
 //!    the move goes the usual way, pages in the push.

@@ -31,11 +31,11 @@ pub enum Cmd {
         /// Relative speed per node, comma-separated.
         #[arg(long, value_delimiter = ',')]
         speeds: Vec<f64>,
-        /// Shared image root [default: criu-images/<name> in the project].
+        /// Shared image root [default: criu-images/NAME in the project].
         #[arg(long, conflicts_with = "no_shared")]
         shared: Option<PathBuf>,
         /// No shared path: each node keeps its registry and images in its own
-        /// state dir (/run/mosix/<name>/nodes/<node>), and migrations stream
+        /// state dir (/run/mosix/NAME/nodes/NODE), and migrations stream
         /// the images from agent to agent.
         #[arg(long)]
         no_shared: bool,
