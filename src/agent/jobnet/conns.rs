@@ -57,48 +57,44 @@ pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
     let mut seen = std::collections::BTreeSet::new();
     let mut cleared = 0;
     let mut failed = Vec::new();
-    for pid in crate::core::procfs::tree_pids(root) {
-        // SAFETY: pidfd_open has no memory-safety preconditions.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        if raw < 0 {
-            // Gone since the listing: its descriptors went with it.
+    // The holder's pidfd, kept while its sockets (listed together) come.
+    let mut holder: Option<(i32, OwnedFd)> = None;
+    for s in tree_sockets(root) {
+        if holder.as_ref().is_none_or(|(pid, _)| *pid != s.pid) {
+            // SAFETY: pidfd_open has no memory-safety preconditions.
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, s.pid, 0) } as i32;
+            if raw < 0 {
+                // Gone since the listing: its descriptors went with it.
+                holder = None;
+                continue;
+            }
+            // SAFETY: raw is a descriptor pidfd_open just gave us.
+            holder = Some((s.pid, unsafe { OwnedFd::from_raw_fd(raw) }));
+        }
+        let Some((_, pidfd)) = &holder else { continue };
+        // A socket shared by several descriptors or processes is cleared
+        // once.
+        if !seen.insert(s.inode) {
             continue;
         }
-        // SAFETY: raw is a descriptor pidfd_open just gave us.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        // SAFETY: pidfd_getfd has no memory-safety preconditions.
+        let dup =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), s.fd, 0) } as i32;
+        if dup < 0 {
+            failed.push(format!(
+                "pid {} fd {}: {}",
+                s.pid,
+                s.fd,
+                std::io::Error::last_os_error()
+            ));
             continue;
-        };
-        for e in fds.flatten() {
-            let Some(num) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(link) = std::fs::read_link(e.path()) else {
-                continue;
-            };
-            let link = link.to_string_lossy().into_owned();
-            // A socket shared by several descriptors or processes is
-            // cleared once.
-            if !link.starts_with("socket:[") || !seen.insert(link) {
-                continue;
-            }
-            // SAFETY: pidfd_getfd has no memory-safety preconditions.
-            let dup =
-                unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) } as i32;
-            if dup < 0 {
-                failed.push(format!(
-                    "pid {pid} fd {num}: {}",
-                    std::io::Error::last_os_error()
-                ));
-                continue;
-            }
-            // SAFETY: dup is a descriptor pidfd_getfd just gave us.
-            let sock = unsafe { OwnedFd::from_raw_fd(dup) };
-            match clear_repair(&sock) {
-                Ok(true) => cleared += 1,
-                Ok(false) => {}
-                Err(e) => failed.push(format!("pid {pid} fd {num}: {e}")),
-            }
+        }
+        // SAFETY: dup is a descriptor pidfd_getfd just gave us.
+        let sock = unsafe { OwnedFd::from_raw_fd(dup) };
+        match clear_repair(&sock) {
+            Ok(true) => cleared += 1,
+            Ok(false) => {}
+            Err(e) => failed.push(format!("pid {} fd {}: {e}", s.pid, s.fd)),
         }
     }
     if failed.is_empty() {
@@ -113,48 +109,31 @@ pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
 
 /// One socket: if it is TCP and in repair mode, take it out. Returns
 /// whether it was.
-fn clear_repair(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<bool> {
-    let get = |level: i32, opt: i32| -> std::io::Result<i32> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and len are valid for the kernel to write an int into.
-        let r = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                level,
-                opt,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(v)
-        }
-    };
-    if get(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
-        return Ok(false);
-    }
-    if get(libc::SOL_TCP, libc::TCP_REPAIR)? != 1 {
-        return Ok(false);
-    }
-    // TCP_REPAIR_OFF (0): unlike _NO_WP, the kernel probes the peer's
-    // window at once, as after CRIU's restore.
-    let off: libc::c_int = 0;
-    // SAFETY: off is a valid int for the kernel to read.
+fn clear_repair(sock: &std::os::fd::OwnedFd) -> std::io::Result<bool> {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpRepair};
+    use std::os::fd::AsRawFd;
+    let mut proto: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: proto and len are valid for the kernel to write an int into.
+    // (nix has no option for SO_PROTOCOL.)
     let r = unsafe {
-        libc::setsockopt(
+        libc::getsockopt(
             sock.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_REPAIR,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut proto as *mut libc::c_int).cast(),
+            &mut len,
         )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    if proto != libc::IPPROTO_TCP || getsockopt(sock, TcpRepair)? != 1 {
+        return Ok(false);
+    }
+    // TCP_REPAIR_OFF (0): unlike _NO_WP, the kernel probes the peer's
+    // window at once, as after CRIU's restore.
+    setsockopt(sock, TcpRepair, &0)?;
     Ok(true)
 }
 
@@ -220,16 +199,26 @@ fn established_table(
     table
 }
 
-/// The socket inodes open in the process tree rooted at `root`, with the
-/// pid holding each (a socket shared by several fds or tasks appears once
-/// per holder).
-fn tree_socket_inodes(root: i32) -> Vec<(i32, u64)> {
+/// A socket open in a process tree: who holds it, as which fd.
+struct TreeSocket {
+    pid: i32,
+    fd: i32,
+    inode: u64,
+}
+
+/// The sockets open in the process tree rooted at `root`, a process's
+/// together (a socket shared by several fds or tasks appears once per
+/// holding fd).
+fn tree_sockets(root: i32) -> Vec<TreeSocket> {
     let mut out = Vec::new();
     for pid in crate::core::procfs::tree_pids(root) {
         let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         for e in rd.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
             let Ok(target) = std::fs::read_link(e.path()) else {
                 continue;
             };
@@ -239,7 +228,7 @@ fn tree_socket_inodes(root: i32) -> Vec<(i32, u64)> {
                 .and_then(|s| s.strip_suffix(']'))
                 .and_then(|s| s.parse::<u64>().ok())
             {
-                out.push((pid, inode));
+                out.push(TreeSocket { pid, fd, inode });
             }
         }
     }
@@ -251,7 +240,7 @@ fn tree_socket_inodes(root: i32) -> Vec<(i32, u64)> {
 pub fn established_connections(root: i32) -> Vec<Connection> {
     let table = established_table(root);
     let mut out = Vec::new();
-    for (pid, inode) in tree_socket_inodes(root) {
+    for TreeSocket { pid, inode, .. } in tree_sockets(root) {
         if let Some((l, r)) = table.get(&inode) {
             let c = Connection {
                 pid,
@@ -270,9 +259,9 @@ pub fn established_connections(root: i32) -> Vec<Connection> {
 /// holds, each once: the sockets CRIU writes a `tcp-stream` image for.
 pub fn established_inodes(root: i32) -> Vec<u64> {
     let table = established_table(root);
-    let mut out: Vec<u64> = tree_socket_inodes(root)
+    let mut out: Vec<u64> = tree_sockets(root)
         .into_iter()
-        .map(|(_, i)| i)
+        .map(|s| s.inode)
         .filter(|i| table.contains_key(i))
         .collect();
     out.sort_unstable();
