@@ -131,26 +131,13 @@ pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
     let spawned = std::thread::Builder::new()
         .name(format!("adopt-{pid}"))
         .spawn(move || {
-            // SAFETY: pidfd_open has no memory-safety preconditions.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-            if fd >= 0 {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                loop {
-                    // SAFETY: pfd is a valid pollfd for the duration of the call.
-                    let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-                    if r > 0
-                        || (r < 0
-                            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
-                    {
-                        break;
-                    }
-                }
-                // SAFETY: fd came from pidfd_open above.
-                unsafe { libc::close(fd) };
+            if let Ok(fd) = crate::core::procfs::pidfd_open(pid) {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use std::os::fd::AsFd;
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                // Readable once the process has exited; only a signal
+                // interrupts the wait early.
+                while let Err(nix::errno::Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
             } else {
                 while nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
                     std::thread::sleep(std::time::Duration::from_millis(500));

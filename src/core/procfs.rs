@@ -1,6 +1,8 @@
 //! Reading `/proc/<pid>/status`, which several parts consult for one field
 //! each (a tracer, a parent, a namespace pid, a memory size), and
-//! `/proc/<pid>/stat`'s fields (a nice value).
+//! `/proc/<pid>/stat`'s fields (a nice value), and the two pidfd calls
+//! (a handle on a process that its pid's reuse cannot redirect, and a copy
+//! of one of its descriptors) that libc and nix do not wrap.
 
 /// The value of `key` (without its colon, e.g. `"PPid"`) in
 /// `/proc/<pid>/status`, trimmed; None if the process or the field is gone.
@@ -63,6 +65,35 @@ pub fn ns_pid(tid: i32) -> Option<i32> {
 /// kill itself.
 pub fn tracer(pid: i32) -> Option<i32> {
     status_number(pid, "TracerPid").filter(|t: &i32| *t > 0 && *t != std::process::id() as i32)
+}
+
+/// A pidfd for `pid` (pidfd_open(2)): it keeps naming this process even if
+/// its number is reused, and polls readable once the process has exited.
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open has no memory-safety preconditions.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// A copy, in this process, of descriptor `fd` of the process behind
+/// `pidfd` (pidfd_getfd(2); needs ptrace rights over it, that is root).
+pub fn pidfd_getfd(
+    pidfd: std::os::fd::BorrowedFd<'_>,
+    fd: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: pidfd_getfd has no memory-safety preconditions.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) })
 }
 
 /// Every process of the tree rooted at `root` (host pids, `root` first),

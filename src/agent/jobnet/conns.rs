@@ -53,7 +53,7 @@ pub fn unlock(pid: i32) -> Result<(), JobNetError> {
 /// as CRIU's own `TCP_REPAIR_OFF` does. Call it before [`unlock`], in the
 /// order CRIU itself undoes a dump.
 pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     let mut seen = std::collections::BTreeSet::new();
     let mut cleared = 0;
     let mut failed = Vec::new();
@@ -61,15 +61,14 @@ pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
     let mut holder: Option<(i32, OwnedFd)> = None;
     for s in tree_sockets(root) {
         if holder.as_ref().is_none_or(|(pid, _)| *pid != s.pid) {
-            // SAFETY: pidfd_open has no memory-safety preconditions.
-            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, s.pid, 0) } as i32;
-            if raw < 0 {
-                // Gone since the listing: its descriptors went with it.
-                holder = None;
-                continue;
+            match crate::core::procfs::pidfd_open(s.pid) {
+                Ok(fd) => holder = Some((s.pid, fd)),
+                Err(_) => {
+                    // Gone since the listing: its descriptors went with it.
+                    holder = None;
+                    continue;
+                }
             }
-            // SAFETY: raw is a descriptor pidfd_open just gave us.
-            holder = Some((s.pid, unsafe { OwnedFd::from_raw_fd(raw) }));
         }
         let Some((_, pidfd)) = &holder else { continue };
         // A socket shared by several descriptors or processes is cleared
@@ -77,20 +76,13 @@ pub fn repair_off(root: i32) -> Result<usize, JobNetError> {
         if !seen.insert(s.inode) {
             continue;
         }
-        // SAFETY: pidfd_getfd has no memory-safety preconditions.
-        let dup =
-            unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), s.fd, 0) } as i32;
-        if dup < 0 {
-            failed.push(format!(
-                "pid {} fd {}: {}",
-                s.pid,
-                s.fd,
-                std::io::Error::last_os_error()
-            ));
-            continue;
-        }
-        // SAFETY: dup is a descriptor pidfd_getfd just gave us.
-        let sock = unsafe { OwnedFd::from_raw_fd(dup) };
+        let sock = match crate::core::procfs::pidfd_getfd(pidfd.as_fd(), s.fd) {
+            Ok(sock) => sock,
+            Err(e) => {
+                failed.push(format!("pid {} fd {}: {e}", s.pid, s.fd));
+                continue;
+            }
+        };
         match clear_repair(&sock) {
             Ok(true) => cleared += 1,
             Ok(false) => {}
