@@ -36,6 +36,17 @@ fn assert_tree_in(cl: &Cluster, job: &str, node: &str) {
     );
 }
 
+/// A move off a capped node squeezes its other jobs (a quota of their own)
+/// until it ends; once `mosctl migrate` has answered, no jobs group may be
+/// left with one.
+fn assert_not_squeezed(cluster: &str) {
+    for node in ["node1", "node2"] {
+        let q = format!("/sys/fs/cgroup/cpu/mosix/{cluster}/{node}/jobs/cpu.cfs_quota_us");
+        let quota = std::fs::read_to_string(&q).unwrap();
+        assert_eq!(quota.trim(), "-1", "{q}: still squeezed after the move");
+    }
+}
+
 #[test]
 fn jobs_run_in_their_nodes_jobs_cgroup_across_migrations() {
     if !privileged() {
@@ -90,10 +101,12 @@ fn jobs_run_in_their_nodes_jobs_cgroup_across_migrations() {
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_tree_in(&cl, &job, "node2");
+    assert_not_squeezed(&name);
     // And back: node1's jobs group again, not where the dump lifted it.
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_tree_in(&cl, &job, "node1");
+    assert_not_squeezed(&name);
 
     // `local down` removes the nested groups too, children first.
     let o = run(MOSCTL, &["local", "down", "--name", &name], None);

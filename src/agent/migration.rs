@@ -399,6 +399,13 @@ impl Agent {
                 }
             }
         }
+        // A capped node's other jobs are squeezed for the whole move (see
+        // `squeeze_jobs`), from before the ping: once squeezed, they run on
+        // to the scheduler's next tick and the node's quota to its next
+        // period, ~8 ms that were frozen time when the squeeze came with the
+        // dump, and pass while the job still runs now. Post-copy takes it
+        // for its dump only (its transfer may last seconds).
+        let _squeeze = (!wants_post_copy).then(|| self.squeeze_jobs()).flatten();
         let mig = mig.unwrap_or_else(MigrationId::generate);
         // Nothing is frozen until the target has answered.
         let answer = self
@@ -473,6 +480,9 @@ impl Agent {
                 }
             })?;
         let frozen_since = pre.frozen_since(started);
+        // Held already unless post-copy was asked for and not possible:
+        // from here on every step is frozen time (see `squeeze_jobs`).
+        let _squeezed = self.squeeze_jobs();
         let dumped = self
             .checkpoint_onto(
                 &mut rec,

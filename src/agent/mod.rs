@@ -161,6 +161,8 @@ pub struct Agent {
     /// CRIU workers (see [`crate::core::cgroup`]); None without a node
     /// cgroup: jobs then share the agent's.
     pub(crate) jobs_group: Option<crate::core::cgroup::JobsGroup>,
+    /// The jobs group's squeeze while moves off this node hold it.
+    squeeze: crate::core::cgroup::SqueezeShare,
     /// Frames that reach a moving job's own address while it is frozen,
     /// kept to be sent on once it runs again (see [`replay`]).
     pub(crate) held_frames: replay::Held,
@@ -243,6 +245,7 @@ impl Agent {
             admin,
             coord: std::sync::OnceLock::new(),
             jobs_group,
+            squeeze: Default::default(),
         }))
     }
 
@@ -333,11 +336,19 @@ impl Agent {
     /// CPU, while the cap is one quota for all of them, and the jobs on the
     /// other CPUs used it up in every period (see [`crate::core::cgroup`]).
     /// `mosixd --no-jobs-squeeze` turns it off (to measure what it buys).
-    pub(crate) fn squeeze_jobs(&self) -> Option<crate::core::cgroup::Squeeze> {
+    ///
+    /// Held for a move's whole frozen window on this node (see
+    /// `migration::migrate`), not only its dump: after the dump, the seal,
+    /// the hand-over record and the wait for the target's answer each ran
+    /// out of the node's quota and waited for the next CFS period (10 ms on
+    /// a local cluster) once the jobs had it back, ~40 ms of a 160 ms move
+    /// off a crowded node (BENCHMARKS.md, 3b). Holders share one squeeze
+    /// (see [`crate::core::cgroup::SqueezeShare`]).
+    pub(crate) fn squeeze_jobs(&self) -> Option<crate::core::cgroup::SqueezeHold> {
         if !self.cfg.jobs_squeeze {
             return None;
         }
-        self.jobs_group.as_ref()?.squeeze()
+        self.squeeze.hold(self.jobs_group.as_ref()?)
     }
 
     /// Put the job tree rooted at `pid` in the jobs group (a no-op without

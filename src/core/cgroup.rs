@@ -208,6 +208,52 @@ impl Drop for Squeeze {
     }
 }
 
+/// One squeeze of a jobs group, shared by whoever needs it at the moment:
+/// the first holder squeezes the jobs, the last to let go lifts it.
+///
+/// Why shared: a move holds the squeeze for its whole frozen window (the
+/// dump, the seal, the hand-over record, the wait for the target's
+/// restore), and the dump inside it, or a second move off the node at the
+/// same time, takes it too. With a guard each, the first to finish lifted
+/// the squeeze under the others. Taking and lifting happen under one lock,
+/// so a lift never lands after the next holder's squeeze.
+#[derive(Debug, Default, Clone)]
+pub struct SqueezeShare(std::sync::Arc<std::sync::Mutex<(usize, Option<Squeeze>)>>);
+
+/// One holder of a [`SqueezeShare`]; dropping the last one lifts the squeeze.
+#[derive(Debug)]
+pub struct SqueezeHold(SqueezeShare);
+
+impl SqueezeShare {
+    /// Hold the squeeze of `group`, squeezing it if nobody holds it yet.
+    /// None where [`JobsGroup::squeeze`] gives none (a node without a cap).
+    pub fn hold(&self, group: &JobsGroup) -> Option<SqueezeHold> {
+        let mut held = self.0.lock().ok()?;
+        if held.0 == 0 {
+            held.1 = Some(group.squeeze()?);
+        }
+        held.0 += 1;
+        Some(SqueezeHold(self.clone()))
+    }
+
+    /// How many hold it now.
+    pub fn holders(&self) -> usize {
+        self.0.lock().map(|h| h.0).unwrap_or(0)
+    }
+}
+
+impl Drop for SqueezeHold {
+    fn drop(&mut self) {
+        if let Ok(mut held) = (self.0).0.lock() {
+            held.0 = held.0.saturating_sub(1);
+            if held.0 == 0 {
+                // Lifted here, under the lock (see `SqueezeShare`).
+                held.1 = None;
+            }
+        }
+    }
+}
+
 fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(io_err(path))
 }
@@ -352,6 +398,49 @@ mod tests {
         let shares = std::fs::read_to_string(node.join("jobs/cpu.shares")).expect("shares");
         assert_eq!(shares, JOBS_SHARES.to_string());
         assert_eq!(g.jobs_procs(), node.join("jobs/cgroup.procs"));
+    }
+
+    #[test]
+    fn a_shared_squeeze_is_lifted_by_its_last_holder_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let node = tmp.path().join("mosix/x/node1");
+        std::fs::create_dir_all(node.join("jobs")).expect("mkdir");
+        std::fs::write(node.join("cgroup.procs"), "").expect("write");
+        let quota = node.join("jobs/cpu.cfs_quota_us");
+        let period = node.join("jobs/cpu.cfs_period_us");
+        std::fs::write(&quota, "-1").expect("write");
+        std::fs::write(&period, "10000").expect("write");
+        let g = JobsGroup::setup(tmp.path(), "mosix/x/node1").expect("setup");
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        let share = SqueezeShare::default();
+
+        // No cap on the node: nothing to squeeze, nobody holds it.
+        std::fs::write(node.join("cpu.cfs_quota_us"), "-1").expect("write");
+        assert!(share.hold(&g).is_none());
+        assert_eq!(share.holders(), 0);
+
+        std::fs::write(node.join("cpu.cfs_quota_us"), "5000").expect("write");
+        let move_ = share.hold(&g).expect("squeezed");
+        assert_eq!(read(&quota), SQUEEZE_QUOTA_US.to_string());
+        assert_eq!(read(&period), SQUEEZE_PERIOD_US.to_string());
+        // The dump inside the move takes it too, and lets go first.
+        let dump = share.hold(&g).expect("held again");
+        assert_eq!(share.holders(), 2);
+        drop(dump);
+        assert_eq!(
+            read(&quota),
+            SQUEEZE_QUOTA_US.to_string(),
+            "lifted under the move"
+        );
+        drop(move_);
+        assert_eq!(share.holders(), 0);
+        assert_eq!(read(&quota), "-1");
+        assert_eq!(read(&period), "10000");
+        // And it can be taken again.
+        let again = share.hold(&g).expect("squeezed again");
+        assert_eq!(read(&quota), SQUEEZE_QUOTA_US.to_string());
+        drop(again);
+        assert_eq!(read(&quota), "-1");
     }
 
     #[test]
