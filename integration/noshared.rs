@@ -609,6 +609,88 @@ fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
     assert_contiguous(&ticks(&file));
 }
 
+/// The target's agent dies once the pages were streamed and the rest
+/// pushed, and stays down past the 30 s that `migrate` asks it for. The
+/// move returns saying the outcome is not known yet and the job is not
+/// lost; the source keeps its stopped tree and a background task keeps
+/// asking. Once the target is back and answers, the job runs exactly once,
+/// on the node that records it, with every tick in order.
+#[test]
+fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    let (job, file) = counter_in_node_net(&cl, "8193", "64");
+    let id = JobId::parse(&job).unwrap();
+    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    cl.wait_for("counter", 10, || query_counter(&ip1, 8193).is_some());
+    let (before, _) = query_counter(&ip1, 8193).unwrap();
+    let mut m = migrate_in_background(&cl, &job, "node2");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !node_log(&cl, "node1")
+        .lines()
+        .any(|l| l.contains("images pushed") && l.contains("streamed=true"))
+    {
+        assert!(std::time::Instant::now() < until, "no push in node1's log");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cl.restart_agent("node2", &["--kill-only"]);
+    // 30 s of asking a node that is down, then the answer.
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while m.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > until {
+            let _ = m.kill();
+            panic!("mosctl migrate did not return within 120 s of the target's death");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the move cannot have succeeded: {err}");
+    assert!(
+        err.contains("not known yet") && err.contains("The job is not lost"),
+        "{err}"
+    );
+    // Still the source's, with the reason, while node2 is down (read from
+    // node1's registry: a listing would ask node2 too).
+    let rec = cl.node_registry("node1").get(&id).unwrap();
+    assert_eq!(rec.node.as_str(), "node1", "{rec:?}");
+    assert!(
+        rec.error.contains("has not said whether it restored"),
+        "{rec:?}"
+    );
+    cl.restart_agent("node2", &[]);
+    let rec_now = || cl.record(&job);
+    cl.wait_for("the job to settle on one node", 90, || {
+        let r = rec_now();
+        r.state == JobState::Running && r.pending.is_none()
+    });
+    let rec = rec_now();
+    let ip = if rec.node.as_str() == "node1" {
+        &ip1
+    } else {
+        &ip2
+    };
+    let (now, ok) = query_counter(ip, 8193).expect("the job answers where it is recorded");
+    assert!(ok && now >= before, "{before} -> {now}");
+    cl.wait_for("exactly one instance", 20, || {
+        instances(&rec.stdout_path).len() == 1
+    });
+    let other = if rec.node.as_str() == "node1" {
+        "node2"
+    } else {
+        "node1"
+    };
+    assert!(
+        !cl.node_registry(other).exists(&id),
+        "{other} still records the job"
+    );
+    eprintln!("settled on {}", rec.node);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+}
+
 #[test]
 fn no_shared_path_post_copy_moves_all_memory() {
     if !privileged() || !post_copy_capable() {
