@@ -333,6 +333,49 @@ fn migrate_in_background(cl: &Cluster, job: &str, node: &str) -> std::process::C
         .unwrap()
 }
 
+/// Waits until node1's log says that the images were pushed after a page
+/// stream: the moment between the push and the Restore's answer.
+fn wait_for_streamed_push(cl: &Cluster) {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !node_log(cl, "node1")
+        .lines()
+        .any(|l| l.contains("images pushed") && l.contains("streamed=true"))
+    {
+        assert!(std::time::Instant::now() < until, "no push in node1's log");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// After a move whose outcome had to be settled between node1 and node2:
+/// within `wait_s` the job runs on one node, answers there on `port` with
+/// all its memory and a counter no lower than `before`, as exactly one
+/// instance, and the other node does not record it.
+fn assert_settled_once(cl: &Cluster, job: &str, port: u16, before: u64, wait_s: u64) {
+    let id = JobId::parse(job).unwrap();
+    let rec_now = || cl.record(job);
+    cl.wait_for("the job to settle on one node", wait_s, || {
+        let r = rec_now();
+        r.state == JobState::Running && r.pending.is_none()
+    });
+    let rec = rec_now();
+    let (here, other) = if rec.node.as_str() == "node1" {
+        ("node1", "node2")
+    } else {
+        ("node2", "node1")
+    };
+    let (now, ok) =
+        query_counter(&cl.node_ip(here), port).expect("the job answers where it is recorded");
+    assert!(ok && now >= before, "{before} -> {now}");
+    cl.wait_for("exactly one instance", 20, || {
+        instances(&rec.stdout_path).len() == 1
+    });
+    assert!(
+        !cl.node_registry(other).exists(&id),
+        "{other} still records the job"
+    );
+    eprintln!("settled on {here}");
+}
+
 fn node_log(cl: &Cluster, node: &str) -> String {
     let log = std::fs::read_to_string(format!("/run/mosix/{}/{node}.log", cl.name)).unwrap();
     // The log's fields are coloured.
@@ -550,8 +593,7 @@ fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
     }
     let cl = Cluster::up(2, &["--no-shared"]);
     let (job, file) = counter_in_node_net(&cl, "8189", "256");
-    let id = JobId::parse(&job).unwrap();
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    let ip1 = cl.node_ip("node1");
     cl.wait_for("counter", 10, || query_counter(&ip1, 8189).is_some());
     let (before, _) = query_counter(&ip1, 8189).unwrap();
     let m = migrate_in_background(&cl, &job, "node2");
@@ -559,52 +601,20 @@ fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
     // stopped as soon as node1 has pushed, node1's is killed, then node2
     // goes on (and restores, or has) while node1 comes back.
     let node2 = mosix::local::agent_pid(&cl.name, "node2").expect("node2's agent");
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !node_log(&cl, "node1")
-        .lines()
-        .any(|l| l.contains("images pushed") && l.contains("streamed=true"))
-    {
-        assert!(std::time::Instant::now() < until, "no push in node1's log");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_streamed_push(&cl);
     let signal = |pid: i32, s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
     signal(node2, nix::sys::signal::Signal::SIGSTOP).unwrap();
     cl.restart_agent("node1", &["--kill-only"]);
     let _ = m.wait_with_output().unwrap();
     signal(node2, nix::sys::signal::Signal::SIGCONT).unwrap();
     cl.restart_agent("node1", &[]);
-    let rec_now = || cl.record(&job);
-    cl.wait_for("the job to settle on one node", 60, || {
-        let r = rec_now();
-        r.state == JobState::Running && r.pending.is_none()
-    });
-    let rec = rec_now();
-    let ip = if rec.node.as_str() == "node1" {
-        &ip1
-    } else {
-        &ip2
-    };
-    let (now, ok) = query_counter(ip, 8189).expect("the job answers where it is recorded");
-    assert!(ok && now >= before, "{before} -> {now}");
-    cl.wait_for("exactly one instance", 20, || {
-        instances(&rec.stdout_path).len() == 1
-    });
-    let other = if rec.node.as_str() == "node1" {
-        "node2"
-    } else {
-        "node1"
-    };
-    assert!(
-        !cl.node_registry(other).exists(&id),
-        "{other} still records the job"
-    );
+    assert_settled_once(&cl, &job, 8189, before, 60);
     // Which way it went, for the log: killed before the move ended, the
     // restarted agent asked the target.
     assert!(
         node_log(&cl, "node1").contains("was under way when this agent stopped"),
         "the restarted source did not have to ask node2"
     );
-    eprintln!("settled on {}", rec.node);
     std::thread::sleep(Duration::from_millis(500));
     assert_contiguous(&ticks(&file));
 }
@@ -623,18 +633,11 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
     let cl = Cluster::up(2, &["--no-shared"]);
     let (job, file) = counter_in_node_net(&cl, "8193", "64");
     let id = JobId::parse(&job).unwrap();
-    let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
+    let ip1 = cl.node_ip("node1");
     cl.wait_for("counter", 10, || query_counter(&ip1, 8193).is_some());
     let (before, _) = query_counter(&ip1, 8193).unwrap();
     let mut m = migrate_in_background(&cl, &job, "node2");
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !node_log(&cl, "node1")
-        .lines()
-        .any(|l| l.contains("images pushed") && l.contains("streamed=true"))
-    {
-        assert!(std::time::Instant::now() < until, "no push in node1's log");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_streamed_push(&cl);
     cl.restart_agent("node2", &["--kill-only"]);
     // 30 s of asking a node that is down, then the answer.
     let until = std::time::Instant::now() + Duration::from_secs(120);
@@ -661,32 +664,7 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
         "{rec:?}"
     );
     cl.restart_agent("node2", &[]);
-    let rec_now = || cl.record(&job);
-    cl.wait_for("the job to settle on one node", 90, || {
-        let r = rec_now();
-        r.state == JobState::Running && r.pending.is_none()
-    });
-    let rec = rec_now();
-    let ip = if rec.node.as_str() == "node1" {
-        &ip1
-    } else {
-        &ip2
-    };
-    let (now, ok) = query_counter(ip, 8193).expect("the job answers where it is recorded");
-    assert!(ok && now >= before, "{before} -> {now}");
-    cl.wait_for("exactly one instance", 20, || {
-        instances(&rec.stdout_path).len() == 1
-    });
-    let other = if rec.node.as_str() == "node1" {
-        "node2"
-    } else {
-        "node1"
-    };
-    assert!(
-        !cl.node_registry(other).exists(&id),
-        "{other} still records the job"
-    );
-    eprintln!("settled on {}", rec.node);
+    assert_settled_once(&cl, &job, 8193, before, 90);
     std::thread::sleep(Duration::from_millis(500));
     assert_contiguous(&ticks(&file));
 }
