@@ -453,6 +453,10 @@ impl Agent {
                 }
                 ok
             };
+        // A full copy holds the squeeze to its end, with or without a shared
+        // path: taken above already, unless post-copy was asked for and is
+        // not possible.
+        let _squeezed = (!post_copy).then(|| self.squeeze_jobs()).flatten();
         let note = |(r, mut m): (JobRecord, MigrationRecord)| {
             if m.fallback.is_empty() {
                 m.fallback = fallback.clone();
@@ -480,9 +484,6 @@ impl Agent {
                 }
             })?;
         let frozen_since = pre.frozen_since(started);
-        // Held already unless post-copy was asked for and not possible:
-        // from here on every step is frozen time (see `squeeze_jobs`).
-        let _squeezed = self.squeeze_jobs();
         let dumped = self
             .checkpoint_onto(
                 &mut rec,

@@ -237,7 +237,8 @@ impl SqueezeShare {
     }
 
     /// How many hold it now.
-    pub fn holders(&self) -> usize {
+    #[cfg(test)]
+    fn holders(&self) -> usize {
         self.0.lock().map(|h| h.0).unwrap_or(0)
     }
 }

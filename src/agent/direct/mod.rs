@@ -243,10 +243,6 @@ impl Agent {
         } else {
             None
         };
-        // A full copy is frozen from here until the target answers: the
-        // jobs here get 1% of a capped node until then (see
-        // `squeeze_jobs`). Post-copy takes it for its dump only.
-        let _squeeze = (!post_copy).then(|| self.squeeze_jobs()).flatten();
         let (dumped, copy) = if post_copy {
             let (d, ps, l) = self
                 .checkpoint_lazy(&mut rec, pid, &mig, target)
