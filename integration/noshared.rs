@@ -389,9 +389,9 @@ fn is_page_file(p: &Path) -> bool {
 }
 
 /// A full copy streams the job's memory into the target's page server: the
-/// pages are written on the target only, never on the source; the memory
-/// arrives whole; and the source's stopped copy of the job is gone once the
-/// target runs it. Then back the same way.
+/// pages are written on the target only, never on the source; the target's
+/// restore consumes them; the memory arrives whole; and the source's stopped
+/// copy of the job is gone once the target runs it. Then back the same way.
 #[test]
 fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
     if !privileged() {
@@ -417,9 +417,17 @@ fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
             .any(|l| l.contains("images pushed") && l.contains("streamed=true")),
         "no page stream in node1's log:\n{log1}"
     );
+    let log2 = node_log(&cl, "node2");
     assert!(
-        node_log(&cl, "node2").contains("pages received over the page stream"),
+        log2.contains("pages received over the page stream"),
         "node2 took no page stream"
+    );
+    // Hashed on arrival by node2 itself: its restore consumed them (CRIU's
+    // auto-dedup), and the checksum above shows the memory came back whole.
+    assert!(
+        log2.lines()
+            .any(|l| l.contains("restored") && l.contains("pages_consumed=true")),
+        "node2's restore did not consume the streamed pages:\n{log2}"
     );
     let (d1, d2) = (cl.node_dir("node1"), cl.node_dir("node2"));
     let on = |d: &Path| {

@@ -27,6 +27,7 @@
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
 #        first as "mosgw B" in the max and rate phases, to compare builds),
 #        PHASES (default "max,rate,balance,migrate"),
+#        KEEP_RUN=1 (keep /run/mosix/benchgw-bench: configs, logs, raw output),
 #        ONLY (a regex on the proxies' names, e.g. ONLY=mosgw, for tuning;
 #        the rates then come from the last full run's nginx figures).
 set -euo pipefail
@@ -53,6 +54,9 @@ cleanup() {
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   $D/mosctl local down --name $NAME >/dev/null 2>&1 || true
   [ -n "${BENCH_CG:-}" ] && rmdir "$BENCH_CG" 2>/dev/null || true
+  # The proxies' configs, logs and the load generators' raw output: kept
+  # with KEEP_RUN=1 (e.g. to read why a run failed), else removed.
+  [ "${KEEP_RUN:-0}" = 1 ] || rm -rf "$RUN"
 }
 trap cleanup EXIT INT TERM
 

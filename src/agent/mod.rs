@@ -169,6 +169,9 @@ pub struct Agent {
     /// Page images received over a page stream, waiting for the push of
     /// the same migration (see [`direct::stream`]).
     pub(crate) streamed_pages: direct::stream::Received,
+    /// Migrations whose streamed pages this agent hashed as they arrived
+    /// and sealed itself: their restore may consume the page images.
+    pub(crate) hashed_on_arrival: direct::stream::HashedOnArrival,
 }
 
 /// Holds a job's operation slot; releases it on drop, also on panic.
@@ -239,6 +242,7 @@ impl Agent {
             exit_watch: Mutex::new(Default::default()),
             held_frames: Mutex::new(Default::default()),
             streamed_pages: Default::default(),
+            hashed_on_arrival: Default::default(),
             slots: exec::SlotCounter::default(),
             runner,
             events: events::Events::default(),

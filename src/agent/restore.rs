@@ -39,14 +39,33 @@ pub(crate) enum Arrival {
     },
 }
 
+/// Remove the page images of `dir`, once a restore has consumed them.
+fn drop_page_images(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if crate::security::follow::is_page_image(&e.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Agent {
     /// Verify the manifest and every image CRIU parses now; the memory
     /// pages are hashed on a separate thread while CRIU restores, and the
     /// returned gate holds the restored job at CRIU's pre-resume step until
     /// that check passed (or kills it if it failed). Tampered pages are thus
     /// never run, and verification costs no time when it is faster than the
-    /// restore.
-    async fn verify(&self, dir: &Path, job: &JobId) -> AgentResult<Option<ResumeGate>> {
+    /// restore. With `pages_hashed_on_arrival` (see
+    /// [`crate::agent::direct::stream::HashedOnArrival`]) the pages are not
+    /// read again: everything else is checked as always.
+    async fn verify(
+        &self,
+        dir: &Path,
+        job: &JobId,
+        pages_hashed_on_arrival: bool,
+    ) -> AgentResult<Option<ResumeGate>> {
         let Some(key) = self.cfg.image_key.clone() else {
             return Ok(None);
         };
@@ -63,6 +82,9 @@ impl Agent {
         .await?
         .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))?
         .1;
+        if pages_hashed_on_arrival {
+            return Ok(None);
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
         std::thread::Builder::new()
             .name("verify-pages".into())
@@ -149,8 +171,14 @@ impl Agent {
             // A daemon socket left by an earlier attempt is not an image file.
             let _ = std::fs::remove_file(dir.join("lazy-pages.socket"));
         }
+        // Streamed pages that this agent hashed as it wrote them (one
+        // restore only, a full copy's): not read twice, and consumed by the
+        // restore, since the source still holds the job's own copy.
+        let consume_pages = lazy_from.is_none()
+            && matches!(arrival, Arrival::Migrated { .. })
+            && self.hashed_on_arrival.take(job, mig);
         let t_verify = Instant::now();
-        let resume_gate = self.verify(&dir, job).await?;
+        let resume_gate = self.verify(&dir, job, consume_pages).await?;
         let verify_ms = t_verify.elapsed().as_millis() as u64;
         self.claim_images(&dir, mig)?;
         tracing::debug!(job = %job, "step: images verified and claimed");
@@ -217,6 +245,7 @@ impl Agent {
             abort_if,
             external_veth: net_here.as_ref().map(|(v, _)| v.clone()),
             jobs_cgroup: self.jobs_group.as_ref().map(|g| g.jobs_procs()),
+            consume_pages,
         };
         let result = if lazy_from.is_some() {
             // Not under the CRIU lock: pages come from another node, and
@@ -228,6 +257,12 @@ impl Agent {
         };
         let restore_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(job = %job, "step: criu restore returned");
+        if consume_pages {
+            // CRIU punched holes in them as it read: whatever happened, this
+            // copy is not whole any more, so nothing may restore it again
+            // (on failure the source still holds the job).
+            drop_page_images(&dir);
+        }
         let kill_daemon = |daemon: Option<Arc<Mutex<std::process::Child>>>| {
             if let Some(d) = daemon {
                 if let Ok(mut d) = d.lock() {
@@ -361,7 +396,14 @@ impl Agent {
         rec.error.clear();
         self.registry.put(&mut rec)?;
         self.events.running(&rec, &self.cfg.node);
-        tracing::info!(job = %job, pid = outcome.pid, verify_ms, restore_ms, "restored");
+        tracing::info!(
+            job = %job,
+            pid = outcome.pid,
+            verify_ms,
+            restore_ms,
+            pages_consumed = consume_pages,
+            "restored"
+        );
         Ok(rec)
     }
 

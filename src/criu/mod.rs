@@ -155,6 +155,11 @@ pub struct RestoreSpec {
     /// agent's) is moved there before any of it runs (see
     /// [`crate::core::cgroup`]). None: it stays in the worker's cgroup.
     pub jobs_cgroup: Option<PathBuf>,
+    /// Free each page image as it is read (CRIU's `auto_dedup`): the
+    /// restore then reuses the memory the images held. The images can never
+    /// be restored again, so only for a copy that is not the job's last
+    /// (see `agent::direct::stream::HashedOnArrival`).
+    pub consume_pages: bool,
 }
 
 /// See [`RestoreSpec::abort_if`].

@@ -627,6 +627,11 @@ impl CheckpointEngine for RealCriu {
         if spec.lazy_from.is_some() {
             opts.set_lazy_pages(true);
         }
+        if spec.consume_pages {
+            // CRIU punches each page image's holes as it reads them, in
+            // steps of 1 MiB (`pagemap.c`, `punch_hole`).
+            opts.set_auto_dedup(true);
+        }
         if let Some(ext) = &spec.external_veth {
             opts.set_tcp_established(true);
             opts.set_network_lock(rpc::Criu_network_lock_method::NFTABLES);

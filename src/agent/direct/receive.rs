@@ -65,6 +65,9 @@ impl Agent {
         };
         let (job, from) = (begin.job.clone(), begin.from.clone());
         let _busy = self.claim(&job)?;
+        // Whatever arrived for this migration before is replaced.
+        self.hashed_on_arrival.forget(&job, &begin.migration);
+        let mig = begin.migration.clone();
         // The pages came first, over a page stream (see [`super::stream`]).
         let streamed = if begin.pages_streamed {
             Some(self.streamed_pages.take(&job, &begin.migration).ok_or_else(|| {
@@ -151,8 +154,12 @@ impl Agent {
             (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
             (Ok(end), Ok(rx)) => {
                 let registry = self.registry.clone();
+                let was_streamed = streamed.is_some();
                 let summary =
                     Self::blocking(move || rx.complete(end, &registry, streamed)).await??;
+                if was_streamed {
+                    self.hashed_on_arrival.insert(&job, &mig);
+                }
                 tracing::info!(
                     job = %job,
                     from = %from,

@@ -38,7 +38,9 @@
 //! 4. The push (`pages_streamed`) brings the rest. The target checks the
 //!    source's manifest over what it pushed, adds the pages, and seals the
 //!    whole directory anew with the cluster key; the Restore then verifies
-//!    that manifest as always.
+//!    that manifest, without reading the pages a second time, and lets CRIU
+//!    free them as it restores them ([`HashedOnArrival`] says why that is
+//!    safe, and only once).
 //!
 //! A job with its own address streams too. Its stopped tree keeps CRIU's
 //! network lock and its connections in TCP repair mode, which a restore
@@ -350,6 +352,53 @@ impl Drop for StreamedPages {
     }
 }
 
+/// Migrations whose pages this agent wrote from a page stream, hashed as
+/// they arrived, and sealed into the images itself (the push's
+/// `add_streamed_pages`), by job and migration. Their one restore here may
+/// do two things no other restore may:
+/// - skip reading the pages a second time to check them: the digests in the
+///   manifest are this process's own, of what it wrote moments before;
+/// - let CRIU free each page image as it reads it (`auto_dedup`), so the
+///   restore reuses the memory those pages held instead of taking as much
+///   again: a move then needs about the job's size of free memory here, not
+///   twice that. That is safe because the source still holds the job's
+///   complete copy (its stopped tree) until this restore has answered.
+///
+/// One-shot: taken by the restore that uses it, which deletes the page
+/// images once CRIU returns, whatever the outcome. Any later restore of the
+/// same migration (a retry after a failure, a restart of this agent) then
+/// finds no pages and fails, as it should: holes punched by CRIU must never
+/// run as the job's memory. The source resumes its own copy instead.
+#[derive(Default)]
+pub(crate) struct HashedOnArrival(Mutex<HashMap<(JobId, MigrationId), Instant>>);
+
+impl HashedOnArrival {
+    pub(crate) fn insert(&self, job: &JobId, mig: &MigrationId) {
+        let Ok(mut m) = self.0.lock() else { return };
+        // A migration whose restore never came (the source rolled back).
+        m.retain(|_, at| at.elapsed() < KEEP_FOR);
+        m.insert((job.clone(), mig.clone()), Instant::now());
+    }
+
+    /// Forget a migration whose images are being replaced (a new push).
+    pub(crate) fn forget(&self, job: &JobId, mig: &MigrationId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&(job.clone(), mig.clone()));
+        }
+    }
+
+    /// True, once, if the restore of these images may use the mark.
+    pub(crate) fn take(&self, job: &JobId, mig: &MigrationId) -> bool {
+        self.0
+            .lock()
+            .map(|mut m| {
+                m.remove(&(job.clone(), mig.clone()))
+                    .is_some_and(|at| at.elapsed() < KEEP_FOR)
+            })
+            .unwrap_or(false)
+    }
+}
+
 /// The target's received page streams, by job and migration.
 #[derive(Default)]
 pub(crate) struct Received(Mutex<HashMap<(JobId, MigrationId), StreamedPages>>);
@@ -637,5 +686,21 @@ mod tests {
         assert!(dir.join("pages-1.img").exists());
         drop(p);
         assert!(!dir.exists(), "an unused copy is removed");
+    }
+
+    #[test]
+    fn pages_hashed_on_arrival_serve_one_restore_and_a_new_push_clears_them() {
+        let h = HashedOnArrival::default();
+        let id = |j: &str, m: &str| (JobId::parse(j).unwrap(), MigrationId::parse(m).unwrap());
+        let (job, mig) = id("j1", "m1");
+        let (_, other) = id("j1", "m2");
+        assert!(!h.take(&job, &mig), "nothing streamed yet");
+        h.insert(&job, &mig);
+        assert!(!h.take(&job, &other), "another migration of the job");
+        assert!(h.take(&job, &mig), "its restore may consume the pages");
+        assert!(!h.take(&job, &mig), "only once");
+        h.insert(&job, &mig);
+        h.forget(&job, &mig);
+        assert!(!h.take(&job, &mig), "a push that replaced the images");
     }
 }

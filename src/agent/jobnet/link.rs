@@ -301,21 +301,19 @@ pub(crate) fn send_link_frame(
 mod tests {
     use super::*;
 
+    /// A veth pair `name` / `{name}p`, like a job's (this kernel has no
+    /// dummy links), made with ip(8) as a test's own witness.
+    fn add_veth(name: &str) -> bool {
+        let peer = format!("{name}p");
+        let args = ["link", "add", name, "type", "veth", "peer", "name", &peer];
+        Command::new("ip").args(args).status().unwrap().success()
+    }
+
     #[test]
     fn a_link_is_set_down_and_up_and_a_missing_one_is_no_error() {
         crate::agent::in_own_netns(|| {
             let ip = |args: &[&str]| Command::new("ip").args(args).output().unwrap();
-            let add = [
-                "link",
-                "add",
-                "mjuptest",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "mjuptestp",
-            ];
-            assert!(ip(&add).status.success());
+            assert!(add_veth("mjuptest"));
             let is_up = || {
                 let o = ip(&["-o", "link", "show", "mjuptest"]);
                 let l = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -342,19 +340,7 @@ mod tests {
         // In a network namespace of the test's own thread (and of the `ip`
         // it runs), so the machine's links are never touched.
         crate::agent::in_own_netns(|| {
-            let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap();
-            // A veth pair, like a job's (this kernel has no dummy links).
-            let add = [
-                "link",
-                "add",
-                "mjdeltest",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "mjdeltestp",
-            ];
-            assert!(ip(&add).success());
+            assert!(add_veth("mjdeltest"));
             assert!(link_exists("mjdeltest"));
             delete_link("mjdeltest").unwrap();
             assert!(!link_exists("mjdeltest") && !link_exists("mjdeltestp"));
@@ -362,10 +348,10 @@ mod tests {
             delete_link("mjdeltest").unwrap();
             // By index, as a job's leaving does in the background: that
             // link only, never a new one of the same name.
-            assert!(ip(&add).success());
+            assert!(add_veth("mjdeltest"));
             let old = link_index("mjdeltest").unwrap();
             delete_link("mjdeltest").unwrap();
-            assert!(ip(&add).success());
+            assert!(add_veth("mjdeltest"));
             let e = rtnl_delete_link(Link::Index(old)).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
             assert!(link_exists("mjdeltest"), "the new link of that name stays");
