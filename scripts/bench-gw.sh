@@ -45,6 +45,8 @@ CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
 RATE_RUNS=${RATE_RUNS:-3}
 RUN=/run/mosix/$NAME-bench
+# nginx's figures of the last full run, for runs with ONLY (kept across runs).
+LAST=$ROOT/.cache/bench-gw
 OUT=${OUT:-$ROOT/bench-results/gw.txt}
 export MOSIX_CLUSTER=/run/mosix/$NAME/cluster.json
 PIDS=()
@@ -78,7 +80,7 @@ if [ ! -x "$OHA" ] && { phase rate || phase balance; }; then
   cargo install oha --locked --root "$ROOT/.cache/oha" --target-dir "$ROOT/.cache/oha/build" >/dev/null
   rm -rf "$ROOT/.cache/oha/build"
 fi
-mkdir -p "$RUN" "$(dirname "$OUT")"
+mkdir -p "$RUN" "$LAST" "$(dirname "$OUT")"
 
 $D/mosctl local down --name $NAME >/dev/null 2>&1 || true
 $D/mosctl local up --name $NAME --nodes 2 >/dev/null
@@ -323,14 +325,14 @@ for p in "${PROXIES[@]}"; do
 done
 # (an if, not &&: a false test as the block's last command would end the
 # script under set -e when ONLY= leaves nginx out)
-if [ "$NGINX_MAX" -gt 0 ]; then echo "$NGINX_MAX" >"$RUN/nginx-max"; fi
+if [ "$NGINX_MAX" -gt 0 ]; then echo "$NGINX_MAX" >"$LAST/nginx-max"; fi
 } | tee "$OUT"
 else
   : >"$OUT"
 fi
 
 if phase rate; then
-  NGINX_MAX=$(cat "$RUN/nginx-max" 2>/dev/null || echo 10000)
+  NGINX_MAX=$(cat "$LAST/nginx-max" 2>/dev/null || echo 10000)
   {
   echo
   echo "# latency at fixed rates (oha -q, latency corrected, -c $CONNS, ${SECS}s, $RATE_RUNS rounds), % of nginx's best rate ($NGINX_MAX req/s)"
@@ -389,7 +391,7 @@ if phase balance; then
       if [ "$port" = 8411 ] && { [ "$BAL_MIN" = 0 ] || [ "$rps" -lt "$BAL_MIN" ]; }; then BAL_MIN=$rps; fi
     done
   done
-  if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$RUN/bal-min"; else BAL_MIN=$(cat "$RUN/bal-min" 2>/dev/null || echo 600); fi
+  if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$LAST/bal-min"; else BAL_MIN=$(cat "$LAST/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
   echo "# fixed rate: $rate req/s (60% of nginx's lower max above), oha -c 32, ${SECS}s, three runs each"
   printf "%-26s %8s %10s %9s %9s %7s\n" proxy rate "got req/s" "p50 ms" "p99 ms" errors
