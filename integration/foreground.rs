@@ -40,17 +40,10 @@ impl Reap {
     }
     fn finish(mut self, secs: u64) -> (i32, String, String) {
         let mut c = self.0.take().expect("child");
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let status = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("mosrun did not end within {secs}s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = wait_timeout(&mut c, secs) else {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("mosrun did not end within {secs}s");
         };
         let mut out = String::new();
         let mut err = String::new();

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const MOSMAKE: &str = env!("CARGO_BIN_EXE_mosmake");
 
@@ -130,16 +129,7 @@ fn run_with_deadline(mut c: Command, out_dir: &Path, tag: &str, secs: u64) -> Fi
         .process_group(0);
     let mut child = c.spawn().expect("spawning");
     let _group = Group(child.id() as i32);
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = support::wait_timeout(&mut child, secs);
     let f = Finished {
         code: status.and_then(|s| s.code()),
         stdout: std::fs::read_to_string(&so).unwrap_or_default(),
@@ -323,14 +313,7 @@ fn mosmake_finishes_when_a_node_is_lost_mid_build() {
     let killed = cl.kill_node_processes("node3");
     eprintln!("killed {killed} processes of node3");
 
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the build hung after node3 died");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = support::wait_timeout(&mut child, 300).expect("the build hung after node3 died");
     let out = std::fs::read_to_string(&se).unwrap_or_default();
     eprintln!("--- mosmake: {status:?}\n{out}");
     assert_eq!(status.code(), Some(0), "the build did not complete");
@@ -444,17 +427,7 @@ fn mosmake_stopped_leaves_no_compile_behind() {
     cl.wait_for("compiles running", 90, || !compilers().is_empty());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mosmake did not stop after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = support::wait_timeout(&mut child, 60).expect("mosmake did not stop after SIGTERM");
     eprintln!(
         "--- mosmake after SIGTERM: {status:?}\n{}",
         std::fs::read_to_string(cl.shared.join("stop.stderr")).unwrap_or_default()

@@ -648,13 +648,9 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
     wait_for_streamed_push(&cl);
     cl.restart_agent("node2", &["--kill-only"]);
     // 30 s of asking a node that is down, then the answer.
-    let until = std::time::Instant::now() + Duration::from_secs(120);
-    while m.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > until {
-            let _ = m.kill();
-            panic!("mosctl migrate did not return within 120 s of the target's death");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if wait_timeout(&mut m, 120).is_none() {
+        let _ = m.kill();
+        panic!("mosctl migrate did not return within 120 s of the target's death");
     }
     let o = m.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -409,6 +409,24 @@ impl Drop for Cluster {
     }
 }
 
+/// Wait up to `secs` for `child` to end: its status, or None if it still
+/// runs then (the caller says what that means, and kills it if it must).
+pub fn wait_timeout(
+    child: &mut std::process::Child,
+    secs: u64,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// sshfs tests need sshfs, sshd and FUSE (`make setup` installs them):
 /// skip loudly without, fail if MOSIX_REQUIRE_PRIVILEGED=1.
 pub fn sshfs_capable() -> bool {
