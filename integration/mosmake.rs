@@ -309,7 +309,19 @@ fn mosmake_finishes_when_a_node_is_lost_mid_build() {
                 .unwrap_or(false)
         })
     };
-    cl.wait_for("a compile running on node3", 90, compiling_on_node3);
+    // Also stop waiting if the build ends first, and then say how it spread
+    // (its stderr has the jobs per node), rather than time out blind.
+    let mut ended = None;
+    cl.wait_for("a compile running on node3", 180, || {
+        ended = child.try_wait().unwrap();
+        ended.is_some() || compiling_on_node3()
+    });
+    if let Some(status) = ended {
+        panic!(
+            "the build ended ({status:?}) before a compile was seen on node3:\n{}",
+            std::fs::read_to_string(&se).unwrap_or_default()
+        );
+    }
     let killed = cl.kill_node_processes("node3");
     eprintln!("killed {killed} processes of node3");
 

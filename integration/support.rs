@@ -397,13 +397,22 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let o = Command::new(MOSCTL)
-            .args(["local", "down", "--name", &self.name])
-            .output();
-        if let Ok(o) = o {
-            if !o.status.success() {
-                eprintln!("local down failed: {}", String::from_utf8_lossy(&o.stderr));
+        // A second try finishes what a first one on a loaded machine left
+        // (`down` works from names, and says what it could not remove).
+        for attempt in 1..=2 {
+            match Command::new(MOSCTL)
+                .args(["local", "down", "--name", &self.name])
+                .output()
+            {
+                Ok(o) if o.status.success() => break,
+                Ok(o) => eprintln!(
+                    "WARNING: `mosctl local down --name {}` failed (attempt {attempt} of 2): {}",
+                    self.name,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("WARNING: running mosctl local down: {e}"),
             }
+            std::thread::sleep(Duration::from_secs(2));
         }
         let _ = std::fs::remove_dir_all(&self.shared);
     }

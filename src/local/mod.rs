@@ -694,7 +694,10 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
 
     // Every process we started lives in one of the nodes' namespaces or
     // cgroups (jobs inherit both from their agent). Kill until none is left.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // A process in uninterruptible sleep (CRIU writing a GiB, a FUSE mount
+    // going away) dies only when its I/O returns, which on a loaded machine
+    // takes seconds: hence the generous bound.
+    let deadline = Instant::now() + KILL_PATIENCE;
     loop {
         let mut pids: Vec<i32> = Vec::new();
         if let Ok(s) = std::fs::read_to_string(sd.join("agents.pids")) {
@@ -722,19 +725,40 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
         }
         rep.processes = rep.processes.max(pids.len());
         if Instant::now() > deadline {
-            bail!("processes {pids:?} survive SIGKILL; cannot finish `down`");
+            bail!(
+                "processes {pids:?} survive SIGKILL after {} s (stuck in the kernel, e.g. on I/O); run `mosctl local down --name {name}` again once they are gone",
+                KILL_PATIENCE.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     if rep.processes > 0 {
         progress(&format!("killed {} processes", rep.processes));
     }
+    // From here on every step is tried even if one before it failed, and
+    // the errors are reported together: what one `down` leaves, the next
+    // one finds by name and removes.
+    let mut errors: Vec<String> = Vec::new();
     for ns in &namespaces {
-        net::delete_netns(ns)?;
-        rep.namespaces += 1;
+        match retry_briefly(|| net::delete_netns(ns)) {
+            Ok(()) => rep.namespaces += 1,
+            Err(e) => errors.push(format!("{e:#}")),
+        }
     }
-    rep.links += net::delete_links(name)?;
-    rep.cgroups += remove_cgroups(name)?;
+    match net::delete_links(name) {
+        Ok(n) => rep.links += n,
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+    match remove_cgroups(name) {
+        Ok(n) => rep.cgroups += n,
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+    if !errors.is_empty() {
+        bail!(
+            "`down` of {name} left something behind (run it again to retry): {}",
+            errors.join("; ")
+        );
+    }
     if !keep_data {
         if let Ok(root) = std::fs::read_to_string(sd.join("shared_root")) {
             let root = PathBuf::from(root.trim());
@@ -829,6 +853,22 @@ fn cgroup_pids(cluster: &str) -> Vec<i32> {
         .collect()
 }
 
+/// How long `down` keeps killing the cluster's processes before it gives up.
+const KILL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Try `f` for up to about 5 s, for kernel objects that are released a
+/// moment after their last user is gone (a cgroup, a namespace).
+fn retry_briefly<T>(mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 fn remove_cgroups(cluster: &str) -> anyhow::Result<usize> {
     let mut n = 0;
     for c in CGROUP_CONTROLLERS {
@@ -836,7 +876,11 @@ fn remove_cgroups(cluster: &str) -> anyhow::Result<usize> {
         // Deepest first: a node's jobs group before the node, the nodes
         // before the cluster's own group.
         for d in cgroup_tree(&base) {
-            std::fs::remove_dir(&d).with_context(|| format!("removing cgroup {}", d.display()))?;
+            // A killed task leaves its cgroup a moment after it is gone from
+            // `cgroup.procs`; until then rmdir says EBUSY.
+            retry_briefly(|| {
+                std::fs::remove_dir(&d).with_context(|| format!("removing cgroup {}", d.display()))
+            })?;
             n += 1;
         }
         // The shared parent goes when the last cluster is gone.
