@@ -673,6 +673,76 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
     assert_contiguous(&ticks(&file));
 }
 
+/// The same, but the target never comes back. Past the source's settle
+/// patience (5 s here, a day by default) the job is recorded frozen on the
+/// source with its stopped tree and a message that names `mosctl thaw`;
+/// thawing it there lets the job run on, with its memory and every tick in
+/// order.
+#[test]
+fn no_shared_path_target_silent_past_the_settle_patience_leaves_the_job_frozen_for_thaw() {
+    if !privileged() {
+        return;
+    }
+    let cl = Cluster::up(2, &["--no-shared"]);
+    cl.restart_agent("node1", &["--agent-arg=--settle-patience=5s"]);
+    cl.wait_for("node1's agent to serve again", 30, || {
+        node_log(&cl, "node1").matches("mosixd serving").count() >= 2
+    });
+    let (job, file) = counter_in_node_net(&cl, "8194", "64");
+    let id = JobId::parse(&job).unwrap();
+    let ip1 = cl.node_ip("node1");
+    cl.wait_for("counter", 20, || query_counter(&ip1, 8194).is_some());
+    let (before, _) = query_counter(&ip1, 8194).unwrap();
+    let mut m = migrate_in_background(&cl, &job, "node2");
+    wait_for_streamed_push(&cl);
+    cl.restart_agent("node2", &["--kill-only"]);
+    if wait_timeout(&mut m, 120).is_none() {
+        let _ = m.kill();
+        panic!("mosctl migrate did not return within 120 s of the target's death");
+    }
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not known yet"),
+        "{err}"
+    );
+    // Not yet frozen: the background task asks for 5 s more.
+    let rec = |cl: &Cluster| cl.node_registry("node1").get(&id).unwrap();
+    cl.wait_for("the job recorded frozen on node1", 60, || {
+        rec(&cl).state == JobState::Frozen
+    });
+    let r = rec(&cl);
+    assert_eq!(r.node.as_str(), "node1", "{r:?}");
+    assert!(
+        r.error.contains("never said whether it restored") && r.error.contains("mosctl thaw"),
+        "{r:?}"
+    );
+    assert!(
+        node_log(&cl, "node1")
+            .contains("the job is recorded frozen here with its stopped processes"),
+        "node1's log does not say why"
+    );
+    // Stopped all along: nothing answers.
+    assert!(
+        query_counter(&ip1, 8194).is_none(),
+        "the job ran on while frozen"
+    );
+    // A person decides node2 is gone for good.
+    let o = cl.mosctl(&["thaw", &job, "--node", "node1"]);
+    assert!(o.status.success(), "thaw: {}", stderr(&o));
+    cl.wait_for("the counter to answer after the thaw", 20, || {
+        query_counter(&ip1, 8194).is_some_and(|(_, ok)| ok)
+    });
+    let (after, ok) = query_counter(&ip1, 8194).unwrap();
+    assert!(ok && after >= before, "{before} -> {after}");
+    let r = rec(&cl);
+    assert_eq!(r.state, JobState::Running, "{r:?}");
+    assert!(r.pending.is_none(), "{r:?}");
+    assert_eq!(instances(&r.stdout_path).len(), 1, "runs exactly once");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_contiguous(&ticks(&file));
+}
+
 #[test]
 fn no_shared_path_post_copy_moves_all_memory() {
     if !privileged() || !post_copy_capable() {

@@ -94,6 +94,11 @@ pub struct AgentConfig {
     /// Jobs with their own address (`mosixd --job-net-pool …`); None: every
     /// job uses the node's network (see [`jobnet`]).
     pub job_net: Option<jobnet::JobNetConfig>,
+    /// How long a source keeps asking a target that went silent during a
+    /// move without a shared path whether it restored the job, before it
+    /// records the job frozen here for a person to decide (`mosixd
+    /// --settle-patience`, default [`direct::DEFAULT_SETTLE_PATIENCE`]).
+    pub settle_patience: std::time::Duration,
 }
 
 /// How the images of a dump are made durable before the target restores

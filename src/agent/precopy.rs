@@ -679,6 +679,7 @@ mod agent_tests {
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,
+            settle_patience: crate::agent::direct::DEFAULT_SETTLE_PATIENCE,
         };
         let src_engine = Arc::new(src_engine);
         let dst_engine = Arc::new(FakeEngine::default());

@@ -175,6 +175,23 @@ pub struct Args {
     /// the node's network.
     #[arg(long, value_parser = ["own", "node"])]
     pub job_net_default: Option<String>,
+    /// How long a source keeps asking a target that went silent in the
+    /// middle of a move without a shared path whether it restored the job
+    /// (e.g. 30m, 24h). Until then the job is stopped here, not lost, and
+    /// the move settles as soon as the target answers; after it, the job is
+    /// recorded frozen here, for a person to `mosctl thaw` once they know
+    /// the target is gone for good [default: 24h].
+    #[arg(long, value_parser = parse_patience)]
+    pub settle_patience: Option<Duration>,
+}
+
+/// `--settle-patience`: a duration as people write them, at least a second.
+fn parse_patience(s: &str) -> Result<Duration, String> {
+    let d = crate::checkpoint::duration::parse(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is too short: give at least 1s"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +235,8 @@ pub struct FileConfig {
     pub job_net_bridge: Option<String>,
     pub job_net_claims: Option<PathBuf>,
     pub job_net_default: Option<JobNetDefault>,
+    /// The file form of `--settle-patience` ("24h", "30m").
+    pub settle_patience: Option<String>,
 }
 
 /// `job_net_default` in a config file: the values `--job-net-default` takes.
@@ -308,6 +327,15 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         job_net_default: a
             .job_net_default
             .or(f.job_net_default.map(JobNetDefault::as_flag)),
+        settle_patience: match (a.settle_patience, f.settle_patience) {
+            (Some(d), _) => Some(d),
+            (None, Some(s)) => Some(
+                parse_patience(&s)
+                    .map_err(|e| anyhow::anyhow!("settle_patience: {e}"))
+                    .with_context(|| format!("in {}", path.display()))?,
+            ),
+            (None, None) => None,
+        },
     })
 }
 
@@ -545,6 +573,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_sync,
         common_dirs: a.common_dir.clone(),
         job_net,
+        settle_patience: a
+            .settle_patience
+            .unwrap_or(crate::agent::direct::DEFAULT_SETTLE_PATIENCE),
     };
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     // With etcd: a lease first (or a clear error), then recovery, then the
@@ -774,7 +805,7 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix('#')
-                    .filter(|r| r.starts_with("job_net_"))
+                    .filter(|r| r.starts_with("job_net_") || r.starts_with("settle_patience"))
                     .unwrap_or(l)
             })
             .collect::<Vec<_>>()
@@ -782,6 +813,7 @@ mod tests {
         let j = FileConfig::parse_toml(&uncommented).unwrap();
         assert!(j.job_net_pool.is_some() && j.job_net_gateway.is_some());
         assert!(j.job_net_bridge.is_some() && j.job_net_default.is_some());
+        assert_eq!(j.settle_patience.as_deref(), Some("24h"));
         assert!(
             FileConfig::parse_toml("nodee = \"x\"").is_err(),
             "typos are errors"
@@ -811,6 +843,40 @@ mod tests {
         assert!(!args(&[], "").no_cgroup_favordynmods);
         assert!(args(&[], "cgroup_favordynmods = false").no_cgroup_favordynmods);
         assert!(args(&["--no-cgroup-favordynmods"], "").no_cgroup_favordynmods);
+    }
+
+    #[test]
+    fn the_settle_patience_comes_from_a_flag_or_the_file_and_bad_values_are_refused() {
+        use super::{merge, Args};
+        use clap::Parser;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        let with = |file: &str, extra: &[&str]| {
+            std::fs::write(&path, file).unwrap();
+            let mut v = vec!["mosixd", "--config", path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            merge(Args::try_parse_from(v).map_err(|e| anyhow::anyhow!("{e}"))?)
+        };
+        assert_eq!(with("", &[]).unwrap().settle_patience, None);
+        assert_eq!(
+            with("settle_patience = \"30m\"", &[])
+                .unwrap()
+                .settle_patience,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(
+            with("settle_patience = \"30m\"", &["--settle-patience", "1h30m"])
+                .unwrap()
+                .settle_patience,
+            Some(Duration::from_secs(5400)),
+            "the flag wins"
+        );
+        let e = with("settle_patience = \"soon\"", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("settle_patience"), "{e:#}");
+        let e = with("", &["--settle-patience", "500ms"]).unwrap_err();
+        assert!(e.to_string().contains("at least 1s"), "{e}");
+        assert!(with("", &["--settle-patience", "10"]).is_err(), "no unit");
     }
 
     #[test]

@@ -82,8 +82,11 @@ use std::time::{Duration, Instant};
 const RESOLVE_PATIENCE: Duration = Duration::from_secs(30);
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 /// How long the background task keeps asking before it freezes the job on
-/// the source for a person to decide.
-const BACKGROUND_PATIENCE: Duration = Duration::from_secs(24 * 3600);
+/// the source for a person to decide, unless the agent is told otherwise
+/// (`AgentConfig::settle_patience`). A day: long enough for a person to
+/// bring a crashed node back, and the job is not lost meanwhile (its copy
+/// here is intact), only stopped.
+pub const DEFAULT_SETTLE_PATIENCE: Duration = Duration::from_secs(24 * 3600);
 
 /// What the source keeps of a job while its target may or may not run it
 /// (see the safety rule above).
@@ -600,7 +603,7 @@ impl Agent {
         let agent = self.clone();
         tokio::spawn(async move {
             match agent
-                .ask_target(&target, &job, &mig, BACKGROUND_PATIENCE)
+                .ask_target(&target, &job, &mig, agent.cfg.settle_patience)
                 .await
             {
                 Answer::Landed(r) => {
@@ -808,6 +811,7 @@ mod tests {
             image_sync: ImageSync::OnClose,
             common_dirs: Vec::new(),
             job_net: None,
+            settle_patience: DEFAULT_SETTLE_PATIENCE,
         }
     }
 
