@@ -22,7 +22,8 @@
 # 10 minutes on 2 cores); Debian 12 has no fixed-rate HTTP generator.
 #
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
-#        RATE_RUNS (rounds of the fixed-rate phase, default 3),
+#        RATE_RUNS (rounds of the fixed-rate phase, default 3), BAL_ROUNDS
+#        (rounds of the balancing phase's max rate, default 3),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
 #        first as "mosgw B" in the max and rate phases, to compare builds),
@@ -44,6 +45,7 @@ SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
 RATE_RUNS=${RATE_RUNS:-3}
+BAL_ROUNDS=${BAL_ROUNDS:-3}
 RUN=/run/mosix/$NAME-bench
 # nginx's figures of the last full run, for runs with ONLY (kept across runs).
 LAST=$ROOT/.cache/bench-gw
@@ -379,17 +381,28 @@ if phase balance; then
   {
   echo
   echo "# balancing quality: service cpu (2 ms of CPU per request), 2 instances on node1 (1.0 core),"
-  echo "# 2 on node2 (0.5 core, also running 2 CPU-bound jobs); max rate (wrk -c16), then p99 at a fixed rate"
+  echo "# 2 on node2 (0.5 core, also running 2 CPU-bound jobs); max rate (wrk -c16) in $BAL_ROUNDS rounds,"
+  echo "# each proxy once a round, the order turned by one each round (a proxy measured last is not always"
+  echo "# the one measured latest on a VM that drifts); then p99 at a fixed rate"
   printf "%-26s %10s %9s %9s %7s\n" proxy "max req/s" "p50 ms" "p99 ms" errors
   BAL_MIN=0
-  for p in "${CPU_PROXIES[@]}"; do
-    name=${p%:*}; port=${p##*:}
-    wrk_run "$port" 3 16 >/dev/null
-    for r in 1 2; do
+  for p in "${CPU_PROXIES[@]}"; do wrk_run "${p##*:}" 3 16 >/dev/null; done
+  declare -A BAL_RPS=()
+  n=${#CPU_PROXIES[@]}
+  for ((r = 0; r < BAL_ROUNDS; r++)); do
+    for ((k = 0; k < n; k++)); do
+      p=${CPU_PROXIES[$(((k + r) % n))]}
+      name=${p%:*}; port=${p##*:}
       read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" 16)
       printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
+      BAL_RPS[$name]+="$rps "
       if [ "$port" = 8411 ] && { [ "$BAL_MIN" = 0 ] || [ "$rps" -lt "$BAL_MIN" ]; }; then BAL_MIN=$rps; fi
     done
+  done
+  echo "# max req/s, median over the rounds (each round's figure in brackets)"
+  for p in "${CPU_PROXIES[@]}"; do
+    name=${p%:*}
+    python3 -c 'import statistics,sys; v=[int(x) for x in sys.argv[2].split()]; each=", ".join(map(str, v)); print(f"{sys.argv[1]:<26} {statistics.median(v):>10.0f}   ({each})")' "$name" "${BAL_RPS[$name]}"
   done
   if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$LAST/bal-min"; else BAL_MIN=$(cat "$LAST/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
