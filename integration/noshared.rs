@@ -627,6 +627,27 @@ fn no_shared_path_source_dying_after_the_push_settles_with_the_target() {
     assert_contiguous(&ticks(&file));
 }
 
+/// Move `job` from node1 to node2 and kill node2's agent once the pages
+/// were streamed and the rest pushed. After 30 s of asking a node that is
+/// down, the move must fail saying that its outcome is not known yet and
+/// that the job is not lost.
+fn move_and_lose_the_target(cl: &Cluster, job: &str) {
+    let mut m = migrate_in_background(cl, job, "node2");
+    wait_for_streamed_push(cl);
+    cl.restart_agent("node2", &["--kill-only"]);
+    if wait_timeout(&mut m, 120).is_none() {
+        let _ = m.kill();
+        panic!("mosctl migrate did not return within 120 s of the target's death");
+    }
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the move cannot have succeeded: {err}");
+    assert!(
+        err.contains("not known yet") && err.contains("The job is not lost"),
+        "{err}"
+    );
+}
+
 /// The target's agent dies once the pages were streamed and the rest
 /// pushed, and stays down past the 30 s that `migrate` asks it for. The
 /// move returns saying the outcome is not known yet and the job is not
@@ -644,21 +665,7 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
     let ip1 = cl.node_ip("node1");
     cl.wait_for("counter", 10, || query_counter(&ip1, 8193).is_some());
     let (before, _) = query_counter(&ip1, 8193).unwrap();
-    let mut m = migrate_in_background(&cl, &job, "node2");
-    wait_for_streamed_push(&cl);
-    cl.restart_agent("node2", &["--kill-only"]);
-    // 30 s of asking a node that is down, then the answer.
-    if wait_timeout(&mut m, 120).is_none() {
-        let _ = m.kill();
-        panic!("mosctl migrate did not return within 120 s of the target's death");
-    }
-    let o = m.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "the move cannot have succeeded: {err}");
-    assert!(
-        err.contains("not known yet") && err.contains("The job is not lost"),
-        "{err}"
-    );
+    move_and_lose_the_target(&cl, &job);
     // Still the source's, with the reason, while node2 is down (read from
     // node1's registry: a listing would ask node2 too).
     let rec = cl.node_registry("node1").get(&id).unwrap();
@@ -693,19 +700,7 @@ fn no_shared_path_target_silent_past_the_settle_patience_leaves_the_job_frozen_f
     let ip1 = cl.node_ip("node1");
     cl.wait_for("counter", 20, || query_counter(&ip1, 8194).is_some());
     let (before, _) = query_counter(&ip1, 8194).unwrap();
-    let mut m = migrate_in_background(&cl, &job, "node2");
-    wait_for_streamed_push(&cl);
-    cl.restart_agent("node2", &["--kill-only"]);
-    if wait_timeout(&mut m, 120).is_none() {
-        let _ = m.kill();
-        panic!("mosctl migrate did not return within 120 s of the target's death");
-    }
-    let o = m.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("not known yet"),
-        "{err}"
-    );
+    move_and_lose_the_target(&cl, &job);
     // Not yet frozen: the background task asks for 5 s more.
     let rec = |cl: &Cluster| cl.node_registry("node1").get(&id).unwrap();
     cl.wait_for("the job recorded frozen on node1", 60, || {
