@@ -181,7 +181,7 @@ pub struct Args {
     /// the move settles as soon as the target answers; after it, the job is
     /// recorded frozen here, for a person to `mosctl thaw` once they know
     /// the target is gone for good [default: 24h].
-    #[arg(long, value_parser = parse_patience)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_patience)]
     pub settle_patience: Option<Duration>,
 }
 
