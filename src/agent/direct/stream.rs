@@ -253,12 +253,21 @@ impl PageTunnel {
         let pump = tokio::spawn(async move {
             // CRIU → target, until CRIU and we have both closed its end.
             let up = async move {
+                // One buffer, split after each read: a chunk is dropped as
+                // soon as it is encoded for the network, and `reserve` then
+                // reuses its memory. A fresh 1 MiB buffer per read (a
+                // socket read brings far less) faulted in new pages for
+                // every chunk: ~0.2 CPU-s per GiB on a 2-core node, in the
+                // dump's frozen window (BENCHMARKS.md section 11).
+                let mut buf = BytesMut::with_capacity(CHUNK);
                 loop {
-                    let mut b = BytesMut::with_capacity(CHUNK);
-                    match rd.read_buf(&mut b).await {
+                    if buf.capacity() < CHUNK / 4 {
+                        buf.reserve(CHUNK);
+                    }
+                    match rd.read_buf(&mut buf).await {
                         Ok(0) => return Ok(()),
                         Ok(_) => {
-                            if tx.send(b.freeze()).await.is_err() {
+                            if tx.send(buf.split().freeze()).await.is_err() {
                                 return Err(AgentError::Aborted(
                                     "the page stream closed under CRIU".into(),
                                 ));
