@@ -386,13 +386,13 @@ pub fn choose<'a>(
             )
         })
         .collect();
-    // Drawn in proportion to 1 / cost: an idle slow instance is rarely a
-    // candidate, but once the fast ones have requests queued their cost
-    // rises and the slow one is drawn again, so no capacity is left unused
-    // when the service is saturated.
     if saturated {
         return least(&costs, rand).map(|k| pool[k].job.clone());
     }
+    // Drawn in proportion to 1 / cost: an idle slow instance is rarely a
+    // candidate, but once the fast ones have requests queued their cost
+    // rises and the slow one is drawn again, so no capacity is left unused
+    // as the service fills up.
     let weights: Vec<f64> = costs.iter().map(|c| 1.0 / c).collect();
     p2c_weighted(&costs, &weights, rand).map(|k| pool[k].job.clone())
 }
