@@ -204,9 +204,26 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     }
     let cl = Cluster::up(2, &[]);
     let (job, file) = counter_job(&cl, "16", "8095");
-    // CRIU missing on the source.
+    // An agent that cannot start: `restart-agent` says so at once, with
+    // the agent's own words, instead of leaving the caller to find out.
+    let o = cl.mosctl(&[
+        "local",
+        "restart-agent",
+        "node1",
+        "--name",
+        &cl.name,
+        "--agent-arg=--no-such-flag",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("mosixd on node1 exited at its start")
+            && err.contains("unexpected argument '--no-such-flag'"),
+        "{err}"
+    );
+    // CRIU missing on the source. No pause after the restart: it returns
+    // once the agent answers.
     cl.restart_agent("node1", &["--criu", "/nonexistent/criu"]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("CRIU not found"), "{}", stderr(&o));

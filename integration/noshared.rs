@@ -692,9 +692,12 @@ fn no_shared_path_target_silent_past_the_settle_patience_leaves_the_job_frozen_f
     }
     let cl = Cluster::up(2, &["--no-shared"]);
     cl.restart_agent("node1", &["--agent-arg=--settle-patience=5s"]);
-    cl.wait_for("node1's agent to serve again", 30, || {
-        node_log(&cl, "node1").matches("mosixd serving").count() >= 2
-    });
+    // `restart-agent` returns only once the new agent answers.
+    assert_eq!(
+        node_log(&cl, "node1").matches("mosixd serving").count(),
+        2,
+        "node1's agent serves again when restart-agent returns"
+    );
     let (job, file) = counter_in_node_net(&cl, "8194", "64");
     let id = JobId::parse(&job).unwrap();
     let ip1 = cl.node_ip("node1");

@@ -468,9 +468,39 @@ async fn up_inner(
     )?;
 
     progress("waiting for agents to answer");
-    let tls = crate::api::client::ClientTls::from_cluster(&cf)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for n in &nodes {
+    let started: Vec<(NodeEntry, i32)> = nodes.iter().cloned().zip(pids.iter().copied()).collect();
+    wait_answering(&cf, &started, &sd, UP_PATIENCE).await?;
+    Ok(cf)
+}
+
+/// How long `up` and `restart-agent` wait for an agent to answer: a start
+/// takes well under a second on an idle machine, seconds on a loaded one.
+pub const UP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Wait until every one of `nodes` (each with the pid of the agent just
+/// started for it) answers a `GetLoad` over the cluster's own transport
+/// (mTLS or not), so that whoever called `up` or `restart-agent` can use the
+/// agent at once. An agent that exits, or is silent past `patience`, is an
+/// error that quotes the end of its log, which is where it says why.
+pub async fn wait_answering(
+    cf: &ClusterFile,
+    nodes: &[(NodeEntry, i32)],
+    state_dir: &Path,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let tls = crate::api::client::ClientTls::from_cluster(cf)?;
+    let deadline = Instant::now() + patience;
+    for (n, pid) in nodes {
+        let log_tail = || {
+            let log = state_dir.join(format!("{}.log", n.name));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            format!(
+                "its log ({}) ends with: {}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        };
         loop {
             let ok = async {
                 let mut c =
@@ -482,22 +512,24 @@ async fn up_inner(
             .await;
             match ok {
                 Ok(()) => break,
+                // An agent that exited is our zombie until we exit, which
+                // `alive` counts as dead.
+                Err(_) if !alive(*pid) => {
+                    bail!("mosixd on {} exited at its start; {}", n.name, log_tail());
+                }
                 Err(e) if Instant::now() > deadline => {
-                    let log = sd.join(format!("{}.log", n.name));
-                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                     bail!(
-                        "mosixd on {} did not answer: {e:#}; its log ({}) ends with: {}",
+                        "mosixd on {} did not answer within {}s: {e:#}; {}",
                         n.name,
-                        log.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                        patience.as_secs(),
+                        log_tail()
                     );
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
-    Ok(cf)
+    Ok(())
 }
 
 /// What every node sees at the same path: the shared root and the

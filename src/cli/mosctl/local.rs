@@ -108,6 +108,10 @@ pub enum Cmd {
         /// Only kill it (simulates a crashed agent).
         #[arg(long)]
         kill_only: bool,
+        /// Return once the agent is started, without waiting (up to 30 s)
+        /// for it to answer, e.g. to watch a start that is meant to fail.
+        #[arg(long, conflicts_with = "kill_only")]
+        no_wait: bool,
         /// One more argument for this start of the agent only (repeatable),
         /// after those it was started with, e.g.
         /// `--agent-arg=--job-net-bridge=nosuchbr` for a node without a job
@@ -234,11 +238,35 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             name,
             criu,
             kill_only,
+            no_wait,
             agent_args,
         } => {
             let name = resolve_name(cluster, name)?;
             match local::restart_agent(&name, &node, criu.as_deref(), kill_only, &agent_args)? {
-                Some(pid) => println!("agent on {node} restarted (pid {pid})"),
+                Some(pid) => {
+                    if !no_wait {
+                        // As `up` does: when this returns, the agent
+                        // answers, so a script can use it at once.
+                        let path = local::cluster_file_path(&name);
+                        let cf = ClusterFile::load(&path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        let entry = cf
+                            .nodes
+                            .iter()
+                            .find(|n| n.name.as_str() == node)
+                            .cloned()
+                            .with_context(|| format!("no node {node} in {}", path.display()))?;
+                        local::wait_answering(
+                            &cf,
+                            &[(entry, pid)],
+                            &local::state_dir(&name),
+                            local::UP_PATIENCE,
+                        )
+                        .await
+                        .with_context(|| format!("restarting the agent on {node} (pid {pid})"))?;
+                    }
+                    println!("agent on {node} restarted (pid {pid})");
+                }
                 None => println!("agent on {node} killed"),
             }
             Ok(())
