@@ -377,9 +377,9 @@ class BareJob:
     init of its own pid namespace and session, in a node's network namespace,
     moved between nodes with plain `criu`."""
 
-    def __init__(self, mib, node="node1"):
+    def __init__(self, mib, node="node1", tag=""):
         self.mib = mib
-        self.dir = BARE_DIR / f"{mib}"
+        self.dir = BARE_DIR / f"{mib}{tag}"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.out = self.dir / "stdout"
@@ -485,7 +485,7 @@ class BareJob:
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ready_ms": dumped, "frozen_ms": frozen, "total_ms": total}
 
-    def move_noshared(self, to, port):
+    def move_noshared(self, to, port, tls=False):
         """CRIU's own migration without shared storage: `criu page-server`
         in the target node's netns, receiving the pages into the target's
         image dir; `criu dump --page-server` in the source's, writing the
@@ -502,7 +502,8 @@ class BareJob:
         t = time.monotonic()
         ps = subprocess.Popen(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{to}", CRIU, "page-server",
                                "-D", str(dst), "-o", "page-server.log", "-v2",
-                               "--address", dst_ip, "--port", str(port), "--status-fd", str(wr)],
+                               "--address", dst_ip, "--port", str(port), "--status-fd", str(wr),
+                               *(bare_tls(to, server=True) if tls else [])],
                               pass_fds=(wr,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               preexec_fn=at_criu_nice)
         track(ps.pid)
@@ -519,7 +520,8 @@ class BareJob:
         t_dump = time.monotonic()
         r = subprocess.run(["nsenter", f"--net=/run/netns/mos-{CLUSTER}-{self.node}", CRIU, "dump",
                             "-t", str(self.pid), "-D", str(src), "-o", "dump.log", *CRIU_COMMON,
-                            "--page-server", "--address", dst_ip, "--port", str(port)],
+                            "--page-server", "--address", dst_ip, "--port", str(port),
+                            *(bare_tls(self.node) if tls else [])],
                            capture_output=True, text=True, preexec_fn=at_criu_nice)
         dump = (time.monotonic() - t_dump) * 1000
         if r.returncode != 0:
@@ -1010,23 +1012,38 @@ def phase_balance(res, args):
 # issue 17: without a shared path; out of a crowded node
 # ---------------------------------------------------------------------------
 
+def bare_tls(node, server=False):
+    """CRIU's own encrypted migration (`--tls`, GnuTLS, each side the node's
+    certificate from the cluster's PKI): what bare CRIU costs with the pages
+    encrypted on the wire, as ours are."""
+    pki = f"/run/mosix/{CLUSTER}/pki"
+    # The page server checks the client's certificate against its own
+    # --address (the listening one), which names the target, not the source.
+    return ["--tls", "--tls-cacert", f"{pki}/ca.pem", "--tls-cert", f"{pki}/{node}.pem",
+            "--tls-key", f"{pki}/{node}.key", *(["--tls-no-cn-verify"] if server else [])]
+
+
 def noshared_size(mib, runs, next_port):
     """Our `mosctl migrate` (the agents stream the images) against CRIU's
     page-server migration of an identical process, interleaved; each run a
     round trip per side, both legs counted, who goes first alternating."""
-    log(f"noshared: {mib} MiB x {runs} runs (ours and bare CRIU page-server, interleaved)")
+    log(f"noshared: {mib} MiB x {runs} runs (ours, bare CRIU page-server, and bare with its --tls; interleaved)")
     job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
-    bare = None
-    ours_out, ours_back, bares_out, bares_back = [], [], [], []
+    bare = bare_t = None
+    ours_out, ours_back, bares_out, bares_back, tls_out, tls_back = [], [], [], [], [], []
     try:
         wait_file_contains(show(job)["stdout_path"], "ready", 120)
         bare = BareJob(mib)
+        bare_t = BareJob(mib, tag="-tls")
         # One untimed round trip per side first (see warm_up).
         warm = {"ours": [migrate(job, "node2")["wall_ms"], migrate(job, "node1")["wall_ms"]],
                 "bare": [bare.move_noshared("node2", next_port())["total_ms"],
-                         bare.move_noshared("node1", next_port())["total_ms"]]}
+                         bare.move_noshared("node1", next_port())["total_ms"]],
+                "bare_tls": [bare_t.move_noshared("node2", next_port(), tls=True)["total_ms"],
+                             bare_t.move_noshared("node1", next_port(), tls=True)["total_ms"]]}
         log(f"  warm-up (untimed): ours {warm['ours'][0]:.0f}/{warm['ours'][1]:.0f} ms, "
-            f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms")
+            f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms, "
+            f"bare --tls {warm['bare_tls'][0]:.0f}/{warm['bare_tls'][1]:.0f} ms")
         for i in range(runs):
             def do_ours():
                 ours_out.append(migrate(job, "node2"))
@@ -1038,18 +1055,27 @@ def noshared_size(mib, runs, next_port):
                 bares_out.append(bare.move_noshared("node2", next_port()))
                 bares_back.append(bare.move_noshared("node1", next_port()))
 
-            for f in ((do_ours, do_bare) if i % 2 == 0 else (do_bare, do_ours)):
+            def do_tls():
+                tls_out.append(bare_t.move_noshared("node2", next_port(), tls=True))
+                tls_back.append(bare_t.move_noshared("node1", next_port(), tls=True))
+
+            # Who goes first rotates, so that no side always follows another.
+            sides = (do_ours, do_bare, do_tls)
+            for f in sides[i % 3:] + sides[:i % 3]:
                 f()
             o, ob, b, bb = ours_out[-1], ours_back[-1], bares_out[-1], bares_back[-1]
+            t, tb = tls_out[-1], tls_back[-1]
             log(f"  run {i + 1}/{runs}: ours {o['wall_ms']:.0f} + {ob['wall_ms']:.0f} ms "
                 f"(frozen {o['frozen_ms']} + {ob['frozen_ms']}); bare {b['total_ms']:.0f} + {bb['total_ms']:.0f} ms "
                 f"(dump {b['dump_ms']:.0f}, copy {b['copy_ms']:.0f}, restore {b['restore_ms']:.0f}; "
-                f"dump {bb['dump_ms']:.0f}, copy {bb['copy_ms']:.0f}, restore {bb['restore_ms']:.0f})")
+                f"dump {bb['dump_ms']:.0f}, copy {bb['copy_ms']:.0f}, restore {bb['restore_ms']:.0f}); "
+                f"bare --tls {t['total_ms']:.0f} + {tb['total_ms']:.0f} ms (dump {t['dump_ms']:.0f}, {tb['dump_ms']:.0f})")
         ok = show(job)["state"] == "running"
     finally:
         run([MOSCTL, "kill", job], check=False)
-        if bare:
-            bare.kill()
+        for b in (bare, bare_t):
+            if b:
+                b.kill()
     ours, bares = ours_out + ours_back, bares_out + bares_back
     s = {
         "mib": mib, "runs": runs, "moves": len(ours), "job_ok_after": ok, "warmup_ms": warm,
@@ -1066,17 +1092,24 @@ def noshared_size(mib, runs, next_port):
         "bare_copy_ms": stats([b["copy_ms"] for b in bares]),
         "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
         "bare_total_ms": stats([b["total_ms"] for b in bares]),
+        "bare_tls_dump_ms": stats([b["dump_ms"] for b in tls_out + tls_back]),
+        "bare_tls_restore_ms": stats([b["restore_ms"] for b in tls_out + tls_back]),
+        "bare_tls_total_ms": stats([b["total_ms"] for b in tls_out + tls_back]),
+        "bare_tls_total_each_ms": [round(x["total_ms"]) for pair in zip(tls_out, tls_back) for x in pair],
+        "first_side": [("ours", "bare", "bare_tls")[i % 3] for i in range(runs)],
         # Every move, in order (out, back, out, back, ...), to show every run.
         "ours_wall_each_ms": [round(x["wall_ms"]) for pair in zip(ours_out, ours_back) for x in pair],
         "bare_total_each_ms": [round(x["total_ms"]) for pair in zip(bares_out, bares_back) for x in pair],
-        "ours_first": [i % 2 == 0 for i in range(runs)],
+        "ours_first": [i % 3 == 0 for i in range(runs)],
         "ours_images": ours[0]["images"] if ours else None,
         "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
         "bare_copied_bytes": bares[0]["copied_bytes"] if bares else None,
     }
     s["ratio_total"] = s["ours_wall_ms"]["median"] / s["bare_total_ms"]["median"]
+    s["ratio_total_vs_tls"] = s["ours_wall_ms"]["median"] / s["bare_tls_total_ms"]["median"]
     log(f"  noshared {mib} MiB: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare "
-        f"{s['bare_total_ms']['median']:.0f} ms -> ratio {s['ratio_total']:.2f}")
+        f"{s['bare_total_ms']['median']:.0f} ms -> ratio {s['ratio_total']:.2f}; "
+        f"vs bare --tls {s['bare_tls_total_ms']['median']:.0f} ms -> {s['ratio_total_vs_tls']:.2f}")
     return s
 
 

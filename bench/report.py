@@ -387,7 +387,7 @@ def md_noshared(w, r):
       "--port P` in the source's netns (the pages go over TCP into the target's dir), the other image files copied "
       "from the source's dir into the target's (what a user does with scp; here a local copy), then `criu restore "
       "-D TARGET_DIR -d` in the target's netns; same CRIU options and priority as section 1. "
-      "Each run is a round trip node1 → node2 → node1 per side, both legs count, runs alternate who goes first, "
+      "Each run is a round trip node1 → node2 → node1 per side, both legs count, who goes first rotates from run to run, "
       "after one untimed round trip per side. Median (min–max) in ms. " + bg_note(r, "noshared") + "\n")
     sizes = ns.get("sizes", [])
     ok = [s for s in sizes if "error" not in s]
@@ -421,7 +421,23 @@ def md_noshared(w, r):
                 for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
             w(f"- {s['mib']} MiB, bare: " + ", ".join(
                 f"{a}/{b}" for a, b in zip(s["bare_total_each_ms"][::2], s["bare_total_each_ms"][1::2])))
+            if s.get("bare_tls_total_each_ms"):
+                w(f"- {s['mib']} MiB, bare with `--tls`: " + ", ".join(
+                    f"{a}/{b}" for a, b in zip(s["bare_tls_total_each_ms"][::2], s["bare_tls_total_each_ms"][1::2])))
         w("")
+        tls = [s for s in ok if s.get("bare_tls_total_ms")]
+        if tls:
+            w("**Encrypted on the wire, as ours are.** Bare CRIU's pages above cross the network in plain text; "
+              "ours cross it inside the agents' mTLS connection. CRIU has its own TLS for the page server "
+              "(`--tls --tls-cacert --tls-cert --tls-key`, GnuTLS): a third twin process moved that way, each side "
+              "with its node's certificate from the cluster's PKI, in the same runs (who goes first rotates over "
+              "ours, bare, bare with TLS). The target above is against plain bare CRIU; this is for comparison.\n")
+            w("| Size | bare `--tls`: dump | bare `--tls`: restore | bare `--tls` total | ours total | ratio ours / bare `--tls` |")
+            w("|---|---|---|---|---|---|")
+            for s in tls:
+                w(f"| {s['mib']} MiB | {fmt_ms(s['bare_tls_dump_ms'])} | {fmt_ms(s['bare_tls_restore_ms'])} | "
+                  f"{fmt_ms(s['bare_tls_total_ms'])} | {fmt_ms(s['ours_wall_ms'])} | **{s['ratio_total_vs_tls']:.2f}** |")
+            w("")
         w("Images: ours " + "; ".join(f"{s['mib']} MiB: {s.get('ours_images')}" for s in ok) + "; bare " +
           "; ".join(f"{s['mib']} MiB: {(s.get('bare_image_bytes') or 0) / 2**20:.1f} MiB, of which "
                     f"{(s.get('bare_copied_bytes') or 0) / 2**10:.0f} KiB copied after the dump" for s in ok) + ".\n")
