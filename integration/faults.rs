@@ -159,7 +159,6 @@ fn target_restore_failure_rolls_back_to_source() {
     let (job, file) = counter_job(&cl, "16", "8093");
     // node2's agent gets a CRIU that fails every call.
     cl.restart_agent("node2", &["--criu", "/bin/false"]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -232,7 +231,6 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     // refused before anything is frozen, the connection named (issue 18;
     // it used to be CRIU's own refusal), and the job runs on.
     cl.restart_agent("node1", &[]);
-    std::thread::sleep(Duration::from_secs(1));
     let py = cl.mosrun(&[
         "--node", "node1", "--net", "node", "--", "python3", "-c",
         "import socket,time\ns=socket.socket();s.bind(('127.0.0.1',9977));s.listen()\nc=socket.create_connection(('127.0.0.1',9977));a,_=s.accept()\nprint('ready',flush=True)\ntime.sleep(1000)",

@@ -507,7 +507,6 @@ fn echo_connection_survives_direct_moves_and_a_rollback() {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     cl.restart_agent("node2", &["--criu", wrapper.to_str().unwrap()]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success(), "the restore on node2 must fail");
     // Its pages were streamed (node2's page server is not its RPC worker),
@@ -624,7 +623,6 @@ fn a_node_without_the_bridge_falls_back_to_its_network_and_says_so() {
 
     // node2's agent now looks for a bridge that does not exist.
     cl.restart_agent("node2", &["--agent-arg=--job-net-bridge=nosuchbr"]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = run(
         MOSRUN,
         &[

@@ -490,7 +490,6 @@ fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
         .status()
         .unwrap();
     cl.restart_agent("node2", &["--criu", wrapper.to_str().unwrap()]);
-    std::thread::sleep(Duration::from_secs(1));
     let (before, _) = query_counter(&ip1, 8187).unwrap();
     let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
     assert!(!o.status.success(), "{}", stdout(&o));
@@ -520,7 +519,6 @@ fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
     // A page server that cannot start: no stream, the images go in the
     // push, and the restore there fails too.
     cl.restart_agent("node2", &["--criu", "/bin/false"]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(
@@ -537,7 +535,6 @@ fn no_shared_path_streamed_pages_failed_restore_resumes_the_source_tree() {
 
     // And with a working CRIU again, it moves.
     cl.restart_agent("node2", &[]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (_, ok) = query_counter(&cl.node_ip("node2"), 8187).expect("answers on node2");
@@ -798,7 +795,6 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
     // node2's agent gets a CRIU that fails every call: it receives the
     // images, and its restore fails.
     cl.restart_agent("node2", &["--criu", "/bin/false"]);
-    std::thread::sleep(Duration::from_secs(1));
     let (before, _) = query_counter(&ip, 8183).unwrap();
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(!o.status.success());
@@ -827,7 +823,6 @@ fn no_shared_path_failed_restore_on_target_leaves_job_running_on_source() {
 
     // With a working CRIU again, the same job moves.
     cl.restart_agent("node2", &[]);
-    std::thread::sleep(Duration::from_secs(1));
     let o = cl.mosctl(&["migrate", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (_, mem_ok) = query_counter(&cl.job_ip(&job), 8183).expect("answers on node2");
