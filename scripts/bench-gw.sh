@@ -246,7 +246,7 @@ GW_PID=$!; PIDS+=($GW_PID)
 if [ -n "${MOSGW_B:-}" ]; then
   $PRIO taskset -c 0 "$MOSGW_B" --service web=127.0.0.1:8504 --admin 127.0.0.1:9504 \
     >"$RUN/mosgw-b.log" 2>&1 &
-  PIDS+=($!)
+  GWB_PID=$!; PIDS+=($GWB_PID)
 fi
 UP_PORTS="8401 8402 8404"
 if [ -n "${MOSGW_B:-}" ]; then UP_PORTS+=" 8504"; fi
@@ -303,6 +303,30 @@ print(f"{s.get('requestsPerSec', 0):.0f} {1000 * (lp.get('p50') or 0):.2f} {1000
 PY
 }
 
+# The processes of a proxy (by its name in PROXIES): nginx's master and its
+# worker, HAProxy's one process (both its frontends), mosgw's.
+proxy_pids() {
+  case "$1" in
+    nginx*) echo "$NGX_PID" $(cat /proc/"$NGX_PID"/task/*/children 2>/dev/null) ;;
+    haproxy*) echo "$HAP_PID" ;;
+    "mosgw B") echo "${GWB_PID:-}" ;;
+    mosgw) echo "$GW_PID" ;;
+  esac
+}
+# CPU time, user + system, in clock ticks, of the given processes (all their
+# threads).
+cpu_ticks() {
+  local t=0 p st
+  for p in "$@"; do
+    st=$(cat /proc/"$p"/stat 2>/dev/null) || continue
+    st=${st##*) }
+    # shellcheck disable=SC2086
+    set -- $st
+    t=$((t + ${12} + ${13}))
+  done
+  echo "$t"
+}
+TCK=$(getconf CLK_TCK)
 PROXIES=("nginx least_conn:8401" "haproxy leastconn:8402" "haproxy random(2):8403" "mosgw:8404")
 if [ -n "${MOSGW_B:-}" ]; then PROXIES+=("mosgw B:8504"); fi
 # ONLY=regex keeps the proxies whose names match (tuning runs).
@@ -338,7 +362,9 @@ if phase rate; then
   {
   echo
   echo "# latency at fixed rates (oha -q, latency corrected, -c $CONNS, ${SECS}s, $RATE_RUNS rounds), % of nginx's best rate ($NGINX_MAX req/s)"
-  printf "%-26s %6s %8s %10s %9s %9s %7s\n" proxy "%max" "rate" "got req/s" "p50 ms" "p99 ms" errors
+  echo "# proxy CPU: its processes' user + system time over the run (CPU 0 is the proxies' core;"
+  echo "# what a proxy spends per request is taken from what the backends and the VM get there)"
+  printf "%-26s %6s %8s %10s %9s %9s %7s %9s %8s\n" proxy "%max" "rate" "got req/s" "p50 ms" "p99 ms" errors "CPU %" "us/req"
   : >"$RUN/rate-p99"
   for pct in 50 80; do
     rate=$((NGINX_MAX * pct / 100))
@@ -348,21 +374,31 @@ if phase rate; then
     for r in $(seq "$RATE_RUNS"); do
       for p in "${PROXIES[@]}"; do
         name=${p%:*}; port=${p##*:}
+        pp=$(proxy_pids "$name")
+        # shellcheck disable=SC2086
+        c0=$(cpu_ticks $pp)
         read -r rps p50 p99 err < <(oha_run "$port" "$rate" "$SECS" "$CONNS")
-        printf "%-26s %6s %8s %10s %9s %9s %7s\n" "$name" "$pct" "$rate" "$rps" "$p50" "$p99" "$err"
-        echo "$name|$pct|$p99" >>"$RUN/rate-p99"
+        # shellcheck disable=SC2086
+        c1=$(cpu_ticks $pp)
+        read -r cpu_pct us_req < <(python3 -c "
+t = ($c1 - $c0) / $TCK
+print(f'{100 * t / $SECS:.1f}', f'{1e6 * t / max(1, $rps * $SECS):.1f}')")
+        printf "%-26s %6s %8s %10s %9s %9s %7s %9s %8s\n" "$name" "$pct" "$rate" "$rps" "$p50" "$p99" "$err" "$cpu_pct" "$us_req"
+        echo "$name|$pct|$p99|$us_req" >>"$RUN/rate-p99"
       done
     done
   done
-  echo "# median p99 over the $RATE_RUNS runs (ms)"
+  echo "# median p99 over the $RATE_RUNS runs (ms), and the proxy's median CPU per request (us)"
   python3 - "$RUN/rate-p99" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
 for pct in ("50", "80"):
     for name in dict.fromkeys(r[0] for r in rows):
         v = [float(r[2]) for r in rows if r[0] == name and r[1] == pct]
+        us = [float(r[3]) for r in rows if r[0] == name and r[1] == pct and len(r) > 3]
         if v:
-            print(f"{name:<26} {pct:>6} {statistics.median(v):>9.2f}   ({', '.join(f'{x:.2f}' for x in v)})")
+            print(f"{name:<26} {pct:>6} {statistics.median(v):>9.2f}   ({', '.join(f'{x:.2f}' for x in v)})"
+                  + (f"   CPU {statistics.median(us):.1f} us/req" if us else ""))
 PY
   } | tee -a "$OUT"
 fi
