@@ -372,6 +372,11 @@ def bg_note(r, phase):
             f"{' '.join(b.get('loadavg', []))}" + (f"; other local clusters up: {', '.join(oc)}" if oc else "") + ".")
 
 
+def out_and_back(each):
+    """Moves listed out, back, out, back, ... as "out/back" pairs."""
+    return ", ".join(f"{a}/{b}" for a, b in zip(each[::2], each[1::2]))
+
+
 def md_noshared(w, r):
     ns = r.get("noshared")
     w("## 1b. Migration without a shared path\n")
@@ -419,11 +424,9 @@ def md_noshared(w, r):
             w(f"- {s['mib']} MiB, ours: " + ", ".join(
                 f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
                 for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
-            w(f"- {s['mib']} MiB, bare: " + ", ".join(
-                f"{a}/{b}" for a, b in zip(s["bare_total_each_ms"][::2], s["bare_total_each_ms"][1::2])))
+            w(f"- {s['mib']} MiB, bare: " + out_and_back(s["bare_total_each_ms"]))
             if s.get("bare_tls_total_each_ms"):
-                w(f"- {s['mib']} MiB, bare with `--tls`: " + ", ".join(
-                    f"{a}/{b}" for a, b in zip(s["bare_tls_total_each_ms"][::2], s["bare_tls_total_each_ms"][1::2])))
+                w(f"- {s['mib']} MiB, bare with `--tls`: " + out_and_back(s["bare_tls_total_each_ms"]))
         w("")
         tls = [s for s in ok if s.get("bare_tls_total_ms")]
         if tls:
