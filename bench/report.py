@@ -407,10 +407,11 @@ def md_noshared(w, r):
         steps = [s for s in ok if s.get("ours_steps_ms")]
         if steps:
             w("\nWhere our time goes (medians (min–max) in ms, from the agents' info lines of each move): the "
-              "source's CRIU dump into its own dir (page hashing alongside), the seal after it (hash tail + HMAC "
-              "manifest), the push of every image file to the target over mTLS (starts when the seal is done), and "
-              "the target's CRIU restore (page verification alongside). The rest of *ours total* is the CLI, the "
-              "ping, the registry writes and the RPCs.\n")
+              "source's CRIU dump, whose pages go through both agents over mTLS into a page server on the target "
+              "(the page stream; the target hashes them as they land), the seal after it (the other files' "
+              "digests + HMAC manifest), the push of the other image files (the pages are there already), and the "
+              "target's CRIU restore (the other files verified alongside). The rest of *ours total* is the CLI, "
+              "the ping, the registry writes and the RPCs.\n")
             w("| Size | dump | seal | push | restore | bare: dump (pages over TCP) | bare: restore |")
             w("|---|---|---|---|---|---|---|")
             for s in steps:
