@@ -251,11 +251,9 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
                         let cf = ClusterFile::load(&path)
                             .with_context(|| format!("reading {}", path.display()))?;
                         let entry = cf
-                            .nodes
-                            .iter()
-                            .find(|n| n.name.as_str() == node)
-                            .cloned()
-                            .with_context(|| format!("no node {node} in {}", path.display()))?;
+                            .node(&node)
+                            .with_context(|| format!("reading {}", path.display()))?
+                            .clone();
                         local::wait_answering(
                             &cf,
                             &[(entry, pid)],
