@@ -205,14 +205,7 @@ fn criu_missing_or_failing_dump_keeps_job_running() {
     let (job, file) = counter_job(&cl, "16", "8095");
     // An agent that cannot start: `restart-agent` says so at once, with
     // the agent's own words, instead of leaving the caller to find out.
-    let o = cl.mosctl(&[
-        "local",
-        "restart-agent",
-        "node1",
-        "--name",
-        &cl.name,
-        "--agent-arg=--no-such-flag",
-    ]);
+    let o = cl.try_restart_agent("node1", &["--agent-arg=--no-such-flag"]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(

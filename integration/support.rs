@@ -219,10 +219,15 @@ impl Cluster {
     /// with `extra` flags for that start (`--criu PATH`, `--kill-only`,
     /// `--agent-arg=…`), and insist that it worked.
     pub fn restart_agent(&self, node: &str, extra: &[&str]) {
+        let o = self.try_restart_agent(node, extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
+    /// The same restart, for a test that expects it to fail: its output.
+    pub fn try_restart_agent(&self, node: &str, extra: &[&str]) -> Output {
         let mut a = vec!["local", "restart-agent", node, "--name", &self.name];
         a.extend_from_slice(extra);
-        let o = self.mosctl(&a);
-        assert!(o.status.success(), "{}", stderr(&o));
+        self.mosctl(&a)
     }
 
     /// Which node a process belongs to: the node whose cpu cgroup holds it
