@@ -1025,8 +1025,9 @@ def bare_tls(node, server=False):
 
 def noshared_size(mib, runs, next_port):
     """Our `mosctl migrate` (the agents stream the images) against CRIU's
-    page-server migration of an identical process, interleaved; each run a
-    round trip per side, both legs counted, who goes first alternating."""
+    page-server migration of an identical process, in plain text and with
+    CRIU's `--tls`, interleaved; each run a round trip per side, both legs
+    counted, who goes first rotating over the three."""
     log(f"noshared: {mib} MiB x {runs} runs (ours, bare CRIU page-server, and bare with its --tls; interleaved)")
     job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
     bare = bare_t = None

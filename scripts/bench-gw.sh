@@ -316,13 +316,13 @@ proxy_pids() {
 # CPU time, user + system, in clock ticks, of the given processes (all their
 # threads).
 cpu_ticks() {
-  local t=0 p st
+  local t=0 p st f
   for p in "$@"; do
     st=$(cat /proc/"$p"/stat 2>/dev/null) || continue
-    st=${st##*) }
-    # shellcheck disable=SC2086
-    set -- $st
-    t=$((t + ${12} + ${13}))
+    # Fields after the command name, which may hold spaces: state is
+    # field 3 of stat(5), so utime (14) and stime (15) are 11 and 12 here.
+    read -r -a f <<<"${st##*) }"
+    t=$((t + f[11] + f[12]))
   done
   echo "$t"
 }
