@@ -275,12 +275,17 @@ impl super::Agent {
         };
         let sub = self.events.subscribe("");
         // Any job event (lagging behind counts too) is a reason to look now.
-        let pokes: Pokes = Box::pin(futures::stream::unfold(sub, |mut sub| async move {
+        let events = futures::stream::unfold(sub, |mut sub| async move {
             match sub.rx.recv().await {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some(((), sub)),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
             }
-        }));
+        });
+        // So is an operation's start or end (see `Agent::busy_changed`).
+        let busy = futures::stream::unfold(self.busy_changed.subscribe(), |mut rx| async move {
+            rx.changed().await.ok().map(|()| ((), rx))
+        });
+        let pokes: Pokes = Box::pin(futures::stream::select(events, busy));
         let seed = crate::core::now_unix_ms() ^ u64::from(std::process::id());
         stream(sample, Some(pokes), seed)
     }
@@ -452,5 +457,46 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    /// The start and the end of an operation on a job are reported at once,
+    /// not at the next look a second later: a balancer planning from a
+    /// report that still shows the job busy would lose a round.
+    #[tokio::test]
+    async fn an_operations_start_and_end_are_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = crate::agent::testing::lone_agent(dir.path(), "node1");
+        #[allow(clippy::zombie_processes)]
+        let mut child = crate::criu::fake::stand_in("60").unwrap();
+        let mut rec = crate::core::registry::tests::sample("j0000000001");
+        rec.pid = child.id() as i32;
+        agent.registry.put(&mut rec).unwrap();
+        agent.adopt_child(&rec.id, rec.pid);
+
+        let busy_of = |u: Option<Update>| match u {
+            Some(Update::Full(l)) => {
+                assert_eq!(l.jobs.len(), 1, "{l:?}");
+                l.jobs[0].flags.busy
+            }
+            other => panic!("expected a full report, got {other:?}"),
+        };
+        let feed = agent.load_feed();
+        futures::pin_mut!(feed);
+        // The first look is at once; the next timed one a second later.
+        assert!(!busy_of(feed.next().await));
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let guard = agent.claim(&rec.id).unwrap();
+        assert!(busy_of(feed.next().await));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(guard);
+        assert!(!busy_of(feed.next().await));
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_millis(800),
+            "both reports came {took:?} after the first: at the next look, not at once"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -28,6 +28,8 @@ pub mod reaper;
 pub mod recovery;
 pub mod replay;
 pub mod runner;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use action::{AgentAction, AgentReply, JobSelector, LaunchRequest, NodeAdminInfo};
 pub use error::{AgentError, AgentResult};
@@ -133,6 +135,11 @@ pub struct Agent {
     pub(crate) local: Mutex<BTreeMap<JobId, LocalJob>>,
     /// Jobs with a dump/migrate/freeze/thaw under way (one at a time per job).
     busy: Mutex<BTreeSet<JobId>>,
+    /// Bumped whenever `busy` changes, so that the load feed reports an
+    /// operation's end at once: the job event of a migration is sent while
+    /// its slot is still held, and a report from then would show the job
+    /// busy until the next look, a second later (a balancer round lost).
+    pub(crate) busy_changed: tokio::sync::watch::Sender<u64>,
     pub load: load::LoadSampler,
     pub stats: migration::MigrationStats,
     pub metrics: metrics::AgentMetrics,
@@ -190,6 +197,9 @@ impl Drop for BusyGuard<'_> {
         if let Ok(mut b) = self.agent.busy.lock() {
             b.remove(&self.job);
         }
+        self.agent
+            .busy_changed
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -239,6 +249,7 @@ impl Agent {
             peers,
             local: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            busy_changed: tokio::sync::watch::Sender::new(0),
             load,
             stats: migration::MigrationStats::default(),
             metrics,
@@ -393,6 +404,8 @@ impl Agent {
                 "job {job} has another operation under way; try again when it finishes"
             )));
         }
+        drop(b);
+        self.busy_changed.send_modify(|n| *n = n.wrapping_add(1));
         Ok(BusyGuard {
             agent: self,
             job: job.clone(),

@@ -21,6 +21,10 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 const HISTORY_LEN: usize = 1000;
+/// How long an agent has to answer a poll before it counts as down
+/// (`mos-balance --agent-timeout`). A node capped at half a core and full
+/// of CPU-bound jobs, on a busy machine, was once seen to need more than 2 s.
+pub const DEFAULT_POLL_DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct BalancerMetrics {
     pub registry: Registry,
@@ -131,7 +135,7 @@ impl Balancer {
             cf,
             tls,
             config,
-            poll_deadline: Duration::from_secs(2),
+            poll_deadline: DEFAULT_POLL_DEADLINE,
             migrate_timeout: Duration::from_secs(300),
             max_parallel: 4,
             metrics: BalancerMetrics::new()?,
@@ -178,6 +182,27 @@ impl Balancer {
             Some(feed) => {
                 let fv = self.feed_view(feed).await;
                 let plan = fv.plan(&self.config);
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let nodes: Vec<String> = fv
+                        .up()
+                        .map(|s| {
+                            format!(
+                                "{} {:.2}/{:.2} jobs {} busy {} age {:.2}s",
+                                s.node.name,
+                                s.node.load,
+                                s.node.capacity,
+                                s.jobs.len(),
+                                s.node.migrations_in_flight,
+                                s.received.elapsed().as_secs_f64()
+                            )
+                        })
+                        .collect();
+                    tracing::debug!(
+                        "round: {} move(s) from [{}]",
+                        plan.moves.len(),
+                        nodes.join("; ")
+                    );
+                }
                 let down = fv
                     .down()
                     .into_iter()

@@ -32,6 +32,11 @@ pub struct Args {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// How long each agent has to answer a poll (GetLoad, ListJobs), and
+    /// `serve`'s first round for every load feed to report, before the
+    /// agent counts as down. E.g. 5, 5s, 500ms.
+    #[arg(long, global = true, default_value = "5s", value_parser = crate::cli::common::parse_duration)]
+    pub agent_timeout: Duration,
     #[command(subcommand)]
     pub cmd: Option<Cmd>,
 }
@@ -199,7 +204,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let tls = ClientTls::from_cluster(&cf)?;
     let config = a.policy.config()?;
     match a.cmd {
-        None => one_pass(cf, tls, config, a.dry_run, a.json).await,
+        None => one_pass(cf, tls, config, a.agent_timeout, a.dry_run, a.json).await,
         Some(Cmd::Serve {
             listen,
             interval,
@@ -209,7 +214,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             poll,
         }) => {
             serve(
-                cf, tls, config, listen, interval, no_auto, metrics, insecure, poll,
+                cf,
+                tls,
+                config,
+                a.agent_timeout,
+                listen,
+                interval,
+                no_auto,
+                metrics,
+                insecure,
+                poll,
             )
             .await
         }
@@ -220,10 +234,12 @@ async fn one_pass(
     cf: ClusterFile,
     tls: Option<ClientTls>,
     config: PolicyConfig,
+    agent_timeout: Duration,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let b = Balancer::new(cf, tls, config)?;
+    let mut b = Balancer::new(cf, tls, config)?;
+    b.poll_deadline = agent_timeout;
     let progress = |o: &crate::balancer::orchestrator::Outcome, i: usize, n: usize| {
         if json {
             return;
@@ -280,6 +296,7 @@ async fn serve(
     cf: ClusterFile,
     tls: Option<ClientTls>,
     config: PolicyConfig,
+    agent_timeout: Duration,
     listen: Option<SocketAddr>,
     interval: f64,
     no_auto: bool,
@@ -322,7 +339,9 @@ async fn serve(
     let etcd = (!cf.etcd.is_empty()).then(|| (cf.name.clone(), cf.etcd.clone()));
     // The leader restarts a lost node's checkpointed jobs (balancer::restart).
     let on_node_lost = crate::balancer::restart::restart_from_checkpoints(cf.clone(), tls.clone());
-    let balancer = Arc::new(Balancer::new(cf, tls, config)?);
+    let mut balancer = Balancer::new(cf, tls, config)?;
+    balancer.poll_deadline = agent_timeout;
+    let balancer = Arc::new(balancer);
     if !poll {
         balancer.follow_feeds();
     }

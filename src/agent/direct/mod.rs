@@ -791,28 +791,12 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{AgentConfig, ImageSync};
+    use crate::agent::AgentConfig;
     use crate::core::registry::Registry;
     use std::collections::BTreeMap;
 
     fn cfg(root: &Path, node: &str) -> AgentConfig {
-        AgentConfig {
-            node: NodeName::parse(node).unwrap(),
-            shared_root: root.join(node),
-            shared: false,
-            jobs_dir: root.join("jobs"),
-            cgroup_scope: None,
-            speed: 1.0,
-            image_key: None,
-            page_server_ip: None,
-            post_copy: false,
-            jobs_squeeze: true,
-            cgroup_favordynmods: false,
-            image_sync: ImageSync::OnClose,
-            common_dirs: Vec::new(),
-            job_net: None,
-            settle_patience: DEFAULT_SETTLE_PATIENCE,
-        }
+        crate::agent::testing::config(root, node)
     }
 
     const JOB: &str = "j0123456789";
@@ -1360,36 +1344,8 @@ mod tests {
         assert_eq!(got, vec![rec]);
     }
 
-    struct NoPeers;
-    impl crate::agent::peers::Peers for NoPeers {
-        fn knows(&self, _: &NodeName) -> bool {
-            false
-        }
-        fn names(&self) -> Vec<String> {
-            vec![]
-        }
-        fn ping<'a>(
-            &'a self,
-            _: &'a NodeName,
-        ) -> futures::future::BoxFuture<'a, AgentResult<crate::agent::peers::TargetInfo>> {
-            Box::pin(async { Err(AgentError::Unavailable("no peers".into())) })
-        }
-        fn restore<'a>(
-            &'a self,
-            _: &'a NodeName,
-            _: RestoreCall,
-        ) -> futures::future::BoxFuture<'a, AgentResult<JobRecord>> {
-            Box::pin(async { Err(AgentError::Unavailable("no peers".into())) })
-        }
-    }
-
     fn agent(root: &Path) -> Arc<Agent> {
-        Agent::new(
-            cfg(root, "node2"),
-            Arc::new(crate::criu::fake::FakeEngine::default()),
-            Arc::new(NoPeers),
-        )
-        .unwrap()
+        crate::agent::testing::lone_agent(root, "node2")
     }
 
     /// Through the agent: a stream that breaks off keeps nothing; a whole

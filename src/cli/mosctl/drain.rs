@@ -15,7 +15,7 @@
 use crate::api::pb;
 use crate::balancer::drain::{movable, DrainPlanner};
 use crate::balancer::policy::JobSnapshot;
-use crate::cli::common::{status_err, Ctx};
+use crate::cli::common::{parse_duration, status_err, Ctx};
 use anyhow::bail;
 use futures::StreamExt;
 use std::collections::BTreeSet;
@@ -41,29 +41,6 @@ pub struct Args {
     /// Default: no limit.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
-}
-
-/// `90`, `90s`, `5m`, `1h`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 5m, 1h)"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("{s:?} is not a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// What became of one job.
@@ -241,22 +218,4 @@ async fn move_one(
         }
     }
     stay(last)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        for bad in ["", "0", "-1s", "5d", "abc", "1.5.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 }
