@@ -146,6 +146,44 @@ fn dry_run_moves_nothing_then_a_real_pass_does_and_best_placement_avoids_the_bus
     }
 }
 
+/// `--agent-timeout` takes a positive duration (90, 5s, 500ms, 1m); anything
+/// else is refused before the cluster file is even read.
+#[test]
+fn a_bad_agent_timeout_is_refused_clearly() {
+    for bad in ["0", "-1s", "3x", "soon"] {
+        let flag = format!("--agent-timeout={bad}");
+        let o = run(
+            MOSBALANCE,
+            &[&flag, "--dry-run", "--cluster", "/nonexistent/cluster.json"],
+            None,
+        );
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("invalid value") && stderr(&o).contains("--agent-timeout"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+    // A good one gets as far as the cluster file, and says that is missing.
+    let o = run(
+        MOSBALANCE,
+        &[
+            "--agent-timeout",
+            "500ms",
+            "--dry-run",
+            "--cluster",
+            "/nonexistent/cluster.json",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("/nonexistent/cluster.json"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn a_node_that_is_down_does_not_stop_the_rest() {
     if !privileged() {

@@ -494,7 +494,15 @@ pub async fn wait_answering(
         let log_tail = || {
             let log = state_dir.join(format!("{}.log", n.name));
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            // Non-empty lines, and enough of them for a whole usage error
+            // (clap's is 4) with the old agent's last words after it: its
+            // CRIU workers may write to the log as they die.
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .filter(|l| !l.trim().is_empty())
+                .take(10)
+                .collect();
             format!(
                 "its log ({}) ends with: {}",
                 log.display(),
