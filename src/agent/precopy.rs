@@ -567,7 +567,7 @@ mod tests {
 mod agent_tests {
     use super::*;
     use crate::agent::peers::Peers;
-    use crate::agent::{AgentConfig, ImageSync};
+    use crate::agent::AgentConfig;
     use crate::core::{now_unix_ms, JobState, NodeName};
     use crate::criu::fake::{FakeEngine, FakeRound};
     use futures::future::BoxFuture;
@@ -664,22 +664,12 @@ mod agent_tests {
         let shared = tempfile::tempdir().unwrap();
         let key = crate::security::manifest::ClusterKey::generate();
         let peers = Arc::new(InProcess::default());
+        // One shared path for both nodes, sealed with one key.
         let cfg = |n: &str| AgentConfig {
-            node: node(n),
             shared_root: shared.path().to_path_buf(),
             shared: true,
-            jobs_dir: shared.path().join("jobs"),
-            cgroup_scope: None,
-            speed: 1.0,
             image_key: Some(key.clone()),
-            page_server_ip: None,
-            post_copy: false,
-            jobs_squeeze: true,
-            cgroup_favordynmods: false,
-            image_sync: ImageSync::OnClose,
-            common_dirs: Vec::new(),
-            job_net: None,
-            settle_patience: crate::agent::direct::DEFAULT_SETTLE_PATIENCE,
+            ..crate::agent::testing::config(shared.path(), n)
         };
         let src_engine = Arc::new(src_engine);
         let dst_engine = Arc::new(FakeEngine::default());

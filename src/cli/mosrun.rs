@@ -155,14 +155,33 @@ fn parse_every(s: &str) -> Result<Duration, String> {
 /// The node the policy would place a new job on, from the same cluster view
 /// the balancer polls.
 pub async fn best_node(ctx: &Ctx, rss: u64) -> anyhow::Result<String> {
-    let view = crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
+    let view = crate::balancer::view::poll(
+        &ctx.cf,
+        ctx.tls.as_ref(),
+        crate::balancer::service::DEFAULT_POLL_DEADLINE,
+    )
+    .await;
+    let down: Vec<String> = view
+        .nodes
+        .iter()
+        .filter_map(|n| n.load.as_ref().err().map(|e| format!("{}: {e}", n.name)))
+        .collect();
     policy::place(
         &view.snapshot(0.0),
         &policy::PolicyConfig::default(),
         rss,
         1.0,
     )
-    .context("no node is up with memory for this job")
+    .with_context(|| {
+        if down.is_empty() {
+            "no node is up with memory for this job".to_string()
+        } else {
+            format!(
+                "no node is up with memory for this job (down: {})",
+                down.join("; ")
+            )
+        }
+    })
 }
 
 /// Run mosrun; returns the exit status. `t0` is when the process started.

@@ -44,7 +44,12 @@ pub fn restart_from_checkpoints(cf: ClusterFile, tls: Option<ClientTls>) -> Node
                     return false;
                 }
             };
-            let view = super::view::poll(&cf, tls.as_ref(), Duration::from_secs(2)).await;
+            let view = super::view::poll(
+                &cf,
+                tls.as_ref(),
+                crate::balancer::service::DEFAULT_POLL_DEADLINE,
+            )
+            .await;
             let ops = GrpcRestartOps {
                 cf,
                 tls,

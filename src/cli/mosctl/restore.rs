@@ -11,7 +11,6 @@ use crate::cli::common::{status_err, Ctx};
 use crate::core::JobRecord;
 use anyhow::{anyhow, bail, Context};
 use std::path::Path;
-use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,7 +40,12 @@ async fn snapshot(
     if let Some(n) = only {
         ctx.cf.node(n)?;
     }
-    let view = crate::balancer::view::poll(&ctx.cf, ctx.tls.as_ref(), Duration::from_secs(2)).await;
+    let view = crate::balancer::view::poll(
+        &ctx.cf,
+        ctx.tls.as_ref(),
+        crate::balancer::service::DEFAULT_POLL_DEADLINE,
+    )
+    .await;
     let mut s = view.snapshot(0.0);
     if let Some(n) = only {
         s.nodes.retain(|x| x.name == n);
