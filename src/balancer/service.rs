@@ -213,11 +213,7 @@ impl Balancer {
             None => {
                 let view = self.poll().await;
                 let plan = self.plan_for(&view);
-                let down = view
-                    .nodes
-                    .iter()
-                    .filter_map(|n| n.load.as_ref().err().map(|e| (n.name.clone(), e.clone())))
-                    .collect();
+                let down = view.down();
                 (view, plan, down)
             }
         };

@@ -166,6 +166,14 @@ pub async fn live_nodes(cf: &ClusterFile) -> Option<std::collections::BTreeSet<S
 }
 
 impl ClusterView {
+    /// The nodes that did not answer, with why.
+    pub fn down(&self) -> Vec<(String, String)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.load.as_ref().err().map(|e| (n.name.clone(), e.clone())))
+            .collect()
+    }
+
     /// The policy's input. Node load is the larger of what the agent measured
     /// and the sum of its jobs' demand, where a job that arrived too recently
     /// to have been sampled counts as one busy core: right after a migration

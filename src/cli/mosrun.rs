@@ -162,9 +162,9 @@ pub async fn best_node(ctx: &Ctx, rss: u64) -> anyhow::Result<String> {
     )
     .await;
     let down: Vec<String> = view
-        .nodes
-        .iter()
-        .filter_map(|n| n.load.as_ref().err().map(|e| format!("{}: {e}", n.name)))
+        .down()
+        .into_iter()
+        .map(|(n, e)| format!("{n}: {e}"))
         .collect();
     policy::place(
         &view.snapshot(0.0),
