@@ -425,10 +425,15 @@ class BareJob:
         # Measured after the restore, so that bare CRIU's restore follows its
         # dump at once, as ours does.
         sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
+        try:
+            memwrite = decode_stats(img / "stats-dump", {4: "memwrite_us"}).get("memwrite_us")
+        except (OSError, ValueError, IndexError):
+            memwrite = None
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
                 "image_bytes": image_bytes,
-                "seal_cpu_ms": sv["seal_ms"], "verify_cpu_ms": sv["verify_ms"]}
+                "seal_cpu_ms": sv["seal_ms"], "verify_cpu_ms": sv["verify_ms"],
+                "memwrite_ms": None if memwrite is None else round(memwrite / 1000, 1)}
 
     def move_lazy(self, to, port):
         """Bare CRIU post-copy: `criu dump --lazy-pages` serving pages from the
@@ -729,6 +734,8 @@ def compare_with_bare(sizes, label=""):
                     f"dump {bb['dump_ms']:.0f} + restore {bb['restore_ms']:.0f})")
             # The job must still be running after all the round trips.
             ok = show(job)["state"] == "running"
+            # CRIU's statistics of our timed moves (the warm-up's two first).
+            ours_stats = criu_stats(job)[2:]
         finally:
             run([MOSCTL, "kill", job], check=False)
             bare.kill()
@@ -748,6 +755,10 @@ def compare_with_bare(sizes, label=""):
             "bare_back_total_ms": stats([b["total_ms"] for b in bares_back]),
             "seal_cpu_ms": stats([b["seal_cpu_ms"] for b in bares]),
             "verify_cpu_ms": stats([b["verify_cpu_ms"] for b in bares]),
+            # CRIU's memory write (stats-dump's memwrite_time) of each move:
+            # ours in the order made, bare as out, back, out, back.
+            "ours_memwrite_ms": stats([round(x["memwrite_us"] / 1000, 1) for x in ours_stats if "memwrite_us" in x]),
+            "bare_memwrite_ms": stats([b["memwrite_ms"] for bo in zip(bares_out, bares_back) for b in bo]),
             "ours_images": ours[0]["images"] if ours else None,
             "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
         }
@@ -761,7 +772,9 @@ def compare_with_bare(sizes, label=""):
 
 def phase_migration(res, args):
     log("migration: 2-node local cluster")
-    cf, agent_pids = cluster_up(2)
+    # MOSIX_KEEP_CRIU_LOGS: each move's CRIU statistics stay beside its logs
+    # (the images go as usual), for CRIU's memory write of ours and bare's.
+    cf, agent_pids = cluster_up(2, agent_env={"MOSIX_KEEP_CRIU_LOGS": "1"})
     mig = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
     res["migration"] = mig
 
@@ -848,7 +861,10 @@ def phase_checkpoint(res, args):
     """Issue 16's target: a checkpoint freezes a job no longer than a
     migration of it does. Alternates one checkpoint and one move per run."""
     log("checkpoint: 2-node local cluster")
-    cluster_up(2)
+    # MOSIX_KEEP_CRIU_LOGS: the moves' CRIU statistics stay beside their
+    # logs (the images go as usual), to set CRIU's own memory-write time of
+    # each checkpoint beside each move's.
+    cluster_up(2, agent_env={"MOSIX_KEEP_CRIU_LOGS": "1"})
     out = {}
     res["checkpoint"] = out
     shared = Path(json.loads(Path(CLUSTER_FILE).read_text())["shared_root"])
@@ -856,7 +872,7 @@ def phase_checkpoint(res, args):
         job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
         try:
             wait_file_contains(show(job)["stdout_path"], "ready", 120)
-            ck, mv = [], []
+            ck, mv, ck_write = [], [], []
             node = "node1"
             # Run 0 is an untimed warm-up, as in the migration phase: this
             # VM's balloon hands freed memory back to the host, and the first
@@ -872,6 +888,11 @@ def phase_checkpoint(res, args):
                 if r.returncode != 0 or not m:
                     raise RuntimeError(f"mosctl checkpoint {job}: {r.stderr.strip() or r.stdout!r}")
                 ck_ms = int(m.group(2))
+                try:
+                    ck_stats = decode_stats(shared / "checkpoints" / job / m.group(1) / "stats-dump",
+                                            {4: "memwrite_us"})
+                except (OSError, ValueError, IndexError):
+                    ck_stats = {}
                 # Keep only this one on disk (a GiB job would keep 3 GiB).
                 for old in (shared / "checkpoints" / job).iterdir():
                     if old.name.isdigit() and old.name != m.group(1):
@@ -883,8 +904,15 @@ def phase_checkpoint(res, args):
                     continue
                 ck.append(ck_ms)
                 mv.append(mv_ms)
-                log(f"  {mib} MiB run {i}: checkpoint frozen {ck_ms} ms, migration frozen {mv_ms} ms")
-            out[f"{mib}"] = {"checkpoint_frozen_ms": stats(ck), "migration_frozen_ms": stats(mv)}
+                if "memwrite_us" in ck_stats:
+                    ck_write.append(round(ck_stats["memwrite_us"] / 1000, 1))
+                log(f"  {mib} MiB run {i}: checkpoint frozen {ck_ms} ms "
+                    f"(CRIU's memory write {ck_stats.get('memwrite_us', 0) / 1000:.0f} ms), migration frozen {mv_ms} ms")
+            # The moves' own statistics, in order; the warm-up's is the first.
+            mv_write = [round(x["memwrite_us"] / 1000, 1) for x in criu_stats(job) if "memwrite_us" in x]
+            out[f"{mib}"] = {"checkpoint_frozen_ms": stats(ck), "migration_frozen_ms": stats(mv),
+                             "checkpoint_memwrite_ms": stats(ck_write) if ck_write else None,
+                             "migration_memwrite_ms": stats(mv_write[1:]) if len(mv_write) > 1 else None}
         except Exception as e:  # noqa: BLE001
             out[f"{mib}"] = {"error": str(e)}
             log(f"checkpoint {mib} MiB failed: {e}")
@@ -1243,12 +1271,21 @@ def move_steps(events, job, after=0.0):
 
 def criu_stats(job):
     """CRIU's own statistics of `job`'s moves (the agents keep stats-dump and
-    stats-restore with MOSIX_KEEP_CRIU_LOGS): microseconds, per migration."""
+    stats-restore with MOSIX_KEEP_CRIU_LOGS): microseconds, per migration, in
+    the order they were made."""
     shared = json.loads(Path(CLUSTER_FILE).read_text()).get("shared_root")
     if not shared:
         return []
     out = []
-    for d in sorted((Path(shared) / "images" / job).glob("*")):
+
+    def taken(d):
+        # Migration ids are random: order the moves by when CRIU wrote them.
+        try:
+            return (d / "stats-dump").stat().st_mtime
+        except OSError:
+            return d.stat().st_mtime
+
+    for d in sorted((Path(shared) / "images" / job).glob("*"), key=taken):
         rec = {}
         for name, fields in (("stats-dump", {1: "freezing_us", 2: "frozen_us", 3: "memdump_us", 4: "memwrite_us",
                                               5: "pages_scanned", 7: "pages_written"}),
@@ -1494,7 +1531,7 @@ def main():
                     help="MiBxRUNS,... for the migration phase")
     ap.add_argument("--unsealed-sizes", default="64x3,256x3,1024x3", type=parse_sizes,
                     help="MiBxRUNS,... for the sealing-off diagnostic ('' to skip)")
-    ap.add_argument("--ckpt-sizes", default="64x5,1024x6", type=parse_sizes,
+    ap.add_argument("--ckpt-sizes", default="64x15,1024x6", type=parse_sizes,
                     help="MiBxRUNS,... for the checkpoint phase")
     ap.add_argument("--noshared-sizes", default="64x8,1024x4", type=parse_sizes,
                     help="MiBxRUNS,... for the noshared phase (round trips)")

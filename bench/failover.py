@@ -553,7 +553,7 @@ def main():
     ap.add_argument("--fault-margin", type=float, default=1.0)
     ap.add_argument("--settle-timeout", type=float, default=60.0)
     ap.add_argument("--port", type=int, default=29300)
-    ap.add_argument("--ckpt-sizes", default="64x5,1024x3", type=B.parse_sizes)
+    ap.add_argument("--ckpt-sizes", default="64x15,1024x3", type=B.parse_sizes)
     ap.add_argument("--seed", type=int, default=16)
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -452,6 +452,83 @@ def md_noshared(w, r):
         w("")
 
 
+def md_memwrite(w, sizes):
+    """Section 1's CRIU memory writes, and every move."""
+    if any(s.get("ours_memwrite_ms") and s.get("bare_memwrite_ms") for s in sizes):
+        w("\n**CRIU's memory write in both** (`memwrite_time` from CRIU's own `stats-dump` of each move: writing "
+          "the job's pages into the image files, the job frozen; the agents run with `MOSIX_KEEP_CRIU_LOGS=1` so "
+          "that their moves' statistics stay). It is the same work on both sides. When it is slow, that is the "
+          "page cache taking new pages: on this VM the first touch of memory the host has taken back "
+          "(virtio-balloon free page reporting) is slow. *Without the write* "
+          "takes each side's median write off its median total; it is a diagnostic, not a target.\n")
+        w("| Size | ours: memory write | bare: memory write | ours total − write | bare total − write | ratio without the write |")
+        w("|---|---|---|---|---|---|")
+        for s in sizes:
+            ow, bw = s.get("ours_memwrite_ms"), s.get("bare_memwrite_ms")
+            if not (ow and bw):
+                continue
+            o, b = med(s["ours_wall_ms"]) - med(ow), med(s["bare_total_ms"]) - med(bw)
+            w(f"| {s['mib']} MiB | {fmt_ms(ow)} | {fmt_ms(bw)} | {o:.0f} | {b:.0f} | {o / max(b, 1e-9):.2f} |")
+    lines = []
+    for s in sizes:
+        ob, bb = s.get("ours_out_wall_ms"), s.get("bare_out_total_ms")
+        if not (ob and bb and s.get("ours_back_wall_ms") and s.get("bare_back_total_ms")):
+            continue
+        lines.append(f"- {s['mib']} MiB, ours (wall): " + ", ".join(
+            f"{a:.0f}/{b:.0f}" for a, b in zip(ob["values"], s["ours_back_wall_ms"]["values"])))
+        lines.append(f"- {s['mib']} MiB, bare: " + ", ".join(
+            f"{a:.0f}/{b:.0f}" for a, b in zip(bb["values"], s["bare_back_total_ms"]["values"])))
+        for side in ("ours", "bare"):
+            mw = s.get(f"{side}_memwrite_ms")
+            if mw:
+                lines.append(f"- {s['mib']} MiB, {side}: CRIU's memory write: " + out_and_back(
+                    [f"{x:.0f}" for x in mw["values"]]))
+    if lines:
+        w("\nEvery move, in order (ms; out/back; the runs alternate which side goes first, ours in the odd ones):\n")
+        w("\n".join(lines))
+
+
+def md_checkpoint(w, r):
+    ck = r.get("checkpoint")
+    if not ck:
+        return
+    w("## 1c. Checkpoints against migrations\n")
+    w("A `mosjob mem --mib N` job on a 2-node local cluster (shared image root, as in section 1). Each run takes "
+      "one checkpoint (`mosctl checkpoint JOB`: a dump with `--leave-running`, sealed, into the job's checkpoint "
+      "store) and then one migration to the other node (`mosctl migrate`), after one untimed warm-up run; before "
+      "each, the previous move's images are gone. *Frozen* is what mosctl reports for each. *CRIU's memory "
+      "write* is `memwrite_time` from CRIU's own `stats-dump` of the same dump: the time it took to write the "
+      "job's pages into the image files while the job was frozen (the agents run with `MOSIX_KEEP_CRIU_LOGS=1` "
+      "so that the moves' statistics stay). Median (min–max) in ms. " + bg_note(r, "checkpoint") + "\n")
+    w("| Size | runs | checkpoint frozen | migration frozen | ratio | CRIU's memory write: checkpoint | migration |")
+    w("|---|---|---|---|---|---|---|")
+    every = []
+    for mib, v in sorted(ck.items(), key=lambda kv: int(kv[0])):
+        if "error" in v:
+            w(f"| {mib} MiB | | failed: {v['error']} | | | | |")
+            continue
+        c, m = v["checkpoint_frozen_ms"], v["migration_frozen_ms"]
+        cw, mw = v.get("checkpoint_memwrite_ms"), v.get("migration_memwrite_ms")
+        w(f"| {mib} MiB | {c['n']} | {fmt_ms(c)} | {fmt_ms(m)} | **{med(c) / max(med(m), 1e-9):.2f}** | "
+          f"{fmt_ms(cw) if cw else 'n/a'} | {fmt_ms(mw) if mw else 'n/a'} |")
+        every.append(f"- {mib} MiB, checkpoint / migration frozen: "
+                     + ", ".join(f"{a}/{b}" for a, b in zip(c["values"], m["values"])))
+        if cw and mw and len(cw["values"]) == len(mw["values"]):
+            every.append(f"- {mib} MiB, CRIU's memory write, checkpoint / migration: "
+                         + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(cw["values"], mw["values"])))
+        elif cw:
+            every.append(f"- {mib} MiB, CRIU's memory write of each checkpoint: "
+                         + ", ".join(f"{x:.0f}" for x in cw["values"]))
+    w("")
+    if every:
+        w("Every run, in order (ms):\n")
+        w("\n".join(every) + "\n")
+    w("A checkpoint's frozen time is mostly CRIU writing the pages into new page-cache pages. On this VM the "
+      "host takes freed memory back (virtio-balloon free page reporting), and the first touch of such memory is "
+      "slow: the same 64 MiB of pages took CRIU 17 ms to write in one checkpoint and 459 ms in another (2026-12-05). That, not the agent, is "
+      "what spreads the frozen times, so the phase takes enough runs for the median to hold.\n")
+
+
 def md_crowded(w, r):
     cr = r.get("crowded")
     w("## 3b. Out of a crowded node\n")
@@ -595,6 +672,7 @@ def markdown(r, tg, pngs):
             w(f"| {s['mib']} MiB | {gap:.0f} | {n(se)} | {n(ve)} | {s['ratio_frozen']:.2f} | "
               f"{n(med(s.get('ours_out_wall_ms')))} / {med(s['ours_back_wall_ms']):.0f} | "
               f"{n(med(s.get('bare_out_total_ms')))} / {med(s['bare_back_total_ms']):.0f} |")
+        md_memwrite(w, sizes)
         uns = mig.get("unsealed", [])
         if uns:
             w("\n**Diagnostic: the same moves with sealing off** (`mosctl local up --unsealed-images`: no image key, "
@@ -626,6 +704,7 @@ def markdown(r, tg, pngs):
         w(f"Not measured: {r.get('errors', {}).get('migration', 'phase not run')}\n")
 
     md_noshared(w, r)
+    md_checkpoint(w, r)
 
     # 2
     w("## 2. Post-copy\n")
