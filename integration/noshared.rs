@@ -671,6 +671,24 @@ fn no_shared_path_target_down_past_the_moves_patience_settles_in_the_background(
         rec.error.contains("has not said whether it restored"),
         "{rec:?}"
     );
+    // A listing while node2 is down lists node1's jobs and says, on
+    // stderr, that node2's are missing; a job that no node that answered
+    // has may be on node2, which is not "no such job".
+    let o = cl.mosctl(&["jobs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&job), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("the jobs of node2 are not listed"),
+        "{}",
+        stderr(&o)
+    );
+    let o = cl.mosctl(&["show", "j00000000ff"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("node2") && stderr(&o).contains("did not"),
+        "{}",
+        stderr(&o)
+    );
     cl.restart_agent("node2", &[]);
     assert_settled_once(&cl, &job, 8193, before, 90);
     std::thread::sleep(Duration::from_millis(500));

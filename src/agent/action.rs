@@ -74,13 +74,38 @@ pub enum AgentAction {
 pub enum AgentReply {
     Load(load::NodeLoad),
     Job(Box<JobRecord>),
-    Jobs(Vec<JobRecord>),
+    Jobs(JobList),
     Dumped(migration::DumpResult),
     Migrated(Box<JobRecord>, crate::core::MigrationRecord),
     Resolved(direct::Resolution),
     Admin(NodeAdminInfo),
     Checkpointed(Box<checkpoint::CheckpointDone>),
     FromCheckpoint(Box<checkpoint::FromCheckpoint>),
+}
+
+/// A listing of jobs, and the nodes whose jobs it could not include.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobList {
+    pub jobs: Vec<JobRecord>,
+    /// Without a shared path each node answers for its own jobs; these did
+    /// not, so the listing may lack their jobs. Always empty with one.
+    pub unlisted: Vec<Unlisted>,
+}
+
+/// A node left out of a listing, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unlisted {
+    pub node: NodeName,
+    pub reason: String,
+}
+
+impl From<Vec<JobRecord>> for JobList {
+    fn from(jobs: Vec<JobRecord>) -> Self {
+        Self {
+            jobs,
+            unlisted: vec![],
+        }
+    }
 }
 
 /// A node's administrative settings as the API reports them.
@@ -129,9 +154,9 @@ impl Agent {
                 include_finished,
                 local_only,
             } => if local_only {
-                self.list_local(node, include_finished)
+                self.list_local(node, include_finished).map(JobList::from)
             } else if self.cfg.shared {
-                self.list_jobs(node, include_finished)
+                self.list_jobs(node, include_finished).map(JobList::from)
             } else {
                 // No shared registry: every node answers for its own jobs.
                 self.list_cluster(node, include_finished).await

@@ -31,7 +31,9 @@ pub mod runner;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use action::{AgentAction, AgentReply, JobSelector, LaunchRequest, NodeAdminInfo};
+pub use action::{
+    AgentAction, AgentReply, JobList, JobSelector, LaunchRequest, NodeAdminInfo, Unlisted,
+};
 pub use error::{AgentError, AgentResult};
 /// Migration without a shared path (a child of [`migration`], whose steps it
 /// reuses); re-exported here because the transport layers use its types.

@@ -9,7 +9,7 @@ use crate::agent::direct::{
 };
 use crate::agent::load::{JobUsage, NodeLoad};
 use crate::agent::migration::{DumpResult, Mode, RestoreCall};
-use crate::agent::{AgentAction, AgentError, JobSelector, LaunchRequest, NodeAdminInfo};
+use crate::agent::{AgentAction, AgentError, JobList, JobSelector, LaunchRequest, NodeAdminInfo};
 use crate::core::ids::PlainFileName;
 use crate::core::job::PendingMigration;
 use crate::core::{
@@ -417,6 +417,22 @@ impl TryFrom<pb::Migration> for MigrationRecord {
             fallback: m.fallback,
             restored_from_checkpoint: m.restored_from_checkpoint,
         })
+    }
+}
+
+impl From<&JobList> for pb::ListJobsResponse {
+    fn from(l: &JobList) -> Self {
+        pb::ListJobsResponse {
+            jobs: l.jobs.iter().map(pb::Job::from).collect(),
+            unlisted: l
+                .unlisted
+                .iter()
+                .map(|u| pb::UnlistedNode {
+                    node: u.node.to_string(),
+                    reason: u.reason.clone(),
+                })
+                .collect(),
+        }
     }
 }
 

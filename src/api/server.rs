@@ -34,9 +34,7 @@ impl AgentService {
 
     async fn jobs(&self, action: AgentAction) -> Result<Response<pb::ListJobsResponse>, Status> {
         match self.run(action).await? {
-            AgentReply::Jobs(js) => Ok(Response::new(pb::ListJobsResponse {
-                jobs: js.iter().map(pb::Job::from).collect(),
-            })),
+            AgentReply::Jobs(list) => Ok(Response::new(pb::ListJobsResponse::from(&list))),
             other => Err(unexpected(&other)),
         }
     }

@@ -392,6 +392,7 @@ impl Agent for SimAgent {
                 .filter(|j| j.node == node)
                 .cloned()
                 .collect(),
+            unlisted: vec![],
         }))
     }
     async fn get_job(&self, _r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -537,7 +538,10 @@ async fn cmd_sim_agents(args: &[String]) -> anyhow::Result<serde_json::Value> {
         per_node.push(usage);
     }
     let shared = Arc::new(Shared {
-        all_jobs: pb::ListJobsResponse { jobs: all },
+        all_jobs: pb::ListJobsResponse {
+            jobs: all,
+            unlisted: vec![],
+        },
     });
 
     let (server_tls, tls_files) = match &tls_dir {

@@ -3,14 +3,17 @@
 //! `ListLocalJobs`, and a job seen twice during a hand-over is taken from
 //! the newer record.
 
-use crate::agent::{Agent, AgentError, AgentResult};
+use crate::agent::{Agent, AgentError, AgentResult, JobList, Unlisted};
 use crate::core::registry::RegistryError;
 use crate::core::{JobId, JobRecord, NodeName};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Deadline of one node's ListLocalJobs when listing the cluster.
-const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of one node's ListLocalJobs when listing the cluster. As the
+/// balancer's poll (`balancer::service::DEFAULT_POLL_DEADLINE`): a busy node
+/// on a slow machine was seen to take over 2 s to answer, and a node that
+/// is down is seen at once (connection refused), not at the deadline.
+const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Of several nodes' records of the same jobs, keep one per job: the newest
 /// (highest generation), and on a tie the one from the node the record says
@@ -51,13 +54,14 @@ impl Agent {
         self.list_jobs(Some(self.cfg.node.clone()), include_finished)
     }
 
-    /// Every node's own jobs, merged. Nodes that do not answer are left out
-    /// (their jobs are not listed), as the balancer leaves out a down node.
+    /// Every node's own jobs, merged. Nodes that do not answer are left out,
+    /// as the balancer leaves out a down node, and named in the listing so
+    /// that whoever reads it knows it may lack their jobs.
     pub(crate) async fn list_cluster(
         &self,
         node: Option<NodeName>,
         include_finished: bool,
-    ) -> AgentResult<Vec<JobRecord>> {
+    ) -> AgentResult<JobList> {
         let me = self.cfg.node.clone();
         let mut lists = vec![(me.clone(), self.list_local(None, include_finished)?)];
         let peers: Vec<NodeName> = self
@@ -76,16 +80,24 @@ impl Agent {
             .unwrap_or_else(|_| Err(AgentError::Unavailable("no answer in time".into())));
             (p.clone(), r)
         });
+        let mut unlisted = vec![];
         for (p, r) in futures::future::join_all(asks).await {
             match r {
                 Ok(jobs) => lists.push((p, jobs)),
-                Err(e) => tracing::warn!(node = %p, "its jobs are not listed: {e}"),
+                Err(e) => {
+                    tracing::warn!(node = %p, "its jobs are not listed: {e}");
+                    unlisted.push(Unlisted {
+                        node: p,
+                        reason: e.to_string(),
+                    });
+                }
             }
         }
-        Ok(merge_records(lists)
+        let jobs = merge_records(lists)
             .into_iter()
             .filter(|r| node.as_ref().is_none_or(|n| &r.node == n))
-            .collect())
+            .collect();
+        Ok(JobList { jobs, unlisted })
     }
 
     /// A job by id, wherever it is.
@@ -96,17 +108,32 @@ impl Agent {
             Err(RegistryError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        let mut found = self
-            .list_cluster(None, true)
-            .await?
-            .into_iter()
-            .find(|r| &r.id == id);
+        let listed = self.list_cluster(None, true).await?;
+        let mut found = listed.jobs.into_iter().find(|r| &r.id == id);
         // A record here that names another node (a copy in transit) only if
         // no node has the job as its own.
         if found.is_none() {
             found = here;
         }
-        found.ok_or_else(|| AgentError::NotFound(format!("no job {id} in the cluster")))
+        match found {
+            Some(r) => Ok(r),
+            // Not "no such job": it may be on a node that did not answer.
+            None if !listed.unlisted.is_empty() => Err(AgentError::Unavailable(format!(
+                "job {id} is not on any node that answered, and {} did not: {}",
+                if listed.unlisted.len() == 1 {
+                    "one node"
+                } else {
+                    "some nodes"
+                },
+                listed
+                    .unlisted
+                    .iter()
+                    .map(|u| format!("{} ({})", u.node, u.reason))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            None => Err(AgentError::NotFound(format!("no job {id} in the cluster"))),
+        }
     }
 
     /// Thaw needs the images, which stay on the node that froze the job.

@@ -1473,10 +1473,15 @@ mod tests {
         cut_push_after: Mutex<Option<usize>>,
         /// Each push seen: (early, growing chunks).
         pushes: Mutex<Vec<(bool, usize)>>,
+        /// A node still named among the peers that answers nothing.
+        silent: Mutex<Option<NodeName>>,
     }
 
     impl Direct {
         fn get(&self, node: &NodeName) -> AgentResult<Arc<Agent>> {
+            if self.silent.lock().unwrap().as_ref() == Some(node) {
+                return Err(AgentError::Unavailable("no answer in time".into()));
+            }
             self.agents
                 .lock()
                 .ok()
@@ -1684,10 +1689,27 @@ mod tests {
         // Either node lists it once, on node2, and finds it.
         for a in [&p.src, &p.dst] {
             let l = a.list_cluster(None, false).await.unwrap();
+            assert!(l.unlisted.is_empty(), "{l:?}");
+            let l = l.jobs;
             assert_eq!(l.len(), 1, "{l:?}");
             assert_eq!(l[0].node, n("node2"));
             assert_eq!(a.get_job_cluster(&job).await.unwrap().node, n("node2"));
         }
+        // node2 stops answering: node1's listing names it, and a lookup of
+        // the job there says it may be on node2, not that it does not exist.
+        *p.peers.silent.lock().unwrap() = Some(n("node2"));
+        let l = p.src.list_cluster(None, false).await.unwrap();
+        assert!(l.jobs.is_empty(), "{l:?}");
+        assert_eq!(l.unlisted.len(), 1, "{l:?}");
+        assert_eq!(l.unlisted[0].node, n("node2"));
+        assert!(l.unlisted[0].reason.contains("no answer"), "{l:?}");
+        match p.src.get_job_cluster(&job).await {
+            Err(AgentError::Unavailable(m)) => {
+                assert!(m.contains("node2") && m.contains("did not"), "{m}")
+            }
+            other => panic!("expected Unavailable naming node2, got {other:?}"),
+        }
+        *p.peers.silent.lock().unwrap() = None;
         // The target remembers it landed, even once the job moves on.
         let r = p.dst.resolve_migration(&job, &m.id).await.unwrap();
         assert!(matches!(r, Resolution::Landed(Some(_))), "{r:?}");

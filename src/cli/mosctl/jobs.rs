@@ -20,15 +20,21 @@ pub struct Args {
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
     let mut c = ctx.any_agent().await?;
-    let jobs = c
+    let pb::ListJobsResponse { jobs, unlisted } = c
         .list_jobs(pb::ListJobsRequest {
             node: a.node.unwrap_or_default(),
             include_finished: a.all,
         })
         .await
         .map_err(|s| status_err("listing jobs", s))?
-        .into_inner()
-        .jobs;
+        .into_inner();
+    // On stderr, so that --json stays one JSON document on stdout.
+    for u in &unlisted {
+        eprintln!(
+            "warning: the jobs of {} are not listed: {}",
+            u.node, u.reason
+        );
+    }
     if a.json {
         let v: Vec<serde_json::Value> = jobs
             .iter()
