@@ -166,6 +166,8 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         (&["migrate", &job, "node1"], "already on node1"),
         (&["kill", "1"], "not a job managed by mosix"),
         (&["freeze", "../x"], "invalid job id"),
+        // Not an empty listing: there is no such node to have jobs.
+        (&["jobs", "--node", "node9"], "unknown node \"node9\""),
     ];
     for (args, expect) in cases {
         let o = cl.mosctl(args);

@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     match mosix::cli::mos_balance::run(mosix::cli::mos_balance::Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mos-balance: {e:#}");
+            eprintln!("mos-balance: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

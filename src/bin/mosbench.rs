@@ -910,7 +910,7 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("mosbench: {e:#}");
+            eprintln!("mosbench: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

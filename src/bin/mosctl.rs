@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     match mosix::cli::mosctl::run(mosix::cli::mosctl::Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mosctl: {e:#}");
+            eprintln!("mosctl: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

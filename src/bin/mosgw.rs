@@ -38,7 +38,7 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(mosix::cli::mosgw::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mosgw: {e:#}");
+            eprintln!("mosgw: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -23,7 +23,7 @@ async fn serve() -> std::process::ExitCode {
     match mosix::cli::mosixd::run(mosix::cli::mosixd::Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mosixd: {e:#}");
+            eprintln!("mosixd: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     match mosix::cli::mosmake::run(args) {
         Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("mosmake: {e:#}");
+            eprintln!("mosmake: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::from(2)
         }
     }

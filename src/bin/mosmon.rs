@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     match mosix::cli::mosmon::run(mosix::cli::mosmon::Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mosmon: {e:#}");
+            eprintln!("mosmon: {}", mosix::cli::common::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -23,7 +23,7 @@ async fn main() -> std::process::ExitCode {
     match mosix::cli::mosrun::run(args, t0).await {
         Ok(code) => exit(code),
         Err(e) => {
-            eprintln!("mosrun: {e:#}");
+            eprintln!("mosrun: {}", mosix::cli::common::error_chain(&e));
             exit(mosix::cli::mosrun::EXIT_MOSRUN)
         }
     }

@@ -118,6 +118,26 @@ impl Ctx {
     }
 }
 
+/// An error and its causes, each said once: "a: b: c". Why: `{:#}` appends
+/// every cause, and many errors here already quote their cause in their own
+/// message (`"cannot read cluster file {path}: {source} …"`), so the same
+/// words were printed twice. A cause whose text is already in what came
+/// before is left out.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 pub fn state_name(state: i32) -> &'static str {
     match pb::JobState::try_from(state) {
         Ok(pb::JobState::Running) => "running",
@@ -202,8 +222,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{error_chain, parse_duration};
+    use crate::core::cluster_file::ClusterFile;
+    use anyhow::anyhow;
+    use std::path::Path;
     use std::time::Duration;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        // A cause quoted in its error's own message, then a context.
+        let e = anyhow::Error::from(
+            ClusterFile::load(Path::new("/nonexistent/cluster.json")).unwrap_err(),
+        )
+        .context("mosctl jobs");
+        let s = error_chain(&e);
+        assert!(
+            s.starts_with("mosctl jobs: cannot read cluster file"),
+            "{s}"
+        );
+        assert_eq!(s.matches("No such file or directory").count(), 1, "{s}");
+        // Causes that are not quoted are all kept, in order.
+        let e = anyhow!("c").context("b").context("a");
+        assert_eq!(error_chain(&e), "a: b: c");
+    }
 
     #[test]
     fn durations() {

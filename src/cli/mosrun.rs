@@ -15,7 +15,7 @@
 
 use crate::api::pb;
 use crate::balancer::policy;
-use crate::cli::common::{status_err, Ctx};
+use crate::cli::common::{error_chain, status_err, Ctx};
 use crate::core::cluster_file::{ClusterFile, NodeEntry};
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -526,9 +526,9 @@ async fn foreground(a: Args, t0: Instant) -> anyhow::Result<i32> {
                     break;
                 }
                 Err(e) if next < homes.len() => {
-                    eprintln!("mosrun: {e:#}; trying {}", homes[next].name)
+                    eprintln!("mosrun: {}; trying {}", error_chain(&e), homes[next].name)
                 }
-                Err(e) => eprintln!("mosrun: {e:#}"),
+                Err(e) => eprintln!("mosrun: {}", error_chain(&e)),
             }
         }
         let Some((h, ch)) = channel else {

@@ -19,6 +19,11 @@ pub struct Args {
 
 pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
+    if let Some(n) = &a.node {
+        // A node the cluster does not have has no jobs, but "no jobs" would
+        // hide the typo.
+        ctx.cf.node(n)?;
+    }
     let mut c = ctx.any_agent().await?;
     let pb::ListJobsResponse { jobs, unlisted } = c
         .list_jobs(pb::ListJobsRequest {
