@@ -3,7 +3,8 @@
 //! carry on. The jobs come from the registry (through any agent that answers)
 //! and are joined with the per-job usage their node reported. Without a
 //! shared path the agent asked gathers every node's own jobs (ListJobs is
-//! cluster-wide either way), so one call still suffices.
+//! cluster-wide either way), so one call still suffices; a node it names as
+//! not listed counts as down in this view (`mark_unlisted`).
 
 use super::policy::{ClusterSnapshot, JobSnapshot, NodeSnapshot};
 use crate::api::client::{self, ClientTls};
@@ -73,7 +74,7 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
     if !cf.etcd.is_empty() {
         mark_lost(cf, &mut nodes).await;
     }
-    let mut jobs = Vec::new();
+    let mut listed: Option<pb::ListJobsResponse> = None;
     for n in nodes.iter().filter(|n| n.load.is_ok()) {
         let got = tokio::time::timeout(deadline, async {
             let mut c = client::pooled_agent(&n.endpoint, tls, deadline)
@@ -84,7 +85,7 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
                 include_finished: false,
             });
             req.set_timeout(deadline);
-            let got = c.list_jobs(req).await.ok().map(|r| r.into_inner().jobs);
+            let got = c.list_jobs(req).await.ok().map(|r| r.into_inner());
             if got.is_none() {
                 client::forget(&n.endpoint);
             }
@@ -93,15 +94,37 @@ pub async fn poll(cf: &ClusterFile, tls: Option<&ClientTls>, deadline: Duration)
         .await
         .ok()
         .flatten();
-        if let Some(j) = got {
-            jobs = j;
+        if got.is_some() {
+            listed = got;
             break;
         }
     }
+    let jobs = match listed {
+        Some(l) => {
+            mark_unlisted(&mut nodes, &l.unlisted);
+            l.jobs
+        }
+        None => Vec::new(),
+    };
     ClusterView {
         nodes,
         jobs,
         timestamp_unix_ms: crate::core::now_unix_ms(),
+    }
+}
+
+/// Without a shared path, the nodes that did not list their jobs (see
+/// `ListJobsResponse.unlisted`) count as down for this view: their jobs are
+/// unknown, and a node that seems to have none would be planned onto, and
+/// a drain of it would end at once saying it was drained.
+fn mark_unlisted(nodes: &mut [NodeState], unlisted: &[pb::UnlistedNode]) {
+    for u in unlisted {
+        for n in nodes
+            .iter_mut()
+            .filter(|n| n.name == u.node && n.load.is_ok())
+        {
+            n.load = Err(format!("its jobs could not be listed: {}", u.reason));
+        }
     }
 }
 
@@ -266,5 +289,51 @@ impl ClusterView {
             .iter()
             .find(|n| n.name == node)
             .map(|n| n.endpoint.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, load: Result<pb::NodeLoad, String>) -> NodeState {
+        NodeState {
+            name: name.into(),
+            endpoint: format!("http://{name}:1"),
+            load,
+        }
+    }
+
+    #[test]
+    fn a_node_whose_jobs_were_not_listed_counts_as_down() {
+        let mut nodes = vec![
+            node("node1", Ok(pb::NodeLoad::default())),
+            node("node2", Ok(pb::NodeLoad::default())),
+            node("node3", Err("no answer within 5s".into())),
+        ];
+        let unlisted = [
+            pb::UnlistedNode {
+                node: "node2".into(),
+                reason: "no answer in time".into(),
+            },
+            pb::UnlistedNode {
+                node: "node3".into(),
+                reason: "unreachable".into(),
+            },
+        ];
+        mark_unlisted(&mut nodes, &unlisted);
+        assert!(nodes[0].load.is_ok());
+        assert_eq!(
+            nodes[1].load.as_ref().unwrap_err(),
+            "its jobs could not be listed: no answer in time"
+        );
+        // A node already down keeps the reason it had.
+        assert_eq!(nodes[2].load.as_ref().unwrap_err(), "no answer within 5s");
+        let view = ClusterView {
+            nodes,
+            ..Default::default()
+        };
+        let down: Vec<String> = view.down().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(down, ["node2", "node3"]);
     }
 }

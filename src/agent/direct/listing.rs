@@ -9,11 +9,13 @@ use crate::core::{JobId, JobRecord, NodeName};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Deadline of one node's ListLocalJobs when listing the cluster. As the
-/// balancer's poll (`balancer::service::DEFAULT_POLL_DEADLINE`): a busy node
-/// on a slow machine was seen to take over 2 s to answer, and a node that
-/// is down is seen at once (connection refused), not at the deadline.
-const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one node's ListLocalJobs when listing the cluster. A busy
+/// node on a slow machine was seen to take over 2 s to answer; a node that
+/// is down is seen at once (connection refused), not at the deadline. Under
+/// the balancer's 5 s poll deadline (`balancer::service::DEFAULT_POLL_DEADLINE`),
+/// so that a poll gets the listing with the silent node named in it, not
+/// no answer at all.
+const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Of several nodes' records of the same jobs, keep one per job: the newest
 /// (highest generation), and on a tie the one from the node the record says
