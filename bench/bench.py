@@ -425,15 +425,12 @@ class BareJob:
         # Measured after the restore, so that bare CRIU's restore follows its
         # dump at once, as ours does.
         sv = json.loads(run([MOSBENCH, "seal", "--dir", str(img)]).stdout)
-        try:
-            memwrite = decode_stats(img / "stats-dump", {4: "memwrite_us"}).get("memwrite_us")
-        except (OSError, ValueError, IndexError):
-            memwrite = None
+        memwrite = memwrite_ms(img / "stats-dump")
         shutil.rmtree(img, ignore_errors=True)
         return {"dump_ms": dump, "restore_ms": restore, "total_ms": dump + restore,
                 "image_bytes": image_bytes,
                 "seal_cpu_ms": sv["seal_ms"], "verify_cpu_ms": sv["verify_ms"],
-                "memwrite_ms": None if memwrite is None else round(memwrite / 1000, 1)}
+                "memwrite_ms": memwrite}
 
     def move_lazy(self, to, port):
         """Bare CRIU post-copy: `criu dump --lazy-pages` serving pages from the
@@ -734,8 +731,8 @@ def compare_with_bare(sizes, label=""):
                     f"dump {bb['dump_ms']:.0f} + restore {bb['restore_ms']:.0f})")
             # The job must still be running after all the round trips.
             ok = show(job)["state"] == "running"
-            # CRIU's statistics of our timed moves (the warm-up's two first).
-            ours_stats = criu_stats(job)[2:]
+            # CRIU's memory write of our timed moves (the warm-up's two first).
+            ours_write = memwrites_ms(job)[2:]
         finally:
             run([MOSCTL, "kill", job], check=False)
             bare.kill()
@@ -757,7 +754,7 @@ def compare_with_bare(sizes, label=""):
             "verify_cpu_ms": stats([b["verify_cpu_ms"] for b in bares]),
             # CRIU's memory write (stats-dump's memwrite_time) of each move:
             # ours in the order made, bare as out, back, out, back.
-            "ours_memwrite_ms": stats([round(x["memwrite_us"] / 1000, 1) for x in ours_stats if "memwrite_us" in x]),
+            "ours_memwrite_ms": stats(ours_write),
             "bare_memwrite_ms": stats([b["memwrite_ms"] for bo in zip(bares_out, bares_back) for b in bo]),
             "ours_images": ours[0]["images"] if ours else None,
             "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
@@ -888,11 +885,7 @@ def phase_checkpoint(res, args):
                 if r.returncode != 0 or not m:
                     raise RuntimeError(f"mosctl checkpoint {job}: {r.stderr.strip() or r.stdout!r}")
                 ck_ms = int(m.group(2))
-                try:
-                    ck_stats = decode_stats(shared / "checkpoints" / job / m.group(1) / "stats-dump",
-                                            {4: "memwrite_us"})
-                except (OSError, ValueError, IndexError):
-                    ck_stats = {}
+                ck_w = memwrite_ms(shared / "checkpoints" / job / m.group(1) / "stats-dump")
                 # Keep only this one on disk (a GiB job would keep 3 GiB).
                 for old in (shared / "checkpoints" / job).iterdir():
                     if old.name.isdigit() and old.name != m.group(1):
@@ -904,12 +897,12 @@ def phase_checkpoint(res, args):
                     continue
                 ck.append(ck_ms)
                 mv.append(mv_ms)
-                if "memwrite_us" in ck_stats:
-                    ck_write.append(round(ck_stats["memwrite_us"] / 1000, 1))
+                if ck_w is not None:
+                    ck_write.append(ck_w)
                 log(f"  {mib} MiB run {i}: checkpoint frozen {ck_ms} ms "
-                    f"(CRIU's memory write {ck_stats.get('memwrite_us', 0) / 1000:.0f} ms), migration frozen {mv_ms} ms")
-            # The moves' own statistics, in order; the warm-up's is the first.
-            mv_write = [round(x["memwrite_us"] / 1000, 1) for x in criu_stats(job) if "memwrite_us" in x]
+                    f"(CRIU's memory write {ck_w or 0:.0f} ms), migration frozen {mv_ms} ms")
+            # The moves' own, in order; the warm-up's is the first.
+            mv_write = memwrites_ms(job)
             out[f"{mib}"] = {"checkpoint_frozen_ms": stats(ck), "migration_frozen_ms": stats(mv),
                              "checkpoint_memwrite_ms": stats(ck_write) if ck_write else None,
                              "migration_memwrite_ms": stats(mv_write[1:]) if len(mv_write) > 1 else None}
@@ -1297,6 +1290,21 @@ def criu_stats(job):
         if rec:
             out.append(rec)
     return out
+
+
+def memwrite_ms(stats_dump):
+    """CRIU's memory write (`memwrite_time` of a `stats-dump` file) in ms, or
+    None if the file is missing or unreadable."""
+    try:
+        us = decode_stats(stats_dump, {4: "memwrite_us"}).get("memwrite_us")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if us is None else round(us / 1000, 1)
+
+
+def memwrites_ms(job):
+    """CRIU's memory write of each of `job`'s moves, in ms, in order."""
+    return [round(x["memwrite_us"] / 1000, 1) for x in criu_stats(job) if "memwrite_us" in x]
 
 
 def decode_stats(path, fields):

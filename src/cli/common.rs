@@ -47,6 +47,18 @@ impl Ctx {
         Ok(Self { cf, tls })
     }
 
+    /// Every node's load and the cluster's jobs, as the balancer polls them,
+    /// giving each agent the balancer's default time to answer
+    /// (`DEFAULT_POLL_DEADLINE`): placement, drain and restore decide from it.
+    pub async fn poll_view(&self) -> crate::balancer::view::ClusterView {
+        crate::balancer::view::poll(
+            &self.cf,
+            self.tls.as_ref(),
+            crate::balancer::service::DEFAULT_POLL_DEADLINE,
+        )
+        .await
+    }
+
     /// A client for `node`, over this process's open connection to it if
     /// there is one: looking a job up and then acting on it often talks to
     /// the same agent twice, and each new connection costs an mTLS handshake.

@@ -155,12 +155,7 @@ fn parse_every(s: &str) -> Result<Duration, String> {
 /// The node the policy would place a new job on, from the same cluster view
 /// the balancer polls.
 pub async fn best_node(ctx: &Ctx, rss: u64) -> anyhow::Result<String> {
-    let view = crate::balancer::view::poll(
-        &ctx.cf,
-        ctx.tls.as_ref(),
-        crate::balancer::service::DEFAULT_POLL_DEADLINE,
-    )
-    .await;
+    let view = ctx.poll_view().await;
     let down: Vec<String> = view
         .down()
         .into_iter()

@@ -66,12 +66,7 @@ pub async fn run(cluster: Option<&Path>, a: Args) -> anyhow::Result<()> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let (mut moved, mut stayed) = (0usize, Vec::<(String, String)>::new());
     for _ in 0..PASSES {
-        let view = crate::balancer::view::poll(
-            &ctx.cf,
-            ctx.tls.as_ref(),
-            crate::balancer::service::DEFAULT_POLL_DEADLINE,
-        )
-        .await;
+        let view = ctx.poll_view().await;
         if view
             .nodes
             .iter()

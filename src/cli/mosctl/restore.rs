@@ -40,12 +40,7 @@ async fn snapshot(
     if let Some(n) = only {
         ctx.cf.node(n)?;
     }
-    let view = crate::balancer::view::poll(
-        &ctx.cf,
-        ctx.tls.as_ref(),
-        crate::balancer::service::DEFAULT_POLL_DEADLINE,
-    )
-    .await;
+    let view = ctx.poll_view().await;
     let mut s = view.snapshot(0.0);
     if let Some(n) = only {
         s.nodes.retain(|x| x.name == n);
