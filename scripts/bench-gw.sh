@@ -283,6 +283,10 @@ print(f"{rps:.0f} {p50:.2f} {p99:.2f} {err}")
 PY
 }
 
+median_line() { # name "v1 v2 ..." -> the name, the median, every value
+  python3 -c 'import statistics,sys; v=[int(x) for x in sys.argv[2].split()]; each=", ".join(map(str, v)); print(f"{sys.argv[1]:<26} {statistics.median(v):>10.0f}   ({each})")' "$1" "$2"
+}
+
 oha_run() { # port rate secs conns -> "rps p50 p99 errors"
   $PRIO taskset -c 1 "$OHA" --no-tui --output-format json -z "$3s" -c "$4" -q "$2" --latency-correction \
     "http://127.0.0.1:$1/" >"$RUN/oha-$1-$2.json" 2>"$RUN/oha-$1-$2.err" || true
@@ -339,15 +343,27 @@ echo "# backends: 4 x mosjob http (2 per node), wrk -t1 -c$CONNS -d${SECS}s, sma
 echo "# mosgw binary: $MOSGW"
 printf "%-26s %10s %9s %9s %7s\n" proxy "req/s" "p50 ms" "p99 ms" errors
 NGINX_MAX=0
-for p in "${PROXIES[@]}"; do
-  name=${p%:*}; port=${p##*:}
-  wrk_run "$port" 3 "$CONNS" >/dev/null   # warm-up
-  # Three runs each, every one shown: this VM is noisy.
-  for r in 1 2 3; do
+for p in "${PROXIES[@]}"; do wrk_run "${p##*:}" 3 "$CONNS" >/dev/null; done   # warm-up
+# Three rounds, every run shown (this VM is noisy), each proxy once a round
+# and the order turned by one each round, as in the balancing phase: three
+# runs of one proxy back to back put the VM's drift of those minutes on
+# that proxy alone.
+declare -A MAX_RPS=()
+n=${#PROXIES[@]}
+for ((r = 0; r < 3; r++)); do
+  for ((k = 0; k < n; k++)); do
+    p=${PROXIES[$(((k + r) % n))]}
+    name=${p%:*}; port=${p##*:}
     read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" "$CONNS")
     printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
+    MAX_RPS[$name]+="$rps "
     if [ "$port" = 8401 ] && [ "$rps" -gt "$NGINX_MAX" ]; then NGINX_MAX=$rps; fi
   done
+done
+echo "# req/s, median over the rounds (each round's figure in brackets)"
+for p in "${PROXIES[@]}"; do
+  name=${p%:*}
+  median_line "$name" "${MAX_RPS[$name]}"
 done
 # (an if, not &&: a false test as the block's last command would end the
 # script under set -e when ONLY= leaves nginx out)
@@ -438,7 +454,7 @@ if phase balance; then
   echo "# max req/s, median over the rounds (each round's figure in brackets)"
   for p in "${CPU_PROXIES[@]}"; do
     name=${p%:*}
-    python3 -c 'import statistics,sys; v=[int(x) for x in sys.argv[2].split()]; each=", ".join(map(str, v)); print(f"{sys.argv[1]:<26} {statistics.median(v):>10.0f}   ({each})")' "$name" "${BAL_RPS[$name]}"
+    median_line "$name" "${BAL_RPS[$name]}"
   done
   if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$LAST/bal-min"; else BAL_MIN=$(cat "$LAST/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
