@@ -741,7 +741,7 @@ fn no_shared_path_target_silent_past_the_settle_patience_leaves_the_job_frozen_f
         "the job ran on while frozen"
     );
     // A person decides node2 is gone for good.
-    let o = cl.mosctl(&["thaw", &job, "--node", "node1"]);
+    let o = cl.mosctl(&["thaw", &job, "node1"]);
     assert!(o.status.success(), "thaw: {}", stderr(&o));
     cl.wait_for("the counter to answer after the thaw", 20, || {
         query_counter(&ip1, 8194).is_some_and(|(_, ok)| ok)

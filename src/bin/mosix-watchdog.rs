@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// deadline (in the fence file) has passed without a newer one. mosixd
 /// starts and replaces it; it exits when the fence file is removed.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// The agent's fence file.
     #[arg(long)]

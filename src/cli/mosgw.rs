@@ -14,7 +14,7 @@ use std::sync::Arc;
 ///
 /// Instances are jobs started with `mosrun --service NAME --port PORT`.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 pub struct Args {
     /// Cluster file [default: $MOSIX_CLUSTER or /run/mosix/local/cluster.json].
     #[arg(long)]

@@ -31,7 +31,7 @@ Environment:
 /// mosixd: the mosix agent. One runs on every node. It launches migratable
 /// jobs, reports load, and dumps/restores/migrates jobs with CRIU.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None, after_help = ENVIRONMENT)]
+#[command(version, after_help = ENVIRONMENT)]
 pub struct Args {
     /// Config file, TOML if its name ends in .toml (the packaged
     /// /etc/mosix/mosixd.toml), else JSON; flags given on the command line

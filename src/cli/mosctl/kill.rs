@@ -18,7 +18,7 @@ pub struct Args {
     /// Job id (or the host pid of a job's init).
     #[arg(required_unless_present = "list")]
     pub job: Option<String>,
-    /// Signal: a name (KILL, SIGKILL, kill, TERM, ...) or a number [default: KILL].
+    /// Signal: a name (KILL, SIGKILL, kill, TERM, ...) or a number.
     #[arg(long, short, default_value = "KILL", value_parser = parse_signal)]
     pub signal: i32,
     /// List the signal names with their numbers, like `kill -l`.

@@ -19,10 +19,11 @@ pub mod slots;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// mosctl: list, migrate, freeze and signal mosix jobs; bring a local
-/// cluster up and down.
+/// mosctl: manage a mosix cluster: list, migrate, freeze, checkpoint and
+/// signal jobs; block, drain and tune nodes; bring a local cluster up and
+/// down.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 pub struct Args {
     /// Cluster file [default: $MOSIX_CLUSTER or /run/mosix/local/cluster.json].
     #[arg(long, global = true)]
