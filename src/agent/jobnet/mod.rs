@@ -200,31 +200,22 @@ fn run_with_input(cmd: &mut Command, input: Option<&str>, what: &str) -> Result<
 /// `eth0` with the fixed MAC, the address, loopback and the default route.
 pub fn plumb(pid: i32, veth: &str, bridge: &str, net: &JobNet) -> Result<(), JobNetError> {
     let _ = delete_link(veth);
-    run(
-        Command::new("ip").args([
-            "link",
-            "add",
-            veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            JOB_IFACE,
-            "address",
-            &net.mac,
-            "netns",
-            &pid.to_string(),
-        ]),
-        "creating the job's veth",
-    )?;
+    // One `ip` for both host-side steps: the job waits for its exec until
+    // this is done, and each `ip` run is a fork and exec (~2 ms here). In a
+    // batch `ip` stops at the first line that fails and names it.
+    let host = format!(
+        "link add {veth} type veth peer name {JOB_IFACE} address {} netns {pid}\nlink set {veth} master {bridge} up\n",
+        net.mac
+    );
     let inside = format!(
         "addr add {}/{} dev {JOB_IFACE}\nlink set lo up\nlink set {JOB_IFACE} up\nroute add default via {}\n",
         net.ip, net.prefix, net.gateway
     );
     let result = (|| {
-        run(
-            Command::new("ip").args(["link", "set", veth, "master", bridge, "up"]),
-            "attaching the job's veth to the bridge",
+        run_with_input(
+            Command::new("ip").args(["-batch", "-"]),
+            Some(&host),
+            "creating the job's veth on the bridge",
         )?;
         run_with_input(
             Command::new("nsenter")
