@@ -23,6 +23,13 @@ pub struct ThawArgs {
     pub node: Option<String>,
 }
 
+impl ThawArgs {
+    /// The node asked for, however it was given (None: where it was frozen).
+    fn node(&self) -> Option<&str> {
+        self.node.as_deref().or(self.at.as_deref())
+    }
+}
+
 pub async fn freeze(cluster: Option<&Path>, a: FreezeArgs) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
     let job = ctx.find_job(&a.job).await?;
@@ -42,8 +49,8 @@ pub async fn freeze(cluster: Option<&Path>, a: FreezeArgs) -> anyhow::Result<()>
 pub async fn thaw(cluster: Option<&Path>, a: ThawArgs) -> anyhow::Result<()> {
     let ctx = Ctx::load(cluster)?;
     let job = ctx.find_job(&a.job).await?;
-    let node = a.node.or(a.at).unwrap_or_else(|| job.node.clone());
-    let mut c = ctx.agent(&node).await?;
+    let node = a.node().unwrap_or(job.node.as_str());
+    let mut c = ctx.agent(node).await?;
     let j = c
         .thaw(pb::ThawRequest {
             job_id: job.id.clone(),
@@ -63,7 +70,7 @@ mod tests {
     fn thaw_node(argv: &[&str]) -> Result<Option<String>, clap::Error> {
         let a = Args::try_parse_from(argv)?;
         match a.cmd {
-            Cmd::Thaw(t) => Ok(t.node.or(t.at)),
+            Cmd::Thaw(t) => Ok(t.node().map(str::to_string)),
             other => panic!("parsed as {other:?}"),
         }
     }
