@@ -287,6 +287,37 @@ median_line() { # name "v1 v2 ..." -> the name, the median, every value
   python3 -c 'import statistics,sys; v=[int(x) for x in sys.argv[2].split()]; each=", ".join(map(str, v)); print(f"{sys.argv[1]:<26} {statistics.median(v):>10.0f}   ({each})")' "$1" "$2"
 }
 
+# The maximum rate of each proxy (NAME:PORT arguments) in ROUNDS rounds of
+# wrk -cCONNS, after one warm-up each: every proxy once a round and the order
+# turned by one each round, so that the VM's drift over the minutes is not
+# put on whichever proxy runs last. Prints every run, then each proxy's
+# median; RPS[name] keeps each round's req/s.
+declare -A RPS=()
+rate_rounds() { # rounds conns proxy...
+  local rounds=$1 conns=$2; shift 2
+  local ps=("$@") n=$# r k p name port rps p50 p99 err
+  RPS=()
+  for p in "${ps[@]}"; do wrk_run "${p##*:}" 3 "$conns" >/dev/null; done
+  for ((r = 0; r < rounds; r++)); do
+    for ((k = 0; k < n; k++)); do
+      p=${ps[$(((k + r) % n))]}
+      name=${p%:*}; port=${p##*:}
+      read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" "$conns")
+      printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
+      RPS[$name]+="$rps "
+    done
+  done
+  echo "# max req/s, median over the rounds (each round's figure in brackets)"
+  for p in "${ps[@]}"; do median_line "${p%:*}" "${RPS[${p%:*}]}"; done
+}
+# nginx's highest (max) or lowest (min) round in RPS, 0 if it did not run;
+# a failed run (0 req/s) does not count.
+nginx_rounds() { # max|min
+  local v
+  v=$(printf '%s\n' ${RPS["nginx least_conn"]:-} | awk '$1 > 0' | sort -n | { if [ "$1" = max ]; then tail -1; else head -1; fi; })
+  echo "${v:-0}"
+}
+
 oha_run() { # port rate secs conns -> "rps p50 p99 errors"
   $PRIO taskset -c 1 "$OHA" --no-tui --output-format json -z "$3s" -c "$4" -q "$2" --latency-correction \
     "http://127.0.0.1:$1/" >"$RUN/oha-$1-$2.json" 2>"$RUN/oha-$1-$2.err" || true
@@ -342,29 +373,8 @@ echo "# mosgw vs nginx vs HAProxy ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, 
 echo "# backends: 4 x mosjob http (2 per node), wrk -t1 -c$CONNS -d${SECS}s, small responses"
 echo "# mosgw binary: $MOSGW"
 printf "%-26s %10s %9s %9s %7s\n" proxy "req/s" "p50 ms" "p99 ms" errors
-NGINX_MAX=0
-for p in "${PROXIES[@]}"; do wrk_run "${p##*:}" 3 "$CONNS" >/dev/null; done   # warm-up
-# Three rounds, every run shown (this VM is noisy), each proxy once a round
-# and the order turned by one each round, as in the balancing phase: three
-# runs of one proxy back to back put the VM's drift of those minutes on
-# that proxy alone.
-declare -A MAX_RPS=()
-n=${#PROXIES[@]}
-for ((r = 0; r < 3; r++)); do
-  for ((k = 0; k < n; k++)); do
-    p=${PROXIES[$(((k + r) % n))]}
-    name=${p%:*}; port=${p##*:}
-    read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" "$CONNS")
-    printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
-    MAX_RPS[$name]+="$rps "
-    if [ "$port" = 8401 ] && [ "$rps" -gt "$NGINX_MAX" ]; then NGINX_MAX=$rps; fi
-  done
-done
-echo "# req/s, median over the rounds (each round's figure in brackets)"
-for p in "${PROXIES[@]}"; do
-  name=${p%:*}
-  median_line "$name" "${MAX_RPS[$name]}"
-done
+rate_rounds 3 "$CONNS" "${PROXIES[@]}"
+NGINX_MAX=$(nginx_rounds max)
 # (an if, not &&: a false test as the block's last command would end the
 # script under set -e when ONLY= leaves nginx out)
 if [ "$NGINX_MAX" -gt 0 ]; then echo "$NGINX_MAX" >"$LAST/nginx-max"; fi
@@ -437,25 +447,8 @@ if phase balance; then
   echo "# each proxy once a round, the order turned by one each round (a proxy measured last is not always"
   echo "# the one measured latest on a VM that drifts); then p99 at a fixed rate"
   printf "%-26s %10s %9s %9s %7s\n" proxy "max req/s" "p50 ms" "p99 ms" errors
-  BAL_MIN=0
-  for p in "${CPU_PROXIES[@]}"; do wrk_run "${p##*:}" 3 16 >/dev/null; done
-  declare -A BAL_RPS=()
-  n=${#CPU_PROXIES[@]}
-  for ((r = 0; r < BAL_ROUNDS; r++)); do
-    for ((k = 0; k < n; k++)); do
-      p=${CPU_PROXIES[$(((k + r) % n))]}
-      name=${p%:*}; port=${p##*:}
-      read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" 16)
-      printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
-      BAL_RPS[$name]+="$rps "
-      if [ "$port" = 8411 ] && { [ "$BAL_MIN" = 0 ] || [ "$rps" -lt "$BAL_MIN" ]; }; then BAL_MIN=$rps; fi
-    done
-  done
-  echo "# max req/s, median over the rounds (each round's figure in brackets)"
-  for p in "${CPU_PROXIES[@]}"; do
-    name=${p%:*}
-    median_line "$name" "${BAL_RPS[$name]}"
-  done
+  rate_rounds "$BAL_ROUNDS" 16 "${CPU_PROXIES[@]}"
+  BAL_MIN=$(nginx_rounds min)
   if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$LAST/bal-min"; else BAL_MIN=$(cat "$LAST/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
   echo "# fixed rate: $rate req/s (60% of nginx's lower max above), oha -c 32, ${SECS}s, three runs each"
