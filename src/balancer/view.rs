@@ -245,7 +245,11 @@ impl ClusterView {
         for j in &self.jobs {
             let running = j.state == pb::JobState::Running as i32;
             let u = usage.get(&j.id);
+            // An agent lists a job it has not sampled yet with demand 0 and
+            // `unsampled` (for up to a second after it arrived); counting
+            // that 0 made the target of a move look empty to the next round.
             let demand = u
+                .filter(|u| !u.unsampled)
                 .map(|u| u.demand)
                 .unwrap_or(if running { 1.0 } else { 0.0 });
             *job_load.entry(j.node.clone()).or_default() += demand;
@@ -335,5 +339,49 @@ mod tests {
         };
         let down: Vec<String> = view.down().into_iter().map(|(n, _)| n).collect();
         assert_eq!(down, ["node2", "node3"]);
+    }
+
+    #[test]
+    fn a_job_not_sampled_yet_counts_as_a_busy_core_as_in_the_feed() {
+        let usage = |id: &str, demand: f64, unsampled: bool| pb::JobUsage {
+            job_id: id.into(),
+            demand,
+            unsampled,
+            ..Default::default()
+        };
+        let report = |jobs: Vec<pb::JobUsage>| pb::NodeLoad {
+            capacity: 2.0,
+            jobs,
+            ..Default::default()
+        };
+        let record = |id: &str, node: &str| pb::Job {
+            id: id.into(),
+            node: node.into(),
+            state: pb::JobState::Running as i32,
+            ..Default::default()
+        };
+        // node1's job has run there for a while; node2's has just arrived
+        // and its agent has not sampled it yet.
+        let view = ClusterView {
+            nodes: vec![
+                node("node1", Ok(report(vec![usage("j1", 1.0, false)]))),
+                node("node2", Ok(report(vec![usage("j2", 0.0, true)]))),
+            ],
+            jobs: vec![record("j1", "node1"), record("j2", "node2")],
+            ..Default::default()
+        };
+        let s = view.snapshot(0.0);
+        let load = |n: &str| s.nodes.iter().find(|x| x.name == n).unwrap().load;
+        assert_eq!(load("node1"), 1.0);
+        assert_eq!(load("node2"), 1.0, "the new job is not free: {s:?}");
+        let j2 = s.jobs.iter().find(|j| j.id == "j2").unwrap();
+        assert_eq!(j2.cpu_demand, 1.0);
+        // The same report through the feed's path gives the same loads.
+        let fed = super::super::feed::NodeState::from_report(
+            "node2",
+            report(vec![usage("j2", 0.0, true)]),
+            std::time::Instant::now(),
+        );
+        assert_eq!(fed.node.load, load("node2"));
     }
 }
