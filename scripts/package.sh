@@ -77,7 +77,7 @@ License: Apache-2.0
  On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
 
 Files: usr/lib/mosix/criu
-Copyright: CRIU authors (criu $criu_version, built from Debian's source archive)
+Copyright: CRIU authors (criu $criu_version, built from Debian's source archive with mosix's scripts/criu-patches)
 License: GPL-2
  On Debian systems the full text is in /usr/share/common-licenses/GPL-2.
 COPYRIGHT

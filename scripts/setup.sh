@@ -5,6 +5,8 @@
 # - CRIU >= 4.2: use the system criu if it is new enough and `criu check` passes,
 #   otherwise build 4.2.1 from Debian's source archive into .cache/criu (project-local,
 #   never installed over system files). The sha256 of the upstream tarball is verified.
+#   The patches in scripts/criu-patches are applied to it (each one says why); a cached
+#   build made with other patches is rebuilt. A system CRIU is used as it is.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -12,6 +14,10 @@ CACHE="$ROOT/.cache/criu"
 CRIU_VERSION=4.2.1
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 LOCAL_CRIU="$CACHE/criu-$CRIU_VERSION/criu/criu"
+PATCH_DIR="$ROOT/scripts/criu-patches"
+# What the cached build must have been made with: the patches' digest.
+PATCH_STAMP="$CACHE/criu-$CRIU_VERSION/.mosix-patches"
+patches_sum() { cat "$PATCH_DIR"/*.patch 2>/dev/null | sha256sum | cut -d' ' -f1; }
 
 say() { echo "[setup] $*"; }
 
@@ -20,7 +26,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc
+PKGS=(protobuf-compiler iproute2 build-essential pkg-config make gcc patch
       libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
       libnl-3-dev libnet1-dev libcap-dev libaio-dev libgnutls28-dev libbsd-dev
       uuid-dev libnftables-dev util-linux procps xz-utils dpkg-dev
@@ -68,13 +74,14 @@ criu_ok() {
 # Which criu the project uses is recorded in .cache/criu/path so the Makefile,
 # tests and local cluster agree.
 mkdir -p "$CACHE"
-if criu_ok "$LOCAL_CRIU"; then
+if criu_ok "$LOCAL_CRIU" && [ "$(cat "$PATCH_STAMP" 2>/dev/null)" = "$(patches_sum)" ]; then
   say "using cached CRIU $CRIU_VERSION at $LOCAL_CRIU"
   echo "$LOCAL_CRIU" > "$CACHE/path"
   exit 0
 fi
 SYS_CRIU="$(command -v criu || true)"
-if [ -n "$SYS_CRIU" ] && criu_ok "$SYS_CRIU"; then
+# A cached build with other patches is rebuilt rather than swapped for the system's.
+if [ ! -x "$LOCAL_CRIU" ] && [ -n "$SYS_CRIU" ] && criu_ok "$SYS_CRIU"; then
   say "using system CRIU at $SYS_CRIU"
   echo "$SYS_CRIU" > "$CACHE/path"
   exit 0
@@ -112,7 +119,13 @@ fi
 echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --quiet - || { echo "[setup] sha256 mismatch for $TARBALL" >&2; rm -f "$TARBALL"; exit 1; }
 rm -rf "$CACHE/criu-$CRIU_VERSION"
 tar -C "$CACHE" -xf "$TARBALL"
+for p in "$PATCH_DIR"/*.patch; do
+  [ -f "$p" ] || continue
+  say "applying $(basename "$p")"
+  patch -p1 -s -d "$CACHE/criu-$CRIU_VERSION" <"$p" || { echo "[setup] $p does not apply to CRIU $CRIU_VERSION" >&2; exit 1; }
+done
 make -C "$CACHE/criu-$CRIU_VERSION" -j"$(nproc)" criu >"$CACHE/build.log" 2>&1 || { tail -30 "$CACHE/build.log"; exit 1; }
 criu_ok "$LOCAL_CRIU" || { echo "[setup] built CRIU fails 'criu check'" >&2; "$LOCAL_CRIU" check || true; exit 1; }
+patches_sum >"$PATCH_STAMP"
 echo "$LOCAL_CRIU" > "$CACHE/path"
 say "CRIU $CRIU_VERSION ready at $LOCAL_CRIU"
