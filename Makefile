@@ -37,11 +37,11 @@ demo-kernel: build
 ## Benchmarks: migration vs bare CRIU (with a shared path, and without one against CRIU's
 ## page-server migration), post-copy, balancing quality, moves off a crowded node (with the
 ## agents' step traces), checkpoints, control-plane scale, the kernel build (bench-kernel) and
-## mosgw against nginx and HAProxy (bench-gw).
+## mosgw against nginx and HAProxy (bench-gw), and jobs with their own address (bench-jobnet).
 bench: setup
 	$(CARGO) build --release --bins
 	@rc=0; bash scripts/bench.sh || rc=$$?; bash scripts/bench-kernel.sh || rc=$$?; \
-	  bash scripts/bench-gw.sh || rc=$$?; exit $$rc
+	  bash scripts/bench-gw.sh || rc=$$?; bash scripts/bench-jobnet.sh || rc=$$?; exit $$rc
 
 ## The kernel-build benchmark alone: plain make on node1 vs mosmake over 4 nodes, start overhead, burst skew.
 bench-kernel: setup
