@@ -199,7 +199,7 @@ impl Agent {
             }
         }
         let t_seal = Instant::now();
-        self.seal(&dir, &rec.id, mig, precomputed).await?;
+        let sealed_bytes = self.seal(&dir, &rec.id, mig, precomputed).await?;
         tracing::info!(
             job = %rec.id,
             dump_ms = frozen_ms,
@@ -209,7 +209,7 @@ impl Agent {
         );
         Ok(DumpResult {
             image_dir: rel,
-            image_bytes: dir_bytes(&dir),
+            image_bytes: sealed_bytes.unwrap_or_else(|| dir_bytes(&dir)),
             frozen_ms,
         })
     }
@@ -296,16 +296,17 @@ impl Agent {
 
     /// Make the images durable and unforgeable: fsync + HMAC manifest.
     /// `precomputed` holds digests hashed while CRIU wrote (see
-    /// `security::follow`); other files are hashed now.
+    /// `security::follow`); other files are hashed now. Returns the sealed
+    /// images' size (None without an image key: nothing was sealed).
     pub(crate) async fn seal(
         &self,
         dir: &Path,
         job: &JobId,
         mig: &MigrationId,
         precomputed: std::collections::BTreeMap<String, crate::security::manifest::Precomputed>,
-    ) -> AgentResult<()> {
+    ) -> AgentResult<Option<u64>> {
         let Some(key) = self.cfg.image_key.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let (dir, job, mig) = (dir.to_path_buf(), job.to_string(), mig.to_string());
         let fsync = self.cfg.image_sync == crate::agent::ImageSync::Fsync;
@@ -321,7 +322,7 @@ impl Agent {
             )
         })
         .await?
-        .map(|_| ())
+        .map(|m| Some(m.bytes()))
         .map_err(|e| {
             let msg = e.to_string();
             if msg.contains("No space left") {

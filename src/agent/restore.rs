@@ -59,18 +59,19 @@ impl Agent {
     /// never run, and verification costs no time when it is faster than the
     /// restore. With `pages_hashed_on_arrival` (see
     /// [`crate::agent::direct::stream::HashedOnArrival`]) the pages are not
-    /// read again: everything else is checked as always.
+    /// read again: everything else is checked as always. Also returns the
+    /// images' size as the manifest lists it (None without an image key).
     async fn verify(
         &self,
         dir: &Path,
         job: &JobId,
         pages_hashed_on_arrival: bool,
-    ) -> AgentResult<Option<ResumeGate>> {
+    ) -> AgentResult<(Option<ResumeGate>, Option<u64>)> {
         let Some(key) = self.cfg.image_key.clone() else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let (dir, job) = (dir.to_path_buf(), job.to_string());
-        let deferred = Self::blocking(move || {
+        let (manifest, deferred) = Self::blocking(move || {
             crate::security::manifest::verify_manifest_deferring(
                 &dir,
                 &key,
@@ -80,10 +81,10 @@ impl Agent {
             )
         })
         .await?
-        .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))?
-        .1;
+        .map_err(|e| AgentError::DataLoss(format!("images refused: {e}")))?;
+        let bytes = Some(manifest.bytes());
         if pages_hashed_on_arrival {
-            return Ok(None);
+            return Ok((None, bytes));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
         std::thread::Builder::new()
@@ -93,13 +94,14 @@ impl Agent {
             })
             .map_err(|e| io_error("starting page verification", e))?;
         let rx = std::sync::Mutex::new(rx);
-        Ok(Some(ResumeGate::new(move || {
+        let gate = ResumeGate::new(move || {
             let rx = rx
                 .lock()
                 .map_err(|_| "verification state poisoned".to_string())?;
             rx.recv()
                 .unwrap_or_else(|_| Err("page verification thread died".into()))
-        })))
+        });
+        Ok((Some(gate), bytes))
     }
 
     /// Restore RPC (the target's half of a migration).
@@ -178,7 +180,9 @@ impl Agent {
             && matches!(arrival, Arrival::Migrated { .. })
             && self.hashed_on_arrival.take(job, mig);
         let t_verify = Instant::now();
-        let resume_gate = self.verify(&dir, job, consume_pages).await?;
+        let (resume_gate, verified_bytes) = self.verify(&dir, job, consume_pages).await?;
+        // The images' size, for the restore's deadline and the job's history.
+        let image_bytes = verified_bytes.unwrap_or_else(|| dir_bytes(&dir));
         let verify_ms = t_verify.elapsed().as_millis() as u64;
         self.claim_images(&dir, mig)?;
         tracing::debug!(job = %job, "step: images verified and claimed");
@@ -238,10 +242,7 @@ impl Agent {
             image_dir: dir.clone(),
             lazy_from: lazy_from.clone(),
             resume_gate,
-            deadline: Some(postcopy::restore_deadline(
-                lazy_from.is_some(),
-                dir_bytes(&dir),
-            )),
+            deadline: Some(postcopy::restore_deadline(lazy_from.is_some(), image_bytes)),
             abort_if,
             external_veth: net_here.as_ref().map(|(v, _)| v.clone()),
             jobs_cgroup: self.jobs_group.as_ref().map(|g| g.jobs_procs()),
@@ -359,7 +360,7 @@ impl Agent {
                 total_ms: now.saturating_sub(started),
                 ok: false,
                 error,
-                image_bytes: dir_bytes(&dir),
+                image_bytes,
                 post_copy: false,
                 pre_copy_rounds: 0,
                 pre_copy_bytes: 0,
@@ -377,7 +378,7 @@ impl Agent {
                     total_ms: restore_ms,
                     ok: true,
                     error: String::new(),
-                    image_bytes: dir_bytes(&dir),
+                    image_bytes,
                     post_copy: false,
                     pre_copy_rounds: 0,
                     pre_copy_bytes: 0,

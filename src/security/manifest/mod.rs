@@ -280,6 +280,15 @@ pub struct Manifest {
     pub hmac: String,
 }
 
+impl Manifest {
+    /// The images' size: every listed file's. Why here: an agent reports a
+    /// move's image size, and with one file per connection, statting the
+    /// directory again for it was ~1.5 ms per 1,000 files, with the job frozen.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
 /// Name of pre-dump round `k`'s directory inside an image directory.
 pub fn round_dir_name(k: u32) -> String {
     format!("pre-{k}")
@@ -1044,6 +1053,9 @@ mod tests {
         assert_eq!(pages.blake3, expected);
         let verified = verify(&d).unwrap();
         assert_eq!(verified, written);
+        // The images' size is every listed file's, the excluded log not
+        // counted: what the agents report as a move's image size.
+        assert_eq!(written.bytes(), 9 + 2 + 3 * 1024 * 1024 + 17);
         // No temp file left behind.
         assert!(!d.path().join(".MANIFEST.json.tmp").exists());
     }
