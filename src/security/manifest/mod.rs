@@ -1092,6 +1092,34 @@ mod tests {
     }
 
     #[test]
+    fn grown_file_refused_and_a_file_larger_than_scanned_is_hashed_to_its_end() {
+        use std::io::Write;
+        // Appended to after sealing: refused by its size.
+        let (d, _) = signed_dir();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join("core-1.img"))
+            .unwrap();
+        f.write_all(b"+").unwrap();
+        let err = verify(&d).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::SizeMismatch { name, expected: 9, actual: 10 } if name == "core-1.img"),
+            "{err:?}"
+        );
+        // A file larger than the scan said (it grew between the scan and
+        // the read) is read to its end, not cut at the scanned size.
+        let d = tempfile::tempdir().unwrap();
+        // (4 KiB: the buffer is then one byte larger, so a hash that
+        // stopped at the scanned size would stop after the first read.)
+        fs::write(d.path().join("a.img"), vec![1u8; 4096]).unwrap();
+        let scanned = fs::symlink_metadata(d.path().join("a.img")).unwrap();
+        fs::write(d.path().join("a.img"), vec![7u8; 100_000]).unwrap();
+        let (size, digest, _) = files::hash_file(d.path(), "a.img", &scanned).unwrap();
+        assert_eq!(size, 100_000);
+        assert_eq!(digest, <[u8; 32]>::from(blake3::hash(&vec![7u8; 100_000])));
+    }
+
+    #[test]
     fn added_file_refused() {
         let (d, _) = signed_dir();
         fs::write(d.path().join("evil.img"), b"x").unwrap();
