@@ -338,7 +338,15 @@ impl LoadSampler {
                 })
             })
             .collect();
-        let job_load: f64 = usages.iter().map(|u| u.demand).sum();
+        // A job not sampled yet (up to a second after it started or
+        // arrived) counts as one busy core, as the balancer counts it: the
+        // node that just took a job must not look emptier than it is to
+        // `mosctl load`, mosmon or mosgw. Its own demand stays 0 and
+        // `unsampled`, so the slot accounting reads what was measured.
+        let job_load: f64 = usages
+            .iter()
+            .map(|u| if u.flags.unsampled { 1.0 } else { u.demand })
+            .sum();
         let load = if self.scope.is_some() || st.machine_runnable.is_empty() {
             job_load
         } else {
@@ -378,5 +386,22 @@ mod tests {
         assert!(nl.jobs[0].rss_bytes > 0);
         assert!(nl.mem_total_bytes > 0);
         assert!(nl.capacity >= 2.0, "speed factor applied: {}", nl.capacity);
+    }
+
+    #[test]
+    fn a_job_not_sampled_yet_counts_as_one_busy_core_in_the_node_load() {
+        let me = std::process::id() as i32;
+        // With a cgroup scope, the node's load is its jobs' alone.
+        let s = LoadSampler::new(Some("mosix-test-none".into()), 1.0);
+        let node = NodeName::parse("n").unwrap();
+        let id = JobId::parse("jnew").unwrap();
+        let nl = s.snapshot(&node, &[(id.clone(), me)]);
+        assert_eq!(nl.load, 1.0, "{nl:?}");
+        assert!(nl.jobs[0].flags.unsampled && nl.jobs[0].demand == 0.0);
+        // Once sampled, its measured demand counts, whatever it is.
+        s.sample(&[(id.clone(), me)]);
+        let nl = s.snapshot(&node, &[(id, me)]);
+        assert!(!nl.jobs[0].flags.unsampled);
+        assert_eq!(nl.load, nl.jobs[0].demand);
     }
 }
