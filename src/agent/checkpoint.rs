@@ -18,7 +18,7 @@
 //! it was and nothing of the job runs here.
 
 use super::migration::{
-    dir_bytes, image_rel, remove_images_in_background, remove_images_keep_logs, Arrival, CLAIM_FILE,
+    image_rel, remove_images_in_background, remove_images_keep_logs, Arrival, CLAIM_FILE,
 };
 use super::{io_error, Agent, AgentError, AgentResult};
 use crate::checkpoint::{self, outputs, CheckpointError, Meta, Store};
@@ -218,10 +218,10 @@ impl Agent {
         if let Err(e) = Store::write_meta(&tmp, &meta) {
             return Err(fail(e.into(), &tmp));
         }
-        if let Err(e) = self.seal(&tmp, job, &mig, precomputed).await {
-            return Err(fail(e, &tmp));
-        }
-        let bytes = dir_bytes(&tmp);
+        let bytes = match self.seal(&tmp, job, &mig, precomputed).await {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(fail(e, &tmp)),
+        };
         // Fencing: only the job's owner, at its epoch and not fenced, makes a
         // checkpoint the latest (a node cut off from etcd must not publish
         // one taken from a copy that another node may have replaced).

@@ -199,7 +199,7 @@ impl Agent {
             }
         }
         let t_seal = Instant::now();
-        let sealed_bytes = self.seal(&dir, &rec.id, mig, precomputed).await?;
+        let image_bytes = self.seal(&dir, &rec.id, mig, precomputed).await?;
         tracing::info!(
             job = %rec.id,
             dump_ms = frozen_ms,
@@ -209,7 +209,7 @@ impl Agent {
         );
         Ok(DumpResult {
             image_dir: rel,
-            image_bytes: sealed_bytes.unwrap_or_else(|| dir_bytes(&dir)),
+            image_bytes,
             frozen_ms,
         })
     }
@@ -296,17 +296,18 @@ impl Agent {
 
     /// Make the images durable and unforgeable: fsync + HMAC manifest.
     /// `precomputed` holds digests hashed while CRIU wrote (see
-    /// `security::follow`); other files are hashed now. Returns the sealed
-    /// images' size (None without an image key: nothing was sealed).
+    /// `security::follow`); other files are hashed now. Returns the images'
+    /// size: the manifest's sum, or without an image key (nothing sealed)
+    /// the directory's.
     pub(crate) async fn seal(
         &self,
         dir: &Path,
         job: &JobId,
         mig: &MigrationId,
         precomputed: std::collections::BTreeMap<String, crate::security::manifest::Precomputed>,
-    ) -> AgentResult<Option<u64>> {
+    ) -> AgentResult<u64> {
         let Some(key) = self.cfg.image_key.clone() else {
-            return Ok(None);
+            return Ok(dir_bytes(dir));
         };
         let (dir, job, mig) = (dir.to_path_buf(), job.to_string(), mig.to_string());
         let fsync = self.cfg.image_sync == crate::agent::ImageSync::Fsync;
@@ -322,7 +323,7 @@ impl Agent {
             )
         })
         .await?
-        .map(|m| Some(m.bytes()))
+        .map(|m| m.bytes())
         .map_err(|e| {
             let msg = e.to_string();
             if msg.contains("No space left") {

@@ -227,11 +227,11 @@ impl Agent {
             // target is about to take (its link comes back on a rollback).
             crate::agent::jobnet::left_here(&rec.id, true);
         }
-        let sealed_bytes = self.seal(&dir, &rec.id, mig, Default::default()).await?;
+        let image_bytes = self.seal(&dir, &rec.id, mig, Default::default()).await?;
         Ok((
             DumpResult {
                 image_dir: rel,
-                image_bytes: sealed_bytes.unwrap_or_else(|| super::dir_bytes(&dir)),
+                image_bytes,
                 frozen_ms,
             },
             ps.clone(),
