@@ -59,7 +59,7 @@ impl NodeState {
         let mut busy = false;
         let mut jobs = Vec::with_capacity(l.jobs.len());
         for u in l.jobs {
-            let demand = if u.unsampled { 1.0 } else { u.demand };
+            let demand = super::view::reported_demand(&u);
             job_load += demand;
             if u.busy {
                 busy = true;

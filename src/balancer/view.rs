@@ -188,6 +188,19 @@ pub async fn live_nodes(cf: &ClusterFile) -> Option<std::collections::BTreeSet<S
     crate::coord::live_nodes(&*store, &cf.name).await.ok()
 }
 
+/// The CPU demand the policy plans with for a job its agent reported: what
+/// was measured, or one busy core for a job not sampled yet (an agent lists
+/// one with demand 0 and `unsampled` for up to a second after it arrived;
+/// counting that 0 made the target of a move look empty to the next
+/// round). The polled view and the feed ([`super::feed`]) both use it.
+pub(super) fn reported_demand(u: &pb::JobUsage) -> f64 {
+    if u.unsampled {
+        1.0
+    } else {
+        u.demand
+    }
+}
+
 impl ClusterView {
     /// The nodes that did not answer, with why.
     pub fn down(&self) -> Vec<(String, String)> {
@@ -245,12 +258,8 @@ impl ClusterView {
         for j in &self.jobs {
             let running = j.state == pb::JobState::Running as i32;
             let u = usage.get(&j.id);
-            // An agent lists a job it has not sampled yet with demand 0 and
-            // `unsampled` (for up to a second after it arrived); counting
-            // that 0 made the target of a move look empty to the next round.
             let demand = u
-                .filter(|u| !u.unsampled)
-                .map(|u| u.demand)
+                .map(reported_demand)
                 .unwrap_or(if running { 1.0 } else { 0.0 });
             *job_load.entry(j.node.clone()).or_default() += demand;
             if j.state == pb::JobState::Migrating as i32 {
