@@ -116,6 +116,9 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
         }
     };
     let served = Arc::new(AtomicU64::new(0));
+    // The client's address as a header value, formatted once per
+    // connection rather than on every request it sends.
+    let client_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
     let lim = &gw.cfg.limits;
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
@@ -129,7 +132,14 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
             served.fetch_add(1, Ordering::Relaxed);
             let gw = gw.clone();
             let svc = svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(gw, svc, peer, req).await) }
+            let client_ip = client_ip.clone();
+            async move {
+                let client = Client {
+                    addr: peer,
+                    ip: client_ip,
+                };
+                Ok::<_, std::convert::Infallible>(handle(gw, svc, client, req).await)
+            }
         })
     };
     let r = b.serve_connection(TokioIo::new(stream), svc_fn).await;
@@ -152,13 +162,20 @@ async fn answer_408(s: std::net::TcpStream) -> std::io::Result<()> {
     s.shutdown().await
 }
 
+/// Who sent a request: its address, and that address as a header value.
+struct Client {
+    addr: SocketAddr,
+    ip: Option<HeaderValue>,
+}
+
 /// One request: read the body within the limits, forward, account.
 async fn handle(
     gw: Arc<Gateway>,
     svc: Arc<str>,
-    peer: SocketAddr,
+    client: Client,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let peer = client.addr;
     let t0 = Instant::now();
     // Only kept when there is an access log to write it to.
     let logged = gw.access.is_some().then(|| {
@@ -169,7 +186,7 @@ async fn handle(
             .to_string();
         (req.method().clone(), target)
     });
-    let (resp, picked) = forward_request(&gw, &svc, peer, req).await;
+    let (resp, picked) = forward_request(&gw, &svc, &client, req).await;
     let code = resp.status();
     let secs = t0.elapsed().as_secs_f64();
     let instance: &str = picked.as_ref().map_or("", |m| &m.job);
@@ -204,11 +221,10 @@ async fn handle(
 async fn forward_request(
     gw: &Arc<Gateway>,
     svc: &str,
-    peer: SocketAddr,
+    client: &Client,
     req: Request<Incoming>,
 ) -> (Response<Body>, Option<Arc<InstanceMetrics>>) {
     let lim = &gw.cfg.limits;
-    gw.with_service(svc, |s| s.budget.deposit());
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -269,7 +285,9 @@ async fn forward_request(
         ..
     } = parts;
     strip_hop_by_hop(&mut headers);
-    append_forwarded_for(&mut headers, peer);
+    if let Some(ip) = &client.ip {
+        append_forwarded_for(&mut headers, ip);
+    }
     let mut tried: Vec<String> = vec![];
     loop {
         let (m, addr) = match pick(gw, svc, &tried).await {
@@ -335,7 +353,24 @@ async fn forward_request(
 
 /// Connection-level headers (RFC 9110 7.6.1) are not forwarded.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.is_empty() {
+    // Names, not strings: a string is parsed and hashed on every remove.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    use hyper::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    const HOP_BY_HOP: [HeaderName; 7] = [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ];
+    // Most requests and responses carry none of them: one look at each
+    // name (a standard name compares as a tag) instead of seven hashed
+    // removes. Any name a Connection header lists is only removed when
+    // there is a Connection header, which takes the long way.
+    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
         return;
     }
     let listed: Vec<HeaderName> = h
@@ -348,32 +383,28 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
-    // Names, not strings: a string is parsed and hashed on every remove.
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    use hyper::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
-    for n in [
-        CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-    ] {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let v = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+fn append_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
+    // A name, not a string: a string is parsed and hashed on every lookup.
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let joined = match h.get(&X_FORWARDED_FOR) {
+        // Most requests come straight from their client: no header to join.
+        None => ip.clone(),
+        Some(prev) => {
+            let mut v = prev.as_bytes().to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            match HeaderValue::from_bytes(&v) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
     };
-    if let Ok(v) = HeaderValue::from_str(&v) {
-        h.insert("x-forwarded-for", v);
-    }
+    h.insert(X_FORWARDED_FOR, joined);
 }
 
 /// One try at one instance.
@@ -452,6 +483,11 @@ async fn pick(
         let now = Instant::now();
         let slow = gw.slow_start();
         let r = gw.with_service(svc, |s| {
+            // A request pays into the retry budget once, on its first
+            // look, under the lock the pick takes anyway.
+            if avoid.is_empty() && !holding {
+                s.budget.deposit();
+            }
             let choice = table::choose(
                 s.instances.values(),
                 avoid,
@@ -635,8 +671,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("host"));
-        append_forwarded_for(&mut h, "10.0.0.9:1234".parse().unwrap());
-        append_forwarded_for(&mut h, "10.0.0.8:1234".parse().unwrap());
+        append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.9"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.8"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9, 10.0.0.8");
+        // None of them: left as it is.
+        let mut plain = HeaderMap::new();
+        plain.insert("host", HeaderValue::from_static("example"));
+        plain.insert("content-length", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
+        // Only a name the Connection header lists, and the header itself.
+        let mut listed = HeaderMap::new();
+        listed.insert("connection", HeaderValue::from_static("x-a"));
+        listed.insert("x-a", HeaderValue::from_static("1"));
+        listed.insert("x-b", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut listed);
+        assert_eq!(listed.len(), 1);
+        assert!(listed.contains_key("x-b"));
     }
 }
