@@ -1044,28 +1044,32 @@ def bare_tls(node, server=False):
             "--tls-key", f"{pki}/{node}.key", *(["--tls-no-cn-verify"] if server else [])]
 
 
-def noshared_size(mib, runs, next_port):
+def noshared_size(mib, runs, next_port, plain=False):
     """Our `mosctl migrate` (the agents stream the images) against CRIU's
     page-server migration of an identical process, in plain text and with
     CRIU's `--tls`, interleaved; each run a round trip per side, both legs
-    counted, who goes first rotating over the three."""
-    log(f"noshared: {mib} MiB x {runs} runs (ours, bare CRIU page-server, and bare with its --tls; interleaved)")
+    counted, who goes first rotating over the three. plain: the cluster's
+    agents run with --plain-pages (the pages go between the two CRIUs on a
+    plain TCP connection, as bare CRIU's do), and the sides are ours and
+    plain bare CRIU only."""
+    label = "ours with --plain-pages, bare CRIU page-server" if plain else \
+        "ours, bare CRIU page-server, and bare with its --tls"
+    log(f"noshared: {mib} MiB x {runs} runs ({label}; interleaved)")
     job = mosrun("node1", [MOSJOB, "mem", "--mib", str(mib)])
     bare = bare_t = None
     ours_out, ours_back, bares_out, bares_back, tls_out, tls_back = [], [], [], [], [], []
     try:
         wait_file_contains(show(job)["stdout_path"], "ready", 120)
         bare = BareJob(mib)
-        bare_t = BareJob(mib, tag="-tls")
+        bare_t = None if plain else BareJob(mib, tag="-tls")
         # One untimed round trip per side first (see warm_up).
         warm = {"ours": [migrate(job, "node2")["wall_ms"], migrate(job, "node1")["wall_ms"]],
                 "bare": [bare.move_noshared("node2", next_port())["total_ms"],
-                         bare.move_noshared("node1", next_port())["total_ms"]],
-                "bare_tls": [bare_t.move_noshared("node2", next_port(), tls=True)["total_ms"],
-                             bare_t.move_noshared("node1", next_port(), tls=True)["total_ms"]]}
-        log(f"  warm-up (untimed): ours {warm['ours'][0]:.0f}/{warm['ours'][1]:.0f} ms, "
-            f"bare {warm['bare'][0]:.0f}/{warm['bare'][1]:.0f} ms, "
-            f"bare --tls {warm['bare_tls'][0]:.0f}/{warm['bare_tls'][1]:.0f} ms")
+                         bare.move_noshared("node1", next_port())["total_ms"]]}
+        if bare_t:
+            warm["bare_tls"] = [bare_t.move_noshared("node2", next_port(), tls=True)["total_ms"],
+                                bare_t.move_noshared("node1", next_port(), tls=True)["total_ms"]]
+        log(f"  warm-up (untimed): " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.0f} ms" for k, v in warm.items()))
         for i in range(runs):
             def do_ours():
                 ours_out.append(migrate(job, "node2"))
@@ -1082,16 +1086,20 @@ def noshared_size(mib, runs, next_port):
                 tls_back.append(bare_t.move_noshared("node1", next_port(), tls=True))
 
             # Who goes first rotates, so that no side always follows another.
-            sides = (do_ours, do_bare, do_tls)
-            for f in sides[i % 3:] + sides[:i % 3]:
+            sides = (do_ours, do_bare) if plain else (do_ours, do_bare, do_tls)
+            n = len(sides)
+            for f in sides[i % n:] + sides[:i % n]:
                 f()
             o, ob, b, bb = ours_out[-1], ours_back[-1], bares_out[-1], bares_back[-1]
-            t, tb = tls_out[-1], tls_back[-1]
+            tls_note = ""
+            if not plain:
+                t, tb = tls_out[-1], tls_back[-1]
+                tls_note = (f"; bare --tls {t['total_ms']:.0f} + {tb['total_ms']:.0f} ms "
+                            f"(dump {t['dump_ms']:.0f}, {tb['dump_ms']:.0f})")
             log(f"  run {i + 1}/{runs}: ours {o['wall_ms']:.0f} + {ob['wall_ms']:.0f} ms "
                 f"(frozen {o['frozen_ms']} + {ob['frozen_ms']}); bare {b['total_ms']:.0f} + {bb['total_ms']:.0f} ms "
                 f"(dump {b['dump_ms']:.0f}, copy {b['copy_ms']:.0f}, restore {b['restore_ms']:.0f}; "
-                f"dump {bb['dump_ms']:.0f}, copy {bb['copy_ms']:.0f}, restore {bb['restore_ms']:.0f}); "
-                f"bare --tls {t['total_ms']:.0f} + {tb['total_ms']:.0f} ms (dump {t['dump_ms']:.0f}, {tb['dump_ms']:.0f})")
+                f"dump {bb['dump_ms']:.0f}, copy {bb['copy_ms']:.0f}, restore {bb['restore_ms']:.0f})" + tls_note)
         ok = show(job)["state"] == "running"
     finally:
         run([MOSCTL, "kill", job], check=False)
@@ -1114,24 +1122,31 @@ def noshared_size(mib, runs, next_port):
         "bare_copy_ms": stats([b["copy_ms"] for b in bares]),
         "bare_restore_ms": stats([b["restore_ms"] for b in bares]),
         "bare_total_ms": stats([b["total_ms"] for b in bares]),
-        "bare_tls_dump_ms": stats([b["dump_ms"] for b in tls_out + tls_back]),
-        "bare_tls_restore_ms": stats([b["restore_ms"] for b in tls_out + tls_back]),
-        "bare_tls_total_ms": stats([b["total_ms"] for b in tls_out + tls_back]),
-        "bare_tls_total_each_ms": [round(x["total_ms"]) for pair in zip(tls_out, tls_back) for x in pair],
-        "first_side": [("ours", "bare", "bare_tls")[i % 3] for i in range(runs)],
+        "plain_pages": plain,
+        "first_side": [(("ours", "bare") if plain else ("ours", "bare", "bare_tls"))[i % (2 if plain else 3)]
+                       for i in range(runs)],
         # Every move, in order (out, back, out, back, ...), to show every run.
         "ours_wall_each_ms": [round(x["wall_ms"]) for pair in zip(ours_out, ours_back) for x in pair],
         "bare_total_each_ms": [round(x["total_ms"]) for pair in zip(bares_out, bares_back) for x in pair],
-        "ours_first": [i % 3 == 0 for i in range(runs)],
+        "ours_first": [i % (2 if plain else 3) == 0 for i in range(runs)],
         "ours_images": ours[0]["images"] if ours else None,
         "bare_image_bytes": bares[0]["image_bytes"] if bares else None,
         "bare_copied_bytes": bares[0]["copied_bytes"] if bares else None,
     }
+    if tls_out:
+        s.update({
+            "bare_tls_dump_ms": stats([b["dump_ms"] for b in tls_out + tls_back]),
+            "bare_tls_restore_ms": stats([b["restore_ms"] for b in tls_out + tls_back]),
+            "bare_tls_total_ms": stats([b["total_ms"] for b in tls_out + tls_back]),
+            "bare_tls_total_each_ms": [round(x["total_ms"]) for pair in zip(tls_out, tls_back) for x in pair],
+        })
     s["ratio_total"] = s["ours_wall_ms"]["median"] / s["bare_total_ms"]["median"]
-    s["ratio_total_vs_tls"] = s["ours_wall_ms"]["median"] / s["bare_tls_total_ms"]["median"]
-    log(f"  noshared {mib} MiB: ours total {s['ours_wall_ms']['median']:.0f} ms vs bare "
-        f"{s['bare_total_ms']['median']:.0f} ms -> ratio {s['ratio_total']:.2f}; "
-        f"vs bare --tls {s['bare_tls_total_ms']['median']:.0f} ms -> {s['ratio_total_vs_tls']:.2f}")
+    tls_note = ""
+    if tls_out:
+        s["ratio_total_vs_tls"] = s["ours_wall_ms"]["median"] / s["bare_tls_total_ms"]["median"]
+        tls_note = f"; vs bare --tls {s['bare_tls_total_ms']['median']:.0f} ms -> {s['ratio_total_vs_tls']:.2f}"
+    log(f"  noshared {mib} MiB{' (--plain-pages)' if plain else ''}: ours total {s['ours_wall_ms']['median']:.0f} ms "
+        f"vs bare {s['bare_total_ms']['median']:.0f} ms -> ratio {s['ratio_total']:.2f}" + tls_note)
     return s
 
 
@@ -1167,6 +1182,21 @@ def phase_noshared(res, args):
             except Exception as e:  # noqa: BLE001
                 out["sizes"].append({"mib": mib, "runs": runs, "error": str(e), "agent_log_tail": agent_log_tail(2)})
                 log(f"noshared {mib} MiB failed: {e}")
+    finally:
+        cluster_down()
+    # The same with the agents' --plain-pages: the pages on a plain TCP
+    # connection between the two CRIUs, as bare CRIU's go (like for like).
+    out["plain_sizes"] = []
+    log("noshared: the same cluster with --plain-pages")
+    cluster_up(2, extra=["--no-shared", "--plain-pages"])
+    try:
+        for mib, runs in args.noshared_sizes:
+            try:
+                out["plain_sizes"].append(noshared_size(mib, runs, next_port, plain=True))
+            except Exception as e:  # noqa: BLE001
+                out["plain_sizes"].append({"mib": mib, "runs": runs, "error": str(e),
+                                           "agent_log_tail": agent_log_tail(2)})
+                log(f"noshared {mib} MiB with --plain-pages failed: {e}")
     finally:
         out["loadavg_end"] = loadavg()
         cluster_down()

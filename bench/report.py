@@ -189,14 +189,31 @@ def targets(r):
         add("no shared path", "ours total / CRIU page-server migration total", "not measured", "≤ 1.00", False,
             nerr or "phase not run")
     else:
-        for s in ns["sizes"]:
-            what = f"{s['mib']} MiB: ours total / CRIU page-server migration total"
+        # Like for like: pages in plain text (ours with --plain-pages, bare
+        # CRIU's page server), and pages encrypted (ours by default, over the
+        # agents' mTLS; bare CRIU with its --tls).
+        for s in ns.get("plain_sizes", []):
+            what = f"{s['mib']} MiB, `--plain-pages`: ours total / CRIU page-server migration total"
             if "error" in s:
                 add("no shared path", what, "failed", "≤ 1.00", False, s["error"][:300])
                 continue
             add("no shared path", what,
                 f"{s['ratio_total']:.2f} ({med(s['ours_wall_ms']):.0f} ms vs {med(s['bare_total_ms']):.0f} ms)",
                 "≤ 1.00", s["ratio_total"] <= 1.0)
+        if not ns.get("plain_sizes"):
+            add("no shared path", "`--plain-pages`: ours total / CRIU page-server migration total", "not measured",
+                "≤ 1.00", False, "not in this run")
+        for s in ns["sizes"]:
+            what = f"{s['mib']} MiB, encrypted (the default): ours total / CRIU page-server migration with its `--tls`"
+            if "error" in s:
+                add("no shared path", what, "failed", "≤ 1.00", False, s["error"][:300])
+                continue
+            if "ratio_total_vs_tls" not in s:
+                continue
+            add("no shared path", what,
+                f"{s['ratio_total_vs_tls']:.2f} ({med(s['ours_wall_ms']):.0f} ms vs {med(s['bare_tls_total_ms']):.0f} ms)",
+                "≤ 1.00", s["ratio_total_vs_tls"] <= 1.0,
+                f"against plain-text bare CRIU: {s['ratio_total']:.2f} ({med(s['bare_total_ms']):.0f} ms)")
 
     # 8. issue 17: out of a crowded node
     cr = r.get("crowded")
@@ -450,6 +467,41 @@ def md_noshared(w, r):
             w(f"- {s['mib']} MiB failed: `{s['error'][:500]}`")
     if len(ok) != len(sizes):
         w("")
+    md_noshared_plain(w, ns.get("plain_sizes") or [])
+
+
+def md_noshared_plain(w, sizes):
+    """Section 1b's second cluster: the agents with --plain-pages."""
+    if not sizes:
+        return
+    ok = [s for s in sizes if "error" not in s]
+    w("**Pages in plain text, as bare CRIU's: `--plain-pages`.** The same phase again on a cluster whose agents "
+      "run with `--plain-pages`: the target's agent opens a one-time port on its own address and sends it with a "
+      "random token inside the agents' mTLS stream; the source's agent connects, presents the token, and hands "
+      "the connection to its CRIU, so the pages go from CRIU's dump straight into the target's page server, as "
+      "in bare CRIU's migration (everything else, the seal, the push and the restore, as above). Sides: ours and "
+      "plain bare CRIU, who goes first alternating; this is the like-for-like target row.\n")
+    if ok:
+        w("| Size | moves | ours frozen | ours total (wall) | ours: dump | ours: restore | bare: dump | bare: restore | "
+          "bare total | ratio ours/bare |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
+        for s in ok:
+            st = s.get("ours_steps_ms") or {}
+            cell = lambda k: fmt_ms(st[k]) if k in st else "–"  # noqa: E731
+            w(f"| {s['mib']} MiB | {s['moves']} | {fmt_ms(s['ours_frozen_ms'])} | {fmt_ms(s['ours_wall_ms'])} | "
+              f"{cell('agent_dump_ms')} | {cell('agent_restore_ms')} | {fmt_ms(s['bare_dump_ms'])} | "
+              f"{fmt_ms(s['bare_restore_ms'])} | {fmt_ms(s['bare_total_ms'])} | **{s['ratio_total']:.2f}** |")
+        w("\nEvery move, in order (ms; out and back alternate; *o* = our side went first in that run):\n")
+        for s in ok:
+            firsts = s.get("ours_first") or []
+            w(f"- {s['mib']} MiB, ours with `--plain-pages`: " + ", ".join(
+                f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
+                for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
+            w(f"- {s['mib']} MiB, bare: " + out_and_back(s["bare_total_each_ms"]))
+        w("")
+    for s in sizes:
+        if "error" in s:
+            w(f"- {s['mib']} MiB with `--plain-pages` failed: `{s['error'][:500]}`")
 
 
 def md_memwrite(w, sizes):

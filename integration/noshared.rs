@@ -394,21 +394,34 @@ fn is_page_file(p: &Path) -> bool {
 /// copy of the job is gone once the target runs it. Then back the same way.
 #[test]
 fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
+    streams_pages_to_the_target_only(&["--no-shared"], 8186);
+}
+
+/// The same with `--plain-pages` on both nodes: the pages go on a plain TCP
+/// connection between the two CRIUs, opened with the target's token, and
+/// everything else is as above.
+#[test]
+fn no_shared_path_plain_pages_go_between_the_two_crius() {
+    streams_pages_to_the_target_only(&["--no-shared", "--plain-pages"], 8196);
+}
+
+fn streams_pages_to_the_target_only(extra: &[&str], port: u16) {
     if !privileged() {
         return;
     }
-    let cl = Cluster::up(2, &["--no-shared"]);
-    let (job, file) = counter_in_node_net(&cl, "8186", "64");
+    let plain = extra.contains(&"--plain-pages");
+    let cl = Cluster::up(2, extra);
+    let (job, file) = counter_in_node_net(&cl, &port.to_string(), "64");
     let (ip1, ip2) = (cl.node_ip("node1"), cl.node_ip("node2"));
     cl.wait_for("counter to answer on node1", 10, || {
-        query_counter(&ip1, 8186).is_some()
+        query_counter(&ip1, port).is_some()
     });
-    let (before, _) = query_counter(&ip1, 8186).unwrap();
+    let (before, _) = query_counter(&ip1, port).unwrap();
     let watch = ImageWatch::start(&cl);
     let o = cl.mosctl(&["migrate", "--full-copy", &job, "node2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let seen = watch.stop();
-    let (after, ok) = query_counter(&ip2, 8186).expect("counter answers on node2");
+    let (after, ok) = query_counter(&ip2, port).expect("counter answers on node2");
     assert!(ok, "memory checksum intact");
     assert!(after >= before, "{before} -> {after}");
     let log1 = node_log(&cl, "node1");
@@ -419,8 +432,10 @@ fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
     );
     let log2 = node_log(&cl, "node2");
     assert!(
-        log2.contains("pages received over the page stream"),
-        "node2 took no page stream"
+        log2.lines()
+            .any(|l| l.contains("pages received over the page stream")
+                && l.contains(&format!("plain={plain}"))),
+        "node2 took no page stream (plain={plain}):\n{log2}"
     );
     // Hashed on arrival by node2 itself: its restore consumed them (CRIU's
     // auto-dedup), and the checksum above shows the memory came back whole.
@@ -448,7 +463,14 @@ fn no_shared_path_full_copy_streams_pages_to_the_target_only() {
 
     let o = cl.mosctl(&["migrate", &job, "node1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (back, ok) = query_counter(&ip1, 8186).expect("counter answers on node1 again");
+    assert!(
+        node_log(&cl, "node1")
+            .lines()
+            .any(|l| l.contains("pages received over the page stream")
+                && l.contains(&format!("plain={plain}"))),
+        "node1 took no page stream on the way back (plain={plain})"
+    );
+    let (back, ok) = query_counter(&ip1, port).expect("counter answers on node1 again");
     assert!(ok && back > before, "{before} -> {after} -> {back}");
     cl.wait_for("one instance, images cleaned up", 20, || {
         instances(&rec.stdout_path).len() == 1

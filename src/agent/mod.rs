@@ -79,6 +79,14 @@ pub struct AgentConfig {
     /// Even when allowed, they need userfaultfd and big pipes on both ends
     /// (see `criu::host`); otherwise requests for post-copy run as full copy.
     pub post_copy: bool,
+    /// Without a shared path, carry a full copy's pages on a plain TCP
+    /// connection between the two CRIUs instead of relaying them through
+    /// both agents' mTLS connection (`mosixd --plain-pages`; used only when
+    /// both nodes allow it, and the target has `page_server_ip`). Faster, as
+    /// bare CRIU's own migration; the pages then cross the network neither
+    /// encrypted nor authenticated, as post-copy's do (see
+    /// `direct::stream`, "Plain pages").
+    pub plain_pages: bool,
     /// Squeeze the node's other jobs during a dump that moves a job off a
     /// capped node (`mosixd --no-jobs-squeeze` turns it off; see
     /// `Agent::squeeze_jobs`).

@@ -21,6 +21,7 @@ pub(crate) fn config(root: &Path, node: &str) -> AgentConfig {
         image_key: None,
         page_server_ip: None,
         post_copy: false,
+        plain_pages: false,
         jobs_squeeze: true,
         cgroup_favordynmods: false,
         image_sync: ImageSync::OnClose,

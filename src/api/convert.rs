@@ -844,6 +844,7 @@ impl From<crate::agent::direct::stream::PageStreamIn> for pb::PageStreamIn {
                 migration_id: o.migration.to_string(),
                 from_node: o.from.to_string(),
                 estimate_bytes: o.estimate_bytes,
+                plain: o.plain,
             }),
             PageStreamIn::Data(b) => Msg::Data(b),
         };
@@ -863,6 +864,7 @@ impl TryFrom<pb::PageStreamIn> for crate::agent::direct::stream::PageStreamIn {
                     .ok_or_else(|| InvalidRequest::new("open.migration_id", "must not be empty"))?,
                 from: node("open.from_node", &o.from_node)?,
                 estimate_bytes: o.estimate_bytes,
+                plain: o.plain,
             })),
             Some(Msg::Data(b)) => Ok(PageStreamIn::Data(b)),
             None => Err(InvalidRequest::new("msg", "must be set")),
@@ -876,6 +878,10 @@ impl From<crate::agent::direct::stream::PageStreamOut> for pb::PageStreamOut {
         use pb::page_stream_out::Msg;
         let msg = match m {
             PageStreamOut::Ready => Msg::Ready(true),
+            PageStreamOut::Plain(p) => Msg::Plain(pb::PlainPageSocket {
+                address: p.address.to_string(),
+                token: p.token.to_vec(),
+            }),
             PageStreamOut::Data(b) => Msg::Data(b),
             PageStreamOut::Done(d) => Msg::Done(pb::PageStreamDone {
                 ok: d.ok,
@@ -890,10 +896,18 @@ impl From<crate::agent::direct::stream::PageStreamOut> for pb::PageStreamOut {
 impl TryFrom<pb::PageStreamOut> for crate::agent::direct::stream::PageStreamOut {
     type Error = InvalidRequest;
     fn try_from(m: pb::PageStreamOut) -> Result<Self, InvalidRequest> {
-        use crate::agent::direct::stream::{PageStreamDone, PageStreamOut};
+        use crate::agent::direct::stream::{PageStreamDone, PageStreamOut, PlainPageSocket};
         use pb::page_stream_out::Msg;
         match m.msg {
             Some(Msg::Ready(_)) => Ok(PageStreamOut::Ready),
+            Some(Msg::Plain(p)) => Ok(PageStreamOut::Plain(PlainPageSocket {
+                address: p
+                    .address
+                    .parse()
+                    .map_err(|_| InvalidRequest::new("plain.address", "must be ip:port"))?,
+                token: <[u8; 32]>::try_from(&p.token[..])
+                    .map_err(|_| InvalidRequest::new("plain.token", "must be 32 bytes"))?,
+            })),
             Some(Msg::Data(b)) => Ok(PageStreamOut::Data(b)),
             Some(Msg::Done(d)) => Ok(PageStreamOut::Done(PageStreamDone {
                 ok: d.ok,
@@ -908,6 +922,42 @@ impl TryFrom<pb::PageStreamOut> for crate::agent::direct::stream::PageStreamOut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_page_socket_round_trips_and_a_bad_one_is_refused() {
+        use crate::agent::direct::stream::{
+            PageStreamIn, PageStreamOpen, PageStreamOut, PlainPageSocket,
+        };
+        let p = PageStreamOut::Plain(PlainPageSocket {
+            address: "10.0.0.2:40123".parse().unwrap(),
+            token: [9; 32],
+        });
+        assert_eq!(
+            PageStreamOut::try_from(pb::PageStreamOut::from(p.clone())).unwrap(),
+            p
+        );
+        let open = PageStreamIn::Open(PageStreamOpen {
+            job: JobId::parse("j1").unwrap(),
+            migration: MigrationId::parse("m1").unwrap(),
+            from: NodeName::parse("node1").unwrap(),
+            estimate_bytes: 5,
+            plain: true,
+        });
+        assert_eq!(
+            PageStreamIn::try_from(pb::PageStreamIn::from(open.clone())).unwrap(),
+            open
+        );
+        let bad = |address: &str, token: Vec<u8>| pb::PageStreamOut {
+            msg: Some(pb::page_stream_out::Msg::Plain(pb::PlainPageSocket {
+                address: address.into(),
+                token,
+            })),
+        };
+        let e = PageStreamOut::try_from(bad("10.0.0.2", vec![9; 32])).unwrap_err();
+        assert!(format!("{e:?}").contains("plain.address"), "{e:?}");
+        let e = PageStreamOut::try_from(bad("10.0.0.2:1", vec![9; 31])).unwrap_err();
+        assert!(format!("{e:?}").contains("plain.token"), "{e:?}");
+    }
 
     #[test]
     fn bad_fields_are_invalid_argument_naming_the_field() {

@@ -99,6 +99,15 @@ pub struct Args {
     /// userfaultfd (the agent raises fs.pipe-max-size to 4 MiB for CRIU).
     #[arg(long)]
     pub no_post_copy: bool,
+    /// Without a shared path: carry a full copy's memory pages on a plain
+    /// TCP connection from the source's CRIU to the target's page server
+    /// (a one-time port on this node's --listen address, opened with a
+    /// token sent over mTLS), instead of relaying them through both agents'
+    /// mTLS connection. As fast as CRIU's own migration; the pages cross
+    /// the network unencrypted, as post-copy's do. Use it on a trusted
+    /// cluster network only. Used when both nodes have it.
+    #[arg(long)]
+    pub plain_pages: bool,
     /// With --cgroup and a CPU cap on the node: do not squeeze the node's
     /// other jobs to 1% of a core while a job is dumped to leave it (the
     /// squeeze makes moves off a crowded node about as fast as between idle
@@ -216,6 +225,9 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     /// `false` is the file form of `--no-post-copy`.
     pub post_copy: Option<bool>,
+    /// `true` is the file form of `--plain-pages`.
+    #[serde(default)]
+    pub plain_pages: bool,
     /// `false`: the file form of `--no-jobs-squeeze`.
     pub jobs_squeeze: Option<bool>,
     /// `false`: the file form of `--no-cgroup-favordynmods`.
@@ -306,6 +318,7 @@ fn merge(a: Args) -> anyhow::Result<Args> {
         image_key: a.image_key.or(f.image_key),
         metrics: a.metrics.or(f.metrics),
         no_post_copy: a.no_post_copy || f.post_copy == Some(false),
+        plain_pages: a.plain_pages || f.plain_pages,
         no_jobs_squeeze: a.no_jobs_squeeze || f.jobs_squeeze == Some(false),
         no_cgroup_favordynmods: a.no_cgroup_favordynmods || f.cgroup_favordynmods == Some(false),
         image_sync: a.image_sync.or(f.image_sync),
@@ -568,6 +581,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_key,
         page_server_ip: (!listen.ip().is_unspecified()).then(|| listen.ip()),
         post_copy: !a.no_post_copy,
+        plain_pages: a.plain_pages,
         jobs_squeeze: !a.no_jobs_squeeze,
         cgroup_favordynmods: !a.no_cgroup_favordynmods,
         image_sync,

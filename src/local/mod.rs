@@ -62,6 +62,8 @@ pub struct UpOptions {
     pub criu: PathBuf,
     /// Allow post-copy migrations (agents get `--no-post-copy` if false).
     pub post_copy: bool,
+    /// Agents get `--plain-pages` (see `AgentConfig::plain_pages`).
+    pub plain_pages: bool,
     /// Seal images with the cluster key (agents get `--image-key`). Off only
     /// to measure what sealing costs: tampered images then go undetected.
     pub seal_images: bool,
@@ -420,6 +422,9 @@ async fn up_inner(
         }
         if !opts.post_copy {
             cmd.arg("--no-post-copy");
+        }
+        if opts.plain_pages {
+            cmd.arg("--plain-pages");
         }
         if let Some(t) = opts.lease_ttl {
             cmd.arg("--lease-ttl").arg(t.to_string());

@@ -60,6 +60,7 @@ pub mod early;
 mod listing;
 pub mod push;
 mod receive;
+mod splice;
 pub mod stream;
 pub use listing::merge_records;
 pub use push::*;

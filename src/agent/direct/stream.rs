@@ -49,6 +49,45 @@
 //! runs on after all, the source undoes all three itself
 //! (`postcopy::resume_stopped_tree`, shared with post-copy). Set
 //! `MOSIX_PAGE_STREAM=off` on an agent to turn the stream off there.
+//!
+//! # Plain pages
+//!
+//! Relayed, every page crosses both agents: read from a socket, sealed into
+//! TLS records, written, and the reverse on the other side. On a 2-core node
+//! without kernel TLS, that CPU is spent inside the freeze, beside CRIU's
+//! own, and a 1 GiB move took ~1.3x bare CRIU's (BENCHMARKS.md 1b). With
+//! `mosixd --plain-pages` on both nodes the agents only set up a TCP
+//! connection between the two CRIUs, as in CRIU's own migration (and as
+//! post-copy's lazy pages already go):
+//!
+//! ```text
+//! source agent                                  target agent
+//! open (plain: true) ═══ mTLS stream ═══════►  TcpListener on its own address, port 0
+//!            ◄══════ plain { ip:port, 32-byte token } ══  (token: 32 random bytes)
+//! TCP connect ip:port, send the token ───────►  accept; the first 32 bytes must be the
+//!                                               token (constant-time compare), else
+//!                                               closed and the next one waited for;
+//!                                               the listener is dropped once one is in
+//!                                               criu page-server --ps-socket <that socket>
+//!            ◄─────────────────── 1 byte ─────  (the page server has it)
+//! criu dump ═ socket pair ═ splice ═ TCP ════►  the page server writes pages-*.img
+//!            ◄══════ done (ok, bytes) ═══════  once the page server has ended
+//! ```
+//!
+//! On the source, CRIU keeps a socket pair, which the kernel joins to the
+//! connection (`splice`, no copy through the agent; [`super::splice`] says
+//! why CRIU does not get the TCP socket itself). On the target the page
+//! server has the connection.
+//!
+//! What it gives up: the pages cross the network unencrypted and without
+//! integrity beyond TCP's checksum, as bare CRIU's and post-copy's do; the
+//! token keeps anyone else from feeding the page server, and it only ever
+//! travels inside the mTLS stream. Everything else (the small image files,
+//! the seal, the manifest the target checks, the Restore) is unchanged. So
+//! it is off by default, for a trusted cluster network. A target that does
+//! not have it (or has no own address to listen on) answers `ready`, and
+//! the pages are relayed as above; a connection that fails makes the source
+//! fall back to pushing them.
 
 use crate::agent::peers::Peers;
 use crate::agent::{io_error, Agent, AgentError, AgentResult};
@@ -58,7 +97,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -69,6 +108,11 @@ use tokio::sync::mpsc;
 /// Staging of streamed pages, under the state dir:
 /// `incoming-pages/<job>/<migration>/`, its page server's log beside it.
 pub(crate) const INCOMING_PAGES: &str = "incoming-pages";
+/// Bytes of a plain page connection's token.
+pub const PLAIN_TOKEN_BYTES: usize = 32;
+/// The byte a target sends on a plain page connection once its page server
+/// has the socket.
+const PLAIN_ACK: u8 = 1;
 /// Bytes read from a page-server socket per message.
 const CHUNK: usize = 1 << 20;
 /// Messages queued towards the network.
@@ -94,6 +138,9 @@ pub struct PageStreamOpen {
     pub from: NodeName,
     /// The source's estimate of the pages' bytes, for the free-space check.
     pub estimate_bytes: u64,
+    /// The source asks for a plain TCP connection for the pages (see the
+    /// module doc, "Plain pages").
+    pub plain: bool,
 }
 
 /// What the source sends.
@@ -108,8 +155,28 @@ pub enum PageStreamIn {
 pub enum PageStreamOut {
     /// The page server runs: the dump may start.
     Ready,
+    /// Instead of `Ready`, to a source that asked for it: the pages go over
+    /// a plain TCP connection to this address, opened with this token.
+    Plain(PlainPageSocket),
     Data(Bytes),
     Done(PageStreamDone),
+}
+
+/// Where a plain page connection goes, and the one-time token that opens
+/// it. The token only ever travels inside the agents' mTLS connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PlainPageSocket {
+    pub address: std::net::SocketAddr,
+    pub token: [u8; PLAIN_TOKEN_BYTES],
+}
+
+impl std::fmt::Debug for PlainPageSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token, even in a debug line.
+        f.debug_struct("PlainPageSocket")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The target's last word on a page stream.
@@ -209,10 +276,12 @@ impl StoppedTree {
     }
 }
 
-/// An open page stream, source side: one end of a socket pair for CRIU, the
-/// other pumped to and from the target.
+/// An open page stream, source side: CRIU's end of the pages' socket (one
+/// end of a socket pair pumped to and from the target, or a plain TCP
+/// connection to the target's page server), and the task that waits for
+/// the target's `done`.
 pub(crate) struct PageTunnel {
-    criu_end: Option<UnixStream>,
+    criu_end: Option<OwnedFd>,
     pump: tokio::task::JoinHandle<AgentResult<u64>>,
 }
 
@@ -223,12 +292,13 @@ impl PageTunnel {
         target: &NodeName,
         open: PageStreamOpen,
     ) -> AgentResult<Self> {
-        let (ours, theirs) = page_socket_pair()?;
+        let asked_plain = open.plain;
         let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
         let ready = async {
             let mut back = peers.stream_pages(target, open, rx).await?;
             match back.next().await {
-                Some(Ok(PageStreamOut::Ready)) => Ok(back),
+                Some(Ok(PageStreamOut::Ready)) => Ok((back, None)),
+                Some(Ok(PageStreamOut::Plain(p))) if asked_plain => Ok((back, Some(p))),
                 Some(Ok(o)) => Err(AgentError::Internal(format!(
                     "{target} answered a page stream with {o:?} before it was ready"
                 ))),
@@ -238,18 +308,52 @@ impl PageTunnel {
                 ))),
             }
         };
-        let mut back = tokio::time::timeout(READY_WITHIN, ready)
+        let (back, plain) = tokio::time::timeout(READY_WITHIN, ready)
             .await
             .map_err(|_| {
                 AgentError::Unavailable(format!(
                     "{target} did not start a page server within {READY_WITHIN:?}"
                 ))
             })??;
+        if let Some(p) = plain {
+            let sock = tokio::time::timeout(READY_WITHIN, plain_connect(&p))
+                .await
+                .map_err(|_| {
+                    AgentError::Unavailable(format!(
+                        "{target}'s page server did not take the plain connection to {} within {READY_WITHIN:?}",
+                        p.address
+                    ))
+                })?
+                .map_err(|e| {
+                    AgentError::Unavailable(format!(
+                        "plain page connection to {target} ({}): {e}",
+                        p.address
+                    ))
+                })?;
+            // CRIU keeps a socket pair, joined to the connection by the
+            // kernel (`splice`: why not the TCP socket itself).
+            let (ours, theirs) = page_socket_pair()?;
+            let joined = super::splice::Joined::start(ours, sock)
+                .map_err(|e| io_error("joining the plain page connection", e))?;
+            let pump = tokio::spawn(async move {
+                // The stream stays open until `done`: the target reads its
+                // end as this source gone, and stops its page server.
+                let _open = tx;
+                let r = until_done(back, None).await;
+                drop(joined);
+                r
+            });
+            return Ok(Self {
+                criu_end: Some(OwnedFd::from(theirs)),
+                pump,
+            });
+        }
+        let (ours, theirs) = page_socket_pair()?;
         ours.set_nonblocking(true)
             .map_err(|e| io_error("making the page socket", e))?;
         let sock = tokio::net::UnixStream::from_std(ours)
             .map_err(|e| io_error("making the page socket", e))?;
-        let (mut rd, mut wr) = sock.into_split();
+        let (mut rd, wr) = sock.into_split();
         let pump = tokio::spawn(async move {
             // CRIU → target, until CRIU and we have both closed its end.
             let up = async move {
@@ -278,37 +382,13 @@ impl PageTunnel {
                 }
             };
             // Target → CRIU (its page server's few answers), then `done`.
-            let down = async move {
-                while let Some(m) = back.next().await {
-                    match m? {
-                        PageStreamOut::Data(b) => wr
-                            .write_all(&b)
-                            .await
-                            .map_err(|e| io_error("answering CRIU", e))?,
-                        PageStreamOut::Done(d) if d.ok => return Ok(d.bytes),
-                        PageStreamOut::Done(d) => {
-                            return Err(AgentError::Aborted(format!(
-                                "the target's page server failed: {}",
-                                d.error
-                            )))
-                        }
-                        PageStreamOut::Ready => {
-                            return Err(AgentError::Internal(
-                                "a page stream said ready twice".into(),
-                            ))
-                        }
-                    }
-                }
-                Err(AgentError::Aborted(
-                    "the page stream ended before the target said how it went".into(),
-                ))
-            };
+            let down = until_done(back, Some(wr));
             let (up, down) = tokio::join!(up, down);
             let bytes = down?;
             up.map(|()| bytes)
         });
         Ok(Self {
-            criu_end: Some(theirs),
+            criu_end: Some(OwnedFd::from(theirs)),
             pump,
         })
     }
@@ -338,6 +418,92 @@ impl Drop for PageTunnel {
         // target drops what it wrote.
         self.pump.abort();
     }
+}
+
+/// The target's answers until its `done`: the page server's bytes for
+/// CRIU (relayed into `answers`; none come on a plain connection, where
+/// the two CRIUs talk directly), then how it went.
+async fn until_done(
+    mut back: PageOutStream,
+    mut answers: Option<tokio::net::unix::OwnedWriteHalf>,
+) -> AgentResult<u64> {
+    while let Some(m) = back.next().await {
+        match m? {
+            PageStreamOut::Data(b) => match answers.as_mut() {
+                Some(wr) => wr
+                    .write_all(&b)
+                    .await
+                    .map_err(|e| io_error("answering CRIU", e))?,
+                None => {
+                    return Err(AgentError::Internal(
+                        "page data in the stream of a plain page connection".into(),
+                    ))
+                }
+            },
+            PageStreamOut::Done(d) if d.ok => return Ok(d.bytes),
+            PageStreamOut::Done(d) => {
+                return Err(AgentError::Aborted(format!(
+                    "the target's page server failed: {}",
+                    d.error
+                )))
+            }
+            PageStreamOut::Ready | PageStreamOut::Plain(_) => {
+                return Err(AgentError::Internal(
+                    "a page stream said ready twice".into(),
+                ))
+            }
+        }
+    }
+    Err(AgentError::Aborted(
+        "the page stream ended before the target said how it went".into(),
+    ))
+}
+
+/// Source side of a plain page connection: connect, present the token,
+/// and wait for the target's one byte (its page server runs). Returned
+/// blocking, for CRIU.
+async fn plain_connect(p: &PlainPageSocket) -> std::io::Result<std::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(p.address).await?;
+    s.write_all(&p.token).await?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await?;
+    if ack[0] != PLAIN_ACK {
+        return Err(std::io::Error::other("the target did not accept the token"));
+    }
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// Target side: the first connection to `listener` that presents `token`,
+/// within `within`. Any other is closed; the listener is dropped after, so
+/// the port takes nothing more. Returned blocking, for CRIU.
+async fn plain_accept(
+    listener: tokio::net::TcpListener,
+    token: &[u8; PLAIN_TOKEN_BYTES],
+    within: Duration,
+) -> Result<std::net::TcpStream, String> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let (mut s, peer) = tokio::time::timeout_at(until, listener.accept())
+            .await
+            .map_err(|_| format!("no source connected with its token within {within:?}"))?
+            .map_err(|e| format!("accepting the plain page connection: {e}"))?;
+        let mut got = [0u8; PLAIN_TOKEN_BYTES];
+        let read = tokio::time::timeout_at(until, s.read_exact(&mut got)).await;
+        if matches!(read, Ok(Ok(_))) && same_token(&got, token) {
+            let s = s.into_std().map_err(|e| e.to_string())?;
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
+            return Ok(s);
+        }
+        tracing::warn!(%peer, "a connection to a plain page socket without its token: closed");
+    }
+}
+
+/// Compared in constant time: how long a wrong token takes to refuse says
+/// nothing about how much of it was right.
+fn same_token(a: &[u8; PLAIN_TOKEN_BYTES], b: &[u8; PLAIN_TOKEN_BYTES]) -> bool {
+    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 // ------------------------------------------------------------ target side
@@ -441,6 +607,7 @@ impl Agent {
             migration: mig.clone(),
             from: self.cfg.node.clone(),
             estimate_bytes: crate::core::procfs::tree_rss_bytes(pid),
+            plain: self.cfg.plain_pages,
         };
         match PageTunnel::open(&self.peers, target, open).await {
             Ok(t) => Some(t),
@@ -464,9 +631,9 @@ impl Agent {
         let (job, from) = (open.job.clone(), open.from.clone());
         let t0 = Instant::now();
         match self.page_stream(open, input, &out).await {
-            Ok(done) => {
+            Ok((done, plain)) => {
                 if done.ok {
-                    tracing::info!(job = %job, from = %from, bytes = done.bytes, ms = t0.elapsed().as_millis() as u64, "pages received over the page stream");
+                    tracing::info!(job = %job, from = %from, bytes = done.bytes, ms = t0.elapsed().as_millis() as u64, plain, "pages received over the page stream");
                 } else {
                     tracing::warn!(job = %job, from = %from, "page stream failed: {}", done.error);
                 }
@@ -482,9 +649,9 @@ impl Agent {
     async fn page_stream(
         self: &Arc<Self>,
         open: PageStreamOpen,
-        mut input: BoxStream<'static, AgentResult<Bytes>>,
+        input: BoxStream<'static, AgentResult<Bytes>>,
         out: &mpsc::Sender<AgentResult<PageStreamOut>>,
-    ) -> AgentResult<PageStreamDone> {
+    ) -> AgentResult<(PageStreamDone, bool)> {
         let me = &self.cfg.node;
         if self.cfg.shared {
             return Err(AgentError::FailedPrecondition(format!(
@@ -531,13 +698,31 @@ impl Agent {
             let _ = std::fs::remove_file(log);
             let _ = std::fs::remove_dir(parent.as_path());
         };
-        let (ours, theirs) = page_socket_pair()?;
+        // The page server's socket: a socket pair whose other end this agent
+        // relays to and from the stream, or, to a source that asked for it
+        // on a node that allows it, a plain TCP connection from the source's
+        // CRIU (see the module doc, "Plain pages").
+        let plain_ip = (open.plain && self.cfg.plain_pages)
+            .then_some(self.cfg.page_server_ip)
+            .flatten();
+        let (relay_end, criu_sock): (Option<UnixStream>, OwnedFd) = match plain_ip {
+            Some(ip) => match self.plain_socket(ip, out).await {
+                Ok(s) => (None, OwnedFd::from(s)),
+                Err(e) => {
+                    cleanup(&dir, &log);
+                    return Err(e);
+                }
+            },
+            None => {
+                let (ours, theirs) = page_socket_pair()?;
+                (Some(ours), OwnedFd::from(theirs))
+            }
+        };
         let started = {
             let (engine, dir, log) = (self.engine.clone(), dir.clone(), log.clone());
-            let fd = theirs.as_raw_fd();
+            let fd = criu_sock.as_raw_fd();
             Self::blocking(move || engine.page_server(&dir, fd, &log)).await?
         };
-        drop(theirs);
         let mut child = match started {
             Ok(c) => c,
             Err(e) => {
@@ -545,58 +730,32 @@ impl Agent {
                 return Err(AgentError::from(e));
             }
         };
+        if relay_end.is_none() {
+            // The source's CRIU may send now. A write of one byte to a fresh
+            // socket does not block.
+            use std::io::Write;
+            let _ = std::net::TcpStream::from(
+                criu_sock
+                    .try_clone()
+                    .map_err(|e| io_error("the plain page socket", e))?,
+            )
+            .write_all(&[PLAIN_ACK]);
+        }
+        drop(criu_sock);
         let follower = self
             .cfg
             .image_key
             .is_some()
             .then(|| crate::security::follow::FollowHasher::start(&dir, false));
-        let pumped = async {
-            if out.send(Ok(PageStreamOut::Ready)).await.is_err() {
-                return Err("the source hung up before the dump".to_string());
-            }
-            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-            let (mut rd, mut wr) = sock.into_split();
-            // Page server → source: its answers, until it exits.
-            let up = async move {
-                loop {
-                    let mut b = BytesMut::with_capacity(4096);
-                    match rd.read_buf(&mut b).await {
-                        Ok(0) => return Ok(()),
-                        Ok(_) => {
-                            if out.send(Ok(PageStreamOut::Data(b.freeze()))).await.is_err() {
-                                return Err("the source hung up".to_string());
-                            }
-                        }
-                        Err(e) => return Err(format!("reading the page server: {e}")),
-                    }
-                }
-            };
-            // Source → page server, until the source's CRIU is done. Its
-            // end (or a broken stream) closes our side, so that a page
-            // server still waiting ends too.
-            let down = async move {
-                let r = loop {
-                    match tokio::time::timeout(SILENCE_LIMIT, input.next()).await {
-                        Ok(Some(Ok(b))) => {
-                            if let Err(e) = wr.write_all(&b).await {
-                                break Err(format!("writing to the page server: {e}"));
-                            }
-                        }
-                        Ok(Some(Err(e))) => break Err(format!("the source's stream broke: {e}")),
-                        Ok(None) => break Ok(()),
-                        Err(_) => {
-                            break Err(format!("the source was silent for {SILENCE_LIMIT:?}"))
-                        }
-                    }
-                };
-                let _ = wr.shutdown().await;
-                r
-            };
-            let (up, down) = tokio::join!(up, down);
-            down.and(up)
+        let plain = relay_end.is_none();
+        let pumped = match relay_end {
+            Some(ours) => relay(ours, input, out).await,
+            None => until_exit(&mut child, input).await,
+        };
+        if plain && pumped.is_err() {
+            // Its source is gone; nothing it still sends is wanted.
+            let _ = child.kill();
         }
-        .await;
         // The page server ends by itself once CRIU closed the transfer (or
         // its input did); one that does not is killed.
         let status = Self::blocking(move || {
@@ -633,11 +792,14 @@ impl Agent {
         };
         if let Some(error) = why {
             cleanup(&dir, &log);
-            return Ok(PageStreamDone {
-                ok: false,
-                error,
-                bytes: 0,
-            });
+            return Ok((
+                PageStreamDone {
+                    ok: false,
+                    error,
+                    bytes: 0,
+                },
+                plain,
+            ));
         }
         let _ = std::fs::remove_file(&log);
         let bytes = super::super::dir_bytes(&dir);
@@ -650,17 +812,196 @@ impl Agent {
                 at: Instant::now(),
             },
         );
-        Ok(PageStreamDone {
-            ok: true,
-            error: String::new(),
-            bytes,
-        })
+        Ok((
+            PageStreamDone {
+                ok: true,
+                error: String::new(),
+                bytes,
+            },
+            plain,
+        ))
+    }
+}
+
+impl Agent {
+    /// Target side of a plain page connection: a one-time port on this
+    /// node's own address, announced with its token in the stream, and the
+    /// source's connection that presents the token.
+    async fn plain_socket(
+        &self,
+        ip: std::net::IpAddr,
+        out: &mpsc::Sender<AgentResult<PageStreamOut>>,
+    ) -> AgentResult<std::net::TcpStream> {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .map_err(|e| io_error("opening a plain page socket", e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| io_error("opening a plain page socket", e))?;
+        let token: [u8; PLAIN_TOKEN_BYTES] = rand::random();
+        let offer = PageStreamOut::Plain(PlainPageSocket { address, token });
+        if out.send(Ok(offer)).await.is_err() {
+            return Err(AgentError::Aborted(
+                "the source hung up before the dump".into(),
+            ));
+        }
+        plain_accept(listener, &token, READY_WITHIN)
+            .await
+            .map_err(AgentError::Unavailable)
+    }
+}
+
+/// Target side of a relayed page stream: `ready`, then the source's bytes
+/// into the page server and its answers back, until the source's CRIU is
+/// done.
+async fn relay(
+    ours: UnixStream,
+    mut input: BoxStream<'static, AgentResult<Bytes>>,
+    out: &mpsc::Sender<AgentResult<PageStreamOut>>,
+) -> Result<(), String> {
+    if out.send(Ok(PageStreamOut::Ready)).await.is_err() {
+        return Err("the source hung up before the dump".to_string());
+    }
+    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let sock = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = sock.into_split();
+    // Page server → source: its answers, until it exits.
+    let up = async move {
+        loop {
+            let mut b = BytesMut::with_capacity(4096);
+            match rd.read_buf(&mut b).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    if out.send(Ok(PageStreamOut::Data(b.freeze()))).await.is_err() {
+                        return Err("the source hung up".to_string());
+                    }
+                }
+                Err(e) => return Err(format!("reading the page server: {e}")),
+            }
+        }
+    };
+    // Source → page server, until the source's CRIU is done. Its end (or a
+    // broken stream) closes our side, so that a page server still waiting
+    // ends too.
+    let down = async move {
+        let r = loop {
+            match tokio::time::timeout(SILENCE_LIMIT, input.next()).await {
+                Ok(Some(Ok(b))) => {
+                    if let Err(e) = wr.write_all(&b).await {
+                        break Err(format!("writing to the page server: {e}"));
+                    }
+                }
+                Ok(Some(Err(e))) => break Err(format!("the source's stream broke: {e}")),
+                Ok(None) => break Ok(()),
+                Err(_) => break Err(format!("the source was silent for {SILENCE_LIMIT:?}")),
+            }
+        };
+        let _ = wr.shutdown().await;
+        r
+    };
+    let (up, down) = tokio::join!(up, down);
+    down.and(up)
+}
+
+/// Target side of a plain page connection: the two CRIUs talk directly, so
+/// this only waits for the page server to end (the source's CRIU closed
+/// the connection). A source whose stream ends or breaks first is gone:
+/// its page server is then stopped by the caller.
+async fn until_exit(
+    child: &mut std::process::Child,
+    mut input: BoxStream<'static, AgentResult<Bytes>>,
+) -> Result<(), String> {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tokio::select! {
+            m = input.next() => return Err(match m {
+                Some(Ok(_)) => "the source sent pages in the stream of a plain page connection".to_string(),
+                Some(Err(e)) => format!("the source's stream broke: {e}"),
+                None => "the source hung up before its dump ended".to_string(),
+            }),
+            _ = tick.tick() => {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_blocking(s: &std::net::TcpStream) -> bool {
+        let fl = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFL) };
+        fl != -1 && fl & libc::O_NONBLOCK == 0
+    }
+
+    #[tokio::test]
+    async fn a_plain_page_socket_takes_only_the_connection_with_its_token() {
+        use std::io::{Read, Write};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = l.local_addr().unwrap();
+        let token: [u8; PLAIN_TOKEN_BYTES] = rand::random();
+        let accept =
+            tokio::spawn(async move { plain_accept(l, &token, Duration::from_secs(10)).await });
+        // A stranger without the token is closed, and the port stays open.
+        let mut stranger = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut wrong = token;
+        wrong[31] ^= 1;
+        stranger.write_all(&wrong).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(stranger.read(&mut b).await.unwrap(), 0, "closed");
+        // The source: its token, then it waits for the target's byte.
+        let p = PlainPageSocket { address, token };
+        let source = tokio::spawn(async move { plain_connect(&p).await });
+        let mut target = accept.await.unwrap().expect("the source is taken");
+        assert!(is_blocking(&target), "handed to CRIU blocking");
+        target.write_all(&[PLAIN_ACK]).unwrap();
+        let mut source = source.await.unwrap().expect("the target's byte came");
+        assert!(is_blocking(&source));
+        // From here the connection is the two CRIUs' own, both ways.
+        source.write_all(b"pages").unwrap();
+        let mut got = [0u8; 5];
+        target.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pages");
+    }
+
+    #[tokio::test]
+    async fn a_plain_page_socket_nobody_opens_gives_up_in_time() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t0 = Instant::now();
+        let e = plain_accept(l, &[0; PLAIN_TOKEN_BYTES], Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(e.contains("within"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_source_whose_token_is_refused_is_told_so() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = l.local_addr().unwrap();
+        let target = tokio::spawn(async move {
+            // A target that answers anything but its byte.
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut t = [0u8; PLAIN_TOKEN_BYTES];
+            s.read_exact(&mut t).await.unwrap();
+            s.write_all(&[0]).await.unwrap();
+        });
+        let p = PlainPageSocket {
+            address,
+            token: [3; PLAIN_TOKEN_BYTES],
+        };
+        assert!(plain_connect(&p).await.is_err());
+        target.await.unwrap();
+        assert!(same_token(&[5; 32], &[5; 32]));
+        assert!(!same_token(&[5; 32], &[6; 32]));
+        assert!(
+            !format!("{p:?}").contains("3, 3"),
+            "no token in debug output: {p:?}"
+        );
+    }
 
     #[test]
     fn pages_stream_unless_turned_off() {

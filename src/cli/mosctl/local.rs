@@ -64,6 +64,12 @@ pub enum Cmd {
         /// as full copy, as on nodes without userfaultfd).
         #[arg(long)]
         no_post_copy: bool,
+        /// Start the agents with --plain-pages: with --no-shared, a full
+        /// copy's pages go on a plain TCP connection between the two CRIUs
+        /// instead of through the agents' mTLS connection (faster; the
+        /// pages are not encrypted on the wire).
+        #[arg(long, requires = "no_shared")]
+        plain_pages: bool,
         /// The agents' foreground slots per core of capacity (placement
         /// and `mosctl slots`) [default: 10, so that fractional-core nodes
         /// keep their proportions].
@@ -187,6 +193,7 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
             insecure,
             criu,
             no_post_copy,
+            plain_pages,
             slots_per_core,
             unsealed_images,
             etcd_members,
@@ -215,6 +222,7 @@ pub async fn run(cluster: Option<&Path>, cmd: Cmd) -> anyhow::Result<()> {
                 bin_dir,
                 criu: criu.unwrap_or_else(crate::criu::default_criu_path),
                 post_copy: !no_post_copy,
+                plain_pages,
                 seal_images: !unsealed_images,
                 etcd_members: if no_etcd { 0 } else { etcd_members },
                 lease_ttl,
