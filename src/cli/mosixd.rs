@@ -860,6 +860,27 @@ mod tests {
     }
 
     #[test]
+    fn plain_pages_come_from_the_flag_or_the_file_and_are_off_by_default() {
+        use super::{merge, Args};
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        let with = |file: &str, extra: &[&str]| {
+            std::fs::write(&path, file).unwrap();
+            let mut v = vec!["mosixd", "--config", path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            merge(Args::try_parse_from(v).unwrap()).unwrap().plain_pages
+        };
+        assert!(!with("", &[]), "off by default");
+        assert!(with("plain_pages = true", &[]));
+        assert!(with("", &["--plain-pages"]));
+        assert!(!with("plain_pages = false", &[]));
+        // The packaged file documents it, commented out.
+        let packaged = include_str!("../../packaging/mosixd.toml");
+        assert!(packaged.contains("#plain_pages = false"));
+    }
+
+    #[test]
     fn the_settle_patience_comes_from_a_flag_or_the_file_and_bad_values_are_refused() {
         use super::{merge, Args};
         use clap::Parser;
