@@ -438,10 +438,7 @@ def md_noshared(w, r):
                   f"{cell('agent_restore_ms')} | {fmt_ms(s['bare_dump_ms'])} | {fmt_ms(s['bare_restore_ms'])} |")
         w("\nEvery move, in order (ms; out and back alternate; *o* = our side went first in that run):\n")
         for s in ok:
-            firsts = s.get("ours_first") or []
-            w(f"- {s['mib']} MiB, ours: " + ", ".join(
-                f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
-                for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
+            w(f"- {s['mib']} MiB, ours: " + ours_moves(s))
             w(f"- {s['mib']} MiB, bare: " + out_and_back(s["bare_total_each_ms"]))
             if s.get("bare_tls_total_each_ms"):
                 w(f"- {s['mib']} MiB, bare with `--tls`: " + out_and_back(s["bare_tls_total_each_ms"]))
@@ -470,6 +467,14 @@ def md_noshared(w, r):
     md_noshared_plain(w, ns.get("plain_sizes") or [])
 
 
+def ours_moves(s):
+    """Our side's moves of a noshared size, out/back, *o* where ours went first."""
+    firsts = s.get("ours_first") or []
+    each = s["ours_wall_each_ms"]
+    return ", ".join(f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
+                     for i, (a, b) in enumerate(zip(each[::2], each[1::2])))
+
+
 def md_noshared_plain(w, sizes):
     """Section 1b's second cluster: the agents with --plain-pages."""
     if not sizes:
@@ -477,9 +482,10 @@ def md_noshared_plain(w, sizes):
     ok = [s for s in sizes if "error" not in s]
     w("**Pages in plain text, as bare CRIU's: `--plain-pages`.** The same phase again on a cluster whose agents "
       "run with `--plain-pages`: the target's agent opens a one-time port on its own address and sends it with a "
-      "random token inside the agents' mTLS stream; the source's agent connects, presents the token, and hands "
-      "the connection to its CRIU, so the pages go from CRIU's dump straight into the target's page server, as "
-      "in bare CRIU's migration (everything else, the seal, the push and the restore, as above). Sides: ours and "
+      "random token inside the agents' mTLS stream; the source's agent connects, presents the token, and joins "
+      "the connection to its CRIU's page socket with `splice(2)` (no copy through the agent), so the pages go from "
+      "CRIU's dump into the target's page server over plain TCP, as in bare CRIU's migration (everything else, the "
+      "seal, the push and the restore, as above). Sides: ours and "
       "plain bare CRIU, who goes first alternating; this is the like-for-like target row.\n")
     if ok:
         w("| Size | moves | ours frozen | ours total (wall) | ours: dump | ours: restore | bare: dump | bare: restore | "
@@ -493,10 +499,7 @@ def md_noshared_plain(w, sizes):
               f"{fmt_ms(s['bare_restore_ms'])} | {fmt_ms(s['bare_total_ms'])} | **{s['ratio_total']:.2f}** |")
         w("\nEvery move, in order (ms; out and back alternate; *o* = our side went first in that run):\n")
         for s in ok:
-            firsts = s.get("ours_first") or []
-            w(f"- {s['mib']} MiB, ours with `--plain-pages`: " + ", ".join(
-                f"{a}/{b}" + ("o" if i < len(firsts) and firsts[i] else "")
-                for i, (a, b) in enumerate(zip(s["ours_wall_each_ms"][::2], s["ours_wall_each_ms"][1::2]))))
+            w(f"- {s['mib']} MiB, ours with `--plain-pages`: " + ours_moves(s))
             w(f"- {s['mib']} MiB, bare: " + out_and_back(s["bare_total_each_ms"]))
         w("")
     for s in sizes:

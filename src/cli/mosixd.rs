@@ -857,24 +857,11 @@ mod tests {
         assert!(!args(&[], "").no_cgroup_favordynmods);
         assert!(args(&[], "cgroup_favordynmods = false").no_cgroup_favordynmods);
         assert!(args(&["--no-cgroup-favordynmods"], "").no_cgroup_favordynmods);
-    }
-
-    #[test]
-    fn plain_pages_come_from_the_flag_or_the_file_and_are_off_by_default() {
-        use super::{merge, Args};
-        use clap::Parser;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.toml");
-        let with = |file: &str, extra: &[&str]| {
-            std::fs::write(&path, file).unwrap();
-            let mut v = vec!["mosixd", "--config", path.to_str().unwrap()];
-            v.extend_from_slice(extra);
-            merge(Args::try_parse_from(v).unwrap()).unwrap().plain_pages
-        };
-        assert!(!with("", &[]), "off by default");
-        assert!(with("plain_pages = true", &[]));
-        assert!(with("", &["--plain-pages"]));
-        assert!(!with("plain_pages = false", &[]));
+        // Plain pages: off unless the flag or the file says so.
+        assert!(!args(&[], "").plain_pages);
+        assert!(args(&[], "plain_pages = true").plain_pages);
+        assert!(args(&["--plain-pages"], "").plain_pages);
+        assert!(!args(&[], "plain_pages = false").plain_pages);
         // The packaged file documents it, commented out.
         let packaged = include_str!("../../packaging/mosixd.toml");
         assert!(packaged.contains("#plain_pages = false"));

@@ -649,7 +649,7 @@ impl Agent {
     async fn page_stream(
         self: &Arc<Self>,
         open: PageStreamOpen,
-        input: BoxStream<'static, AgentResult<Bytes>>,
+        mut input: BoxStream<'static, AgentResult<Bytes>>,
         out: &mpsc::Sender<AgentResult<PageStreamOut>>,
     ) -> AgentResult<(PageStreamDone, bool)> {
         let me = &self.cfg.node;
@@ -706,7 +706,7 @@ impl Agent {
             .then_some(self.cfg.page_server_ip)
             .flatten();
         let (relay_end, criu_sock): (Option<UnixStream>, OwnedFd) = match plain_ip {
-            Some(ip) => match self.plain_socket(ip, out).await {
+            Some(ip) => match self.plain_socket(ip, out, &mut input).await {
                 Ok(s) => (None, OwnedFd::from(s)),
                 Err(e) => {
                     cleanup(&dir, &log);
@@ -831,6 +831,7 @@ impl Agent {
         &self,
         ip: std::net::IpAddr,
         out: &mpsc::Sender<AgentResult<PageStreamOut>>,
+        input: &mut BoxStream<'static, AgentResult<Bytes>>,
     ) -> AgentResult<std::net::TcpStream> {
         let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
@@ -845,9 +846,15 @@ impl Agent {
                 "the source hung up before the dump".into(),
             ));
         }
-        plain_accept(listener, &token, READY_WITHIN)
-            .await
-            .map_err(AgentError::Unavailable)
+        tokio::select! {
+            r = plain_accept(listener, &token, READY_WITHIN) => r.map_err(AgentError::Unavailable),
+            // A source that could not connect gives up on the stream (and
+            // pushes the pages instead): this node's claim on the job must
+            // go at once, not after READY_WITHIN.
+            _ = input.next() => Err(AgentError::Aborted(
+                "the source gave up on the plain page connection".into(),
+            )),
+        }
     }
 }
 
