@@ -591,6 +591,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .settle_patience
             .unwrap_or(crate::agent::direct::DEFAULT_SETTLE_PATIENCE),
     };
+    if cfg.plain_pages && cfg.page_server_ip.is_none() {
+        // The target's one-time port is on its own address; a wildcard
+        // listen address names none, so this node relays as if unset.
+        tracing::warn!(
+            "--plain-pages needs --listen on this node's own address (not {}): pages sent to this node are relayed over mTLS",
+            listen.ip()
+        );
+    }
+    if cfg.plain_pages && cfg.shared {
+        tracing::warn!(
+            "--plain-pages has no effect with --shared: images go through the shared path"
+        );
+    }
     let agent = Agent::new(cfg, Arc::new(engine), peers).map_err(|e| anyhow::anyhow!("{e}"))?;
     // With etcd: a lease first (or a clear error), then recovery, then the
     // ownership check that kills any job this node no longer owns, all
