@@ -1165,41 +1165,35 @@ def agent_log_tail(nodes, lines=25):
 def phase_noshared(res, args):
     """Issue 17: without a shared path, a full copy no slower than CRIU's own
     shared-storage-free migration (page server on the target)."""
-    log("noshared: 2-node local cluster without a shared path (--no-shared)")
-    out = {"sizes": [], "others_running": others_running(), "loadavg_start": loadavg()}
+    out = {"others_running": others_running(), "loadavg_start": loadavg()}
     res["noshared"] = out
-    cluster_up(2, extra=["--no-shared"])
     port = [27300]
 
     def next_port():
         # A fresh port per move: no wait on a socket of the previous one.
         port[0] = 27300 + (port[0] - 27300 + 1) % 500
         return port[0]
+    # Twice: the agents as they come (pages relayed over mTLS), then with
+    # --plain-pages (the pages on a plain TCP connection between the two
+    # CRIUs, as bare CRIU's go: like for like).
     try:
-        for mib, runs in args.noshared_sizes:
+        for key, plain in (("sizes", False), ("plain_sizes", True)):
+            how = " with --plain-pages" if plain else ""
+            log(f"noshared: 2-node local cluster without a shared path (--no-shared){how}")
+            out[key] = []
+            cluster_up(2, extra=["--no-shared"] + (["--plain-pages"] if plain else []))
             try:
-                out["sizes"].append(noshared_size(mib, runs, next_port))
-            except Exception as e:  # noqa: BLE001
-                out["sizes"].append({"mib": mib, "runs": runs, "error": str(e), "agent_log_tail": agent_log_tail(2)})
-                log(f"noshared {mib} MiB failed: {e}")
-    finally:
-        cluster_down()
-    # The same with the agents' --plain-pages: the pages on a plain TCP
-    # connection between the two CRIUs, as bare CRIU's go (like for like).
-    out["plain_sizes"] = []
-    log("noshared: the same cluster with --plain-pages")
-    cluster_up(2, extra=["--no-shared", "--plain-pages"])
-    try:
-        for mib, runs in args.noshared_sizes:
-            try:
-                out["plain_sizes"].append(noshared_size(mib, runs, next_port, plain=True))
-            except Exception as e:  # noqa: BLE001
-                out["plain_sizes"].append({"mib": mib, "runs": runs, "error": str(e),
-                                           "agent_log_tail": agent_log_tail(2)})
-                log(f"noshared {mib} MiB with --plain-pages failed: {e}")
+                for mib, runs in args.noshared_sizes:
+                    try:
+                        out[key].append(noshared_size(mib, runs, next_port, plain=plain))
+                    except Exception as e:  # noqa: BLE001
+                        out[key].append({"mib": mib, "runs": runs, "error": str(e),
+                                         "agent_log_tail": agent_log_tail(2)})
+                        log(f"noshared {mib} MiB{how} failed: {e}")
+            finally:
+                cluster_down()
     finally:
         out["loadavg_end"] = loadavg()
-        cluster_down()
 
 
 # The agents' step traces (src/agent/migration.rs, at debug level, and two info

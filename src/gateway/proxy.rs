@@ -658,16 +658,21 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+            .collect()
+    }
+
     #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("host", HeaderValue::from_static("example"));
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("host", "example"),
+        ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("host"));
@@ -675,16 +680,11 @@ mod tests {
         append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.8"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9, 10.0.0.8");
         // None of them: left as it is.
-        let mut plain = HeaderMap::new();
-        plain.insert("host", HeaderValue::from_static("example"));
-        plain.insert("content-length", HeaderValue::from_static("2"));
+        let mut plain = headers(&[("host", "example"), ("content-length", "2")]);
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 2);
         // Only a name the Connection header lists, and the header itself.
-        let mut listed = HeaderMap::new();
-        listed.insert("connection", HeaderValue::from_static("x-a"));
-        listed.insert("x-a", HeaderValue::from_static("1"));
-        listed.insert("x-b", HeaderValue::from_static("2"));
+        let mut listed = headers(&[("connection", "x-a"), ("x-a", "1"), ("x-b", "2")]);
         strip_hop_by_hop(&mut listed);
         assert_eq!(listed.len(), 1);
         assert!(listed.contains_key("x-b"));

@@ -82,7 +82,7 @@ impl Drop for Joined {
 
 /// Everything from `from` into `to` until `from` ends, spliced through a
 /// pipe (or copied, where the kernel cannot splice from `from`).
-fn splice_all(from: &impl AsRawFd, to: &impl AsRawFd) -> std::io::Result<u64> {
+fn splice_all(from: &UnixStream, to: &TcpStream) -> std::io::Result<u64> {
     let (pr, pw) = pipe()?;
     // Best effort: a larger pipe means fewer calls; the default works.
     unsafe {
@@ -98,7 +98,7 @@ fn splice_all(from: &impl AsRawFd, to: &impl AsRawFd) -> std::io::Result<u64> {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if total == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                return copy_all(&mut fd_file(from), &mut fd_file(to));
+                return copy_all(&mut &*from, &mut &*to);
             }
             Err(e) => return Err(e),
         };
@@ -111,13 +111,6 @@ fn splice_all(from: &impl AsRawFd, to: &impl AsRawFd) -> std::io::Result<u64> {
         }
         total += n as u64;
     }
-}
-
-/// A `File` on a duplicate of `fd`, for the copy loop's `Read`/`Write`.
-fn fd_file(fd: &impl AsRawFd) -> std::fs::File {
-    // SAFETY: dup returns a new descriptor that this File then owns (or -1,
-    // whose File fails every call, which the loop reports).
-    unsafe { std::fs::File::from_raw_fd(libc::dup(fd.as_raw_fd())) }
 }
 
 /// Everything from `from` into `to` until `from` ends, copied.

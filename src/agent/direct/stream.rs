@@ -732,14 +732,9 @@ impl Agent {
         };
         if relay_end.is_none() {
             // The source's CRIU may send now. A write of one byte to a fresh
-            // socket does not block.
-            use std::io::Write;
-            let _ = std::net::TcpStream::from(
-                criu_sock
-                    .try_clone()
-                    .map_err(|e| io_error("the plain page socket", e))?,
-            )
-            .write_all(&[PLAIN_ACK]);
+            // socket does not block; if it fails, the source gives up and
+            // its stream's end stops the page server below.
+            let _ = nix::unistd::write(&criu_sock, &[PLAIN_ACK]);
         }
         drop(criu_sock);
         let follower = self
