@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
         // Respects taskset/cpusets: the CPUs we may actually use.
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let rt = if threads == 1 {
+    let rt = if threads == 1 && std::env::var_os("MOSGW_MT1").is_none() {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

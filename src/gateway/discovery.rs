@@ -280,7 +280,7 @@ async fn drain(gw: &Arc<Gateway>, ev: &pb::JobEvent) {
         }
     }
     // Even an instance we never listed may have pooled connections.
-    gw.pool(job).drain().await;
+    gw.pool(job).drain();
     gw.with_service(svc, |t| {
         if let Some(i) = t.instances.get_mut(job) {
             if matches!(i.state, InstanceState::Draining { .. }) {

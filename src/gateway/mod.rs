@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod table;
+pub mod upstream;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

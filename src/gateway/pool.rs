@@ -2,44 +2,24 @@
 //! demand before the instance is frozen.
 //!
 //! Why not hyper-util's pooled client: its pool cannot be told "close every
-//! connection to this host now, and tell me when the sockets are gone",
-//! which is what a freeze needs (CRIU refuses a job with an established
-//! connection). Here each connection is a hyper `http1` client connection
-//! whose driver runs on a task of its own; closing means dropping the
-//! sender, which ends the driver, and awaiting the task, which drops the
-//! socket.
+//! connection to this host now", which is what a freeze needs (CRIU refuses
+//! a job with an established connection). Here a connection is a plain
+//! socket that [`super::upstream`] speaks HTTP/1.1 on, from the request's own
+//! task; closing it is dropping it, so the socket is gone when `drain`
+//! returns.
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use super::upstream::Stream;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::task::JoinHandle;
 
 /// Idle connections kept per instance.
 pub const MAX_IDLE: usize = 256;
-/// How long closing waits for a connection's driver before aborting it.
-const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 pub struct Conn {
     pub addr: SocketAddr,
-    pub sender: SendRequest<Full<Bytes>>,
-    task: JoinHandle<()>,
-}
-
-impl Conn {
-    /// Close: drop the sender and wait (bounded) for the socket to go.
-    pub async fn close(self) {
-        let Conn { sender, task, .. } = self;
-        drop(sender);
-        let abort = task.abort_handle();
-        if tokio::time::timeout(CLOSE_WAIT, task).await.is_err() {
-            abort.abort();
-        }
-    }
+    pub stream: Stream,
 }
 
 /// Open a connection to `addr` within `timeout`.
@@ -48,14 +28,10 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Con
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    let task = tokio::spawn(async move {
-        // Its error is the request's error, seen by the sender.
-        let _ = conn.await;
-    });
-    Ok(Conn { addr, sender, task })
+    Ok(Conn {
+        addr,
+        stream: Stream::new(stream),
+    })
 }
 
 #[derive(Default)]
@@ -71,42 +47,36 @@ impl Pool {
     pub fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut g = self.idle.lock().ok()?;
         while let Some(c) = g.pop() {
-            if c.addr == addr && !c.sender.is_closed() && c.sender.is_ready() {
+            if c.addr == addr && c.stream.idle_ok() {
                 return Some(c);
             }
-            // Stale (closed by the backend, or the instance moved): the
-            // driver has ended or ends as the sender goes.
-            drop(c);
+            // Stale (closed by the instance, or the instance moved):
+            // dropped, which closes it.
         }
         None
     }
 
-    /// Give a connection back after a complete exchange.
-    pub async fn put(&self, c: Conn) {
-        if self.draining.load(Ordering::Acquire) || c.sender.is_closed() {
-            c.close().await;
+    /// Give a connection back after a complete exchange (closed instead
+    /// while draining, or when enough are kept).
+    pub fn put(&self, c: Conn) {
+        if self.draining.load(Ordering::Acquire) {
             return;
         }
-        let extra = match self.idle.lock() {
-            Ok(mut g) if g.len() < MAX_IDLE => {
+        if let Ok(mut g) = self.idle.lock() {
+            if g.len() < MAX_IDLE {
                 g.push(c);
-                None
             }
-            _ => Some(c),
-        };
-        if let Some(c) = extra {
-            c.close().await;
         }
     }
 
     /// Stop keeping connections and close the idle ones (for a freeze).
-    pub async fn drain(&self) {
+    pub fn drain(&self) {
         self.draining.store(true, Ordering::Release);
         let all: Vec<Conn> = match self.idle.lock() {
             Ok(mut g) => g.drain(..).collect(),
             Err(_) => vec![],
         };
-        futures::future::join_all(all.into_iter().map(Conn::close)).await;
+        drop(all);
     }
 
     /// The instance is back: keep connections again.
@@ -150,21 +120,26 @@ mod tests {
     // while a dropped connection's driver must still run to close it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drain_closes_pooled_connections_and_keeps_no_new_ones() {
+        use super::super::upstream::{exchange, Outgoing};
         let (addr, closed) = backend();
         let pool = Pool::default();
         let mut c = connect(addr, Duration::from_secs(1)).await.unwrap();
-        let req = hyper::Request::get("/")
-            .header("host", "t")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let r = c.sender.send_request(req).await.unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert("host", http::HeaderValue::from_static("t"));
+        let req = Outgoing {
+            method: &http::Method::GET,
+            target: "/",
+            headers: &h,
+            body: &bytes::Bytes::new(),
+        };
+        let (r, keep) = exchange(&mut c.stream, &req, 1024).await.unwrap();
         assert_eq!(r.status(), 200);
-        drop(r);
-        pool.put(c).await;
+        assert!(keep);
+        pool.put(c);
         assert_eq!(pool.idle_count(), 1);
         let (addr2, closed2) = backend();
         let c2 = connect(addr2, Duration::from_secs(1)).await.unwrap();
-        pool.drain().await;
+        pool.drain();
         assert_eq!(pool.idle_count(), 0);
         // The backend saw the close by the time drain returned (give the
         // kernel a moment to deliver the FIN to its thread).
@@ -172,7 +147,7 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(1))
             .expect("the pooled connection was closed");
         // While draining, a connection coming back is closed, not kept.
-        pool.put(c2).await;
+        pool.put(c2);
         assert_eq!(pool.idle_count(), 0);
         closed2
             .recv_timeout(std::time::Duration::from_secs(1))
@@ -181,8 +156,7 @@ mod tests {
         // moved instance is never handed out (and is dropped on the way).
         pool.resume();
         let (addr3, closed3) = backend();
-        pool.put(connect(addr3, Duration::from_secs(1)).await.unwrap())
-            .await;
+        pool.put(connect(addr3, Duration::from_secs(1)).await.unwrap());
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.take(addr).is_none(), "not for another address");
         assert_eq!(pool.idle_count(), 0);

@@ -23,6 +23,7 @@
 
 use super::metrics::InstanceMetrics;
 use super::pool::{self, Conn};
+use super::upstream::{self, ExchangeError, Outgoing};
 use super::table::{self, Failure, InstanceState, NoInstance};
 use super::{Gateway, Mode, ServiceListen};
 use bytes::Bytes;
@@ -288,30 +289,25 @@ async fn forward_request(
     if let Some(ip) = &client.ip {
         append_forwarded_for(&mut headers, ip);
     }
+    // An HTTP/1.1 server sees origin-form targets: sent as they came. An
+    // absolute-form one (a proxy request) is cut to its path.
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut tried: Vec<String> = vec![];
     loop {
         let (m, addr) = match pick(gw, svc, &tried).await {
             Ok(x) => x,
             Err(resp) => return (resp, None),
         };
-        let mut out = Request::new(Full::new(body.clone()));
-        *out.method_mut() = method.clone();
-        // An HTTP/1.1 server sees origin-form targets: sent as they came.
-        // An absolute-form one (a proxy request) is cut to its path.
-        *out.uri_mut() = if uri.scheme().is_none() && uri.authority().is_none() {
-            uri.clone()
-        } else {
-            uri.path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .parse()
-                .unwrap_or_default()
+        let out = Outgoing {
+            method: &method,
+            target: &target,
+            headers: &headers,
+            body: &body,
         };
-        *out.headers_mut() = headers.clone();
         let sent = Instant::now();
         let job: &str = &m.job;
         let flight = InFlight::new(gw, svc, &m);
-        let r = attempt(gw, job, addr, out).await;
+        let r = attempt(gw, job, addr, &out).await;
         flight.finish(r.is_ok().then(|| sent.elapsed()));
         match r {
             Ok(resp) => return (resp, Some(m)),
@@ -412,7 +408,7 @@ async fn attempt(
     gw: &Arc<Gateway>,
     job: &str,
     addr: SocketAddr,
-    req: Request<Body>,
+    req: &Outgoing<'_>,
 ) -> Result<Response<Body>, Failure> {
     let lim = &gw.cfg.limits;
     let pool = gw.pool(job);
@@ -422,42 +418,25 @@ async fn attempt(
             .await
             .map_err(|_| Failure::Connect)?,
     };
-    if conn.sender.ready().await.is_err() {
-        conn.close().await;
-        return Err(Failure::NotSent);
-    }
     let backend = Duration::from_millis(lim.backend_timeout_ms);
-    let exchange = async {
-        let resp = conn.sender.send_request(req).await.map_err(|e| {
-            if e.is_canceled() {
-                Failure::NotSent
-            } else {
-                Failure::Reset
+    // On any failure the connection is dropped here, which closes it.
+    match tokio::time::timeout(
+        backend,
+        upstream::exchange(&mut conn.stream, req, lim.max_response_bytes),
+    )
+    .await
+    {
+        Ok(Ok((mut resp, keep))) => {
+            if keep {
+                pool.put(conn);
             }
-        })?;
-        let (mut parts, body) = resp.into_parts();
-        let body = Limited::new(body, lim.max_response_bytes)
-            .collect()
-            .await
-            .map_err(|_| Failure::Reset)?
-            .to_bytes();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(hyper::header::CONTENT_LENGTH);
-        Ok::<_, Failure>(Response::from_parts(parts, Full::new(body)))
-    };
-    match tokio::time::timeout(backend, exchange).await {
-        Ok(Ok(resp)) => {
-            pool.put(conn).await;
+            strip_hop_by_hop(resp.headers_mut());
+            resp.headers_mut().remove(hyper::header::CONTENT_LENGTH);
             Ok(resp)
         }
-        Ok(Err(f)) => {
-            conn.close().await;
-            Err(f)
-        }
-        Err(_) => {
-            conn.close().await;
-            Err(Failure::Timeout)
-        }
+        Ok(Err(ExchangeError::NotSent)) => Err(Failure::NotSent),
+        Ok(Err(ExchangeError::Reset)) => Err(Failure::Reset),
+        Err(_) => Err(Failure::Timeout),
     }
 }
 
