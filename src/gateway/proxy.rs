@@ -187,9 +187,11 @@ async fn handle(
             .to_string();
         (req.method().clone(), target)
     });
-    let (resp, picked) = forward_request(&gw, &svc, &client, req).await;
+    let (resp, picked, end) = forward_request(&gw, &svc, &client, req, t0).await;
     let code = resp.status();
-    let secs = t0.elapsed().as_secs_f64();
+    // One clock read less: the end the in-flight count took, if any.
+    let end = end.unwrap_or_else(Instant::now);
+    let secs = end.saturating_duration_since(t0).as_secs_f64();
     let instance: &str = picked.as_ref().map_or("", |m| &m.job);
     match &picked {
         Some(m) if code == StatusCode::OK => m.ok.inc(),
@@ -224,7 +226,8 @@ async fn forward_request(
     svc: &str,
     client: &Client,
     req: Request<Incoming>,
-) -> (Response<Body>, Option<Arc<InstanceMetrics>>) {
+    t0: Instant,
+) -> (Response<Body>, Option<Arc<InstanceMetrics>>, Option<Instant>) {
     let lim = &gw.cfg.limits;
     let declared = req
         .headers()
@@ -238,13 +241,17 @@ async fn forward_request(
                 &format!("request body larger than {} bytes", lim.max_body_bytes),
             ),
             None,
+            None,
         );
     }
     let (parts, body) = req.into_parts();
     // Most requests have no body: no timer, no collecting.
+    // Most requests have no body, and start when their head came (t0).
+    let mut now = t0;
     let collected = if hyper::body::Body::is_end_stream(&body) {
         Ok(Ok(Bytes::new()))
     } else {
+        now = Instant::now();
         tokio::time::timeout(
             Duration::from_millis(lim.body_timeout_ms),
             Limited::new(body, lim.max_body_bytes).collect(),
@@ -260,6 +267,7 @@ async fn forward_request(
                     "the request body did not arrive in time",
                 ),
                 None,
+                None,
             )
         }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
@@ -269,11 +277,13 @@ async fn forward_request(
                     &format!("request body larger than {} bytes", lim.max_body_bytes),
                 ),
                 None,
+                None,
             )
         }
         Ok(Err(e)) => {
             return (
                 reply_close(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+                None,
                 None,
             )
         }
@@ -294,9 +304,9 @@ async fn forward_request(
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut tried: Vec<String> = vec![];
     loop {
-        let (m, addr) = match pick(gw, svc, &tried).await {
+        let (m, addr) = match pick(gw, svc, &tried, now).await {
             Ok(x) => x,
-            Err(resp) => return (resp, None),
+            Err(resp) => return (resp, None, None),
         };
         let out = Outgoing {
             method: &method,
@@ -304,13 +314,16 @@ async fn forward_request(
             headers: &headers,
             body: &body,
         };
-        let sent = Instant::now();
+        let sent = now;
         let job: &str = &m.job;
         let flight = InFlight::new(gw, svc, &m);
         let r = attempt(gw, job, addr, &out).await;
-        flight.finish(r.is_ok().then(|| sent.elapsed()));
+        let end = Instant::now();
+        flight.finish(r.is_ok().then_some((sent, end)));
+        // A retry picks with the clock as it is now.
+        now = end;
         match r {
-            Ok(resp) => return (resp, Some(m)),
+            Ok(resp) => return (resp, Some(m), Some(end)),
             Err(f) => {
                 let kind = match f {
                     Failure::Connect => "connect",
@@ -341,7 +354,7 @@ async fn forward_request(
                         &format!("instance {job} of service {svc} failed ({kind}) and the request may not be retried"),
                     ),
                 };
-                return (resp, Some(m));
+                return (resp, Some(m), Some(end));
             }
         }
     }
@@ -446,9 +459,11 @@ async fn pick(
     gw: &Arc<Gateway>,
     svc: &str,
     avoid: &[String],
+    mut now: Instant,
 ) -> Result<(Arc<InstanceMetrics>, SocketAddr), Response<Body>> {
     let hold = Duration::from_millis(gw.cfg.hold_ms);
-    let deadline = tokio::time::Instant::now() + hold;
+    // Read when holding starts (most requests never hold).
+    let mut deadline = None;
     let mut holding = false;
     let result = loop {
         // While holding, registered before looking, so a change between
@@ -459,7 +474,6 @@ async fn pick(
         if holding {
             notified.as_mut().enable();
         }
-        let now = Instant::now();
         let slow = gw.slow_start();
         let r = gw.with_service(svc, |s| {
             // A request pays into the retry budget once, on its first
@@ -498,12 +512,16 @@ async fn pick(
             Some(Err(NoInstance::Hold)) => {
                 if !holding {
                     holding = true;
+                    deadline = Some(tokio::time::Instant::now() + hold);
                     gw.metrics.held.with_label_values(&[svc]).inc();
                     gw.metrics.held_total.with_label_values(&[svc]).inc();
                     // Look again, registered this time.
                     continue;
                 }
-                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let until = deadline.unwrap_or_else(tokio::time::Instant::now);
+                let woken = tokio::time::timeout_at(until, notified).await;
+                now = Instant::now();
+                if woken.is_err() {
                     break Err(reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &format!(
@@ -547,10 +565,11 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// The request ended, answered in `rtt` if it was.
-    fn finish(mut self, rtt: Option<Duration>) {
+    /// The request ended, answered if `sent_end` (when it went out, when
+    /// its answer was complete) says so.
+    fn finish(mut self, sent_end: Option<(Instant, Instant)>) {
         self.done = true;
-        finished(self.gw, self.svc, self.m, rtt);
+        finished(self.gw, self.svc, self.m, sent_end);
     }
 }
 
@@ -563,14 +582,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A request at `job` ended (answered in `rtt`, if it was): no longer in
-/// flight; its latency feeds the balancer; wake drains and holds.
-fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, rtt: Option<Duration>) {
+/// A request at `job` ended (sent and answered at `sent_end`, if it was
+/// answered): no longer in flight; its latency feeds the balancer; wake
+/// drains and holds.
+fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, sent_end: Option<(Instant, Instant)>) {
     gw.with_service(svc, |s| {
         if let Some(i) = s.instances.get_mut(&*m.job) {
             i.in_flight = i.in_flight.saturating_sub(1);
-            if let Some(rtt) = rtt {
-                i.latency = Some(table::PeakEwma::observe(i.latency, rtt, Instant::now()));
+            if let Some((sent, end)) = sent_end {
+                let rtt = end.saturating_duration_since(sent);
+                i.latency = Some(table::PeakEwma::observe(i.latency, rtt, end));
             }
         }
     });
@@ -600,7 +621,7 @@ fn eject(gw: &Gateway, svc: &str, job: &str) {
 async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
     let mut tried = vec![];
     loop {
-        let (m, addr) = match pick(&gw, &svc, &tried).await {
+        let (m, addr) = match pick(&gw, &svc, &tried, Instant::now()).await {
             Ok(x) => x,
             Err(_) => return,
         };

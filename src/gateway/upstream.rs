@@ -214,9 +214,13 @@ async fn read_head(s: &mut Stream) -> Result<Head, ExchangeError> {
 
 /// A complete head off the front of `buf`, or `None` if more is needed.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut slots);
-    let n = match r.parse(buf) {
+    // Uninitialised slots: filling 100 empty headers first cost a 3 KiB
+    // memset per response.
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed =
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+    let n = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(ExchangeError::Reset),
