@@ -22,8 +22,8 @@
 # 10 minutes on 2 cores); Debian 12 has no fixed-rate HTTP generator.
 #
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
-#        MAX_ROUNDS (rounds of the maximum rate, default 3),
-#        RATE_RUNS (rounds of the fixed-rate phase, default 3), BAL_ROUNDS
+#        MAX_ROUNDS (rounds of the maximum rate, default 5),
+#        RATE_RUNS (rounds of the fixed-rate phase, default 5), BAL_ROUNDS
 #        (rounds of the balancing phase's max rate, default 3),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
@@ -45,7 +45,7 @@ OHA=$ROOT/.cache/oha/bin/oha
 SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
-RATE_RUNS=${RATE_RUNS:-3}
+RATE_RUNS=${RATE_RUNS:-5}
 BAL_ROUNDS=${BAL_ROUNDS:-3}
 RUN=/run/mosix/$NAME-bench
 # nginx's figures of the last full run, for runs with ONLY (kept across runs).
@@ -374,7 +374,7 @@ echo "# mosgw vs nginx vs HAProxy ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, 
 echo "# backends: 4 x mosjob http (2 per node), wrk -t1 -c$CONNS -d${SECS}s, small responses"
 echo "# mosgw binary: $MOSGW"
 printf "%-26s %10s %9s %9s %7s\n" proxy "req/s" "p50 ms" "p99 ms" errors
-rate_rounds "${MAX_ROUNDS:-3}" "$CONNS" "${PROXIES[@]}"
+rate_rounds "${MAX_ROUNDS:-5}" "$CONNS" "${PROXIES[@]}"
 NGINX_MAX=$(nginx_rounds max)
 # (an if, not &&: a false test as the block's last command would end the
 # script under set -e when ONLY= leaves nginx out)

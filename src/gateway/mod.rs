@@ -20,8 +20,10 @@
 //! - [`discovery`]: keeps the table current from the agents (job list and
 //!   load every `poll`, the event streams in between), active probes, the
 //!   drain-and-acknowledge step;
-//! - [`proxy`]: the listeners (hyper 1 for HTTP, a byte copy for TCP), the
-//!   per-instance connection pools, limits, retries and holding;
+//! - [`proxy`]: the listeners (hyper 1 for HTTP, a byte copy for TCP),
+//!   limits, retries and holding;
+//! - [`upstream`] and [`pool`]: the HTTP/1.1 exchange with an instance, on
+//!   the request's own task, and the kept sockets a freeze closes;
 //! - [`metrics`]: Prometheus metrics and the admin endpoint (`/metrics`,
 //!   `/status`: the table as JSON).
 //!

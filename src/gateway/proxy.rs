@@ -1,5 +1,6 @@
-//! The listeners: HTTP/1.1 on hyper (keep-alive on both sides) and plain
-//! TCP; picking an instance, holding a request while its only instance is
+//! The listeners: HTTP/1.1 on hyper's server (keep-alive on both sides; the
+//! instance side is [`super::upstream`], on the same task) and plain TCP;
+//! picking an instance, holding a request while its only instance is
 //! moved, retries, limits.
 //!
 //! Limits and the answers they give (the connection stays usable for other
@@ -23,8 +24,8 @@
 
 use super::metrics::InstanceMetrics;
 use super::pool::{self, Conn};
-use super::upstream::{self, ExchangeError, Outgoing};
 use super::table::{self, Failure, InstanceState, NoInstance};
+use super::upstream::{self, ExchangeError, Outgoing};
 use super::{Gateway, Mode, ServiceListen};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -227,7 +228,11 @@ async fn forward_request(
     client: &Client,
     req: Request<Incoming>,
     t0: Instant,
-) -> (Response<Body>, Option<Arc<InstanceMetrics>>, Option<Instant>) {
+) -> (
+    Response<Body>,
+    Option<Arc<InstanceMetrics>>,
+    Option<Instant>,
+) {
     let lim = &gw.cfg.limits;
     let declared = req
         .headers()
@@ -310,14 +315,14 @@ async fn forward_request(
         };
         let out = Outgoing {
             method: &method,
-            target: &target,
+            target,
             headers: &headers,
             body: &body,
         };
         let sent = now;
         let job: &str = &m.job;
         let flight = InFlight::new(gw, svc, &m);
-        let r = attempt(gw, job, addr, &out).await;
+        let r = attempt(gw, job, addr, &out, sent).await;
         let end = Instant::now();
         flight.finish(r.is_ok().then_some((sent, end)));
         // A retry picks with the clock as it is now.
@@ -422,6 +427,7 @@ async fn attempt(
     job: &str,
     addr: SocketAddr,
     req: &Outgoing<'_>,
+    sent: Instant,
 ) -> Result<Response<Body>, Failure> {
     let lim = &gw.cfg.limits;
     let pool = gw.pool(job);
@@ -431,10 +437,12 @@ async fn attempt(
             .await
             .map_err(|_| Failure::Connect)?,
     };
-    let backend = Duration::from_millis(lim.backend_timeout_ms);
+    // From when the request went out (no clock read of its own).
+    let deadline =
+        tokio::time::Instant::from_std(sent) + Duration::from_millis(lim.backend_timeout_ms);
     // On any failure the connection is dropped here, which closes it.
-    match tokio::time::timeout(
-        backend,
+    match tokio::time::timeout_at(
+        deadline,
         upstream::exchange(&mut conn.stream, req, lim.max_response_bytes),
     )
     .await

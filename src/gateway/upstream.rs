@@ -158,8 +158,8 @@ async fn write_request(io: &mut TcpStream, req: &Outgoing<'_>) -> Result<(), Exc
     }
     // A length whenever there is a body, and for the methods that expect
     // one even when it is empty (as hyper's client did).
-    let needs_length = !req.body.is_empty()
-        || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
+    let needs_length =
+        !req.body.is_empty() || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
     if needs_length {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(req.body.len().to_string().as_bytes());
@@ -218,8 +218,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
     // memset per response.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);
-    let parsed =
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut r, buf, &mut slots);
     let n = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -246,8 +246,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10
-                {
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
                     close = false;
                 }
             }
@@ -278,7 +277,11 @@ enum Framing {
 }
 
 fn framing(h: &HeaderMap) -> Result<Framing, ExchangeError> {
-    if let Some(te) = h.get_all(http::header::TRANSFER_ENCODING).iter().next_back() {
+    if let Some(te) = h
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
         return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             Framing::Chunked
@@ -499,7 +502,11 @@ mod tests {
         let (r, _s) = send(addr, Method::GET, b"").await;
         assert!(!r.unwrap().1);
         // HTTP/1.0 without keep-alive: not kept; with it: kept.
-        let (addr, _) = backend(vec![b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"], true).await;
+        let (addr, _) = backend(
+            vec![b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"],
+            true,
+        )
+        .await;
         assert!(!send(addr, Method::GET, b"").await.0.unwrap().1);
         let (addr, _) = backend(
             vec![b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok"],
@@ -583,7 +590,10 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            framing(&h(&[("transfer-encoding", "gzip, chunked"), ("content-length", "3")])),
+            framing(&h(&[
+                ("transfer-encoding", "gzip, chunked"),
+                ("content-length", "3")
+            ])),
             Ok(Framing::Chunked)
         );
         assert_eq!(
