@@ -24,7 +24,7 @@
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
 #        MAX_ROUNDS (rounds of the maximum rate, default 5),
 #        RATE_RUNS (rounds of the fixed-rate phase, default 5), BAL_ROUNDS
-#        (rounds of the balancing phase's max rate, default 3),
+#        (rounds of the balancing phase's max rate, default 5),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
 #        first as "mosgw B" in the max and rate phases, to compare builds),
@@ -46,7 +46,7 @@ SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
 RATE_RUNS=${RATE_RUNS:-5}
-BAL_ROUNDS=${BAL_ROUNDS:-3}
+BAL_ROUNDS=${BAL_ROUNDS:-5}
 RUN=/run/mosix/$NAME-bench
 # nginx's figures of the last full run, for runs with ONLY (kept across runs).
 LAST=$ROOT/.cache/bench-gw
