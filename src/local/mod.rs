@@ -843,8 +843,16 @@ pub fn down(name: &str, keep_data: bool, progress: &dyn Fn(&str)) -> anyhow::Res
 
 fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes: it holds no resources we remove.
+    // But a thread group's leader shows "Z" as soon as its own thread has
+    // exited, while its other threads may still be exiting and holding the
+    // process's files: a killed agent's listening socket, which the agent
+    // restarted after it then failed to bind (EADDRINUSE, seen in CI). So
+    // it is alive until the leader is the only thread left.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z"),
+        Ok(s) => {
+            s.rfind(')').and_then(|i| s.get(i + 2..i + 3)) != Some("Z")
+                || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
+        }
         Err(_) => false,
     }
 }
