@@ -72,11 +72,9 @@ impl Pool {
     /// Stop keeping connections and close the idle ones (for a freeze).
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        let all: Vec<Conn> = match self.idle.lock() {
-            Ok(mut g) => g.drain(..).collect(),
-            Err(_) => vec![],
-        };
-        drop(all);
+        if let Ok(mut g) = self.idle.lock() {
+            g.clear();
+        }
     }
 
     /// The instance is back: keep connections again.

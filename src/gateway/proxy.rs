@@ -250,19 +250,20 @@ async fn forward_request(
         );
     }
     let (parts, body) = req.into_parts();
-    // Most requests have no body: no timer, no collecting.
-    // Most requests have no body, and start when their head came (t0).
+    // Most requests have no body: no timer, no collecting, and they go on
+    // at the time their head came (t0); one with a body, once it is whole.
     let mut now = t0;
     let collected = if hyper::body::Body::is_end_stream(&body) {
         Ok(Ok(Bytes::new()))
     } else {
-        now = Instant::now();
-        tokio::time::timeout(
+        let c = tokio::time::timeout(
             Duration::from_millis(lim.body_timeout_ms),
             Limited::new(body, lim.max_body_bytes).collect(),
         )
         .await
-        .map(|r| r.map(|c| c.to_bytes()))
+        .map(|r| r.map(|c| c.to_bytes()));
+        now = Instant::now();
+        c
     };
     let body = match collected {
         Err(_) => {
@@ -309,7 +310,7 @@ async fn forward_request(
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut tried: Vec<String> = vec![];
     loop {
-        let (m, addr) = match pick(gw, svc, &tried, now).await {
+        let (m, addr, picked_at) = match pick(gw, svc, &tried, now).await {
             Ok(x) => x,
             Err(resp) => return (resp, None, None),
         };
@@ -319,7 +320,9 @@ async fn forward_request(
             headers: &headers,
             body: &body,
         };
-        let sent = now;
+        // After any hold in the pick: the instance's latency and the
+        // backend deadline count from here.
+        let sent = picked_at;
         let job: &str = &m.job;
         let flight = InFlight::new(gw, svc, &m);
         let r = attempt(gw, job, addr, &out, sent).await;
@@ -468,7 +471,7 @@ async fn pick(
     svc: &str,
     avoid: &[String],
     mut now: Instant,
-) -> Result<(Arc<InstanceMetrics>, SocketAddr), Response<Body>> {
+) -> Result<(Arc<InstanceMetrics>, SocketAddr, Instant), Response<Body>> {
     let hold = Duration::from_millis(gw.cfg.hold_ms);
     // Read when holding starts (most requests never hold).
     let mut deadline = None;
@@ -512,7 +515,7 @@ async fn pick(
             None => break Err(reply(StatusCode::NOT_FOUND, &format!("no service {svc:?}"))),
             Some(Ok((m, addr))) => {
                 m.in_flight.inc();
-                break Ok((m, addr));
+                break Ok((m, addr, now));
             }
             Some(Err(NoInstance::Unavailable(why))) => {
                 break Err(reply(StatusCode::SERVICE_UNAVAILABLE, &why))
@@ -629,7 +632,7 @@ fn eject(gw: &Gateway, svc: &str, job: &str) {
 async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
     let mut tried = vec![];
     loop {
-        let (m, addr) = match pick(&gw, &svc, &tried, Instant::now()).await {
+        let (m, addr, _) = match pick(&gw, &svc, &tried, Instant::now()).await {
             Ok(x) => x,
             Err(_) => return,
         };
