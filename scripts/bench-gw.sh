@@ -27,7 +27,7 @@
 #        (rounds of the balancing phase's max rate, default 5),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
-#        first as "mosgw B" in the max and rate phases, to compare builds),
+#        first as "mosgw B" in the max, rate and balance phases, to compare builds),
 #        PHASES (default "max,rate,balance,migrate"),
 #        KEEP_RUN=1 (keep /run/mosix/benchgw-bench: configs, logs, raw output),
 #        ONLY (a regex on the proxies' names, e.g. ONLY=mosgw, for tuning;
@@ -242,10 +242,11 @@ $PRIO taskset -c 0 "$MOSGW" --service web=127.0.0.1:8404 --service solo=127.0.0.
   --service cpu=127.0.0.1:8414 \
   --admin 127.0.0.1:9404 >"$RUN/mosgw.log" 2>&1 &
 GW_PID=$!; PIDS+=($GW_PID)
-# MOSGW_B: a second mosgw build beside the first, for the web service only
-# (port 8404 + 100), to compare two builds in the same minutes.
+# MOSGW_B: a second mosgw build beside the first, for the web and cpu
+# services (ports + 100), to compare two builds in the same minutes.
 if [ -n "${MOSGW_B:-}" ]; then
-  $PRIO taskset -c 0 "$MOSGW_B" --service web=127.0.0.1:8504 --admin 127.0.0.1:9504 \
+  $PRIO taskset -c 0 "$MOSGW_B" --service web=127.0.0.1:8504 --service cpu=127.0.0.1:8514 \
+    --admin 127.0.0.1:9504 \
     >"$RUN/mosgw-b.log" 2>&1 &
   GWB_PID=$!; PIDS+=($GWB_PID)
 fi
@@ -440,6 +441,7 @@ if phase balance; then
   for _ in 1 2; do BURNERS+=("$($D/mosrun -d $NETNODE --node node2 -- $D/mosjob burn 2>/dev/null)"); done
   sleep 5
   CPU_PROXIES=("nginx least_conn:8411" "haproxy leastconn:8412" "haproxy random(2):8413" "mosgw:8414")
+  if [ -n "${MOSGW_B:-}" ]; then CPU_PROXIES+=("mosgw B:8514"); fi
   mapfile -t CPU_PROXIES < <(only "${CPU_PROXIES[@]}")
   {
   echo

@@ -20,10 +20,13 @@
 //! - [`discovery`]: keeps the table current from the agents (job list and
 //!   load every `poll`, the event streams in between), active probes, the
 //!   drain-and-acknowledge step;
-//! - [`proxy`]: the listeners (hyper 1 for HTTP, a byte copy for TCP),
-//!   limits, retries and holding;
-//! - [`upstream`] and [`pool`]: the HTTP/1.1 exchange with an instance, on
-//!   the request's own task, and the kept sockets a freeze closes;
+//! - [`proxy`]: the listeners (HTTP/1.1, and a byte copy for TCP), picking
+//!   an instance, retries and holding;
+//! - [`server`]: the client side of HTTP/1.1 (a request read within the
+//!   limits, an answer written); [`upstream`] and [`pool`]: the exchange
+//!   with an instance, on the request's own task, and the kept sockets a
+//!   freeze closes; [`http1`]: the framing both sides share (heads parsed
+//!   by httparse, the parser hyper uses);
 //! - [`metrics`]: Prometheus metrics and the admin endpoint (`/metrics`,
 //!   `/status`: the table as JSON).
 //!
@@ -41,9 +44,11 @@
 //! ```
 
 pub mod discovery;
+pub mod http1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod server;
 pub mod table;
 pub mod upstream;
 
@@ -89,7 +94,7 @@ pub struct ServiceListen {
 #[serde(default)]
 pub struct Limits {
     /// Largest request head (request line and headers); larger gets 431.
-    /// At least 8192 (hyper's smallest read buffer).
+    /// At least 8192 (a head smaller than that is no real limit).
     pub max_header_bytes: usize,
     /// Largest request body; larger gets 413.
     pub max_body_bytes: usize,

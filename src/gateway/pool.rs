@@ -8,7 +8,7 @@
 //! task; closing it is dropping it, so the socket is gone when `drain`
 //! returns.
 
-use super::upstream::Stream;
+use super::http1::Stream;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -122,16 +122,14 @@ mod tests {
         let (addr, closed) = backend();
         let pool = Pool::default();
         let mut c = connect(addr, Duration::from_secs(1)).await.unwrap();
-        let mut h = http::HeaderMap::new();
-        h.insert("host", http::HeaderValue::from_static("t"));
         let req = Outgoing {
             method: &http::Method::GET,
-            target: "/",
-            headers: &h,
-            body: &bytes::Bytes::new(),
+            wire: b"GET / HTTP/1.1\r\nhost: t\r\n\r\n",
         };
-        let (r, keep) = exchange(&mut c.stream, &req, 1024).await.unwrap();
-        assert_eq!(r.status(), 200);
+        let (r, keep) = exchange(&mut c.stream, &req, 1024, &mut vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
         assert!(keep);
         pool.put(c);
         assert_eq!(pool.idle_count(), 1);
