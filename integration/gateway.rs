@@ -652,6 +652,48 @@ fn gateway_answers_bad_input_with_the_right_status_and_keeps_serving() {
         .request(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
         .unwrap();
     assert_eq!(code, 200);
+    // The other framings a client may use: a chunked body; Expect:
+    // 100-continue (the body sent only after the 100); two requests in one
+    // write (pipelined); HEAD (no body); HTTP/1.0 (closed after the answer,
+    // which carries a date).
+    let (code, _) = c
+        .request(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .unwrap();
+    assert_eq!(code, 200);
+    {
+        let mut s = TcpStream::connect(gw.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+        let mut b = [0u8; 25];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"hello").unwrap();
+        assert_eq!(read_response(&mut s).unwrap().0, 200);
+    }
+    let r = raw_exchange(
+        gw.http,
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        w,
+    );
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 2, "{r}");
+    let r = raw_exchange(
+        gw.http,
+        b"HEAD / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        w,
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("\r\n\r\n"), "a HEAD answer has no body: {r:?}");
+    let t0 = Instant::now();
+    let r = raw_exchange(gw.http, b"GET / HTTP/1.0\r\n\r\n", w);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("\r\ndate: "), "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "an HTTP/1.0 connection is closed after its answer"
+    );
     // TCP mode: bytes both ways to the instance.
     let raw_addr: SocketAddr = raw_listen.trim_start_matches("raw=").parse().unwrap();
     let t0 = Instant::now();

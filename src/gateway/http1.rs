@@ -157,6 +157,12 @@ impl<'a> ConnectionHeader<'a> {
         c
     }
 
+    /// Whether the connection stays open after this message: HTTP/1.1
+    /// unless `close`; HTTP/1.0 only with `keep-alive` (RFC 9112 9.3).
+    pub fn keeps_alive(&self, http10: bool) -> bool {
+        !self.close && (!http10 || self.keep_alive)
+    }
+
     /// Whether `name` is not to be forwarded: connection-level, or listed.
     pub fn drops(&self, name: &str) -> bool {
         hop_by_hop(name) || self.listed.iter().any(|l| l.eq_ignore_ascii_case(name))
@@ -295,6 +301,9 @@ mod tests {
         ];
         let c = ConnectionHeader::of(&hs);
         assert!(c.close && c.keep_alive);
+        assert!(!c.keeps_alive(false) && !c.keeps_alive(true));
+        let plain = ConnectionHeader::default();
+        assert!(plain.keeps_alive(false) && !plain.keeps_alive(true));
         assert_eq!(c.listed, vec!["X-Secret"]);
         for n in ["x-secret", "Connection", "TE", "upgrade", "Keep-Alive"] {
             assert!(c.drops(n), "{n}");

@@ -267,11 +267,7 @@ fn parse_head(
     let target = origin_form(target).ok_or_else(|| refuse(400, "bad request target"))?;
     let http10 = r.version == Some(0);
     let conn = ConnectionHeader::of(r.headers);
-    let keep_alive = if http10 {
-        conn.keep_alive && !conn.close
-    } else {
-        !conn.close
-    };
+    let keep_alive = conn.keeps_alive(http10);
 
     wire.extend_from_slice(method.as_str().as_bytes());
     wire.push(b' ');

@@ -287,8 +287,9 @@ pub const SATURATION_WINDOW: Duration = Duration::from_secs(1);
 pub const SATURATION_RISE: Duration = Duration::from_millis(250);
 
 /// Whether a service is saturated: its requests in flight per instance,
-/// averaged over time (an exponential average with a
-/// [`SATURATION_WINDOW`] time constant, sampled at each choice).
+/// averaged over time (an exponential average, sampled at each choice,
+/// with a [`SATURATION_RISE`] time constant while it rises and
+/// [`SATURATION_WINDOW`] while it falls).
 ///
 /// Why an average and not the count at the moment of the choice: a burst
 /// at moderate load queues requests everywhere for a few milliseconds, and
@@ -472,8 +473,8 @@ pub fn when_none_eligible<'a>(
 pub enum Failure {
     /// No connection: the request never left the gateway.
     Connect,
-    /// A pooled connection was already closed; hyper did not send the
-    /// request (canceled).
+    /// A pooled connection was already closed: nothing of the request was
+    /// written.
     NotSent,
     /// The connection failed after the request was (maybe) sent, before a
     /// response: a reset or an early close.

@@ -185,11 +185,7 @@ fn parse_head(
         .ok_or(ExchangeError::Reset)?;
     let http10 = r.version == Some(0);
     let conn = ConnectionHeader::of(r.headers);
-    let keep_alive = if http10 {
-        conn.keep_alive && !conn.close
-    } else {
-        !conn.close
-    };
+    let keep_alive = conn.keeps_alive(http10);
     // RFC 9112 6.3: no body after HEAD, nor in a 1xx, 204 or 304 answer;
     // a HEAD or 304 answer's length is the length of a body not sent, and
     // goes on as it is.
