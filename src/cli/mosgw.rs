@@ -40,7 +40,8 @@ pub struct Args {
     /// Time for a client to send a request head, ms (408 after).
     #[arg(long)]
     pub header_timeout_ms: Option<u64>,
-    /// Time for a client to send a request body, ms (408 after).
+    /// Time for a client to send a request body, ms (408 after), and to
+    /// take an answer (the connection is closed after).
     #[arg(long)]
     pub body_timeout_ms: Option<u64>,
     /// Time for an instance to answer, ms (504 after).

@@ -100,7 +100,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// A client must send a request head within this (else 408).
     pub header_timeout_ms: u64,
-    /// ... and its body within this (else 408).
+    /// ... and its body within this (else 408); and take an answer within
+    /// this (else the connection is closed: a client that stops reading
+    /// would hold its connection for good).
     pub body_timeout_ms: u64,
     /// A backend must answer within this (else 504).
     pub backend_timeout_ms: u64,

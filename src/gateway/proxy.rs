@@ -172,11 +172,16 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
                 }
             }
         };
-        let written = server::write_reply(&mut s.io, Some(&req), &reply, end, &mut out).await;
-        if written.is_err() || reply.close {
+        let write_by = end + Duration::from_millis(lim.body_timeout_ms);
+        let write = server::write_reply(&mut s.io, Some(&req), &reply, end, &mut out);
+        let written = wd.within(write_by, write).await;
+        if !matches!(written, Some(Ok(()))) || reply.close {
             let _ = s.io.shutdown().await;
             return;
         }
+        // A large body made a buffer large: not kept for the connection's
+        // life (a thousand idle connections would hold a megabyte each).
+        server::shrink(&mut wire, &mut s.buf);
         waiting_since = end;
     }
 }

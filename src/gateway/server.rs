@@ -22,6 +22,8 @@
 //!   else the idle connection is just closed);
 //! - a body longer than `max_body_bytes` (by `Content-Length`, or as the
 //!   chunks arrive) → 413; not complete within `body_timeout_ms` → 408;
+//!   an answer not taken within `body_timeout_ms` → the connection is
+//!   closed (a client that stops reading would hold it for good);
 //! - `Expect: 100-continue` is answered with `100 Continue` before the body
 //!   is read (the instance never sees it: the body is sent whole);
 //! - `Transfer-Encoding` together with `Content-Length`, or on an HTTP/1.0
@@ -373,6 +375,21 @@ fn origin_form(target: &str) -> Option<&str> {
     }
 }
 
+/// Buffers above this are let go after a request.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Let go of a connection's buffers if a large request grew them.
+pub fn shrink(wire: &mut Vec<u8>, read: &mut bytes::BytesMut) {
+    if wire.capacity() > KEEP_BUFFER {
+        *wire = Vec::with_capacity(1024);
+    }
+    if read.capacity() > KEEP_BUFFER && read.len() < 8192 {
+        let mut fresh = bytes::BytesMut::with_capacity(8192);
+        fresh.extend_from_slice(read);
+        *read = fresh;
+    }
+}
+
 /// What goes back to the client.
 pub struct Reply<'a> {
     pub status: u16,
@@ -560,6 +577,22 @@ mod tests {
         assert_eq!(origin_form("http://h?q"), None);
         assert_eq!(origin_form("ftp://h/x"), None);
         assert_eq!(origin_form("h:443"), None);
+    }
+
+    #[test]
+    fn large_buffers_are_let_go() {
+        let mut wire = Vec::with_capacity(1 << 20);
+        let mut read = bytes::BytesMut::with_capacity(1 << 20);
+        read.extend_from_slice(b"GET / HT");
+        shrink(&mut wire, &mut read);
+        assert!(wire.capacity() <= KEEP_BUFFER);
+        assert!(read.capacity() <= KEEP_BUFFER);
+        assert_eq!(&read[..], b"GET / HT");
+        // Small ones are kept as they are.
+        let mut wire = Vec::with_capacity(2048);
+        let p = wire.as_ptr();
+        shrink(&mut wire, &mut read);
+        assert_eq!(wire.as_ptr(), p);
     }
 
     #[test]
