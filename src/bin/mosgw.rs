@@ -1,7 +1,7 @@
 use clap::Parser;
 
-// A proxy allocates and frees small buffers for every request (heads, bodies,
-// hyper's queues); glibc's malloc cost ~7% of the gateway's CPU at full load
+// A proxy allocates and frees small buffers for every request (bodies, the
+// table's scratch vectors); glibc's malloc cost ~7% of the gateway's CPU at full load
 // (perf, `make bench-gw`), mimalloc's per-thread free lists far less.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
