@@ -133,14 +133,7 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
                     .with_label_values(&[&*svc, "", &status.to_string()])
                     .inc();
                 let body = format!("mosgw: {why}\n");
-                let reply = Reply {
-                    status,
-                    lines: TEXT,
-                    body: body.as_bytes(),
-                    dated: false,
-                    length_in_lines: false,
-                    close: true,
-                };
+                let reply = own_reply(status, &body, true);
                 let _ =
                     server::write_reply(&mut s.io, None, &reply, Instant::now(), &mut out).await;
                 let _ = s.io.shutdown().await;
@@ -162,14 +155,7 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
             },
             Outcome::Own(status, msg) => {
                 own = format!("mosgw: {msg}\n");
-                Reply {
-                    status: *status,
-                    lines: TEXT,
-                    body: own.as_bytes(),
-                    dated: false,
-                    length_in_lines: false,
-                    close: !req.keep_alive,
-                }
+                own_reply(*status, &own, !req.keep_alive)
             }
         };
         let write_by = end + Duration::from_millis(lim.body_timeout_ms);
@@ -183,6 +169,19 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
         // life (a thousand idle connections would hold a megabyte each).
         server::shrink(&mut wire, &mut s.buf);
         waiting_since = end;
+    }
+}
+
+/// An answer the gateway makes itself: plain text, no date of an instance,
+/// its own length.
+fn own_reply(status: u16, body: &str, close: bool) -> Reply<'_> {
+    Reply {
+        status,
+        lines: TEXT,
+        body: body.as_bytes(),
+        dated: false,
+        length_in_lines: false,
+        close,
     }
 }
 

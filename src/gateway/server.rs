@@ -154,9 +154,10 @@ pub async fn read_request(
     wire: &mut Vec<u8>,
 ) -> Result<Option<Request>, Refusal> {
     let head_deadline = waiting_since + Duration::from_millis(lim.header_timeout_ms);
+    // A head not yet complete leaves nothing in `wire`: cleared once.
+    wire.clear();
     let head = loop {
         if !s.buf.is_empty() {
-            wire.clear();
             if let Some((n, head)) = parse_head(&s.buf, lim.max_header_bytes, client_ip, wire)? {
                 bytes::Buf::advance(&mut s.buf, n);
                 break head;
