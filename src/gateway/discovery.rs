@@ -115,18 +115,13 @@ fn sightings(gw: &Gateway, jobs: &[pb::Job], service: &str) -> Vec<Sighting> {
 
 /// Pools of active instances keep connections again (after a return).
 fn resume_active_pools(gw: &Gateway) {
-    let active: Vec<String> = match gw.services.lock() {
-        Ok(g) => g
-            .values()
-            .flat_map(|s| s.instances.values())
-            .filter(|i| i.state == InstanceState::Active)
-            .map(|i| i.job.clone())
-            .collect(),
-        Err(_) => return,
-    };
-    for j in active {
-        gw.pool(&j).resume();
-    }
+    gw.each_service(|_, t| {
+        for i in t.instances.values() {
+            if i.state == InstanceState::Active {
+                i.pool.resume();
+            }
+        }
+    });
 }
 
 async fn poll_loop(gw: Arc<Gateway>, cf: ClusterFile, tls: Option<ClientTls>) {
@@ -145,18 +140,15 @@ async fn poll_loop(gw: Arc<Gateway>, cf: ClusterFile, tls: Option<ClientTls>) {
                     .unwrap_or(false);
             }
         }
-        if let Ok(mut g) = gw.services.lock() {
-            for s in g.values_mut() {
-                for i in s.instances.values_mut() {
-                    if let Some((_, l)) = loads.iter().find(|(n, _)| *n == i.node) {
-                        i.load_per_capacity = *l;
-                    }
+        gw.each_service(|_, s| {
+            for i in s.instances.values_mut() {
+                if let Some((_, l)) = loads.iter().find(|(n, _)| *n == i.node) {
+                    i.load_per_capacity = *l;
                 }
             }
-        }
+        });
         if changed {
             resume_active_pools(&gw);
-            gw.prune_pools();
             gw.changed.notify_waiters();
         }
         tokio::time::sleep(every).await;
@@ -227,18 +219,22 @@ fn on_event(
             };
             let changed = gw
                 .with_service(&ev.service, |t| {
-                    table::apply(&mut t.instances, &s, Instant::now())
+                    let changed = table::apply(&mut t.instances, &s, Instant::now());
+                    if changed {
+                        if let Some(i) = t.instances.get(&s.job) {
+                            i.pool.resume();
+                        }
+                    }
+                    changed
                 })
                 .unwrap_or(false);
             if changed {
                 tracing::info!(job = %ev.job_id, node = %ev.node, %addr, "instance running");
-                gw.pool(&ev.job_id).resume();
                 gw.changed.notify_waiters();
             }
         }
         Ok(pb::JobEventKind::Ended) if ours => {
             gw.with_service(&ev.service, |t| t.instances.remove(&ev.job_id));
-            gw.prune_pools();
             gw.changed.notify_waiters();
         }
         _ => {}
@@ -279,8 +275,13 @@ async fn drain(gw: &Arc<Gateway>, ev: &pb::JobEvent) {
             }
         }
     }
-    // Even an instance we never listed may have pooled connections.
-    gw.pool(job).drain();
+    // Closed outside the table's lock.
+    if let Some(pool) = gw
+        .with_service(svc, |t| t.instances.get(job).map(|i| i.pool.clone()))
+        .flatten()
+    {
+        pool.drain();
+    }
     gw.with_service(svc, |t| {
         if let Some(i) = t.instances.get_mut(job) {
             if matches!(i.state, InstanceState::Draining { .. }) {
@@ -314,23 +315,20 @@ async fn ack(endpoint: &str, tls: Option<&ClientTls>, subscriber: &str, freeze_i
 async fn probe_loop(gw: Arc<Gateway>) {
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
-        let targets: Vec<(String, String, SocketAddr)> = match gw.services.lock() {
-            Ok(g) => g
-                .iter()
-                .flat_map(|(svc, t)| {
-                    t.instances
-                        .values()
-                        .filter(|i| {
-                            matches!(
-                                i.state,
-                                InstanceState::Active | InstanceState::Ejected { .. }
-                            )
-                        })
-                        .map(move |i| (svc.clone(), i.job.clone(), i.addr))
-                })
-                .collect(),
-            Err(_) => continue,
-        };
+        let mut targets: Vec<(String, String, SocketAddr)> = vec![];
+        gw.each_service(|svc, t| {
+            targets.extend(
+                t.instances
+                    .values()
+                    .filter(|i| {
+                        matches!(
+                            i.state,
+                            InstanceState::Active | InstanceState::Ejected { .. }
+                        )
+                    })
+                    .map(|i| (svc.to_string(), i.job.clone(), i.addr)),
+            )
+        });
         let probes = targets.into_iter().map(|(svc, job, addr)| async move {
             let ok = matches!(
                 tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,

@@ -201,13 +201,33 @@ pub struct ServiceTable {
     pub saturation: Saturation,
 }
 
+/// One service: its name and its table behind a lock of its own. Each of
+/// its client connections holds it, so a request reaches its table without
+/// looking the service up by name (twice a request, before).
+pub struct Service {
+    pub name: Arc<str>,
+    table: Mutex<ServiceTable>,
+}
+
+impl Service {
+    fn new(name: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            table: Mutex::new(ServiceTable::default()),
+        }
+    }
+
+    /// Run `f` on the table (None only if a panic poisoned its lock).
+    pub fn with<T>(&self, f: impl FnOnce(&mut ServiceTable) -> T) -> Option<T> {
+        self.table.lock().ok().map(|mut t| f(&mut t))
+    }
+}
+
 /// The gateway's shared state.
 pub struct Gateway {
     pub cfg: Config,
-    pub services: Mutex<HashMap<String, ServiceTable>>,
-    /// Connection pools by job id (kept apart from the table so a pool can
-    /// be drained without holding the table's lock).
-    pub pools: Mutex<HashMap<String, Arc<pool::Pool>>>,
+    /// By name; fixed at start (the services are the configuration's).
+    pub services: HashMap<String, Arc<Service>>,
     /// Wakes requests held for an instance and drain waiters when the
     /// table changes or an in-flight request ends.
     pub changed: Notify,
@@ -237,13 +257,12 @@ impl Gateway {
         let services = cfg
             .services
             .iter()
-            .map(|s| (s.name.clone(), ServiceTable::default()))
+            .map(|s| (s.name.clone(), Arc::new(Service::new(&s.name))))
             .collect();
         Ok(Arc::new(Self {
             metrics: metrics::Metrics::new()?,
             cfg,
-            services: Mutex::new(services),
-            pools: Mutex::new(HashMap::new()),
+            services,
             changed: Notify::new(),
             access: access.map(Mutex::new),
             node_addrs,
@@ -256,33 +275,13 @@ impl Gateway {
 
     /// Run `f` on a service's table (None if the service is not ours).
     pub fn with_service<T>(&self, name: &str, f: impl FnOnce(&mut ServiceTable) -> T) -> Option<T> {
-        let mut g = self.services.lock().ok()?;
-        g.get_mut(name).map(f)
+        self.services.get(name)?.with(f)
     }
 
-    /// The pool of connections to `job` (created on first use).
-    pub fn pool(&self, job: &str) -> Arc<pool::Pool> {
-        match self.pools.lock() {
-            // Looked up before inserting: no allocation on the hot path.
-            Ok(mut p) => match p.get(job) {
-                Some(pool) => pool.clone(),
-                None => p.entry(job.to_string()).or_default().clone(),
-            },
-            Err(_) => Arc::default(),
-        }
-    }
-
-    /// Drop pools of jobs no longer in any table.
-    pub fn prune_pools(&self) {
-        let live: Vec<String> = match self.services.lock() {
-            Ok(g) => g
-                .values()
-                .flat_map(|s| s.instances.keys().cloned())
-                .collect(),
-            Err(_) => return,
-        };
-        if let Ok(mut p) = self.pools.lock() {
-            p.retain(|j, _| live.contains(j));
+    /// Run `f` on every service's table in turn, with its name.
+    pub fn each_service(&self, mut f: impl FnMut(&str, &mut ServiceTable)) {
+        for (name, s) in &self.services {
+            s.with(|t| f(name, t));
         }
     }
 
@@ -297,11 +296,8 @@ impl Gateway {
     /// The table as JSON (for `/status` and tests).
     pub fn status(&self) -> serde_json::Value {
         let now = Instant::now();
-        let Ok(g) = self.services.lock() else {
-            return serde_json::Value::Null;
-        };
         let mut out = serde_json::Map::new();
-        for (name, s) in g.iter() {
+        self.each_service(|name, s| {
             let list: Vec<serde_json::Value> = s
                 .instances
                 .values()
@@ -318,8 +314,8 @@ impl Gateway {
                     })
                 })
                 .collect();
-            out.insert(name.clone(), serde_json::Value::Array(list));
-        }
+            out.insert(name.to_string(), serde_json::Value::Array(list));
+        });
         serde_json::Value::Object(out)
     }
 }

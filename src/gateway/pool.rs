@@ -42,6 +42,16 @@ pub struct Pool {
     draining: AtomicBool,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().map(|g| g.len()).unwrap_or(0);
+        f.debug_struct("Pool")
+            .field("idle", &idle)
+            .field("draining", &self.draining.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
 impl Pool {
     /// An idle connection to `addr` that is still open.
     pub fn take(&self, addr: SocketAddr) -> Option<Conn> {

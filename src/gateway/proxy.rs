@@ -29,7 +29,7 @@ use super::pool::{self, Conn};
 use super::server::{self, Refusal, Reply, Request, Watchdog};
 use super::table::{self, Failure, InstanceState, NoInstance};
 use super::upstream::{self, Answer, ExchangeError, Outgoing};
-use super::{Gateway, Mode, ServiceListen};
+use super::{Gateway, Mode, Service, ServiceListen};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +70,12 @@ pub async fn serve(
     listener: TcpListener,
     conns: Arc<Semaphore>,
 ) {
-    let name: Arc<str> = Arc::from(svc.name.as_str());
+    // Services are fixed at start, so this finds it; each connection then
+    // holds it and looks nothing up by name.
+    let Some(service) = gw.services.get(&svc.name).cloned() else {
+        tracing::error!(service = %svc.name, "not in the gateway's table");
+        return;
+    };
     loop {
         let Ok(permit) = conns.clone().acquire_owned().await else {
             return;
@@ -79,18 +84,18 @@ pub async fn serve(
             Ok(x) => x,
             Err(e) => {
                 // Out of fds and the like: wait instead of spinning.
-                tracing::warn!(service = %name, "accept: {e}");
+                tracing::warn!(service = %svc.name, "accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
-        let name = name.clone();
+        let service = service.clone();
         tokio::spawn(async move {
             match svc.mode {
-                Mode::Http => http_conn(gw, name, stream, peer).await,
-                Mode::Tcp => tcp_conn(gw, name, stream).await,
+                Mode::Http => http_conn(gw, service, stream, peer).await,
+                Mode::Tcp => tcp_conn(gw, service, stream).await,
             }
             drop(permit);
         });
@@ -99,8 +104,9 @@ pub async fn serve(
 
 /// One client connection in HTTP mode: requests one after another, each
 /// read whole, forwarded, answered.
-async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+async fn http_conn(gw: Arc<Gateway>, service: Arc<Service>, stream: TcpStream, peer: SocketAddr) {
     let lim = &gw.cfg.limits;
+    let svc: &str = &service.name;
     // The client's address as it goes into X-Forwarded-For, formatted once
     // per connection rather than on every request it sends.
     let ip = peer.ip().to_string();
@@ -130,7 +136,7 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
             Err(Refusal { status, why }) => {
                 gw.metrics
                     .requests
-                    .with_label_values(&[&*svc, "", &status.to_string()])
+                    .with_label_values(&[svc, "", &status.to_string()])
                     .inc();
                 let body = format!("mosgw: {why}\n");
                 let reply = own_reply(status, &body, true);
@@ -142,7 +148,7 @@ async fn http_conn(gw: Arc<Gateway>, svc: Arc<str>, stream: TcpStream, peer: Soc
         };
         first = false;
         lines.clear();
-        let (outcome, end) = handle(&gw, &svc, peer, &req, &wire, &mut wd, &mut lines).await;
+        let (outcome, end) = handle(&gw, &service, peer, &req, &wire, &mut wd, &mut lines).await;
         let own;
         let reply = match &outcome {
             Outcome::Forwarded(a) => Reply {
@@ -188,7 +194,7 @@ fn own_reply(status: u16, body: &str, close: bool) -> Reply<'_> {
 /// One request: forward, account. Returns how it ended and when.
 async fn handle(
     gw: &Arc<Gateway>,
-    svc: &str,
+    service: &Service,
     peer: SocketAddr,
     req: &Request,
     wire: &[u8],
@@ -196,7 +202,8 @@ async fn handle(
     lines: &mut Vec<u8>,
 ) -> (Outcome, Instant) {
     let t0 = Instant::now();
-    let (outcome, picked, end) = forward_request(gw, svc, req, wire, wd, lines, t0).await;
+    let svc: &str = &service.name;
+    let (outcome, picked, end) = forward_request(gw, service, req, wire, wd, lines, t0).await;
     let code = outcome.status();
     // One clock read less: the end the in-flight count took, if any.
     let end = end.unwrap_or_else(Instant::now);
@@ -233,7 +240,7 @@ async fn handle(
 
 async fn forward_request(
     gw: &Arc<Gateway>,
-    svc: &str,
+    service: &Service,
     req: &Request,
     wire: &[u8],
     wd: &mut Watchdog,
@@ -244,10 +251,11 @@ async fn forward_request(
         method: &req.method,
         wire,
     };
+    let svc: &str = &service.name;
     let mut now = t0;
     let mut tried: Vec<String> = vec![];
     loop {
-        let (m, addr, picked_at) = match pick(gw, svc, &tried, now).await {
+        let (m, pool, addr, picked_at) = match pick(gw, service, &tried, now).await {
             Ok(x) => x,
             Err(own) => return (own, None, None),
         };
@@ -255,8 +263,8 @@ async fn forward_request(
         // backend deadline count from here.
         let sent = picked_at;
         let job: &str = &m.job;
-        let flight = InFlight::new(gw, svc, &m);
-        let r = attempt(gw, job, addr, &out, sent, wd, lines).await;
+        let flight = InFlight::new(gw, service, &m);
+        let r = attempt(gw, &pool, addr, &out, sent, wd, lines).await;
         let end = Instant::now();
         flight.finish(r.is_ok().then_some((sent, end)));
         // A retry picks with the clock as it is now.
@@ -272,13 +280,10 @@ async fn forward_request(
                 };
                 gw.metrics.errors.with_label_values(&[svc, job, kind]).inc();
                 if matches!(f, Failure::Connect | Failure::Reset) {
-                    eject(gw, svc, job);
+                    eject(gw, service, job);
                 }
                 tried.push(job.to_string());
-                let budget = || {
-                    gw.with_service(svc, |s| s.budget.withdraw())
-                        .unwrap_or(false)
-                };
+                let budget = || service.with(|s| s.budget.withdraw()).unwrap_or(false);
                 if tried.len() < MAX_ATTEMPTS && table::may_retry(&req.method, f) && budget() {
                     gw.metrics.retries.with_label_values(&[svc]).inc();
                     continue;
@@ -303,7 +308,7 @@ async fn forward_request(
 /// (left empty on a failure).
 async fn attempt(
     gw: &Arc<Gateway>,
-    job: &str,
+    pool: &pool::Pool,
     addr: SocketAddr,
     req: &Outgoing<'_>,
     sent: Instant,
@@ -311,7 +316,6 @@ async fn attempt(
     lines: &mut Vec<u8>,
 ) -> Result<Answer, Failure> {
     let lim = &gw.cfg.limits;
-    let pool = gw.pool(job);
     let mut conn: Conn = match pool.take(addr) {
         Some(c) => c,
         None => pool::connect(addr, CONNECT_TIMEOUT)
@@ -341,10 +345,11 @@ async fn attempt(
 /// the request while the service's instances are being moved.
 async fn pick(
     gw: &Arc<Gateway>,
-    svc: &str,
+    service: &Service,
     avoid: &[String],
     mut now: Instant,
-) -> Result<(Arc<InstanceMetrics>, SocketAddr, Instant), Outcome> {
+) -> Result<(Arc<InstanceMetrics>, Arc<pool::Pool>, SocketAddr, Instant), Outcome> {
+    let svc: &str = &service.name;
     let hold = Duration::from_millis(gw.cfg.hold_ms);
     // Read when holding starts (most requests never hold).
     let mut deadline = None;
@@ -359,7 +364,7 @@ async fn pick(
             notified.as_mut().enable();
         }
         let slow = gw.slow_start();
-        let r = gw.with_service(svc, |s| {
+        let r = service.with(|s| {
             // A request pays into the retry budget once, on its first
             // look, under the lock the pick takes anyway.
             if avoid.is_empty() && !holding {
@@ -379,16 +384,16 @@ async fn pick(
                     let m = i
                         .metrics
                         .get_or_insert_with(|| Arc::new(gw.metrics.for_instance(svc, &i.job)));
-                    Ok((m.clone(), i.addr))
+                    Ok((m.clone(), i.pool.clone(), i.addr))
                 }
                 None => Err(table::when_none_eligible(svc, s.instances.values())),
             }
         });
         match r {
             None => break Err(Outcome::Own(404, format!("no service {svc:?}"))),
-            Some(Ok((m, addr))) => {
+            Some(Ok((m, pool, addr))) => {
                 m.in_flight.inc();
-                break Ok((m, addr, now));
+                break Ok((m, pool, addr, now));
             }
             Some(Err(NoInstance::Unavailable(why))) => break Err(Outcome::Own(503, why)),
             Some(Err(NoInstance::Hold)) => {
@@ -432,16 +437,16 @@ async fn pick(
 /// wait its whole bound for requests that no longer existed.
 struct InFlight<'a> {
     gw: &'a Gateway,
-    svc: &'a str,
+    service: &'a Service,
     m: &'a InstanceMetrics,
     done: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn new(gw: &'a Gateway, svc: &'a str, m: &'a InstanceMetrics) -> Self {
+    fn new(gw: &'a Gateway, service: &'a Service, m: &'a InstanceMetrics) -> Self {
         Self {
             gw,
-            svc,
+            service,
             m,
             done: false,
         }
@@ -451,7 +456,7 @@ impl<'a> InFlight<'a> {
     /// its answer was complete) says so.
     fn finish(mut self, sent_end: Option<(Instant, Instant)>) {
         self.done = true;
-        finished(self.gw, self.svc, self.m, sent_end);
+        finished(self.gw, self.service, self.m, sent_end);
     }
 }
 
@@ -459,7 +464,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if !self.done {
             // Abandoned: no response time to learn from.
-            finished(self.gw, self.svc, self.m, None);
+            finished(self.gw, self.service, self.m, None);
         }
     }
 }
@@ -467,8 +472,13 @@ impl Drop for InFlight<'_> {
 /// A request at `job` ended (sent and answered at `sent_end`, if it was
 /// answered): no longer in flight; its latency feeds the balancer; wake
 /// drains and holds.
-fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, sent_end: Option<(Instant, Instant)>) {
-    gw.with_service(svc, |s| {
+fn finished(
+    gw: &Gateway,
+    service: &Service,
+    m: &InstanceMetrics,
+    sent_end: Option<(Instant, Instant)>,
+) {
+    service.with(|s| {
         if let Some(i) = s.instances.get_mut(&*m.job) {
             i.in_flight = i.in_flight.saturating_sub(1);
             if let Some((sent, end)) = sent_end {
@@ -483,8 +493,8 @@ fn finished(gw: &Gateway, svc: &str, m: &InstanceMetrics, sent_end: Option<(Inst
 
 /// Passive health check: no traffic to `job` for a while (the active probe
 /// re-admits it). An instance being drained or away is left alone.
-fn eject(gw: &Gateway, svc: &str, job: &str) {
-    gw.with_service(svc, |s| {
+fn eject(gw: &Gateway, service: &Service, job: &str) {
+    service.with(|s| {
         if let Some(i) = s.instances.get_mut(job) {
             if matches!(
                 i.state,
@@ -500,15 +510,16 @@ fn eject(gw: &Gateway, svc: &str, job: &str) {
 }
 
 /// One client connection in TCP mode: bytes copied both ways to an instance.
-async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
+async fn tcp_conn(gw: Arc<Gateway>, service: Arc<Service>, mut client: TcpStream) {
+    let svc: &str = &service.name;
     let mut tried = vec![];
     loop {
-        let (m, addr, _) = match pick(&gw, &svc, &tried, Instant::now()).await {
+        let (m, _, addr, _) = match pick(&gw, &service, &tried, Instant::now()).await {
             Ok(x) => x,
             Err(_) => return,
         };
         let job: &str = &m.job;
-        let flight = InFlight::new(&gw, &svc, &m);
+        let flight = InFlight::new(&gw, &service, &m);
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(mut backend)) => {
                 let _ = backend.set_nodelay(true);
@@ -516,7 +527,7 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
                 flight.finish(None);
                 gw.metrics
                     .requests
-                    .with_label_values(&[&*svc, job, "tcp"])
+                    .with_label_values(&[svc, job, "tcp"])
                     .inc();
                 return;
             }
@@ -524,9 +535,9 @@ async fn tcp_conn(gw: Arc<Gateway>, svc: Arc<str>, mut client: TcpStream) {
                 flight.finish(None);
                 gw.metrics
                     .errors
-                    .with_label_values(&[&*svc, job, "connect"])
+                    .with_label_values(&[svc, job, "connect"])
                     .inc();
-                eject(&gw, &svc, job);
+                eject(&gw, &service, job);
                 tried.push(job.to_string());
                 if tried.len() >= MAX_ATTEMPTS {
                     return;

@@ -30,6 +30,8 @@
 //!   (see [`choose`] and [`least`]).
 
 use super::metrics::InstanceMetrics;
+use super::pool::Pool;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +84,10 @@ pub struct Instance {
     pub latency: Option<PeakEwma>,
     /// Its metric series, looked up on its first request.
     pub metrics: Option<Arc<InstanceMetrics>>,
+    /// Its kept connections. Owned here, so a request finds them with its
+    /// choice, and an instance that leaves the table takes them along: they
+    /// close once the last request that holds the pool lets go.
+    pub pool: Arc<Pool>,
 }
 
 /// linkerd2-proxy's peak-sensitive moving average of response times.
@@ -142,6 +148,7 @@ impl Instance {
             probe_failures: 0,
             latency: None,
             metrics: None,
+            pool: Arc::default(),
         }
     }
 
@@ -185,11 +192,16 @@ pub fn cost(in_flight: u32, latency: f64, load_per_capacity: f64, weight: f64) -
     (f64::from(in_flight) + 1.0) * latency * (1.0 + load) / weight.max(0.01)
 }
 
+/// Scratch lists of a choice: on the stack for services of up to this
+/// many instances (a choice is made for every request).
+const INLINE: usize = 8;
+type Scratch<T> = SmallVec<[T; INLINE]>;
+
 /// The latency to assume for instances that have not answered yet: the
 /// median of the others' estimates (so a new instance competes as a
 /// typical one), or the floor if none has answered.
-fn default_latency<'a>(pool: impl Iterator<Item = &'a &'a Instance>, now: Instant) -> f64 {
-    let mut known: Vec<f64> = pool.filter_map(|i| i.latency.map(|l| l.at(now))).collect();
+fn default_latency(measured: &[Option<f64>]) -> f64 {
+    let mut known: Scratch<f64> = measured.iter().flatten().copied().collect();
     if known.is_empty() {
         return LATENCY_FLOOR;
     }
@@ -229,7 +241,7 @@ pub fn p2c_weighted(
     if n <= 1 || weights.len() != n {
         return p2c(costs, rand);
     }
-    let w: Vec<f64> = weights
+    let w: Scratch<f64> = weights
         .iter()
         .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
         .collect();
@@ -351,14 +363,21 @@ pub fn choose<'a>(
     saturation: &mut Saturation,
     rand: impl FnMut(usize) -> usize,
 ) -> Option<String> {
-    let eligible: Vec<&Instance> = instances.filter(|i| i.eligible()).collect();
-    let fresh: Vec<&Instance> = eligible
-        .iter()
-        .copied()
-        .filter(|i| !avoid.contains(&i.job))
-        .collect();
-    let pool = if fresh.is_empty() { eligible } else { fresh };
-    let typical = default_latency(pool.iter(), now);
+    let eligible: Scratch<&Instance> = instances.filter(|i| i.eligible()).collect();
+    let pool = if avoid.is_empty() {
+        eligible
+    } else {
+        let fresh: Scratch<&Instance> = eligible
+            .iter()
+            .copied()
+            .filter(|i| !avoid.contains(&i.job))
+            .collect();
+        if fresh.is_empty() {
+            eligible
+        } else {
+            fresh
+        }
+    };
     // Saturated: the service has had requests queued everywhere for a
     // while (on average [`SATURATED_IN_FLIGHT`] or more in flight per
     // instance, see [`Saturation`]), so a request waits wherever it goes.
@@ -371,14 +390,24 @@ pub fn choose<'a>(
     // is what keeps p99 low below saturation.
     let total: u32 = pool.iter().map(|i| i.in_flight).sum();
     let saturated = saturation.observe(f64::from(total) / pool.len().max(1) as f64, now);
-    let costs: Vec<f64> = pool
+    let weight =
+        |i: &Instance| slow_start_weight(now.saturating_duration_since(i.since), slow_start);
+    if saturated {
+        let costs: Scratch<f64> = pool
+            .iter()
+            .map(|i| (f64::from(i.in_flight) + 1.0) / weight(i).max(0.01))
+            .collect();
+        return least(&costs, rand).map(|k| pool[k].job.clone());
+    }
+    // Each estimate read once (a decay, so an `exp`, apiece).
+    let measured: Scratch<Option<f64>> =
+        pool.iter().map(|i| i.latency.map(|l| l.at(now))).collect();
+    let typical = default_latency(&measured);
+    let costs: Scratch<f64> = pool
         .iter()
-        .map(|i| {
-            let weight = slow_start_weight(now.saturating_duration_since(i.since), slow_start);
-            if saturated {
-                return (f64::from(i.in_flight) + 1.0) / weight.max(0.01);
-            }
-            let measured = i.latency.map(|l| l.at(now));
+        .zip(&measured)
+        .map(|(i, &measured)| {
+            let weight = weight(i);
             let own = measured.unwrap_or(typical);
             // The node's load tells which instance sits on the busier node
             // before it has answered anything. Once it has, its response
@@ -402,14 +431,11 @@ pub fn choose<'a>(
             )
         })
         .collect();
-    if saturated {
-        return least(&costs, rand).map(|k| pool[k].job.clone());
-    }
     // Drawn in proportion to 1 / cost: an idle slow instance is rarely a
     // candidate, but once the fast ones have requests queued their cost
     // rises and the slow one is drawn again, so no capacity is left unused
     // as the service fills up.
-    let weights: Vec<f64> = costs.iter().map(|c| 1.0 / c).collect();
+    let weights: Scratch<f64> = costs.iter().map(|c| 1.0 / c).collect();
     p2c_weighted(&costs, &weights, rand).map(|k| pool[k].job.clone())
 }
 
@@ -431,7 +457,7 @@ pub fn least(costs: &[f64], mut rand: impl FnMut(usize) -> usize) -> Option<usiz
         .copied()
         .filter(|c| c.is_finite())
         .min_by(|a, b| a.total_cmp(b))?;
-    let ties: Vec<usize> = (0..costs.len()).filter(|&i| costs[i] == min).collect();
+    let ties: Scratch<usize> = (0..costs.len()).filter(|&i| costs[i] == min).collect();
     match ties.len() {
         0 => None,
         1 => Some(ties[0]),
@@ -737,10 +763,14 @@ mod tests {
         // A new instance is priced at the typical latency, not at zero.
         let newbie = Instance::new("new", "n3", addr(3), old);
         let all = [&fast, &slow, &newbie];
-        assert_eq!(default_latency(all.iter(), now), 0.040);
+        let measured: Vec<Option<f64>> = all.iter().map(|i| i.latency.map(|l| l.at(now))).collect();
+        assert_eq!(default_latency(&measured), 0.040);
         // Below the floor, instances are equal.
         assert_eq!(cost(0, 0.0003, 0.0, 1.0), cost(0, 0.0004, 0.0, 1.0));
-        assert_eq!(default_latency([&newbie].iter(), now), LATENCY_FLOOR);
+        assert_eq!(
+            default_latency(&[newbie.latency.map(|l| l.at(now))]),
+            LATENCY_FLOOR
+        );
         // An instance that had one slow answer is not shunned forever:
         // idle, its estimate decays, and after a while it is chosen again.
         fast.in_flight = 0;
