@@ -294,23 +294,66 @@ median_line() { # name "v1 v2 ..." -> the name, the median, every value
 # turned by one each round, so that the VM's drift over the minutes is not
 # put on whichever proxy runs last. Prints every run, then each proxy's
 # median; RPS[name] keeps each round's req/s.
-declare -A RPS=()
+declare -A RPS=() SPLITS=()
 rate_rounds() { # rounds conns proxy...
   local rounds=$1 conns=$2; shift 2
-  local ps=("$@") n=$# r k p name port rps p50 p99 err
+  local ps=("$@") n=$# r k p name port rps p50 p99 err before split
   RPS=()
   for p in "${ps[@]}"; do wrk_run "${p##*:}" 3 "$conns" >/dev/null; done
   for ((r = 0; r < rounds; r++)); do
     for ((k = 0; k < n; k++)); do
       p=${ps[$(((k + r) % n))]}
       name=${p%:*}; port=${p##*:}
+      split=""
+      if [ -n "${SPLIT:-}" ]; then before=$(split_sample); fi
       read -r rps p50 p99 err < <(wrk_run "$port" "$SECS" "$conns")
-      printf "%-26s %10s %9s %9s %7s\n" "$name" "$rps" "$p50" "$p99" "$err"
+      if [ -n "${SPLIT:-}" ]; then split=$(split_diff "$before" "$(split_sample)"); fi
+      printf "%-26s %10s %9s %9s %7s%s\n" "$name" "$rps" "$p50" "$p99" "$err" "$split"
       RPS[$name]+="$rps "
+      if [ -n "$split" ]; then SPLITS[$name]+="${split// /,};"; fi
     done
   done
   echo "# max req/s, median over the rounds (each round's figure in brackets)"
   for p in "${ps[@]}"; do median_line "${p%:*}" "${RPS[${p%:*}]}"; done
+  if [ -n "${SPLIT:-}" ]; then
+    echo "# median node2 % and CPU-bound jobs' cores over the rounds"
+    for p in "${ps[@]}"; do
+      python3 -c '
+import statistics, sys
+rows = [[float(x) for x in r.split(",") if x] for r in sys.argv[2].split(";") if r]
+rows = [r for r in rows if len(r) == 2]
+if not rows: print(f"{sys.argv[1]:<26} no split measured"); sys.exit()
+print(f"{sys.argv[1]:<26} node2 {statistics.median(r[0] for r in rows):5.1f} %   jobs {statistics.median(r[1] for r in rows):.3f} cores")
+' "${p%:*}" "${SPLITS[${p%:*}]:-}"
+    done
+  fi
+}
+# For the balancing phase (SPLIT set): where a round's requests went and
+# what the CPU-bound jobs got meanwhile. A sample is each CPU backend's own
+# count of requests served (its answer's n=, asked directly: one request
+# each) and the CPU-bound jobs' CPU time in clock ticks (/proc/PID/stat).
+split_sample() {
+  local b n t=0 pid
+  for b in $CPU_BACKENDS; do
+    n=$(curl -s --max-time 5 "http://$b/" | sed -n 's/.*n=\([0-9]*\).*/\1/p')
+    printf '%s ' "${n:-0}"
+  done
+  for pid in $(pgrep -f "mosjob burn"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+split_diff() { # "before" "after" -> " node2 share %  CPU-bound jobs' cores"
+  python3 - "$1" "$2" "$SECS" "$(getconf CLK_TCK)" <<'PY'
+import sys
+a, b = [list(map(int, x.split())) for x in sys.argv[1:3]]
+secs, hz = float(sys.argv[3]), float(sys.argv[4])
+# CPU_BACKENDS: two on node1, then two on node2; the last field is ticks.
+d = [y - x for x, y in zip(a, b)]
+n1, n2 = d[0] + d[1], d[2] + d[3]
+share = 100.0 * n2 / (n1 + n2) if n1 + n2 > 0 else 0.0
+print(f"   {share:6.1f} {d[4] / hz / secs:7.3f}")
+PY
 }
 # nginx's highest (max) or lowest (min) round in RPS, 0 if it did not run;
 # a failed run (0 req/s) does not count.
@@ -449,8 +492,10 @@ if phase balance; then
   echo "# 2 on node2 (0.5 core, also running 2 CPU-bound jobs); max rate (wrk -c16) in $BAL_ROUNDS rounds,"
   echo "# each proxy once a round, the order turned by one each round (a proxy measured last is not always"
   echo "# the one measured latest on a VM that drifts); then p99 at a fixed rate"
-  printf "%-26s %10s %9s %9s %7s\n" proxy "max req/s" "p50 ms" "p99 ms" errors
-  rate_rounds "$BAL_ROUNDS" 16 "${CPU_PROXIES[@]}"
+  echo "# node2 %: the round's requests that node2's instances served; jobs: the cores the two"
+  echo "# CPU-bound jobs on node2 got meanwhile (a proxy that queued more on node2 would take it from them)"
+  printf "%-26s %10s %9s %9s %7s %8s %7s\n" proxy "max req/s" "p50 ms" "p99 ms" errors "node2 %" jobs
+  SPLIT=1 rate_rounds "$BAL_ROUNDS" 16 "${CPU_PROXIES[@]}"
   BAL_MIN=$(nginx_rounds min)
   if [ "$BAL_MIN" -gt 0 ]; then echo "$BAL_MIN" >"$LAST/bal-min"; else BAL_MIN=$(cat "$LAST/bal-min" 2>/dev/null || echo 600); fi
   rate=$((BAL_MIN * 6 / 10))
