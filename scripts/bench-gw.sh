@@ -7,7 +7,7 @@
 #
 # Backends: 4 `mosjob http` instances (2 per node) of a 2-node local cluster.
 # Results: bench-results/gw.txt (also printed). Everything started here is
-# torn down at the end, also on error.
+# torn down at the end, also on error. One run at a time (a lock).
 #
 # Phases, in this order, each proxy in turn:
 #  1. maximum rate (wrk, closed loop), small responses;
@@ -16,7 +16,9 @@
 #     requests that would have queued behind it);
 #  3. balancing quality: 4 instances of a service whose requests cost CPU
 #     (`mosjob http --cpu-ms`), on node1 (1.0 core) and node2 (0.5 core, and
-#     busy with CPU-bound jobs); p99 at a fixed rate, and the maximum rate;
+#     busy with CPU-bound jobs); p99 at a fixed rate, and the maximum rate,
+#     each round with the share of requests node2's instances served and the
+#     cores node2's CPU-bound jobs got meanwhile;
 #  4. migrations under load (mosgw, then HAProxy with redispatch).
 # oha comes from crates.io (`cargo install oha` into .cache/oha, once, about
 # 10 minutes on 2 cores); Debian 12 has no fixed-rate HTTP generator.
@@ -63,9 +65,13 @@ cleanup() {
   # with KEEP_RUN=1 (e.g. to read why a run failed), else removed.
   [ "${KEEP_RUN:-0}" = 1 ] || rm -rf "$RUN"
 }
-trap cleanup EXIT INT TERM
-
 [ "$(id -u)" = 0 ] || { echo "bench-gw: must run as root" >&2; exit 1; }
+# One run at a time: a second would bring up the same cluster under the
+# first and, on its way out, tear it down.
+mkdir -p /run/mosix
+exec 9>"/run/mosix/$NAME-bench.lock"
+flock -n 9 || { echo "bench-gw: another bench-gw is running (cluster $NAME); wait for it to end" >&2; exit 1; }
+trap cleanup EXIT INT TERM
 need=()
 for p in nginx haproxy wrk; do command -v $p >/dev/null || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
@@ -521,6 +527,7 @@ migrate_under_load() { # port label
   local port=$1 label=$2 n=0 okm=0
   $PRIO taskset -c 1 wrk -t1 -c16 -d600s --latency "http://127.0.0.1:$port/" >"$RUN/wrk-mig-$port.out" 2>&1 &
   local w=$!
+  PIDS+=("$w") # not left running if the script stops early
   sleep 1
   while [ $n -lt "$MIGRATIONS" ]; do
     for j in "${JOBS[@]}"; do
@@ -556,6 +563,7 @@ migrate_under_load 8404 "mosgw"
 # The only instance of a service moves: its requests are held meanwhile.
 $PRIO taskset -c 1 wrk -t1 -c4 -d600s --latency "http://127.0.0.1:8406/" >"$RUN/wrk-solo.out" 2>&1 &
 w=$!
+PIDS+=("$w")
 sleep 1
 : >"$RUN/solo-migrations.txt"
 for i in $(seq 10); do
