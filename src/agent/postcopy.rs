@@ -265,10 +265,7 @@ impl Agent {
         if let Ok(mut l) = self.local.lock() {
             l.remove(job);
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(lazy.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        reaper::end_source_copy(lazy.pid, None, reaper::COPY_EXIT_PATIENCE).await;
         crate::agent::jobnet::left_here(job, false);
         if ok {
             return Ok(());
@@ -369,12 +366,16 @@ impl Agent {
 
     /// A move whose pages were streamed (see `direct::stream`) landed: the
     /// stopped tree here is not the job any more.
-    pub(crate) fn drop_stopped_tree(&self, job: &JobId, tree: &super::direct::stream::StoppedTree) {
+    pub(crate) async fn drop_stopped_tree(
+        &self,
+        job: &JobId,
+        tree: &super::direct::stream::StoppedTree,
+    ) {
         let _ = self.set_dumping(job, false);
         if let Ok(mut l) = self.local.lock() {
             l.remove(job);
         }
-        tree.kill();
+        reaper::end_source_copy(tree.pid, Some(tree.start), reaper::COPY_EXIT_PATIENCE).await;
         // A job with its own address: its veth goes too (a no-op without).
         crate::agent::jobnet::left_here_soon(job);
     }

@@ -125,6 +125,71 @@ pub(crate) fn is_pidns_init(pid: i32) -> bool {
     matches!((theirs, ours), (Ok(a), Ok(b)) if a != b) && nspid_is_1
 }
 
+/// How long a source copy may take to die after its SIGKILL before the move
+/// reports anyway. A killed tree exits in milliseconds; on a loaded node
+/// with a CPU cap it can take a scheduling period or two.
+pub(crate) const COPY_EXIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// End the source's copy of a job that now runs on its target: SIGKILL the
+/// init of its PID namespace (which ends every process in it) and wait,
+/// up to `within`, until it has exited. Why wait: a move that reports "ok"
+/// while the old tree is still dying lets anyone who looks at once (a
+/// user's `ps`, a test, a scheduler counting processes) see the job twice.
+/// The old tree was stopped before the target ran the job and never runs
+/// user code again, so the wait is about what others see, and it comes
+/// after the freeze: it adds nothing to the job's pause.
+///
+/// `start` (the process's start time, when the caller knows it) keeps a
+/// reused pid from being killed. Returns whether the copy is gone.
+pub(crate) async fn end_source_copy(
+    pid: i32,
+    start: Option<u64>,
+    within: std::time::Duration,
+) -> bool {
+    if pid <= 0 {
+        return true;
+    }
+    // The pidfd first: it names this process even if the pid is reused
+    // once it has been reaped.
+    let Ok(fd) = crate::core::procfs::pidfd_open(pid) else {
+        return true; // already gone
+    };
+    if let Some(s) = start {
+        if crate::core::procfs::start_time(pid) != Some(s) {
+            return true; // the pid is another process's now
+        }
+    }
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    let waited = tokio::task::spawn_blocking(move || {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let end = std::time::Instant::now() + within;
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            // Readable once the process has exited (for a namespace's init:
+            // once every process in it has).
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(n) if n > 0 => return true,
+                Err(nix::errno::Errno::EINTR) => continue,
+                _ if left.is_zero() => return false,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if !waited {
+        tracing::warn!(
+            pid,
+            "the source's copy of a moved job did not exit within {within:?} of its SIGKILL"
+        );
+    }
+    waited
+}
+
 /// Watch a process that is not our child: poll a pidfd until it exits.
 pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
     let job = id.clone();
@@ -147,5 +212,46 @@ pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
         });
     if let Err(e) = spawned {
         tracing::error!(job = %id, pid, "cannot start watcher thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stopped_sleep() -> std::process::Child {
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        child
+    }
+
+    #[tokio::test]
+    async fn a_stopped_copy_is_gone_when_end_source_copy_returns() {
+        let mut child = stopped_sleep();
+        let pid = child.id() as i32;
+        let start = crate::core::procfs::start_time(pid);
+        assert!(end_source_copy(pid, start, Duration::from_secs(5)).await);
+        // Exited (a zombie until reaped): no descriptors, and waitpid has
+        // its status at once.
+        assert!(std::fs::read_link(format!("/proc/{pid}/fd/1")).is_err());
+        let st = child.try_wait().unwrap().expect("exited");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn another_process_behind_a_reused_pid_is_left_alone() {
+        let mut child = stopped_sleep();
+        let pid = child.id() as i32;
+        let start = crate::core::procfs::start_time(pid).unwrap();
+        assert!(end_source_copy(pid, Some(start + 1), Duration::from_secs(1)).await);
+        assert!(child.try_wait().unwrap().is_none(), "not killed");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

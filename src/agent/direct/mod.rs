@@ -504,7 +504,7 @@ impl Agent {
                 self.spawn_resolve(target, job, mig);
             }
             SourceCopy::Stopped(tree) => {
-                self.drop_stopped_tree(job, &tree);
+                self.drop_stopped_tree(job, &tree).await;
                 self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0);
             }
             SourceCopy::Images => self.stats.observe(image_bytes, frozen_ms as f64 / 1000.0),

@@ -262,18 +262,6 @@ impl StoppedTree {
             start: f.next()?.parse().ok()?,
         })
     }
-
-    /// The job runs elsewhere now: end this copy. SIGKILL to the init of a
-    /// PID namespace ends every process in it; its sockets, still in the
-    /// state the dump left them, close without a word to their peers.
-    pub(crate) fn kill(&self) {
-        if self.is_there() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 /// An open page stream, source side: CRIU's end of the pages' socket (one
