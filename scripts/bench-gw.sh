@@ -25,8 +25,9 @@
 #
 # Knobs: SECS (per throughput run, default 10), CONNS (default 64),
 #        MAX_ROUNDS (rounds of the maximum rate, default 5),
-#        RATE_RUNS (rounds of the fixed-rate phase, default 5), BAL_ROUNDS
-#        (rounds of the balancing phase's max rate, default 5),
+#        RATE_RUNS (rounds of the fixed-rate phase, default 7), BAL_ROUNDS
+#        (rounds of the balancing phase's max rate, default 9; these two
+#        rows moved either way from run to run with 5, see ratio-ci.py),
 #        MIGRATIONS (default 50), MOSGW (binary; default target/release/mosgw,
 #        built if missing), MOSGW_B (a second mosgw binary, run beside the
 #        first as "mosgw B" in the max, rate and balance phases, to compare builds),
@@ -47,8 +48,8 @@ OHA=$ROOT/.cache/oha/bin/oha
 SECS=${SECS:-10}
 CONNS=${CONNS:-64}
 MIGRATIONS=${MIGRATIONS:-50}
-RATE_RUNS=${RATE_RUNS:-5}
-BAL_ROUNDS=${BAL_ROUNDS:-5}
+RATE_RUNS=${RATE_RUNS:-7}
+BAL_ROUNDS=${BAL_ROUNDS:-9}
 RUN=/run/mosix/$NAME-bench
 # nginx's figures of the last full run, for runs with ONLY (kept across runs).
 LAST=$ROOT/.cache/bench-gw
@@ -321,6 +322,14 @@ rate_rounds() { # rounds conns proxy...
   done
   echo "# max req/s, median over the rounds (each round's figure in brackets)"
   for p in "${ps[@]}"; do median_line "${p%:*}" "${RPS[${p%:*}]}"; done
+  local vs=()
+  for p in "${ps[@]}"; do
+    if [ "${p%:*}" != "nginx least_conn" ]; then vs+=("${p%:*}" "${RPS[${p%:*}]}"); fi
+  done
+  if [ -n "${RPS["nginx least_conn"]:-}" ] && [ ${#vs[@]} -gt 0 ]; then
+    echo "# each median against nginx's, and a 90% interval of that ratio over the rounds (scripts/ratio-ci.py)"
+    python3 "$ROOT/scripts/ratio-ci.py" "nginx least_conn" "${RPS["nginx least_conn"]}" "${vs[@]}"
+  fi
   if [ -n "${SPLIT:-}" ]; then
     echo "# median node2 % and CPU-bound jobs' cores over the rounds"
     for p in "${ps[@]}"; do
@@ -466,16 +475,31 @@ print(f'{100 * t / $SECS:.1f}', f'{1e6 * t / max(1, $rps * $SECS):.1f}')")
     done
   done
   echo "# median p99 over the $RATE_RUNS runs (ms), and the proxy's median CPU per request (us)"
-  python3 - "$RUN/rate-p99" <<'PY'
+  python3 - "$RUN/rate-p99" "$ROOT/scripts" <<'PY'
 import statistics, sys
+sys.path.insert(0, sys.argv[2])
+ratio_ci = __import__("ratio-ci")
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1]) if l.strip()]
+names = list(dict.fromkeys(r[0] for r in rows))
+p99 = {(n, pct): [float(r[2]) for r in rows if r[0] == n and r[1] == pct] for n in names for pct in ("50", "80")}
 for pct in ("50", "80"):
-    for name in dict.fromkeys(r[0] for r in rows):
-        v = [float(r[2]) for r in rows if r[0] == name and r[1] == pct]
+    for name in names:
+        v = p99[(name, pct)]
         us = [float(r[3]) for r in rows if r[0] == name and r[1] == pct and len(r) > 3]
         if v:
             print(f"{name:<26} {pct:>6} {statistics.median(v):>9.2f}   ({', '.join(f'{x:.2f}' for x in v)})"
                   + (f"   CPU {statistics.median(us):.1f} us/req" if us else ""))
+ref = "nginx least_conn"
+if any(p99.get((ref, pct)) for pct in ("50", "80")):
+    print("# each median p99 against nginx's, and a 90% interval of that ratio over the rounds (scripts/ratio-ci.py)")
+    for pct in ("50", "80"):
+        r = p99.get((ref, pct))
+        for name in names:
+            v = p99[(name, pct)]
+            if name == ref or not r or not v:
+                continue
+            lo, hi = ratio_ci.interval(r, v)
+            print(f"{name:<26} {pct:>6}   {statistics.median(v) / statistics.median(r):.3f}x   90% interval {lo:.3f}-{hi:.3f}")
 PY
   } | tee -a "$OUT"
 fi
