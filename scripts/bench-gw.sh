@@ -498,8 +498,7 @@ if any(p99.get((ref, pct)) for pct in ("50", "80")):
             v = p99[(name, pct)]
             if name == ref or not r or not v:
                 continue
-            lo, hi = ratio_ci.interval(r, v)
-            print(f"{name:<26} {pct:>6}   {statistics.median(v) / statistics.median(r):.3f}x   90% interval {lo:.3f}-{hi:.3f}")
+            print(f"{name:<26} {pct:>6}   {ratio_ci.describe(r, v)}")
 PY
   } | tee -a "$OUT"
 fi

@@ -34,6 +34,14 @@ def interval(ref, vals, n=4000, seed=1):
     return ratios[int(0.05 * len(ratios))], ratios[int(0.95 * len(ratios)) - 1]
 
 
+def describe(ref, vals):
+    """ "1.003x   90% interval 0.971-1.037": the ratio of the medians, and how
+    far it could move."""
+    ci = interval(ref, vals)
+    span = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
+    return f"{statistics.median(vals) / statistics.median(ref):.3f}x   90% interval {span}"
+
+
 def parse(s):
     return [float(x) for x in s.replace(",", " ").split() if float(x) > 0]
 
@@ -46,19 +54,12 @@ def main(argv):
     if not ref:
         print(f"# no rounds of {ref_name} to compare with")
         return 0
-    m = statistics.median(ref)
     for name, s in zip(argv[2::2], argv[3::2]):
         vals = parse(s)
         if not vals:
             print(f"{name:<26} vs {ref_name}: no rounds")
             continue
-        ratio = statistics.median(vals) / m
-        ci = interval(ref, vals)
-        span = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
-        print(
-            f"{name:<26} vs {ref_name}: {ratio:.3f}x"
-            f"   90% interval {span} ({len(vals)} and {len(ref)} rounds)"
-        )
+        print(f"{name:<26} vs {ref_name}: {describe(ref, vals)} ({len(vals)} and {len(ref)} rounds)")
     return 0
 
 

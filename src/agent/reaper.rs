@@ -160,27 +160,9 @@ pub(crate) async fn end_source_copy(
         }
     }
     let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    let waited = tokio::task::spawn_blocking(move || {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        let end = std::time::Instant::now() + within;
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        loop {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-            // Readable once the process has exited (for a namespace's init:
-            // once every process in it has).
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(n) if n > 0 => return true,
-                Err(nix::errno::Errno::EINTR) => continue,
-                _ if left.is_zero() => return false,
-                Ok(_) => continue,
-                Err(_) => return false,
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let waited = tokio::task::spawn_blocking(move || wait_exit(&fd, Some(within)))
+        .await
+        .unwrap_or(false);
     if !waited {
         tracing::warn!(
             pid,
@@ -190,6 +172,38 @@ pub(crate) async fn end_source_copy(
     waited
 }
 
+/// Block until the process behind `pidfd` has exited (a pidfd is readable
+/// from then on; for a PID namespace's init, once every process in it has),
+/// or until `within` has passed (`None`: no limit). A signal does not end
+/// the wait early. Returns whether it exited.
+fn wait_exit(pidfd: &std::os::fd::OwnedFd, within: Option<std::time::Duration>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let end = within.map(|w| std::time::Instant::now() + w);
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    loop {
+        let timeout = match end {
+            None => PollTimeout::NONE,
+            Some(end) => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(u16::MAX))
+            }
+        };
+        match poll(&mut fds, timeout) {
+            Ok(n) if n > 0 => return true,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+            // Timed out: done if the deadline has passed (a wait longer
+            // than poll's u16 milliseconds goes round again).
+            Ok(_) => {
+                if end.is_some_and(|e| std::time::Instant::now() >= e) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Watch a process that is not our child: poll a pidfd until it exits.
 pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
     let job = id.clone();
@@ -197,12 +211,7 @@ pub(crate) fn watch_adopted(agent: Arc<Agent>, id: JobId, pid: i32) {
         .name(format!("adopt-{pid}"))
         .spawn(move || {
             if let Ok(fd) = crate::core::procfs::pidfd_open(pid) {
-                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-                use std::os::fd::AsFd;
-                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-                // Readable once the process has exited; only a signal
-                // interrupts the wait early.
-                while let Err(nix::errno::Errno::EINTR) = poll(&mut fds, PollTimeout::NONE) {}
+                wait_exit(&fd, None);
             } else {
                 while nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() {
                     std::thread::sleep(std::time::Duration::from_millis(500));
